@@ -1,0 +1,245 @@
+"""Parameter inventory: every parameter of a real transformers model, built on the meta device.
+
+The inventory is built once per config (cached) and holds, per unique parameter, its qualified name,
+shape, dtype, trainable flag, module kind and the other names it is tied to. Tied parameters appear
+once: ties are found by tensor identity, never by ``data_ptr`` (which is 0 for every meta tensor).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import re
+import warnings
+from dataclasses import dataclass, field, replace
+
+from .catalog import ModelSource, resolve
+from .errors import UserError
+
+DTYPES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2}
+"""Storage dtype name -> bytes per element."""
+
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+                  "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+
+MODULE_KINDS = ("linear", "conv1d", "embedding", "norm", "other")
+
+
+def normalize_dtype(dtype: str) -> str:
+    """'bfloat16' -> 'bf16' etc.; raises UserError for anything else."""
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in _DTYPE_ALIASES:
+        raise UserError(f"unknown dtype '{dtype}': use one of fp32, bf16, fp16")
+    return _DTYPE_ALIASES[key]
+
+
+@dataclass(frozen=True)
+class ParamRow:
+    """One unique parameter.
+
+    ``module_kind`` is the kind of the module owning ``name``; ``is_linear_module`` tells whether that
+    module is a ``torch.nn.Linear`` (what GaLore/APOLLO can target); ``in_embedding`` whether any name of
+    the parameter belongs to an ``nn.Embedding`` (what the Trainer keeps in 32-bit for 8-bit bnb).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    trainable: bool
+    module_kind: str
+    module_name: str
+    module_class: str
+    tied: tuple[str, ...] = ()
+    in_embedding: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def element_size(self) -> int:
+        """Bytes per element of the stored parameter."""
+        return DTYPES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.element_size
+
+    @property
+    def is_linear_module(self) -> bool:
+        return self.module_kind == "linear"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """All unique parameters of one model config, in ``named_parameters()`` order."""
+
+    model: str
+    model_type: str
+    architecture: str
+    rows: tuple[ParamRow, ...]
+    config_hash: str
+    dtype: str = "fp32"
+    _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    @property
+    def num_params(self) -> int:
+        return sum(r.numel for r in self.rows)
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(r.numel for r in self.rows if r.trainable)
+
+    def with_dtype(self, dtype: str) -> Inventory:
+        """The same inventory with parameters stored in ``dtype`` (cached)."""
+        dtype = normalize_dtype(dtype)
+        if dtype == self.dtype:
+            return self
+        key = ("dtype", dtype)
+        if key not in self._cache:
+            self._cache[key] = replace(self, rows=tuple(replace(r, dtype=dtype) for r in self.rows),
+                                       dtype=dtype, _cache={})
+        return self._cache[key]
+
+    def with_frozen(self, pattern: str | None) -> Inventory:
+        """Parameters whose name matches the regex ``pattern`` marked not trainable."""
+        if not pattern:
+            return self
+        try:
+            rx = re.compile(pattern)
+        except re.error as exc:
+            raise UserError(f"bad --freeze regex {pattern!r}: {exc}") from None
+        return replace(self, rows=tuple(replace(r, trainable=not rx.search(r.name)) for r in self.rows),
+                       _cache={})
+
+
+def _module_kind(module) -> str:
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or "norm" in type(module).__name__.lower():
+        return "norm"
+    return "other"
+
+
+def model_class_for(config_dict: dict):
+    """The transformers class named by the config's ``architectures`` (else an Auto class)."""
+    import transformers
+
+    for arch in config_dict.get("architectures") or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return None
+
+
+def build_config(source: ModelSource):
+    """A ``PretrainedConfig`` from a catalog entry or a config.json file."""
+    from transformers import AutoConfig
+
+    data = source.load()
+    model_type = data.get("model_type")
+    if not model_type:
+        raise UserError(f"{source.name} is not a transformers config: it has no 'model_type'; "
+                        "give a transformers config.json")
+    kwargs = {k: v for k, v in data.items() if k != "model_type"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoConfig.for_model(model_type, **kwargs)
+    except (ValueError, KeyError, TypeError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{source.name} is not a usable transformers config ({msg}); "
+                        "give a transformers config.json") from None
+
+
+def instantiate(source: ModelSource, *, device: str = "meta", dtype: str | None = None):
+    """Construct the real transformers model for ``source`` (random init unless on the meta device)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = build_config(source)
+    data = source.load()
+    cls = model_class_for(data)
+    tlog = logging.getLogger("transformers")
+    old = tlog.level
+    tlog.setLevel(logging.ERROR)
+    try:
+        with torch.device(device):
+            if cls is not None:
+                model = cls(config)
+            elif getattr(config, "is_encoder_decoder", False):
+                model = AutoModelForSeq2SeqLM.from_config(config)
+            else:
+                model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot build a model from {source.name} ({msg}); give a transformers config.json "
+                        "of a model class that transformers knows") from None
+    finally:
+        tlog.setLevel(old)
+    if dtype is not None:
+        model = model.to(getattr(torch, TORCH_DTYPE_NAMES[normalize_dtype(dtype)]))
+    return model
+
+
+def inventory_from_model(model, *, name: str, config_hash: str = "") -> Inventory:
+    """Build the inventory of an instantiated model (any device)."""
+    owner: dict[str, object] = {}
+    for mname, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            owner[f"{mname}.{pname}" if mname else pname] = module
+    groups: dict[int, list[str]] = {}
+    tensors: dict[int, object] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(pname)
+        tensors[id(p)] = p
+    rev = {v: k for k, v in TORCH_DTYPE_NAMES.items()}
+    rows = []
+    for pid, names in groups.items():
+        p = tensors[pid]
+        first = names[0]
+        module = owner[first]
+        kinds = [_module_kind(owner[n]) for n in names]
+        rows.append(ParamRow(
+            name=first,
+            shape=tuple(int(s) for s in p.shape),
+            dtype=rev.get(str(p.dtype).replace("torch.", ""), "fp32"),
+            trainable=bool(p.requires_grad),
+            module_kind=kinds[0],
+            module_name=first.rsplit(".", 1)[0] if "." in first else "",
+            module_class=type(module).__name__,
+            tied=tuple(names[1:]),
+            in_embedding="embedding" in kinds,
+        ))
+    cfg = getattr(model, "config", None)
+    archs = getattr(cfg, "architectures", None) or [type(model).__name__]
+    dtypes = {r.dtype for r in rows}
+    return Inventory(model=name, model_type=getattr(cfg, "model_type", "unknown"), architecture=archs[0],
+                     rows=tuple(rows), config_hash=config_hash, dtype=dtypes.pop() if len(dtypes) == 1 else "fp32")
+
+
+@functools.lru_cache(maxsize=64)
+def _inventory_cached(name: str, path: str, digest: str) -> Inventory:
+    source = ModelSource(name, __import__("pathlib").Path(path))
+    model = instantiate(source, device="meta")
+    return inventory_from_model(model, name=name, config_hash=digest)
+
+
+def build_inventory(model: str, dtype: str = "fp32") -> Inventory:
+    """The parameter inventory of ``model`` (catalog name or config path), stored in ``dtype``.
+
+    Cached per config content: a second call for the same config costs a dictionary lookup.
+    """
+    source = resolve(model)
+    digest = hashlib.sha1(json.dumps(source.load(), sort_keys=True).encode()).hexdigest()[:16]
+    return _inventory_cached(source.name, str(source.path), digest).with_dtype(dtype)

@@ -1,0 +1,1 @@
+"""optimem harness: real Trainer jobs per optimizer, measured (memory by phase, optimizer state, throughput)."""

@@ -1,0 +1,45 @@
+"""Run one real Trainer step and compare the measured optimizer state with the estimate.
+
+Used by the exactness tests and by ``bench run``: the same path a user's run takes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from estimators import estimate
+from harness.scenario import RunConfig, build_trainer, unwrap_optimizer
+from harness.state_walker import StateMeasure, measure_optimizer_state
+
+
+@dataclass
+class StateComparison:
+    """Measured vs predicted optimizer-state bytes for one configuration."""
+
+    config: RunConfig
+    measured: StateMeasure
+    predicted: dict[str, int]
+    breakdown: dict[str, int]
+
+    @property
+    def rel_error(self) -> float:
+        """(predicted - measured) / measured; 0 when both are 0."""
+        m, p = self.measured.total, self.predicted["optimizer_state"]
+        if m == 0:
+            return 0.0 if p == 0 else float("inf")
+        return (p - m) / m
+
+    def describe(self) -> str:
+        return (f"{self.config.optim} on {self.config.model} {self.config.dtype} args={self.config.optim_args!r}: "
+                f"measured {self.measured.total} B {self.measured.by_key}, predicted "
+                f"{self.predicted['optimizer_state']} B {self.breakdown}")
+
+
+def compare_state(cfg: RunConfig) -> StateComparison:
+    """Train ``cfg.steps`` real steps, walk the optimizer, and estimate the same configuration."""
+    trainer = build_trainer(cfg)
+    trainer.train()
+    opt = unwrap_optimizer(trainer.optimizer)
+    measured = measure_optimizer_state(opt, exclude=list(trainer.model.parameters()))
+    est = estimate(cfg.model, cfg.optim, dtype=cfg.dtype, optim_args=cfg.optim_args,
+                   optim_target_modules=cfg.optim_target_modules, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+    return StateComparison(cfg, measured, est.bytes, est.state_breakdown)
