@@ -80,6 +80,10 @@ def _state(inv: Inventory, name: str, args_items: tuple, targets) -> tuple[dict[
     args = dict(args_items)
     targeted = targeted_names(inv, targets) if spec.needs_target_modules else frozenset()
     if spec.needs_target_modules and not targeted:
+        if not any(r.is_linear_module for r in inv.rows if r.name.endswith(".weight") and not r.in_embedding):
+            raise UserError(f"{name} projects only nn.Linear weights and {inv.model} has none to project (its "
+                            f"layers are {', '.join(sorted({r.module_class for r in inv.rows if r.module_kind in ('conv1d', 'linear')}))}); "
+                            "the Trainer raises 'No target modules found' too")
         raise UserError(f"no nn.Linear module of {inv.model} matches optim_target_modules={targets!r} "
                         f"for {name}; try 'all-linear' or a regex like '.*(attn|mlp).*'")
     breakdown: dict[str, int] = {}
@@ -98,7 +102,7 @@ def _state(inv: Inventory, name: str, args_items: tuple, targets) -> tuple[dict[
 
 def _check_available(spec: OptimizerSpec) -> None:
     if spec.availability != "ok":
-        raise UserError(f"{spec.name}: {spec.reason}")
+        raise UserError(spec.reason)
 
 
 def estimate(model: str | Inventory, optim: str, *, dtype: str = "fp32", optim_args: str | Mapping | None = None,

@@ -73,9 +73,12 @@ class ParamRow:
         return self.module_kind == "linear"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Inventory:
-    """All unique parameters of one model config, in ``named_parameters()`` order."""
+    """All unique parameters of one model config, in ``named_parameters()`` order.
+
+    Compared and hashed by identity: inventories are built once and cached, so estimates can cache on them.
+    """
 
     model: str
     model_type: str
@@ -150,6 +153,13 @@ def build_config(source: ModelSource):
     model_type = data.get("model_type")
     if not model_type:
         raise UserError(f"{source.name} is not a transformers config: it has no 'model_type'; "
+                        "give a transformers config.json")
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        close = __import__("difflib").get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"{source.name}: model_type '{model_type}' is not known to this transformers{hint}; "
                         "give a transformers config.json")
     kwargs = {k: v for k, v in data.items() if k != "model_type"}
     try:
@@ -235,11 +245,19 @@ def _inventory_cached(name: str, path: str, digest: str) -> Inventory:
     return inventory_from_model(model, name=name, config_hash=digest)
 
 
+@functools.lru_cache(maxsize=256)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    from pathlib import Path
+
+    return hashlib.sha1(json.dumps(ModelSource(path, Path(path)).load(), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def build_inventory(model: str, dtype: str = "fp32") -> Inventory:
     """The parameter inventory of ``model`` (catalog name or config path), stored in ``dtype``.
 
-    Cached per config content: a second call for the same config costs a dictionary lookup.
+    Cached per config content (a changed config file is rebuilt): a second call costs a stat and a lookup.
     """
     source = resolve(model)
-    digest = hashlib.sha1(json.dumps(source.load(), sort_keys=True).encode()).hexdigest()[:16]
+    st = source.path.stat()
+    digest = _digest(str(source.path), st.st_mtime_ns, st.st_size)
     return _inventory_cached(source.name, str(source.path), digest).with_dtype(dtype)

@@ -25,7 +25,9 @@ def get_spec(name: str) -> OptimizerSpec:
     key = str(name).strip().lower()
     if key in REGISTRY:
         return REGISTRY[key]
-    close = difflib.get_close_matches(key, list(REGISTRY), n=1, cutoff=0.5)
+    close = ([n for n in names(include_unavailable=False) if n.startswith(key)][:1]
+             or difflib.get_close_matches(key, names(include_unavailable=False), n=1, cutoff=0.5)
+             or difflib.get_close_matches(key, list(REGISTRY), n=1, cutoff=0.5))
     hint = f"did you mean '{close[0]}'? " if close else ""
     raise UserError(f"unknown optimizer '{name}': {hint}run 'bench optims' for the {len(REGISTRY)} known names")
 

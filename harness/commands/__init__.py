@@ -1,0 +1,1 @@
+"""Subcommands of ``bench``: one module each, with ``register(subparsers)`` and ``main(args) -> int``."""

@@ -1,0 +1,142 @@
+"""``bench estimate``: predicted bytes per component for one model and one or more optimizers."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from estimators import DEFAULT_MODEL, UserError, estimate, get_spec, names
+from estimators.inventory import build_inventory
+from harness.units import format_table, human_bytes, human_count
+
+DEFAULT_TARGETS = "all-linear"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("estimate", help="predict optimizer-state, weight and gradient bytes (no GPU needed)",
+                       description="Predict the bytes a Trainer run holds, per optimizer, from the model's real "
+                                   "parameter shapes. No GPU, no download.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="catalog name or path to a config.json "
+                                                          f"(default {DEFAULT_MODEL})")
+    p.add_argument("--optim", action="append", required=True, metavar="NAME",
+                   help="optimizer name as TrainingArguments(optim=...) takes it; repeat it, or 'all'")
+    p.add_argument("--dtype", default="fp32", help="dtype the parameters are stored in: fp32, bf16, fp16")
+    p.add_argument("--optim-args", default=None, help="the Trainer's optim_args string, e.g. 'rank=16'")
+    p.add_argument("--optim-target-modules", nargs="+", default=None, metavar="REGEX",
+                   help="GaLore/APOLLO targets (default for those: all-linear)")
+    p.add_argument("--freeze", default=None, metavar="REGEX", help="freeze parameters whose name matches")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per optimizer")
+    p.set_defaults(func=main)
+
+
+def expand_optims(values: list[str]) -> list[str]:
+    """'all' means every registered name; others are checked (unknown names raise UserError)."""
+    out: list[str] = []
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            batch = names() if item.lower() == "all" else [get_spec(item).name]
+            out.extend(n for n in batch if n not in out)
+    return out
+
+
+def _targets(args, spec):
+    if not spec.needs_target_modules:
+        return None
+    if not args.optim_target_modules:
+        return DEFAULT_TARGETS
+    tm = args.optim_target_modules
+    return tm[0] if len(tm) == 1 else tm
+
+
+def main(args: argparse.Namespace) -> int:
+    optims = expand_optims(args.optim)
+    explicit = [n for n in optims if get_spec(n).availability != "ok" and "all" not in
+                [v.strip().lower() for value in args.optim for v in value.split(",")]]
+    if explicit:
+        raise UserError(get_spec(explicit[0]).reason)
+    inv = build_inventory(args.model)
+    results, skipped = [], []
+    for name in optims:
+        spec = get_spec(name)
+        if spec.availability != "ok":
+            skipped.append({"optim": name, "status": spec.availability, "reason": spec.reason})
+            continue
+        # optim_args apply only to the optimizers that read them when several are asked for.
+        optim_args = args.optim_args
+        if optim_args and len(optims) > 1:
+            from estimators.optimizers import parse_optim_args
+
+            parsed = parse_optim_args(optim_args)
+            optim_args = {k: v for k, v in parsed.items() if k in spec.arg_types}
+        try:
+            est = estimate(inv, name, dtype=args.dtype, optim_args=optim_args,
+                           optim_target_modules=_targets(args, spec), batch_size=args.batch_size,
+                           seq_len=args.seq_len, freeze=args.freeze)
+        except UserError as exc:
+            if len(optims) == 1:
+                raise
+            skipped.append({"optim": name, "status": "not_applicable", "reason": str(exc)})
+            continue
+        if spec.needs_target_modules and not args.optim_target_modules:
+            est.notes.append(f"optim_target_modules not given: assumed '{DEFAULT_TARGETS}'")
+        results.append(est)
+    if args.json:
+        out = []
+        for est in results:
+            d = est.to_dict()
+            out.append({"optim": d["optim"], "model": d["model"], "dtype": d["dtype"], "num_params": d["num_params"],
+                        "trainable_params": d["trainable_params"], "status": "ok", **d})
+        out.extend(skipped)
+        print(json.dumps(out, indent=2))
+        return 0
+    print(_table(inv, results, skipped, args))
+    return 0
+
+
+def _flags(e) -> str:
+    """Short notes for the table (the full notes are in --json)."""
+    spec = get_spec(e.optim)
+    flags = []
+    if not spec.runs_on_cpu:
+        flags.append("GPU only")
+    if spec.state_location == "host":
+        flags.append("state on host")
+    if not spec.keeps_gradients:
+        flags.append("no stored grads")
+    if spec.layerwise:
+        flags.append("layer-wise: one grad at a time")
+    if spec.needs_target_modules:
+        flags.append(f"{e.targeted_params} params projected")
+    return ", ".join(flags)
+
+
+def _table(inv, results, skipped, args) -> str:
+    first = results[0] if results else None
+    head = (f"{inv.model} ({inv.architecture}): {human_count(inv.num_params)} parameters"
+            + (f", {human_count(first.trainable_params)} trainable" if first and
+               first.trainable_params != inv.num_params else "")
+            + f", stored as {args.dtype}")
+    rows = []
+    for e in sorted(results, key=lambda e: e.bytes["optimizer_state"]):
+        b = e.bytes
+        total = b["weights"] + b["gradients"] + b["optimizer_state"]
+        rows.append([e.optim, human_bytes(b["optimizer_state"]), f"{e.state_bytes_per_param:.3f}",
+                     human_bytes(b["optimizer_state_host"]) if b["optimizer_state_host"] else "-",
+                     human_bytes(b["weights"]), human_bytes(b["gradients"]), human_bytes(total),
+                     _flags(e)])
+    table = format_table(["optimizer", "state", "B/param", "of it host", "weights", "gradients",
+                          "weights+grads+state", "notes"], rows, align="lrrrrrrl")
+    lines = [head, "", table]
+    if skipped:
+        lines.append("")
+        lines.append("not estimated:")
+        lines.extend(f"  {s['optim']}: {s['reason']}" for s in skipped)
+    lines.append("")
+    if any(get_spec(e.optim).needs_target_modules for e in results) and not args.optim_target_modules:
+        lines.append(f"GaLore/APOLLO: optim_target_modules not given, assumed '{DEFAULT_TARGETS}'.")
+    lines.append("Bytes in binary units (1 GiB = 2^30 B). Activations, logits and step transients are not included.")
+    return "\n".join(lines)
