@@ -74,8 +74,8 @@ def targeted_names(inv: Inventory, target_modules) -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _state(inv: Inventory, name: str, args_items: tuple, targets) -> tuple[dict[str, int], int, int, int]:
-    """(state bytes per tensor name, total state bytes, number of targeted params, largest grad bytes)."""
+def _state(inv: Inventory, name: str, args_items: tuple, targets) -> tuple[dict[str, int], int, int]:
+    """(state bytes per tensor name, total state bytes, number of targeted params)."""
     spec = get_spec(name)
     args = dict(args_items)
     targeted = targeted_names(inv, targets) if spec.needs_target_modules else frozenset()
@@ -96,8 +96,7 @@ def _state(inv: Inventory, name: str, args_items: tuple, targets) -> tuple[dict[
         copies = sum(1 for r in inv.rows if r.trainable) if spec.layerwise else 1
         for key, nbytes in spec.shared(inv, args).items():
             breakdown[key] = breakdown.get(key, 0) + nbytes * copies
-    largest_grad = max((r.nbytes for r in inv.rows if r.trainable), default=0)
-    return breakdown, sum(breakdown.values()), len(targeted), largest_grad
+    return breakdown, sum(breakdown.values()), len(targeted)
 
 
 def _check_available(spec: OptimizerSpec) -> None:
@@ -129,15 +128,14 @@ def estimate(model: str | Inventory, optim: str, *, dtype: str = "fp32", optim_a
         raise UserError(f"{spec.name} needs optim_target_modules (e.g. 'all-linear' or a regex such as "
                         "'.*(attn|mlp).*'), as TrainingArguments does")
     targets = _targets_key(optim_target_modules) if spec.needs_target_modules else None
-    breakdown, total, n_targeted, largest_grad = _state(inv, spec.name, tuple(sorted(args.items(), key=str)),
-                                                        targets)
-    trainable_bytes = sum(r.nbytes for r in inv.rows if r.trainable)
+    breakdown, total, n_targeted = _state(inv, spec.name, tuple(sorted(args.items(), key=str)), targets)
+    trainable_bytes = inv.trainable_bytes
     notes = []
     if not spec.keeps_gradients:
         gradients = 0
         notes.append("updates are fused into backward: no gradient set is stored")
     elif spec.layerwise:
-        gradients = largest_grad
+        gradients = inv.largest_trainable_bytes
         notes.append("layer-wise: each gradient is consumed by its own optimizer as soon as it is accumulated")
     else:
         gradients = trainable_bytes
@@ -147,7 +145,7 @@ def estimate(model: str | Inventory, optim: str, *, dtype: str = "fp32", optim_a
     return Estimate(
         model=inv.model, optim=spec.name, dtype=dtype, num_params=inv.num_params,
         trainable_params=inv.trainable_params,
-        bytes={"weights": sum(r.nbytes for r in inv.rows), "gradients": gradients,
+        bytes={"weights": inv.weight_bytes, "gradients": gradients,
                "optimizer_state": total, "optimizer_state_host": host, "optimizer_state_device": total - host},
         state_breakdown=dict(sorted(breakdown.items())), optim_args={k: v for k, v in args.items()},
         optim_target_modules=list(optim_target_modules) if isinstance(optim_target_modules, (list, tuple))

@@ -88,13 +88,41 @@ class Inventory:
     dtype: str = "fp32"
     _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
+    def _totals(self) -> dict[str, int]:
+        """Sums over the rows, computed once per inventory (elements and bytes)."""
+        totals = self._cache.get("totals")
+        if totals is None:
+            trainable = [r for r in self.rows if r.trainable]
+            totals = self._cache["totals"] = {
+                "num_params": sum(r.numel for r in self.rows),
+                "trainable_params": sum(r.numel for r in trainable),
+                "weight_bytes": sum(r.nbytes for r in self.rows),
+                "trainable_bytes": sum(r.nbytes for r in trainable),
+                "largest_trainable_bytes": max((r.nbytes for r in trainable), default=0),
+            }
+        return totals
+
     @property
     def num_params(self) -> int:
-        return sum(r.numel for r in self.rows)
+        return self._totals()["num_params"]
 
     @property
     def trainable_params(self) -> int:
-        return sum(r.numel for r in self.rows if r.trainable)
+        return self._totals()["trainable_params"]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of all parameters as stored."""
+        return self._totals()["weight_bytes"]
+
+    @property
+    def trainable_bytes(self) -> int:
+        """Bytes of the trainable parameters (= their gradients' bytes)."""
+        return self._totals()["trainable_bytes"]
+
+    @property
+    def largest_trainable_bytes(self) -> int:
+        return self._totals()["largest_trainable_bytes"]
 
     def with_dtype(self, dtype: str) -> Inventory:
         """The same inventory with parameters stored in ``dtype`` (cached)."""
@@ -108,15 +136,18 @@ class Inventory:
         return self._cache[key]
 
     def with_frozen(self, pattern: str | None) -> Inventory:
-        """Parameters whose name matches the regex ``pattern`` marked not trainable."""
+        """Parameters whose name matches the regex ``pattern`` marked not trainable (cached)."""
         if not pattern:
             return self
-        try:
-            rx = re.compile(pattern)
-        except re.error as exc:
-            raise UserError(f"bad --freeze regex {pattern!r}: {exc}") from None
-        return replace(self, rows=tuple(replace(r, trainable=not rx.search(r.name)) for r in self.rows),
-                       _cache={})
+        key = ("frozen", pattern)
+        if key not in self._cache:
+            try:
+                rx = re.compile(pattern)
+            except re.error as exc:
+                raise UserError(f"bad --freeze regex {pattern!r}: {exc}") from None
+            self._cache[key] = replace(self, rows=tuple(replace(r, trainable=not rx.search(r.name))
+                                                        for r in self.rows), _cache={})
+        return self._cache[key]
 
 
 def _module_kind(module) -> str:

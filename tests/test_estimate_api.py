@@ -78,7 +78,7 @@ def test_unrunnable_and_removed_names_explain(name):
     ({"optim": "galore_adamw"}, "needs optim_target_modules"),
     ({"optim": "galore_adamw", "optim_target_modules": "nomatch"}, "matches optim_target_modules"),
     ({"optim": "galore_adamw", "optim_target_modules": "all-linear", "optim_args": "rank"}, "malformed optim_args"),
-    ({"optim": "galore_adamw", "optim_target_modules": "all-linear", "optim_args": "rank=x"}, "expected int"),
+    ({"optim": "galore_adamw", "optim_target_modules": "all-linear", "optim_args": "rank=x"}, "is not valid for galore_adamw"),
     ({"optim": "adamw_torch", "optim_args": "rank=4"}, "not read by adamw_torch"),
     ({"optim": "adamw_torch", "dtype": "fp8"}, "unknown dtype"),
 ])
