@@ -10,6 +10,7 @@ from typing import Any
 from .errors import UserError
 from .inventory import Inventory, build_inventory, normalize_dtype
 from .optimizers import OptimizerSpec, ParamCtx, get_spec, parse_optim_args
+from .optimizers.spec import LAYERWISE_DUMMY_BYTES
 
 
 @dataclass
@@ -18,7 +19,7 @@ class Estimate:
 
     ``bytes`` keys: ``weights`` (parameters as stored), ``gradients`` (gradient bytes held at once),
     ``optimizer_state`` (all optimizer-state bytes wherever they live), ``optimizer_state_host`` (the part
-    kept in host memory) and ``optimizer_state_device`` (the rest).
+    kept in host memory when training on an accelerator) and ``optimizer_state_device`` (the rest).
     ``state_breakdown``: optimizer-state bytes summed per state tensor name (``exp_avg``, ``absmax1``...).
     """
 
@@ -56,19 +57,32 @@ def _targets_key(target_modules) -> tuple[str, ...] | str | None:
     return tuple(target_modules)
 
 
+LAYERWISE_DUMMY_KEY = "layerwise_dummy"
+
+
+def _matches(target_modules, module_name: str) -> bool:
+    from transformers.trainer_utils import check_target_module_exists
+
+    if isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear":
+        return True
+    tm = list(target_modules) if isinstance(target_modules, tuple) else target_modules
+    return bool(check_target_module_exists(tm, module_name))
+
+
+def matched_linear_modules(inv: Inventory, target_modules) -> list[str]:
+    """``nn.Linear`` module names the Trainer's target search finds (before it deduplicates parameters)."""
+    return [m for m in inv.linear_modules if _matches(target_modules, m)]
+
+
 def targeted_names(inv: Inventory, target_modules) -> frozenset[str]:
     """Names of the parameters GaLore/APOLLO project, exactly as the Trainer selects them:
     ``nn.Linear`` modules whose name matches ``optim_target_modules`` (a regex string, a list of names or
     regexes, or ``all-linear``), their ``.weight``, deduplicated like ``named_parameters()``."""
-    from transformers.trainer_utils import check_target_module_exists
-
-    all_linear = isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear"
-    tm = list(target_modules) if isinstance(target_modules, tuple) else target_modules
     out = set()
     for row in inv.rows:
         if not (row.is_linear_module and row.name == f"{row.module_name}.weight" and len(row.shape) == 2):
             continue
-        if all_linear or check_target_module_exists(tm, row.module_name):
+        if _matches(target_modules, row.module_name):
             out.add(row.name)
     return frozenset(out)
 
@@ -79,11 +93,13 @@ def _state(inv: Inventory, name: str, args_items: tuple, targets) -> tuple[dict[
     spec = get_spec(name)
     args = dict(args_items)
     targeted = targeted_names(inv, targets) if spec.needs_target_modules else frozenset()
-    if spec.needs_target_modules and not targeted:
-        if not any(r.is_linear_module for r in inv.rows if r.name.endswith(".weight") and not r.in_embedding):
-            raise UserError(f"{name} projects only nn.Linear weights and {inv.model} has none to project (its "
-                            f"layers are {', '.join(sorted({r.module_class for r in inv.rows if r.module_kind in ('conv1d', 'linear')}))}); "
-                            "the Trainer raises 'No target modules found' too")
+    if spec.needs_target_modules and not matched_linear_modules(inv, targets):
+        # The Trainer raises 'No target modules found' when no nn.Linear module matches (a match whose weight
+        # is tied to an embedding, like GPT-2's lm_head, is found but then projects nothing).
+        if not inv.linear_modules:
+            kinds = sorted({r.module_class for r in inv.rows if r.module_kind == "conv1d"}) or ["no nn.Linear"]
+            raise UserError(f"{name} projects only nn.Linear weights and {inv.model} has none (its layers are "
+                            f"{', '.join(kinds)}); the Trainer raises 'No target modules found' too")
         raise UserError(f"no nn.Linear module of {inv.model} matches optim_target_modules={targets!r} "
                         f"for {name}; try 'all-linear' or a regex like '.*(attn|mlp).*'")
     breakdown: dict[str, int] = {}
@@ -93,9 +109,12 @@ def _state(inv: Inventory, name: str, args_items: tuple, targets) -> tuple[dict[
         for key, nbytes in spec.param_state(ParamCtx(row, args, row.name in targeted)).items():
             breakdown[key] = breakdown.get(key, 0) + nbytes
     if spec.shared is not None:
-        copies = sum(1 for r in inv.rows if r.trainable) if spec.layerwise else 1
+        # Layer-wise: the Trainer builds one optimizer per named parameter, frozen ones included.
+        copies = len(inv.rows) if spec.layerwise else 1
         for key, nbytes in spec.shared(inv, args).items():
             breakdown[key] = breakdown.get(key, 0) + nbytes * copies
+    if spec.layerwise:
+        breakdown[LAYERWISE_DUMMY_KEY] = LAYERWISE_DUMMY_BYTES
     return breakdown, sum(breakdown.values()), len(targeted)
 
 
@@ -139,7 +158,8 @@ def estimate(model: str | Inventory, optim: str, *, dtype: str = "fp32", optim_a
         notes.append("layer-wise: each gradient is consumed by its own optimizer as soon as it is accumulated")
     else:
         gradients = trainable_bytes
-    host = total if spec.state_location == "host" else 0
+    host = total if spec.state_location == "host" else \
+        sum(breakdown.get(k, 0) for k in spec.host_keys) + breakdown.get(LAYERWISE_DUMMY_KEY, 0)
     if spec.cpu_note:
         notes.append(spec.cpu_note)
     return Estimate(

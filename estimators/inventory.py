@@ -86,6 +86,8 @@ class Inventory:
     rows: tuple[ParamRow, ...]
     config_hash: str
     dtype: str = "fp32"
+    linear_modules: tuple[str, ...] = ()
+    """Names of every ``nn.Linear`` module (tied ones too), as ``named_modules()`` lists them."""
     _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     def _totals(self) -> dict[str, int]:
@@ -235,7 +237,10 @@ def instantiate(source: ModelSource, *, device: str = "meta", dtype: str | None 
 
 def inventory_from_model(model, *, name: str, config_hash: str = "") -> Inventory:
     """Build the inventory of an instantiated model (any device)."""
+    from torch import nn
+
     owner: dict[str, object] = {}
+    linear_modules = tuple(m for m, mod in model.named_modules() if isinstance(mod, nn.Linear))
     for mname, module in model.named_modules():
         for pname, _ in module.named_parameters(recurse=False):
             owner[f"{mname}.{pname}" if mname else pname] = module
@@ -266,7 +271,8 @@ def inventory_from_model(model, *, name: str, config_hash: str = "") -> Inventor
     archs = getattr(cfg, "architectures", None) or [type(model).__name__]
     dtypes = {r.dtype for r in rows}
     return Inventory(model=name, model_type=getattr(cfg, "model_type", "unknown"), architecture=archs[0],
-                     rows=tuple(rows), config_hash=config_hash, dtype=dtypes.pop() if len(dtypes) == 1 else "fp32")
+                     rows=tuple(rows), config_hash=config_hash, dtype=dtypes.pop() if len(dtypes) == 1 else "fp32",
+                     linear_modules=linear_modules)
 
 
 @functools.lru_cache(maxsize=64)

@@ -42,12 +42,15 @@ def _plain_tensors(t: torch.Tensor):
 
 
 def measure_optimizer_state(optimizer, exclude: list[torch.Tensor] | None = None,
-                            host_device: str = "cpu", max_depth: int = 12) -> StateMeasure:
+                            host_device: str = "cpu", max_depth: int = 12,
+                            collect: list[torch.Tensor] | None = None) -> StateMeasure:
     """Unique storage bytes of every tensor reachable from ``optimizer`` that is not excluded.
 
     ``exclude``: the model's parameters (their ``.grad`` and buffers are excluded with them). Modules are
     not entered (LOMO keeps a reference to the model). Tensors on ``host_device`` count as host bytes
     when training runs elsewhere; on a CPU run everything is device and host is 0.
+    ``collect``: if given, every plain tensor counted (one per storage) is appended to it (the harness's
+    tensor accountant uses this to label those storages as optimizer state).
     """
     skip_ids: set[int] = set()
     skip_storages: set[tuple] = set()
@@ -72,11 +75,14 @@ def measure_optimizer_state(optimizer, exclude: list[torch.Tensor] | None = None
             if sk in skip_storages or sk in seen_storages:
                 continue
             seen_storages.add(sk)
+            if collect is not None:
+                collect.append(pt)
             nbytes = pt.untyped_storage().nbytes()
             out.total += nbytes
             out.tensors += 1
             out.by_key[key] = out.by_key.get(key, 0) + nbytes
-            if pt.device.type == host_device and train_device != host_device:
+            paged = bool(getattr(t, "is_paged", False) or getattr(pt, "is_paged", False))
+            if pt.device.type == host_device and train_device != host_device and not paged:
                 out.host += nbytes
             else:
                 out.device += nbytes
@@ -108,12 +114,17 @@ def measure_optimizer_state(optimizer, exclude: list[torch.Tensor] | None = None
         attrs = getattr(obj, "__dict__", None)
         if attrs is not None:
             for k, v in attrs.items():
-                if k.startswith("__") or callable(v) and not isinstance(v, (torch.Tensor, dict, list)):
+                if k.startswith("__") or k in _SKIP_ATTRS or callable(v) and not isinstance(v, (torch.Tensor, dict, list)):
                     continue
                 walk(v, k if key in ("", "state") else key, depth + 1)
 
     walk(optimizer, "", 0)
     return out
+
+
+_SKIP_ATTRS = frozenset({"page_mng"})
+"""Process-wide objects reachable from an optimizer that are not its state: bitsandbytes' page manager lists
+every paged buffer of every optimizer (this optimizer's own are reached through ``.state``)."""
 
 
 def _storage_key(t: torch.Tensor) -> tuple:

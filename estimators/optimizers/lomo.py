@@ -1,7 +1,17 @@
-"""LOMO and AdaLomo (lomo-optim): updates fused into backward, no stored gradients."""
-from __future__ import annotations
+"""LOMO and AdaLomo (lomo-optim 0.1.1): updates fused into backward, no stored gradients.
 
-import math
+Read from lomo_optim and checked against the real optimizers (tests/test_state_exact_lowrank.py):
+
+* ``Lomo`` keeps no tensor at all: each gradient is consumed in a hook (upcast to an fp32 temporary for
+  16-bit parameters, then freed). The Trainer never calls ``grad_norm()`` (no ``clip_grad_norm``), so
+  ``grad_norms`` / ``clip_coef`` stay empty.
+* ``AdaLomo`` builds its whole state in ``__init__``, outside ``.state``, for every parameter
+  ``model.named_parameters()`` yields (frozen ones too, tied ones once): fp32 ``exp_avg_sq_row`` of
+  ``shape[0]`` and ``exp_avg_sq_col`` of ``shape[1]`` for a parameter of 2 or more dimensions, fp32
+  ``exp_avg_sq`` of ``shape[0]`` for a 1-D one, whatever the parameter dtype; no fp32 master copies.
+  Each tensor is created with ``.cuda()``: CUDA only.
+"""
+from __future__ import annotations
 
 from .spec import FP32, OptimizerSpec, ParamCtx
 
@@ -12,9 +22,9 @@ def _lomo(ctx: ParamCtx) -> dict[str, int]:
 
 def _adalomo(ctx: ParamCtx) -> dict[str, int]:
     shape = ctx.row.shape
-    if len(shape) >= 2:
-        return {"exp_avg_sq_row": math.prod(shape[:-1]) * FP32, "exp_avg_sq_col": shape[-1] * FP32}
-    return {"exp_avg_sq": ctx.n * FP32}
+    if len(shape) == 1:
+        return {"exp_avg_sq": shape[0] * FP32}
+    return {"exp_avg_sq_row": shape[0] * FP32, "exp_avg_sq_col": shape[1] * FP32}
 
 
 SPECS = [
@@ -23,6 +33,8 @@ SPECS = [
     OptimizerSpec(name="adalomo", family="lomo", cls="lomo_optim.AdaLomo", package="lomo_optim", pip="lomo-optim",
                   state=_adalomo, keeps_gradients=False, runs_on_cpu=False, state_container="attributes",
                   state_for_frozen=True,
-                  cpu_note="AdaLomo creates its state with .cuda() when it is built: CUDA only",
-                  description="AdaLomo: factored second moment, kept as optimizer attributes"),
+                  cpu_note="AdaLomo creates its state with .cuda() in __init__: CUDA only (the same code runs "
+                           "on CPU once .cuda() is a no-op)",
+                  description="AdaLomo: factored fp32 second moment for every parameter, kept as optimizer "
+                              "attributes"),
 ]

@@ -15,6 +15,8 @@ from ..errors import UserError
 from ..inventory import Inventory, ParamRow
 
 FP32 = 4
+LAYERWISE_DUMMY_BYTES = FP32
+"""Layer-wise variants: the Trainer's ``LayerWiseDummyOptimizer`` holds one 1x1 fp32 CPU tensor."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,8 @@ class OptimizerSpec:
     availability: ``ok`` (a real optimizer optimem estimates), ``unsupported`` (the name exists but cannot
     run here: needs hardware or a package that cannot be had), ``removed`` (no longer a Trainer name).
     state_location: where the state tensors live during training: ``device`` (beside the parameters) or
-    ``host`` (CPU memory, whatever device trains).
+    ``host`` (CPU memory, whatever device trains). ``host_keys``: state tensors kept in CPU memory even when
+    the rest is on the device (torch's non-fused ``step`` counters, FlashOptim's ``step``).
     state_container: where the real optimizer keeps them: ``state`` (``optimizer.state``),
     ``param_groups``, ``attributes`` (optimizer attributes), ``optimizer_dict`` (layer-wise: one optimizer
     per parameter behind the Trainer's dummy).
@@ -79,6 +82,7 @@ class OptimizerSpec:
     availability: str = "ok"
     reason: str = ""
     state_location: str = "device"
+    host_keys: frozenset[str] = frozenset()
     state_container: str = "state"
     needs_target_modules: bool = False
     layerwise: bool = False
