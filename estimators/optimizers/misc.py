@@ -73,10 +73,10 @@ def trainer_truthy(value: str) -> bool:
 
 _SF_ARGS = {"weight_lr_power": float, "r": float}
 
-_STABLE_CPU = ("torch-optimi 0.3.3 picks its Triton kernels whenever triton is importable (it tests an empty "
-               "parameter list), so with triton installed the first CPU step fails with 'RuntimeError: 0 active "
-               "drivers'; without triton it runs its PyTorch path, whose state lacks the Triton path's fp32[1] "
-               "mean_square and uint8[1] kahan placeholder (5 bytes per fp32 parameter tensor, 4 per 16-bit one)")
+_STABLE_CPU = ("on CPU, torch-optimi 0.3.3 picks its Triton kernels whenever triton is importable and the first step "
+               "fails ('0 active drivers'); without triton it runs its PyTorch path, whose state is 5 B (fp32) / 4 B "
+               "(16-bit) per parameter tensor below this estimate (the Triton path's mean_square and kahan "
+               "placeholder)")
 
 SPECS = [
     OptimizerSpec(name="grokadamw", family="adam", cls="grokadamw.GrokAdamW", package="grokadamw", state=_grok,
