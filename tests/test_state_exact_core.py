@@ -207,9 +207,10 @@ def test_names_that_read_no_optim_args_refuse_them(optim):
         estimate("tiny-llama", optim, optim_args="momentum=0.9")
 
 
-def test_stable_adamw_fails_on_cpu_when_optimi_picks_triton():
+def test_stable_adamw_fails_on_cpu_when_optimi_picks_triton(monkeypatch):
     pytest.importorskip("triton", reason="the failure needs triton importable")
     prepare_run("stable_adamw", "cpu")
+    monkeypatch.setattr("harness.scenario.apply_optimizer_compat", lambda cfg, spec: None)  # the raw behaviour
     set_optimi_triton(True)
     try:
         with pytest.raises(RuntimeError, match="active drivers"):
@@ -249,11 +250,12 @@ def test_paged_large_params_layout(optim, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("model,dtype", [("tiny-llama", "fp32"), ("tiny-llama", "bf16"), ("tiny-t5", "bf16")])
-def test_stable_adamw_triton_layout(model, dtype):
+def test_stable_adamw_triton_layout(model, dtype, monkeypatch):
     """optimi's own ``_init_group`` (what ``step()`` runs before its kernels) with triton importable, on
     the Trainer's optimizer and real gradients: the state it creates is exactly the default estimate."""
     pytest.importorskip("triton", reason="optimi only builds the Triton layout when triton is importable")
     prepare_run("stable_adamw", "cpu")
+    monkeypatch.setattr("harness.scenario.apply_optimizer_compat", lambda cfg, spec: None)  # the raw behaviour
     set_optimi_triton(True)
     try:
         trainer = build_trainer(RunConfig(optim="stable_adamw", model=model, dtype=dtype, batch_size=2,
@@ -382,11 +384,12 @@ def test_estimate_of_a_big_config_matches_per_row_sum():
 # --------------------------------------------------------------------------------------------------------
 # Why prepare_run resets bitsandbytes: its override manager outlives a Trainer.
 # --------------------------------------------------------------------------------------------------------
-def test_bnb_override_manager_leaks_between_trainers_without_reset():
+def test_bnb_override_manager_leaks_between_trainers_without_reset(monkeypatch):
     """bitsandbytes records the Trainer's embedding overrides by (group, index) for the whole process: after
     a tiny-gpt2 run (wpe at decay-group index 1), a tiny-llama run without the reset gets its index-1 weight,
     the 4096-element layer-0 q_proj, in 32-bit: +24 448 B."""
     _run("adamw_8bit", "tiny-gpt2")
+    monkeypatch.setattr("harness.scenario.apply_optimizer_compat", lambda cfg, spec: None)  # the raw behaviour
     leaked = compare_state(RunConfig(optim="adamw_8bit", model="tiny-llama", batch_size=2, seq_len=16, steps=1,
                                      device="cpu"))
     assert leaked.measured.total - leaked.predicted["optimizer_state"] == 4096 * 4 * 2 - 2 * (4096 + 16 * 4)
