@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 
-COMMANDS = ("estimate", "optims")
+COMMANDS = ("estimate", "optims", "run", "sweep", "plan", "plot", "compare")
 
 
 class _Parser(argparse.ArgumentParser):

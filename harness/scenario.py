@@ -91,6 +91,26 @@ def flash_optimizer_cls_and_kwargs(name: str, optim_args: dict[str, Any], lr: fl
     return klass, {"lr": lr, **optim_args}
 
 
+def apply_optimizer_compat(cfg: RunConfig, spec) -> None:
+    """Runtime fixes some optimizers need before the Trainer builds them (called by :func:`build_trainer`).
+
+    The place for per-optimizer workarounds that make a real run possible without changing what is
+    measured (e.g. stable_adamw: torch-optimi auto-selects its Triton kernels whenever triton is
+    importable, which fails on a CPU-only run; bitsandbytes' process-wide override manager, which would
+    leak one Trainer's embedding overrides into the next run in the same process). See harness/compat.py.
+    """
+    from harness.compat import prepare_run
+
+    prepare_run(cfg.optim, cfg.resolved_device())
+
+
+def remove_printer_callback(trainer) -> None:
+    """Drop the Trainer's stdout printer (``disable_tqdm=True`` adds it): a measured run prints nothing."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
 def build_model(cfg: RunConfig):
     torch.manual_seed(cfg.seed)
     device = cfg.resolved_device()
@@ -105,6 +125,7 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     spec = get_spec(cfg.optim)
+    apply_optimizer_compat(cfg, spec)
     model = model if model is not None else build_model(cfg)
     device = cfg.resolved_device()
     n_samples = cfg.batch_size * cfg.grad_accum * max(cfg.steps, 1)
@@ -138,4 +159,5 @@ def unwrap_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
-__all__ = ["RunConfig", "build_model", "build_trainer", "unwrap_optimizer", "TORCH_DTYPE_NAMES"]
+__all__ = ["RunConfig", "apply_optimizer_compat", "build_model", "build_trainer", "remove_printer_callback",
+           "unwrap_optimizer", "TORCH_DTYPE_NAMES"]

@@ -1,0 +1,307 @@
+"""``bench run``: one real, measured Trainer job for one optimizer, recorded as a JSONL line.
+
+Exit status: 0 for ``ok`` and ``skipped`` (a recorded, deliberate outcome), 1 for ``error``, 3 for
+``oom``, 2 for bad input (one line on stderr), 130 when interrupted (nothing is written).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+
+from estimators import DEFAULT_MODEL, get_spec
+from harness.units import human_bytes
+
+DEFAULT_OUT = "results/runs.jsonl"
+DEFAULT_STEPS = 6
+DEFAULT_WARMUP = 2
+DEFAULT_TARGETS = "all-linear"
+EXIT_CODES = {"ok": 0, "skipped": 0, "error": 1, "oom": 3}
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "run", help="measure a real Trainer run of one optimizer (memory by phase, optimizer state, throughput)",
+        description="Train a model from the catalog (random init, seeded) on synthetic tokens with the real "
+                    "transformers Trainer and TrainingArguments(optim=NAME), in a separate process, and measure "
+                    "memory by phase, the optimizer's state and throughput; print it beside the estimate and "
+                    "append one JSON record to the results file.",
+        epilog="Exit status: 0 ok or skipped, 1 error, 3 out of memory, 2 bad input, 130 interrupted.")
+    p.add_argument("--optim", required=True, metavar="NAME", help="optimizer, as TrainingArguments(optim=...) takes it")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"catalog name or config.json path (default {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="dtype the parameters are stored in (default fp32)")
+    mp = p.add_mutually_exclusive_group()
+    mp.add_argument("--bf16", action="store_const", const="bf16", dest="mixed_precision",
+                    help="bf16 mixed precision (TrainingArguments(bf16=True)); parameters stay fp32")
+    mp.add_argument("--fp16", action="store_const", const="fp16", dest="mixed_precision",
+                    help="fp16 mixed precision (TrainingArguments(fp16=True)); parameters stay fp32")
+    p.add_argument("--batch-size", type=_positive, default=2, metavar="B", help="per-device batch size (default 2)")
+    p.add_argument("--seq-len", type=_positive, default=64, metavar="S", help="tokens per sample (default 64)")
+    p.add_argument("--grad-accum", type=_positive, default=1, metavar="K", help="gradient accumulation steps")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--optim-args", default=None, metavar="STR", help="the Trainer's optim_args, e.g. 'rank=16'")
+    p.add_argument("--optim-target-modules", nargs="+", default=None, metavar="REGEX",
+                   help=f"GaLore/APOLLO targets (default for those: {DEFAULT_TARGETS})")
+    p.add_argument("--steps", type=_positive, default=DEFAULT_STEPS, metavar="N",
+                   help=f"optimizer steps (default {DEFAULT_STEPS}; at least 2 so the steady state shows)")
+    p.add_argument("--warmup", type=_non_negative, default=DEFAULT_WARMUP, metavar="W",
+                   help=f"steps left out of the throughput figures (default {DEFAULT_WARMUP})")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--data", default=None, metavar="FILE", help="train on a local text or JSONL ('text') file "
+                                                                "(byte tokens) instead of synthetic tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=_seconds, default=1200.0, metavar="SECONDS",
+                   help="kill the run after this long (default 1200)")
+    p.add_argument("--track-tensors", choices=["auto", "on", "off"], default="auto",
+                   help="exact per-tensor accounting (auto: on for CPU runs, off on CUDA)")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="FILE.jsonl",
+                   help=f"append the record to this JSONL file (default {DEFAULT_OUT})")
+    p.add_argument("--no-save", action="store_true", help="do not write the record anywhere")
+    p.add_argument("--json", action="store_true", help="print the record as JSON instead of the table")
+    p.set_defaults(func=main, mixed_precision=None)
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`RunConfig` the arguments describe (optimizer name canonicalised; UserError if unknown)."""
+    from harness.launcher import check_config
+    from harness.scenario import RunConfig
+
+    spec = get_spec(args.optim)
+    targets = args.optim_target_modules
+    if targets is not None and len(targets) == 1:
+        targets = targets[0]
+    if spec.needs_target_modules and not targets:
+        targets = DEFAULT_TARGETS
+    if args.steps < 2:
+        from estimators.errors import UserError
+
+        raise UserError(f"--steps must be at least 2 (got {args.steps}): step 0 has no optimizer state yet, the "
+                        "steady state starts at step 1")
+    cfg = RunConfig(optim=spec.name, model=args.model, dtype=args.dtype, mixed_precision=args.mixed_precision,
+                    batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
+                    gradient_checkpointing=args.gradient_checkpointing, optim_args=args.optim_args,
+                    optim_target_modules=targets, steps=args.steps, warmup=args.warmup, device=args.device,
+                    seed=args.seed, data=args.data)
+    check_config(cfg)
+    return cfg
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the worker is killed and nothing is written."""
+
+
+def main(args: argparse.Namespace) -> int:
+    from harness.launcher import execute
+    from harness.record import append_record
+
+    cfg = config_from_args(args)
+    track = {"auto": None, "on": True, "off": False}[args.track_tensors]
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def _term(signum, frame):
+            raise _Terminated()
+
+        previous = signal.signal(signal.SIGTERM, _term)
+    try:
+        record = execute(cfg, timeout_s=args.timeout, track_tensors=track)
+        saved = None if args.no_save else append_record(args.out, record)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(render(record, saved=str(saved) if saved else None))
+    if record["status"] in ("oom", "error"):
+        print(f"bench run: {record['status']}: {record['reason']}", file=sys.stderr)
+    return EXIT_CODES[record["status"]]
+
+
+# --------------------------------------------------------------------------------------------- table
+def _pct(measured: int | None, predicted: int | None) -> str:
+    if measured is None or predicted is None:
+        return ""
+    if measured == 0:
+        return "exact" if predicted == 0 else "n/a"
+    diff = (predicted - measured) / measured
+    return "exact" if predicted == measured else f"{diff:+.2%}"
+
+
+def _seconds_text(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _header(record: dict) -> list[str]:
+    c, env, run = record["config"], record["env"], record.get("run", {})
+    device = run.get("resolved_device") or env.get("device")
+    precision = c["dtype"] + (f" + {c['mixed_precision']} autocast" if c["mixed_precision"] else "")
+    shape = f"batch {c['batch_size']} x seq {c['seq_len']}" + (f" x accum {c['grad_accum']}" if c["grad_accum"] > 1
+                                                               else "")
+    extra = []
+    if c.get("optim_args"):
+        extra.append(f"optim_args {c['optim_args']}")
+    if get_spec(c["optim"]).needs_target_modules:
+        extra.append(f"targets {c['optim_target_modules']}")
+    if c["gradient_checkpointing"]:
+        extra.append("gradient checkpointing")
+    status = {"ok": "ok", "skipped": "skipped", "oom": "OUT OF MEMORY", "error": "ERROR"}[record["status"]]
+    took = f", {run['duration_s']:.1f} s" if run.get("duration_s") else ""
+    return [f"bench run: {c['optim']} on {c['model']}: {status}",
+            f"  {device} ({env.get('device_name') or 'unknown device'}), {precision}, {shape}, "
+            f"{c['steps']} steps ({c['warmup']} warmup){took}" + (", " + ", ".join(extra) if extra else "")]
+
+
+def render(record: dict, saved: str | None = None) -> str:
+    """The short human summary of a record: measured vs predicted, phase peaks, throughput."""
+    from rich.console import Console
+
+    console = Console(width=100, force_terminal=False, color_system=None, highlight=False, soft_wrap=True)
+    m, pred = record.get("measured"), record.get("predicted")
+    pb = (pred or {}).get("bytes", {})
+    with console.capture() as cap:
+        for line in _header(record):
+            console.print(line)
+        if record["status"] != "ok":
+            console.print(f"  {record['reason']}")
+            if record["status"] == "skipped" and pred:
+                console.print(f"  predicted optimizer state: {human_bytes(pb.get('optimizer_state'))} "
+                              f"(run 'bench estimate --optim {record['config']['optim']}' for the whole prediction)")
+        if m:
+            console.print()
+            console.print(_memory_table(m, pb))
+            console.print()
+            console.print(_phase_table(m))
+            console.print()
+            for line in _summary(m):
+                console.print(line)
+    out = cap.get().rstrip("\n")
+    if saved:
+        out += f"\nrecord appended to {saved}"
+    return out
+
+
+def _table(*columns: str):
+    from rich import box
+    from rich.table import Table
+
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 2, 0, 0))
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="left" if i == 0 else "right")
+    return t
+
+
+def _memory_table(m: dict, pb: dict):
+    t = _table("  memory", "measured", "predicted", "prediction error")
+    rows = (("optimizer state", "optimizer_state_bytes", "optimizer_state"),
+            ("weights", "parameters_bytes", "weights"),
+            ("gradients (most held at once)", "gradients_bytes", "gradients"))
+    for label, mk, pk in rows:
+        t.add_row(f"  {label}", human_bytes(m.get(mk)), human_bytes(pb.get(pk)), _pct(m.get(mk), pb.get(pk)))
+    return t
+
+
+_PHASE_LABELS = (("model_load", "model load"), ("setup", "Trainer + optimizer built"),
+                 ("forward", "forward"), ("backward", "backward"), ("optimizer_step", "optimizer step"))
+
+
+def _phase_table(m: dict):
+    phases = m.get("phases", {})
+    primary = m.get("primary_tracker")
+    what = {"tensors": "live tensors", "cuda": "CUDA allocated", "rss": "process RSS"}.get(primary, "memory")
+    has_tensors = any("tensors" in v for v in phases.values())
+    cols = [f"  peak {what}", "step 0", "steady"]
+    if has_tensors:
+        cols += ["of it opt. state: step 0", "steady"]
+    t = _table(*cols)
+
+    def state_at_peak(ph: dict | None) -> str:
+        if not ph or "tensors" not in ph:
+            return ""
+        return human_bytes(ph["tensors"]["breakdown_at_peak"].get("optimizer_state", 0))
+
+    for key, label in _PHASE_LABELS:
+        if key in ("model_load", "setup"):
+            ph = phases.get(key)
+            if ph is None:
+                continue
+            row = [label, human_bytes(ph["peak_bytes"]), ""] + ([state_at_peak(ph), ""] if has_tensors else [])
+            interrupted = ph.get("interrupted")
+        else:
+            p0, ps = phases.get(f"step0.{key}"), phases.get(f"steady.{key}")
+            if p0 is None and ps is None:
+                continue
+            row = [label, human_bytes(p0["peak_bytes"]) if p0 else "-", human_bytes(ps["peak_bytes"]) if ps else "-"]
+            if has_tensors:
+                row += [state_at_peak(p0), state_at_peak(ps)]
+            interrupted = any(ph and ph.get("interrupted") for ph in (p0, ps))
+        if interrupted:
+            row[0] += " (stopped here)"
+        t.add_row("  " + row[0], *row[1:])
+    return t
+
+
+def _summary(m: dict) -> list[str]:
+    peaks, tp = m.get("peaks", {}), m.get("throughput", {})
+    lines = ["  step 0 runs before the optimizer's first step (no lazily created state yet); steady = steps 1+."]
+    if "tensor_peak_bytes" in peaks:
+        lines.append(f"  peak live tensors {human_bytes(peaks['tensor_peak_bytes'])}; process RSS peak "
+                     f"{human_bytes(peaks.get('rss_peak_bytes'))} (at start {human_bytes(peaks.get('rss_baseline_bytes'))}:"
+                     " Python, torch and libraries)")
+    else:
+        lines.append(f"  process RSS peak {human_bytes(peaks.get('rss_peak_bytes'))} (at start "
+                     f"{human_bytes(peaks.get('rss_baseline_bytes'))})")
+    if "max_memory_allocated" in peaks:
+        lines.append(f"  CUDA: max allocated {human_bytes(peaks['max_memory_allocated'])}, max reserved "
+                     f"{human_bytes(peaks['max_memory_reserved'])}, allocation retries {peaks.get('alloc_retries', 0)}")
+    nv = peaks.get("nvml")
+    if nv:
+        lines.append(f"  NVML: device peak used {human_bytes(nv['peak_used_bytes'])} (idle baseline "
+                     f"{human_bytes(nv['baseline_bytes'])}, CUDA context {human_bytes(nv.get('cuda_context_bytes'))})")
+    if tp.get("samples_per_s"):
+        st, ot = tp.get("step_time_s") or {}, tp.get("optimizer_step_time_s") or {}
+        lines.append(f"  throughput over {tp['measured_steps']} steps after {tp['warmup_steps']} warmup: "
+                     f"{tp['samples_per_s']:.1f} samples/s, {tp['tokens_per_s']:.0f} tokens/s"
+                     + (f", MFU {tp['mfu']:.1%}" if tp.get("mfu") is not None else ""))
+        lines.append(f"  step time p50 {_seconds_text(st.get('p50'))}, p90 {_seconds_text(st.get('p90'))}; "
+                     f"optimizer step p50 {_seconds_text(ot.get('p50'))}")
+    for note in m.get("notes", []):
+        lines.append(f"  note: {note}")
+    return lines
+
+
+__all__ = ["DEFAULT_OUT", "EXIT_CODES", "config_from_args", "main", "register", "render"]

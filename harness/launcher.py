@@ -1,0 +1,256 @@
+"""Run one configuration and return its record: checks, then a worker process per run.
+
+:func:`execute` is the whole path ``bench run`` takes: it checks what can be decided without running
+(optimizer known and available, package installed, device able to run it), computes the prediction,
+starts ``python -m harness.worker`` in its own session with a per-run timeout, and assembles the
+validated record. A worker that crashes, runs out of memory, hangs or is killed never takes the caller
+down: the caller gets a record with status ``oom`` or ``error`` instead. The caller appends the record
+(:func:`harness.record.append_record`); the worker never touches the results file, so a killed worker
+cannot leave a partial line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from estimators import estimate, get_spec
+from estimators.errors import UserError
+from harness.env_facts import REPO_ROOT, collect_env
+from harness.record import build_record, validate
+from harness.scenario import RunConfig
+
+DEFAULT_TIMEOUT_S = 1200.0
+
+
+@dataclass
+class WorkerOutcome:
+    """What came back from a worker: its payload (``status``, ``reason``, ``measured``, ``device_facts``,
+    ``detail``), how it exited and how long it ran (seconds)."""
+
+    payload: dict[str, Any]
+    returncode: int | None
+    duration_s: float
+    log_tail: str = ""
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Raise UserError for a configuration that is wrong whatever the machine (exit 2 in the CLI)."""
+    spec = get_spec(cfg.optim)
+    if spec.availability == "removed":
+        raise UserError(spec.reason)
+    for name in ("batch_size", "seq_len", "grad_accum", "steps"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    if not isinstance(cfg.warmup, int) or cfg.warmup < 0:
+        raise UserError(f"warmup must be a non-negative integer, got {cfg.warmup!r}")
+    if cfg.warmup >= cfg.steps:
+        raise UserError(f"warmup ({cfg.warmup}) must be smaller than steps ({cfg.steps}): throughput is measured "
+                        "over the steps after warmup")
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        raise UserError(f"device must be auto, cuda or cpu, got {cfg.device!r}")
+    if cfg.dtype not in ("fp32", "bf16", "fp16"):
+        from estimators.inventory import normalize_dtype
+
+        cfg.dtype = normalize_dtype(cfg.dtype)
+    if cfg.mixed_precision not in (None, "bf16", "fp16"):
+        raise UserError(f"mixed precision must be bf16 or fp16, got {cfg.mixed_precision!r}")
+    if cfg.data is not None and not Path(cfg.data).is_file():
+        raise UserError(f"--data {cfg.data}: no such file (give a local text or JSONL file)")
+
+
+def predict(cfg: RunConfig) -> dict[str, Any] | None:
+    """``estimate(...).to_dict()`` for ``cfg`` (None for an optimizer optimem cannot estimate)."""
+    spec = get_spec(cfg.optim)
+    if spec.availability != "ok":
+        return None
+    return estimate(cfg.model, spec.name, dtype=cfg.dtype, optim_args=cfg.optim_args,
+                    optim_target_modules=cfg.optim_target_modules, batch_size=cfg.batch_size,
+                    seq_len=cfg.seq_len).to_dict()
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA device can be used (does not create a CUDA context)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def skip_reason(cfg: RunConfig, device: str) -> str | None:
+    """Why ``cfg`` cannot run on ``device`` here (None if it can)."""
+    spec = get_spec(cfg.optim)
+    if spec.availability != "ok":
+        return spec.reason
+    if not spec.installed():
+        return f"{spec.name} needs the package '{spec.import_name}', which is not installed: {spec.install_line()}"
+    if device == "cuda" and not cuda_available():
+        return "CUDA was requested (--device cuda) but no CUDA device is available"
+    if device == "cpu" and not spec.runs_on_cpu:
+        note = spec.cpu_note or "it needs CUDA"
+        return f"{spec.name} cannot run on CPU: {note}"
+    return None
+
+
+def resolve_device(cfg: RunConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    return cfg.device
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def _tail(path: Path, limit: int = 3000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-limit:].decode("utf-8", "replace")
+
+
+def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault: str | None = None,
+                 track_tensors: bool | None = None, on_start: Callable[[subprocess.Popen], None] | None = None,
+                 log_path: str | None = None, command: list[str] | None = None) -> WorkerOutcome:
+    """Run ``cfg`` in a fresh ``python -m harness.worker`` process in its own session.
+
+    The worker's output goes to a log file (its tail is kept for errors). On timeout the worker's whole
+    process group is terminated, then killed. Ctrl-C (KeyboardInterrupt) kills the worker and re-raises.
+    ``command`` replaces ``[python, -m, harness.worker]`` (the job and result paths are appended): tests use
+    it to stand in a worker that hangs or crashes.
+    """
+    with tempfile.TemporaryDirectory(prefix="optimem-run-") as tmp:
+        tmpdir = Path(tmp)
+        job = tmpdir / "job.json"
+        result = tmpdir / "result.json"
+        log = Path(log_path) if log_path else tmpdir / "worker.log"
+        job.write_text(json.dumps({"config": cfg.to_dict(), "fault": fault, "track_tensors": track_tensors,
+                                   "parent_pid": os.getpid()}))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        start = time.perf_counter()
+        with open(log, "wb") as logfh:
+            argv = list(command or [sys.executable, "-m", "harness.worker"]) + [str(job), str(result)]
+            proc = subprocess.Popen(argv,
+                                    stdin=subprocess.DEVNULL, stdout=logfh, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True, cwd=os.getcwd())
+            if on_start is not None:
+                on_start(proc)
+            timed_out = False
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_group(proc)
+            except BaseException:
+                _kill_group(proc)
+                raise
+        duration = time.perf_counter() - start
+        tail = _tail(log)
+        if timed_out:
+            payload = {"status": "error", "reason": f"timed out after {timeout_s:g} s (the worker was killed)",
+                       "measured": None, "device_facts": {}, "detail": tail or None}
+            return WorkerOutcome(payload, proc.returncode, duration, tail)
+        if result.is_file():
+            try:
+                payload = json.loads(result.read_text())
+                return WorkerOutcome(payload, proc.returncode, duration, tail)
+            except json.JSONDecodeError:
+                pass
+        code = proc.returncode
+        if code is not None and code < 0 and -code == signal.SIGKILL:
+            payload = {"status": "oom", "reason": "the worker was killed by SIGKILL before it finished, most likely "
+                                                  "by the kernel's out-of-memory killer", "measured": None,
+                       "device_facts": {}, "detail": tail or None}
+        else:
+            how = f"died with {_signal_name(code)}" if code is not None and code < 0 else f"exited with code {code}"
+            last = next((ln for ln in reversed(tail.strip().splitlines()) if ln.strip()), "")
+            payload = {"status": "error", "reason": f"the worker {how} without a result" +
+                                                    (f": {last[:200]}" if last else ""),
+                       "measured": None, "device_facts": {}, "detail": tail or None}
+        return WorkerOutcome(payload, code, duration, tail)
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """SIGTERM then SIGKILL to the worker's process group (the worker and anything it started)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            if sig == signal.SIGTERM:
+                # the group may still hold children (compile workers): make sure
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_in_process(cfg: RunConfig, *, fault: str | None = None, track_tensors: bool | None = None) -> WorkerOutcome:
+    """Run ``cfg`` in this process (tests, debugging): no isolation, no timeout."""
+    from harness.worker import run_measured
+
+    start = time.perf_counter()
+    payload = run_measured(cfg, fault=fault, track_tensors=track_tensors)
+    return WorkerOutcome(json.loads(json.dumps(payload, default=str)), 0, time.perf_counter() - start)
+
+
+def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bool = True, fault: str | None = None,
+            track_tensors: bool | None = None, on_start: Callable[[subprocess.Popen], None] | None = None) -> dict:
+    """Check, predict, run and record ``cfg``; returns the validated record (not yet appended).
+
+    UserError for a configuration that can never run (unknown optimizer, bad values, unknown model).
+    """
+    spec = get_spec(cfg.optim)
+    cfg.optim = spec.name
+    check_config(cfg)
+    predicted = predict(cfg)
+    device = resolve_device(cfg)
+    env = collect_env(device, spec)
+    run_meta: dict[str, Any] = {"isolated": isolate, "timeout_s": timeout_s if isolate else None,
+                                "resolved_device": device}
+    reason = skip_reason(cfg, device)
+    if reason is not None:
+        record = build_record(config=cfg.to_dict(), status="skipped", reason=reason, measured=None,
+                              predicted=predicted, env=env, run={**run_meta, "duration_s": 0.0})
+        validate(record)
+        return record
+    if isolate:
+        outcome = run_isolated(cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors, on_start=on_start)
+    else:
+        outcome = run_in_process(cfg, fault=fault, track_tensors=track_tensors)
+    payload = outcome.payload
+    env.update({k: v for k, v in (payload.get("device_facts") or {}).items() if v is not None and k != "device"})
+    run_meta.update({"duration_s": round(outcome.duration_s, 3), "returncode": outcome.returncode})
+    status = payload.get("status", "error")
+    measured = payload.get("measured")
+    if status == "ok" and not measured:
+        status, payload["reason"] = "error", "the worker reported success without measurements"
+    record = build_record(config=cfg.to_dict(), status=status, reason=payload.get("reason") or "",
+                          measured=measured, predicted=predicted, env=env, run=run_meta,
+                          detail=payload.get("detail"))
+    validate(record)
+    return record
+
+
+__all__ = ["DEFAULT_TIMEOUT_S", "WorkerOutcome", "check_config", "cuda_available", "execute", "predict",
+           "resolve_device", "run_in_process", "run_isolated", "skip_reason"]

@@ -1,0 +1,119 @@
+"""Step timing and throughput with warmup excluded; model FLOPs utilisation (MFU) on known GPUs.
+
+A step runs from the end of the previous step (so the batch fetch is inside it) to ``on_step_end``;
+the optimizer step from ``on_pre_optimizer_step`` to ``on_optimizer_step``. On CUDA the clock is read
+after ``torch.cuda.synchronize()`` so a step's time covers its kernels, not just their launches. The
+first ``warmup`` steps are dropped from every figure. Times are seconds.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+# Dense peak TFLOP/s by device-name fragment (first match wins), from the vendors' datasheets:
+# 16-bit tensor cores (bf16/fp16), TF32 tensor cores, plain fp32. None: the format has no fast path.
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float | None]], ...] = (
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}),
+    ("GH200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.0, "fp16": 362.0, "tf32": 183.0, "fp32": 91.6}),
+    ("L4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
+    ("A10G", {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 31.2}),
+    ("V100", {"bf16": None, "fp16": 125.0, "tf32": None, "fp32": 15.7}),
+    ("T4", {"bf16": None, "fp16": 65.0, "tf32": None, "fp32": 8.1}),
+)
+
+
+def peak_flops(device_name: str, compute_dtype: str) -> float | None:
+    """Dense peak FLOP/s of ``device_name`` for matmuls in ``compute_dtype`` (bf16, fp16, tf32, fp32)."""
+    for fragment, table in PEAK_TFLOPS:
+        if fragment.lower() in device_name.lower():
+            tflops = table.get(compute_dtype)
+            return tflops * 1e12 if tflops else None
+    return None
+
+
+def training_flops_per_token(n_params_no_embedding: int, n_layers: int, hidden: int, seq_len: int) -> float:
+    """Model FLOPs per trained token: 6·N for the matmuls of forward and backward plus 12·L·d·S for
+    attention scores (PaLM, appendix B). Recomputation by gradient checkpointing is not counted (MFU)."""
+    return 6.0 * n_params_no_embedding + 12.0 * n_layers * hidden * seq_len
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (as numpy's default)."""
+    s = sorted(values)
+    if not s:
+        return math.nan
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summarize(values: list[float]) -> dict[str, float] | None:
+    """``{"p50", "p90", "mean", "min", "max"}`` seconds, or None for no values."""
+    if not values:
+        return None
+    return {"p50": _percentile(values, 50), "p90": _percentile(values, 90), "mean": sum(values) / len(values),
+            "min": min(values), "max": max(values)}
+
+
+@dataclass
+class ThroughputTracker:
+    """Collects step and optimizer-step durations; ``sync`` is called before every clock read."""
+
+    samples_per_step: int
+    tokens_per_step: int
+    warmup: int
+    sync: Callable[[], None] | None = None
+    step_times: list[float] = field(default_factory=list)
+    optimizer_times: list[float] = field(default_factory=list)
+    _last: float | None = None
+    _opt_start: float | None = None
+
+    def _now(self) -> float:
+        if self.sync is not None:
+            self.sync()
+        return time.perf_counter()
+
+    def train_begin(self) -> None:
+        self._last = self._now()
+
+    def pre_optimizer_step(self) -> None:
+        self._opt_start = self._now()
+
+    def post_optimizer_step(self) -> None:
+        if self._opt_start is not None:
+            self.optimizer_times.append(self._now() - self._opt_start)
+            self._opt_start = None
+
+    def step_end(self) -> None:
+        now = self._now()
+        if self._last is not None:
+            self.step_times.append(now - self._last)
+        self._last = now
+
+    def summary(self, flops_per_step: float | None = None, peak: float | None = None,
+                mfu_note: str | None = None) -> dict:
+        """Figures over the steps after warmup (seconds, samples/s, tokens/s, MFU as a fraction)."""
+        steps = self.step_times[self.warmup:]
+        opt = self.optimizer_times[self.warmup:]
+        total = sum(steps)
+        out: dict = {"warmup_steps": self.warmup, "measured_steps": len(steps),
+                     "samples_per_step": self.samples_per_step, "tokens_per_step": self.tokens_per_step,
+                     "samples_per_s": None, "tokens_per_s": None, "step_time_s": summarize(steps),
+                     "optimizer_step_time_s": summarize(opt), "all_step_times_s": list(self.step_times),
+                     "flops_per_step": flops_per_step, "peak_flops": peak, "mfu": None, "mfu_note": mfu_note}
+        if steps and total > 0:
+            out["samples_per_s"] = self.samples_per_step * len(steps) / total
+            out["tokens_per_s"] = self.tokens_per_step * len(steps) / total
+            if flops_per_step and peak:
+                out["mfu"] = flops_per_step * len(steps) / total / peak
+        return out
+
+
+__all__ = ["PEAK_TFLOPS", "ThroughputTracker", "peak_flops", "summarize", "training_flops_per_token"]
