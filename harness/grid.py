@@ -1,0 +1,454 @@
+"""Sweep grids and stable configuration keys.
+
+A :class:`Grid` is the cross product optimizers x models x shapes (batch size x sequence length) x
+parameter dtypes x mixed precision x gradient checkpointing x gradient accumulation, plus the settings
+every run shares (steps, warmup, device, seed, per-optimizer ``optim_args``). It comes from the command
+line or a YAML file (:func:`grid_from_mapping`) and expands, in a fixed order, to :class:`RunConfig` s.
+
+:func:`config_key` is the identity of a run configuration across files, machines and time: a short hash
+of the canonical configuration (optimizer and model names canonicalised, ``optim_args`` parsed and
+sorted, a one-element target list unwrapped, ``device: auto`` replaced by the device it resolved to).
+``bench sweep --resume`` and ``bench compare`` match records by it. :func:`config_label` is the same
+configuration as a short human string.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from estimators.errors import UserError
+
+KEY_FIELDS: tuple[str, ...] = ("model", "optim", "dtype", "mixed_precision", "batch_size", "seq_len", "grad_accum",
+                               "gradient_checkpointing", "optim_args", "optim_target_modules", "steps", "warmup",
+                               "device", "seed", "data", "extra")
+"""The configuration fields a key covers (every field of :class:`harness.scenario.RunConfig`)."""
+
+DEFAULT_TARGETS = "all-linear"
+
+
+# ----------------------------------------------------------------------------------------------- keys
+def _canonical_optim(name: Any) -> Any:
+    from estimators import get_spec
+
+    try:
+        return get_spec(str(name)).name
+    except UserError:
+        return str(name).strip().lower()
+
+
+def _canonical_model(name: Any) -> Any:
+    from estimators.catalog import resolve
+
+    if not isinstance(name, str):
+        return name
+    try:
+        src = resolve(name)
+    except UserError:
+        return name.strip()
+    return src.name
+
+
+def _canonical_optim_args(text: Any) -> Any:
+    if text in (None, ""):
+        return None
+    if isinstance(text, dict):
+        pairs = {str(k): str(v) for k, v in text.items()}
+    else:
+        from estimators.optimizers import parse_optim_args
+
+        try:
+            pairs = parse_optim_args(str(text))
+        except UserError:
+            return str(text)
+    return ",".join(f"{k}={v}" for k, v in sorted(pairs.items())) or None
+
+
+def _canonical_targets(targets: Any) -> Any:
+    if targets in (None, "", []):
+        return None
+    if isinstance(targets, (list, tuple)):
+        return targets[0] if len(targets) == 1 else list(targets)
+    return targets
+
+
+def canonical_config(config: dict, resolved_device: str | None = None) -> dict:
+    """The fields of ``config`` that identify a run, normalised (see the module doc)."""
+    c = dict(config)
+    out: dict[str, Any] = {}
+    out["model"] = _canonical_model(c.get("model"))
+    out["optim"] = _canonical_optim(c.get("optim"))
+    out["dtype"] = c.get("dtype") or "fp32"
+    mp = c.get("mixed_precision")
+    out["mixed_precision"] = None if mp in (None, "", "none", "no") else mp
+    for name, default in (("batch_size", 1), ("seq_len", 1), ("grad_accum", 1), ("steps", 1), ("warmup", 0),
+                          ("seed", 0)):
+        value = c.get(name, default)
+        out[name] = int(value) if value is not None else None
+    out["gradient_checkpointing"] = bool(c.get("gradient_checkpointing", False))
+    out["optim_args"] = _canonical_optim_args(c.get("optim_args"))
+    out["optim_target_modules"] = _canonical_targets(c.get("optim_target_modules"))
+    device = c.get("device") or "auto"
+    if device == "auto" and resolved_device:
+        device = resolved_device
+    out["device"] = device
+    out["data"] = c.get("data") or None
+    extra = {k: v for k, v in sorted((c.get("extra") or {}).items()) if v is not None}
+    out["extra"] = extra
+    # fields RunConfig may gain later: part of the identity once set, absent from older records' keys
+    for k in sorted(set(c) - set(KEY_FIELDS)):
+        if c[k] is not None:
+            out[k] = c[k]
+    return out
+
+
+def config_key(config: dict, resolved_device: str | None = None) -> str:
+    """A stable 16-hex-digit key for a run configuration (see the module doc)."""
+    canon = canonical_config(config, resolved_device)
+    text = json.dumps(canon, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def record_key(record: dict) -> str:
+    """:func:`config_key` of a record's configuration, with the device the run resolved to."""
+    run = record.get("run") or {}
+    env = record.get("env") or {}
+    return config_key(record.get("config") or {}, run.get("resolved_device") or env.get("device"))
+
+
+def shape_label(config: dict) -> str:
+    shape = f"b{config.get('batch_size')}xs{config.get('seq_len')}"
+    if (config.get("grad_accum") or 1) > 1:
+        shape += f"xa{config['grad_accum']}"
+    return shape
+
+
+def precision_label(config: dict) -> str:
+    text = config.get("dtype") or "fp32"
+    if config.get("mixed_precision"):
+        text += f"+{config['mixed_precision']}-amp"
+    return text
+
+
+def config_label(config: dict, *, with_optim: bool = True) -> str:
+    """``adamw_torch tiny-llama b2xs64 fp32`` plus ``ckpt``, optim_args and extras when set."""
+    parts = [str(config.get("optim"))] if with_optim else []
+    parts += [str(config.get("model")), shape_label(config), precision_label(config)]
+    if config.get("gradient_checkpointing"):
+        parts.append("ckpt")
+    args = _canonical_optim_args(config.get("optim_args"))
+    if args:
+        parts.append(f"[{args}]")
+    extra = config.get("extra") or {}
+    if extra.get("memory_limit_bytes"):
+        from harness.units import human_bytes
+
+        parts.append(f"limit {human_bytes(extra['memory_limit_bytes'])}")
+    return " ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ values
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+               "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(text: Any) -> int:
+    """'4GiB', '512 MB', '1.5g', '123456' -> bytes (decimal units for kB/MB/GB, binary for KiB/MiB/GiB)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text <= 0:
+            raise UserError(f"memory size must be positive, got {text!r}")
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _SIZE_UNITS:
+        raise UserError(f"cannot read memory size {text!r}: give bytes or a number with a unit, e.g. 4GiB, 512MB")
+    value = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise UserError(f"memory size must be positive, got {text!r}")
+    return value
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """'4x128' -> (batch 4, seq_len 128)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX*,]\s*(\d+)\s*", str(text))
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise UserError(f"cannot read shape {text!r}: give BATCHxSEQ_LEN, e.g. 4x128")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _flatten(values: Any) -> list:
+    """Scalars, lists and comma-separated strings -> a flat list (order kept, duplicates dropped)."""
+    if values is None:
+        return []
+    if not isinstance(values, (list, tuple)):
+        values = [values]
+    out: list = []
+    for v in values:
+        items = [s.strip() for s in v.split(",")] if isinstance(v, str) and "," in v else [v]
+        for item in items:
+            if item == "" or item in out:
+                continue
+            out.append(item)
+    return out
+
+
+def _positive_ints(values: Any, what: str) -> list[int]:
+    out = []
+    for v in _flatten(values):
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            raise UserError(f"{what} must be positive integers, got {v!r}") from None
+        if n < 1 or isinstance(v, bool) or (isinstance(v, float) and v != n):
+            raise UserError(f"{what} must be positive integers, got {v!r}")
+        out.append(n)
+    return out
+
+
+def _mixed_precision(values: Any) -> list[str | None]:
+    out: list[str | None] = []
+    for v in _flatten(values if values is not None else [None]) or [None]:
+        key = None if v is None or str(v).lower() in ("none", "no", "off", "false", "fp32") else str(v).lower()
+        if key not in (None, "bf16", "fp16"):
+            raise UserError(f"mixed precision must be none, bf16 or fp16, got {v!r}")
+        if key not in out:
+            out.append(key)
+    return out
+
+
+def _checkpointing(values: Any) -> list[bool]:
+    out: list[bool] = []
+    for v in _flatten(values if values is not None else [False]) or [False]:
+        text = str(v).lower()
+        if text == "both":
+            opts = [False, True]
+        elif v is True or text in ("on", "true", "yes", "1"):
+            opts = [True]
+        elif v is False or text in ("off", "false", "no", "0"):
+            opts = [False]
+        else:
+            raise UserError(f"gradient checkpointing must be on, off or both, got {v!r}")
+        out += [o for o in opts if o not in out]
+    return out
+
+
+def _dtypes(values: Any) -> list[str]:
+    from estimators.inventory import normalize_dtype
+
+    out = []
+    for v in _flatten(values) or ["fp32"]:
+        try:
+            d = normalize_dtype(str(v))
+        except (UserError, ValueError, KeyError):
+            raise UserError(f"unknown dtype {v!r}: give fp32, bf16 or fp16") from None
+        if d not in ("fp32", "bf16", "fp16"):
+            raise UserError(f"unknown dtype {v!r}: give fp32, bf16 or fp16")
+        if d not in out:
+            out.append(d)
+    return out
+
+
+# ------------------------------------------------------------------------------------- optimizers
+def families() -> dict[str, list[str]]:
+    """Family -> the names in it that optimem can estimate and run (registry order)."""
+    from estimators.optimizers import REGISTRY
+
+    out: dict[str, list[str]] = {}
+    for name, spec in REGISTRY.items():
+        if spec.availability == "ok":
+            out.setdefault(spec.family, []).append(name)
+    return out
+
+
+def select_optimizers(tokens: Any) -> list[str]:
+    """Optimizer names from ``all``, family names (``family:NAME`` when a family shares an optimizer's
+    name), optimizer names, in any mix and comma-separated; duplicates dropped, order kept.
+    ``all`` is every name optimem can estimate (removed and unsupported ones are left out)."""
+    from estimators import get_spec
+    from estimators.optimizers import REGISTRY, names
+
+    fams = families()
+    out: list[str] = []
+    for token in _flatten(tokens):
+        t = str(token).strip().lower()
+        if t == "all":
+            chosen = names(include_unavailable=False)
+        elif t.startswith("family:"):
+            fam = t.split(":", 1)[1]
+            if fam not in fams:
+                raise UserError(f"unknown optimizer family {fam!r}: known families: {', '.join(sorted(fams))}")
+            chosen = fams[fam]
+        elif t in REGISTRY:
+            chosen = [REGISTRY[t].name]
+        elif t in fams:
+            chosen = fams[t]
+        else:
+            try:
+                chosen = [get_spec(t).name]
+            except UserError as exc:
+                raise UserError(f"{exc} (or a family: {', '.join(sorted(fams))}; or 'all')") from None
+        out += [n for n in chosen if n not in out]
+    if not out:
+        raise UserError("no optimizers selected: give --optim NAME, a family, or all")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- grid
+@dataclass
+class Grid:
+    """A sweep: the cross product of the list fields, with the scalar fields shared by every run."""
+
+    optims: list[str]
+    models: list[str] = field(default_factory=lambda: ["tiny-llama"])
+    shapes: list[tuple[int, int]] = field(default_factory=lambda: [(2, 64)])
+    dtypes: list[str] = field(default_factory=lambda: ["fp32"])
+    mixed_precisions: list[str | None] = field(default_factory=lambda: [None])
+    checkpointing: list[bool] = field(default_factory=lambda: [False])
+    grad_accums: list[int] = field(default_factory=lambda: [1])
+    steps: int = 6
+    warmup: int = 2
+    device: str = "auto"
+    seed: int = 0
+    data: str | None = None
+    optim_args: dict[str, str] = field(default_factory=dict)
+    """``{optimizer name, family or '*': optim_args string}``; the most specific entry wins."""
+    optim_target_modules: Any = None
+
+    def args_for(self, optim: str) -> str | None:
+        from estimators import get_spec
+
+        spec = get_spec(optim)
+        for k in (spec.name, f"family:{spec.family}", spec.family, "*"):
+            if k in self.optim_args:
+                return self.optim_args[k]
+        return None
+
+    def targets_for(self, optim: str) -> Any:
+        from estimators import get_spec
+
+        if not get_spec(optim).needs_target_modules:
+            return None
+        return _canonical_targets(self.optim_target_modules) or DEFAULT_TARGETS
+
+    def size(self) -> int:
+        return (len(self.optims) * len(self.models) * len(self.shapes) * len(self.dtypes)
+                * len(self.mixed_precisions) * len(self.checkpointing) * len(self.grad_accums))
+
+    def configs(self, *, extra: dict | None = None) -> list:
+        """Every :class:`RunConfig`, in order model, precision, checkpointing, accumulation, shape, optimizer."""
+        from harness.scenario import RunConfig
+
+        out = []
+        for model, dtype, mp, ckpt, accum, (batch, seq), optim in itertools.product(
+                self.models, self.dtypes, self.mixed_precisions, self.checkpointing, self.grad_accums,
+                self.shapes, self.optims):
+            out.append(RunConfig(optim=optim, model=model, dtype=dtype, mixed_precision=mp, batch_size=batch,
+                                 seq_len=seq, grad_accum=accum, gradient_checkpointing=ckpt,
+                                 optim_args=self.args_for(optim), optim_target_modules=self.targets_for(optim),
+                                 steps=self.steps, warmup=self.warmup, device=self.device, seed=self.seed,
+                                 data=self.data, extra=dict(extra or {})))
+        return out
+
+
+GRID_KEYS = {"optim", "model", "batch_size", "seq_len", "shape", "dtype", "mixed_precision",
+             "gradient_checkpointing", "grad_accum", "steps", "warmup", "device", "seed", "data", "optim_args",
+             "optim_target_modules"}
+"""Keys a YAML grid may hold besides the sweep settings of :data:`SETTING_KEYS`."""
+SETTING_KEYS = {"out", "resume", "retry_failed", "timeout", "jobs", "threads", "track_tensors", "find_max_batch",
+                "memory_limit", "max_batch_cap", "repeat"}
+
+
+def _optim_args_mapping(value: Any) -> dict[str, str]:
+    """``'rank=16'`` (every optimizer), ``'galore_adamw:rank=16'`` or a mapping -> ``{target: args}``."""
+    out: dict[str, str] = {}
+    if value is None:
+        return out
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out[str(k).strip().lower()] = None if v is None else str(v)
+        return out
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        text = str(item)
+        head, sep, rest = text.partition(":")
+        if sep and "=" not in head:
+            out[head.strip().lower()] = rest
+        else:
+            out["*"] = text
+    return out
+
+
+def grid_from_mapping(data: dict, *, source: str = "grid") -> Grid:
+    """Build a :class:`Grid` from a mapping with the :data:`GRID_KEYS` (hyphens or underscores)."""
+    data = {str(k).replace("-", "_"): v for k, v in (data or {}).items() if v is not None}
+    unknown = set(data) - GRID_KEYS - SETTING_KEYS
+    if unknown:
+        raise UserError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; known: "
+                        f"{', '.join(sorted(GRID_KEYS | SETTING_KEYS))}")
+    if "optim" not in data:
+        raise UserError(f"{source}: no optimizers: give optim (a name, a family, a list, or all)")
+    if "shape" in data and ("batch_size" in data or "seq_len" in data):
+        raise UserError(f"{source}: give either shape (BxS pairs) or batch_size/seq_len lists, not both")
+    if "shape" in data:
+        shapes = [parse_shape(s) if not isinstance(s, (list, tuple)) else tuple(_positive_ints(s, "shape"))
+                  for s in _flatten(data["shape"])]
+    else:
+        batches = _positive_ints(data.get("batch_size", 2), "batch sizes") or [2]
+        seqs = _positive_ints(data.get("seq_len", 64), "sequence lengths") or [64]
+        shapes = [(b, s) for b in batches for s in seqs]
+    grid = Grid(optims=select_optimizers(data["optim"]))
+    grid.models = [str(m) for m in _flatten(data.get("model", "tiny-llama"))] or ["tiny-llama"]
+    grid.shapes = shapes
+    grid.dtypes = _dtypes(data.get("dtype"))
+    grid.mixed_precisions = _mixed_precision(data.get("mixed_precision"))
+    grid.checkpointing = _checkpointing(data.get("gradient_checkpointing"))
+    grid.grad_accums = _positive_ints(data.get("grad_accum", 1), "gradient accumulation steps") or [1]
+    for name in ("steps", "warmup", "seed"):
+        if name in data:
+            value = data[name]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"{source}: {name} must be an integer, got {value!r}")
+            setattr(grid, name, value)
+    if grid.steps < 2:
+        raise UserError(f"{source}: steps must be at least 2 (step 0 has no optimizer state yet), got {grid.steps}")
+    if not 0 <= grid.warmup < grid.steps:
+        raise UserError(f"{source}: warmup must be in 0..steps-1, got {grid.warmup}")
+    grid.device = str(data.get("device", "auto"))
+    if grid.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"{source}: device must be auto, cpu or cuda, got {grid.device!r}")
+    grid.data = data.get("data")
+    grid.optim_args = _optim_args_mapping(data.get("optim_args"))
+    grid.optim_target_modules = data.get("optim_target_modules")
+    for model in grid.models:
+        _canonical_check_model(model)
+    return grid
+
+
+def _canonical_check_model(model: str) -> None:
+    from estimators.catalog import resolve
+
+    resolve(model)  # UserError for an unknown model, before anything runs
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A sweep file: a YAML mapping of grid keys and sweep settings."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read sweep file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"sweep file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"sweep file {path} must hold a mapping (optim: ..., model: ..., batch_size: ...)")
+    return data
+
+
+__all__ = ["DEFAULT_TARGETS", "GRID_KEYS", "Grid", "KEY_FIELDS", "SETTING_KEYS", "canonical_config", "config_key",
+           "config_label", "families", "grid_from_mapping", "load_yaml", "parse_shape", "parse_size", "precision_label",
+           "record_key", "select_optimizers", "shape_label"]

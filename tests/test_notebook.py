@@ -1,0 +1,24 @@
+"""notebooks/results.ipynb runs top to bottom on the committed results and draws the figures."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_results_notebook_executes(monkeypatch):
+    monkeypatch.delenv("OPTIMEM_RESULTS", raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    nb = nbformat.read(ROOT / "notebooks" / "results.ipynb", as_version=4)
+    NotebookClient(nb, timeout=180, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 3, "the three figures of bench plot"
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "reading results/" in text
