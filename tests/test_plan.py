@@ -1,0 +1,271 @@
+"""bench plan, the parts that need no whole-step peak: the GPU catalog, sharding arithmetic against hand-computed
+values, FLOPs/throughput, MFU calibration from records, the batch search, and failing loudly without the peak.
+
+The tests that pin the planner to the real peak estimator are in tests/test_plan_peak.py."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+from estimators import UserError, estimate
+from estimators import planner as P
+
+LLAMA3 = "meta-llama/Meta-Llama-3-8B"
+P8 = 8_030_261_248  # Llama-3-8B parameters (all trainable)
+EMBED8 = 128_256 * 4096  # its input embedding = its lm_head
+REQUIRED = ("t4", "l4", "a10g", "rtx3090", "rtx4090", "rtx5090", "l40s", "a100-40gb", "a100-80gb", "h100-sxm",
+            "h100-pcie", "h200", "b200", "mi300x")
+
+
+# ---------------------------------------------------------------------------------------------- catalog
+def test_catalog_has_the_gpus_with_sane_figures():
+    cat = P.load_gpus()
+    assert set(REQUIRED) <= set(cat)
+    fields = {"memory_gb", "reported_gib", "context_gib", "tflops", "bandwidth_gbs"}
+    for g in cat.values():
+        assert 0 < g.usable_bytes < g.total_bytes <= g.memory_gb * 1e9 * 1.1, g.id
+        assert g.budget() < g.usable_bytes
+        assert g.tflops.get("fp16") and g.tflops.get("fp32") and g.bandwidth_gbs, g.id
+        assert set(g.unsure) <= fields, g.id
+        assert g.source
+    assert cat["t4"].tflops["bf16"] is None  # Turing: no bf16
+    assert cat["h100-sxm"].peak_flops("bf16") == 989e12 and cat["h100-pcie"].peak_flops("bf16") == 756e12
+    assert cat["a100-40gb"].usable_bytes < cat["a100-80gb"].usable_bytes < cat["h200"].usable_bytes
+
+
+def test_catalog_agrees_with_the_harness_mfu_table():
+    """The harness computes recorded MFU against PEAK_TFLOPS; the planner's peaks must be the same figures."""
+    from harness.trackers.throughput import peak_flops
+
+    cat = P.load_gpus()
+    names = {"a100-80gb": "NVIDIA A100-SXM4-80GB", "h100-sxm": "NVIDIA H100 80GB HBM3", "h100-pcie": "NVIDIA H100 PCIe",
+             "h200": "NVIDIA H200", "l40s": "NVIDIA L40S", "l4": "NVIDIA L4", "a10g": "NVIDIA A10G", "t4": "Tesla T4",
+             "h100-nvl": "NVIDIA H100 NVL"}
+    for gid, device in names.items():
+        for dt in ("bf16", "fp16", "fp32"):
+            theirs, ours = peak_flops(device, dt), cat[gid].peak_flops(dt)
+            assert (theirs is None) == (ours is None), (gid, dt)
+            if ours:
+                assert ours == pytest.approx(theirs, rel=0.01), (gid, dt)
+
+
+@pytest.mark.parametrize("device, gid", [
+    ("NVIDIA A100-SXM4-80GB", "a100-80gb"), ("NVIDIA A100-SXM4-40GB", "a100-40gb"), ("NVIDIA A100 80GB PCIe", "a100-80gb"),
+    ("NVIDIA H100 80GB HBM3", "h100-sxm"), ("NVIDIA H100 PCIe", "h100-pcie"), ("NVIDIA H100 NVL", "h100-nvl"),
+    ("NVIDIA H200", "h200"), ("NVIDIA A10G", "a10g"), ("NVIDIA A10", "a10"), ("NVIDIA L4", "l4"), ("NVIDIA L40S", "l40s"),
+    ("Tesla T4", "t4"), ("NVIDIA GeForce RTX 4090", "rtx4090"), ("NVIDIA GeForce RTX 3090", "rtx3090"),
+    ("AMD Instinct MI300X", "mi300x"), ("NVIDIA B200", "b200")])
+def test_device_names_match_one_gpu(device, gid):
+    assert P.match_gpu(device, P.load_gpus()).id == gid
+
+
+def test_select_gpus_aliases_and_errors():
+    cat = P.load_gpus()
+    assert [g.id for g in P.select_gpus("h100,4090,A100-80GB", cat)] == ["h100-sxm", "rtx4090", "a100-80gb"]
+    assert [g.id for g in P.select_gpus("NVIDIA L40S", cat)] == ["l40s"]
+    assert len(P.select_gpus("all", cat)) == len(cat)
+    with pytest.raises(UserError, match="not in the catalog"):
+        P.select_gpus("v100", cat)
+
+
+def test_user_gpu_file_adds_and_replaces(tmp_path):
+    yml = tmp_path / "mine.yaml"
+    yml.write_text("gpus:\n  - {id: v100-32gb, name: Tesla V100 32GB, memory_gb: 32, reported_gib: 31.7,\n"
+                   "     tflops: {fp16: 125, fp32: 15.7}, bandwidth_gbs: 900, usd_per_hour: 0.9}\n"
+                   "  - {id: h100-sxm, memory_gb: 80, tflops: {bf16: 989}, context_gib: 1.0}\n")
+    cat = P.load_gpus([yml])
+    assert cat["v100-32gb"].usable_bytes == int(31.7 * 2**30) - 2**29 and cat["v100-32gb"].usd_per_hour == 0.9
+    assert cat["h100-sxm"].context_bytes == 2**30 and cat["h100-sxm"].reported_bytes is None
+    assert "h100-sxm" in P.load_gpus() and P.load_gpus()["h100-sxm"].context_bytes == 2**29  # bundled untouched
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "x"}]))
+    with pytest.raises(UserError, match="malformed"):
+        P.load_gpus([bad])
+
+
+# ---------------------------------------------------------------------------------------------- sharding by hand
+def test_model_facts_by_hand():
+    f = P.model_facts(P._inventory(LLAMA3, "fp32"))
+    assert f.num_params == f.trainable_params == P8
+    assert f.non_embedding_params == P8 - EMBED8  # lm_head is not an embedding: its matmul costs FLOPs
+    assert f.largest_module_params == EMBED8  # ZeRO-3 gathers module by module
+    assert f.largest_unit_params == EMBED8 + 4096  # accelerate's tail unit: lm_head + final norm
+    assert f.no_decay_params == 65 * 4096  # 2 norms x 32 layers + the final norm
+    block = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 4096 * 14336 + 2 * 4096
+    l2 = P.model_facts(P._inventory("meta-llama/Llama-2-7b-hf", "fp32"))
+    assert l2.largest_unit_params == 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096 > l2.largest_module_params == 32000 * 4096
+    assert block < EMBED8
+
+
+def _terms(optim: str, sharding: str, n: int = 8, **kw) -> dict[str, int]:
+    return P.model_state_terms(P.Setup(model=LLAMA3, optim=optim, num_gpus=n, sharding=sharding, **kw))
+
+
+def test_sharded_adamw_matches_deepspeed_and_fsdp_by_hand():
+    """Llama-3-8B, fp32 weights + bf16 autocast, AdamW, 8 GPUs. P = 8,030,261,248; per GPU:
+    DDP: 4P weights + 4P grads + 8P state + 4P gradient buckets = 20P.
+    ZeRO-1 (DeepSpeed bf16): 2P bf16 weights + 2P bf16 grads + (4P master + 4P fp32 grads + 8P state)/8.
+    ZeRO-2: 2P + (2P + 4P + 4P + 8P)/8 = 2P + 18P/8 (DeepSpeed's own estimate).
+    ZeRO-3: (2P + 4P + 2P + 8P)/8 + 4 B x one sub-group (1e9 elements < P/8) of fp32 gradients
+            + 2 x 2 B x the largest module (DeepSpeed's 4 x largest layer params)
+    FSDP2: (4P + 4P + 8P)/8 + 2 x 2 B x the largest unit (lm_head + final norm), gathered in bf16."""
+    n = 8
+    ddp = _terms("adamw_torch", "ddp")
+    assert ddp == {"weights": 4 * P8, "master_weights": 0, "gradients": 4 * P8, "grad_partition_fp32": 0,
+                   "optimizer_state": 8 * P8, "gathered_working_set": 0, "ddp_buckets": 4 * P8}
+    z1 = _terms("adamw_torch", "zero1")
+    assert z1 == {"weights": 2 * P8, "master_weights": 4 * P8 // n, "gradients": 2 * P8,
+                  "grad_partition_fp32": 4 * P8 // n, "optimizer_state": 8 * P8 // n, "gathered_working_set": 0,
+                  "ddp_buckets": 0}
+    z2 = _terms("adamw_torch", "zero2")
+    assert z2["gradients"] == 2 * P8 // n and sum(z2.values()) == 2 * P8 + 18 * P8 // n
+    z3 = _terms("adamw_torch", "zero3")
+    assert z3["weights"] == 2 * P8 // n and z3["gathered_working_set"] == 4 * EMBED8
+    assert z3["grad_partition_fp32"] == 4 * P.ZERO3_SUB_GROUP < 4 * P8 // n
+    assert sum(z3.values()) == 16 * P8 // n + 4 * P.ZERO3_SUB_GROUP + 4 * EMBED8
+    assert _terms("adamw_torch", "zero3", 64)["grad_partition_fp32"] == 4 * math.ceil(P8 / 64)
+    fsdp = _terms("adamw_torch", "fsdp")
+    assert fsdp == {"weights": 4 * P8 // n, "master_weights": 0, "gradients": 4 * P8 // n, "grad_partition_fp32": 0,
+                    "optimizer_state": 8 * P8 // n, "gathered_working_set": 2 * 2 * (EMBED8 + 4096), "ddp_buckets": 0}
+    # One GPU: nothing sharded.
+    assert _terms("adamw_torch", "none", 1) == {**ddp, "ddp_buckets": 0}
+
+
+def test_sharding_uses_each_optimizers_own_state():
+    n = 8
+    single = estimate(LLAMA3, "adamw_bnb_8bit").bytes["optimizer_state_device"]
+    assert _terms("adamw_bnb_8bit", "fsdp")["optimizer_state"] == math.ceil(single / n)
+    # ZeRO's flat fp32 partitions: blockwise 8-bit codes + one fp32 absmax per 256 elements, 2 states, plus
+    # the optimizer's quantization maps; the Trainer's 32-bit embedding override is not needed to match.
+    z = _terms("adamw_bnb_8bit", "zero2")["optimizer_state"]
+    per = P8 // n
+    assert 2 * per + 2 * 4 * (per // 256) <= z <= 2 * per + 2 * 4 * (per // 256) + 16 * 1024
+    # Adafactor: factored on whole 2-D weights, but ZeRO hands it a 1-D partition: a full second moment.
+    af1 = estimate(LLAMA3, "adafactor").bytes["optimizer_state_device"]
+    assert af1 < P8 * 0.01
+    assert _terms("adafactor", "zero1")["optimizer_state"] == 4 * (P8 // n) + 2 * 4  # exp_avg_sq + RMS per group
+    assert _terms("adafactor", "fsdp")["optimizer_state"] == math.ceil(af1 / n)
+    # Host-resident state is not GPU memory.
+    assert _terms("grokadamw", "zero2")["optimizer_state"] == 0
+    assert _terms("grokadamw", "ddp")["optimizer_state"] == 0
+    # Pure fp32 training under ZeRO: no master copy, fp32 grads.
+    z2 = _terms("adamw_torch", "zero2", mixed_precision=None)
+    assert z2["weights"] == 4 * P8 and z2["master_weights"] == 0 and z2["gradients"] == 4 * P8 // n
+
+
+def test_what_cannot_run_sharded():
+    ok, why = P.sharding_support("galore_adamw_layerwise", "ddp", 2)
+    assert not ok and "does not support DDP" in why
+    assert not P.sharding_support("apollo_adamw_layerwise", "fsdp", 4)[0]
+    for sh in ("ddp", "zero1", "zero2", "fsdp"):
+        assert not P.sharding_support("lomo", sh, 2)[0]
+    assert P.sharding_support("lomo", "zero3", 2)[0] and P.sharding_support("adalomo", "zero3", 2)[0]
+    assert not P.sharding_support("galore_adamw", "zero2", 2)[0]
+    assert P.sharding_support("galore_adamw", "fsdp", 2)[0]
+    assert P.sharding_support("adamw_torch", "none", 1)[0] and not P.sharding_support("adamw_torch", "none", 2)[0]
+    with pytest.raises(UserError):
+        P.sharding_support("adamw_torch", "tp", 2)
+
+
+# ---------------------------------------------------------------------------------------------- throughput
+def test_flops_and_tokens_per_second():
+    from harness.trackers.throughput import training_flops_per_token
+
+    f = P.model_facts(P._inventory(LLAMA3, "fp32"))
+    fpt = P.flops_per_token(f, 2048)
+    assert fpt == 6 * (P8 - EMBED8) + 12 * 32 * 4096 * 2048 == training_flops_per_token(P8 - EMBED8, 32, 4096, 2048)
+    h100 = P.load_gpus()["h100-sxm"]
+    s = P.Setup(model=LLAMA3, optim="adamw_torch")
+    tp = P.throughput(f, h100, s)
+    assert tp.tokens_per_s == pytest.approx(0.4 * 989e12 / fpt) and tp.mfu_source == "assumed"
+    ck = P.throughput(f, h100, P.Setup(model=LLAMA3, optim="adamw_torch", gradient_checkpointing=True))
+    assert ck.tokens_per_s == pytest.approx(tp.tokens_per_s * 3 / 4)
+    assert P.throughput(f, P.load_gpus()["t4"], s).tokens_per_s is None  # no bf16 on a T4
+
+
+def _record(device_name, mfu, *, ckpt=False, status="ok", device="cuda", model=LLAMA3, mp="bf16", peak=989e12):
+    return {"status": status, "config": {"model": model, "dtype": "fp32", "mixed_precision": mp,
+                                         "gradient_checkpointing": ckpt},
+            "env": {"device_name": device_name},
+            "measured": {"device": device, "throughput": {"mfu": mfu, "peak_flops": peak, "tokens_per_s": 1.0}}}
+
+
+def test_mfu_calibration_from_records(tmp_path):
+    f = tmp_path / "runs.jsonl"
+    lines = [_record("NVIDIA H100 80GB HBM3", 0.5), _record("NVIDIA H100 80GB HBM3", 0.3, ckpt=True),
+             _record("NVIDIA H100 80GB HBM3", 0.9, status="oom"), _record("cpu", 0.9, device="cpu"),
+             _record("NVIDIA A100-SXM4-80GB", 0.2, model="Meta-Llama-3-8B", peak=312e12),
+             _record("NVIDIA H100 80GB HBM3", 0.1, mp="fp16")]
+    f.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+    cal = P.calibrate([f], P.load_gpus())
+    h = cal[("h100-sxm", LLAMA3, "bf16")]
+    assert h.runs == 2 and h.mfu == pytest.approx((0.5 + 0.3 * 4 / 3) / 2)
+    assert cal[("a100-80gb", LLAMA3, "bf16")].mfu == pytest.approx(0.2)  # model name resolved through the catalog
+    assert cal[("h100-sxm", LLAMA3, "fp16")].mfu == pytest.approx(0.1)
+    assert len(cal) == 3
+    # A record computed against another peak figure is rescaled to the catalog's.
+    g = tmp_path / "other.jsonl"
+    g.write_text(json.dumps(_record("NVIDIA H100 80GB HBM3", 0.5, peak=1000e12)))
+    assert P.calibrate([g], P.load_gpus())[("h100-sxm", LLAMA3, "bf16")].mfu == pytest.approx(0.5 * 1000 / 989)
+
+
+# ---------------------------------------------------------------------------------------------- search and the peak contract
+def test_max_micro_batch_search_is_exact(monkeypatch):
+    """The search itself, on a synthetic monotone peak (the real estimator: tests/test_plan_peak.py)."""
+    def fake(setup, batch):
+        return P.StepMemory(batch, 1000 + 37 * batch + (batch // 5) * 11, {}, 0, 0, 0)
+
+    monkeypatch.setattr(P, "step_memory", fake)
+    s = P.Setup(model="tiny-llama", optim="sgd")
+    for budget in (1000, 1036, 1037, 1500, 5000, 37_000):
+        b = P.max_micro_batch(s, budget)
+        assert b == 0 or fake(s, b).peak <= budget
+        assert fake(s, b + 1).peak > budget
+    assert P.max_micro_batch(s, 10**12) == P.MAX_BATCH
+
+
+def _old_estimate(model, optim, *, dtype="fp32", optim_args=None, optim_target_modules=None, batch_size=1,
+                  seq_len=512, freeze=None):
+    raise AssertionError("not called: the signature check comes first")
+
+
+def test_no_peak_estimator_fails_loudly(monkeypatch, capsys):
+    """Without the whole-step estimator bench plan says so (one line, exit 2); it never invents activations."""
+    mod = sys.modules["estimators.estimate"]
+    monkeypatch.setattr(mod, "estimate", _old_estimate)
+    P._step_memory_cached.cache_clear()
+    assert not P.peak_supported()
+    with pytest.raises(P.PeakUnavailable, match="whole-step peak"):
+        P.step_memory(P.Setup(model="tiny-llama", optim="sgd"), 1)
+    from harness.cli import main
+
+    assert main(["plan", "--model", "tiny-llama", "--gpus", "h100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bench plan: error: the whole-step peak estimator") and "\n" not in err
+
+    def no_peak(model, optim, *, dtype="fp32", optim_args=None, optim_target_modules=None, batch_size=1, seq_len=512,
+                freeze=None, gradient_checkpointing=False, mixed_precision=None, grad_accum=1, device="cpu"):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(bytes={"weights": 1, "gradients": 1, "optimizer_state": 0,
+                                      "optimizer_state_device": 0, "optimizer_state_host": 0}, optim_args={})
+
+    monkeypatch.setattr(mod, "estimate", no_peak)
+    P._step_memory_cached.cache_clear()
+    assert P.peak_supported()
+    with pytest.raises(P.PeakUnavailable):
+        P.step_memory(P.Setup(model="tiny-llama", optim="sgd"), 1)
+    P._step_memory_cached.cache_clear()
+
+
+def test_cli_rejects_bad_input(capsys):
+    from harness.cli import main
+
+    for argv, msg in ((["--gpus", "v100"], "not in the catalog"), (["--num-gpus", "0"], "at least 1"),
+                      (["--headroom", "1.5"], "headroom"), (["--optim", "adamw_hf"], "removed"),
+                      (["--num-gpus", "4", "--sharding", "none"], "needs a sharding")):
+        assert main(["plan", "--model", "tiny-llama", *argv]) == 2, argv
+        assert msg in capsys.readouterr().err
