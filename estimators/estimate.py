@@ -7,8 +7,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .archs import Setting
 from .errors import UserError
-from .inventory import Inventory, build_inventory, normalize_dtype
+from .inventory import DTYPES, Inventory, build_inventory, normalize_dtype
+from .peak import ATTN_IMPLEMENTATIONS, MIXED, arch_for, evaluate, phase_results
 from .optimizers import OptimizerSpec, ParamCtx, get_spec, parse_optim_args
 from .optimizers.spec import LAYERWISE_DUMMY_BYTES
 
@@ -19,8 +21,17 @@ class Estimate:
 
     ``bytes`` keys: ``weights`` (parameters as stored), ``gradients`` (gradient bytes held at once),
     ``optimizer_state`` (all optimizer-state bytes wherever they live), ``optimizer_state_host`` (the part
-    kept in host memory when training on an accelerator) and ``optimizer_state_device`` (the rest).
+    kept in host memory when training on an accelerator) and ``optimizer_state_device`` (the rest),
+    ``activations`` (bytes alive at the end of the forward that the forward created: saved activations,
+    logits and loss buffers, the batch) and ``peak`` (the whole step's peak of live tensor bytes on the
+    training device: the largest phase).
     ``state_breakdown``: optimizer-state bytes summed per state tensor name (``exp_avg``, ``absmax1``...).
+    ``phases``: per phase (``step0.forward`` ... ``steady.optimizer_step``), its ``peak`` and the bytes at
+    that peak split into ``weights``, ``gradients``, ``optimizer_state``, ``activations``, ``temporaries``
+    and ``other``. ``peak_phase``: the phase holding ``bytes["peak"]``.
+    ``cuda``: on a CUDA device, the terms the tensor peak does not contain (allocation rounding, cuBLAS
+    workspaces, the CUDA context, the caching allocator's reserved-but-unallocated bytes; see
+    ``estimators/cuda_overhead.py``) and ``peak_reserved`` / ``peak_device``; ``None`` for the CPU.
     """
 
     model: str
@@ -37,6 +48,14 @@ class Estimate:
     seq_len: int
     family: str
     notes: list[str] = field(default_factory=list)
+    gradient_checkpointing: bool = False
+    mixed_precision: str | None = None
+    grad_accum: int = 1
+    device: str = "cuda"
+    attn_implementation: str = "sdpa"
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)
+    peak_phase: str = ""
+    cuda: dict[str, Any] | None = None
 
     @property
     def state_bytes_per_param(self) -> float:
@@ -123,9 +142,14 @@ def _check_available(spec: OptimizerSpec) -> None:
         raise UserError(spec.reason)
 
 
+DEVICES = ("cuda", "cpu")
+
+
 def estimate(model: str | Inventory, optim: str, *, dtype: str = "fp32", optim_args: str | Mapping | None = None,
              optim_target_modules: str | Sequence[str] | None = None, batch_size: int = 1, seq_len: int = 512,
-             freeze: str | None = None) -> Estimate:
+             freeze: str | None = None, gradient_checkpointing: bool = False, mixed_precision: str | None = None,
+             grad_accum: int = 1, device: str = "cuda", attn_implementation: str = "sdpa",
+             gpu: str | None = None) -> Estimate:
     """Predict the bytes a Trainer run of ``model`` with ``TrainingArguments(optim=optim)`` holds.
 
     ``model``: a catalog name, a config.json path (or its directory), or an :class:`Inventory`.
@@ -133,12 +157,33 @@ def estimate(model: str | Inventory, optim: str, *, dtype: str = "fp32", optim_a
     ``optim_args``: the Trainer's ``optim_args`` string ("k=v,k=v") or a mapping of the same.
     ``optim_target_modules``: as ``TrainingArguments.optim_target_modules`` (GaLore / APOLLO).
     ``freeze``: regex of parameter names to freeze (not trainable).
+    ``batch_size`` / ``seq_len``: per-device batch and tokens per sample; ``grad_accum``: gradient
+    accumulation steps; ``gradient_checkpointing``: the Trainer's (non-reentrant) checkpointing of every
+    layer; ``mixed_precision``: ``None``, ``"bf16"`` or ``"fp16"`` (``TrainingArguments(bf16=True)``:
+    autocast, parameters stay in ``dtype``); ``device``: ``"cuda"`` (torch's foreach optimizer paths, CUDA
+    overhead terms) or ``"cpu"`` (single-tensor paths); ``attn_implementation``: ``"sdpa"`` (the
+    default the Trainer gets) or ``"eager"``; ``gpu``: a ``torch.cuda.get_device_name()`` whose calibrated
+    CUDA constants to use (``estimators/calibration/cuda.json``; the defaults otherwise).
     """
     spec = get_spec(optim)
     _check_available(spec)
     dtype = normalize_dtype(dtype)
     if not isinstance(batch_size, int) or batch_size < 1 or not isinstance(seq_len, int) or seq_len < 1:
         raise UserError(f"batch_size and seq_len must be positive integers, got {batch_size!r} and {seq_len!r}")
+    if not isinstance(grad_accum, int) or isinstance(grad_accum, bool) or grad_accum < 1:
+        raise UserError(f"grad_accum must be a positive integer, got {grad_accum!r}")
+    if device not in DEVICES:
+        raise UserError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if mixed_precision is not None:
+        mixed_precision = normalize_dtype(mixed_precision)
+        if mixed_precision == "fp32":
+            mixed_precision = None
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise UserError(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                        f"got {attn_implementation!r}")
+    if spec.layerwise and grad_accum != 1:
+        raise UserError(f"{spec.name} does not support gradient accumulation (the Trainer raises 'Layerwise "
+                        "... does not support gradient accumulation!')")
     inv = (model if isinstance(model, Inventory) else build_inventory(model)).with_dtype(dtype).with_frozen(freeze)
     raw_args = parse_optim_args(optim_args) if isinstance(optim_args, (str, type(None))) else \
         {str(k): str(v) for k, v in optim_args.items()}
@@ -162,12 +207,82 @@ def estimate(model: str | Inventory, optim: str, *, dtype: str = "fp32", optim_a
         sum(breakdown.get(k, 0) for k in spec.host_keys) + breakdown.get(LAYERWISE_DUMMY_KEY, 0)
     if spec.cpu_note:
         notes.append(spec.cpu_note)
+    args_key = tuple(sorted(args.items(), key=str))
+    setting = Setting(es=DTYPES[dtype], autocast=MIXED[mixed_precision], attn=attn_implementation,
+                      gc=bool(gradient_checkpointing), device=device)
+    results, offsets, step_note, arch_notes = _phase_model(inv, spec.name, args_key, targets, setting, grad_accum,
+                                                           device, total, host)
+    mem = evaluate(results, offsets, batch_size, seq_len)
+    notes.extend(n for n in (step_note, *arch_notes) if n)
+    cuda = None
+    if device == "cuda":
+        from .cuda_overhead import cuda_terms
+
+        cuda = cuda_terms(mem, inv, _state_sizes(inv, spec.name, args_key, targets), gpu)
     return Estimate(
         model=inv.model, optim=spec.name, dtype=dtype, num_params=inv.num_params,
         trainable_params=inv.trainable_params,
         bytes={"weights": inv.weight_bytes, "gradients": gradients,
-               "optimizer_state": total, "optimizer_state_host": host, "optimizer_state_device": total - host},
+               "optimizer_state": total, "optimizer_state_host": host, "optimizer_state_device": total - host,
+               "activations": mem.activations, "peak": mem.peak},
         state_breakdown=dict(sorted(breakdown.items())), optim_args={k: v for k, v in args.items()},
         optim_target_modules=list(optim_target_modules) if isinstance(optim_target_modules, (list, tuple))
         else optim_target_modules,
-        targeted_params=n_targeted, batch_size=batch_size, seq_len=seq_len, family=spec.family, notes=notes)
+        targeted_params=n_targeted, batch_size=batch_size, seq_len=seq_len, family=spec.family, notes=notes,
+        gradient_checkpointing=bool(gradient_checkpointing), mixed_precision=mixed_precision, grad_accum=grad_accum,
+        device=device, attn_implementation=attn_implementation, phases=mem.phases, peak_phase=mem.peak_phase,
+        cuda=cuda)
+
+
+@functools.lru_cache(maxsize=512)
+def _state_sizes(inv: Inventory, name: str, args_key: tuple, targets) -> tuple:
+    """Every optimizer-state tensor's bytes (for the CUDA allocator's rounding)."""
+    spec = get_spec(name)
+    args = dict(args_key)
+    targeted = targeted_names(inv, targets) if spec.needs_target_modules else frozenset()
+    out = []
+    for row in inv.rows:
+        if row.trainable or spec.state_for_frozen:
+            out.extend(spec.param_state(ParamCtx(row, args, row.name in targeted)).values())
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=512)
+def _phase_model(inv: Inventory, name: str, args_key: tuple, targets, setting, grad_accum: int, device: str,
+                 state_total: int, state_host: int):
+    """The simulated phases of one configuration (independent of the batch shape; cached)."""
+    from . import steps
+
+    spec = get_spec(name)
+    args = dict(args_key)
+    targeted = targeted_names(inv, targets) if spec.needs_target_modules else frozenset()
+    shared = 0
+    if spec.shared is not None:
+        copies = len(inv.rows) if spec.layerwise else 1
+        shared = sum(spec.shared(inv, args).values()) * copies
+    if spec.layerwise:
+        shared += LAYERWISE_DUMMY_BYTES
+    if device != "cpu" and spec.state_location == "host":
+        shared = 0
+    step = steps.build(spec, args, inv, targeted, device, shared)
+    on_device = state_total - (state_host if device != "cpu" else 0)
+    results, offsets = phase_results(inv, setting, grad_accum, step, on_device, step.state_at_init)
+    return results, offsets, step.note, arch_for(inv).notes
+
+
+def estimate_for_run(config: Mapping[str, Any], device: str | None = None) -> Estimate:
+    """The estimate for one harness run configuration (``harness.scenario.RunConfig.to_dict()``): every field
+    that shapes memory is passed on (dtype, mixed precision, batch, sequence, accumulation, checkpointing,
+    optimizer arguments and targets). ``device``: the device the run resolved to (``cuda`` or ``cpu``; a
+    config's ``auto`` counts as ``cuda`` when not given). Pure: nothing is run."""
+    spec = get_spec(config["optim"])
+    dev = device or config.get("device") or "cuda"
+    targets = config.get("optim_target_modules") if spec.needs_target_modules else None
+    extra = config.get("extra") or {}
+    return estimate(config.get("model") or "tiny-llama", spec.name, dtype=config.get("dtype", "fp32"),
+                    optim_args=config.get("optim_args"), optim_target_modules=targets,
+                    batch_size=int(config.get("batch_size", 1)), seq_len=int(config.get("seq_len", 512)),
+                    gradient_checkpointing=bool(config.get("gradient_checkpointing", False)),
+                    mixed_precision=config.get("mixed_precision"), grad_accum=int(config.get("grad_accum", 1)),
+                    device="cuda" if dev == "auto" else dev,
+                    attn_implementation=extra.get("attn_implementation", "sdpa"))

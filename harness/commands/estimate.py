@@ -12,9 +12,11 @@ DEFAULT_TARGETS = "all-linear"
 
 
 def register(sub) -> None:
-    p = sub.add_parser("estimate", help="predict optimizer-state, weight and gradient bytes (no GPU needed)",
+    p = sub.add_parser("estimate", help="predict a training step's memory: state, weights, gradients, activations, "
+                                        "peak (no GPU needed)",
                        description="Predict the bytes a Trainer run holds, per optimizer, from the model's real "
-                                   "parameter shapes. No GPU, no download.")
+                                   "parameter shapes and architecture: optimizer state, weights, gradients, "
+                                   "activations and the whole step's peak, phase by phase. No GPU, no download.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="catalog name or path to a config.json "
                                                           f"(default {DEFAULT_MODEL})")
     p.add_argument("--optim", action="append", required=True, metavar="NAME",
@@ -24,9 +26,25 @@ def register(sub) -> None:
     p.add_argument("--optim-target-modules", nargs="+", default=None, metavar="REGEX",
                    help="GaLore/APOLLO targets (default for those: all-linear)")
     p.add_argument("--freeze", default=None, metavar="REGEX", help="freeze parameters whose name matches")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1, help="per-device batch size (default 1)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sample (default 512)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="K", help="gradient accumulation steps")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="the Trainer's gradient checkpointing (non-reentrant, every layer)")
+    mp = p.add_mutually_exclusive_group()
+    mp.add_argument("--bf16", action="store_const", const="bf16", dest="mixed_precision",
+                    help="bf16 mixed precision (TrainingArguments(bf16=True): autocast; --dtype stays the storage)")
+    mp.add_argument("--fp16", action="store_const", const="fp16", dest="mixed_precision",
+                    help="fp16 mixed precision (TrainingArguments(fp16=True))")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="training device: cuda (foreach optimizer paths, CUDA overhead terms) or cpu (default cuda)")
+    p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
+                   help="attention implementation (default sdpa, what the Trainer gets)")
+    p.add_argument("--gpu", default=None, metavar="NAME",
+                   help="use this GPU's calibrated CUDA constants (torch.cuda.get_device_name(); see "
+                        "'python -m estimators.cuda_overhead show')")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per optimizer")
+    p.set_defaults(mixed_precision=None)
     p.set_defaults(func=main)
 
 
@@ -75,7 +93,10 @@ def main(args: argparse.Namespace) -> int:
         try:
             est = estimate(inv, name, dtype=args.dtype, optim_args=optim_args,
                            optim_target_modules=_targets(args, spec), batch_size=args.batch_size,
-                           seq_len=args.seq_len, freeze=args.freeze)
+                           seq_len=args.seq_len, freeze=args.freeze, grad_accum=args.grad_accum,
+                           gradient_checkpointing=args.gradient_checkpointing,
+                           mixed_precision=args.mixed_precision, device=args.device,
+                           attn_implementation=args.attn_implementation, gpu=args.gpu)
         except UserError as exc:
             if len(optims) == 1:
                 raise
@@ -121,16 +142,21 @@ def _table(inv, results, skipped, args) -> str:
                first.trainable_params != inv.num_params else "")
             + f", stored as {args.dtype}")
     rows = []
+    cuda = args.device == "cuda"
     for e in sorted(results, key=lambda e: e.bytes["optimizer_state"]):
         b = e.bytes
         total = b["weights"] + b["gradients"] + b["optimizer_state"]
-        rows.append([e.optim, human_bytes(b["optimizer_state"]), f"{e.state_bytes_per_param:.3f}",
-                     human_bytes(b["optimizer_state_host"]) if b["optimizer_state_host"] else "-",
-                     human_bytes(b["weights"]), human_bytes(b["gradients"]), human_bytes(total),
-                     _flags(e)])
-    table = format_table(["optimizer", "state", "B/param", "of it host", "weights", "gradients",
-                          "weights+grads+state", "notes"], rows, align="lrrrrrrl")
-    lines = [head, "", table]
+        row = [e.optim, human_bytes(b["optimizer_state"]), f"{e.state_bytes_per_param:.3f}",
+               human_bytes(b["optimizer_state_host"]) if b["optimizer_state_host"] else "-",
+               human_bytes(b["weights"]), human_bytes(b["gradients"]), human_bytes(total),
+               human_bytes(b["activations"]), human_bytes(b["peak"]), _phase_label(e.peak_phase)]
+        if cuda:
+            row.append(human_bytes(e.cuda["peak_device"]))
+        rows.append(row + [_flags(e)])
+    cols = ["optimizer", "state", "B/param", "of it host", "weights", "gradients", "weights+grads+state",
+            "activations", "peak", "at"] + (["on device"] if cuda else []) + ["notes"]
+    table = format_table(cols, rows, align="lrrrrrrrrl" + ("r" if cuda else "") + "l")
+    lines = [head, _settings_line(args), "", table]
     if skipped:
         lines.append("")
         lines.append("not estimated:")
@@ -138,5 +164,29 @@ def _table(inv, results, skipped, args) -> str:
     lines.append("")
     if any(get_spec(e.optim).needs_target_modules for e in results) and not args.optim_target_modules:
         lines.append(f"GaLore/APOLLO: optim_target_modules not given, assumed '{DEFAULT_TARGETS}'.")
-    lines.append("Bytes in binary units (1 GiB = 2^30 B). Activations, logits and step transients are not included.")
+    lines.append("Bytes in binary units (1 GiB = 2^30 B). peak: the whole training step's largest live tensor bytes "
+                 "(weights, gradients, optimizer state, activations and logits, backward and optimizer-step "
+                 "transients), at the phase named in 'at'; activations: what the forward leaves for the backward.")
+    if cuda:
+        first = results[0] if results else None
+        cal = "calibrated" if first is not None and first.cuda["calibrated"] else "uncalibrated defaults"
+        lines.append("on device: peak + CUDA-only terms (512 B block rounding, cuBLAS workspace, caching-allocator "
+                     f"reserve, CUDA context; {cal}: see estimators/cuda_overhead.py).")
     return "\n".join(lines)
+
+
+def _phase_label(phase: str) -> str:
+    """``steady.optimizer_step`` -> ``optimizer step``; step 0 is marked."""
+    step, kind = phase.split(".", 1)
+    return kind.replace("_", " ") + (" (step 0)" if step == "step0" else "")
+
+
+def _settings_line(args) -> str:
+    parts = [f"batch {args.batch_size} x seq {args.seq_len}"]
+    if args.grad_accum > 1:
+        parts.append(f"x accum {args.grad_accum}")
+    parts.append(f"{args.mixed_precision} autocast" if args.mixed_precision else "no autocast")
+    parts.append("gradient checkpointing" if args.gradient_checkpointing else "no checkpointing")
+    parts.append(f"{args.attn_implementation} attention")
+    parts.append(f"on {args.device}")
+    return ", ".join(parts)

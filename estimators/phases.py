@@ -1,0 +1,208 @@
+"""The phase model: one ``Trainer`` optimizer step, phase by phase, on the simulator.
+
+Phases are the harness's (``harness/trackers/phases.py``): ``step0.forward`` / ``step0.backward`` /
+``step0.optimizer_step`` (the first step: optimizers that create their state lazily have none before its
+``optimizer.step()``), then ``steady.*`` (every later step). A forward phase runs from the end of the
+previous step (so the batch fetch is in it) to the model's forward returning; backward runs to
+``on_pre_optimizer_step`` (gradient clipping included); the optimizer step includes the scheduler and
+``zero_grad``. With gradient accumulation, a step's forwards and backwards alternate and fold into the
+step's two phases.
+
+What lives across phases (the *persistent* bytes): parameters and buffers, gradients between backward and
+``zero_grad`` (and across accumulation micro-steps), optimizer state once created, the Trainer's loss
+accumulator, the fetched batches (the dataloader prefetches one batch ahead). Each phase adds its
+transients: the forward's saved activations and the loss's buffers, the backward's gradient buffers (and
+recomputation under checkpointing), the optimizer step's temporaries.
+
+Two simulations make one estimate, both cached: the forward/backward of the model (independent of the
+optimizer unless it updates inside the backward: LOMO, layer-wise) and the optimizer step on top of the
+backward's end state. Optimizer state that exists in a forward or backward is a constant added to it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import archs
+from .archs import Arch, Model, Setting
+from .memsim import CATS, NB, Param, PhaseResult, Sim, Var, vadd, vec, veval, vsub
+from .steps import Frame, StepModel
+
+I64 = 8
+
+PHASES = ("step0.forward", "step0.backward", "step0.optimizer_step", "steady.forward", "steady.backward",
+          "steady.optimizer_step")
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything about the run that shapes the forward and backward except the batch shape and the
+    optimizer (for ``grad_mode="full"``).
+
+    ``weights_bytes`` / ``buffers_bytes``: the model as stored; ``other_bytes``: long-lived odds and ends
+    (the Trainer's loss accumulator, 4 B); ``trainable``: parameter names that get gradients (None: all).
+    """
+
+    arch: Arch
+    setting: Setting
+    weights_bytes: int
+    buffers_bytes: int
+    grad_accum: int = 1
+    trainable: frozenset | None = None
+    other_bytes: int = 4
+
+
+def _fetch_batch(sim: Sim) -> list[Var]:
+    """``default_data_collator`` over ``B`` samples of ``input_ids``/``attention_mask``/``labels``: each
+    sample's ``ones_like`` and ``clone`` (``S`` int64 each), the three stacked ``(B, S)`` int64 tensors,
+    then the per-sample tensors go."""
+    per_sample = sim.alloc(vec(bs=2 * I64), "act")
+    batch = [sim.const(vec(bs=I64)) for _ in range(3)]
+    sim.decref(per_sample)
+    return batch
+
+
+def _num_items(sim: Sim) -> None:
+    """``(labels[..., 1:] != -100).sum()`` over the step's batches: a bool mask and int64 sums."""
+    sim.tmp(vec(bs=1, b=-1))
+
+
+def forward_program(a: Arch):
+    if a.family == "decoder":
+        return archs.decoder_forward
+    if a.family == "gpt2":
+        return archs.gpt2_forward
+    if a.family == "t5":
+        return archs.t5_forward
+    raise ValueError(f"no memory program for model family {a.family!r}")
+
+
+def simulate(run: Run, step: StepModel | None = None, device: str = "cpu") -> dict[str, PhaseResult]:
+    """Simulate step 0 and one steady step. With ``step`` None the optimizer is left out (its state and
+    step are added by :func:`simulate_step`); with a LOMO / layer-wise ``step`` the optimizer runs inside
+    the backward. Returns ``{phase: PhaseResult}`` for the forward and backward phases (and the optimizer
+    phases when ``step`` is given), plus ``forward_end`` (live bytes at the end of step 0's last forward)."""
+    sim = Sim()
+    a, st = run.arch, run.setting
+    sim.phase("setup")
+    sim.alloc(vec(run.weights_bytes), "weights")
+    if run.buffers_bytes:
+        sim.alloc(vec(run.buffers_bytes), "weights")
+    sim.alloc(vec(run.other_bytes), "other")
+    trainable = run.trainable
+    model = Model(sim, a, st, None if trainable is None else (lambda n: n in trainable))
+    fwd = forward_program(a)
+    keep: dict = {}
+    merged: dict[str, list] = {}
+    forward_end = None
+    mode = step.grad_mode if step is not None else "full"
+    if step is not None and mode == "layerwise":
+        by_name = {g[0].name: g for g in step.groups}
+
+        def layerwise_hook(s: Sim, p) -> None:
+            group = by_name.get(p.name)
+            if group is None or p.grad is None:
+                return
+            step.run(s, (group,), group[0].name not in keep, keep)
+            s.decref(p.grad)
+            p.grad = None
+
+        sim.hooks["post_accumulate"] = layerwise_hook
+    elif step is not None and mode == "fused":
+        def lomo_hook(s: Sim, p) -> None:
+            # LOMO's tensor hook runs before this gradient is accumulated: every gradient already there is
+            # consumed (upcast to fp32 when 16-bit, the parameter too) and dropped.
+            _lomo_consume(s, exclude=p)
+
+        sim.hooks["pre_accumulate"] = lomo_hook
+
+    def close(name):
+        sim.phase(None)
+        res = sim.results.pop(name)
+        if name in merged:
+            merged[name][0].extend(res.candidates)
+            merged[name][1] = res.end
+        else:
+            merged[name] = [list(res.candidates), res.end]
+
+    batches: list[list] = []
+    prefetched: list = []
+    steps_ = ("step0",) if step is None or mode == "full" else ("step0", "steady")
+    for stepname in steps_:
+        for micro in range(run.grad_accum):
+            sim.phase(f"{stepname}.forward")
+            if micro == 0:
+                if stepname == "step0":
+                    batches = [_fetch_batch(sim) for _ in range(run.grad_accum)]
+                else:
+                    for b in batches:
+                        sim.drop(*b)
+                    batches = [prefetched] + [_fetch_batch(sim) for _ in range(run.grad_accum - 1)]
+                prefetched = _fetch_batch(sim)
+                _num_items(sim)
+            ids, labels = batches[micro][0], batches[micro][2]
+            loss, outputs = fwd(sim, model, ids, labels)
+            if stepname == "step0" and micro == run.grad_accum - 1:
+                forward_end = sim._snap()
+            close(f"{stepname}.forward")
+            sim.phase(f"{stepname}.backward")
+            sim.drop(*outputs)
+            sim.backward(loss)
+            if mode == "fused":
+                _lomo_consume(sim, exclude=None)  # fused_backward's final grad_func(0)
+            sim.drop(loss)
+            close(f"{stepname}.backward")
+        sim.phase(f"{stepname}.optimizer_step")
+        if step is not None and mode == "full":
+            step.run(sim, step.groups, stepname == "step0", keep)
+        sim.zero_grad()
+        close(f"{stepname}.optimizer_step")
+    if step is None or mode == "full":  # the steady forward and backward are step 0's (state aside)
+        for kind in ("forward", "backward"):
+            merged[f"steady.{kind}"] = merged[f"step0.{kind}"]
+    out = {name: PhaseResult(c, end) for name, (c, end) in merged.items()}
+    out["forward_end"] = PhaseResult([forward_end], forward_end)
+    return out
+
+
+def _lomo_consume(sim: Sim, exclude) -> None:
+    """LOMO's ``grad_func``: every gradient present is upcast to fp32 (a copy when 16-bit; the parameter
+    too), applied, and dropped."""
+    f = Frame(sim)
+    for p in list(sim.params.values()):
+        if p is exclude or p.grad is None or p.graph_leaf:
+            continue
+        if p.es != 4:
+            n32 = p.size[0] // p.es * 4
+            g = f.new(n32)
+            sim.decref(p.grad)
+            p.grad = None
+            f.tmp(n32)
+            sim.decref(g)
+        else:
+            sim.decref(p.grad)
+            p.grad = None
+
+
+def simulate_step(step: StepModel, grads: dict[str, int], base0: tuple, base1: tuple) -> dict[str, PhaseResult]:
+    """The optimizer-step phases of a ``grad_mode="full"`` optimizer: on top of ``base0`` / ``base1`` (the
+    live bytes at the end of step 0's / a steady backward, gradients excluded, as ``(total, per-category)``)
+    the gradients (``grads``: name -> bytes), the state created lazily at step 0 (kept for the steady step)
+    and the step's temporaries, then ``zero_grad``."""
+    sim = Sim()
+    keep: dict = {}
+    base_sts: list = []
+    for name, base, first in (("step0.optimizer_step", base0, True), ("steady.optimizer_step", base1, False)):
+        for stg in base_sts:
+            sim.decref(stg)
+        base_sts = [sim.alloc(v, c) for c, v in zip(CATS, base[1]) if any(v)]
+        for pname, nbytes in grads.items():
+            p = sim.params.get(pname) or sim.params.setdefault(pname, Param(pname, nbytes))
+            p.grad = sim.alloc(vec(nbytes), "grad")
+        sim.phase(name)
+        step.run(sim, step.groups, first, keep)
+        sim.zero_grad()
+        sim.phase(None)
+    return {name: sim.results[name] for name in ("step0.optimizer_step", "steady.optimizer_step")}
+
+
+__all__ = ["CATS", "NB", "PHASES", "Run", "simulate", "simulate_step", "vadd", "veval", "vsub"]

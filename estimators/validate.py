@@ -1,0 +1,356 @@
+"""Check the whole-step estimate against the harness: predicted vs measured peak, per phase, on a matrix.
+
+    python -m estimators.validate --out results/peak_error_cpu.md [--json results/peak_error_cpu.json]
+    python -m estimators.validate --quick            # a smaller matrix, prints the table
+
+Every case is a real ``transformers.Trainer`` run of the harness (``harness.launcher.run_in_process``:
+the model, ``TrainingArguments(optim=...)``, the tensor accountant and the phase marks of ``bench run``),
+on the CPU, with one compute thread. The measured figure is the accountant's exact live-tensor peak per
+phase; the prediction is :func:`estimators.estimate` for the same configuration (``device="cpu"``),
+plus the one term that belongs to the harness rather than to training: its synthetic dataset, held in
+memory as one ``(samples, seq_len)`` int64 tensor (``harness_bytes``).
+
+Runs use 3 optimizer steps so that the tracked steady step (step 1) has the next batch prefetched, as
+every step but the last of a real run does.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MODELS = ("tiny-llama", "tiny-gpt2", "tiny-t5")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "adamw_bnb_8bit", "galore_adamw", "apollo_adamw",
+              "lomo", "grokadamw", "schedule_free_adamw", "galore_adamw_layerwise")
+"""Ten optimizers of nine families: torch single-tensor AdamW, torch fused AdamW, transformers Adafactor,
+bitsandbytes 8-bit, GaLore (SVD projector), APOLLO (random projector), LOMO (update fused into backward),
+GrokAdamW, schedule-free (foreach), and a layer-wise variant (per-parameter optimizers in backward)."""
+SHAPES = ((2, 64), (4, 128))
+QUICK = dict(models=MODELS, optimizers=("adamw_torch", "adafactor", "lomo"), shapes=((2, 64),), gcs=(False, True))
+PHASE_NAMES = ("step0.forward", "step0.backward", "step0.optimizer_step", "steady.forward", "steady.backward",
+               "steady.optimizer_step")
+PEAK_TOL = 0.03
+PHASE_TOL = 0.05
+STEPS = 3
+
+
+@dataclass
+class Case:
+    model: str
+    optim: str
+    batch_size: int
+    seq_len: int
+    gradient_checkpointing: bool
+    dtype: str = "fp32"
+    mixed_precision: str | None = None
+    grad_accum: int = 1
+    attn: str = "sdpa"
+    freeze: str | None = None
+
+    @property
+    def label(self) -> str:
+        extra = [f"gc" if self.gradient_checkpointing else "", self.dtype if self.dtype != "fp32" else "",
+                 f"{self.mixed_precision} autocast" if self.mixed_precision else "",
+                 f"accum {self.grad_accum}" if self.grad_accum > 1 else "", self.attn if self.attn != "sdpa" else "",
+                 f"freeze /{self.freeze}/" if self.freeze else ""]
+        return f"{self.model} {self.optim} {self.batch_size}x{self.seq_len}" + "".join(
+            f" {e}" for e in extra if e)
+
+
+@dataclass
+class Result:
+    case: Case
+    status: str
+    measured_peak: int = 0
+    predicted_peak: int = 0
+    phases: dict = field(default_factory=dict)  # name -> (measured, predicted)
+    seconds: float = 0.0
+    reason: str = ""
+
+    @property
+    def peak_error(self) -> float:
+        return (self.predicted_peak - self.measured_peak) / self.measured_peak if self.measured_peak else 0.0
+
+    def phase_errors(self) -> dict[str, float]:
+        return {k: (p - m) / m for k, (m, p) in self.phases.items() if m}
+
+    @property
+    def worst_phase(self) -> tuple[str, float]:
+        errs = self.phase_errors()
+        if not errs:
+            return "", 0.0
+        k = max(errs, key=lambda n: abs(errs[n]))
+        return k, errs[k]
+
+    def ok(self, peak_tol: float = PEAK_TOL, phase_tol: float = PHASE_TOL) -> bool:
+        return self.status == "ok" and abs(self.peak_error) <= peak_tol and all(
+            abs(e) <= phase_tol for e in self.phase_errors().values())
+
+
+FREEZE = {"tiny-llama": "embed_tokens|mlp", "tiny-gpt2": "attn", "tiny-t5": "DenseReluDense"}
+"""Parameters frozen in the frozen-parameter cases (a regex over parameter names)."""
+
+
+def matrix(models=MODELS, optimizers=OPTIMIZERS, shapes=SHAPES, gcs=(False, True)) -> list[Case]:
+    """The main matrix: every optimizer x model x shape x gradient checkpointing, fp32, SDPA."""
+    return [Case(m, o, b, s, gc) for m in models for o in optimizers for (b, s) in shapes for gc in gcs]
+
+
+def settings_matrix(models=MODELS) -> list[Case]:
+    """The other settings, one shape: parameters stored in bf16 (with optimizers that upcast), bf16
+    autocast, eager attention, gradient accumulation, frozen parameters; with and without checkpointing."""
+    out = []
+    for m in models:
+        for gc in (False, True):
+            out += [Case(m, "adamw_torch", 2, 64, gc, dtype="bf16"),
+                    Case(m, "adafactor", 2, 64, gc, dtype="bf16"),
+                    Case(m, "adamw_torch", 2, 64, gc, mixed_precision="bf16"),
+                    Case(m, "adamw_torch", 2, 64, gc, attn="eager"),
+                    Case(m, "adamw_torch", 2, 64, gc, grad_accum=2),
+                    Case(m, "adamw_torch", 2, 64, gc, freeze=FREEZE[m])]
+        out += [Case(m, o, 2, 64, False, dtype="bf16") for o in ("lomo", "galore_adamw", "grokadamw")]
+    return out
+
+
+def _targets(optim: str):
+    from estimators import get_spec
+
+    return "all-linear" if get_spec(optim).needs_target_modules else None
+
+
+def harness_bytes(case: Case) -> int:
+    """The harness's synthetic dataset: ``batch * grad_accum * steps`` samples of ``seq_len`` int64 ids, in
+    memory from the Trainer's construction on (``harness/scenario.py``)."""
+    return case.batch_size * case.grad_accum * STEPS * case.seq_len * 8
+
+
+def predict(case: Case) -> tuple[int, dict[str, int]]:
+    from estimators import estimate
+
+    est = estimate(case.model, case.optim, dtype=case.dtype, batch_size=case.batch_size, seq_len=case.seq_len,
+                   optim_target_modules=_targets(case.optim), gradient_checkpointing=case.gradient_checkpointing,
+                   mixed_precision=case.mixed_precision, grad_accum=case.grad_accum, device="cpu",
+                   attn_implementation=case.attn, freeze=case.freeze)
+    extra = harness_bytes(case)
+    phases = {k: v["peak"] + extra for k, v in est.phases.items()}
+    return est.bytes["peak"] + extra, phases
+
+
+@contextlib.contextmanager
+def _one_thread():
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def _model_tweaks(case: Case):
+    """What the harness has no option for (the attention implementation, frozen parameters): applied to the
+    model the harness builds, in this process, for the duration of one run."""
+    import harness.scenario as scenario
+
+    if case.attn == "sdpa" and not case.freeze:
+        yield
+        return
+    original = scenario.build_model
+
+    def build_model(cfg):
+        import re
+
+        model = original(cfg)
+        if case.attn != "sdpa":
+            model.set_attn_implementation(case.attn)
+        if case.freeze:
+            rx = re.compile(case.freeze)
+            for name, p in model.named_parameters():
+                if rx.search(name):
+                    p.requires_grad_(False)
+        return model
+
+    scenario.build_model = build_model
+    try:
+        yield
+    finally:
+        scenario.build_model = original
+
+
+def measure(case: Case) -> dict:
+    """One harness run (in this process); the worker's payload."""
+    from harness.launcher import run_in_process
+    from harness.scenario import RunConfig
+
+    cfg = RunConfig(optim=case.optim, model=case.model, dtype=case.dtype, mixed_precision=case.mixed_precision,
+                    batch_size=case.batch_size, seq_len=case.seq_len, grad_accum=case.grad_accum,
+                    gradient_checkpointing=case.gradient_checkpointing, optim_target_modules=_targets(case.optim),
+                    steps=STEPS, warmup=1, device="cpu")
+    with _one_thread(), _model_tweaks(case), _frozen_gc():
+        return run_in_process(cfg, track_tensors=True).payload
+
+
+@contextlib.contextmanager
+def _frozen_gc():
+    """accelerate's ``free_memory()`` runs ``gc.collect()`` when training ends (after the tracked steps); with
+    the objects that exist before the run frozen, that collection only walks the run's own objects."""
+    import gc
+
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def run_case(case: Case) -> Result:
+    t0 = time.perf_counter()
+    payload = measure(case)
+    if payload.get("status") != "ok":
+        return Result(case, payload.get("status", "error"), reason=payload.get("reason", ""),
+                      seconds=time.perf_counter() - t0)
+    m = payload["measured"]
+    pred_peak, pred_phases = predict(case)
+    phases = {}
+    for name in PHASE_NAMES:
+        ph = m["phases"].get(name)
+        if ph is not None and name in pred_phases:
+            phases[name] = (int(ph["peak_bytes"]), int(pred_phases[name]))
+    measured_peak = int(m["peaks"]["tensor_peak_bytes"])
+    return Result(case, "ok", measured_peak, pred_peak, phases, time.perf_counter() - t0)
+
+
+def summarize(results: list[Result]) -> dict:
+    """Per column (``peak`` and every phase): median absolute relative error, the worst (signed) error and
+    the largest absolute difference in bytes."""
+    ok = [r for r in results if r.status == "ok"]
+    out: dict = {"cases": len(results), "ran": len(ok), "within_tolerance": sum(r.ok() for r in ok)}
+    cols: dict[str, list[tuple[float, int]]] = {"peak": [(r.peak_error, r.predicted_peak - r.measured_peak) for r in ok]}
+    for name in PHASE_NAMES:
+        cols[name] = [((p - m) / m, p - m) for r in ok for k, (m, p) in r.phases.items() if k == name and m]
+    out["errors"] = {k: {"median_abs": statistics.median(abs(e) for e, _ in v) if v else None,
+                         "worst": max((e for e, _ in v), key=abs) if v else None,
+                         "worst_bytes": max((d for _, d in v), key=abs) if v else None, "n": len(v)}
+                     for k, v in cols.items()}
+    return out
+
+
+def _pct(x, digits: int = 3) -> str:
+    return "-" if x is None else f"{x * 100:+.{digits}f}%"
+
+
+def machine_facts() -> dict:
+    import os
+    import platform
+
+    import torch
+    import transformers
+
+    from harness.env_facts import cpu_name, git_commit
+
+    commit, dirty = git_commit()
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "platform": platform.platform(),
+            "git_commit": commit, "git_dirty": dirty}
+
+
+def render(results: list[Result], facts: dict, command: str, seconds: float) -> str:
+    s = summarize(results)
+    lines = ["# Whole-step peak: predicted vs measured on CPU", "",
+             f"Regenerate: `{command}`", "",
+             f"Machine: {facts['cpu']} ({facts.get('cpu_count', '?')} cores; runs use 1 thread), "
+             f"{facts['platform']}; Python {facts['python']}, torch {facts['torch']}, transformers "
+             f"{facts['transformers']}; commit {facts['git_commit'] or 'unknown'}"
+             + (" plus uncommitted changes" if facts.get("git_dirty") else "") + f"; {seconds:.0f} s.", "",
+             "Measured: the harness's tensor accountant (exact live tensor bytes at every op) during real "
+             "`transformers.Trainer` runs on the CPU, per phase (`step0.*`: the first step, `steady.*`: step 1), and "
+             "over the whole run. Predicted: `estimators.estimate(..., device=\"cpu\")` for the same configuration, "
+             "plus the harness's in-memory synthetic dataset. Error = (predicted - measured) / measured. "
+             f"Tolerance: peak within {PEAK_TOL:.0%}, every phase within {PHASE_TOL:.0%}. Models: `tiny-llama` "
+             "(GQA decoder, SDPA), `tiny-gpt2` (Conv1D, tied embeddings, dropout: SDPA's math path), `tiny-t5` "
+             "(encoder-decoder, relative position bias, KV-cache copies); shapes are batch x sequence; `gc`: "
+             "gradient checkpointing.", "",
+             f"**{s['within_tolerance']} of {s['cases']} cases within tolerance** ({s['ran']} ran).", "",
+             "| | median abs error | worst error | worst difference (bytes) | cases |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for k, v in s["errors"].items():
+        lines.append(f"| {k} | {_pct(v['median_abs'], 4).lstrip('+')} | {_pct(v['worst'], 4)} | "
+                     f"{v['worst_bytes']:+,} | {v['n']} |" if v["n"] else f"| {k} | - | - | - | 0 |")
+    lines += ["", "| case | measured peak | predicted peak | peak error | worst phase | its error |",
+              "| --- | ---: | ---: | ---: | --- | ---: |"]
+    for r in results:
+        if r.status != "ok":
+            lines.append(f"| {r.case.label} | {r.status} | | | {r.reason[:80]} | |")
+            continue
+        ph, pe = r.worst_phase
+        mark = "" if r.ok() else " **(out of tolerance)**"
+        lines.append(f"| {r.case.label} | {r.measured_peak:,} | {r.predicted_peak:,} | {_pct(r.peak_error)}{mark} "
+                     f"| {ph} | {_pct(pe)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m estimators.validate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="write the Markdown error table here")
+    p.add_argument("--json", default=None, help="write every case's figures here as JSON")
+    p.add_argument("--quick", action="store_true", help="a small matrix (a few optimizers, one shape)")
+    p.add_argument("--optim", action="append", default=None, help="only these optimizers (repeatable)")
+    p.add_argument("--model", action="append", default=None, help="only these models (repeatable)")
+    p.add_argument("--no-settings", action="store_true",
+                   help="skip the other-settings cases (bf16, autocast, eager, accumulation, frozen)")
+    args = p.parse_args(argv)
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    for name in ("torchao", "torch.utils._pytree", "transformers", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    kw = dict(QUICK) if args.quick else {}
+    if args.optim:
+        kw["optimizers"] = tuple(args.optim)
+    if args.model:
+        kw["models"] = tuple(args.model)
+    cases = matrix(**kw)
+    if not (args.quick or args.optim or args.no_settings):
+        cases += settings_matrix(kw.get("models", MODELS))
+    t0 = time.perf_counter()
+    results = []
+    for case in cases:
+        r = run_case(case)
+        results.append(r)
+        flag = "ok " if r.ok() else "OUT"
+        print(f"{flag} {case.label:55s} peak {_pct(r.peak_error):>9s}  worst {r.worst_phase[0]:22s} "
+              f"{_pct(r.worst_phase[1]):>9s}  ({r.seconds:.1f} s)" if r.status == "ok" else
+              f"ERR {case.label}: {r.reason}", file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - t0
+    command = "python -m estimators.validate" + (" --quick" if args.quick else "") + \
+        (" --no-settings" if args.no_settings else "") + \
+        "".join(f" --optim {o}" for o in (args.optim or [])) + "".join(f" --model {m}" for m in (args.model or [])) + \
+        (f" --out {args.out}" if args.out else "") + (f" --json {args.json}" if args.json else "")
+    table = render(results, machine_facts(), command, seconds)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table)
+    else:
+        print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"facts": machine_facts(), "summary": summarize(results),
+                                               "results": [{**asdict(r.case), "status": r.status,
+                                                            "measured_peak": r.measured_peak,
+                                                            "predicted_peak": r.predicted_peak,
+                                                            "phases": r.phases, "reason": r.reason}
+                                                           for r in results]}, indent=1))
+    return 0 if all(r.ok() for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
