@@ -79,15 +79,32 @@ def test_step_tensor_accounting(benchmark, job):
     benchmark.extra_info["peak_bytes"] = acc.peak_bytes
 
 
-def test_step_rss_sampler(benchmark, job):
+def test_step_rss_tracker(benchmark, job):
+    """The RSS tracker as the worker uses it: per-phase peaks (on Linux the kernel's VmHWM, reset at each
+    phase start; elsewhere a sampler thread)."""
     benchmark.group = "tracker_overhead"
-    _, _, step = job
+    model, opt, _ = job
+    ids = torch.randint(3, BENCH_LLAMA["vocab_size"], (BATCH, SEQ))
     rss = RssTracker()
     rss.start()
+
+    def step():
+        rss.start_phase("forward")
+        loss = model(input_ids=ids, labels=ids).loss
+        rss.end_phase()
+        rss.start_phase("backward")
+        loss.backward()
+        rss.end_phase()
+        rss.start_phase("optimizer_step")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rss.end_phase()
+
     try:
         benchmark.pedantic(step, rounds=15, iterations=1, warmup_rounds=2)
     finally:
         rss.stop()
+    benchmark.extra_info["method"] = rss.method
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the NVML sampler's overhead is a GPU figure")

@@ -196,8 +196,9 @@ def estimate(model: str | Inventory, optim: str, *, dtype: str = "fp32", optim_a
     trainable_bytes = inv.trainable_bytes
     notes = []
     if not spec.keeps_gradients:
-        gradients = 0
-        notes.append("updates are fused into backward: no gradient set is stored")
+        # The update runs in each parameter's gradient hook, which then drops that gradient: one at a time.
+        gradients = inv.largest_trainable_bytes
+        notes.append("updates are fused into backward: gradients are held one at a time, never as a set")
     elif spec.layerwise:
         gradients = inv.largest_trainable_bytes
         notes.append("layer-wise: each gradient is consumed by its own optimizer as soon as it is accumulated")

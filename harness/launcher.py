@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from estimators import estimate, get_spec
+from estimators import get_spec
+from estimators.estimate import estimate_for_run
 from estimators.errors import UserError
 from harness.env_facts import REPO_ROOT, collect_env
 from harness.record import build_record, validate
@@ -73,9 +74,9 @@ def predict(cfg: RunConfig) -> dict[str, Any] | None:
     spec = get_spec(cfg.optim)
     if spec.availability != "ok":
         return None
-    return estimate(cfg.model, spec.name, dtype=cfg.dtype, optim_args=cfg.optim_args,
-                    optim_target_modules=cfg.optim_target_modules, batch_size=cfg.batch_size,
-                    seq_len=cfg.seq_len).to_dict()
+    # Every field that shapes memory (checkpointing, mixed precision, accumulation, the device the run
+    # resolves to) goes to the estimator, so the record's prediction is for the very run it sits beside.
+    return estimate_for_run(cfg.to_dict(), device=resolve_device(cfg)).to_dict()
 
 
 def cuda_available() -> bool:

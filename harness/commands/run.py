@@ -12,43 +12,19 @@ import sys
 import threading
 
 from estimators import DEFAULT_MODEL, get_spec
+from harness.commands.argtypes import DEFAULT_OUT, positive_int, non_negative_int, positive_seconds
 from harness.units import human_bytes
 
-DEFAULT_OUT = "results/runs.jsonl"
 DEFAULT_STEPS = 6
 DEFAULT_WARMUP = 2
 DEFAULT_TARGETS = "all-linear"
 EXIT_CODES = {"ok": 0, "skipped": 0, "error": 1, "oom": 3}
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
 
 
 def register(sub) -> None:
@@ -68,22 +44,22 @@ def register(sub) -> None:
                     help="bf16 mixed precision (TrainingArguments(bf16=True)); parameters stay fp32")
     mp.add_argument("--fp16", action="store_const", const="fp16", dest="mixed_precision",
                     help="fp16 mixed precision (TrainingArguments(fp16=True)); parameters stay fp32")
-    p.add_argument("--batch-size", type=_positive, default=2, metavar="B", help="per-device batch size (default 2)")
-    p.add_argument("--seq-len", type=_positive, default=64, metavar="S", help="tokens per sample (default 64)")
-    p.add_argument("--grad-accum", type=_positive, default=1, metavar="K", help="gradient accumulation steps")
+    p.add_argument("--batch-size", type=positive_int, default=2, metavar="B", help="per-device batch size (default 2)")
+    p.add_argument("--seq-len", type=positive_int, default=64, metavar="S", help="tokens per sample (default 64)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, metavar="K", help="gradient accumulation steps")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--optim-args", default=None, metavar="STR", help="the Trainer's optim_args, e.g. 'rank=16'")
     p.add_argument("--optim-target-modules", nargs="+", default=None, metavar="REGEX",
                    help=f"GaLore/APOLLO targets (default for those: {DEFAULT_TARGETS})")
-    p.add_argument("--steps", type=_positive, default=DEFAULT_STEPS, metavar="N",
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, metavar="N",
                    help=f"optimizer steps (default {DEFAULT_STEPS}; at least 2 so the steady state shows)")
-    p.add_argument("--warmup", type=_non_negative, default=DEFAULT_WARMUP, metavar="W",
+    p.add_argument("--warmup", type=non_negative_int, default=DEFAULT_WARMUP, metavar="W",
                    help=f"steps left out of the throughput figures (default {DEFAULT_WARMUP})")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--data", default=None, metavar="FILE", help="train on a local text or JSONL ('text') file "
                                                                 "(byte tokens) instead of synthetic tokens")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=_seconds, default=1200.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=positive_seconds, default=1200.0, metavar="SECONDS",
                    help="kill the run after this long (default 1200)")
     p.add_argument("--track-tensors", choices=["auto", "on", "off"], default="auto",
                    help="exact per-tensor accounting (auto: on for CPU runs, off on CUDA)")
@@ -229,7 +205,8 @@ def _memory_table(m: dict, pb: dict):
     t = _table("  memory", "measured", "predicted", "prediction error")
     rows = (("optimizer state", "optimizer_state_bytes", "optimizer_state"),
             ("weights", "parameters_bytes", "weights"),
-            ("gradients (most held at once)", "gradients_bytes", "gradients"))
+            ("gradients (most held at once)", "gradients_bytes", "gradients"),
+            ("whole-step peak", "peak_bytes", "peak"))
     for label, mk, pk in rows:
         t.add_row(f"  {label}", human_bytes(m.get(mk)), human_bytes(pb.get(pk)), _pct(m.get(mk), pb.get(pk)))
     return t

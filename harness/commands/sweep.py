@@ -17,29 +17,13 @@ import time
 from pathlib import Path
 
 from estimators.errors import UserError
+from harness.commands.argtypes import DEFAULT_OUT, positive_int, positive_seconds
 from harness.units import format_table, human_bytes
 
-DEFAULT_OUT = "results/runs.jsonl"
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
 
 
 def register(sub) -> None:
@@ -59,9 +43,9 @@ def register(sub) -> None:
     g.add_argument("--optim", nargs="+", action="extend", metavar="NAME", help="optimizers, families or 'all'")
     g.add_argument("--model", nargs="+", action="extend", metavar="MODEL", help="catalog names or config.json paths "
                                                                                "(default tiny-llama)")
-    g.add_argument("--batch-size", nargs="+", action="extend", type=_positive, metavar="B",
+    g.add_argument("--batch-size", nargs="+", action="extend", type=positive_int, metavar="B",
                    help="per-device batch sizes (default 2)")
-    g.add_argument("--seq-len", nargs="+", action="extend", type=_positive, metavar="S",
+    g.add_argument("--seq-len", nargs="+", action="extend", type=positive_int, metavar="S",
                    help="sequence lengths (default 64)")
     g.add_argument("--shape", nargs="+", action="extend", metavar="BxS",
                    help="explicit (batch x sequence length) pairs instead of the batch x seq-len product")
@@ -71,8 +55,8 @@ def register(sub) -> None:
                    help="Trainer autocast: none, bf16, fp16 (default none)")
     g.add_argument("--gradient-checkpointing", nargs="+", action="extend", choices=["off", "on", "both"],
                    help="default off")
-    g.add_argument("--grad-accum", nargs="+", action="extend", type=_positive, metavar="K")
-    g.add_argument("--steps", type=_positive, metavar="N", help="optimizer steps per run (default 6)")
+    g.add_argument("--grad-accum", nargs="+", action="extend", type=positive_int, metavar="K")
+    g.add_argument("--steps", type=positive_int, metavar="N", help="optimizer steps per run (default 6)")
     g.add_argument("--warmup", type=int, metavar="W", help="steps left out of throughput figures (default 2)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
     g.add_argument("--seed", type=int)
@@ -86,12 +70,12 @@ def register(sub) -> None:
     r.add_argument("--out", metavar="FILE.jsonl", help=f"results file to append to (default {DEFAULT_OUT})")
     r.add_argument("--resume", action="store_true", help="skip configurations the results file already holds")
     r.add_argument("--retry-failed", action="store_true", help="with --resume: run again those recorded as error")
-    r.add_argument("--repeat", type=_positive, metavar="N",
+    r.add_argument("--repeat", type=positive_int, metavar="N",
                    help="runs per configuration (default 1); 'bench compare' tests throughput across repeated runs")
-    r.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="kill a run after this long (default 1200)")
-    r.add_argument("--jobs", type=_positive, metavar="N",
+    r.add_argument("--timeout", type=positive_seconds, metavar="SECONDS", help="kill a run after this long (default 1200)")
+    r.add_argument("--jobs", type=positive_int, metavar="N",
                    help="runs at once (default 1; memory figures are unaffected, timings are not)")
-    r.add_argument("--threads", type=_positive, metavar="N",
+    r.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads per run (OMP_NUM_THREADS; default: torch's, or cores/jobs with --jobs)")
     r.add_argument("--track-tensors", choices=["auto", "on", "off"], help="exact tensor accounting (auto: on CPU)")
     r.add_argument("--find-max-batch", action="store_true",
@@ -99,7 +83,7 @@ def register(sub) -> None:
     r.add_argument("--memory-limit", metavar="SIZE",
                    help="e.g. 64MiB, 8GB: a run whose measured peak exceeds it is recorded as oom "
                         "(required for --find-max-batch on CPU)")
-    r.add_argument("--max-batch-cap", type=_positive, metavar="N", help="largest batch a search tries (default 4096)")
+    r.add_argument("--max-batch-cap", type=positive_int, metavar="N", help="largest batch a search tries (default 4096)")
     o = p.add_argument_group("output")
     o.add_argument("--dry-run", action="store_true", help="list the configurations (and what --resume skips); run "
                                                           "nothing")

@@ -1,0 +1,29 @@
+"""Argument types and defaults shared by the ``bench`` subcommands (argparse turns their errors into one line)."""
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_OUT = "results/runs.jsonl"
+"""Where ``bench run`` and ``bench sweep`` append records unless ``--out`` says otherwise."""
+
+
+def _number(text: str, cast, ok, expected: str):
+    try:
+        value = cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "a non-negative integer")
+
+
+def positive_seconds(text: str) -> float:
+    return _number(text, float, lambda v: v > 0, "a positive number of seconds")
