@@ -48,15 +48,22 @@ def register(sub) -> None:
     p.set_defaults(func=main)
 
 
-def expand_optims(values: list[str]) -> list[str]:
-    """'all' means every registered name; others are checked (unknown names raise UserError)."""
+def expand_optims(values: list[str], *, all_includes_unavailable: bool = True) -> list[str]:
+    """Names from ``--optim`` (repeated or comma-separated). 'all' means every registered name (or only those
+    optimem can estimate); a name given explicitly must be known and estimable, else UserError."""
     out: list[str] = []
     for value in values:
         for item in value.split(","):
             item = item.strip()
             if not item:
                 continue
-            batch = names() if item.lower() == "all" else [get_spec(item).name]
+            if item.lower() == "all":
+                batch = names(include_unavailable=all_includes_unavailable)
+            else:
+                spec = get_spec(item)
+                if spec.availability != "ok":
+                    raise UserError(spec.reason)
+                batch = [spec.name]
             out.extend(n for n in batch if n not in out)
     return out
 
@@ -72,10 +79,6 @@ def _targets(args, spec):
 
 def main(args: argparse.Namespace) -> int:
     optims = expand_optims(args.optim)
-    explicit = [n for n in optims if get_spec(n).availability != "ok" and "all" not in
-                [v.strip().lower() for value in args.optim for v in value.split(",")]]
-    if explicit:
-        raise UserError(get_spec(explicit[0]).reason)
     inv = build_inventory(args.model)
     results, skipped = [], []
     for name in optims:

@@ -9,9 +9,10 @@ import argparse
 import json
 from dataclasses import replace
 
-from estimators import DEFAULT_MODEL, UserError, get_spec, names
+from estimators import DEFAULT_MODEL, UserError, get_spec
 from estimators import planner as P
 from estimators.inventory import normalize_dtype
+from harness.commands.estimate import expand_optims as expand_estimate_optims
 from harness.units import format_table, human_count
 
 GIB = 1 << 30
@@ -67,21 +68,7 @@ def expand_optims(values: list[str] | None) -> list[str]:
     """Names from ``--optim`` ('all' = every optimizer optimem can estimate); default :data:`DEFAULT_OPTIMS`."""
     if not values:
         return list(P.DEFAULT_OPTIMS)
-    out: list[str] = []
-    for value in values:
-        for item in value.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            if item.lower() == "all":
-                batch = names(include_unavailable=False)
-            else:
-                spec = get_spec(item)
-                if spec.availability != "ok":
-                    raise UserError(spec.reason)
-                batch = [spec.name]
-            out.extend(n for n in batch if n not in out)
-    return out
+    return expand_estimate_optims(values, all_includes_unavailable=False)
 
 
 def _setup_for(args, optim: str, base: P.Setup) -> P.Setup:
