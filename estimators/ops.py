@@ -117,14 +117,8 @@ def rule_mean(sim, node, gouts):
 
 
 def rule_rsqrt(sim, node, gouts):
-    """``rsqrt``: ``-0.5 * grad * result.pow(3)``."""
-    (size,) = node.ctx
-    a = sim.alloc(size)
-    b = sim.alloc(size)
-    r = sim.alloc(size)
-    sim.decref(b)
-    sim.decref(a)
-    return [G(r)]
+    """``rsqrt``: ``-0.5 * grad * result.pow(3)``: the same two temporaries and result as :func:`rule_pow`."""
+    return rule_pow(sim, node, gouts)
 
 
 def rule_mm(sim, node, gouts):
