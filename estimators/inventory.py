@@ -21,6 +21,10 @@ from .errors import UserError
 DTYPES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2}
 """Storage dtype name -> bytes per element."""
 
+STORAGE_DTYPES: dict[str, int] = {**DTYPES, "uint8": 1, "int8": 1}
+"""Every dtype a parameter is stored in (bitsandbytes' 4-bit weights are packed uint8, LLM.int8's int8) ->
+bytes per element."""
+
 TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
                   "fp16": "fp16", "float16": "fp16", "half": "fp16"}
@@ -54,6 +58,12 @@ class ParamRow:
     module_class: str
     tied: tuple[str, ...] = ()
     in_embedding: bool = False
+    quant: str | None = None
+    """``nf4``/``fp4``/``int8`` for a weight bitsandbytes quantized (then ``shape`` is the weight's logical
+    shape, ``dtype`` its storage dtype and ``storage_bytes`` what it holds)."""
+    storage_bytes: int | None = None
+    """A quantized weight's bytes: its packed data and its quantization state (absmax, codes, scales; a
+    state tensor shared by several weights counted at its first owner)."""
 
     @property
     def numel(self) -> int:
@@ -62,11 +72,11 @@ class ParamRow:
     @property
     def element_size(self) -> int:
         """Bytes per element of the stored parameter."""
-        return DTYPES[self.dtype]
+        return STORAGE_DTYPES[self.dtype]
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.element_size
+        return self.storage_bytes if self.storage_bytes is not None else self.numel * self.element_size
 
     @property
     def is_linear_module(self) -> bool:
@@ -133,8 +143,8 @@ class Inventory:
             return self
         key = ("dtype", dtype)
         if key not in self._cache:
-            self._cache[key] = replace(self, rows=tuple(replace(r, dtype=dtype) for r in self.rows),
-                                       dtype=dtype, _cache={})
+            self._cache[key] = replace(self, rows=tuple(replace(r, dtype=dtype) if r.quant is None else r
+                                                        for r in self.rows), dtype=dtype, _cache={})
         return self._cache[key]
 
     def with_frozen(self, pattern: str | None) -> Inventory:
@@ -236,8 +246,11 @@ def instantiate(source: ModelSource, *, device: str = "meta", dtype: str | None 
 
 
 def inventory_from_model(model, *, name: str, config_hash: str = "") -> Inventory:
-    """Build the inventory of an instantiated model (any device)."""
+    """Build the inventory of an instantiated model (any device; peft-wrapped and bitsandbytes-quantized
+    models too: a quantized weight's row has its logical shape and its storage bytes, see :class:`ParamRow`)."""
     from torch import nn
+
+    from .peft_model import logical_shape, quant_kind, quant_state_tensors
 
     owner: dict[str, object] = {}
     linear_modules = tuple(m for m, mod in model.named_modules() if isinstance(mod, nn.Linear))
@@ -249,16 +262,25 @@ def inventory_from_model(model, *, name: str, config_hash: str = "") -> Inventor
     for pname, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(pname)
         tensors[id(p)] = p
-    rev = {v: k for k, v in TORCH_DTYPE_NAMES.items()}
+    rev = {v: k for k, v in TORCH_DTYPE_NAMES.items()} | {"uint8": "uint8", "int8": "int8"}
     rows = []
+    seen_state: set[int] = set()
     for pid, names in groups.items():
         p = tensors[pid]
         first = names[0]
         module = owner[first]
         kinds = [_module_kind(owner[n]) for n in names]
+        quant = quant_kind(p)
+        storage = None
+        if quant is not None:
+            storage = p.numel() * p.element_size()
+            for t in quant_state_tensors(p, module):
+                if id(t) not in seen_state:
+                    seen_state.add(id(t))
+                    storage += t.numel() * t.element_size()
         rows.append(ParamRow(
             name=first,
-            shape=tuple(int(s) for s in p.shape),
+            shape=logical_shape(p),
             dtype=rev.get(str(p.dtype).replace("torch.", ""), "fp32"),
             trainable=bool(p.requires_grad),
             module_kind=kinds[0],
@@ -266,10 +288,12 @@ def inventory_from_model(model, *, name: str, config_hash: str = "") -> Inventor
             module_class=type(module).__name__,
             tied=tuple(names[1:]),
             in_embedding="embedding" in kinds,
+            quant=quant,
+            storage_bytes=storage,
         ))
     cfg = getattr(model, "config", None)
     archs = getattr(cfg, "architectures", None) or [type(model).__name__]
-    dtypes = {r.dtype for r in rows}
+    dtypes = {r.dtype for r in rows if r.quant is None}
     return Inventory(model=name, model_type=getattr(cfg, "model_type", "unknown"), architecture=archs[0],
                      rows=tuple(rows), config_hash=config_hash, dtype=dtypes.pop() if len(dtypes) == 1 else "fp32",
                      linear_modules=linear_modules)
@@ -289,12 +313,16 @@ def _digest(path: str, mtime_ns: int, size: int) -> str:
     return hashlib.sha1(json.dumps(ModelSource(path, Path(path)).load(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def config_digest(source: ModelSource) -> str:
+    """A short hash of a config's content (cached per file path, modification time and size)."""
+    st = source.path.stat()
+    return _digest(str(source.path), st.st_mtime_ns, st.st_size)
+
+
 def build_inventory(model: str, dtype: str = "fp32") -> Inventory:
     """The parameter inventory of ``model`` (catalog name or config path), stored in ``dtype``.
 
     Cached per config content (a changed config file is rebuilt): a second call costs a stat and a lookup.
     """
     source = resolve(model)
-    st = source.path.stat()
-    digest = _digest(str(source.path), st.st_mtime_ns, st.st_size)
-    return _inventory_cached(source.name, str(source.path), digest).with_dtype(dtype)
+    return _inventory_cached(source.name, str(source.path), config_digest(source)).with_dtype(dtype)

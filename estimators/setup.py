@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from .adapters import LoraSpec
 from .catalog import DEFAULT_MODEL
 from .errors import UserError
 
@@ -55,6 +56,8 @@ class Flag:
     metavar: str | None = None
     switch: bool = False
     listed: bool = False
+    commas: bool = False
+    """The value may hold commas (``--lora r=16,alpha=32``): a sweep never splits it into several values."""
 
 
 CLI: dict[str, Flag] = {
@@ -79,6 +82,22 @@ CLI: dict[str, Flag] = {
     "sharding": Flag(("--sharding",), "none (one process), ddp, zero1, zero2, zero3 (DeepSpeed), fsdp "
                      "(FSDP2 full shard)", choices=SHARDINGS),
     "device": Flag(("--device",), "training device: auto (CUDA if present), cuda or cpu", choices=DEVICES),
+    "lora": Flag(("--lora",), "train a peft LoRA adapter instead of the whole model: peft's LoraConfig as "
+                 "'r=16,alpha=32,dropout=0.05,target=all-linear' (target: all-linear, a regex fully matching module "
+                 "names, or [name,name]; also modules_to_save=[..], dora=true, bias=none|all|lora_only), or none",
+                 metavar="SPEC", commas=True),
+    "quantize": Flag(("--quantize",), "load the base model quantized by bitsandbytes (BitsAndBytesConfig): nf4 or "
+                     "fp4 (4-bit, QLoRA) or int8 (LLM.int8()); needs --lora", metavar="{nf4,fp4,int8}"),
+    "double_quant": Flag(("--double-quant",), "4-bit: quantize the absmax constants too "
+                         "(bnb_4bit_use_double_quant)", switch=True),
+    "quant_compute_dtype": Flag(("--compute-dtype",), "4-bit layers' matmul dtype (bnb_4bit_compute_dtype): fp32 "
+                                "(bitsandbytes' default), bf16 or fp16", metavar="DTYPE"),
+    "quant_skip_modules": Flag(("--quant-skip-modules",), "modules left unquantized besides the output head "
+                               "(llm_int8_skip_modules; replaces the head default, as transformers does)",
+                               metavar="NAME", listed=True),
+    "prepare_kbit": Flag(("--prepare-kbit",), "call peft's prepare_model_for_kbit_training (fp32 upcast of the "
+                         "unquantized parameters; checkpointing follows --gradient-checkpointing); default on "
+                         "with --quantize", metavar="{on,off}"),
 }
 """The command-line form of every field (the argparse ``dest`` is the field name)."""
 
@@ -97,6 +116,11 @@ class TrainingSetup:
     canonicalised; ``optim_args`` is checked against what the optimizer reads). ``freeze``: a regex of
     parameter names that get no gradient. ``num_processes`` / ``sharding``: data-parallel processes and
     how model states are split over them. ``device``: ``auto``, ``cuda`` or ``cpu``.
+    ``lora``: a peft LoRA adapter (:class:`~estimators.adapters.LoraSpec`; None trains the whole model).
+    ``quantize``: the base model loaded by bitsandbytes as ``nf4``/``fp4``/``int8`` (None: not quantized), with
+    ``double_quant`` (4-bit absmax quantized again), ``quant_compute_dtype`` (4-bit matmul dtype; None: fp32)
+    and ``quant_skip_modules`` (``llm_int8_skip_modules``); ``prepare_kbit``: peft's
+    ``prepare_model_for_kbit_training`` (on unless turned off when quantized; None when not quantized).
     """
 
     model: str = DEFAULT_MODEL
@@ -115,6 +139,12 @@ class TrainingSetup:
     num_processes: int = 1
     sharding: str = "none"
     device: str = "auto"
+    lora: LoraSpec | None = None
+    quantize: str | None = None
+    double_quant: bool = False
+    quant_compute_dtype: str | None = None
+    quant_skip_modules: tuple[str, ...] | None = None
+    prepare_kbit: bool | None = None
 
     # ------------------------------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -165,6 +195,54 @@ class TrainingSetup:
                                 "zero1, zero2, zero3 or fsdp")
         with _field("device"):
             put("device", _choice("device", self.device, DEVICES))
+        self._check_adapters(put)
+
+    def _check_adapters(self, put) -> None:
+        """The LoRA and quantization fields (values and the combinations that mean nothing)."""
+        from .adapters import FOUR_BIT, LoraSpec, quantization
+
+        with _field("lora"):
+            put("lora", LoraSpec.parse(self.lora))
+            if self.lora is not None and self.freeze:
+                raise UserError("freeze cannot be combined with lora: peft freezes every parameter but the "
+                                "adapter's; name what trains with lora target / modules_to_save")
+        with _field("quantize"):
+            put("quantize", quantization(self.quantize))
+        with _field("double_quant"):
+            if not isinstance(self.double_quant, bool):
+                raise UserError(f"double_quant must be true or false, got {self.double_quant!r}")
+            if self.double_quant and self.quantize not in FOUR_BIT:
+                raise UserError("double_quant quantizes 4-bit absmax constants: it needs quantize nf4 or fp4")
+        with _field("quant_compute_dtype"):
+            if self.quant_compute_dtype is not None:
+                from .inventory import normalize_dtype
+
+                put("quant_compute_dtype", normalize_dtype(self.quant_compute_dtype))
+                if self.quantize not in FOUR_BIT:
+                    raise UserError("compute dtype is the 4-bit layers' matmul dtype: it needs quantize nf4 or fp4")
+        with _field("quant_skip_modules"):
+            skip = self.quant_skip_modules
+            if skip in (None, "", [], ()):
+                put("quant_skip_modules", None)
+            else:
+                items = (skip,) if isinstance(skip, str) else skip
+                if not isinstance(items, Sequence) or not all(isinstance(i, str) and i for i in items):
+                    raise UserError(f"quant_skip_modules must be a list of module names, got {skip!r}")
+                if self.quantize is None:
+                    raise UserError("quant_skip_modules names modules left unquantized: it needs quantize")
+                put("quant_skip_modules", tuple(items))
+        with _field("prepare_kbit"):
+            value = self.prepare_kbit
+            if isinstance(value, str):
+                value = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False,
+                         "0": False, "auto": None}.get(value.strip().lower(), value)
+            if value is not None and not isinstance(value, bool):
+                raise UserError(f"prepare_kbit must be on or off, got {self.prepare_kbit!r}")
+            if value and self.quantize is None:
+                raise UserError("prepare_kbit (peft's prepare_model_for_kbit_training) prepares a quantized model: "
+                                "it needs quantize")
+            # Quantized: on unless turned off; not quantized: None (the default: nothing to prepare).
+            put("prepare_kbit", (value is not False) if self.quantize is not None else None)
 
     def check_trainable(self) -> None:
         """What the Trainer itself refuses for this setup, checked before anything is estimated or run: the
@@ -184,12 +262,26 @@ class TrainingSetup:
             with _field("grad_accum"):
                 raise UserError(f"{spec.name} does not support gradient accumulation (the Trainer raises "
                                 "'Layerwise ... does not support gradient accumulation!')")
+        if self.quantize is not None and self.lora is None:
+            with _field("quantize"):
+                raise UserError("a quantized model trains only through an adapter: add --lora (the Trainer raises "
+                                "'You cannot perform fine-tuning on purely quantized models')")
+        if self.quantize is not None and self.sharding in ("zero3", "fsdp"):
+            with _field("sharding"):
+                raise UserError(f"{self.sharding} with quantize shards bitsandbytes' packed storage only with "
+                                "bnb_4bit_quant_storage set to the model dtype (FSDP-QLoRA), which optimem does not "
+                                "model: use none, ddp, zero1 or zero2")
 
     # ------------------------------------------------------------------------------------------ derived
     @property
     def compute_dtype(self) -> str:
         """The dtype matmuls run in: the autocast dtype, else the storage dtype."""
         return self.mixed_precision or self.dtype
+
+    @property
+    def peft(self) -> bool:
+        """Whether the model the Trainer gets is peft-wrapped or quantized (not the plain model)."""
+        return self.lora is not None or self.quantize is not None
 
     @property
     def sixteen_bit(self) -> bool:
@@ -222,7 +314,7 @@ class TrainingSetup:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else v
+            out[f.name] = list(v) if isinstance(v, tuple) else str(v) if f.name == "lora" and v is not None else v
         return out
 
     @classmethod

@@ -1,0 +1,333 @@
+"""The model the Trainer gets for a LoRA / QLoRA setup, built by peft, transformers and bitsandbytes themselves.
+
+:func:`build_training_model` is the one place that turns a :class:`~estimators.setup.TrainingSetup` with
+``lora`` / ``quantize`` into a model: on the ``meta`` device for the estimator (and for a tracer: every
+parameter and quantization-state tensor is a meta tensor of its real shape and dtype), or for real from a
+plain model with random weights (``bench run``). The steps are the user's:
+
+1. the base model: the plain model of the setup (``estimators.inventory.instantiate``); quantized, it is
+   what ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`` returns: transformers'
+   bitsandbytes quantizer replaces the ``nn.Linear``/``Conv1D`` layers it converts (all but the output head,
+   ``llm_int8_skip_modules`` and the model's ``_keep_in_fp32_modules``) by ``Linear4bit``/``Linear8bitLt``,
+   and bitsandbytes quantizes each weight as it is loaded (:func:`quantized_model`). On the meta device the
+   same quantizer converts the skeleton and bitsandbytes' own ``_quantize`` runs on meta tensors (its ops have
+   fake kernels), so the storage layout is bitsandbytes' own: 4-bit weights packed two per byte
+   (``uint8 [ceil(n/2), 1]``) with an fp32 absmax per 64-element block, or with double quantization a uint8
+   absmax per block plus an fp32 absmax per 256 blocks, an fp32 offset and the shared 256-entry dynamic
+   code; LLM.int8 weights as ``int8 [out, in]`` with an fp32 scale per row (``SCB``);
+2. with ``prepare_kbit``: ``peft.prepare_model_for_kbit_training`` (every parameter frozen, fp16/bf16
+   parameters that are not 4-bit upcast to fp32, checkpointing as ``gradient_checkpointing`` says,
+   non-reentrant as the Trainer's);
+3. with ``lora``: ``peft.get_peft_model(model, LoraConfig(...))`` (adapters in fp32: peft's
+   ``autocast_adapter_dtype``).
+
+:func:`adapter_inventory` is the parameter inventory of that model (cached): frozen base rows (quantized
+rows carry their storage bytes, quantization state included), trainable adapter rows.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import warnings
+from typing import Any
+
+from .adapters import bnb_config_kwargs
+from .catalog import resolve
+from .errors import UserError
+
+TASK_TYPES = {False: "CAUSAL_LM", True: "SEQ_2_SEQ_LM"}
+"""peft ``task_type`` by whether the model is an encoder-decoder."""
+GC_KWARGS = {"use_reentrant": False}
+"""Checkpointing as the Trainer's (``activation_checkpointing_enable``'s default): non-reentrant."""
+
+
+@contextlib.contextmanager
+def _quiet():
+    tlog = logging.getLogger("transformers")
+    old = tlog.level
+    tlog.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        tlog.setLevel(old)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    from .inventory import TORCH_DTYPE_NAMES
+
+    return getattr(torch, TORCH_DTYPE_NAMES[name])
+
+
+def bnb_config(setup):
+    """The ``transformers.BitsAndBytesConfig`` of a quantized setup."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**bnb_config_kwargs(setup.quantize, double_quant=setup.double_quant,
+                                                  compute_dtype=setup.quant_compute_dtype,
+                                                  skip_modules=setup.quant_skip_modules))
+
+
+def _bnb_quantizer(setup):
+    from transformers.quantizers import AutoHfQuantizer
+
+    return AutoHfQuantizer.from_config(bnb_config(setup), pre_quantized=False)
+
+
+def quantized_meta_model(setup):
+    """The skeleton ``from_pretrained(..., quantization_config=...)`` builds, on the meta device, with every
+    quantized weight in bitsandbytes' storage layout (see the module doc)."""
+    import torch
+
+    from .inventory import instantiate
+
+    source = resolve(setup.model)
+    quantizer = _bnb_quantizer(setup)
+    dtype = quantizer.update_dtype(_torch_dtype(setup.dtype))
+    with _quiet(), _default_dtype(dtype):
+        model = instantiate(source, device="meta")
+        with torch.device("meta"):
+            quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None,
+                                       use_kernels=False)
+    _cast_as_loaded(model, dtype)
+    _quantize_on_meta(model)
+    with _quiet():
+        quantizer.postprocess_model(model)
+    model.hf_quantizer = quantizer
+    return model
+
+
+def _cast_as_loaded(model, dtype) -> None:
+    """Floating-point parameters in the dtype loading gives them: ``dtype``, or fp32 where the model's dtype
+    plan (``_keep_in_fp32_modules``) says so, as transformers' loader casts them (it matches the plan's
+    patterns anywhere in a parameter's name)."""
+    import re
+
+    plan = [(re.compile(k.replace("*", ".*")), v) for k, v in model._get_dtype_plan(dtype).items()]
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            continue
+        want = next((v for rx, v in plan if rx.search(name)), dtype)
+        if p.dtype != want:
+            p.data = p.data.to(want)
+
+
+def _quantize_on_meta(model) -> None:
+    """bitsandbytes' own quantization of every converted weight, on meta tensors (storage layout only)."""
+    import bitsandbytes as bnb
+    from bitsandbytes import functional
+
+    # bitsandbytes caches its dynamic code (double quantization's) on the device of the first tensor it
+    # quantizes: a meta tensor there would break every later real quantization in this process.
+    cached = dict(functional.name2qmap)
+    try:
+        for module in model.modules():
+            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+                w = module.weight
+                if isinstance(w, bnb.nn.Params4bit):
+                    w.module = module
+                module.weight = w._quantize("meta")
+    finally:
+        functional.name2qmap.clear()
+        functional.name2qmap.update(cached)
+
+
+def quantized_model(setup, base, device: str):
+    """``from_pretrained(tmp, quantization_config=BitsAndBytesConfig(...), dtype=..., device_map=...)`` of the
+    plain model ``base`` saved to a temporary directory: transformers' real quantization path, on ``device``."""
+    with tempfile.TemporaryDirectory(prefix="optimem-quant-") as tmp, _quiet():
+        base.save_pretrained(tmp)
+        cls = type(base)
+        try:
+            return cls.from_pretrained(tmp, quantization_config=bnb_config(setup), dtype=_torch_dtype(setup.dtype),
+                                       device_map={"": device}, attn_implementation=setup.attn_implementation)
+        except (ImportError, ValueError, RuntimeError) as exc:
+            raise UserError(f"cannot load {setup.model} quantized as {setup.quantize} on {device}: "
+                            f"{str(exc).splitlines()[0][:300]}") from None
+
+
+def lora_config(setup, model):
+    """The ``peft.LoraConfig`` of the setup's adapter for ``model``."""
+    from peft import LoraConfig
+
+    enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    try:
+        return LoraConfig(**setup.lora.lora_config_kwargs(TASK_TYPES[enc_dec]))
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"lora {setup.lora}: peft refuses it: {str(exc).splitlines()[0][:300]}") from None
+
+
+@contextlib.contextmanager
+def _meta_params4bit_copy():
+    """DoRA on a 4-bit layer deep-copies it to read its weight norm; bitsandbytes' ``Params4bit.__deepcopy__``
+    makes the copy on the CPU and then assigns the data, which torch refuses for a meta tensor. For meta
+    weights the copy is made around the (meta) data, as bitsandbytes' ``from_prequantized`` makes one; real
+    weights are copied by bitsandbytes' own code."""
+    import copy
+
+    import torch
+    from bitsandbytes.nn import Params4bit
+
+    original = Params4bit.__deepcopy__
+
+    def deepcopy(self, memo):
+        if self.device.type != "meta":
+            return original(self, memo)
+        new = torch.Tensor._make_subclass(type(self), self.data, self.requires_grad)
+        for key, value in self.__dict__.items():
+            setattr(new, key, copy.deepcopy(value, memo) if key == "quant_state" else value)
+        return new
+
+    Params4bit.__deepcopy__ = deepcopy
+    try:
+        yield
+    finally:
+        Params4bit.__deepcopy__ = original
+
+
+def peft_wrap(model, setup):
+    """Steps 2 and 3 of the module doc on ``model`` (any device): prepare for k-bit training, add the adapter."""
+    if setup.prepare_kbit:
+        from peft import prepare_model_for_kbit_training
+
+        with _quiet():
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs=dict(GC_KWARGS))
+    if setup.lora is None:
+        return model
+    from peft import get_peft_model
+
+    config = lora_config(setup, model)
+    meta_qdora = setup.quantize in ("nf4", "fp4") and setup.lora.dora and any(
+        p.device.type == "meta" for p in model.parameters())
+    try:
+        with _quiet(), (_meta_params4bit_copy() if meta_qdora else contextlib.nullcontext()):
+            return get_peft_model(model, config)
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0][:300]
+        hint = ""
+        if isinstance(setup.lora.target, str) and setup.lora.target != "all-linear":
+            hint = (" (a target string is a regex that must match a module's whole qualified name, as peft "
+                    "matches it; [name,name] matches name suffixes)")
+        raise UserError(f"lora {setup.lora} on {setup.model}: {msg}{hint}") from None
+
+
+def build_training_model(setup, *, device: str = "meta", base=None):
+    """The model the Trainer gets for ``setup`` (see the module doc). ``device="meta"``: no memory, no
+    weights (the estimator's and a tracer's). Otherwise ``base`` is the plain model with its weights (built
+    by the caller, seeded, on the CPU); quantized, it is saved and loaded back quantized on ``device``;
+    not quantized, it is wrapped as it is (the caller moves it)."""
+    if device == "meta":
+        from .inventory import instantiate
+
+        if setup.quantize:
+            model = quantized_meta_model(setup)
+        else:
+            with _quiet():
+                model = instantiate(resolve(setup.model), device="meta", dtype=setup.dtype)
+    else:
+        if base is None:
+            raise ValueError("build_training_model on a real device needs the plain model (base)")
+        model = quantized_model(setup, base, device) if setup.quantize else base
+    return peft_wrap(model, setup)
+
+
+# ---------------------------------------------------------------------------------------------- storage
+def quant_state_tensors(param, module=None) -> list:
+    """The tensors bitsandbytes keeps beside a quantized weight's data: a 4-bit weight's ``quant_state``
+    (absmax, code, and with double quantization the offset and the nested absmax and code), an 8-bit weight's
+    row scales ``SCB`` (on the weight until the layer's first forward, then on the layer's ``state``:
+    ``module``)."""
+    out = []
+    qs = getattr(param, "quant_state", None)
+    if qs is not None and hasattr(qs, "absmax"):
+        out += [qs.absmax, qs.code]
+        if getattr(qs, "nested", False) and qs.state2 is not None:
+            out += [qs.offset, qs.state2.absmax, qs.state2.code]
+    scb = getattr(param, "SCB", None)
+    if scb is None and module is not None:
+        scb = getattr(getattr(module, "state", None), "SCB", None)
+    if scb is not None:
+        out.append(scb)
+    return [t for t in out if t is not None]
+
+
+def quant_kind(param) -> str | None:
+    """``nf4``/``fp4``/``int8`` for a bitsandbytes-quantized parameter, else None."""
+    name = type(param).__name__
+    if name == "Params4bit":
+        return getattr(param, "quant_type", "nf4")
+    if name == "Int8Params" and not getattr(param, "has_fp16_weights", False):
+        return "int8"
+    return None
+
+
+def logical_shape(param) -> tuple[int, ...]:
+    """The shape of the weight a quantized parameter stands for (its own shape when not quantized)."""
+    qs = getattr(param, "quant_state", None)
+    if type(param).__name__ == "Params4bit" and qs is not None and getattr(qs, "shape", None) is not None:
+        return tuple(int(s) for s in qs.shape)
+    return tuple(int(s) for s in param.shape)
+
+
+def model_storage_tensors(model) -> list:
+    """Every tensor that stores the model's weights: its parameters and the quantization state beside them."""
+    out = []
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            out.append(p)
+            if quant_kind(p) is not None:
+                out += quant_state_tensors(p, module)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- inventory
+def inventory_key(setup) -> tuple:
+    """What the inventory of a peft setup depends on (checkpointing and the optimizer do not change it)."""
+    return (setup.model, setup.dtype, str(setup.lora) if setup.lora else None, setup.quantize, setup.double_quant,
+            setup.quant_skip_modules, setup.prepare_kbit)
+
+
+_INVENTORIES: dict = {}
+
+
+def adapter_inventory(setup):
+    """The :class:`~estimators.inventory.Inventory` of :func:`build_training_model` on meta for ``setup``
+    (cached per config content and :func:`inventory_key`)."""
+    from .inventory import config_digest, inventory_from_model
+
+    source = resolve(setup.model)
+    key = (inventory_key(setup), config_digest(source))
+    inv = _INVENTORIES.get(key)
+    if inv is None:
+        model = build_training_model(setup, device="meta")
+        inv = _INVENTORIES[key] = inventory_from_model(model, name=source.name, config_hash=key[1])
+        if len(_INVENTORIES) > 64:
+            _INVENTORIES.pop(next(iter(_INVENTORIES)))
+    return inv
+
+
+def peft_counts(model) -> tuple[int, int]:
+    """peft's own ``get_nb_trainable_parameters()`` (trainable, all) of a peft model."""
+    return tuple(int(x) for x in model.get_nb_trainable_parameters())
+
+
+__all__ = ["GC_KWARGS", "TASK_TYPES", "adapter_inventory", "bnb_config", "build_training_model", "inventory_key",
+           "logical_shape", "lora_config", "model_storage_tensors", "peft_counts", "peft_wrap", "quant_kind",
+           "quant_state_tensors", "quantized_meta_model", "quantized_model"]
