@@ -21,12 +21,15 @@ class Estimate:
 
     ``setup``: what was estimated (the model name canonical, the device the prediction is for: ``cuda`` or
     ``cpu``); its fields read as attributes too (``est.optim``, ``est.batch_size``...).
-    ``bytes`` keys: ``weights`` (parameters as stored), ``gradients`` (gradient bytes held at once),
+    ``bytes`` keys: ``weights`` (parameters as stored; bitsandbytes-quantized weights with their quantization
+    state), split into ``weights_trainable`` (a LoRA setup's adapters) and ``weights_frozen`` (its base
+    model), ``gradients`` (gradient bytes held at once),
     ``optimizer_state`` (all optimizer-state bytes wherever they live), ``optimizer_state_host`` (the part
     kept in host memory when training on an accelerator) and ``optimizer_state_device`` (the rest),
     ``activations`` (bytes alive at the end of the forward that the forward created: saved activations,
     logits and loss buffers, the batch) and ``peak`` (the whole step's peak of live tensor bytes on the
-    training device: the largest phase).
+    training device: the largest phase); ``activations`` and ``peak`` are None for a LoRA/QLoRA setup
+    (:data:`PEFT_PEAK_NOTE`).
     ``optim_args``: the optimizer's resolved hyper-parameters (Trainer defaults overridden by the setup's).
     ``state_breakdown``: optimizer-state bytes summed per state tensor name (``exp_avg``, ``absmax1``...).
     ``phases``: per phase (``step0.forward`` ... ``steady.optimizer_step``), its ``peak`` and the bytes at
@@ -80,6 +83,10 @@ def _targets_key(target_modules) -> tuple[str, ...] | str | None:
 
 
 LAYERWISE_DUMMY_KEY = "layerwise_dummy"
+PEFT_PEAK_NOTE = ("whole-step peak and activations of a LoRA/QLoRA setup: not estimated (they need the model "
+                  "tracer, issue 11, to run the peft model); weights, adapters, gradients and optimizer state are "
+                  "exact")
+"""The one line every LoRA/QLoRA estimate carries while ``bytes['peak']`` is None."""
 
 
 def _matches(target_modules, module_name: str) -> bool:
@@ -180,8 +187,13 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
     _check_available(spec)
     setup.check_trainable()
     device = setup.estimate_device
-    inv = (inventory if inventory is not None else build_inventory(setup.model))
-    inv = inv.with_dtype(setup.dtype).with_frozen(setup.freeze)
+    if setup.peft:
+        from .peft_model import adapter_inventory
+
+        inv = adapter_inventory(setup)  # the peft/bitsandbytes model itself: its dtypes are its own
+    else:
+        inv = (inventory if inventory is not None else build_inventory(setup.model))
+        inv = inv.with_dtype(setup.dtype).with_frozen(setup.freeze)
     setup = replace(setup, model=inv.model, device=device)
     args = spec.resolve_args(parse_optim_args(setup.optim_args))
     targets = _targets_key(setup.optim_target_modules) if spec.needs_target_modules else None
@@ -201,6 +213,18 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         sum(breakdown.get(k, 0) for k in spec.host_keys) + breakdown.get(LAYERWISE_DUMMY_KEY, 0)
     if spec.cpu_note:
         notes.append(spec.cpu_note)
+    model_bytes = {"weights": inv.weight_bytes, "weights_trainable": inv.trainable_bytes,
+                   "weights_frozen": inv.weight_bytes - inv.trainable_bytes, "gradients": gradients,
+                   "optimizer_state": total, "optimizer_state_host": host, "optimizer_state_device": total - host}
+    if setup.peft:
+        # The activation simulator has no program for peft's layers (and none may be written for them): the
+        # peak comes from tracing the peft model itself, not from an approximation.
+        notes.append(PEFT_PEAK_NOTE)
+        return Estimate(
+            setup=setup, num_params=inv.num_params, trainable_params=inv.trainable_params,
+            bytes={**model_bytes, "activations": None, "peak": None},
+            state_breakdown=dict(sorted(breakdown.items())), optim_args=dict(args), targeted_params=n_targeted,
+            family=spec.family, notes=notes)
     setting = Setting(es=DTYPES[setup.dtype], autocast=MIXED[setup.mixed_precision], attn=setup.attn_implementation,
                       gc=setup.gradient_checkpointing, device=device)
     results, offsets, step_note, arch_notes = _phase_model(inv, spec.name, args_key, targets, setting,
@@ -214,9 +238,7 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         cuda = cuda_terms(mem, inv, _state_sizes(inv, spec.name, args_key, targets), gpu)
     return Estimate(
         setup=setup, num_params=inv.num_params, trainable_params=inv.trainable_params,
-        bytes={"weights": inv.weight_bytes, "gradients": gradients,
-               "optimizer_state": total, "optimizer_state_host": host, "optimizer_state_device": total - host,
-               "activations": mem.activations, "peak": mem.peak},
+        bytes={**model_bytes, "activations": mem.activations, "peak": mem.peak},
         state_breakdown=dict(sorted(breakdown.items())), optim_args=dict(args), targeted_params=n_targeted,
         family=spec.family, notes=notes, phases=mem.phases, peak_phase=mem.peak_phase, cuda=cuda)
 

@@ -64,6 +64,13 @@ class ParamRow:
     storage_bytes: int | None = None
     """A quantized weight's bytes: its packed data and its quantization state (absmax, codes, scales; a
     state tensor shared by several weights counted at its first owner)."""
+    storage_shape: tuple[int, ...] | None = None
+    """A quantized weight's tensor shape as stored (4-bit: ``(ceil(n / 2), 1)``); None: ``shape``."""
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The parameter tensor's own shape (what code that reads ``param.shape`` sees)."""
+        return self.storage_shape if self.storage_shape is not None else self.shape
 
     @property
     def numel(self) -> int:
@@ -290,6 +297,7 @@ def inventory_from_model(model, *, name: str, config_hash: str = "") -> Inventor
             in_embedding="embedding" in kinds,
             quant=quant,
             storage_bytes=storage,
+            storage_shape=tuple(int(x) for x in p.shape) if quant is not None else None,
         ))
     cfg = getattr(model, "config", None)
     archs = getattr(cfg, "architectures", None) or [type(model).__name__]

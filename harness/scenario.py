@@ -83,7 +83,9 @@ def remove_printer_callback(trainer) -> None:
 
 def build_model(cfg: RunConfig):
     """The model the run trains: seeded random weights in ``cfg.dtype``, the setup's attention
-    implementation, its ``freeze`` regex applied (``requires_grad_(False)``), on the run's device."""
+    implementation, its ``freeze`` regex applied (``requires_grad_(False)``), on the run's device. A LoRA /
+    QLoRA setup trains the peft model :func:`estimators.peft_model.build_training_model` makes of it (quantized:
+    saved and loaded back with ``BitsAndBytesConfig`` onto the device)."""
     torch.manual_seed(cfg.seed)
     device = cfg.resolved_device()
     model = instantiate(resolve(cfg.model), device="cpu", dtype=cfg.dtype)
@@ -96,6 +98,12 @@ def build_model(cfg: RunConfig):
                 p.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
+    if cfg.peft:
+        from estimators.peft_model import build_training_model
+
+        model = build_training_model(cfg, device=device, base=model)
+        if cfg.quantize:
+            return model  # loaded onto the device by bitsandbytes (the Trainer does not move it either)
     return model.to(device)
 
 

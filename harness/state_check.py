@@ -34,6 +34,15 @@ class StateComparison:
                 f"{self.predicted['optimizer_state']} B {self.breakdown}")
 
 
+ADAPTER_FIELDS = ("lora", "quantize", "double_quant", "quant_compute_dtype", "quant_skip_modules", "prepare_kbit",
+                  "gradient_checkpointing")
+
+
+def adapter_fields(cfg) -> dict:
+    """A LoRA/QLoRA run's adapter and quantization fields (none for a full fine-tune)."""
+    return {f: getattr(cfg, f) for f in ADAPTER_FIELDS} if cfg.peft else {}
+
+
 def compare_state(cfg: RunConfig) -> StateComparison:
     """Train ``cfg.steps`` real steps, walk the optimizer, and estimate the same configuration."""
     trainer = build_trainer(cfg)
@@ -41,5 +50,6 @@ def compare_state(cfg: RunConfig) -> StateComparison:
     opt = unwrap_optimizer(trainer.optimizer)
     measured = measure_optimizer_state(opt, exclude=list(trainer.model.parameters()))
     est = estimate(cfg.model, cfg.optim, dtype=cfg.dtype, optim_args=cfg.optim_args,
-                   optim_target_modules=cfg.optim_target_modules, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+                   optim_target_modules=cfg.optim_target_modules, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                   **adapter_fields(cfg))
     return StateComparison(cfg, measured, est.bytes, est.state_breakdown)

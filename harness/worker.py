@@ -137,6 +137,7 @@ class MeasuredRun:
         self.facts: dict[str, Any] = {"device": self.device}
         self.model = None
         self.params: list = []
+        self.weights: list = []
         self.buffers: list = []
         self.trainer = None
         self.nvml = None
@@ -230,7 +231,7 @@ class MeasuredRun:
 
         if self.model is None:
             return {}
-        out: dict[str, list] = {"parameters": self.params, "buffers": self.buffers,
+        out: dict[str, list] = {"parameters": self.weights, "buffers": self.buffers,
                                 "gradients": [p.grad for p in self.params if p.grad is not None]}
         opt = self._optimizer()
         current = self.recorder.current
@@ -240,6 +241,15 @@ class MeasuredRun:
             self.last_state_phase = current.label if current is not None else None
             out["optimizer_state"] = collected
         return out
+
+    def _weight_tensors(self) -> list:
+        """The tensors that store the weights: the parameters, and a bitsandbytes-quantized model's
+        quantization state beside them (absmax, codes, 8-bit row scales)."""
+        if not self.cfg.quantize:
+            return self.params
+        from estimators.peft_model import model_storage_tensors
+
+        return model_storage_tensors(self.model)
 
     def measure_state(self, reuse_phase: str | None = None):
         """The walker's measure of the optimizer now (reusing the classifier's walk of ``reuse_phase``)."""
@@ -302,6 +312,7 @@ class MeasuredRun:
                 recorder.switch("model_load")
                 self.model = build_model(self.cfg)
                 self.params, self.buffers = list(self.model.parameters()), list(self.model.buffers())
+                self.weights = self._weight_tensors()
                 recorder.switch("setup")
                 attach_model_hooks(self.model, recorder, on_grad=acct.mark_gradient if acct is not None else None)
                 self.trainer = build_trainer(self.cfg, model=self.model,
@@ -383,7 +394,7 @@ class MeasuredRun:
             "peak_bytes": peak_bytes,
             "peaks": peaks,
             "phases": self.recorder.phases(),
-            "parameters_bytes": _unique_storage_bytes(self.params),
+            "parameters_bytes": _unique_storage_bytes(self.weights),
             "buffers_bytes": _unique_storage_bytes(self.buffers),
             "gradients_bytes": int(grads),
             "optimizer_state_bytes": int(state.total) if state is not None else None,

@@ -14,6 +14,7 @@ PUBLISHED = {
     "google-t5/t5-3b": 2_851_598_336,
     "meta-llama/Llama-2-7b-hf": 6_738_415_616,
     "meta-llama/Meta-Llama-3-8B": 8_030_261_248,
+    "meta-llama/Llama-3.1-8B": 8_030_261_248,  # the same shapes as Llama 3 8B; rope_scaling llama3, 128k positions
     "meta-llama/Llama-3.1-70B": 70_553_706_496,
     "mistralai/Mistral-7B-v0.1": 7_241_732_096,
     "google/gemma-2b": 2_506_172_416,
@@ -28,7 +29,7 @@ def test_catalog_models_have_their_published_size(name):
 
 
 def test_catalog_holds_the_required_models_and_tiny_defaults():
-    assert set(PUBLISHED) | {"tiny-llama", "tiny-gpt2", "tiny-t5"} <= set(catalog())
+    assert set(PUBLISHED) | {"tiny-llama", "tiny-gpt2", "tiny-t5", "tiny-qwen2"} <= set(catalog())
 
 
 @pytest.mark.parametrize("alias", ["Meta-Llama-3-8B", "meta-llama/meta-llama-3-8b", " META-LLAMA-3-8B "])

@@ -21,7 +21,7 @@ def _lomo(ctx: ParamCtx) -> dict[str, int]:
 
 
 def _adalomo(ctx: ParamCtx) -> dict[str, int]:
-    shape = ctx.row.shape
+    shape = ctx.row.stored_shape  # a bitsandbytes 4-bit weight is a packed (n/2, 1) tensor
     if len(shape) == 1:
         return {"exp_avg_sq": shape[0] * FP32}
     return {"exp_avg_sq_row": shape[0] * FP32, "exp_avg_sq_col": shape[1] * FP32}
