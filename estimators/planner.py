@@ -503,6 +503,15 @@ def _inventory(model: str, dtype: str) -> Inventory:
     return build_inventory(model, dtype)
 
 
+def setup_inventory(setup: TrainingSetup) -> Inventory:
+    """The inventory of the model ``setup`` trains: the plain model's, or a LoRA/QLoRA setup's peft model."""
+    if setup.peft:
+        from .peft_model import adapter_inventory
+
+        return adapter_inventory(setup)
+    return _inventory(setup.model, setup.dtype)
+
+
 def step_memory(setup: TrainingSetup, batch: int) -> StepMemory:
     """Predicted per-GPU peak of ``setup`` at micro-batch ``batch`` (``setup.batch_size`` is not read)."""
     return _step_memory_cached(setup, int(batch))
@@ -512,6 +521,8 @@ def step_memory(setup: TrainingSetup, batch: int) -> StepMemory:
 def _step_memory_cached(setup: TrainingSetup, batch: int) -> StepMemory:
     est = _estimate(setup, batch)
     b = est.bytes
+    if b["peak"] is None:  # no whole-step peak for this setup (see the estimate's notes): nothing to fit
+        raise UserError(f"cannot plan {setup.model} with {setup.optim}: {est.notes[-1]}")
     W, G, O = int(b["weights"]), int(b["gradients"]), int(b["optimizer_state_device"])
     peak = int(b["peak"])
     host = int(b.get("optimizer_state_host", 0))
@@ -520,7 +531,7 @@ def _step_memory_cached(setup: TrainingSetup, batch: int) -> StepMemory:
     if single:
         terms = shard_model_states(sharding="none", num_gpus=1, weights=W, gradients=G, optimizer_state=O)
     else:
-        inv = _inventory(setup.model, setup.dtype)
+        inv = setup_inventory(setup)
         terms = _sharded_terms(setup, inv, model_facts(inv), W, G, O, est)
     if not phases:
         # No per-phase split: weights and optimizer state live through every steady phase, so their change
@@ -544,7 +555,7 @@ def _step_memory_cached(setup: TrainingSetup, batch: int) -> StepMemory:
     # 16-bit engine and FSDP's MixedPrecisionPolicy hand autocast 16-bit weights already: no copies.
     cast_cache = 0
     if shards_step and setup.mixed_precision and DTYPES[normalize_dtype(setup.dtype)] > DTYPES[setup.mixed_precision]:
-        inv = _inventory(setup.model, setup.dtype)
+        inv = setup_inventory(setup)
         cast_cache = model_facts(inv).autocast_cast_params * DTYPES[setup.mixed_precision]
     best: tuple[int, str, dict[str, int]] | None = None
     all_parts: dict[str, dict[str, int]] = {}
@@ -600,7 +611,7 @@ def model_state_terms(setup: TrainingSetup) -> dict[str, int]:
     estimator's weights, gradients and optimizer state, not the whole-step peak."""
     est = _estimate(setup, 1)
     b = est.bytes
-    inv = _inventory(setup.model, setup.dtype)
+    inv = setup_inventory(setup)
     return _sharded_terms(setup, inv, model_facts(inv), int(b["weights"]), int(b["gradients"]),
                           int(b["optimizer_state_device"]), est)
 
@@ -627,6 +638,49 @@ def max_micro_batch(setup: TrainingSetup, budget: int, limit: int = MAX_BATCH) -
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if fits(setup, mid, budget):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+MAX_SEQ = 1 << 20
+"""Longest sequence the search tries when the model's config names no position limit."""
+
+
+def position_limit(setup: TrainingSetup) -> int:
+    """The longest sequence the model takes: its config's ``max_position_embeddings`` / ``n_positions``
+    (none for relative-position models such as T5: :data:`MAX_SEQ`)."""
+    from .catalog import resolve
+
+    cfg = resolve(setup.model).load()
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    for key in ("max_position_embeddings", "n_positions"):
+        value = cfg.get(key) or text.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return MAX_SEQ
+
+
+def max_seq_len(setup: TrainingSetup, batch: int, budget: int, limit: int | None = None) -> int:
+    """The longest sequence ``s <= limit`` (default :func:`position_limit`) at micro-batch ``batch`` whose
+    step fits in ``budget`` bytes (0 when not even 1 token does). The peak grows with the sequence length:
+    exponential search then bisection, as :func:`max_micro_batch`."""
+    limit = position_limit(setup) if limit is None else limit
+
+    def ok(seq: int) -> bool:
+        return fits(replace(setup, seq_len=seq), batch, budget)
+
+    if not ok(1):
+        return 0
+    if ok(limit):
+        return limit
+    lo, hi = 1, 2
+    while hi < limit and ok(hi):
+        lo, hi = hi, min(hi * 2, limit)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
             lo = mid
         else:
             hi = mid
@@ -754,6 +808,13 @@ class PlanRow:
     num_gpus: int = 1
     sharding: str = "none"
     notes: list[str] = field(default_factory=list)
+    max_seq_len: int | None = None
+    """With a sequence search (:func:`plan_seq`): the longest sequence that fits at ``batch_size``."""
+    max_seq_len_by_checkpointing: dict[str, int] = field(default_factory=dict)
+    seq_limit: int | None = None
+    """The model's position limit (the search's cap)."""
+    batch_size: int | None = None
+    """The micro-batch a sequence search holds."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -815,7 +876,7 @@ def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADRO
     row.peak, row.host_state = mem.peak, mem.host_state
     row.breakdown = dict(mem.breakdown)
     row.peak_phase = mem.peak_phase
-    facts = model_facts(_inventory(setup.model, setup.dtype))
+    facts = model_facts(setup_inventory(setup))
     cal = None
     if calibration:
         from .catalog import resolve
@@ -825,6 +886,61 @@ def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADRO
         tp = throughput(facts, gpu, s, mfu=cal.mfu, mfu_source=f"measured ({cal.runs} run{'s' * (cal.runs > 1)})")
     else:
         tp = throughput(facts, gpu, s, mfu=mfu, mfu_source="assumed")
+    row.mfu, row.mfu_source = tp.mfu, tp.mfu_source
+    if tp.tokens_per_s is not None:
+        row.tokens_per_s_per_gpu = tp.tokens_per_s
+        row.tokens_per_s = tp.tokens_per_s * setup.num_processes
+    return row
+
+
+def plan_seq(setup: TrainingSetup, gpu: GPU, *, batch: int = 1, headroom: float = DEFAULT_HEADROOM,
+             checkpointing: str = "auto", calibration: Mapping[tuple[str, str, str], Calibration] | None = None,
+             mfu: float = DEFAULT_MFU) -> PlanRow:
+    """The longest sequence of ``setup`` that fits on ``gpu`` at micro-batch ``batch`` (``checkpointing``:
+    auto searches both and keeps the longer, no checkpointing on a tie; on; off), with the breakdown and
+    tokens/s there. ``setup.seq_len`` is not read."""
+    row = PlanRow(optim=setup.optim, gpu=gpu.id, gpu_name=gpu.name, status="no_fit", budget=gpu.budget(headroom),
+                  num_gpus=setup.num_processes, sharding=setup.sharding, batch_size=batch,
+                  seq_limit=position_limit(setup))
+    ok, why = sharding_support(setup.optim, setup.sharding, setup.num_processes)
+    if not ok:
+        row.status, row.reason = "unsupported", why
+        return row
+    if why:
+        row.notes.append(why)
+    row.notes.extend(_notes(setup.optim, setup.sharding, setup.num_processes))
+    modes = {"auto": (False, True), "on": (True,), "off": (False,)}[checkpointing]
+    best = None
+    for ckpt in modes:
+        s = replace(setup, gradient_checkpointing=ckpt)
+        n = max_seq_len(s, batch, row.budget, row.seq_limit)
+        row.max_seq_len_by_checkpointing["on" if ckpt else "off"] = n
+        if n >= 1 and (best is None or n > best[1]):
+            best = (s, n)
+    if best is None:
+        last = replace(setup, gradient_checkpointing=modes[-1], seq_len=1)
+        row.gradient_checkpointing = modes[-1]
+        row.peak_at_batch1 = step_memory(last, batch).peak
+        row.reason = (f"micro-batch {batch} of 1 token needs {row.peak_at_batch1 / GIB:.1f} GiB per GPU, budget "
+                      f"{row.budget / GIB:.1f} GiB")
+        return row
+    s, n = best
+    s = replace(s, seq_len=n)
+    mem = step_memory(s, batch)
+    row.status = "fits"
+    row.gradient_checkpointing = s.gradient_checkpointing
+    row.max_seq_len, row.max_micro_batch, row.at_cap = n, batch, n >= row.seq_limit
+    row.peak, row.host_state = mem.peak, mem.host_state
+    row.breakdown = dict(mem.breakdown)
+    row.peak_phase = mem.peak_phase
+    facts = model_facts(setup_inventory(setup))
+    cal = None
+    if calibration:
+        from .catalog import resolve
+
+        cal = calibration.get((gpu.id, resolve(setup.model).name, setup.compute_dtype))
+    tp = throughput(facts, gpu, s, mfu=cal.mfu if cal else mfu,
+                    mfu_source=f"measured ({cal.runs} run{'s' * (cal.runs > 1)})" if cal else "assumed")
     row.mfu, row.mfu_source = tp.mfu, tp.mfu_source
     if tp.tokens_per_s is not None:
         row.tokens_per_s_per_gpu = tp.tokens_per_s
@@ -872,8 +988,9 @@ def memory_vs_gpus(setup: TrainingSetup, batch: int, counts: Sequence[int] = (1,
     return out
 
 
-__all__ = ["DEFAULT_HEADROOM", "DEFAULT_MFU", "DEFAULT_OPTIMS", "GPU", "GPU_CATALOG", "MAX_BATCH", "ModelFacts",
+__all__ = ["DEFAULT_HEADROOM", "DEFAULT_MFU", "DEFAULT_OPTIMS", "GPU", "GPU_CATALOG", "MAX_BATCH", "MAX_SEQ", "ModelFacts",
            "BREAKDOWN", "PLAN_DEFAULTS", "PlanRow", "RECOMPUTE_FACTOR", "SHARDINGS", "ZERO3_SUB_GROUP", "StepMemory", "calibrate",
-           "default_result_files", "fits", "flops_per_token", "load_gpus", "match_gpu", "max_micro_batch",
-           "memory_vs_gpus", "min_gpus_to_fit", "model_facts", "model_state_terms", "plan_one", "plan_setup", "select_gpus",
+           "default_result_files", "fits", "flops_per_token", "load_gpus", "match_gpu", "max_micro_batch", "max_seq_len",
+           "memory_vs_gpus", "min_gpus_to_fit", "model_facts", "model_state_terms", "plan_one", "plan_seq", "plan_setup",
+           "position_limit", "select_gpus", "setup_inventory",
            "shard_model_states", "sharding_support", "step_memory", "throughput"]

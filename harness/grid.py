@@ -251,7 +251,7 @@ def _axis_values(field: str, values: Any) -> list:
         return _switch(values, field.replace("_", " "))
     if flag.type is int:
         return _positive_ints(values, field.replace("_", " "))
-    return _flatten(values, split=flag.metavar != "REGEX")
+    return _flatten(values, split=flag.metavar != "REGEX" and not flag.commas)
 
 
 # ------------------------------------------------------------------------------------- optimizers

@@ -113,8 +113,10 @@ def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> 
             + (f", {human_count(first.trainable_params)} trainable" if first and
                first.trainable_params != inv.num_params else "")
             + f", stored as {setup.dtype}")
+    if setup.peft:
+        head += _adapter_text(setup, first)
     rows = []
-    cuda = setup.estimate_device == "cuda"
+    cuda = setup.estimate_device == "cuda" and not setup.peft
     for e in sorted(results, key=lambda e: e.bytes["optimizer_state"]):
         b = e.bytes
         total = b["weights"] + b["gradients"] + b["optimizer_state"]
@@ -136,6 +138,12 @@ def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> 
     lines.append("")
     if any(get_spec(e.optim).needs_target_modules for e in results) and not targets_given:
         lines.append(f"GaLore/APOLLO: optim_target_modules not given, assumed '{DEFAULT_TARGETS}'.")
+    if setup.peft:
+        from estimators.estimate import PEFT_PEAK_NOTE
+
+        lines.append(f"LoRA: weights = frozen base (as stored{', quantization state included' if setup.quantize else ''})"
+                     " + trainable adapters; gradients and optimizer state cover the adapters only.")
+        lines.append(PEFT_PEAK_NOTE[0].upper() + PEFT_PEAK_NOTE[1:] + ".")
     lines.append("Bytes in binary units (1 GiB = 2^30 B). peak: the whole training step's largest live tensor bytes "
                  "(weights, gradients, optimizer state, activations and logits, backward and optimizer-step "
                  "transients), at the phase named in 'at'; activations: what the forward leaves for the backward.")
@@ -147,8 +155,21 @@ def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> 
     return "\n".join(lines)
 
 
+def _adapter_text(setup: TrainingSetup, est) -> str:
+    """``; LoRA r=16,... over a nf4 base (double quant): base 4.5 GiB, adapters 160 MiB``."""
+    text = f"; LoRA {setup.lora}" if setup.lora else ""
+    if setup.quantize:
+        text += f" over a {setup.quantize} base" + (" (double quant)" if setup.double_quant else "")
+    if est is not None:
+        b = est.bytes
+        text += f": base {human_bytes(b['weights_frozen'])}, adapters {human_bytes(b['weights_trainable'])}"
+    return text
+
+
 def _phase_label(phase: str) -> str:
-    """``steady.optimizer_step`` -> ``optimizer step``; step 0 is marked."""
+    """``steady.optimizer_step`` -> ``optimizer step``; step 0 is marked; '-' for none."""
+    if not phase:
+        return "-"
     step, kind = phase.split(".", 1)
     return kind.replace("_", " ") + (" (step 0)" if step == "step0" else "")
 
@@ -162,5 +183,7 @@ def _settings_line(setup: TrainingSetup) -> str:
     parts.append(f"{setup.attn_implementation} attention")
     if setup.freeze:
         parts.append(f"frozen /{setup.freeze}/")
+    if setup.prepare_kbit:
+        parts.append("prepare_model_for_kbit_training")
     parts.append(f"on {setup.estimate_device}")
     return ", ".join(parts)

@@ -29,12 +29,18 @@ def register(sub) -> None:
     p.add_argument("--gpus", default="all", metavar="LIST|all",
                    help="GPU ids from the catalog, comma-separated (e.g. 'h100-sxm,l4'), or 'all' (default)")
     add_setup_arguments(p, defaults={**field_defaults(), **P.PLAN_DEFAULTS, "optim": None,
-                                     "num_processes": 1, "sharding": None},
-                        multi=("optim",), exclude=("batch_size", "gradient_checkpointing", "device"),
+                                     "num_processes": 1, "sharding": None, "batch_size": None},
+                        multi=("optim",), exclude=("gradient_checkpointing", "device"),
                         help_suffix={"optim": "(comma-separated or repeated) or 'all'; default: "
                                               + ", ".join(P.DEFAULT_OPTIMS),
                                      "sharding": "(default none for 1 GPU, ddp for several)",
-                                     "optim_args": "(applied where read)"})
+                                     "optim_args": "(applied where read)",
+                                     "batch_size": "(only with --max-seq, default 1: the micro-batch the sequence "
+                                                   "search holds; otherwise the micro-batch is what is searched)",
+                                     "seq_len": "(not read with --max-seq)"})
+    p.add_argument("--max-seq", action="store_true",
+                   help="search the longest sequence that fits at --batch-size instead of the largest micro-batch "
+                        "at --seq-len (up to the model's position limit)")
     p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto",
                    help="auto (default): off when micro-batch 1 fits without it, else on")
     p.add_argument("--headroom", type=float, default=P.DEFAULT_HEADROOM,
@@ -64,6 +70,11 @@ def _setup_for(args, optim: str, base: TrainingSetup) -> TrainingSetup:
 
 
 def _check_args(args) -> None:
+    if args.batch_size is not None and not args.max_seq:
+        raise UserError("--batch-size is the micro-batch a --max-seq search holds; without --max-seq the largest "
+                        "micro-batch is what bench plan searches (give --max-seq, or drop --batch-size)")
+    if args.max_seq and args.plot:
+        raise UserError("--plot draws the micro-batch search; it cannot be combined with --max-seq")
     if not 0 <= args.headroom < 1:
         raise UserError(f"--headroom is a fraction in [0, 1), got {args.headroom}")
     if not 0 < args.mfu <= 1:
@@ -76,12 +87,16 @@ def build_plan(args) -> dict:
     catalog = P.load_gpus(args.gpu_file)
     gpus = P.select_gpus(args.gpus, catalog)
     optims = expand_optims(args.optim)
-    kw = setup_kwargs(args, exclude=("optim", "optim_args", "optim_target_modules", "gradient_checkpointing"))
+    kw = setup_kwargs(args, exclude=("optim", "optim_args", "optim_target_modules", "gradient_checkpointing",
+                                     "batch_size"))
     kw["sharding"] = args.sharding or ("none" if args.num_processes == 1 else "ddp")
     base = TrainingSetup(**kw)
     base = replace(base, model=resolve(base.model).name)
     model, mp, sharding = base.model, base.mixed_precision, base.sharding
-    inv = P._inventory(model, base.dtype)
+    batch = args.batch_size or 1
+    if base.peft:
+        _check_peak(_setup_for(args, optims[0], base))
+    inv = P.setup_inventory(_setup_for(args, optims[0], base)) if base.peft else P._inventory(model, base.dtype)
     facts = P.model_facts(inv)
     files = [] if args.no_calibrate else (args.results or [str(p) for p in P.default_result_files()])
     calibration = P.calibrate(files, catalog) if files else {}
@@ -98,8 +113,14 @@ def build_plan(args) -> dict:
                                            num_gpus=base.num_processes, sharding=sharding))
                 continue
             try:
-                per_optim.append(P.plan_one(setup, gpu, headroom=args.headroom, checkpointing=args.gradient_checkpointing,
-                                            calibration=calibration, mfu=args.mfu))
+                if args.max_seq:
+                    per_optim.append(P.plan_seq(setup, gpu, batch=batch, headroom=args.headroom,
+                                                checkpointing=args.gradient_checkpointing, calibration=calibration,
+                                                mfu=args.mfu))
+                else:
+                    per_optim.append(P.plan_one(setup, gpu, headroom=args.headroom,
+                                                checkpointing=args.gradient_checkpointing, calibration=calibration,
+                                                mfu=args.mfu))
             except UserError as exc:
                 if len(optims) == 1 and args.optim and "all" not in ",".join(args.optim).lower():
                     raise
@@ -110,13 +131,23 @@ def build_plan(args) -> dict:
     if not rows:
         raise UserError("nothing to plan: " + "; ".join(f"{s['optim']}: {s['reason']}" for s in skipped))
     planned = [o for o in optims if any(r.optim == o for r in rows)]
-    hints = {o: _to_fit(args, base, o, gpus, rows) for o in planned}
+    hints = {} if args.max_seq else {o: _to_fit(args, base, o, gpus, rows) for o in planned}
     return {"model": model, "architecture": inv.architecture, "facts": facts, "gpus": gpus, "optims": planned,
+            "search": "seq" if args.max_seq else "batch", "batch_size": batch,
             "rows": rows, "skipped": skipped, "hints": hints, "dtype": base.dtype, "mixed_precision": mp,
             "sharding": sharding, "num_gpus": base.num_processes, "seq_len": base.seq_len,
             "checkpointing": args.gradient_checkpointing, "headroom": args.headroom, "mfu": args.mfu,
             "calibration": calibration, "calibration_files": [str(f) for f in files], "base": base,
             "recommendation": _recommend(rows, gpus, planned)}
+
+
+def _check_peak(setup: TrainingSetup) -> None:
+    """Planning fits the whole-step peak: refuse, in one line, a setup the estimator has no peak for."""
+    from estimators import estimate
+
+    est = estimate(setup, batch_size=1, device="cuda")
+    if est.bytes["peak"] is None:
+        raise UserError(f"bench plan fits the whole-step peak, and for this setup there is none yet: {est.notes[-1]}")
 
 
 def _size_key(gpu: P.GPU, headroom: float = 0.0):
@@ -210,7 +241,26 @@ def _phase(name: str | None) -> str:
 def _cell(r: P.PlanRow) -> str:
     from harness.plan_plots import cell_text
 
+    if r.max_seq_len is not None or r.max_seq_len_by_checkpointing:
+        return _seq_cell(r)
     return cell_text(r)
+
+
+def _seq_cell(r: P.PlanRow) -> str:
+    """'3709/18801c' (tokens without / with checkpointing), '18801c' (only with it), '131072+' (the model's
+    position limit), '-' (not even one token), 'n/a'."""
+    if r.status == "unsupported":
+        return "n/a"
+    if r.status != "fits":
+        return "-"
+    by = r.max_seq_len_by_checkpointing
+
+    def cap(n: int) -> str:
+        return "+" if r.seq_limit and n >= r.seq_limit else ""
+
+    if len(by) == 2 and by["off"] and by["on"] > by["off"]:
+        return f"{by['off']}{cap(by['off'])}/{by['on']}{cap(by['on'])}c"
+    return f"{r.max_seq_len}{cap(r.max_seq_len)}{'c' if r.gradient_checkpointing else ''}"
 
 
 def _precision(plan) -> str:
@@ -222,9 +272,15 @@ def _header(plan) -> list[str]:
     f = plan["facts"]
     n, sh = plan["num_gpus"], plan["sharding"]
     gpus_txt = "1 GPU" if n == 1 and sh == "none" else f"{n} GPUs, {sh}"
-    lines = [f"{plan['model']} ({plan['architecture']}): {human_count(f.num_params)} parameters, "
-             f"{_precision(plan)}, seq {plan['seq_len']}, gradient checkpointing {plan['checkpointing']}, "
-             f"{gpus_txt}"]
+    shape = (f"micro-batch {plan['batch_size']}, longest sequence searched" if plan.get("search") == "seq"
+             else f"seq {plan['seq_len']}")
+    adapter = ""
+    base = plan.get("base")
+    if base is not None and base.peft:
+        adapter = (f"LoRA {base.lora}" if base.lora else "") + (f" over {base.quantize}" if base.quantize else "")
+        adapter += f" ({human_count(f.trainable_params)} trainable), "
+    lines = [f"{plan['model']} ({plan['architecture']}): {human_count(f.num_params)} parameters, {adapter}"
+             f"{_precision(plan)}, {shape}, gradient checkpointing {plan['checkpointing']}, {gpus_txt}"]
     fpt = P.flops_per_token(f, plan["seq_len"])
     used = sorted({(r.gpu, r.mfu_source) for r in plan["rows"] if r.mfu_source.startswith("measured")})
     mfu_txt = (f"MFU {plan['mfu']:.2f} assumed" + (f", measured on {', '.join(g for g, _ in used)}" if used else
@@ -240,8 +296,13 @@ def render(plan) -> str:
     gpus, optims, rows = plan["gpus"], plan["optims"], plan["rows"]
     by = {(r.optim, r.gpu): r for r in rows}
     lines = _header(plan)
-    lines += ["", "Largest micro-batch per GPU (a/bc: a without, b with gradient checkpointing; bc: only with it; "
-                  "-: micro-batch 1 does not fit; n/a: cannot run so)"]
+    if plan.get("search") == "seq":
+        lines += ["", f"Longest sequence per GPU at micro-batch {plan['batch_size']} (tokens; a/bc: a without, b with "
+                      "gradient checkpointing; bc: only with it; +: the model's position limit; -: not even one "
+                      "token fits; n/a: cannot run so)"]
+    else:
+        lines += ["", "Largest micro-batch per GPU (a/bc: a without, b with gradient checkpointing; bc: only with it; "
+                      "-: micro-batch 1 does not fit; n/a: cannot run so)"]
     headers = ["optimizer"] + [g.id for g in gpus]
     table = [[o] + [_cell(by[(o, g.id)]) if (o, g.id) in by else "?" for g in gpus] for o in optims]
     lines.append(format_table(headers, table))
@@ -276,15 +337,17 @@ def render(plan) -> str:
             note.append(f"+{_gib(r.host_state)} GiB state on host")
         fastest = max(fit, key=lambda r: r.tokens_per_s or 0)
         fast = f"{fastest.gpu} {_tps(fastest.tokens_per_s)}" if fastest.gpu != r.gpu and fastest.tokens_per_s else ""
+        size_cell = r.max_seq_len if plan.get("search") == "seq" else r.max_micro_batch
         detail.append([o, r.gpu if r.num_gpus == 1 else f"{r.num_gpus}x {r.gpu}",
-                       f"{r.max_micro_batch}{'+' if r.at_cap else ''}",
+                       f"{size_cell}{'+' if r.at_cap else ''}",
                        "on" if r.gradient_checkpointing else "off", _gib(b["weights"]), _gib(b["gradients"]),
                        _gib(b["optimizer_state"]), _gib(b["activations"]),
                        _gib(b["temporaries"] + b["other"]), *([_gib(b["sharding_overhead"])] if sharded else []),
                        _phase(r.peak_phase),
                        f"{_gib(r.peak)}/{_gib(r.budget)}", _tps(r.tokens_per_s), f"{r.mfu:.2f}", fast,
                        "; ".join(note)])
-    lines.append(format_table(["optimizer", "GPU", "batch", "ckpt", "weights", "grads", "state", "activ", "temp",
+    lines.append(format_table(["optimizer", "GPU", "seq" if plan.get("search") == "seq" else "batch", "ckpt",
+                               "weights", "grads", "state", "activ", "temp",
                                *(["shard+"] if sharded else []), "peak at", "peak/budget", "tok/s", "MFU",
                                "fastest (tok/s)", "notes"],
                               detail, align="llrlrrrrr" + ("r" if sharded else "") + "lrrrll"))
@@ -293,10 +356,15 @@ def render(plan) -> str:
     if rec:
         c, f = rec["cheapest"], rec["fastest"]
         n = plan["num_gpus"]
-        lines.append(f"  cheapest fit: {c['optim']} on {n}x {c['gpu']} at micro-batch {c['max_micro_batch']}"
+        def at(r: dict) -> str:
+            if plan.get("search") == "seq":
+                return f"sequence {r['max_seq_len']} (micro-batch {r['max_micro_batch']})"
+            return f"micro-batch {r['max_micro_batch']}"
+
+        lines.append(f"  cheapest fit: {c['optim']} on {n}x {c['gpu']} at {at(c)}"
                      f"{' with gradient checkpointing' if c['gradient_checkpointing'] else ''}, "
                      f"~{_tps(c['tokens_per_s'])} tokens/s ({rec['cheapest_basis']})")
-        lines.append(f"  fastest: {f['optim']} on {n}x {f['gpu']} at micro-batch {f['max_micro_batch']}"
+        lines.append(f"  fastest: {f['optim']} on {n}x {f['gpu']} at {at(f)}"
                      f"{' with gradient checkpointing' if f['gradient_checkpointing'] else ''}, "
                      f"~{_tps(f['tokens_per_s'])} tokens/s")
     else:
@@ -359,7 +427,11 @@ def to_json(plan) -> dict:
 
     return {
         "model": plan["model"], "architecture": plan["architecture"], "facts": asdict(plan["facts"]),
+        "search": plan.get("search", "batch"),
         "setup": {"dtype": plan["dtype"], "mixed_precision": plan["mixed_precision"], "seq_len": plan["seq_len"],
+                  **({"batch_size": plan["batch_size"]} if plan.get("search") == "seq" else {}),
+                  **{k: v for k, v in plan["base"].to_dict().items()
+                     if k in ("lora", "quantize", "double_quant", "quant_compute_dtype", "prepare_kbit")},
                   "gradient_checkpointing": plan["checkpointing"], "num_gpus": plan["num_gpus"],
                   "sharding": plan["sharding"], "headroom": plan["headroom"], "assumed_mfu": plan["mfu"]},
         "flops_per_token": P.flops_per_token(plan["facts"], plan["seq_len"]),

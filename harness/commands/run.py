@@ -129,6 +129,10 @@ def _header(record: dict) -> list[str]:
         extra.append(f"targets {c['optim_target_modules']}")
     if c["gradient_checkpointing"]:
         extra.append("gradient checkpointing")
+    if c.get("lora"):
+        extra.append(f"LoRA {c['lora']}")
+    if c.get("quantize"):
+        extra.append(f"{c['quantize']} base" + (" (double quant)" if c.get("double_quant") else ""))
     status = {"ok": "ok", "skipped": "skipped", "oom": "OUT OF MEMORY", "error": "ERROR"}[record["status"]]
     took = f", {run['duration_s']:.1f} s" if run.get("duration_s") else ""
     return [f"bench run: {c['optim']} on {c['model']}: {status}",
