@@ -44,15 +44,22 @@ GC_KWARGS = {"use_reentrant": False}
 
 @contextlib.contextmanager
 def _quiet():
+    """transformers' and peft's warnings and progress bars off (saving and loading a tiny model prints bars)."""
+    from transformers.utils import logging as hf_logging
+
     tlog = logging.getLogger("transformers")
     old = tlog.level
     tlog.setLevel(logging.ERROR)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         tlog.setLevel(old)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -248,6 +255,29 @@ def build_training_model(setup, *, device: str = "meta", base=None):
     return peft_wrap(model, setup)
 
 
+def cpu_run_limit(setup) -> str | None:
+    """Why a LoRA/QLoRA setup cannot train on the CPU here (None if it can). bitsandbytes' CPU backend runs
+    4-bit and 8-bit layers forward and backward; what fails is DoRA on LLM.int8 layers: on a CPU weight
+    peft's ``dequantize_module_weight`` re-creates the ``Int8Params`` with ``.to(device)``, which drops its
+    row scales once the layer has moved them to its state, so the second forward finds none."""
+    if setup.quantize == "int8" and setup.lora is not None and setup.lora.dora:
+        return ("DoRA on LLM.int8 layers fails on the CPU (peft 0.21's dequantize_module_weight re-creates the "
+                "8-bit weight without its row scales; the second step raises): run it on CUDA, or use nf4/fp4")
+    return None
+
+
+def require_packages(setup) -> None:
+    """UserError, with the install line, when a LoRA/QLoRA setup's libraries are missing."""
+    import importlib.util
+
+    need = (["peft"] if setup.lora is not None or setup.prepare_kbit else []) + (["bitsandbytes"] if setup.quantize
+                                                                                 else [])
+    missing = [n for n in need if importlib.util.find_spec(n) is None]
+    if missing:
+        raise UserError(f"LoRA/QLoRA setups are built by {' and '.join(missing)}, which is not installed: "
+                        "pip install 'optimem[peft]'")
+
+
 # ---------------------------------------------------------------------------------------------- storage
 def quant_state_tensors(param, module=None) -> list:
     """The tensors bitsandbytes keeps beside a quantized weight's data: a 4-bit weight's ``quant_state``
@@ -312,6 +342,7 @@ def adapter_inventory(setup):
     (cached per config content and :func:`inventory_key`)."""
     from .inventory import config_digest, inventory_from_model
 
+    require_packages(setup)
     source = resolve(setup.model)
     key = (inventory_key(setup), config_digest(source))
     inv = _INVENTORIES.get(key)
@@ -328,6 +359,7 @@ def peft_counts(model) -> tuple[int, int]:
     return tuple(int(x) for x in model.get_nb_trainable_parameters())
 
 
-__all__ = ["GC_KWARGS", "TASK_TYPES", "adapter_inventory", "bnb_config", "build_training_model", "inventory_key",
+__all__ = ["GC_KWARGS", "TASK_TYPES", "adapter_inventory", "bnb_config", "build_training_model", "cpu_run_limit",
+           "inventory_key", "require_packages",
            "logical_shape", "lora_config", "model_storage_tensors", "peft_counts", "peft_wrap", "quant_kind",
            "quant_state_tensors", "quantized_meta_model", "quantized_model"]

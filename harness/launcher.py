@@ -85,6 +85,10 @@ def skip_reason(cfg: RunConfig, device: str) -> str | None:
     if device == "cpu" and not spec.runs_on_cpu:
         note = spec.cpu_note or "it needs CUDA"
         return f"{spec.name} cannot run on CPU: {note}"
+    if device == "cpu" and cfg.peft:
+        from estimators.peft_model import cpu_run_limit
+
+        return cpu_run_limit(cfg)
     return None
 
 
