@@ -77,7 +77,7 @@ def collect_env(device: str, spec=None) -> dict[str, Any]:
         "optimizer_package": {"name": None, "version": None},
         "packages": {d: package_version(d) for d in ("accelerate", "bitsandbytes", "torchao", "galore-torch",
                                                     "apollo-torch", "lomo-optim", "torch-optimi", "schedulefree",
-                                                    "grokadamw", "flashoptim", "nvidia-ml-py")},
+                                                    "grokadamw", "flashoptim", "nvidia-ml-py", "peft")},
         "git_commit": commit, "git_dirty": dirty,
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

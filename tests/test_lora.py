@@ -25,10 +25,7 @@ from estimators.setup import SetupError, TrainingSetup
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
-ARCHS = ("tiny-llama", "tiny-gpt2", "tiny-t5", "tiny-qwen2")
-ATTENTION = {"tiny-llama": r".*self_attn\.(q|k|v|o)_proj", "tiny-qwen2": r".*self_attn\.(q|k|v|o)_proj",
-             "tiny-gpt2": r".*\.attn\.(c_attn|c_proj)", "tiny-t5": r".*(SelfAttention|EncDecAttention)\.(q|k|v|o)"}
-"""Attention-only targets, as peft reads a string: a regex matched against whole module names."""
+from harness.validate_peft import ATTENTION, MODELS as ARCHS  # noqa: E402  (attention-only targets: regexes)
 
 
 # ------------------------------------------------------------------------------------------------ setup fields

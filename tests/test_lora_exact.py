@@ -22,7 +22,7 @@ pytest.importorskip("bitsandbytes")
 from harness.compat import prepare_run  # noqa: E402
 from harness.scenario import RunConfig  # noqa: E402
 from harness.state_check import compare_state  # noqa: E402
-from tests.test_lora import ARCHS, ATTENTION  # noqa: E402
+from harness.validate_peft import ATTENTION, MODELS as ARCHS  # noqa: E402
 
 OPTIMS = ("adamw_torch", "adamw_bnb_8bit", "adafactor", "lomo")
 ADAPTERS = [(8, "all-linear", False), (64, "attention", True), (8, "attention", False), (64, "all-linear", True)]
