@@ -113,7 +113,7 @@ def run_case(case: Case) -> Result:
     from estimators import estimate
     from harness.compat import prepare_run
     from harness.launcher import skip_reason
-    from harness.scenario import build_trainer, unwrap_optimizer
+    from harness.scenario import build_trainer, remove_printer_callback, unwrap_optimizer
     from harness.state_check import adapter_fields
     from harness.state_walker import measure_optimizer_state
 
@@ -127,6 +127,7 @@ def run_case(case: Case) -> Result:
     try:
         prepare_run(cfg.optim, "cpu")
         trainer = build_trainer(cfg)
+        remove_printer_callback(trainer)
         trainer.train()
         model = trainer.model
         state = measure_optimizer_state(unwrap_optimizer(trainer.optimizer), exclude=list(model.parameters()))

@@ -15,6 +15,8 @@ def test_readme_opens_with_two_commands():
     assert len(cmds) == 2
     assert "bench run --optim adamw_bnb_8bit" in cmds[0]
     assert "pytest" in cmds[1]
+    # LoRA/QLoRA (peft, bitsandbytes) is part of what the first command installs, and of what CI tests
+    assert all("peft" in c.split("'")[1] for c in cmds)
     head = (ROOT / "README.md").read_text().split("```bash", 1)[0]
     assert head.strip() == "# optimem"
 
