@@ -624,20 +624,24 @@ def fits(setup: TrainingSetup, batch: int, budget: int) -> bool:
 def max_micro_batch(setup: TrainingSetup, budget: int, limit: int = MAX_BATCH) -> int:
     """The largest micro-batch ``b <= limit`` with ``fits(b)`` (0 when batch 1 does not fit). Exponential
     search then bisection; the peak grows with the batch, so ``b`` fits and ``b + 1`` does not (below the limit)."""
-    if not fits(setup, 1, budget):
+    return _largest(lambda b: fits(setup, b, budget), limit)
+
+
+def _largest(ok, limit: int) -> int:
+    """The largest ``n`` in ``1..limit`` with ``ok(n)``, for ``ok`` true up to some point and false after it
+    (0 when ``ok(1)`` is false): doubling, then bisection."""
+    if not ok(1):
         return 0
-    lo = 1
-    hi = 2
-    while hi <= limit and fits(setup, hi, budget):
+    lo, hi = 1, 2
+    while hi <= limit and ok(hi):
         lo, hi = hi, hi * 2
     if hi > limit:
-        if fits(setup, limit, budget):
+        if ok(limit):
             return limit
         hi = limit
-    # invariant: lo fits, hi does not
-    while hi - lo > 1:
+    while hi - lo > 1:  # invariant: lo fits, hi does not
         mid = (lo + hi) // 2
-        if fits(setup, mid, budget):
+        if ok(mid):
             lo = mid
         else:
             hi = mid
@@ -667,24 +671,7 @@ def max_seq_len(setup: TrainingSetup, batch: int, budget: int, limit: int | None
     step fits in ``budget`` bytes (0 when not even 1 token does). The peak grows with the sequence length:
     exponential search then bisection, as :func:`max_micro_batch`."""
     limit = position_limit(setup) if limit is None else limit
-
-    def ok(seq: int) -> bool:
-        return fits(replace(setup, seq_len=seq), batch, budget)
-
-    if not ok(1):
-        return 0
-    if ok(limit):
-        return limit
-    lo, hi = 1, 2
-    while hi < limit and ok(hi):
-        lo, hi = hi, min(hi * 2, limit)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return _largest(lambda seq: fits(replace(setup, seq_len=seq), batch, budget), limit)
 
 
 # ---------------------------------------------------------------------------------------------- throughput & MFU
@@ -836,14 +823,11 @@ def _notes(optim: str, sharding: str, num_gpus: int) -> list[str]:
     return out
 
 
-def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADROOM, checkpointing: str = "auto",
-             calibration: Mapping[tuple[str, str, str], Calibration] | None = None,
-             mfu: float = DEFAULT_MFU) -> PlanRow:
-    """Fit, max micro-batch, breakdown and tokens/s of ``setup`` on ``gpu`` (``checkpointing``: auto, on, off:
-    auto searches both and chooses no checkpointing when micro-batch 1 fits without it (no recomputation: the
-    most tokens/s at a constant MFU), else checkpointing)."""
+def _row(setup: TrainingSetup, gpu: GPU, headroom: float, **fields) -> PlanRow:
+    """A new answer for ``setup`` on ``gpu``: ``no_fit`` until a search fills it, or ``unsupported`` (with the
+    reason) where the optimizer cannot run under the setup's sharding; the sharding notes."""
     row = PlanRow(optim=setup.optim, gpu=gpu.id, gpu_name=gpu.name, status="no_fit", budget=gpu.budget(headroom),
-                  num_gpus=setup.num_processes, sharding=setup.sharding)
+                  num_gpus=setup.num_processes, sharding=setup.sharding, **fields)
     ok, why = sharding_support(setup.optim, setup.sharding, setup.num_processes)
     if not ok:
         row.status, row.reason = "unsupported", why
@@ -851,6 +835,18 @@ def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADRO
     if why:
         row.notes.append(why)
     row.notes.extend(_notes(setup.optim, setup.sharding, setup.num_processes))
+    return row
+
+
+def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADROOM, checkpointing: str = "auto",
+             calibration: Mapping[tuple[str, str, str], Calibration] | None = None,
+             mfu: float = DEFAULT_MFU) -> PlanRow:
+    """Fit, max micro-batch, breakdown and tokens/s of ``setup`` on ``gpu`` (``checkpointing``: auto, on, off:
+    auto searches both and chooses no checkpointing when micro-batch 1 fits without it (no recomputation: the
+    most tokens/s at a constant MFU), else checkpointing)."""
+    row = _row(setup, gpu, headroom)
+    if row.status == "unsupported":
+        return row
     if not gpu.peak_flops(setup.compute_dtype):
         row.notes.append(f"{gpu.name} has no fast {setup.compute_dtype} path")
     modes = {"auto": (False, True), "on": (True,), "off": (False,)}[checkpointing]
@@ -869,19 +865,26 @@ def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADRO
                       f"{row.budget / GIB:.1f} GiB")
         return row
     s, b = chosen
-    mem = step_memory(s, b)
+    row.max_micro_batch, row.at_cap = b, b >= MAX_BATCH
+    return _fits(row, s, b, gpu, calibration, mfu)
+
+
+def _fits(row: PlanRow, s: TrainingSetup, batch: int, gpu: GPU,
+          calibration: Mapping[tuple[str, str, str], Calibration] | None, mfu: float) -> PlanRow:
+    """``row`` filled for the fitting setup ``s`` at micro-batch ``batch``: breakdown at the peak, MFU
+    (measured where a recorded run calibrates it) and tokens/s."""
+    mem = step_memory(s, batch)
     row.status = "fits"
     row.gradient_checkpointing = s.gradient_checkpointing
-    row.max_micro_batch, row.at_cap = b, b >= MAX_BATCH
     row.peak, row.host_state = mem.peak, mem.host_state
     row.breakdown = dict(mem.breakdown)
     row.peak_phase = mem.peak_phase
-    facts = model_facts(setup_inventory(setup))
+    facts = model_facts(setup_inventory(s))
     cal = None
     if calibration:
         from .catalog import resolve
 
-        cal = calibration.get((gpu.id, resolve(setup.model).name, setup.compute_dtype))
+        cal = calibration.get((gpu.id, resolve(s.model).name, s.compute_dtype))
     if cal is not None:
         tp = throughput(facts, gpu, s, mfu=cal.mfu, mfu_source=f"measured ({cal.runs} run{'s' * (cal.runs > 1)})")
     else:
@@ -889,7 +892,7 @@ def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADRO
     row.mfu, row.mfu_source = tp.mfu, tp.mfu_source
     if tp.tokens_per_s is not None:
         row.tokens_per_s_per_gpu = tp.tokens_per_s
-        row.tokens_per_s = tp.tokens_per_s * setup.num_processes
+        row.tokens_per_s = tp.tokens_per_s * s.num_processes
     return row
 
 
@@ -899,16 +902,9 @@ def plan_seq(setup: TrainingSetup, gpu: GPU, *, batch: int = 1, headroom: float 
     """The longest sequence of ``setup`` that fits on ``gpu`` at micro-batch ``batch`` (``checkpointing``:
     auto searches both and keeps the longer, no checkpointing on a tie; on; off), with the breakdown and
     tokens/s there. ``setup.seq_len`` is not read."""
-    row = PlanRow(optim=setup.optim, gpu=gpu.id, gpu_name=gpu.name, status="no_fit", budget=gpu.budget(headroom),
-                  num_gpus=setup.num_processes, sharding=setup.sharding, batch_size=batch,
-                  seq_limit=position_limit(setup))
-    ok, why = sharding_support(setup.optim, setup.sharding, setup.num_processes)
-    if not ok:
-        row.status, row.reason = "unsupported", why
+    row = _row(setup, gpu, headroom, batch_size=batch, seq_limit=position_limit(setup))
+    if row.status == "unsupported":
         return row
-    if why:
-        row.notes.append(why)
-    row.notes.extend(_notes(setup.optim, setup.sharding, setup.num_processes))
     modes = {"auto": (False, True), "on": (True,), "off": (False,)}[checkpointing]
     best = None
     for ckpt in modes:
@@ -925,27 +921,8 @@ def plan_seq(setup: TrainingSetup, gpu: GPU, *, batch: int = 1, headroom: float 
                       f"{row.budget / GIB:.1f} GiB")
         return row
     s, n = best
-    s = replace(s, seq_len=n)
-    mem = step_memory(s, batch)
-    row.status = "fits"
-    row.gradient_checkpointing = s.gradient_checkpointing
     row.max_seq_len, row.max_micro_batch, row.at_cap = n, batch, n >= row.seq_limit
-    row.peak, row.host_state = mem.peak, mem.host_state
-    row.breakdown = dict(mem.breakdown)
-    row.peak_phase = mem.peak_phase
-    facts = model_facts(setup_inventory(setup))
-    cal = None
-    if calibration:
-        from .catalog import resolve
-
-        cal = calibration.get((gpu.id, resolve(setup.model).name, setup.compute_dtype))
-    tp = throughput(facts, gpu, s, mfu=cal.mfu if cal else mfu,
-                    mfu_source=f"measured ({cal.runs} run{'s' * (cal.runs > 1)})" if cal else "assumed")
-    row.mfu, row.mfu_source = tp.mfu, tp.mfu_source
-    if tp.tokens_per_s is not None:
-        row.tokens_per_s_per_gpu = tp.tokens_per_s
-        row.tokens_per_s = tp.tokens_per_s * setup.num_processes
-    return row
+    return _fits(row, replace(s, seq_len=n), batch, gpu, calibration, mfu)
 
 
 def min_gpus_to_fit(setup: TrainingSetup, gpu: GPU, *, sharding: str = "fsdp", headroom: float = DEFAULT_HEADROOM,

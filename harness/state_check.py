@@ -43,6 +43,15 @@ def adapter_fields(cfg) -> dict:
     return {f: getattr(cfg, f) for f in ADAPTER_FIELDS} if cfg.peft else {}
 
 
+def weight_storage_bytes(model) -> int:
+    """Unique storage bytes of what holds a model's weights: its parameters and, for a bitsandbytes-quantized
+    model, the quantization state beside them (``estimators.peft_model.model_storage_tensors``)."""
+    from estimators.peft_model import model_storage_tensors
+    from harness.worker import _unique_storage_bytes
+
+    return _unique_storage_bytes(model_storage_tensors(model))
+
+
 def compare_state(cfg: RunConfig) -> StateComparison:
     """Train ``cfg.steps`` real steps, walk the optimizer, and estimate the same configuration."""
     trainer = build_trainer(cfg)

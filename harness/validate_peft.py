@@ -94,18 +94,6 @@ def matrix(models=MODELS, optimizers=OPTIMIZERS, quick: bool = False) -> list[Ca
     return out
 
 
-def _storage_bytes(model) -> int:
-    from estimators.peft_model import model_storage_tensors
-
-    seen, total = set(), 0
-    for t in model_storage_tensors(model):
-        st = t.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            total += st.nbytes()
-    return total
-
-
 def run_case(case: Case) -> Result:
     """Train the case, measure, estimate."""
     import torch
@@ -114,7 +102,7 @@ def run_case(case: Case) -> Result:
     from harness.compat import prepare_run
     from harness.launcher import skip_reason
     from harness.scenario import build_trainer, remove_printer_callback, unwrap_optimizer
-    from harness.state_check import adapter_fields
+    from harness.state_check import adapter_fields, weight_storage_bytes
     from harness.state_walker import measure_optimizer_state
 
     t0 = time.perf_counter()
@@ -132,7 +120,7 @@ def run_case(case: Case) -> Result:
         model = trainer.model
         state = measure_optimizer_state(unwrap_optimizer(trainer.optimizer), exclude=list(model.parameters()))
         measured = {"trainable_params": int(model.get_nb_trainable_parameters()[0]),
-                    "weights": _storage_bytes(model), "optimizer_state": int(state.total)}
+                    "weights": weight_storage_bytes(model), "optimizer_state": int(state.total)}
     except Exception as exc:  # noqa: BLE001 - a failed case is a row of the table
         return Result(case, "error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
                       seconds=time.perf_counter() - t0)

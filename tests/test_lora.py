@@ -25,6 +25,7 @@ from estimators.setup import SetupError, TrainingSetup
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
+from harness.state_check import weight_storage_bytes  # noqa: E402
 from harness.validate_peft import ATTENTION, MODELS as ARCHS  # noqa: E402  (attention-only targets: regexes)
 
 
@@ -167,18 +168,6 @@ def test_modules_to_save_and_bias_train_what_peft_trains():
 
 
 # -------------------------------------------------------------------------------- quantized weight storage
-def _storage_bytes(model) -> int:
-    from estimators.peft_model import model_storage_tensors
-
-    seen, total = set(), 0
-    for t in model_storage_tensors(model):
-        st = t.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            total += st.nbytes()
-    return total
-
-
 QUANT_CASES = [("tiny-llama", "nf4", True, "bf16", True), ("tiny-gpt2", "fp4", False, "fp32", True),
                ("tiny-t5", "int8", False, "bf16", True), ("tiny-qwen2", "nf4", False, "fp16", False),
                ("tiny-t5", "fp4", True, "fp16", False)]
@@ -199,7 +188,7 @@ def test_quantized_weights_equal_the_loaded_models_storage(model, quant, double,
     torch.manual_seed(0)
     real = build_training_model(setup, device="cpu", base=instantiate(resolve(model), device="cpu", dtype=dtype))
     est = estimate(setup)
-    assert est.bytes["weights"] == _storage_bytes(real)
+    assert est.bytes["weights"] == weight_storage_bytes(real)
     assert est.trainable_params == real.get_nb_trainable_parameters()[0]
     quantized = [n for n, p in real.named_parameters() if type(p).__name__ in ("Params4bit", "Int8Params")]
     assert quantized and "lm_head" not in " ".join(quantized)

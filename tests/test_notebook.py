@@ -22,3 +22,5 @@ def test_results_notebook_executes(monkeypatch):
     assert len(images) >= 3, "the three figures of bench plot"
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "reading results/" in text
+    shown = "".join(str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    assert "QLoRA nf4" in shown and "full fine-tune" in shown, "the LoRA/QLoRA section beside full fine-tuning"
