@@ -118,7 +118,7 @@ def targeted_names(inv: Inventory, target_modules) -> frozenset[str]:
 
 @functools.lru_cache(maxsize=4096)
 def _state(inv: Inventory, name: str, args_items: tuple, targets) -> tuple[dict[str, int], int, int]:
-    """(state bytes per tensor name, total state bytes, number of targeted params)."""
+    """(state bytes per tensor name, total state bytes, number of trainable params GaLore/APOLLO project)."""
     spec = get_spec(name)
     args = dict(args_items)
     targeted = targeted_names(inv, targets) if spec.needs_target_modules else frozenset()
@@ -144,7 +144,8 @@ def _state(inv: Inventory, name: str, args_items: tuple, targets) -> tuple[dict[
             breakdown[key] = breakdown.get(key, 0) + nbytes * copies
     if spec.layerwise:
         breakdown[LAYERWISE_DUMMY_KEY] = LAYERWISE_DUMMY_BYTES
-    return breakdown, sum(breakdown.values()), len(targeted)
+    projected = sum(1 for row in inv.rows if row.trainable and row.name in targeted)  # frozen ones get no update
+    return breakdown, sum(breakdown.values()), projected
 
 
 def _check_available(spec: OptimizerSpec) -> None:

@@ -109,9 +109,10 @@ def _flags(e) -> str:
 
 def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> str:
     first = results[0] if results else None
-    head = (f"{inv.model} ({inv.architecture}): {human_count(inv.num_params)} parameters"
+    total = first.num_params if first is not None else inv.num_params  # a LoRA model's adapters included
+    head = (f"{inv.model} ({inv.architecture}): {human_count(total)} parameters"
             + (f", {human_count(first.trainable_params)} trainable" if first and
-               first.trainable_params != inv.num_params else "")
+               first.trainable_params != total else "")
             + f", stored as {setup.dtype}")
     if setup.peft:
         head += _adapter_text(setup, first)
