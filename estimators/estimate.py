@@ -161,7 +161,9 @@ def estimate(model: str | Inventory | TrainingSetup, optim: str | None = None, *
     a catalog name / config.json path (or its directory) / :class:`Inventory`, with ``optim`` and the
     setup's other fields as keywords (``dtype``, ``optim_args``, ``optim_target_modules``, ``batch_size``,
     ``seq_len``, ``freeze``, ``gradient_checkpointing``, ``mixed_precision``, ``grad_accum``, ``device``,
-    ``attn_implementation``...; see :class:`~estimators.setup.TrainingSetup` for their meaning). The
+    ``attn_implementation``, ``lora`` (``"r=16,alpha=32,target=all-linear"``, a mapping or a
+    ``peft.LoraConfig``), ``quantize`` (``nf4``/``fp4``/``int8``), ``double_quant``, ``quant_compute_dtype``,
+    ``quant_skip_modules``, ``prepare_kbit``...; see :class:`~estimators.setup.TrainingSetup` for their meaning). The
     estimator's defaults are the setup's (batch 1 x 512 tokens, fp32, no autocast, CUDA).
     ``gpu``: a ``torch.cuda.get_device_name()`` whose calibrated CUDA constants to use
     (``estimators/calibration/cuda.json``; the defaults otherwise).
