@@ -429,13 +429,23 @@ PLAN_DEFAULTS: dict = {"mixed_precision": "bf16", "seq_len": 2048}
 2048 tokens per sample; every other field has :class:`~estimators.setup.TrainingSetup`'s default."""
 
 
-def plan_setup(model: str, optim: str, **fields) -> TrainingSetup:
+def plan_setup(model: Any, optim: Any, **fields) -> TrainingSetup:
     """A :class:`~estimators.setup.TrainingSetup` with the planner's defaults (:data:`PLAN_DEFAULTS`), and
-    GaLore/APOLLO's default targets where none are given."""
-    spec = get_spec(optim)
-    if spec.needs_target_modules and not fields.get("optim_target_modules"):
-        fields["optim_target_modules"] = DEFAULT_TARGETS
-    return TrainingSetup(model=model, optim=optim, **{**PLAN_DEFAULTS, **fields})
+    GaLore/APOLLO's default targets where none are given.
+
+    ``model``: a model name, or the user's own config / ``PreTrainedModel`` / PEFT model; ``optim``: an optimizer
+    name, or the ``transformers.TrainingArguments`` of the run (then its precision, batch, accumulation,
+    checkpointing and parallelism are the setup's, and only the sequence length takes the planner's default).
+    See :func:`estimators.user_objects.setup_for`."""
+    from .user_objects import is_training_arguments, setup_for
+
+    if is_training_arguments(optim):
+        setup = setup_for(model, optim, **{"seq_len": PLAN_DEFAULTS["seq_len"], **fields})
+    else:
+        setup = setup_for(model, get_spec(optim).name, **{**PLAN_DEFAULTS, **fields})
+    if get_spec(setup.optim).needs_target_modules and not setup.optim_target_modules:
+        setup = replace(setup, optim_target_modules=DEFAULT_TARGETS)
+    return setup
 
 
 BREAKDOWN = ("weights", "gradients", "optimizer_state", "activations", "temporaries", "other", "sharding_overhead")
