@@ -166,6 +166,24 @@ def resolve(model: str) -> ModelSource:
                     "Hugging Face Hub id (org/name)")
 
 
+def canonical_name(model: str) -> str:
+    """The name :func:`resolve` would give ``model``, decided without fetching anything: a catalog alias becomes
+    its catalog name, a config directory its config.json; a Hub id (and anything unknown) stays as given. For
+    record keys and labels, where a network request per record would be wrong."""
+    if not isinstance(model, str):
+        return model
+    text = model.strip()
+    if text in _REGISTRY:
+        return text
+    canonical = _aliases().get(text.lower())
+    if canonical is not None:
+        return canonical
+    path = Path(text).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return str(path / "config.json")
+    return text
+
+
 def _hub_source(repo_id: str, revision: str | None) -> ModelSource:
     from .hub import fetch_config, hub_name
 

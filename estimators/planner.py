@@ -670,7 +670,7 @@ def calibrate(paths: Iterable[str | Path], catalog: Mapping[str, GPU]) -> dict[t
     divided by this catalog's peak for the same GPU and dtype, and by :data:`RECOMPUTE_FACTOR` undone for runs
     with gradient checkpointing, so the figure is comparable with :data:`DEFAULT_MFU`. The median per key wins.
     """
-    from .catalog import resolve
+    from .catalog import canonical_name
 
     samples: dict[tuple[str, str, str], list[float]] = {}
     for path in paths:
@@ -701,10 +701,7 @@ def calibrate(paths: Iterable[str | Path], catalog: Mapping[str, GPU]) -> dict[t
             theirs = tp.get("peak_flops")
             achieved = float(mfu) * float(theirs) if isinstance(theirs, (int, float)) and theirs else float(mfu) * ours
             value = achieved / ours * (RECOMPUTE_FACTOR if cfg.get("gradient_checkpointing") else 1.0)
-            try:
-                model = resolve(str(cfg.get("model"))).name
-            except UserError:
-                model = str(cfg.get("model"))
+            model = canonical_name(str(cfg.get("model")))  # never fetches a Hub id's config
             samples.setdefault((gpu.id, model, compute), []).append(value)
     return {k: Calibration(k[0], k[1], k[2], statistics.median(v), len(v)) for k, v in samples.items()}
 
@@ -828,9 +825,9 @@ def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADRO
     facts = model_facts(_inventory(setup.model, setup.dtype))
     cal = None
     if calibration:
-        from .catalog import resolve
+        from .catalog import canonical_name
 
-        cal = calibration.get((gpu.id, resolve(setup.model).name, setup.compute_dtype))
+        cal = calibration.get((gpu.id, canonical_name(setup.model), setup.compute_dtype))
     if cal is not None:
         tp = throughput(facts, gpu, s, mfu=cal.mfu, mfu_source=f"measured ({cal.runs} run{'s' * (cal.runs > 1)})")
     else:
