@@ -105,3 +105,24 @@ def test_shape_that_ran_wins_and_a_misfit_warns(tmp_path, monkeypatch):
 
     with pytest.raises(Exception, match="seq_len must be a positive integer"):
         MemoryCallback(seq_len=0)
+
+
+def test_readme_example_script_runs(tmp_path, monkeypatch, capsys):
+    """The README's own-training-script example, as written, with only its model swapped for a local tiny one (a
+    directory holding tiny-llama's config.json: AutoConfig.from_pretrained reads it like a Hub id's)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## In your own training script", 1)[1]
+    script = section.split("```python\n", 1)[1].split("```", 1)[0]
+    model_dir = tmp_path / "tiny"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(resolve("tiny-llama").load()))
+    script, n = re.subn(r'^MODEL, SEQ = .*$', f'MODEL, SEQ = {str(model_dir)!r}, {SEQ}', script, flags=re.M)
+    assert n == 1 and "trainer.add_callback(MemoryCallback(" in script
+    monkeypatch.chdir(tmp_path)
+    exec(compile(script, "README.md", "exec"), {"__name__": "readme_example"})
+    out = capsys.readouterr().out
+    assert "optimem: predicted for" in out and "record appended to out/optimem.jsonl" in out
+    (rec,) = list(read_records(tmp_path / "out" / "optimem.jsonl"))
+    assert rec["status"] == "ok" and rec["config"]["grad_accum"] == 2 and rec["config"]["seq_len"] == SEQ
