@@ -98,57 +98,58 @@ def clear_cache() -> None:
 
 def explain(exc: BaseException, repo_id: str, revision: str | None, *, endpoint: str, cache_dir: str,
             offline: bool) -> str:
-    """One line for a huggingface_hub failure to get ``repo_id``'s config.json: what went wrong and what to do."""
+    """One line for a huggingface_hub failure to get ``repo_id``'s config.json: what went wrong and what to do
+    (the exception and those it was raised from are all looked at: huggingface_hub wraps a failed check in a
+    cache miss)."""
     from huggingface_hub import errors as hub_errors
 
+    chain = _chain(exc)
+
+    def found(*kinds):
+        return next((e for e in chain if isinstance(e, kinds)), None)
+
     where = hub_name(repo_id, revision)
-    page = f"{endpoint}/{repo_id}"
     login = "log in with `hf auth login` or set HF_TOKEN"
     local = "or give a local config.json instead"
-    if isinstance(exc, hub_errors.GatedRepoError):
-        return (f"{repo_id} is a gated model: request access at {page}, then {login} (a token of an account that "
-                f"has access); {local}")
-    if isinstance(exc, hub_errors.RepositoryNotFoundError):
-        return (f"no model '{repo_id}' on {endpoint}: check the id (org/name); if it is private, {login} with a "
-                f"token that can read it; {local}")
-    if isinstance(exc, hub_errors.RevisionNotFoundError):
-        return (f"{repo_id} has no revision '{revision}': give a branch, tag or commit hash that exists (see "
-                f"{page}/tree/main), or leave --revision out for the default branch")
-    if isinstance(exc, hub_errors.RemoteEntryNotFoundError):
-        return (f"{where} has no config.json: it is not a transformers model repo (an adapter, GGUF or dataset "
-                f"repo?): give the base model's id, {local}")
-    if isinstance(exc, hub_errors.HfHubHTTPError) and getattr(exc, "response", None) is not None:
-        status = exc.response.status_code
+    refusals = (
+        (hub_errors.GatedRepoError, f"{repo_id} is a gated model: request access at {endpoint}/{repo_id}, then "
+                                    f"{login} (a token of an account that has access); {local}"),
+        (hub_errors.RepositoryNotFoundError, f"no model '{repo_id}' on {endpoint}: check the id (org/name); if it "
+                                             f"is private, {login} with a token that can read it; {local}"),
+        (hub_errors.RevisionNotFoundError, f"{repo_id} has no revision '{revision}': give a branch, tag or commit "
+                                           f"hash that exists (see {endpoint}/{repo_id}/tree/main), or leave "
+                                           "--revision out for the default branch"),
+        (hub_errors.RemoteEntryNotFoundError, f"{where} has no config.json: it is not a transformers model repo "
+                                              f"(an adapter, GGUF or dataset repo?): give the base model's id, {local}"),
+    )  # the Hub answered, and said no: most specific first (a gated repo is also 'not found')
+    for kind, message in refusals:
+        if found(kind):
+            return message
+    answered = next((e for e in chain if isinstance(e, hub_errors.HfHubHTTPError)
+                     and getattr(e, "response", None) is not None), None)
+    if answered is not None:
+        status = answered.response.status_code
         if status in (401, 403):
-            return (f"{endpoint} refused access to {where} (HTTP {status}): {login} with a token that can read "
-                    f"it; {local}")
+            return f"{endpoint} refused access to {where} (HTTP {status}): {login} with a token that can read it; {local}"
         return (f"{endpoint} answered HTTP {status} for {where}'s config.json and it is not in the Hugging Face "
                 f"cache ({cache_dir}): retry later, {local}")
-    if isinstance(exc, hub_errors.LocalEntryNotFoundError) or isinstance(exc, hub_errors.OfflineModeIsEnabled):
-        if offline:
-            return (f"{where} is not in the Hugging Face cache ({cache_dir}) and HF_HUB_OFFLINE is set: unset it "
-                    f"to download its config.json (or `hf download {repo_id} config.json` on a machine with "
-                    f"network, into this cache), {local}")
-        chain = _chain(exc)
-        answered = next((e for e in chain if isinstance(e, hub_errors.HfHubHTTPError)
-                         and getattr(e, "response", None) is not None), None)
-        if answered is not None:
-            return (f"{endpoint} answered HTTP {answered.response.status_code} for {where}'s config.json and it is "
-                    f"not in the Hugging Face cache ({cache_dir}): retry later, {local}")
-        cause = chain[-1]
-        if any(_is_timeout(e) for e in chain):
-            from huggingface_hub import constants
+    if offline and found(hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled):
+        return (f"{where} is not in the Hugging Face cache ({cache_dir}) and HF_HUB_OFFLINE is set: unset it to "
+                f"download its config.json (or `hf download {repo_id} config.json` on a machine with network, into "
+                f"this cache), {local}")
+    if any(_is_timeout(e) for e in chain):
+        from huggingface_hub import constants
 
-            return (f"timed out reaching {endpoint} for {where} (HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} "
-                    f"s) and it is not in the Hugging Face cache ({cache_dir}): retry, raise HF_HUB_ETAG_TIMEOUT, "
-                    f"{local}")
-        reason = _first_line(cause) if cause is not exc else "no connection"
+        return (f"timed out reaching {endpoint} for {where} (HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} s) "
+                f"and it is not in the Hugging Face cache ({cache_dir}): retry, raise HF_HUB_ETAG_TIMEOUT, {local}")
+    if found(hub_errors.LocalEntryNotFoundError):
+        reason = _first_line(chain[-1]) if len(chain) > 1 else "no connection"
         return (f"cannot reach {endpoint} for {where} ({reason}) and it is not in the Hugging Face cache "
                 f"({cache_dir}): check the network or HF_ENDPOINT, set HF_HUB_OFFLINE=1 to use only the cache, "
                 f"{local}")
-    if isinstance(exc, hub_errors.HFValidationError):
+    if found(hub_errors.HFValidationError):
         return f"'{where}' is not a valid Hub model id ({_first_line(exc)}): give org/name[@revision], {local}"
-    if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and getattr(exc, "errno", None) == 30):
+    if isinstance(exc, PermissionError) or getattr(exc, "errno", None) == 30:
         return (f"cannot write the Hugging Face cache ({cache_dir}) for {where}: {_first_line(exc)}; set "
                 f"HF_HUB_CACHE (or HF_HOME) to a writable directory")
     return f"cannot get {where}'s config.json from {endpoint}: {type(exc).__name__}: {_first_line(exc)}"
