@@ -219,6 +219,9 @@ def test_cli_hub_id_online_then_offline(hub_env, fake_hub, tmp_path, capsys):
     assert fake_hub.count("GET") == 1 and fake_hub.count("HEAD") == 1
 
     hub_env(HF_HUB_CACHE=cache, HF_HUB_OFFLINE=1)
+    assert main(["estimate", "--model", "some-org/some-model@v2", "--optim", "sgd"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("some-org/some-model@v2 (LlamaForCausalLM)") and "from the Hugging Face Hub at commit" in table
     assert main(["estimate", "--model", "some-org/some-model", "--revision", "v3", "--optim", "sgd"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "HF_HUB_OFFLINE" in err and "some-org/some-model@v3" in err
