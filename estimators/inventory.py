@@ -314,6 +314,13 @@ def _inventory_cached(name: str, path: str, digest: str) -> Inventory:
     return inventory_from_model(model, name=name, config_hash=digest)
 
 
+@functools.lru_cache(maxsize=64)
+def _inventory_of_memory(name: str) -> Inventory:
+    """The inventory of a registered in-memory config (built on the meta device, like a file's)."""
+    source = resolve(name)
+    return inventory_from_model(instantiate(source, device="meta"), name=name, config_hash=name.rsplit("#", 1)[-1])
+
+
 @functools.lru_cache(maxsize=256)
 def _digest(path: str, mtime_ns: int, size: int) -> str:
     from pathlib import Path
@@ -322,15 +329,25 @@ def _digest(path: str, mtime_ns: int, size: int) -> str:
 
 
 def config_digest(source: ModelSource) -> str:
-    """A short hash of a config's content (cached per file path, modification time and size)."""
+    """A short hash of a config's content (a file's: cached per path, modification time and size; a registered
+    in-memory config's: the digest its name carries)."""
+    if source.path is None:
+        return source.name.rsplit("#", 1)[-1]
     st = source.path.stat()
     return _digest(str(source.path), st.st_mtime_ns, st.st_size)
 
 
-def build_inventory(model: str, dtype: str = "fp32") -> Inventory:
-    """The parameter inventory of ``model`` (catalog name or config path), stored in ``dtype``.
+def build_inventory(model: str, dtype: str | None = None) -> Inventory:
+    """The parameter inventory of ``model`` (a catalog name, config path, Hub id or registered model object;
+    see :func:`estimators.catalog.resolve`), stored in ``dtype`` (None: as built -- fp32 for a config, a model
+    object's own dtypes, which may differ per parameter: PEFT keeps fp32 adapters beside a 16-bit base).
 
-    Cached per config content (a changed config file is rebuilt): a second call costs a stat and a lookup.
+    Cached per config content (a changed config file is rebuilt): a second call costs a stat and a lookup. A
+    registered model object's inventory is the one taken from the object (its own trainable set and dtypes).
     """
     source = resolve(model)
-    return _inventory_cached(source.name, str(source.path), config_digest(source)).with_dtype(dtype)
+    if source.path is None:
+        inv = source.inventory if source.inventory is not None else _inventory_of_memory(source.name)
+        return inv.with_dtype(dtype) if dtype else inv
+    inv = _inventory_cached(source.name, str(source.path), config_digest(source))
+    return inv.with_dtype(dtype) if dtype else inv

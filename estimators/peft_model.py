@@ -30,6 +30,7 @@ import contextlib
 import logging
 import tempfile
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from .adapters import bnb_config_kwargs
@@ -266,6 +267,39 @@ def cpu_run_limit(setup) -> str | None:
     return None
 
 
+def peft_fields(model) -> dict[str, Any]:
+    """The setup fields a user's peft model object stands for: ``lora`` (its active LoRA adapter's config) and,
+    for a base bitsandbytes loaded, ``quantize`` / ``double_quant`` / ``quant_compute_dtype`` /
+    ``quant_skip_modules`` from its ``quantization_config``. Empty for other peft methods (prefix tuning, IA3...),
+    which optimem does not describe as a setup."""
+    from .adapters import LoraSpec
+    from .inventory import normalize_dtype
+
+    configs = getattr(model, "peft_config", None) or {}
+    active = getattr(model, "active_adapter", None)
+    config = configs.get(active) if isinstance(active, str) else None
+    config = config if config is not None else next(iter(configs.values()), None)
+    if config is None or type(config).__name__ != "LoraConfig":
+        return {}
+    out: dict[str, Any] = {"lora": LoraSpec.from_peft(config)}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    q = getattr(getattr(base, "config", None), "quantization_config", None)
+    q = q.to_dict() if hasattr(q, "to_dict") else q
+    method = q.get("quant_method", "") if isinstance(q, Mapping) else ""
+    if str(getattr(method, "value", method)).lower() in ("bitsandbytes", "bitsandbytes_4bit", "bitsandbytes_8bit"):
+        if q.get("load_in_4bit"):
+            out.update(quantize=q.get("bnb_4bit_quant_type") or "fp4",
+                       double_quant=bool(q.get("bnb_4bit_use_double_quant")))
+            dtype = q.get("bnb_4bit_compute_dtype")
+            if dtype:
+                out["quant_compute_dtype"] = normalize_dtype(str(dtype))
+        elif q.get("load_in_8bit"):
+            out["quantize"] = "int8"
+        if q.get("llm_int8_skip_modules") and out.get("quantize"):
+            out["quant_skip_modules"] = tuple(q["llm_int8_skip_modules"])
+    return out
+
+
 def require_packages(setup) -> None:
     """UserError, with the install line, when a LoRA/QLoRA setup's libraries are missing."""
     import importlib.util
@@ -360,6 +394,6 @@ def peft_counts(model) -> tuple[int, int]:
 
 
 __all__ = ["GC_KWARGS", "TASK_TYPES", "adapter_inventory", "bnb_config", "build_training_model", "cpu_run_limit",
-           "inventory_key", "require_packages",
+           "inventory_key", "peft_fields", "require_packages",
            "logical_shape", "lora_config", "model_storage_tensors", "peft_counts", "peft_wrap", "quant_kind",
            "quant_state_tensors", "quantized_meta_model", "quantized_model"]

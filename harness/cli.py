@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from harness.commands.setup_args import apply_revision
+
+        apply_revision(args)
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"bench {args.command}: error: {_flagged(exc)}", file=sys.stderr)

@@ -95,10 +95,14 @@ _OK_MEASURED: dict[str, Any] = {
     "required": ["phases", "optimizer_state_bytes"],
     "properties": {
         "optimizer_state_bytes": _INT,
-        "phases": {"type": "object",
-                   "required": ["model_load", "step0.forward", "step0.backward", "step0.optimizer_step"]},
+        "phases": {"type": "object", "required": ["step0.forward", "step0.backward", "step0.optimizer_step"]},
     },
 }
+
+RUN_SOURCES = ("bench", "callback")
+"""Who measured a run: the harness (``bench run`` / ``bench sweep``: ``run.source`` absent or ``bench``) or the
+:class:`harness.callback.MemoryCallback` inside the user's own Trainer (``callback``), which starts at
+``on_train_begin`` and so has no ``model_load`` phase."""
 
 CONFIG_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -156,12 +160,15 @@ SCHEMA: dict[str, Any] = {
                                                    "properties": {"bytes": {"type": "object",
                                                                             "required": ["optimizer_state"]}}}]},
         "env": ENV_SCHEMA,
-        "run": {"type": "object"},
+        "run": {"type": "object", "properties": {"source": {"enum": list(RUN_SOURCES)}}},
         "detail": {"type": ["string", "null"]},
     },
     "allOf": [
         {"if": {"properties": {"status": {"const": "ok"}}},
          "then": {"properties": {"measured": _OK_MEASURED, "reason": {"type": "string"}}}},
+        {"if": {"properties": {"status": {"const": "ok"},
+                               "run": {"not": {"required": ["source"], "properties": {"source": {"const": "callback"}}}}}},
+         "then": {"properties": {"measured": {"properties": {"phases": {"required": ["model_load"]}}}}}},
         {"if": {"properties": {"status": {"enum": ["oom", "skipped", "error"]}}},
          "then": {"properties": {"reason": {"type": "string", "minLength": 1}}}},
     ],
@@ -270,5 +277,5 @@ def read_records(path: str | os.PathLike) -> Iterator[dict]:
                 yield obj
 
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "STATUSES", "append_record", "build_record", "new_run_id", "read_records",
+__all__ = ["RUN_SOURCES", "SCHEMA", "SCHEMA_VERSION", "STATUSES", "append_record", "build_record", "new_run_id", "read_records",
            "to_line", "validate"]

@@ -137,7 +137,7 @@ class MeasuredRun:
         self.facts: dict[str, Any] = {"device": self.device}
         self.model = None
         self.params: list = []
-        self.weights: list = []
+        self._weights: list | None = None
         self.buffers: list = []
         self.trainer = None
         self.nvml = None
@@ -242,14 +242,17 @@ class MeasuredRun:
             out["optimizer_state"] = collected
         return out
 
-    def _weight_tensors(self) -> list:
+    @property
+    def weights(self) -> list:
         """The tensors that store the weights: the parameters, and a bitsandbytes-quantized model's
-        quantization state beside them (absmax, codes, 8-bit row scales)."""
-        if not self.cfg.quantize:
+        quantization state beside them (absmax, codes, 8-bit row scales; looked up once)."""
+        if not self.cfg.quantize or self.model is None:
             return self.params
-        from estimators.peft_model import model_storage_tensors
+        if self._weights is None:
+            from estimators.peft_model import model_storage_tensors
 
-        return model_storage_tensors(self.model)
+            self._weights = model_storage_tensors(self.model)
+        return self._weights
 
     def measure_state(self, reuse_phase: str | None = None):
         """The walker's measure of the optimizer now (reusing the classifier's walk of ``reuse_phase``)."""
@@ -312,7 +315,6 @@ class MeasuredRun:
                 recorder.switch("model_load")
                 self.model = build_model(self.cfg)
                 self.params, self.buffers = list(self.model.parameters()), list(self.model.buffers())
-                self.weights = self._weight_tensors()
                 recorder.switch("setup")
                 attach_model_hooks(self.model, recorder, on_grad=acct.mark_gradient if acct is not None else None)
                 self.trainer = build_trainer(self.cfg, model=self.model,

@@ -221,3 +221,26 @@ def test_llama_3_1_8b_qlora_by_bitsandbytes_layout():
     assert est.bytes["weights_frozen"] == layers * four_bit + fp32
     assert est.bytes["weights_trainable"] == est.bytes["gradients"] == 4 * est.trainable_params
     assert est.bytes["optimizer_state"] > 2 * est.trainable_params  # two uint8 moments + block absmax
+
+
+def test_a_users_qlora_model_object_is_a_qlora_setup():
+    """``estimate(peft_model, ...)`` with the user's own (here: real, quantized on the CPU) peft model: the setup
+    says LoRA and nf4, the weights are that object's storage, and the peak is refused like any LoRA setup's."""
+    import torch
+
+    from estimators.catalog import resolve
+    from estimators.inventory import instantiate
+    from estimators.peft_model import build_training_model
+
+    setup = TrainingSetup(model="tiny-llama", lora="r=8,alpha=16,target=all-linear", quantize="nf4",
+                          double_quant=True, quant_compute_dtype="bf16")
+    torch.manual_seed(0)
+    obj = build_training_model(setup, device="cpu", base=instantiate(resolve("tiny-llama"), device="cpu"))
+    est = estimate(obj, "adamw_torch", seq_len=64)
+    s = est.setup
+    # peft writes all-linear out as the module names it matched
+    assert (s.lora.r, s.lora.alpha, len(s.lora.target)) == (8, 16, 14)
+    assert (s.quantize, s.double_quant, s.quant_compute_dtype) == ("nf4", True, "bf16")
+    assert est.bytes["weights"] == weight_storage_bytes(obj)
+    assert est.trainable_params == obj.get_nb_trainable_parameters()[0]
+    assert est.bytes["peak"] is None
