@@ -36,10 +36,19 @@ def catalog() -> dict[str, str]:
 
 def _read_json(path: Path) -> dict:
     try:
-        with open(path) as fh:
-            data = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read model config {path}: {exc}; give a transformers config.json") from None
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise UserError(f"cannot read model config {path}: {exc.strerror or exc}; give a transformers "
+                        "config.json") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"model config {path} is not a JSON text file (byte {exc.start} is not UTF-8); give a "
+                        "transformers config.json") from None
+    except (ValueError, RecursionError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"model config {path} is not valid JSON ({msg}); give a transformers config.json") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a transformers config (a JSON object with a 'model_type'); "
                         "give a transformers config.json")
@@ -52,6 +61,16 @@ def _aliases() -> dict[str, str]:
         out[name.lower()] = name
         out[name.split("/")[-1].lower()] = name
     return out
+
+
+def _looks_like_path(model: str) -> bool:
+    """Whether a name that is not in the catalog was meant as a file: it ends in ``.json``, starts like a
+    path (``/``, ``.``, ``~``), or names a folder that exists (catalog names have one ``org/`` prefix)."""
+    text = model.strip()
+    if text.lower().endswith(".json") or text.startswith(("/", ".", "~")) or "\\" in text:
+        return True
+    parent = Path(text).expanduser().parent
+    return str(parent) not in ("", ".") and parent.is_dir()
 
 
 def resolve(model: str) -> ModelSource:
@@ -67,6 +86,9 @@ def resolve(model: str) -> ModelSource:
     if path.is_file():
         return ModelSource(str(path), path)
     canonical = _aliases().get(model.strip().lower())
+    if canonical is None and _looks_like_path(model):
+        raise UserError(f"no such model config file: {model} (give an existing config.json, a directory holding "
+                        f"one, or a catalog name: {', '.join(sorted(catalog()))})")
     if canonical is None:
         names = sorted(catalog())
         close = difflib.get_close_matches(model.lower(), list(_aliases()), n=1, cutoff=0.6)
