@@ -55,6 +55,7 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+@functools.cache
 def _aliases() -> dict[str, str]:
     out: dict[str, str] = {}
     for name in catalog():

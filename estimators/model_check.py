@@ -147,11 +147,14 @@ def check_model_config(model: str | ModelSource) -> dict[str, int | None]:
 def learned_positions(inv) -> tuple[int, str] | None:
     """``(rows, parameter name)`` of the smallest learned absolute-position table in an inventory (None when the
     model has none: rotary, relative or ALiBi positions take any length)."""
+    if "learned_positions" in inv._cache:
+        return inv._cache["learned_positions"]
     best = None
     for row in inv.rows:
         if row.module_kind == "embedding" and len(row.shape) == 2 and _POSITION_TABLE.search(row.name):
             if best is None or row.shape[0] < best[0]:
                 best = (int(row.shape[0]), row.name)
+    inv._cache["learned_positions"] = best
     return best
 
 

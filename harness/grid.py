@@ -269,10 +269,11 @@ def families() -> dict[str, list[str]]:
     return out
 
 
-def select_optimizers(tokens: Any) -> list[str]:
+def select_optimizers(tokens: Any, named: set[str] | None = None) -> list[str]:
     """Optimizer names from ``all``, family names (``family:NAME`` when a family shares an optimizer's
     name), optimizer names, in any mix and comma-separated; duplicates dropped, order kept.
-    ``all`` is every name optimem can estimate (removed and unsupported ones are left out)."""
+    ``all`` is every name optimem can estimate (removed and unsupported ones are left out). ``named``
+    collects the names given one by one (not through a family or ``all``)."""
     from estimators import get_spec
     from estimators.optimizers import REGISTRY, names
 
@@ -289,6 +290,7 @@ def select_optimizers(tokens: Any) -> list[str]:
             chosen = fams[fam]
         elif t in REGISTRY:
             chosen = [REGISTRY[t].name]
+            named is not None and named.add(chosen[0])
         elif t in fams:
             chosen = fams[t]
         else:
@@ -296,6 +298,7 @@ def select_optimizers(tokens: Any) -> list[str]:
                 chosen = [get_spec(t).name]
             except UserError as exc:
                 raise UserError(f"{exc} (or a family: {', '.join(sorted(fams))}; or 'all')") from None
+            named is not None and named.add(chosen[0])
         out += [n for n in chosen if n not in out]
     if not out:
         raise UserError("no optimizers selected: give --optim NAME, a family, or all")
@@ -324,6 +327,9 @@ class Grid:
     optim_args: dict[str, str] = field(default_factory=dict)
     """``{optimizer name, family or '*': optim_args string}``; the most specific entry wins."""
     optim_target_modules: Any = None
+    named: set[str] = field(default_factory=set)
+    """The optimizers given by name (not through a family or ``all``): a setup the Trainer refuses for one of
+    them is an error; for the others, that optimizer is left out of the sweep with a note."""
 
     def args_for(self, optim: str) -> str | None:
         from estimators import get_spec
@@ -453,8 +459,9 @@ def _grid_from_mapping(data: dict, source: str) -> Grid:
         with _key(source, "seq_len"):
             seqs = _positive_ints(data.get("seq_len", 64), "sequence lengths") or [64]
         shapes = [(b, s) for b in batches for s in seqs]
+    named: set[str] = set()
     with _key(source, "optim"):
-        grid = Grid(optims=select_optimizers(data["optim"]), shapes=shapes)
+        grid = Grid(optims=select_optimizers(data["optim"], named), shapes=shapes, named=named)
     axes = {}
     for f in AXES:
         if f in data:

@@ -416,10 +416,13 @@ def _watch_parent(parent: int, run_dir: str | None = None) -> None:
     0.5 s (the signal waits while the main thread is inside a long C call)."""
     import shutil  # imported before the handler exists: a handler that imports can deadlock an import under way
 
+    once = threading.RLock()  # the watch thread and the signal handler never remove the folder at the same time
+
     def orphaned(*_) -> None:
-        if run_dir:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        os._exit(3)
+        with once:
+            if run_dir:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            os._exit(3)
 
     with contextlib.suppress(Exception):
         import ctypes

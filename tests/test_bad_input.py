@@ -273,6 +273,7 @@ CASES: list[tuple[str, int, str]] = [
     (f"{S} --optim-args family:galore:rank=3", 2, "--optim-args"),
     ("sweep --optim adamw_torch galore_adamw --optim-args rank=16 --dry-run", 2, "--optim-args"),
     (f"{S} --retry-failed", 2, "--retry-failed"),
+    ("sweep --optim flash_adamw --dry-run", 2, "--optim-args"),  # named: refused (fp32 + master_weight_bits)
     (f"{S} --shape -1x2", 2, "--shape"),
     (f"{S} --shape 0x4", 2, "--shape"),
     (f"{S} --shape abc", 2, "--shape"),

@@ -184,9 +184,7 @@ def main(args: argparse.Namespace) -> int:
     grid = grid_from_mapping(data, source=args.config or "command line")
     opts = _settings(data, args)
     extra = {"memory_limit_bytes": opts.memory_limit} if opts.memory_limit is not None else {}
-    configs = grid.configs(extra=extra, source=args.config or "command line")
-    for cfg in configs:
-        check_config(cfg)
+    configs = _runnable(grid, grid.configs(extra=extra, source=args.config or "command line"), check_config)
     devices = {resolve_device(c) for c in configs}
     if opts.jobs > 1 and "cuda" in devices:
         raise UserError("--jobs above 1 would share the GPU between runs (their out-of-memory points and timings "
@@ -275,6 +273,29 @@ def _run(args: argparse.Namespace, opts, configs: list, bases: list, starts: lis
         return 1
     counts = outcome.counts()
     return 1 if counts.get("error") else 0
+
+
+def _runnable(grid, configs: list, check_config) -> list:
+    """The configurations the Trainer would take, checked before anything is listed or run. One it refuses
+    is an error when its optimizer was named; one of a family or of ``all`` is left out, with a note per
+    optimizer on stderr (a family's member that cannot train this setup is not a failed run)."""
+    out, left_out = [], {}
+    for cfg in configs:
+        try:
+            check_config(cfg)
+        except UserError as exc:
+            if cfg.optim in grid.named:
+                raise
+            left_out.setdefault(cfg.optim, exc)
+            continue
+        out.append(cfg)
+    for optim, exc in left_out.items():
+        from harness.cli import _flagged
+
+        print(f"bench sweep: note: leaving out {optim} (from a family or 'all'): {_flagged(exc)}", file=sys.stderr)
+    if not out:
+        raise UserError("nothing to run: every configuration was left out (see the notes above)")
+    return out
 
 
 def _thread_env(opts) -> dict:
