@@ -289,6 +289,13 @@ def _inventory_cached(name: str, path: str, digest: str) -> Inventory:
     return inventory_from_model(model, name=name, config_hash=digest)
 
 
+@functools.lru_cache(maxsize=64)
+def _inventory_of_memory(name: str) -> Inventory:
+    """The inventory of a registered in-memory config (built on the meta device, like a file's)."""
+    source = resolve(name)
+    return inventory_from_model(instantiate(source, device="meta"), name=name, config_hash=name.rsplit("#", 1)[-1])
+
+
 @functools.lru_cache(maxsize=256)
 def _digest(path: str, mtime_ns: int, size: int) -> str:
     from pathlib import Path
@@ -296,12 +303,19 @@ def _digest(path: str, mtime_ns: int, size: int) -> str:
     return hashlib.sha1(json.dumps(ModelSource(path, Path(path)).load(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_inventory(model: str, dtype: str = "fp32") -> Inventory:
-    """The parameter inventory of ``model`` (catalog name or config path), stored in ``dtype``.
+def build_inventory(model: str, dtype: str | None = None) -> Inventory:
+    """The parameter inventory of ``model`` (a catalog name, config path, Hub id or registered model object;
+    see :func:`estimators.catalog.resolve`), stored in ``dtype`` (None: as built -- fp32 for a config, a model
+    object's own dtypes, which may differ per parameter: PEFT keeps fp32 adapters beside a 16-bit base).
 
-    Cached per config content (a changed config file is rebuilt): a second call costs a stat and a lookup.
+    Cached per config content (a changed config file is rebuilt): a second call costs a stat and a lookup. A
+    registered model object's inventory is the one taken from the object (its own trainable set and dtypes).
     """
     source = resolve(model)
+    if source.path is None:
+        inv = source.inventory if source.inventory is not None else _inventory_of_memory(source.name)
+        return inv.with_dtype(dtype) if dtype else inv
     st = source.path.stat()
     digest = _digest(str(source.path), st.st_mtime_ns, st.st_size)
-    return _inventory_cached(source.name, str(source.path), digest).with_dtype(dtype)
+    inv = _inventory_cached(source.name, str(source.path), digest)
+    return inv.with_dtype(dtype) if dtype else inv

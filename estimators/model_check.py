@@ -133,10 +133,17 @@ def _checked(path: str, mtime_ns: int, size: int, name: str) -> dict:
     return check_config_data(ModelSource(name, Path(path)).load(), name)
 
 
+@functools.lru_cache(maxsize=64)
+def _checked_in_memory(name: str) -> dict:
+    return check_config_data(resolve(name).load(), name)
+
+
 def check_model_config(model: str | ModelSource) -> dict[str, int | None]:
     """:func:`check_config_data` for a catalog name or config.json path (cached per file content: a warm
     call costs a stat)."""
     source = model if isinstance(model, ModelSource) else resolve(model)
+    if source.path is None:  # an in-memory config (a model object's): its name is content-addressed
+        return dict(_checked_in_memory(source.name))
     try:
         st = source.path.stat()
     except OSError as exc:

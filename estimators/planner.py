@@ -452,13 +452,23 @@ PLAN_DEFAULTS: dict = {"mixed_precision": "bf16", "seq_len": 2048}
 2048 tokens per sample; every other field has :class:`~estimators.setup.TrainingSetup`'s default."""
 
 
-def plan_setup(model: str, optim: str, **fields) -> TrainingSetup:
+def plan_setup(model: Any, optim: Any, **fields) -> TrainingSetup:
     """A :class:`~estimators.setup.TrainingSetup` with the planner's defaults (:data:`PLAN_DEFAULTS`), and
-    GaLore/APOLLO's default targets where none are given."""
-    spec = get_spec(optim)
-    if spec.needs_target_modules and not fields.get("optim_target_modules"):
-        fields["optim_target_modules"] = DEFAULT_TARGETS
-    return TrainingSetup(model=model, optim=optim, **{**PLAN_DEFAULTS, **fields})
+    GaLore/APOLLO's default targets where none are given.
+
+    ``model``: a model name, or the user's own config / ``PreTrainedModel`` / PEFT model; ``optim``: an optimizer
+    name, or the ``transformers.TrainingArguments`` of the run (then its precision, batch, accumulation,
+    checkpointing and parallelism are the setup's, and only the sequence length takes the planner's default).
+    See :func:`estimators.user_objects.setup_for`."""
+    from .user_objects import is_training_arguments, setup_for
+
+    if is_training_arguments(optim):
+        setup = setup_for(model, optim, **{"seq_len": PLAN_DEFAULTS["seq_len"], **fields})
+    else:
+        setup = setup_for(model, get_spec(optim).name, **{**PLAN_DEFAULTS, **fields})
+    if get_spec(setup.optim).needs_target_modules and not setup.optim_target_modules:
+        setup = replace(setup, optim_target_modules=DEFAULT_TARGETS)
+    return setup
 
 
 BREAKDOWN = ("weights", "gradients", "optimizer_state", "activations", "temporaries", "other", "sharding_overhead")
@@ -705,7 +715,7 @@ def calibrate(paths: Iterable[str | Path | Mapping], catalog: Mapping[str, GPU])
     divided by this catalog's peak for the same GPU and dtype, and by :data:`RECOMPUTE_FACTOR` undone for runs
     with gradient checkpointing, so the figure is comparable with :data:`DEFAULT_MFU`. The median per key wins.
     """
-    from .catalog import resolve
+    from .catalog import canonical_name
 
     samples: dict[tuple[str, str, str], list[float]] = {}
     for rec in _records(paths):
@@ -730,10 +740,7 @@ def calibrate(paths: Iterable[str | Path | Mapping], catalog: Mapping[str, GPU])
         theirs = tp.get("peak_flops")
         achieved = float(mfu) * float(theirs) if isinstance(theirs, (int, float)) and theirs else float(mfu) * ours
         value = achieved / ours * (RECOMPUTE_FACTOR if cfg.get("gradient_checkpointing") else 1.0)
-        try:
-            model = resolve(str(cfg.get("model"))).name
-        except UserError:
-            model = str(cfg.get("model"))
+        model = canonical_name(str(cfg.get("model")))  # never fetches a Hub id's config
         samples.setdefault((gpu.id, model, compute), []).append(value)
     return {k: Calibration(k[0], k[1], k[2], statistics.median(v), len(v)) for k, v in samples.items()}
 
@@ -857,9 +864,9 @@ def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADRO
     facts = model_facts(_inventory(setup.model, setup.dtype))
     cal = None
     if calibration:
-        from .catalog import resolve
+        from .catalog import canonical_name
 
-        cal = calibration.get((gpu.id, resolve(setup.model).name, setup.compute_dtype))
+        cal = calibration.get((gpu.id, canonical_name(setup.model), setup.compute_dtype))
     if cal is not None:
         tp = throughput(facts, gpu, s, mfu=cal.mfu, mfu_source=f"measured ({cal.runs} run{'s' * (cal.runs > 1)})")
     else:

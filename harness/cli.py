@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "").strip().lower() not in (
         "", "0", "no", "false", "off")
     try:
+        from harness.commands.setup_args import apply_revision
+
+        apply_revision(args)
         return int(args.func(args) or 0)
     except UserError as exc:
         if debug:

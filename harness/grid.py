@@ -42,15 +42,9 @@ def _canonical_optim(name: Any) -> Any:
 
 
 def _canonical_model(name: Any) -> Any:
-    from estimators.catalog import resolve
+    from estimators.catalog import canonical_name
 
-    if not isinstance(name, str):
-        return name
-    try:
-        src = resolve(name)
-    except UserError:
-        return name.strip()
-    return src.name
+    return canonical_name(name)  # never fetches: a Hub id stays as given
 
 
 def _canonical_optim_args(text: Any) -> Any:

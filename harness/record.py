@@ -99,10 +99,14 @@ _OK_MEASURED: dict[str, Any] = {
     "required": ["phases", "optimizer_state_bytes"],
     "properties": {
         "optimizer_state_bytes": _INT,
-        "phases": {"type": "object",
-                   "required": ["model_load", "step0.forward", "step0.backward", "step0.optimizer_step"]},
+        "phases": {"type": "object", "required": ["step0.forward", "step0.backward", "step0.optimizer_step"]},
     },
 }
+
+RUN_SOURCES = ("bench", "callback")
+"""Who measured a run: the harness (``bench run`` / ``bench sweep``: ``run.source`` absent or ``bench``) or the
+:class:`harness.callback.MemoryCallback` inside the user's own Trainer (``callback``), which starts at
+``on_train_begin`` and so has no ``model_load`` phase."""
 
 CONFIG_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -165,12 +169,15 @@ SCHEMA: dict[str, Any] = {
                                                                       "additionalProperties": {"type": "integer"}}},
                                                                   "peak_phase": {"type": ["string", "null"]}}}]},
         "env": ENV_SCHEMA,
-        "run": {"type": "object"},
+        "run": {"type": "object", "properties": {"source": {"enum": list(RUN_SOURCES)}}},
         "detail": {"type": ["string", "null"]},
     },
     "allOf": [
         {"if": {"properties": {"status": {"const": "ok"}}},
          "then": {"properties": {"measured": _OK_MEASURED, "reason": {"type": "string"}}}},
+        {"if": {"properties": {"status": {"const": "ok"},
+                               "run": {"not": {"required": ["source"], "properties": {"source": {"const": "callback"}}}}}},
+         "then": {"properties": {"measured": {"properties": {"phases": {"required": ["model_load"]}}}}}},
         {"if": {"properties": {"status": {"enum": ["oom", "skipped", "error"]}}},
          "then": {"properties": {"reason": {"type": "string", "minLength": 1}}}},
     ],
@@ -468,6 +475,6 @@ def _parses(raw: bytes):
         return None
 
 
-__all__ = ["LOCK_SUFFIX", "MAX_BATCH_SCHEMA", "ReadReport", "SCHEMA", "SCHEMA_VERSION", "STATUSES", "append_record", "build_record",
-           "new_run_id", "read_records",
+__all__ = ["LOCK_SUFFIX", "MAX_BATCH_SCHEMA", "RUN_SOURCES", "ReadReport", "SCHEMA", "SCHEMA_VERSION", "STATUSES",
+           "append_record", "build_record", "new_run_id", "read_records",
            "to_line", "validate"]

@@ -148,6 +148,11 @@ def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> 
             "activations", "peak", "at"] + (["on device"] if cuda else []) + ["notes"]
     table = format_table(cols, rows, align="lrrrrrrrrl" + ("r" if cuda else "") + "l")
     lines = [head, _settings_line(setup), "", table]
+    from estimators.catalog import resolve
+
+    source = resolve(inv.model)  # resolved once per process already: no second Hub request
+    if source.origin == "hub":
+        lines.insert(1, source.describe())
     if skipped:
         lines.append("")
         lines.append("not estimated:")
