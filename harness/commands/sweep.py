@@ -267,9 +267,11 @@ def _run(args: argparse.Namespace, opts, configs: list, bases: list, starts: lis
         print(f"bench sweep: interrupted; {done} of {len(outcome.results) or total} recorded in {opts.out}: run the "
               "same command with --resume to finish", file=sys.stderr)
         return 130
-    if sweep.rescued:
+    if sweep.write_failures:
+        where = f"they were written to {sweep.rescued} instead" if sweep.rescued else \
+            "no fallback file could be written either: the summary above is all there is"
         print(f"bench sweep: error: {sweep.write_failures} record(s) could not be appended to {opts.out} "
-              f"({sweep.write_error}): they were written to {sweep.rescued} instead", file=sys.stderr)
+              f"({sweep.write_error}): {where}", file=sys.stderr)
         return 1
     counts = outcome.counts()
     return 1 if counts.get("error") else 0
