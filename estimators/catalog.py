@@ -113,16 +113,26 @@ def catalog() -> dict[str, str]:
 
 def _read_json(path: Path) -> dict:
     try:
-        with open(path) as fh:
-            data = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read model config {path}: {exc}; give a transformers config.json") from None
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise UserError(f"cannot read model config {path}: {exc.strerror or exc}; give a transformers "
+                        "config.json") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"model config {path} is not a JSON text file (byte {exc.start} is not UTF-8); give a "
+                        "transformers config.json") from None
+    except (ValueError, RecursionError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"model config {path} is not valid JSON ({msg}); give a transformers config.json") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a transformers config (a JSON object with a 'model_type'); "
                         "give a transformers config.json")
     return data
 
 
+@functools.cache
 def _aliases() -> dict[str, str]:
     out: dict[str, str] = {}
     for name in catalog():

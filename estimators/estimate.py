@@ -197,7 +197,7 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
     """:func:`estimate` for a validated setup (``inventory``: the model's, when the caller has it)."""
     spec = get_spec(setup.optim)
     _check_available(spec)
-    setup.check_trainable()
+    setup.check_trainable(inventory=inventory)
     device = setup.estimate_device
     notes = []
     if inventory is None:

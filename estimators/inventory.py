@@ -195,6 +195,12 @@ def model_class_for(config_dict: dict):
     return None
 
 
+def _exc_text(exc: BaseException, limit: int = 300) -> str:
+    """An exception from transformers as one line (its validators nest the cause on later lines)."""
+    text = " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def build_config(source: ModelSource):
     """A ``PretrainedConfig`` from a catalog entry or a config.json file."""
     from transformers import AutoConfig
@@ -216,14 +222,16 @@ def build_config(source: ModelSource):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return AutoConfig.for_model(model_type, **kwargs)
-    except (ValueError, KeyError, TypeError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{source.name} is not a usable transformers config ({msg}); "
+    except Exception as exc:  # noqa: BLE001 - the config class refused the user's values: say why, in one line
+        raise UserError(f"{source.name} is not a usable transformers config ({_exc_text(exc)}); "
                         "give a transformers config.json") from None
 
 
 def instantiate(source: ModelSource, *, device: str = "meta", dtype: str | None = None):
     """Construct the real transformers model for ``source`` (random init unless on the meta device)."""
+    from .model_check import check_model_config
+
+    check_model_config(source)  # sizes transformers would refuse or fail on, as data, before building anything
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -241,10 +249,9 @@ def instantiate(source: ModelSource, *, device: str = "meta", dtype: str | None 
                 model = AutoModelForSeq2SeqLM.from_config(config)
             else:
                 model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"cannot build a model from {source.name} ({msg}); give a transformers config.json "
-                        "of a model class that transformers knows") from None
+    except Exception as exc:  # noqa: BLE001 - the modeling code refused the config: say why, in one line
+        raise UserError(f"cannot build a model from {source.name} ({_exc_text(exc)}); give a transformers "
+                        "config.json of a model class that transformers knows") from None
     finally:
         tlog.setLevel(old)
     if dtype is not None:

@@ -133,6 +133,8 @@ class GPU:
 
 
 def _gpu_from_dict(d: Mapping[str, Any], where: str) -> GPU:
+    if not isinstance(d, Mapping):
+        raise UserError(f"{where}: a GPU entry must be a mapping (id, memory_gb, tflops...), got {d!r:.80}")
     try:
         gid = str(d["id"]).strip().lower()
         mem = float(d["memory_gb"]) if d.get("memory_gb") is not None else None
@@ -141,11 +143,30 @@ def _gpu_from_dict(d: Mapping[str, Any], where: str) -> GPU:
             raise KeyError("memory_gb")
         tflops = {str(k).lower(): (float(v) if v is not None else None) for k, v in (d.get("tflops") or {}).items()}
         ctx = float(d.get("context_gib", 0.5))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UserError(f"{where}: GPU entry {dict(d).get('id', '?')!r} is malformed ({exc!s}); each needs id, "
                         "memory_gb (or reported_gib) and tflops {bf16: ..., fp16: ..., fp32: ...}") from None
     if not any(tflops.values()):
         raise UserError(f"{where}: GPU {gid!r} gives no TFLOP/s figure (tflops: {{bf16: ..., fp16: ...}})")
+    if not gid:
+        raise UserError(f"{where}: a GPU entry has an empty id; give each GPU an id such as 'h100-sxm'")
+    checks = [("memory_gb", mem, False), ("reported_gib", reported, False), ("context_gib", ctx, True),
+              ("bandwidth_gbs", d.get("bandwidth_gbs"), False), ("usd_per_hour", d.get("usd_per_hour"), True),
+              *((f"tflops.{k}", v, True) for k, v in tflops.items())]
+    for key, value, zero_ok in checks:
+        if value is None:
+            continue
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            v = float("nan")
+        if isinstance(value, bool) or not (v >= 0 if zero_ok else v > 0) or v == float("inf"):
+            raise UserError(f"{where}: GPU {gid!r}: {key} must be a {'non-negative' if zero_ok else 'positive'} "
+                            f"finite number, got {value!r}")
+    total = float(reported) * GIB if reported is not None else mem * 1e9
+    if ctx * GIB >= total:
+        raise UserError(f"{where}: GPU {gid!r}: context_gib {ctx} leaves no memory of its "
+                        f"{total / GIB:.1f} GiB for tensors; give the CUDA context's size (about 0.5)")
     return GPU(id=gid, name=str(d.get("name") or gid), vendor=str(d.get("vendor") or ""),
                memory_gb=mem if mem is not None else float(reported) * GIB / 1e9,
                reported_bytes=int(float(reported) * GIB) if reported is not None else None,
@@ -161,7 +182,9 @@ def _gpu_from_dict(d: Mapping[str, Any], where: str) -> GPU:
 def _read_gpu_file(path: str | Path) -> list[Mapping[str, Any]]:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"GPU file {path} is not a JSON or YAML text file (byte {exc.start} is not UTF-8)") from None
     except OSError as exc:
         raise UserError(f"cannot read GPU file {path}: {exc.strerror or exc}") from None
     try:
@@ -388,7 +411,7 @@ def shard_model_states(*, sharding: str, num_gpus: int, weights: int, gradients:
     n = max(int(num_gpus), 1)
 
     def part(x: int) -> int:
-        return math.ceil(x / n)
+        return -(-int(x) // n)  # exact ceil(x / n), whatever the size
 
     terms = {"weights": 0, "master_weights": 0, "gradients": 0, "grad_partition_fp32": 0, "optimizer_state": 0,
              "gathered_working_set": 0, "ddp_buckets": 0}
@@ -580,7 +603,7 @@ def _step_memory_cached(setup: TrainingSetup, batch: int) -> StepMemory:
             "sharding_overhead": terms["ddp_buckets"] + (0 if is_step else terms["gathered_working_set"]),
         }
         if is_step and shards_step:
-            parts["temporaries"] = math.ceil(parts["temporaries"] / setup.num_processes)
+            parts["temporaries"] = -(-parts["temporaries"] // setup.num_processes)  # exact ceil
         if cast_cache and name.endswith("forward"):
             parts["activations"] -= min(cast_cache, parts["activations"])
         known = sum(_pick(comps, keys, 0) for keys in (("weights", "parameters", "params"), ("gradients", "grads", "grad"),
@@ -704,8 +727,30 @@ def _record_compute(config: Mapping[str, Any]) -> str | None:
     return str(dt) if dt else None
 
 
-def calibrate(paths: Iterable[str | Path], catalog: Mapping[str, GPU]) -> dict[tuple[str, str, str], Calibration]:
-    """MFU per ``(gpu id, model, compute dtype)`` from recorded runs (JSONL records written by ``bench run``).
+def _records(sources: Iterable[str | Path | Mapping]) -> Iterable[Mapping]:
+    """Records from run records themselves or JSONL files of them (lines that are not JSON objects skipped;
+    the harness reads files with :func:`harness.record.read_records`, which says what it skipped)."""
+    for source in sources:
+        if isinstance(source, Mapping):
+            yield source
+            continue
+        path = Path(source)
+        try:
+            lines = path.read_bytes().decode("utf-8", "replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, Mapping):
+                yield rec
+
+
+def calibrate(paths: Iterable[str | Path | Mapping], catalog: Mapping[str, GPU]) -> dict[tuple[str, str, str], Calibration]:
+    """MFU per ``(gpu id, model, compute dtype)`` from recorded runs (JSONL records written by ``bench run``, or
+    the records themselves).
 
     Uses ``ok`` CUDA records with a measured MFU. The achieved FLOP/s (``mfu x peak_flops`` of the record) is
     divided by this catalog's peak for the same GPU and dtype, and by :data:`RECOMPUTE_FACTOR` undone for runs
@@ -714,36 +759,30 @@ def calibrate(paths: Iterable[str | Path], catalog: Mapping[str, GPU]) -> dict[t
     from .catalog import canonical_name
 
     samples: dict[tuple[str, str, str], list[float]] = {}
-    for path in paths:
-        path = Path(path)
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except OSError:
+    for rec in _records(paths):
+        if rec.get("status") != "ok":
             continue
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(rec, dict) or rec.get("status") != "ok":
-                continue
-            meas, env, cfg = rec.get("measured") or {}, rec.get("env") or {}, rec.get("config") or {}
-            tp = meas.get("throughput") or {}
-            mfu = tp.get("mfu")
-            if meas.get("device") != "cuda" or not isinstance(mfu, (int, float)) or mfu <= 0:
-                continue
-            gpu = match_gpu(str(env.get("device_name") or ""), catalog)
-            compute = _record_compute(cfg)
-            if gpu is None or compute is None:
-                continue
-            ours = gpu.peak_flops(compute)
-            if not ours:
-                continue
-            theirs = tp.get("peak_flops")
-            achieved = float(mfu) * float(theirs) if isinstance(theirs, (int, float)) and theirs else float(mfu) * ours
-            value = achieved / ours * (RECOMPUTE_FACTOR if cfg.get("gradient_checkpointing") else 1.0)
-            model = canonical_name(str(cfg.get("model")))  # never fetches a Hub id's config
-            samples.setdefault((gpu.id, model, compute), []).append(value)
+        meas, env, cfg = rec.get("measured") or {}, rec.get("env") or {}, rec.get("config") or {}
+        if not all(isinstance(x, Mapping) for x in (meas, env, cfg)):
+            continue
+        tp = meas.get("throughput") or {}
+        if not isinstance(tp, Mapping):
+            continue
+        mfu = tp.get("mfu")
+        if meas.get("device") != "cuda" or not isinstance(mfu, (int, float)) or mfu <= 0:
+            continue
+        gpu = match_gpu(str(env.get("device_name") or ""), catalog)
+        compute = _record_compute(cfg)
+        if gpu is None or compute is None:
+            continue
+        ours = gpu.peak_flops(compute)
+        if not ours:
+            continue
+        theirs = tp.get("peak_flops")
+        achieved = float(mfu) * float(theirs) if isinstance(theirs, (int, float)) and theirs else float(mfu) * ours
+        value = achieved / ours * (RECOMPUTE_FACTOR if cfg.get("gradient_checkpointing") else 1.0)
+        model = canonical_name(str(cfg.get("model")))  # never fetches a Hub id's config
+        samples.setdefault((gpu.id, model, compute), []).append(value)
     return {k: Calibration(k[0], k[1], k[2], statistics.median(v), len(v)) for k, v in samples.items()}
 
 

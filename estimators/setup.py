@@ -245,16 +245,29 @@ class TrainingSetup:
             # Quantized: on unless turned off; not quantized: None (the default: nothing to prepare).
             put("prepare_kbit", (value is not False) if self.quantize is not None else None)
 
-    def check_trainable(self) -> None:
+    def check_trainable(self, inventory=None) -> None:
         """What the Trainer itself refuses for this setup, checked before anything is estimated or run: the
-        optimizer's ``optim_args`` (keys it does not read, values it cannot take), GaLore/APOLLO without
-        targets, layer-wise optimizers with gradient accumulation. The dataclass may hold such a setup (a test
-        can watch the Trainer refuse it); the estimator and the harness refuse it here, in one line."""
+        model config (sizes transformers refuses, or accepts and then fails on in the forward: see
+        :mod:`estimators.model_check`), a sequence longer than the model's learned positions, the optimizer's
+        ``optim_args`` (keys it does not read, values it cannot take, what its constructor refuses for these
+        parameters), GaLore/APOLLO without targets,
+        layer-wise optimizers with gradient accumulation. The dataclass may hold such a setup (a test can
+        watch the Trainer refuse it); the estimator and the harness refuse it here, in one line.
+        ``inventory``: the model's, when the caller has it (else it is built, or read from the cache)."""
+        from .inventory import build_inventory
+        from .model_check import check_model_config, check_sequence_length
         from .optimizers import get_spec, parse_optim_args
 
+        with _field("model"):
+            sizes = check_model_config(self.model)
+            inv = inventory if inventory is not None else build_inventory(self.model)
+        with _field("seq_len"):
+            check_sequence_length(inv, self.seq_len, max_positions=sizes.get("max_position_embeddings"))
         spec = get_spec(self.optim)
         with _field("optim_args"):
-            spec.resolve_args(parse_optim_args(self.optim_args))
+            args = spec.resolve_args(parse_optim_args(self.optim_args))
+            if spec.shared is not None:  # the optimizer constructor's own checks see every parameter (flash.py)
+                spec.shared(inv.with_dtype(self.dtype).with_frozen(self.freeze), args)
         if spec.needs_target_modules and not self.optim_target_modules:
             with _field("optim_target_modules"):
                 raise UserError(f"{spec.name} needs optim_target_modules (e.g. 'all-linear' or a regex such as "
