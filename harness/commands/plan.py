@@ -122,6 +122,8 @@ def build_plan(args) -> dict:
     kw = setup_kwargs(args, exclude=("optim", "optim_args", "optim_target_modules", "gradient_checkpointing",
                                      "batch_size"))
     kw["sharding"] = args.sharding or ("none" if args.num_processes == 1 else "ddp")
+    if args.max_seq:
+        kw["seq_len"] = 1  # the search sets it (up to the model's position limit)
     base = TrainingSetup(**kw)
     base.check_trainable()  # the model config and the sequence length, once, before any optimizer is planned
     base = replace(base, model=resolve(base.model).name)
