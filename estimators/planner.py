@@ -466,10 +466,10 @@ class StepMemory:
 
 
 def _estimate(setup: TrainingSetup, batch: int):
-    """The estimate of ``setup`` at micro-batch ``batch``, for a CUDA device."""
+    """The estimate of ``setup`` at micro-batch ``batch``, on the device it trains on (``auto``: CUDA)."""
     from .estimate import estimate
 
-    return estimate(setup, batch_size=batch, device="cuda")
+    return estimate(setup, batch_size=batch, device=setup.estimate_device)
 
 
 def _phases(est) -> list[tuple[str, int, dict[str, int]]] | None:

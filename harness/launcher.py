@@ -221,7 +221,12 @@ def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bo
                               predicted=predicted, env=env, run={**run_meta, "duration_s": 0.0})
         validate(record)
         return record
-    if isolate:
+    from harness import distributed
+
+    if distributed.is_distributed(cfg):  # torchrun, one worker per rank (always isolated)
+        outcome = distributed.launch(cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors,
+                                     on_start=on_start)
+    elif isolate:
         outcome = run_isolated(cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors, on_start=on_start)
     else:
         outcome = run_in_process(cfg, fault=fault, track_tensors=track_tensors)
@@ -234,7 +239,8 @@ def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bo
         status, payload["reason"] = "error", "the worker reported success without measurements"
     record = build_record(config=cfg.to_dict(), status=status, reason=payload.get("reason") or "",
                           measured=measured, predicted=predicted, env=env, run=run_meta,
-                          detail=payload.get("detail"))
+                          detail=payload.get("detail"),
+                          distributed=distributed.section(cfg, payload, timeout_s=timeout_s, device=device))
     validate(record)
     return record
 

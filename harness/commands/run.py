@@ -33,7 +33,7 @@ def register(sub) -> None:
                     "append one JSON record to the results file.",
         epilog="Exit status: 0 ok or skipped, 1 error, 3 out of memory, 2 bad input, 130 interrupted.")
     add_setup_arguments(p, defaults={**field_defaults(RunConfig), "optim": None},
-                        exclude=("num_processes", "sharding"), required=("optim",),
+                        required=("optim",),
                         help_suffix={"optim_target_modules": f"(default for those: {DEFAULT_TARGETS})"})
     p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, metavar="N",
                    help=f"optimizer steps (default {DEFAULT_STEPS}; at least 2 so the steady state shows)")
