@@ -362,6 +362,25 @@ class _Shell:
         self.__dict__.update({k: v for k, v in vars(zero).items() if v is not inner})
 
 
+def unsupported_reason(cfg) -> str | None:
+    """Why the Trainer cannot run ``cfg``'s optimizer under its sharding scheme (None if it can; the
+    planner's :func:`estimators.planner.sharding_support`), or why this machine cannot launch it."""
+    if not is_distributed(cfg):
+        return None
+    from estimators.planner import sharding_support
+
+    ok, why = sharding_support(cfg.optim, cfg.sharding, cfg.num_processes)
+    if not ok:
+        return why
+    if cfg.sharding in ZERO_STAGES:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            return (f"{cfg.sharding} needs DeepSpeed, which is not installed: pip install deepspeed "
+                    "(or pip install 'optimem[distributed]')")
+    return None
+
+
 # ------------------------------------------------------------------------------------------ the launch
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (torchrun's rendezvous)."""
@@ -530,15 +549,29 @@ def predict_per_rank(cfg, device: str) -> dict[str, Any]:
     if not ok:
         return {"supported": False, "reason": why}
     try:
-        mem = step_memory(replace(cfg.setup(), device=device), cfg.batch_size)
+        mem = step_memory(setup_for(cfg, device), cfg.batch_size)
     except UserError as exc:
         return {"supported": False, "reason": str(exc)}
     t = mem.terms
+    per_rank = [int(g) for g in rank_gradients(setup_for(cfg, device))]
     return {"supported": True, "reason": why, "peak_bytes": int(mem.peak), "peak_phase": mem.peak_phase,
             "weights_bytes": int(t["weights"] + t["master_weights"]),
-            "gradients_bytes": int(t["gradients"] + t["grad_partition_fp32"]),
+            "gradients_bytes": int(t["gradients"]), "gradients_bytes_per_rank": per_rank,
             "optimizer_state_bytes": int(t["optimizer_state"]),
             "terms": {k: int(v) for k, v in t.items()}, "breakdown": {k: int(v) for k, v in mem.breakdown.items()}}
+
+
+def setup_for(cfg, device: str):
+    from dataclasses import replace
+
+    return replace(cfg.setup(), device=device)
+
+
+def rank_gradients(setup) -> list[int]:
+    """The planner's gradient storage at the optimizer step for each rank (bytes)."""
+    from estimators.planner import model_state_terms
+
+    return [model_state_terms(setup, rank=r)["gradients"] for r in range(setup.num_processes)]
 
 
 def section(cfg, payload: Mapping[str, Any], *, timeout_s: float, device: str) -> dict[str, Any] | None:

@@ -85,7 +85,9 @@ def skip_reason(cfg: RunConfig, device: str) -> str | None:
     if device == "cpu" and not spec.runs_on_cpu:
         note = spec.cpu_note or "it needs CUDA"
         return f"{spec.name} cannot run on CPU: {note}"
-    return None
+    from harness.distributed import unsupported_reason
+
+    return unsupported_reason(cfg)
 
 
 def resolve_device(cfg: RunConfig) -> str:
