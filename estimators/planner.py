@@ -941,13 +941,29 @@ def _notes(optim: str, sharding: str, num_gpus: int) -> list[str]:
         out.append("optimizer state lives in host memory (not counted against the GPU)")
     if sharding in ZERO and spec.family == "adafactor":
         out.append("under ZeRO the optimizer sees 1-D partitions: Adafactor's second moment is not factored")
-    if sharding == "fsdp" and spec.cls.split(".")[0] not in ("torch", "transformers"):
-        out.append("FSDP2 hands the optimizer DTensor shards; optimem has not run these optimizers there: "
-                   "the state shown is their formula / N")
+    if sharding == "fsdp" and spec.cls.split(".")[0] not in ("torch", "transformers", "bitsandbytes"):
+        out.append("FSDP2 hands the optimizer DTensor shards; optimem has not run this optimizer there: "
+                   "the state shown is its formula / N")
     if sharding in ZERO and spec.cls not in ("torch.optim.AdamW", "torch.optim.Adam"):
         out.append("outside DeepSpeed's tested ZeRO optimizers (the Trainer sets zero_allow_untested_optimizer); "
                    "state shown is their formula on the flat fp32 partitions")
     return out
+
+
+CHECKED_ON_CPU = "results/cpu-amd-epyc-2026-12-01-distributed.jsonl"
+"""Where the per-rank sharding model was measured: 2 CPU ranks (gloo), fp32 training."""
+
+
+def verification_note(setup: TrainingSetup) -> str | None:
+    """What the per-rank sharding model of ``setup`` has been checked against, and what only a GPU can check."""
+    if setup.sharding == "none":
+        return None
+    if setup.sixteen_bit:
+        return (f"{setup.sharding}: the per-rank model was measured on 2 CPU ranks in fp32 only ({CHECKED_ON_CPU}); "
+                "its 16-bit paths (DeepSpeed's bf16/fp16 flat groups and fp32 gradient copy, FSDP2's "
+                "MixedPrecisionPolicy) and NCCL can only be checked on GPUs: not yet measured")
+    return (f"{setup.sharding}: per-rank model measured on 2 CPU ranks, fp32 ({CHECKED_ON_CPU}); on GPUs (NCCL, "
+            "the CUDA allocator) not yet measured")
 
 
 def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADROOM, checkpointing: str = "auto",
@@ -965,6 +981,9 @@ def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADRO
     if why:
         row.notes.append(why)
     row.notes.extend(_notes(setup.optim, setup.sharding, setup.num_processes))
+    checked = verification_note(setup)
+    if checked:
+        row.notes.append(checked)
     if not gpu.peak_flops(setup.compute_dtype):
         row.notes.append(f"{gpu.name} has no fast {setup.compute_dtype} path")
     modes = {"auto": (False, True), "on": (True,), "off": (False,)}[checkpointing]
@@ -1051,4 +1070,5 @@ __all__ = ["DEFAULT_HEADROOM", "DEFAULT_MFU", "DEFAULT_OPTIMS", "GPU", "GPU_CATA
            "BREAKDOWN", "PLAN_DEFAULTS", "PlanRow", "RECOMPUTE_FACTOR", "SHARDINGS", "ZERO3_SUB_GROUP", "StepMemory", "calibrate",
            "default_result_files", "fits", "flops_per_token", "load_gpus", "match_gpu", "max_micro_batch",
            "memory_vs_gpus", "min_gpus_to_fit", "model_facts", "model_state_terms", "plan_one", "plan_setup", "select_gpus",
-           "shard_model_states", "sharding_support", "step_memory", "throughput"]
+           "shard_layout", "shard_model_states", "sharding_support", "step_memory", "throughput", "verification_note",
+           "ShardLayout", "ZERO3_MAX_LIVE", "CHECKED_ON_CPU"]

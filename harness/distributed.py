@@ -590,3 +590,105 @@ def section(cfg, payload: Mapping[str, Any], *, timeout_s: float, device: str) -
             "command": got.get("command"), "training_arguments": trainer_args,
             "measured_rank": got.get("measured_rank"), "ranks": got.get("ranks") or [],
             "predicted": predict_per_rank(cfg, device)}
+
+
+# --------------------------------------------------------------------------------------- the report
+PEAK_TOLERANCE = 0.03
+STATE_TOLERANCE = 0.01
+"""What the per-rank prediction is held to (tests, the report): the peak within 3%, the optimizer state and
+the gradients within 1%."""
+
+
+def _err(predicted: int | None, measured: int | None) -> float | None:
+    if predicted is None or measured is None:
+        return None
+    if measured == 0:
+        return 0.0 if predicted == 0 else float("inf")
+    return (predicted - measured) / measured
+
+
+def rank_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per rank of a multi-process record: measured against predicted peak, gradients and optimizer
+    state (bytes) and the relative errors (``(predicted - measured) / measured``)."""
+    d = record.get("distributed") or {}
+    pred = d.get("predicted") or {}
+    c = record.get("config") or {}
+    out = []
+    for e in d.get("ranks") or []:
+        m = e.get("measured") or {}
+        ms = m.get("model_states") or {}
+        r = int(e.get("rank", 0))
+        per = pred.get("gradients_bytes_per_rank") or []
+        row = {"optim": c.get("optim"), "model": c.get("model"), "scheme": d.get("scheme"),
+               "world_size": d.get("world_size"), "rank": r, "status": e.get("status"), "reason": e.get("reason"),
+               "supported": bool(pred.get("supported")),
+               "peak": m.get("peak_bytes"), "peak_predicted": pred.get("peak_bytes"),
+               "gradients": ms.get("gradients"),
+               "gradients_predicted": per[r] if r < len(per) else pred.get("gradients_bytes"),
+               "optimizer_state": ms.get("optimizer_state", m.get("optimizer_state_bytes")),
+               "optimizer_state_predicted": pred.get("optimizer_state_bytes"),
+               "weights": (ms.get("weights") or 0) + (ms.get("master_weights") or 0) if ms else None,
+               "weights_predicted": pred.get("weights_bytes")}
+        for k in ("peak", "gradients", "optimizer_state", "weights"):
+            row[f"{k}_error"] = _err(row[f"{k}_predicted"], row[k]) if e.get("status") == "ok" else None
+        row["within"] = (e.get("status") == "ok" and row["peak_error"] is not None
+                         and abs(row["peak_error"]) <= PEAK_TOLERANCE
+                         and abs(row["gradients_error"]) <= STATE_TOLERANCE
+                         and abs(row["optimizer_state_error"]) <= STATE_TOLERANCE)
+        out.append(row)
+    return out
+
+
+def markdown(records) -> str:
+    """A Markdown table of every rank of every multi-process record (skipped and failed runs listed with
+    their reason)."""
+    from harness.units import human_bytes
+
+    def pct(x):
+        return "" if x is None else ("exact" if x == 0 else f"{x:+.2%}")
+
+    head = ("| optimizer | model | scheme | rank | peak measured | predicted | error | gradients | error "
+            "| optimizer state | error | within |\n| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+            "| ---: | --- |")
+    lines, notes = [head], []
+    for rec in records:
+        if not rec.get("distributed"):
+            if (rec.get("config") or {}).get("num_processes", 1) > 1:
+                c = rec["config"]
+                notes.append(f"- {c['optim']} {c['model']} {c.get('sharding')}: {rec['status']}: {rec['reason']}")
+            continue
+        rows = rank_rows(rec)
+        if rec.get("status") != "ok":
+            c = rec["config"]
+            notes.append(f"- {c['optim']} {c['model']} {c.get('sharding')}: {rec['status']}: {rec['reason']}")
+            continue
+        for r in rows:
+            lines.append(f"| {r['optim']} | {r['model']} | {r['scheme']} | {r['rank']} | {human_bytes(r['peak'])} "
+                         f"| {human_bytes(r['peak_predicted'])} | {pct(r['peak_error'])} | {human_bytes(r['gradients'])} "
+                         f"| {pct(r['gradients_error'])} | {human_bytes(r['optimizer_state'])} "
+                         f"| {pct(r['optimizer_state_error'])} | {'yes' if r['within'] else 'NO'} |")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harness.distributed RESULTS.jsonl [--markdown OUT.md]``: the per-rank table."""
+    import argparse
+
+    from harness.results import load_records
+
+    p = argparse.ArgumentParser(prog="python -m harness.distributed",
+                                description="per-rank measured vs predicted table of multi-process records")
+    p.add_argument("results", nargs="+")
+    p.add_argument("--markdown", metavar="OUT.md")
+    args = p.parse_args(argv)
+    recs = [r for r in load_records(args.results) if (r.get("config") or {}).get("num_processes", 1) > 1]
+    text = markdown(recs)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    print(text, end="")
+    bad = [r for rec in recs if rec.get("status") == "ok" for r in rank_rows(rec) if not r["within"]]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -131,6 +131,8 @@ def _header(record: dict) -> list[str]:
         extra.append("gradient checkpointing")
     status = {"ok": "ok", "skipped": "skipped", "oom": "OUT OF MEMORY", "error": "ERROR"}[record["status"]]
     took = f", {run['duration_s']:.1f} s" if run.get("duration_s") else ""
+    if c.get("num_processes", 1) > 1:
+        shape += f", {c['num_processes']} processes, {c.get('sharding')}"
     return [f"bench run: {c['optim']} on {c['model']}: {status}",
             f"  {device} ({env.get('device_name') or 'unknown device'}), {precision}, {shape}, "
             f"{c['steps']} steps ({c['warmup']} warmup){took}" + (", " + ", ".join(extra) if extra else "")]
@@ -151,7 +153,13 @@ def render(record: dict, saved: str | None = None) -> str:
             if record["status"] == "skipped" and pred:
                 console.print(f"  predicted optimizer state: {human_bytes(pb.get('optimizer_state'))} "
                               f"(run 'bench estimate --optim {record['config']['optim']}' for the whole prediction)")
-        if m:
+        if record.get("distributed"):
+            console.print()
+            console.print(_rank_table(record))
+        if m and record.get("distributed"):
+            console.print()
+            console.print(_phase_table(m))
+        elif m:
             console.print()
             console.print(_memory_table(m, pb))
             console.print()
@@ -183,6 +191,21 @@ def _memory_table(m: dict, pb: dict):
             ("whole-step peak", "peak_bytes", "peak"))
     for label, mk, pk in rows:
         t.add_row(f"  {label}", human_bytes(m.get(mk)), human_bytes(pb.get(pk)), _pct(m.get(mk), pb.get(pk)))
+    return t
+
+
+def _rank_table(record: dict):
+    """Per rank: measured against the planner's per-rank prediction."""
+    from harness.distributed import rank_rows
+
+    d = record["distributed"]
+    t = _table(f"  {d['scheme']} x {d['world_size']} ({d.get('backend')})", "peak", "predicted", "error",
+               "gradients", "predicted", "opt. state", "predicted")
+    for r in rank_rows(record):
+        err = _pct(r["peak"], r["peak_predicted"]) if r["status"] == "ok" else r["status"]
+        t.add_row(f"  rank {r['rank']}", human_bytes(r["peak"]), human_bytes(r["peak_predicted"]), err,
+                  human_bytes(r["gradients"]), human_bytes(r["gradients_predicted"]),
+                  human_bytes(r["optimizer_state"]), human_bytes(r["optimizer_state_predicted"]))
     return t
 
 
