@@ -342,6 +342,18 @@ def flops_per_token(facts: ModelFacts, seq_len: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- sharding
+FSDP2_FAILS: dict[str, str] = {
+    "bitsandbytes": "bitsandbytes' update kernels have no DTensor sharding strategy (NotImplementedError: Operator "
+                    "bitsandbytes.optimizer_update_32bit.default does not have a sharding strategy registered)",
+    "transformers.optimization.Adafactor": "transformers' Adafactor mixes its plain factored state with the "
+                                           "DTensor gradient (RuntimeError: aten.add_.Tensor got mixed "
+                                           "torch.Tensor and DTensor)",
+}
+"""Optimizers whose step fails on FSDP2's DTensor parameters (by package or class), with the error a real run
+raised (measured on CPU ranks: results/cpu-amd-epyc-2026-12-01-distributed.jsonl; DTensor dispatch is the same
+on GPUs)."""
+
+
 def sharding_support(optim: str, sharding: str, num_gpus: int) -> tuple[bool, str]:
     """``(allowed, reason)`` for running ``optim`` under ``sharding`` on ``num_gpus`` GPUs in the Trainer."""
     spec = get_spec(optim)
@@ -361,6 +373,10 @@ def sharding_support(optim: str, sharding: str, num_gpus: int) -> tuple[bool, st
         return False, (f"{optim} updates each parameter inside backward without all-reducing its gradient "
                        "(lomo_optim all-reduces only under DeepSpeed ZeRO-3): not data-parallel under "
                        f"{sharding}; use zero3 or one GPU")
+    if sharding == "fsdp":
+        why = FSDP2_FAILS.get(spec.cls) or FSDP2_FAILS.get(spec.import_name)
+        if why:
+            return False, f"{optim} cannot step FSDP2's DTensor parameters: {why}"
     if sharding in ZERO and spec.needs_target_modules:
         return False, (f"{optim} projects 2-D gradients; DeepSpeed ZeRO hands the optimizer flat 1-D "
                        "partitions and the projector indexes shape[1] (IndexError)")
@@ -516,7 +532,7 @@ def shard_model_states(*, sharding: str, num_gpus: int, weights: int, gradients:
         else:
             terms.update(weights=part(weights), gradients=part(gradients),
                          gathered_working_set=int(gathered_params) * int(gathered_elem_bytes))
-        terms["optimizer_state"] = part(optimizer_state)
+        terms["optimizer_state"] = part(optimizer_state) if flat_state is None else int(flat_state)
         return terms
     if sharding not in ZERO:
         raise UserError(f"unknown sharding '{sharding}': use one of {', '.join(SHARDINGS)}")
@@ -746,6 +762,40 @@ def _partition_sizes(inv: Inventory, sharding: str, n: int) -> list[int]:
     return out
 
 
+def _fsdp_state(setup: TrainingSetup, inv: Inventory, n: int) -> int:
+    """A rank's optimizer state under FSDP2, parameter by parameter: each state tensor of a parameter's shape is
+    a DTensor sharded on dim 0 (``ceil(d0 / N)`` rows), a 0-d step counter is whole on every rank. GaLore (its
+    ops run on the DTensor gradient; measured): the projector comes out of the SVD replicated, and the moments
+    of the projected gradient stay sharded when it is projected from the right (dim 0 kept), replicated when
+    from the left (dim 0 contracted). Device-resident keys only."""
+    from .estimate import _targets_key, targeted_names
+    from .optimizers import parse_optim_args
+    from .optimizers.lowrank import projection_side
+
+    spec = get_spec(setup.optim)
+    if spec.state_location == "host":
+        return 0
+    args = spec.resolve_args(parse_optim_args(setup.optim_args))
+    targeted = (targeted_names(inv, _targets_key(setup.optim_target_modules)) if spec.needs_target_modules
+                else frozenset())
+    total = 0
+    for row in inv.rows:
+        if not (row.trainable or spec.state_for_frozen):
+            continue
+        d0 = row.shape[0] if row.shape else 1
+        frac = _ceil_div(d0, n) / d0
+        projected = spec.family == "galore" and row.name in targeted and len(row.shape) == 2
+        side = projection_side(row.shape[0], row.shape[1], str(args.get("proj_type", "std"))) if projected else None
+        for key, nbytes in spec.param_state(ParamCtx(row, args, row.name in targeted)).items():
+            if key in spec.host_keys:
+                continue
+            whole = nbytes <= 8 or (projected and (key == "projector" or side != "right"))
+            total += nbytes if whole else math.ceil(nbytes * frac)
+    if spec.shared is not None:
+        total += sum(v for k, v in spec.shared(inv, args).items() if k not in spec.host_keys)
+    return total
+
+
 def _sharded_terms(setup: TrainingSetup, inv: Inventory, facts: ModelFacts, W: int, G: int, O: int, est,
                    rank: int | None = None) -> dict[str, int]:
     spec = get_spec(setup.optim)
@@ -757,6 +807,8 @@ def _sharded_terms(setup: TrainingSetup, inv: Inventory, facts: ModelFacts, W: i
                                      sizes=_partition_sizes(inv, setup.sharding, n))
     elif setup.sharding in ZERO:  # LOMO family on ZeRO-3: lomo_optim keeps its (tiny) state per full shape
         flat = O
+    if setup.sharding == "fsdp":
+        flat = _fsdp_state(setup, inv, n)
     layout = shard_layout(inv, facts, setup.sharding, n)
     param_bytes = DTYPES[normalize_dtype(setup.dtype)]
     if setup.sharding == "fsdp" and setup.mixed_precision:
@@ -941,7 +993,7 @@ def _notes(optim: str, sharding: str, num_gpus: int) -> list[str]:
         out.append("optimizer state lives in host memory (not counted against the GPU)")
     if sharding in ZERO and spec.family == "adafactor":
         out.append("under ZeRO the optimizer sees 1-D partitions: Adafactor's second moment is not factored")
-    if sharding == "fsdp" and spec.cls.split(".")[0] not in ("torch", "transformers", "bitsandbytes"):
+    if sharding == "fsdp" and spec.cls.split(".")[0] not in ("torch", "galore_torch"):
         out.append("FSDP2 hands the optimizer DTensor shards; optimem has not run this optimizer there: "
                    "the state shown is its formula / N")
     if sharding in ZERO and spec.cls not in ("torch.optim.AdamW", "torch.optim.Adam"):

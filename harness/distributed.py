@@ -670,6 +670,32 @@ def markdown(records) -> str:
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
+def summary_markdown(records) -> str:
+    """Per scheme: how many runs and ranks were checked, the optimizers and models, and the worst per-rank
+    errors of the peak, the gradients and the optimizer state."""
+    by: dict[str, list[dict]] = {}
+    for rec in records:
+        if rec.get("status") == "ok" and rec.get("distributed"):
+            by.setdefault(rec["distributed"]["scheme"], []).append(rec)
+    lines = ["| scheme | runs | ranks | optimizers | models | worst peak error | worst gradients error "
+             "| worst optimizer-state error | all within |", "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | --- |"]
+    for scheme in SCHEMES:
+        recs = by.get(scheme)
+        if not recs:
+            continue
+        rows = [r for rec in recs for r in rank_rows(rec)]
+
+        def worst(key):
+            return max((r[key] for r in rows if r[key] is not None), key=abs, default=None)
+
+        optims = sorted({r["optim"] for r in rows})
+        models = sorted({r["model"] for r in rows})
+        lines.append(f"| {scheme} | {len(recs)} | {len(rows)} | {', '.join(optims)} | {', '.join(models)} "
+                     f"| {worst('peak_error'):+.2%} | {worst('gradients_error'):+.3%} "
+                     f"| {worst('optimizer_state_error'):+.3%} | {'yes' if all(r['within'] for r in rows) else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m harness.distributed RESULTS.jsonl [--markdown OUT.md]``: the per-rank table."""
     import argparse
@@ -682,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", metavar="OUT.md")
     args = p.parse_args(argv)
     recs = [r for r in load_records(args.results) if (r.get("config") or {}).get("num_processes", 1) > 1]
-    text = markdown(recs)
+    text = summary_markdown(recs) + "\n" + markdown(recs)
     if args.markdown:
         Path(args.markdown).write_text(text)
     print(text, end="")

@@ -56,7 +56,7 @@ def test_ddp_two_cpu_ranks_match_the_per_rank_prediction():
 
 
 def test_fsdp2_two_cpu_ranks_shard_state_and_gradients():
-    rec = execute(_cfg("adamw_bnb_8bit", "tiny-gpt2", "fsdp"), timeout_s=300)
+    rec = execute(_cfg("adamw_torch", "tiny-gpt2", "fsdp"), timeout_s=300)
     rows = _check_ranks(rec)
     args = rec["distributed"]["training_arguments"]
     assert args["fsdp"] == "full_shard auto_wrap" and args["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["GPT2Block"]
@@ -88,7 +88,7 @@ def test_a_failing_rank_fails_the_whole_run_without_hanging():
 @pytest.mark.slow
 @pytest.mark.parametrize("optim, model, sharding", [
     ("adafactor", "tiny-gpt2", "ddp"), ("galore_adamw", "tiny-llama", "ddp"),
-    ("adamw_torch", "tiny-llama", "fsdp"), ("adafactor", "tiny-llama", "fsdp"),
+    ("adamw_torch", "tiny-llama", "fsdp"), ("galore_adamw", "tiny-gpt2", "fsdp"),
     pytest.param("adamw_bnb_8bit", "tiny-llama", "zero1", marks=needs_deepspeed),
     pytest.param("adamw_torch", "tiny-gpt2", "zero2", marks=needs_deepspeed),
     pytest.param("adamw_bnb_8bit", "tiny-gpt2", "zero3", marks=needs_deepspeed),
@@ -109,6 +109,8 @@ def test_unsupported_combinations_are_skipped_runs_with_the_reason():
     assert rec["status"] == "skipped" and "1-D partitions" in rec["reason"]
     rec = execute(_cfg("lomo", "tiny-llama", "ddp"), timeout_s=60)
     assert rec["status"] == "skipped" and "not data-parallel" in rec["reason"]
+    rec = execute(_cfg("adamw_bnb_8bit", "tiny-llama", "fsdp"), timeout_s=60)  # measured: NotImplementedError
+    assert rec["status"] == "skipped" and "DTensor" in rec["reason"]
 
 
 # --------------------------------------------------------------------------------------- pure functions
@@ -151,6 +153,19 @@ def test_zero_partition_edges_keep_whole_gradients():
     assert z3.persistent == sum(r.numel for r in inv.rows if r.numel < 10 * 64)  # norms, small biases: whole
 
 
+def test_fsdp2_state_of_galore_follows_dtensor_placements():
+    """GaLore under FSDP2 (measured, tiny-llama on 2 ranks: 1,189,120 B per rank, where an even split of the
+    single-process 1,942,016 B would be 971,008 B): the SVD's projector comes out replicated, the moments of a
+    gradient projected from the right keep its dim-0 shard, those projected from the left are replicated."""
+    from dataclasses import replace
+
+    s = replace(_cfg("galore_adamw", "tiny-llama", "fsdp").setup(), device="cpu")
+    assert P._fsdp_state(s, P._inventory("tiny-llama", "fp32"), 2) == 1_189_120
+    ok, why = P.sharding_support("adafactor", "fsdp", 2)
+    assert not ok and "mixed torch.Tensor and DTensor" in why
+    assert not P.sharding_support("adamw_bnb_8bit", "fsdp", 2)[0]
+
+
 # ------------------------------------------------------------------------------------ DeepSpeed's estimator
 @needs_deepspeed
 def test_zero_model_states_against_deepspeeds_estimator(n=8):
@@ -184,5 +199,6 @@ def test_zero_model_states_against_deepspeeds_estimator(n=8):
     sharded = t3["weights"] + t3["master_weights"] + t3["gradients"] + t3["optimizer_state"]
     assert sharded == pytest.approx(16 * p / n, rel=2e-3)  # DeepSpeed: 18P/N (a whole fp32 gradient partition)
     assert t3["gathered_working_set"] == 2 * min(p, P.ZERO3_MAX_LIVE)
-    assert t3["gathered_working_set"] > largest  # the difference DeepSpeed's estimator leaves out
+    # DeepSpeed's working set is 4 B x the largest layer (here the 525M-element embedding: 2.1 GB); ours is
+    # the live gathered parameters (2 GB here; the whole model below 1e9 parameters, as measured on CPU)
     assert math.isclose(largest, 4 * facts.largest_module_params)
