@@ -486,7 +486,7 @@ def combine(ranks: list[dict | None], *, returncode: int | None, timed_out: bool
 
     Status: ``ok`` when every rank is ``ok``; else ``oom`` when a rank ran out of memory (the kernel's
     SIGKILL of a rank counts), else ``error`` (a rank's error, a rank that died or hung, a timeout). The
-    reason names the first failing rank. ``measured``: the ``ok`` rank with the highest peak (the one a
+    reason names the rank that failed first (its peers' collective errors follow from it). ``measured``: the ``ok`` rank with the highest peak (the one a
     memory limit would hit first), else the first that measured anything."""
     entries = []
     for r, p in enumerate(ranks):
@@ -497,7 +497,9 @@ def combine(ranks: list[dict | None], *, returncode: int | None, timed_out: bool
             entries.append({"rank": r, "status": p.get("status", "error"), "reason": p.get("reason") or "",
                             "measured": p.get("measured"), "device_facts": p.get("device_facts") or {},
                             "detail": p.get("detail")})
-    failed = [e for e in entries if e["status"] != "ok"]
+    # the root cause first: the rank that failed earliest (its peers then fail in a collective)
+    ended = {r: float((p or {}).get("ended_at") or float("inf")) for r, p in enumerate(ranks)}
+    failed = sorted((e for e in entries if e["status"] != "ok"), key=lambda e: ended[e["rank"]])
     detail = next((e.get("detail") for e in failed if e.get("detail")), None)
     if timed_out:
         status = "error"
@@ -508,16 +510,13 @@ def combine(ranks: list[dict | None], *, returncode: int | None, timed_out: bool
         status, reason = "ok", ""
     else:
         ooms = [e for e in failed if e["status"] == "oom"]
-        first = ooms[0] if ooms else next((e for e in failed if e["measured"] is not None or e["reason"]), failed[0])
-        own = [e for e in failed if ranks[e["rank"]] is not None]
-        if ooms:
-            status, first = "oom", ooms[0]
-        elif own:
-            status, first = "error", own[0]
-        else:
+        own = [e for e in failed if ranks[e["rank"]] is not None]  # failed with a result of their own
+        if ooms or own:
+            first = (ooms or own)[0]
+            status, reason = ("oom" if ooms else "error"), f"rank {first['rank']}: {first['reason']}"
+            detail = first.get("detail") or detail
+        else:  # killed before writing anything (the kernel's OOM killer sends SIGKILL)
             status = "oom" if returncode is not None and returncode in (-9, 137) else "error"
-        reason = f"rank {first['rank']}: {first['reason']}"
-        if not own and not ooms:
             last = _last_line(log_tail)
             reason = (f"every failing rank died without a result (torchrun exited with {returncode})"
                       + (f": {last[:200]}" if last else ""))

@@ -364,7 +364,7 @@ class MeasuredRun:
         if self.nvml is not None:
             self.nvml.stop()
         return {"status": status, "reason": reason, "measured": self.measured(wall), "device_facts": self.facts,
-                "detail": detail}
+                "detail": detail, "ended_at": time.time()}
 
     # ------------------------------------------------------------------------------------- figures
     def _throughput(self) -> dict[str, Any]:
