@@ -14,13 +14,17 @@ run, on ``N`` processes started by ``torchrun`` (``python -m torch.distributed.r
   clipping, precision, the hidden-size-based bucket sizes) and ``zero_allow_untested_optimizer`` (the Trainer
   builds the optimizer; DeepSpeed wraps it).
 
-The backend is what accelerate picks: NCCL on CUDA, gloo on CPU (``TrainingArguments(use_cpu=True)``).
+The backend is what accelerate picks: NCCL on CUDA, gloo on CPU. accelerate takes its FSDP and DeepSpeed
+paths only on accelerators; on CPU ranks :func:`enable_cpu_sharding` lets it take the same branches.
 
 :func:`launch` runs the job: one torchrun in its own session with the per-run timeout; each rank writes
-``RESULT.rank<R>`` (the worker's payload plus ``rank``); when one rank fails, torchrun's agent tears the
-others down (and a gloo/NCCL collective that waits on a dead peer times out after ``ddp_timeout``). The
-outcome is one status for the whole run (:func:`combine`): ``ok`` only when every rank is ``ok``, else
-``oom`` if any rank ran out of memory, else ``error``, with the first failing rank's reason.
+``RESULT.rank<R>`` (the worker's payload); when one rank fails, torchrun's agent tears the others down (and a
+gloo/NCCL collective that waits on a dead peer times out after ``ddp_timeout``). The outcome is one status for
+the whole run (:func:`combine`): ``ok`` only when every rank is ``ok``, else ``oom`` if any rank ran out of
+memory, else ``error``, with the reason of the rank that failed first. Inside a rank, :class:`RankView` tells
+the trackers what the engine made of the parameters, gradients and optimizer state. :func:`section` is the
+record's ``distributed`` part (every rank beside the planner's per-rank prediction, :func:`predict_per_rank`);
+``python -m harness.distributed RESULTS.jsonl`` prints the per-rank table (:func:`markdown`).
 """
 from __future__ import annotations
 
@@ -177,10 +181,12 @@ def _storage_bytes(tensors, seen: set | None = None) -> int:
     """Unique storage bytes of the plain tensors behind ``tensors`` (DTensors opened; meta skipped)."""
     from harness.state_walker import _plain_tensors
 
+    import torch
+
     seen = set() if seen is None else seen
     total = 0
     for t in tensors:
-        if not isinstance(t, torch_tensor()):
+        if not isinstance(t, torch.Tensor):
             continue
         for pt in _plain_tensors(t):
             if pt.device.type == "meta":
@@ -192,12 +198,6 @@ def _storage_bytes(tensors, seen: set | None = None) -> int:
             seen.add(key)
             total += st.nbytes()
     return total
-
-
-def torch_tensor():
-    import torch
-
-    return torch.Tensor
 
 
 class RankView:
@@ -321,9 +321,7 @@ class RankView:
         grads = _storage_bytes([p.grad for p in self.params] + [p.grad for p in self.master_weights()], seen)
         buckets = 0
         if self.zero is not None:
-            found, by_key = self._engine_buffers()
-            if os.environ.get("OPTIMEM_DEBUG"):
-                open(os.environ["OPTIMEM_DEBUG"], "a").write(f"{self.rank} {by_key}\n")
+            _, by_key = self._engine_buffers()
             for key, nbytes in by_key.items():
                 if "ipg" in key:
                     buckets += nbytes

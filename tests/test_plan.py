@@ -144,8 +144,9 @@ def test_sharded_adamw_matches_deepspeed_and_fsdp_by_hand():
 
 def test_sharding_uses_each_optimizers_own_state():
     n = 8
-    single = estimate(LLAMA3, "adamw_bnb_8bit").bytes["optimizer_state_device"]
-    assert _terms("adamw_bnb_8bit", "fsdp")["optimizer_state"] == math.ceil(single / n)
+    assert not P.sharding_support("adamw_bnb_8bit", "fsdp", n)[0]  # bitsandbytes cannot step FSDP2's DTensors
+    single = estimate(LLAMA3, "adamw_torch_4bit").bytes["optimizer_state_device"]
+    assert _terms("adamw_torch_4bit", "fsdp")["optimizer_state"] == pytest.approx(single / n, rel=1e-3)
     # ZeRO's flat fp32 partitions: blockwise 8-bit codes + one fp32 absmax per 256 elements, 2 states, plus
     # the optimizer's quantization maps; the Trainer's 32-bit embedding override is not needed to match.
     z = _terms("adamw_bnb_8bit", "zero2")["optimizer_state"]
@@ -155,7 +156,7 @@ def test_sharding_uses_each_optimizers_own_state():
     af1 = estimate(LLAMA3, "adafactor").bytes["optimizer_state_device"]
     assert af1 < P8 * 0.01
     assert _terms("adafactor", "zero1")["optimizer_state"] == 4 * (P8 // n) + 2 * 4  # exp_avg_sq + RMS per group
-    assert _terms("adafactor", "fsdp")["optimizer_state"] == math.ceil(af1 / n)
+    assert not P.sharding_support("adafactor", "fsdp", n)[0]  # transformers' Adafactor cannot step DTensors
     # Host-resident state is not GPU memory.
     assert _terms("grokadamw", "zero2")["optimizer_state"] == 0
     assert _terms("grokadamw", "ddp")["optimizer_state"] == 0

@@ -199,7 +199,7 @@ def _rank_table(record: dict):
     from harness.distributed import rank_rows
 
     d = record["distributed"]
-    t = _table(f"  {d['scheme']} x {d['world_size']} ({d.get('backend')})", "peak", "predicted", "error",
+    t = _table(f"  per rank ({d.get('backend')})", "peak", "predicted", "error",
                "gradients", "predicted", "opt. state", "predicted")
     for r in rank_rows(record):
         err = _pct(r["peak"], r["peak_predicted"]) if r["status"] == "ok" else r["status"]
