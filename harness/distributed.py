@@ -89,6 +89,8 @@ def rank_training_arguments(cfg, model) -> dict[str, Any]:
     opened to CPU ranks first (:func:`enable_cpu_sharding`)."""
     if is_distributed(cfg) and cfg.sharding != "ddp" and cfg.resolved_device() == "cpu":
         enable_cpu_sharding()
+        if cfg.sharding in ZERO_STAGES:
+            skip_deepspeed_shm_op()
     return training_arguments(cfg, model, timeout_s=float(os.environ.get(TIMEOUT_ENV, 0)) or None)
 
 
@@ -164,6 +166,16 @@ def enable_cpu_sharding() -> None:
     PartialState._prepare_backend = _prepare_backend
     AcceleratorState.__init__ = __init__
     _CPU_SHARDING_ENABLED = True
+
+
+def skip_deepspeed_shm_op() -> None:
+    """Do not JIT-compile DeepSpeed's CPU shared-memory all-reduce op. DeepSpeed builds it when its comm
+    backend starts on CPU (a minute of compiler time on a fresh 2-core machine) but uses it only in
+    ``inference_all_reduce``; training collectives go through torch.distributed (gloo) either way."""
+    import importlib
+
+    # (``import deepspeed.comm.torch as m`` would bind the torch package: deepspeed.comm re-exports it)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 # ------------------------------------------------------------------------------------- inside a rank
