@@ -112,11 +112,9 @@ def phase_results(inv, setting: Setting, grad_accum: int, step: StepModel, state
 
 
 def evaluate(results: dict[str, PhaseResult], offsets: dict, b: int, s: int) -> StepMemory:
-    import numpy as np
-
     from .memsim import basis
 
-    x = np.array(basis(b, s), dtype=np.int64)
+    x = basis(b, s)  # Python ints: PhaseResult evaluates exactly, in int64 only where that cannot wrap
     phases: dict = {}
     counts: dict = {}
     best, best_phase = -1, None

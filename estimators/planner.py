@@ -143,6 +143,8 @@ class GPU:
 
 
 def _gpu_from_dict(d: Mapping[str, Any], where: str) -> GPU:
+    if not isinstance(d, Mapping):
+        raise UserError(f"{where}: a GPU entry must be a mapping (id, memory_gb, tflops...), got {d!r:.80}")
     try:
         gid = str(d["id"]).strip().lower()
         mem = float(d["memory_gb"]) if d.get("memory_gb") is not None else None
@@ -151,11 +153,30 @@ def _gpu_from_dict(d: Mapping[str, Any], where: str) -> GPU:
             raise KeyError("memory_gb")
         tflops = {str(k).lower(): (float(v) if v is not None else None) for k, v in (d.get("tflops") or {}).items()}
         ctx = float(d.get("context_gib", 0.5))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UserError(f"{where}: GPU entry {dict(d).get('id', '?')!r} is malformed ({exc!s}); each needs id, "
                         "memory_gb (or reported_gib) and tflops {bf16: ..., fp16: ..., fp32: ...}") from None
     if not any(tflops.values()):
         raise UserError(f"{where}: GPU {gid!r} gives no TFLOP/s figure (tflops: {{bf16: ..., fp16: ...}})")
+    if not gid:
+        raise UserError(f"{where}: a GPU entry has an empty id; give each GPU an id such as 'h100-sxm'")
+    checks = [("memory_gb", mem, False), ("reported_gib", reported, False), ("context_gib", ctx, True),
+              ("bandwidth_gbs", d.get("bandwidth_gbs"), False), ("usd_per_hour", d.get("usd_per_hour"), True),
+              *((f"tflops.{k}", v, True) for k, v in tflops.items())]
+    for key, value, zero_ok in checks:
+        if value is None:
+            continue
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            v = float("nan")
+        if isinstance(value, bool) or not (v >= 0 if zero_ok else v > 0) or v == float("inf"):
+            raise UserError(f"{where}: GPU {gid!r}: {key} must be a {'non-negative' if zero_ok else 'positive'} "
+                            f"finite number, got {value!r}")
+    total = float(reported) * GIB if reported is not None else mem * 1e9
+    if ctx * GIB >= total:
+        raise UserError(f"{where}: GPU {gid!r}: context_gib {ctx} leaves no memory of its "
+                        f"{total / GIB:.1f} GiB for tensors; give the CUDA context's size (about 0.5)")
     return GPU(id=gid, name=str(d.get("name") or gid), vendor=str(d.get("vendor") or ""),
                memory_gb=mem if mem is not None else float(reported) * GIB / 1e9,
                reported_bytes=int(float(reported) * GIB) if reported is not None else None,
@@ -171,7 +192,9 @@ def _gpu_from_dict(d: Mapping[str, Any], where: str) -> GPU:
 def _read_gpu_file(path: str | Path) -> list[Mapping[str, Any]]:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"GPU file {path} is not a JSON or YAML text file (byte {exc.start} is not UTF-8)") from None
     except OSError as exc:
         raise UserError(f"cannot read GPU file {path}: {exc.strerror or exc}") from None
     try:
@@ -515,7 +538,7 @@ def shard_model_states(*, sharding: str, num_gpus: int, weights: int, gradients:
     n = max(int(num_gpus), 1)
 
     def part(x: int) -> int:
-        return math.ceil(x / n)
+        return -(-int(x) // n)  # exact ceil(x / n), whatever the size
 
     terms = {"weights": 0, "master_weights": 0, "gradients": 0, "grad_partition_fp32": 0, "optimizer_state": 0,
              "gathered_working_set": 0, "ddp_buckets": 0, "grad_buckets": 0}
@@ -576,13 +599,23 @@ PLAN_DEFAULTS: dict = {"mixed_precision": "bf16", "seq_len": 2048}
 2048 tokens per sample; every other field has :class:`~estimators.setup.TrainingSetup`'s default."""
 
 
-def plan_setup(model: str, optim: str, **fields) -> TrainingSetup:
+def plan_setup(model: Any, optim: Any, **fields) -> TrainingSetup:
     """A :class:`~estimators.setup.TrainingSetup` with the planner's defaults (:data:`PLAN_DEFAULTS`), and
-    GaLore/APOLLO's default targets where none are given."""
-    spec = get_spec(optim)
-    if spec.needs_target_modules and not fields.get("optim_target_modules"):
-        fields["optim_target_modules"] = DEFAULT_TARGETS
-    return TrainingSetup(model=model, optim=optim, **{**PLAN_DEFAULTS, **fields})
+    GaLore/APOLLO's default targets where none are given.
+
+    ``model``: a model name, or the user's own config / ``PreTrainedModel`` / PEFT model; ``optim``: an optimizer
+    name, or the ``transformers.TrainingArguments`` of the run (then its precision, batch, accumulation,
+    checkpointing and parallelism are the setup's, and only the sequence length takes the planner's default).
+    See :func:`estimators.user_objects.setup_for`."""
+    from .user_objects import is_training_arguments, setup_for
+
+    if is_training_arguments(optim):
+        setup = setup_for(model, optim, **{"seq_len": PLAN_DEFAULTS["seq_len"], **fields})
+    else:
+        setup = setup_for(model, get_spec(optim).name, **{**PLAN_DEFAULTS, **fields})
+    if get_spec(setup.optim).needs_target_modules and not setup.optim_target_modules:
+        setup = replace(setup, optim_target_modules=DEFAULT_TARGETS)
+    return setup
 
 
 BREAKDOWN = ("weights", "gradients", "optimizer_state", "activations", "temporaries", "other", "sharding_overhead")
@@ -713,7 +746,7 @@ def _step_memory_cached(setup: TrainingSetup, batch: int) -> StepMemory:
         if setup.sharding == "zero3" and G:
             parts["gradients"] = terms["gradients"] + (terms["grad_partition_fp32"] if is_step else 0)
         if is_step and shards_step:
-            parts["temporaries"] = math.ceil(parts["temporaries"] / setup.num_processes)
+            parts["temporaries"] = -(-parts["temporaries"] // setup.num_processes)  # exact ceil
         if cast_cache and name.endswith("forward"):
             parts["activations"] -= min(cast_cache, parts["activations"])
         known = sum(_pick(comps, keys, 0) for keys in (("weights", "parameters", "params"), ("gradients", "grads", "grad"),
@@ -880,49 +913,62 @@ def _record_compute(config: Mapping[str, Any]) -> str | None:
     return str(dt) if dt else None
 
 
-def calibrate(paths: Iterable[str | Path], catalog: Mapping[str, GPU]) -> dict[tuple[str, str, str], Calibration]:
-    """MFU per ``(gpu id, model, compute dtype)`` from recorded runs (JSONL records written by ``bench run``).
-
-    Uses ``ok`` CUDA records with a measured MFU. The achieved FLOP/s (``mfu x peak_flops`` of the record) is
-    divided by this catalog's peak for the same GPU and dtype, and by :data:`RECOMPUTE_FACTOR` undone for runs
-    with gradient checkpointing, so the figure is comparable with :data:`DEFAULT_MFU`. The median per key wins.
-    """
-    from .catalog import resolve
-
-    samples: dict[tuple[str, str, str], list[float]] = {}
-    for path in paths:
-        path = Path(path)
+def _records(sources: Iterable[str | Path | Mapping]) -> Iterable[Mapping]:
+    """Records from run records themselves or JSONL files of them (lines that are not JSON objects skipped;
+    the harness reads files with :func:`harness.record.read_records`, which says what it skipped)."""
+    for source in sources:
+        if isinstance(source, Mapping):
+            yield source
+            continue
+        path = Path(source)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_bytes().decode("utf-8", "replace").splitlines()
         except OSError:
             continue
         for line in lines:
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:
                 continue
-            if not isinstance(rec, dict) or rec.get("status") != "ok":
-                continue
-            meas, env, cfg = rec.get("measured") or {}, rec.get("env") or {}, rec.get("config") or {}
-            tp = meas.get("throughput") or {}
-            mfu = tp.get("mfu")
-            if meas.get("device") != "cuda" or not isinstance(mfu, (int, float)) or mfu <= 0:
-                continue
-            gpu = match_gpu(str(env.get("device_name") or ""), catalog)
-            compute = _record_compute(cfg)
-            if gpu is None or compute is None:
-                continue
-            ours = gpu.peak_flops(compute)
-            if not ours:
-                continue
-            theirs = tp.get("peak_flops")
-            achieved = float(mfu) * float(theirs) if isinstance(theirs, (int, float)) and theirs else float(mfu) * ours
-            value = achieved / ours * (RECOMPUTE_FACTOR if cfg.get("gradient_checkpointing") else 1.0)
-            try:
-                model = resolve(str(cfg.get("model"))).name
-            except UserError:
-                model = str(cfg.get("model"))
-            samples.setdefault((gpu.id, model, compute), []).append(value)
+            if isinstance(rec, Mapping):
+                yield rec
+
+
+def calibrate(paths: Iterable[str | Path | Mapping], catalog: Mapping[str, GPU]) -> dict[tuple[str, str, str], Calibration]:
+    """MFU per ``(gpu id, model, compute dtype)`` from recorded runs (JSONL records written by ``bench run``, or
+    the records themselves).
+
+    Uses ``ok`` CUDA records with a measured MFU. The achieved FLOP/s (``mfu x peak_flops`` of the record) is
+    divided by this catalog's peak for the same GPU and dtype, and by :data:`RECOMPUTE_FACTOR` undone for runs
+    with gradient checkpointing, so the figure is comparable with :data:`DEFAULT_MFU`. The median per key wins.
+    """
+    from .catalog import canonical_name
+
+    samples: dict[tuple[str, str, str], list[float]] = {}
+    for rec in _records(paths):
+        if rec.get("status") != "ok":
+            continue
+        meas, env, cfg = rec.get("measured") or {}, rec.get("env") or {}, rec.get("config") or {}
+        if not all(isinstance(x, Mapping) for x in (meas, env, cfg)):
+            continue
+        tp = meas.get("throughput") or {}
+        if not isinstance(tp, Mapping):
+            continue
+        mfu = tp.get("mfu")
+        if meas.get("device") != "cuda" or not isinstance(mfu, (int, float)) or mfu <= 0:
+            continue
+        gpu = match_gpu(str(env.get("device_name") or ""), catalog)
+        compute = _record_compute(cfg)
+        if gpu is None or compute is None:
+            continue
+        ours = gpu.peak_flops(compute)
+        if not ours:
+            continue
+        theirs = tp.get("peak_flops")
+        achieved = float(mfu) * float(theirs) if isinstance(theirs, (int, float)) and theirs else float(mfu) * ours
+        value = achieved / ours * (RECOMPUTE_FACTOR if cfg.get("gradient_checkpointing") else 1.0)
+        model = canonical_name(str(cfg.get("model")))  # never fetches a Hub id's config
+        samples.setdefault((gpu.id, model, compute), []).append(value)
     return {k: Calibration(k[0], k[1], k[2], statistics.median(v), len(v)) for k, v in samples.items()}
 
 
@@ -1064,9 +1110,9 @@ def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADRO
     facts = model_facts(_inventory(setup.model, setup.dtype))
     cal = None
     if calibration:
-        from .catalog import resolve
+        from .catalog import canonical_name
 
-        cal = calibration.get((gpu.id, resolve(setup.model).name, setup.compute_dtype))
+        cal = calibration.get((gpu.id, canonical_name(setup.model), setup.compute_dtype))
     if cal is not None:
         tp = throughput(facts, gpu, s, mfu=cal.mfu, mfu_source=f"measured ({cal.runs} run{'s' * (cal.runs > 1)})")
     else:

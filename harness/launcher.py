@@ -50,10 +50,7 @@ def check_config(cfg: RunConfig) -> None:
     spec = get_spec(cfg.optim)
     if spec.availability == "removed":
         raise UserError(spec.reason)
-    cfg.check_trainable()
-    if cfg.warmup >= cfg.steps:
-        raise UserError(f"warmup ({cfg.warmup}) must be smaller than steps ({cfg.steps}): throughput is measured "
-                        "over the steps after warmup")
+    cfg.check_trainable()  # the setup's checks and the run's (RunConfig.check_trainable)
 
 
 def predict(cfg: RunConfig) -> dict[str, Any] | None:
@@ -121,7 +118,10 @@ def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault:
     ``command`` replaces ``[python, -m, harness.worker]`` (the job and result paths are appended): tests use
     it to stand in a worker that hangs or crashes.
     """
-    with tempfile.TemporaryDirectory(prefix="optimem-run-") as tmp:
+    from harness.worker import RUN_DIR_ENV, RUN_DIR_PREFIX
+
+    # ignore_cleanup_errors: a worker whose parent died removes the folder itself (see harness.worker)
+    with tempfile.TemporaryDirectory(prefix=RUN_DIR_PREFIX, ignore_cleanup_errors=True) as tmp:
         tmpdir = Path(tmp)
         job = tmpdir / "job.json"
         result = tmpdir / "result.json"
@@ -132,6 +132,7 @@ def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault:
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env[RUN_DIR_ENV] = str(tmpdir)
         start = time.perf_counter()
         with open(log, "wb") as logfh:
             argv = list(command or [sys.executable, "-m", "harness.worker"]) + [str(job), str(result)]

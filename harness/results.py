@@ -25,10 +25,12 @@ PEAK_KEYS: tuple[str, ...] = ("peak", "peak_total", "total_peak", "peak_bytes", 
 whole-job peak, once it estimates activations); without one the peak is the sum of the parts."""
 
 
-def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[dict]:
+def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, reports: list | None = None) -> list[dict]:
     """Every record in one or more JSONL files, file order kept; each gets ``_source`` (the file) and
-    ``_line`` (its position). Lines that do not parse and non-record lines (``kind`` set) are skipped."""
-    from harness.record import read_records
+    ``_line`` (its position). Lines that are not records this optimem reads are skipped (and said so on stderr:
+    see :func:`harness.record.read_records`; ``reports`` collects a :class:`~harness.record.ReadReport` per
+    file); non-record lines (``kind`` set) are left out."""
+    from harness.record import ReadReport, read_records
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -39,13 +41,24 @@ def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
             from estimators.errors import UserError
 
             raise UserError(f"no such results file: {path}")
-        for i, rec in enumerate(read_records(p)):
+        report = ReadReport(str(p))
+        if reports is not None:
+            reports.append(report)
+        for i, rec in enumerate(read_records(p, report=report)):
             if rec.get("kind") or "config" not in rec or "status" not in rec:
                 continue
             rec["_source"] = str(p)
             rec["_line"] = i
             out.append(rec)
     return out
+
+
+def none_read(paths: Iterable[str], reports: list) -> str:
+    """Why no run record came out of ``paths``: an empty file, or every line skipped (and why)."""
+    skipped = [f"{r.path} {r.summary(with_path=False)}" for r in reports if r.skipped]
+    if skipped:
+        return "no run record this optimem can read: " + "; ".join(skipped)
+    return f"no run records in {', '.join(map(str, paths))} (empty): run 'bench sweep' or 'bench run' first"
 
 
 def latest_by_key(records: Iterable[dict]) -> dict[str, dict]:
@@ -257,6 +270,7 @@ NUMERIC_COLUMNS = ["batch_size", "seq_len", "grad_accum", "memory_limit_bytes", 
                    "tokens_per_s", "step_time_p50", "optimizer_step_time_p50", "duration_s"]
 
 
-__all__ = ["BREAKDOWN", "BREAKDOWN_LABELS", "PEAK_KEYS", "latest_by_key", "load_records", "measured_parts",
-           "pct_error", "peak_phase", "predicted_parts", "predicted_peak", "rank_prediction", "record_row", "resolved_device",
+__all__ = ["BREAKDOWN", "BREAKDOWN_LABELS", "PEAK_KEYS", "latest_by_key", "load_records", "measured_parts", "none_read",
+           "pct_error", "peak_phase", "predicted_parts", "predicted_peak", "rank_prediction", "record_row",
+           "resolved_device",
            "step_times", "to_frame"]

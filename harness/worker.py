@@ -24,6 +24,11 @@ import traceback
 from typing import Any
 
 FAULT_ENV = "OPTIMEM_FAULT"
+RUN_DIR_PREFIX = "optimem-run-"
+"""The launcher's per-run temporary folder (job, result, log, the Trainer's output_dir): the worker removes it
+when the launcher dies before it could."""
+RUN_DIR_ENV = "OPTIMEM_RUN_DIR"
+"""Set by the launcher for the worker: the run's temporary folder (the Trainer's output_dir goes inside)."""
 STEP_COMPILED_PACKAGES = frozenset({"torchao", "flashoptim"})
 """Optimizers whose ``step()`` runs ``torch.compile(fullgraph=True)``, which refuses to trace under a
 Python dispatch mode: the tensor accountant is paused around their step."""
@@ -448,21 +453,40 @@ class MeasuredRun:
         return {"rank": self.shard.rank, "world_size": self.shard.world_size, "model_states": states}
 
 
-def _watch_parent(parent: int) -> None:
-    """Exit if the launching process goes away (so an orphaned run never keeps training)."""
+PARENT_DEATH_SIGNAL = signal.SIGUSR2
+"""What the kernel sends the worker when the thread that launched it dies (PR_SET_PDEATHSIG): a signal the
+launcher never sends itself (its timeout kill is SIGTERM, then SIGKILL), so the worker knows what it means."""
+
+
+def _watch_parent(parent: int, run_dir: str | None = None) -> None:
+    """Exit if the launching process goes away (so an orphaned run never keeps training), first removing the
+    run's temporary folder ``run_dir``: a launcher killed with SIGKILL cannot remove it itself. The kernel
+    sends :data:`PARENT_DEATH_SIGNAL` when the launching thread dies; a thread also checks the parent every
+    0.5 s (the signal waits while the main thread is inside a long C call)."""
+    import shutil  # imported before the handler exists: a handler that imports can deadlock an import under way
+
+    once = threading.RLock()  # the watch thread and the signal handler never remove the folder at the same time
+
+    def orphaned(*_) -> None:
+        with once:
+            if run_dir:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            os._exit(3)
+
     with contextlib.suppress(Exception):
         import ctypes
 
         libc = ctypes.CDLL(None)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        signal.signal(PARENT_DEATH_SIGNAL, orphaned)
+        libc.prctl(1, PARENT_DEATH_SIGNAL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:
-        os._exit(3)
+        orphaned()
 
     def loop() -> None:
         while True:
             time.sleep(0.5)
             if os.getppid() != parent:
-                os._exit(3)
+                orphaned()
 
     threading.Thread(target=loop, name="optimem-parent-watch", daemon=True).start()
 
@@ -492,7 +516,9 @@ def main(argv: list[str] | None = None) -> int:
         fault = (job.get("rank_faults") or {}).get(str(rank))
     else:
         if job.get("parent_pid"):
-            _watch_parent(int(job["parent_pid"]))
+            run_dir = os.path.dirname(os.path.abspath(config_path))
+            _watch_parent(int(job["parent_pid"]),
+                          run_dir if os.path.basename(run_dir).startswith(RUN_DIR_PREFIX) else None)
         fault = job.get("fault")
     from harness.scenario import RunConfig
 

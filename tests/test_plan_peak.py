@@ -29,7 +29,8 @@ def _max(optim: str, gpu: str, **kw) -> int:
     ("adamw_torch_fused", "l4", {"model": "Qwen/Qwen2.5-0.5B", "seq_len": 1024}),
     ("adamw_torch", "h100-sxm", {"num_processes": 8, "sharding": "fsdp"}),
     ("adamw_torch_fused", "a100-40gb", {"num_processes": 4, "sharding": "zero3", "gradient_checkpointing": True}),
-    ("lion_8bit", "rtx4090", {"model": "gpt2", "mixed_precision": "fp16", "num_processes": 2, "sharding": "zero2"}),
+    ("lion_8bit", "rtx4090", {"model": "gpt2", "seq_len": 1024, "mixed_precision": "fp16", "num_processes": 2,
+                              "sharding": "zero2"}),  # GPT-2 has 1024 learned positions
 ])
 def test_reported_batch_fits_and_one_more_does_not(optim, gpu, kw):
     s, budget = _setup(optim, **kw), GPUS[gpu].budget()
