@@ -241,6 +241,6 @@ def test_cli_rejects_bad_input(capsys):
 
     for argv, msg in ((["--gpus", "v100"], "not in the catalog"), (["--num-gpus", "0"], "at least 1"),
                       (["--headroom", "1.5"], "headroom"), (["--optim", "adamw_hf"], "removed"),
-                      (["--num-gpus", "4", "--sharding", "none"], "needs a sharding")):
+                      (["--num-gpus", "4", "--sharding", "none"], "need a sharding")):
         assert main(["plan", "--model", "tiny-llama", *argv]) == 2, argv
         assert msg in capsys.readouterr().err
