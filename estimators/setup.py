@@ -192,8 +192,8 @@ class TrainingSetup:
         with _field("sharding"):
             put("sharding", _choice("sharding", self.sharding, SHARDINGS))
             if self.sharding == "none" and self.num_processes > 1:
-                raise UserError(f"{self.num_processes} processes: num_processes > 1 needs a sharding scheme: ddp, "
-                                "zero1, zero2, zero3 or fsdp")
+                raise UserError(f"{self.num_processes} processes (--nproc {self.num_processes}) need a sharding "
+                                "scheme: ddp, zero1, zero2, zero3 or fsdp")
         with _field("device"):
             put("device", _choice("device", self.device, DEVICES))
         self._check_adapters(put)

@@ -85,8 +85,12 @@ def skip_reason(cfg: RunConfig, device: str) -> str | None:
     if device == "cpu" and cfg.peft:
         from estimators.peft_model import cpu_run_limit
 
-        return cpu_run_limit(cfg)
-    return None
+        reason = cpu_run_limit(cfg)
+        if reason:
+            return reason
+    from harness.distributed import unsupported_reason
+
+    return unsupported_reason(cfg)
 
 
 def resolve_device(cfg: RunConfig) -> str:
@@ -226,7 +230,12 @@ def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bo
                               predicted=predicted, env=env, run={**run_meta, "duration_s": 0.0})
         validate(record)
         return record
-    if isolate:
+    from harness import distributed
+
+    if distributed.is_distributed(cfg):  # torchrun, one worker per rank (always isolated)
+        outcome = distributed.launch(cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors,
+                                     on_start=on_start)
+    elif isolate:
         outcome = run_isolated(cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors, on_start=on_start)
     else:
         outcome = run_in_process(cfg, fault=fault, track_tensors=track_tensors)
@@ -239,7 +248,8 @@ def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bo
         status, payload["reason"] = "error", "the worker reported success without measurements"
     record = build_record(config=cfg.to_dict(), status=status, reason=payload.get("reason") or "",
                           measured=measured, predicted=predicted, env=env, run=run_meta,
-                          detail=payload.get("detail"))
+                          detail=payload.get("detail"),
+                          distributed=distributed.section(cfg, payload, timeout_s=timeout_s, device=device))
     validate(record)
     return record
 

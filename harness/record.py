@@ -4,7 +4,9 @@ A record holds ``schema_version``, ``run_id``, the full ``config``, ``status`` (
 ``skipped``, ``error``) with a one-line ``reason``, ``measured`` (bytes and seconds; ``null`` when
 nothing ran), ``predicted`` (``estimators.estimate(...).to_dict()`` for the same configuration, or
 ``null`` when the optimizer cannot be estimated), ``env`` (machine and package facts), ``run`` (launch
-facts) and ``detail`` (an error's traceback tail, else ``null``).
+facts), ``detail`` (an error's traceback tail, else ``null``) and, for a multi-process run only,
+``distributed`` (every rank's status and measurement beside the planner's per-rank prediction; ``measured``
+is then the rank with the highest peak).
 
 :func:`append_record` writes a record as one line with a single ``os.write`` on a descriptor opened
 with ``O_APPEND`` and fsyncs it, with SIGINT/SIGTERM/SIGHUP held for the duration: a file of records
@@ -148,6 +150,28 @@ ENV_SCHEMA: dict[str, Any] = {
     },
 }
 
+RANK_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["rank", "status", "reason", "measured"],
+    "properties": {"rank": _INT, "status": {"enum": list(STATUSES)}, "reason": {"type": "string"},
+                   "measured": {"anyOf": [{"type": "null"}, MEASURED_SCHEMA]}},
+}
+
+DISTRIBUTED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["scheme", "world_size", "ranks", "predicted"],
+    "properties": {
+        "scheme": {"enum": [s for s in SHARDINGS if s != "none"]},
+        "world_size": {"type": "integer", "minimum": 2}, "backend": {"type": "string"},
+        "launcher": {"type": "string"}, "command": {"type": ["string", "null"]},
+        "training_arguments": {"type": "object"}, "measured_rank": _INT_OR_NULL,
+        "ranks": {"type": "array", "items": RANK_SCHEMA},
+        "predicted": {"type": "object", "required": ["supported"]},
+    },
+}
+"""A multi-process run's ``distributed`` section (absent from single-process records): one entry per rank
+(its status and measurement) and the planner's per-rank prediction (``harness.distributed.section``)."""
+
 SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "optimem run record",
@@ -171,6 +195,7 @@ SCHEMA: dict[str, Any] = {
         "env": ENV_SCHEMA,
         "run": {"type": "object", "properties": {"source": {"enum": list(RUN_SOURCES)}}},
         "detail": {"type": ["string", "null"]},
+        "distributed": DISTRIBUTED_SCHEMA,
     },
     "allOf": [
         {"if": {"properties": {"status": {"const": "ok"}}},
@@ -194,11 +219,16 @@ def new_run_id() -> str:
 
 
 def build_record(*, config: dict, status: str, reason: str, measured: dict | None, predicted: dict | None,
-                 env: dict, run: dict | None = None, detail: str | None = None, run_id: str | None = None) -> dict:
-    """Assemble a record in the schema's key order (does not validate)."""
-    return {"schema_version": SCHEMA_VERSION, "run_id": run_id or new_run_id(), "status": status,
-            "reason": reason, "config": config, "measured": measured, "predicted": predicted, "env": env,
-            "run": run or {}, "detail": detail}
+                 env: dict, run: dict | None = None, detail: str | None = None, run_id: str | None = None,
+                 distributed: dict | None = None) -> dict:
+    """Assemble a record in the schema's key order (does not validate). ``distributed``: a multi-process
+    run's per-rank section (left out of single-process records)."""
+    record = {"schema_version": SCHEMA_VERSION, "run_id": run_id or new_run_id(), "status": status,
+              "reason": reason, "config": config, "measured": measured, "predicted": predicted, "env": env,
+              "run": run or {}, "detail": detail}
+    if distributed is not None:
+        record["distributed"] = distributed
+    return record
 
 
 def to_line(record: dict) -> bytes:

@@ -34,7 +34,7 @@ def register(sub) -> None:
                     "append one JSON record to the results file.",
         epilog="Exit status: 0 ok or skipped, 1 error, 3 out of memory, 2 bad input, 130 interrupted.")
     add_setup_arguments(p, defaults={**field_defaults(RunConfig), "optim": None},
-                        exclude=("num_processes", "sharding"), required=("optim",),
+                        required=("optim",),
                         help_suffix={"optim_target_modules": f"(default for those: {DEFAULT_TARGETS})"})
     p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, metavar="N",
                    help=f"optimizer steps (default {DEFAULT_STEPS}; at least 2 so the steady state shows)")
@@ -153,6 +153,8 @@ def _header(record: dict) -> list[str]:
         extra.append(f"{c['quantize']} base" + (" (double quant)" if c.get("double_quant") else ""))
     status = {"ok": "ok", "skipped": "skipped", "oom": "OUT OF MEMORY", "error": "ERROR"}[record["status"]]
     took = f", {run['duration_s']:.1f} s" if run.get("duration_s") else ""
+    if c.get("num_processes", 1) > 1:
+        shape += f", {c['num_processes']} processes, {c.get('sharding')}"
     return [f"bench run: {c['optim']} on {c['model']}: {status}",
             f"  {device} ({env.get('device_name') or 'unknown device'}), {precision}, {shape}, "
             f"{c['steps']} steps ({c['warmup']} warmup){took}" + (", " + ", ".join(extra) if extra else "")]
@@ -173,7 +175,13 @@ def render(record: dict, saved: str | None = None) -> str:
             if record["status"] == "skipped" and pred:
                 console.print(f"  predicted optimizer state: {human_bytes(pb.get('optimizer_state'))} "
                               f"(run 'bench estimate --optim {record['config']['optim']}' for the whole prediction)")
-        if m:
+        if record.get("distributed"):
+            console.print()
+            console.print(_rank_table(record))
+        if m and record.get("distributed"):
+            console.print()
+            console.print(_phase_table(m))
+        elif m:
             console.print()
             console.print(_memory_table(m, pb))
             console.print()
@@ -205,6 +213,21 @@ def _memory_table(m: dict, pb: dict):
             ("whole-step peak", "peak_bytes", "peak"))
     for label, mk, pk in rows:
         t.add_row(f"  {label}", human_bytes(m.get(mk)), human_bytes(pb.get(pk)), _pct(m.get(mk), pb.get(pk)))
+    return t
+
+
+def _rank_table(record: dict):
+    """Per rank: measured against the planner's per-rank prediction."""
+    from harness.distributed import rank_rows
+
+    d = record["distributed"]
+    t = _table(f"  per rank ({d.get('backend')})", "peak", "predicted", "error",
+               "gradients", "predicted", "opt. state", "predicted")
+    for r in rank_rows(record):
+        err = _pct(r["peak"], r["peak_predicted"]) if r["status"] == "ok" else r["status"]
+        t.add_row(f"  rank {r['rank']}", human_bytes(r["peak"]), human_bytes(r["peak_predicted"]), err,
+                  human_bytes(r["gradients"]), human_bytes(r["gradients_predicted"]),
+                  human_bytes(r["optimizer_state"]), human_bytes(r["optimizer_state_predicted"]))
     return t
 
 

@@ -352,7 +352,7 @@ def _dry_run(args, opts, configs, bases, config_key, config_label, resolve_devic
 
 # ---------------------------------------------------------------------------------------- output
 def _run_summary(result) -> dict:
-    from harness.results import predicted_peak
+    from harness.results import predicted_peak, rank_prediction
 
     rec = result.record
     c = result.config.to_dict()
@@ -368,7 +368,8 @@ def _run_summary(result) -> dict:
             "reason": rec.get("reason"), "reused": result.reused, "run_id": rec.get("run_id"),
             "measured_peak_bytes": m.get("peak_bytes"), "predicted_peak_bytes": pred,
             "predicted_peak_complete": complete, "optimizer_state_bytes": m.get("optimizer_state_bytes"),
-            "predicted_optimizer_state_bytes": ((rec.get("predicted") or {}).get("bytes") or {}).get("optimizer_state"),
+            "predicted_optimizer_state_bytes": (rank_prediction(rec) or {}).get(
+                "optimizer_state_bytes", ((rec.get("predicted") or {}).get("bytes") or {}).get("optimizer_state")),
             "tokens_per_s": tp.get("tokens_per_s"), "duration_s": (rec.get("run") or {}).get("duration_s")}
 
 
