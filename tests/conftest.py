@@ -1,5 +1,23 @@
 import os
+import shutil
+import tempfile
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED_RESULTS = ROOT / "results" / "cpu-amd-epyc-2026-11-23.jsonl"
+"""The committed CPU sweep the README's figures come from: the one results file tests read. Tests never glob
+results/ (a user's `bench run` appends to results/runs.jsonl there)."""
+
+# The suite never reads (nor fills) the user's optimem cache: one fresh cache directory per test session,
+# inherited by every subprocess a test starts.
+_CACHE = tempfile.mkdtemp(prefix="optimem-test-cache-")
+os.environ["OPTIMEM_CACHE_DIR"] = _CACHE
+os.environ.pop("OPTIMEM_NO_CACHE", None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)

@@ -6,6 +6,7 @@ import json
 
 from estimators import DEFAULT_MODEL, UserError, estimate, get_spec, names
 from estimators.inventory import build_inventory
+from harness.commands.argtypes import add_no_cache
 from harness.units import format_table, human_bytes, human_count
 
 DEFAULT_TARGETS = "all-linear"
@@ -44,6 +45,7 @@ def register(sub) -> None:
                    help="use this GPU's calibrated CUDA constants (torch.cuda.get_device_name(); see "
                         "'python -m estimators.cuda_overhead show')")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per optimizer")
+    add_no_cache(p)
     p.set_defaults(mixed_precision=None)
     p.set_defaults(func=main)
 

@@ -12,7 +12,7 @@ import sys
 import threading
 
 from estimators import DEFAULT_MODEL, get_spec
-from harness.commands.argtypes import DEFAULT_OUT, positive_int, non_negative_int, positive_seconds
+from harness.commands.argtypes import DEFAULT_OUT, add_no_cache, non_negative_int, positive_int, positive_seconds
 from harness.units import human_bytes
 
 DEFAULT_STEPS = 6
@@ -67,6 +67,7 @@ def register(sub) -> None:
                    help=f"append the record to this JSONL file (default {DEFAULT_OUT})")
     p.add_argument("--no-save", action="store_true", help="do not write the record anywhere")
     p.add_argument("--json", action="store_true", help="print the record as JSON instead of the table")
+    add_no_cache(p)
     p.set_defaults(func=main, mixed_precision=None)
 
 

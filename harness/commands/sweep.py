@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from estimators.errors import UserError
-from harness.commands.argtypes import DEFAULT_OUT, positive_int, positive_seconds
+from harness.commands.argtypes import DEFAULT_OUT, add_no_cache, positive_int, positive_seconds
 from harness.units import format_table, human_bytes
 
 
@@ -91,6 +91,7 @@ def register(sub) -> None:
                                                        "stderr)")
     o.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
                    help="progress on stderr: a bar with ETA (terminal), a line per run, or none")
+    add_no_cache(o)
     p.add_argument("--fault", action="append", default=[], help=argparse.SUPPRESS)  # test hook: OPTIM=KIND@PHASE
     p.set_defaults(func=main)
 
