@@ -427,15 +427,18 @@ def _write_json_atomic(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, parent_pid: int | None = None) -> int:
     """``python -m harness.worker CONFIG.json RESULT.json``: CONFIG holds ``{"config": {...}, "fault":
-    ..., "track_tensors": ..., "parent_pid": ...}``; the worker's result goes to RESULT.json."""
+    ..., "track_tensors": ..., "parent_pid": ...}``; the worker's result goes to RESULT.json. The worker
+    exits when its parent does: the job's ``parent_pid`` (the launcher), or ``parent_pid`` when given (the
+    zygote a run was forked from)."""
     argv = sys.argv[1:] if argv is None else argv
     config_path, result_path = argv
     with open(config_path) as fh:
         job = json.load(fh)
-    if job.get("parent_pid"):
-        _watch_parent(int(job["parent_pid"]))
+    parent = parent_pid or job.get("parent_pid")
+    if parent:
+        _watch_parent(int(parent))
     from harness.scenario import RunConfig
 
     cfg = RunConfig(**job["config"])

@@ -78,6 +78,9 @@ def register(sub) -> None:
     r.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads per run (OMP_NUM_THREADS; default: torch's, or cores/jobs with --jobs)")
     r.add_argument("--track-tensors", choices=["auto", "on", "off"], help="exact tensor accounting (auto: on CPU)")
+    r.add_argument("--no-fork", action="store_true",
+                   help="start every run as a fresh 'python -m harness.worker' (as bench run) instead of forking "
+                        "it from a process that imported torch, transformers and the optimizer packages once")
     r.add_argument("--find-max-batch", action="store_true",
                    help="search each optimizer's largest batch size that fits, instead of running the batch sizes")
     r.add_argument("--memory-limit", metavar="SIZE",
@@ -156,7 +159,7 @@ def _settings(data: dict, args: argparse.Namespace):
         jobs=num("jobs", int, 1), threads=num("threads", int, None), track_tensors=track,
         memory_limit=parse_size(data["memory_limit"]) if data.get("memory_limit") is not None else None,
         find_max_batch=bool(data.get("find_max_batch")), max_batch_cap=num("max_batch_cap", int, DEFAULT_MAX_BATCH_CAP),
-        repeat=num("repeat", int, 1), faults=faults, progress=args.progress)
+        repeat=num("repeat", int, 1), faults=faults, progress=args.progress, fork=not args.no_fork)
 
 
 class _Terminated(KeyboardInterrupt):
