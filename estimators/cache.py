@@ -22,8 +22,9 @@ Where: ``$OPTIMEM_CACHE_DIR`` if set, else the platform's user cache directory (
 nothing is read or written. ``python -m estimators.cache`` shows the directory and its entries;
 ``--clear`` empties it.
 
->>> k = key("example", 1, config="3f2a...", setting={"dtype": "bf16"})          # doctest: +SKIP
->>> memo(k, build=lambda: expensive(), encode=to_json, decode=from_json)       # doctest: +SKIP
+>>> k = key("trace", 1, config=inv.config_hash, setting={"dtype": "bf16", "gc": True})  # doctest: +SKIP
+>>> memo(k, build=lambda: expensive(), encode=to_json, decode=from_json)              # doctest: +SKIP
+>>> memo_arrays(k, build=lambda: trace(), encode=to_arrays, decode=from_arrays)       # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -238,6 +239,24 @@ def memo(k: Key, build: Callable[[], T], *, encode: Callable[[T], Any] = lambda 
     return value
 
 
+def memo_arrays(k: Key, build: Callable[[], T], *, encode: Callable[[T], Mapping[str, Any]] = lambda v: v,
+                decode: Callable[[dict[str, Any]], T] = lambda a: a) -> T:
+    """:func:`memo` for values stored as numpy arrays (``encode(value)``: ``{name: array}``), in an ``.npz``."""
+    arrays = get_arrays(k)
+    if arrays is not None:
+        try:
+            return decode(arrays)
+        except Exception:  # noqa: BLE001 - as memo
+            pass
+    value = build()
+    if enabled():
+        try:
+            put_arrays(k, encode(value))
+        except Exception:  # noqa: BLE001
+            pass
+    return value
+
+
 # ---------------------------------------------------------------------------------------- housekeeping
 def entries(namespace: str | None = None) -> list[Path]:
     """Entry files in the cache (one namespace or all)."""
@@ -286,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["ENV_DIR", "ENV_OFF", "FORMAT", "Key", "cache_dir", "clear", "disable", "enabled", "entries", "get",
-           "get_arrays", "key", "memo", "put", "put_arrays", "source_digest", "versions"]
+           "get_arrays", "key", "memo", "memo_arrays", "put", "put_arrays", "source_digest", "versions"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

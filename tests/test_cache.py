@@ -91,6 +91,11 @@ def test_arrays_round_trip_and_corrupt_npz_is_a_miss(fresh):
     assert cache.get_arrays(k) is None
     with pytest.raises(ValueError):
         cache.put_arrays(k, {"x": np.array([object()])})
+    build = Builder({"peaks": np.ones(3, dtype=np.int64)})
+    k2 = cache.key("trace", 1, config="memo")
+    first = cache.memo_arrays(k2, build)
+    second = cache.memo_arrays(k2, build, decode=lambda a: {"peaks": a["peaks"]})
+    assert build.calls == 1 and (second["peaks"] == first["peaks"]).all()
 
 
 def test_off_switch_and_unwritable_directory(fresh, monkeypatch, tmp_path):
