@@ -297,9 +297,11 @@ class Zygote:
     ``failure`` says why; ``preloaded`` and ``start_s`` what the zygote imported and how long it took."""
 
     def __init__(self, log_path: str | os.PathLike | None = None, command: list[str] | None = None):
-        """``log_path``: where the zygote's own output goes (default: nowhere). ``command`` replaces
+        """``log_path``: where the zygote's own output goes (default: a temporary file, removed by
+        :meth:`close`; its tail is in ``failure`` when the zygote could not start). ``command`` replaces
         ``[python, -m, harness.zygote]``: tests stand in a zygote whose imports initialise CUDA."""
         self.log_path = Path(log_path) if log_path else None
+        self._own_log = False
         self.command = list(command) if command else [sys.executable, "-m", "harness.zygote"]
         self.failure: str | None = None
         self.refusal: str | None = None
@@ -313,6 +315,8 @@ class Zygote:
         self._runs: dict[int, ForkedRun] = {}
         self._pending: dict[int, list] = {}
         self._next_id = 0
+        self._closing = False
+        self._starting: subprocess.Popen | None = None
         self._log_fh = None
         self._reader: threading.Thread | None = None
 
@@ -334,15 +338,21 @@ class Zygote:
 
         ck = self._exclusions_key(env)
         excluded = list(cache.get(ck) or [])
+        if self.log_path is None:
+            import tempfile
+
+            fd, name = tempfile.mkstemp(prefix="optimem-zygote-", suffix=".log")
+            os.close(fd)
+            self.log_path, self._own_log = Path(name), True
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_fh = open(self.log_path, "ab")
         for _attempt in range(MAX_RESTARTS + 1):
-            if self.log_path is not None:
-                self.log_path.parent.mkdir(parents=True, exist_ok=True)
-                self._log_fh = open(self.log_path, "ab")
             zenv = {**env, "OPTIMEM_ZYGOTE_EXCLUDE": ",".join(excluded)}
             t0 = time.perf_counter()
-            proc = subprocess.Popen(self.command, stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=self._log_fh or subprocess.DEVNULL, env=zenv,
-                                    cwd=cwd)
+            if self._closing:
+                break
+            proc = self._starting = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                     stderr=self._log_fh or subprocess.DEVNULL, env=zenv, cwd=cwd)
             first: list = []
             reader = threading.Thread(target=lambda: first.append(proc.stdout.readline()), daemon=True)
             reader.start()
@@ -352,7 +362,8 @@ class Zygote:
                 event = json.loads(line) if line else {"event": "failed", "error": "no answer"}
             except json.JSONDecodeError:
                 event = {"event": "failed", "error": f"unexpected output {line[:200]!r}"}
-            if event.get("event") == "ready":
+            self._starting = None
+            if event.get("event") == "ready" and not self._closing:
                 self._proc, self.preloaded, self.excluded = proc, event.get("preloaded", []), excluded
                 self._keys = {_env_key(env), _env_key(event.get("env") or env)}
                 self.start_s = time.perf_counter() - t0
@@ -360,14 +371,24 @@ class Zygote:
                 self._reader.start()
                 return True
             self._stop_proc(proc)
+            if self._closing:
+                break
             if event.get("event") == "poisoned" and event.get("module") not in excluded:
                 excluded.append(event["module"])
                 cache.put(ck, excluded)
                 continue
-            self.failure = f"the zygote did not start ({event.get('error') or event})"
+            self.failure = f"the zygote did not start ({event.get('error') or event}){self._log_tail()}"
             return False
-        self.failure = f"the zygote kept initialising CUDA (excluded {', '.join(excluded)})"
+        self.failure = "closed" if self._closing else \
+            f"the zygote kept initialising CUDA (excluded {', '.join(excluded)})"
         return False
+
+    def _log_tail(self, limit: int = 400) -> str:
+        try:
+            text = self.log_path.read_bytes()[-limit:].decode("utf-8", "replace").strip()
+        except (OSError, AttributeError):
+            return ""
+        return f"; its log ends: {text}" if text else ""
 
     @staticmethod
     def _stop_proc(proc: subprocess.Popen) -> None:
@@ -450,7 +471,11 @@ class Zygote:
         return slot[1] if isinstance(slot[1], ForkedRun) else None
 
     def close(self) -> None:
-        """Stop the zygote (runs still going are killed with it)."""
+        """Stop the zygote (runs still going are killed with it), also while it is still starting."""
+        self._closing = True
+        starting = self._starting
+        if starting is not None:  # importing: do not wait for it (Ctrl-C early in a sweep)
+            starting.kill()
         with self._lock:
             proc, self._proc = self._proc, None
             self.failure = self.failure or "closed"
@@ -461,6 +486,11 @@ class Zygote:
         if self._log_fh is not None:
             self._log_fh.close()
             self._log_fh = None
+        if self._own_log and self.log_path is not None:
+            try:
+                self.log_path.unlink()
+            except OSError:
+                pass
 
     def __enter__(self) -> Zygote:
         return self

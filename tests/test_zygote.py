@@ -38,29 +38,28 @@ def _gone(pids: set[int], timeout: float = 15.0) -> bool:
 def test_sweep_runs_are_forked_and_still_isolated(tmp_path, capsys):
     out = tmp_path / "sweep.jsonl"
     before = _descendants()
-    code = main(["sweep", "--optim", "sgd", "adamw_torch", "adafactor", "--shape", "1x16", "--steps", "2",
-                 "--warmup", "1", "--timeout", "8", "--fault", "sgd=crash@step0.forward",
-                 "--fault", "adafactor=hang@step0.backward", "--out", str(out), "--progress", "none", "--json"])
+    code = main(["sweep", "--optim", "sgd", "adamw_torch", "--shape", "1x16", "--steps", "2", "--warmup", "1",
+                 "--fault", "sgd=crash@step0.forward", "--out", str(out), "--progress", "none", "--json"])
     summary = json.loads(capsys.readouterr().out)
-    assert code == 1  # two runs ended in an error, and the sweep went on
+    assert code == 1  # a run ended in an error, and the sweep went on
     records = {r["config"]["optim"]: r for r in read_records(out)}
     for rec in records.values():
         validate(rec)
         assert rec["run"]["launch"] == "zygote", rec["run"]
-    crash, ok, hang = records["sgd"], records["adamw_torch"], records["adafactor"]
+    crash, ok = records["sgd"], records["adamw_torch"]
     assert crash["status"] == "error" and "SIGSEGV" in crash["reason"] and crash["run"]["returncode"] == -11
     # the run after the crash was forked from the same zygote and measured exactly
     assert ok["status"] == "ok" and ok["measured"]["optimizer_state_bytes"] == ok["predicted"]["bytes"]["optimizer_state"]
     assert ok["measured"]["phases"]["steady.optimizer_step"]["occurrences"] == 1
-    assert hang["status"] == "error" and hang["reason"].startswith("timed out after 8 s")
-    assert summary["counts"] == {"error": 2, "ok": 1}
+    assert summary["counts"] == {"error": 1, "ok": 1}
     # the zygote and every run are gone once the sweep returns
     assert _gone(_descendants() - before), "a zygote or a forked run outlived the sweep"
 
 
 def test_a_module_that_initialises_cuda_is_left_to_the_run(tmp_path, monkeypatch):
     """A zygote reporting that a preloaded module initialised CUDA is replaced by one that does not import it,
-    and the launcher remembers that (the next zygote does not try again)."""
+    and the launcher remembers that (the next zygote does not try again). A forked run that hangs is killed by
+    its timeout."""
     monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "cache"))
     assert "bitsandbytes.optim" in preload_modules()
     fake = tmp_path / "fake_zygote.py"
@@ -73,10 +72,17 @@ def test_a_module_that_initialises_cuda_is_left_to_the_run(tmp_path, monkeypatch
         "from harness.zygote import serve\n"
         "sys.exit(serve())\n")
     cfg = RunConfig(optim="adamw_bnb_8bit", device="cpu", steps=2, warmup=1, batch_size=1, seq_len=16)
+    started = []
     with Zygote(command=[sys.executable, str(fake)]) as z:
         outcome = run_isolated(cfg, timeout_s=120, zygote=z)
         assert z.excluded == ["bitsandbytes.optim"] and "bitsandbytes.optim" not in z.preloaded
         assert "torch" in z.preloaded and "transformers.trainer" in z.preloaded
+        t0 = time.perf_counter()
+        hung = run_isolated(cfg, timeout_s=3, zygote=z, fault="hang@step0.forward", on_start=started.append)
+        assert time.perf_counter() - t0 < 20
+    assert hung.launch == "zygote" and hung.payload["status"] == "error"
+    assert hung.payload["reason"].startswith("timed out after 3 s") and hung.returncode == -15
+    assert _gone({started[0].pid}, timeout=5)
     assert outcome.launch == "zygote" and outcome.payload["status"] == "ok", outcome.payload
     assert outcome.payload["measured"]["optimizer_state"]["total"] > 0  # bitsandbytes imported by the run itself
     assert (tmp_path / "starts").read_text().splitlines() == ["", "bitsandbytes.optim"]
