@@ -23,7 +23,6 @@ from .steps import StepModel
 
 CAT_NAMES = {"weights": "weights", "state": "optimizer_state", "grad": "gradients", "act": "activations",
              "tmp": "temporaries", "other": "other"}
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 MIXED = {None: 0, "bf16": 2, "fp16": 2}
 
 
@@ -140,5 +139,5 @@ _CAT_KEYS = tuple(CAT_NAMES[c] for c in CATS)
 _ACT = CATS.index("act")
 
 
-__all__ = ["ATTN_IMPLEMENTATIONS", "MIXED", "StepMemory", "arch_for", "buffers_bytes", "evaluate",
+__all__ = ["MIXED", "StepMemory", "arch_for", "buffers_bytes", "evaluate",
            "phase_results"]
