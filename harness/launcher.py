@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from estimators import get_spec
 from estimators.estimate import estimate
@@ -30,6 +30,9 @@ from estimators.errors import UserError
 from harness.env_facts import REPO_ROOT, collect_env
 from harness.record import build_record, validate
 from harness.scenario import RunConfig
+
+if TYPE_CHECKING:
+    from harness.zygote import Zygote
 
 DEFAULT_TIMEOUT_S = 1200.0
 
@@ -125,7 +128,8 @@ def worker_env() -> dict[str, str]:
 
 def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault: str | None = None,
                  track_tensors: bool | None = None, on_start: Callable[[subprocess.Popen], None] | None = None,
-                 log_path: str | None = None, command: list[str] | None = None, zygote=None) -> WorkerOutcome:
+                 log_path: str | None = None, command: list[str] | None = None,
+                 zygote: Zygote | None = None) -> WorkerOutcome:
     """Run ``cfg`` in a worker process of its own session: forked from ``zygote`` (a
     :class:`harness.zygote.Zygote`) when given and able, else a fresh ``python -m harness.worker``.
 
@@ -144,7 +148,7 @@ def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault:
         env = worker_env()
         start = time.perf_counter()
         with open(log, "wb") as logfh:
-            proc, launch = None, "subprocess"
+            proc, launch, timed_out = None, "subprocess", False
             try:
                 if zygote is not None and command is None:
                     proc = zygote.spawn([str(job), str(result)], log=log, env=env, cwd=os.getcwd())
@@ -155,7 +159,6 @@ def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault:
                                             env=env, start_new_session=True, cwd=os.getcwd())
                 if on_start is not None:
                     on_start(proc)
-                timed_out = False
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
@@ -230,7 +233,7 @@ def run_in_process(cfg: RunConfig, *, fault: str | None = None, track_tensors: b
 
 def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bool = True, fault: str | None = None,
             track_tensors: bool | None = None, on_start: Callable[[subprocess.Popen], None] | None = None,
-            zygote=None) -> dict:
+            zygote: Zygote | None = None) -> dict:
     """Check, predict, run and record ``cfg``; returns the validated record (not yet appended).
 
     ``zygote``: fork the worker from this :class:`harness.zygote.Zygote` (see :func:`run_isolated`).
