@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import tempfile
 import warnings
 from pathlib import Path
@@ -17,6 +18,14 @@ results/ (a user's `bench run` appends to results/runs.jsonl there)."""
 _CACHE = tempfile.mkdtemp(prefix="optimem-test-cache-")
 os.environ["OPTIMEM_CACHE_DIR"] = _CACHE
 os.environ.pop("OPTIMEM_NO_CACHE", None)
+
+
+# A suite started in the background of a non-interactive shell (`cmd &`, many CI runners) inherits SIGINT
+# ignored, as POSIX shells do for background commands, and so does every process it starts: Python then installs
+# no KeyboardInterrupt handler and a SIGINT does nothing. The tests that interrupt a run with SIGINT stand for a
+# user's Ctrl-C, so the suite gives SIGINT its default handling (inherited as such by the processes it starts).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_sessionfinish(session, exitstatus):
