@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COMMITTED_RESULTS
+from conftest import COMMITTED_RESULTS, ROOT
 from harness.cli import main
 from harness.plots import pareto_front
 from harness.results import BREAKDOWN, load_records, measured_parts, to_frame
