@@ -89,31 +89,51 @@ PEFT_PEAK_NOTE = ("whole-step peak and activations of a LoRA/QLoRA setup: not es
 """The one line every LoRA/QLoRA estimate carries while ``bytes['peak']`` is None."""
 
 
-def _matches(target_modules, module_name: str) -> bool:
-    from transformers.trainer_utils import check_target_module_exists
+def _is_all_linear(target_modules) -> bool:
+    return isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear"
 
-    if isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear":
-        return True
-    tm = list(target_modules) if isinstance(target_modules, tuple) else target_modules
-    return bool(check_target_module_exists(tm, module_name))
+
+@functools.lru_cache(maxsize=1024)
+def _matched(inv: Inventory, targets) -> frozenset[str]:
+    """The ``nn.Linear`` module names of ``inv`` that ``transformers.trainer_utils.check_target_module_exists``
+    accepts for ``targets`` (a string or a tuple); kept in the on-disk cache per config (that check imports
+    transformers)."""
+    if _is_all_linear(targets):
+        return frozenset(inv.linear_modules)
+
+    def build() -> list[str]:
+        from transformers.trainer_utils import check_target_module_exists
+
+        tm = list(targets) if isinstance(targets, tuple) else targets
+        return [m for m in inv.linear_modules if check_target_module_exists(tm, m)]
+
+    if not inv.config_hash:
+        return frozenset(build())
+    from . import cache
+
+    def decode(names) -> list[str]:
+        if not isinstance(names, list) or not set(names) <= set(inv.linear_modules):
+            raise ValueError("not module names of this model")
+        return names
+
+    k = cache.key("targets", 1, config=inv.config_hash, targets=targets)
+    return frozenset(cache.memo(k, build, decode=decode))
 
 
 def matched_linear_modules(inv: Inventory, target_modules) -> list[str]:
     """``nn.Linear`` module names the Trainer's target search finds (before it deduplicates parameters)."""
-    return [m for m in inv.linear_modules if _matches(target_modules, m)]
+    matched = _matched(inv, _targets_key(target_modules))
+    return [m for m in inv.linear_modules if m in matched]
 
 
 def targeted_names(inv: Inventory, target_modules) -> frozenset[str]:
     """Names of the parameters GaLore/APOLLO project, exactly as the Trainer selects them:
     ``nn.Linear`` modules whose name matches ``optim_target_modules`` (a regex string, a list of names or
     regexes, or ``all-linear``), their ``.weight``, deduplicated like ``named_parameters()``."""
-    out = set()
-    for row in inv.rows:
-        if not (row.is_linear_module and row.name == f"{row.module_name}.weight" and len(row.shape) == 2):
-            continue
-        if _matches(target_modules, row.module_name):
-            out.add(row.name)
-    return frozenset(out)
+    matched = _matched(inv, _targets_key(target_modules))
+    return frozenset(row.name for row in inv.rows
+                     if row.is_linear_module and row.name == f"{row.module_name}.weight" and len(row.shape) == 2
+                     and row.module_name in matched)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -284,7 +304,18 @@ def _state_sizes(inv: Inventory, name: str, args_key: tuple, targets) -> tuple:
 @functools.lru_cache(maxsize=512)
 def _phase_model(inv: Inventory, name: str, args_key: tuple, targets, setting, grad_accum: int, device: str,
                  state_total: int, state_host: int):
-    """The simulated phases of one configuration (independent of the batch shape; cached)."""
+    """The simulated phases of one configuration (independent of the batch shape; cached in memory and on
+    disk, see :mod:`estimators.phase_cache`)."""
+    from .phase_cache import cached
+
+    return cached(inv, {"optim": name, "args": repr(args_key), "targets": repr(targets), "setting": repr(setting),
+                        "grad_accum": grad_accum, "device": device, "state": [state_total, state_host]},
+                  lambda: _simulate(inv, name, args_key, targets, setting, grad_accum, device, state_total,
+                                    state_host))
+
+
+def _simulate(inv: Inventory, name: str, args_key: tuple, targets, setting, grad_accum: int, device: str,
+              state_total: int, state_host: int):
     from . import steps
 
     spec = get_spec(name)

@@ -102,6 +102,7 @@ class Inventory:
     architecture: str
     rows: tuple[ParamRow, ...]
     config_hash: str
+    """SHA-256 of the config's content ('' for an inventory not built from a config file)."""
     dtype: str = "fp32"
     linear_modules: tuple[str, ...] = ()
     """Names of every ``nn.Linear`` module (tied ones too), as ``named_modules()`` lists them."""
@@ -314,11 +315,67 @@ def inventory_from_model(model, *, name: str, config_hash: str = "") -> Inventor
                      linear_modules=linear_modules)
 
 
+INVENTORY_CACHE_VERSION = 2
+"""Layout of the inventory's on-disk cache payload (:func:`inventory_payload`); bump it when that changes."""
+
+
+def inventory_payload(inv: Inventory) -> dict:
+    """``inv`` as JSON data (everything but its name and config hash, which the cache key holds)."""
+    return {"model_type": inv.model_type, "architecture": inv.architecture, "dtype": inv.dtype,
+            "linear_modules": list(inv.linear_modules),
+            "rows": [[r.name, list(r.shape), r.dtype, r.trainable, r.module_kind, r.module_name, r.module_class,
+                      list(r.tied), r.in_embedding, r.quant, r.storage_bytes,
+                      list(r.storage_shape) if r.storage_shape is not None else None] for r in inv.rows]}
+
+
+def inventory_from_payload(data: dict, *, name: str, config_hash: str) -> Inventory:
+    """The inverse of :func:`inventory_payload`; raises (ValueError, TypeError, KeyError) on anything malformed."""
+    def text(v) -> str:
+        if not isinstance(v, str):
+            raise TypeError(f"expected a string, got {v!r}")
+        return v
+
+    def flag(v) -> bool:
+        if not isinstance(v, bool):
+            raise TypeError(f"expected a boolean, got {v!r}")
+        return v
+
+    def sizes(v) -> tuple[int, ...]:
+        if not isinstance(v, list) or not all(type(s) is int and s >= 0 for s in v):
+            raise ValueError("malformed shape")
+        return tuple(v)
+
+    rows = []
+    for name_, shape, dtype, trainable, kind, mname, mclass, tied, in_emb, quant, stored, stored_shape in data["rows"]:
+        if dtype not in STORAGE_DTYPES or kind not in MODULE_KINDS or quant not in (None, "nf4", "fp4", "int8") or \
+                (stored is not None and (type(stored) is not int or stored < 0)):
+            raise ValueError("malformed inventory row")
+        rows.append(ParamRow(name=text(name_), shape=sizes(shape), dtype=dtype, trainable=flag(trainable),
+                             module_kind=kind, module_name=text(mname), module_class=text(mclass),
+                             tied=tuple(text(t) for t in tied), in_embedding=flag(in_emb), quant=quant,
+                             storage_bytes=stored,
+                             storage_shape=sizes(stored_shape) if stored_shape is not None else None))
+    if not rows or data["dtype"] not in DTYPES:
+        raise ValueError("malformed inventory")
+    return Inventory(model=name, model_type=text(data["model_type"]), architecture=text(data["architecture"]),
+                     rows=tuple(rows), config_hash=config_hash, dtype=data["dtype"],
+                     linear_modules=tuple(text(m) for m in data["linear_modules"]))
+
+
 @functools.lru_cache(maxsize=64)
 def _inventory_cached(name: str, path: str, digest: str) -> Inventory:
-    source = ModelSource(name, __import__("pathlib").Path(path))
-    model = instantiate(source, device="meta")
-    return inventory_from_model(model, name=name, config_hash=digest)
+    """Built once per config content: from the on-disk cache (no torch, no transformers) when it holds this
+    config for these versions, else from a meta model (then stored)."""
+    from . import cache
+
+    def build() -> Inventory:
+        source = ModelSource(name, __import__("pathlib").Path(path))
+        model = instantiate(source, device="meta")
+        return inventory_from_model(model, name=name, config_hash=digest)
+
+    return cache.memo(cache.key("inventory", INVENTORY_CACHE_VERSION, config=digest), build,
+                      encode=inventory_payload,
+                      decode=lambda d: inventory_from_payload(d, name=name, config_hash=digest))
 
 
 @functools.lru_cache(maxsize=64)
@@ -330,9 +387,11 @@ def _inventory_of_memory(name: str) -> Inventory:
 
 @functools.lru_cache(maxsize=256)
 def _digest(path: str, mtime_ns: int, size: int) -> str:
+    """SHA-256 of the config's content (canonical JSON: key order and whitespace do not matter)."""
     from pathlib import Path
 
-    return hashlib.sha1(json.dumps(ModelSource(path, Path(path)).load(), sort_keys=True).encode()).hexdigest()[:16]
+    data = ModelSource(path, Path(path)).load()
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def config_digest(source: ModelSource) -> str:

@@ -373,19 +373,46 @@ _INVENTORIES: dict = {}
 
 def adapter_inventory(setup):
     """The :class:`~estimators.inventory.Inventory` of :func:`build_training_model` on meta for ``setup``
-    (cached per config content and :func:`inventory_key`)."""
-    from .inventory import config_digest, inventory_from_model
+    (cached per config content, :func:`inventory_key` and the torch / transformers / peft / bitsandbytes
+    versions, in memory and in optimem's on-disk cache: a warm LoRA estimate imports none of them)."""
+    import hashlib
+    import json
 
-    require_packages(setup)
+    from . import cache
+    from .inventory import (INVENTORY_CACHE_VERSION, config_digest, inventory_from_model, inventory_from_payload,
+                            inventory_payload)
+
     source = resolve(setup.model)
-    key = (inventory_key(setup), config_digest(source))
-    inv = _INVENTORIES.get(key)
+    digest = config_digest(source)
+    key = inventory_key(setup)
+    inv = _INVENTORIES.get((key, digest))
     if inv is None:
-        model = build_training_model(setup, device="meta")
-        inv = _INVENTORIES[key] = inventory_from_model(model, name=source.name, config_hash=key[1])
+        # Its own content hash (the config's and the adapter's): caches keyed by an inventory never mix it up
+        # with the plain model's.
+        own = hashlib.sha1(json.dumps([digest, key], default=str).encode()).hexdigest()[:16]
+
+        def build():
+            require_packages(setup)
+            model = build_training_model(setup, device="meta")
+            return inventory_from_model(model, name=source.name, config_hash=own)
+
+        k = cache.key("adapter_inventory", INVENTORY_CACHE_VERSION, config=digest, adapter=[str(x) for x in key],
+                      peft=_version("peft"), bitsandbytes=_version("bitsandbytes"))
+        inv = cache.memo(k, build, encode=inventory_payload,
+                         decode=lambda d: inventory_from_payload(d, name=source.name, config_hash=own))
+        _INVENTORIES[(key, digest)] = inv
         if len(_INVENTORIES) > 64:
             _INVENTORIES.pop(next(iter(_INVENTORIES)))
     return inv
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
 def peft_counts(model) -> tuple[int, int]:

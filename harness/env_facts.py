@@ -27,6 +27,16 @@ def package_version(dist: str | None) -> str | None:
         return None
 
 
+OPTIONAL_PACKAGES = ("accelerate", "bitsandbytes", "torchao", "galore-torch", "apollo-torch", "lomo-optim",
+                     "torch-optimi", "schedulefree", "grokadamw", "flashoptim", "nvidia-ml-py", "peft")
+"""The distributions whose versions every record's ``env.packages`` holds."""
+
+
+def package_versions() -> dict[str, str | None]:
+    """``{distribution: installed version or None}`` for :data:`OPTIONAL_PACKAGES`."""
+    return {d: package_version(d) for d in OPTIONAL_PACKAGES}
+
+
 def optimizer_distribution(spec) -> str:
     """The pip distribution that provides ``spec``'s optimizer class."""
     if spec.pip or spec.package:
@@ -75,9 +85,7 @@ def collect_env(device: str, spec=None) -> dict[str, Any]:
         "python": platform.python_version(), "platform": platform.platform(),
         "cpu": cpu_name(), "cpu_count": os.cpu_count(), "memory_total_bytes": int(psutil.virtual_memory().total),
         "optimizer_package": {"name": None, "version": None},
-        "packages": {d: package_version(d) for d in ("accelerate", "bitsandbytes", "torchao", "galore-torch",
-                                                    "apollo-torch", "lomo-optim", "torch-optimi", "schedulefree",
-                                                    "grokadamw", "flashoptim", "nvidia-ml-py", "peft")},
+        "packages": package_versions(),
         "git_commit": commit, "git_dirty": dirty,
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -93,4 +101,5 @@ def collect_env(device: str, spec=None) -> dict[str, Any]:
     return env
 
 
-__all__ = ["collect_env", "cpu_name", "git_commit", "optimizer_distribution", "package_version"]
+__all__ = ["OPTIONAL_PACKAGES", "collect_env", "cpu_name", "git_commit", "optimizer_distribution",
+           "package_version", "package_versions"]

@@ -6,7 +6,9 @@ starts ``python -m harness.worker`` in its own session with a per-run timeout, a
 validated record. A worker that crashes, runs out of memory, hangs or is killed never takes the caller
 down: the caller gets a record with status ``oom`` or ``error`` instead. The caller appends the record
 (:func:`harness.record.append_record`); the worker never touches the results file, so a killed worker
-cannot leave a partial line.
+cannot leave a partial line. Given a :class:`harness.zygote.Zygote` (``bench sweep`` passes one), the
+worker is forked from that already-imported process instead of started fresh: the same process boundary,
+session, timeout and log, without paying the imports per run.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from estimators import get_spec
 from estimators.estimate import estimate
@@ -28,6 +30,9 @@ from estimators.errors import UserError
 from harness.env_facts import REPO_ROOT, collect_env
 from harness.record import build_record, validate
 from harness.scenario import RunConfig
+
+if TYPE_CHECKING:
+    from harness.zygote import Zygote
 
 DEFAULT_TIMEOUT_S = 1200.0
 
@@ -41,6 +46,9 @@ class WorkerOutcome:
     returncode: int | None
     duration_s: float
     log_tail: str = ""
+    launch: str = "in_process"
+    """How the worker started: ``subprocess`` (``python -m harness.worker``), ``zygote`` (forked from a
+    :class:`harness.zygote.Zygote`) or ``in_process``."""
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -114,10 +122,21 @@ def _tail(path: Path, limit: int = 3000) -> str:
     return data[-limit:].decode("utf-8", "replace")
 
 
+def worker_env() -> dict[str, str]:
+    """The environment a worker runs in: this process's, with optimem importable and output unbuffered."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
 def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault: str | None = None,
                  track_tensors: bool | None = None, on_start: Callable[[subprocess.Popen], None] | None = None,
-                 log_path: str | None = None, command: list[str] | None = None) -> WorkerOutcome:
-    """Run ``cfg`` in a fresh ``python -m harness.worker`` process in its own session.
+                 log_path: str | None = None, command: list[str] | None = None,
+                 zygote: Zygote | None = None) -> WorkerOutcome:
+    """Run ``cfg`` in a worker process of its own session: forked from ``zygote`` (a
+    :class:`harness.zygote.Zygote`) when given and able, else a fresh ``python -m harness.worker``.
 
     The worker's output goes to a log file (its tail is kept for errors). On timeout the worker's whole
     process group is terminated, then killed. Ctrl-C (KeyboardInterrupt) kills the worker and re-raises.
@@ -134,42 +153,47 @@ def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault:
         log = Path(log_path) if log_path else tmpdir / "worker.log"
         job.write_text(json.dumps({"config": cfg.to_dict(), "fault": fault, "track_tensors": track_tensors,
                                    "parent_pid": os.getpid()}))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env = worker_env()
         env[RUN_DIR_ENV] = str(tmpdir)
         start = time.perf_counter()
         with open(log, "wb") as logfh:
-            argv = list(command or [sys.executable, "-m", "harness.worker"]) + [str(job), str(result)]
-            proc = subprocess.Popen(argv,
-                                    stdin=subprocess.DEVNULL, stdout=logfh, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True, cwd=os.getcwd())
-            if on_start is not None:
-                on_start(proc)
-            timed_out = False
+            proc, launch, timed_out = None, "subprocess", False
             try:
+                if zygote is not None and command is None:
+                    proc = zygote.spawn([str(job), str(result)], log=log, env=env, cwd=os.getcwd())
+                    launch = "zygote" if proc is not None else launch
+                if proc is None:
+                    argv = list(command or [sys.executable, "-m", "harness.worker"]) + [str(job), str(result)]
+                    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logfh, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True, cwd=os.getcwd())
+                if on_start is not None:
+                    on_start(proc)
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
                 _kill_group(proc)
             except BaseException:
-                _kill_group(proc)
+                if proc is not None:
+                    _kill_group(proc)
                 raise
         duration = time.perf_counter() - start
         tail = _tail(log)
         if timed_out:
             payload = {"status": "error", "reason": f"timed out after {timeout_s:g} s (the worker was killed)",
                        "measured": None, "device_facts": {}, "detail": tail or None}
-            return WorkerOutcome(payload, proc.returncode, duration, tail)
+            return WorkerOutcome(payload, proc.returncode, duration, tail, launch)
         if result.is_file():
             try:
                 payload = json.loads(result.read_text())
-                return WorkerOutcome(payload, proc.returncode, duration, tail)
+                return WorkerOutcome(payload, proc.returncode, duration, tail, launch)
             except json.JSONDecodeError:
                 pass
         code = proc.returncode
-        if code is not None and code < 0 and -code == signal.SIGKILL:
+        if getattr(proc, "lost", False):
+            payload = {"status": "error", "reason": "the zygote process the run was forked from died before the "
+                                                    "run ended", "measured": None, "device_facts": {},
+                       "detail": tail or None}
+        elif code is not None and code < 0 and -code == signal.SIGKILL:
             payload = {"status": "oom", "reason": "the worker was killed by SIGKILL before it finished, most likely "
                                                   "by the kernel's out-of-memory killer", "measured": None,
                        "device_facts": {}, "detail": tail or None}
@@ -179,7 +203,7 @@ def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault:
             payload = {"status": "error", "reason": f"the worker {how} without a result" +
                                                     (f": {last[:200]}" if last else ""),
                        "measured": None, "device_facts": {}, "detail": tail or None}
-        return WorkerOutcome(payload, code, duration, tail)
+        return WorkerOutcome(payload, code, duration, tail, launch)
 
 
 def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
@@ -188,7 +212,12 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
         try:
             os.killpg(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
-            return
+            if proc.poll() is not None:
+                return
+            try:  # not (yet) a group leader: the process alone
+                os.kill(proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                return
         try:
             proc.wait(timeout=grace_s)
             if sig == signal.SIGTERM:
@@ -212,9 +241,11 @@ def run_in_process(cfg: RunConfig, *, fault: str | None = None, track_tensors: b
 
 
 def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bool = True, fault: str | None = None,
-            track_tensors: bool | None = None, on_start: Callable[[subprocess.Popen], None] | None = None) -> dict:
+            track_tensors: bool | None = None, on_start: Callable[[subprocess.Popen], None] | None = None,
+            zygote: Zygote | None = None) -> dict:
     """Check, predict, run and record ``cfg``; returns the validated record (not yet appended).
 
+    ``zygote``: fork the worker from this :class:`harness.zygote.Zygote` (see :func:`run_isolated`).
     UserError for a configuration that can never run (unknown optimizer, bad values, unknown model).
     """
     spec = get_spec(cfg.optim)
@@ -236,12 +267,14 @@ def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bo
         outcome = distributed.launch(cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors,
                                      on_start=on_start)
     elif isolate:
-        outcome = run_isolated(cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors, on_start=on_start)
+        outcome = run_isolated(cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors, on_start=on_start,
+                               zygote=zygote)
     else:
         outcome = run_in_process(cfg, fault=fault, track_tensors=track_tensors)
     payload = outcome.payload
     env.update({k: v for k, v in (payload.get("device_facts") or {}).items() if v is not None and k != "device"})
-    run_meta.update({"duration_s": round(outcome.duration_s, 3), "returncode": outcome.returncode})
+    run_meta.update({"duration_s": round(outcome.duration_s, 3), "returncode": outcome.returncode,
+                     "launch": outcome.launch})
     status = payload.get("status", "error")
     measured = payload.get("measured")
     if status == "ok" and not measured:
@@ -255,4 +288,4 @@ def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bo
 
 
 __all__ = ["DEFAULT_TIMEOUT_S", "WorkerOutcome", "check_config", "cuda_available", "execute", "predict",
-           "resolve_device", "run_in_process", "run_isolated", "skip_reason"]
+           "resolve_device", "run_in_process", "run_isolated", "skip_reason", "worker_env"]

@@ -1,7 +1,9 @@
 """``bench sweep``'s engine: run a grid of configurations, one worker process per run, into one JSONL file.
 
-Every configuration goes through :func:`harness.launcher.execute` (checks, prediction, a fresh
-``python -m harness.worker`` process with a timeout); the record comes back to the sweep's main thread,
+Every configuration goes through :func:`harness.launcher.execute` (checks, prediction, a worker process
+with a timeout, forked from a zygote that imported torch, transformers and the optimizer packages once:
+:mod:`harness.zygote`; a fresh ``python -m harness.worker`` when it cannot be); the record comes back to the
+sweep's main thread,
 which appends it whole (:func:`harness.record.append_record`), so a sweep that is killed at any moment
 leaves only whole lines, and ``--resume`` picks up from the configurations already recorded (matched by
 :func:`harness.grid.config_key`). A run that fails, runs out of memory or times out is recorded as such
@@ -23,6 +25,7 @@ error. Each probe is an ordinary record in the results file; each search's outco
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import queue
@@ -69,6 +72,9 @@ class SweepOptions:
     progress: str = "auto"
     """``bar`` (rich progress bar), ``lines`` (a line per finished run on stderr), ``none``, or ``auto``
     (bar on a terminal, else lines)."""
+    fork: bool = True
+    """Fork each run from a :class:`harness.zygote.Zygote` (imports paid once per sweep); False: a fresh
+    ``python -m harness.worker`` per run, as ``bench run`` does."""
 
 
 @dataclass
@@ -293,6 +299,8 @@ class Sweep:
         self.rescued: Path | None = None
         self.write_error: str | None = None
         self.write_failures = 0
+        self.zygote = None
+        self._fallback_noted = False
 
     # --------------------------------------------------------------------------------- one run
     def _on_start(self, proc) -> None:
@@ -341,7 +349,12 @@ class Sweep:
             self.reporter.started(label or config_label(cfg.to_dict()))
         try:
             record = execute(cfg, timeout_s=self.opts.timeout_s, track_tensors=self.opts.track_tensors,
-                             fault=self.opts.faults.get(cfg.optim), on_start=self._on_start)
+                             fault=self.opts.faults.get(cfg.optim), on_start=self._on_start, zygote=self.zygote)
+            zygote = self.zygote
+            if (zygote is not None and zygote.refusal and record["run"].get("launch") == "subprocess"
+                    and not self._fallback_noted and self.reporter):
+                self._fallback_noted = True
+                self.reporter.note(f"bench sweep: runs start as fresh processes: {zygote.refusal}")
         except UserError as exc:
             record = self._error_record(cfg, str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug in one run must not end the sweep
@@ -379,16 +392,32 @@ class Sweep:
                                 f"--memory-limit {human_bytes(limit)}")
 
     # --------------------------------------------------------------------------------- driving
+    @contextlib.contextmanager
+    def forking(self, runs: int):
+        """A zygote for the ``runs`` to come, started in the background while the sweep prepares (with the
+        environment its workers get) and stopped afterwards. None for a single run: nothing to share."""
+        if not self.opts.fork or runs < 2:
+            yield
+            return
+        from harness.launcher import worker_env
+        from harness.zygote import Zygote
+
+        self.zygote = Zygote()
+        threading.Thread(target=self.zygote.start, args=(worker_env(), os.getcwd()), name="optimem-zygote-start",
+                         daemon=True).start()
+        try:
+            yield
+        finally:
+            zygote, self.zygote = self.zygote, None
+            zygote.close()
+
     def prewarm(self, configs: list) -> None:
-        """Predict one configuration per model in this thread first: transformers' lazy imports and the
-        inventory cache are not safe to fill from several threads at once."""
+        """Predict every configuration in this thread first: whatever a prediction still has to build (an
+        inventory, a simulated phase model: transformers' lazy imports) is not safe to build from several
+        threads at once. With the on-disk cache warm this costs milliseconds per configuration."""
         from harness.launcher import predict
 
-        seen: set = set()
         for cfg in configs:
-            if cfg.model in seen:
-                continue
-            seen.add(cfg.model)
             try:
                 predict(cfg)
             except Exception:  # noqa: BLE001 - the run itself will report it
@@ -506,8 +535,9 @@ class Sweep:
         tasks = reused + runs  # earlier records first (instant), then the runs in grid order
         if self.reporter:
             self.reporter.set_total(len(tasks))
-        self.prewarm([r.config for r in self.outcome.results if not r.reused])
-        self._drive(tasks)
+        with self.forking(len(runs)):
+            self.prewarm([r.config for r in self.outcome.results if not r.reused])
+            self._drive(tasks)
         return self.outcome
 
     # --------------------------------------------------------------------------------- max batch
@@ -681,8 +711,10 @@ class Sweep:
                 tasks.append(lambda emit, s=earlier[g]: emit(("max_batch_reused", s)))
             else:
                 tasks.append(lambda emit, b=base, s=start: emit(("max_batch", self.search(b, s, emit))))
-        self.prewarm(bases)
-        self._drive(tasks)
+        searches = sum(1 for b in bases if group_key(b, resolve_device(b)) not in earlier)
+        with self.forking(2 * searches):  # a search probes at least twice (a batch that fits, one that does not)
+            self.prewarm(bases)
+            self._drive(tasks)
         return self.outcome
 
 

@@ -513,9 +513,11 @@ def _write_json_atomic(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, parent_pid: int | None = None) -> int:
     """``python -m harness.worker CONFIG.json RESULT.json``: CONFIG holds ``{"config": {...}, "fault":
-    ..., "track_tensors": ..., "parent_pid": ...}``; the worker's result goes to RESULT.json."""
+    ..., "track_tensors": ..., "parent_pid": ...}``; the worker's result goes to RESULT.json. The worker
+    exits when its parent does: the job's ``parent_pid`` (the launcher), or ``parent_pid`` when given (the
+    zygote a run was forked from)."""
     argv = sys.argv[1:] if argv is None else argv
     config_path, result_path = argv
     with open(config_path) as fh:
@@ -528,10 +530,10 @@ def main(argv: list[str] | None = None) -> int:
         result_path = rank_result_path(result_path, rank)
         fault = (job.get("rank_faults") or {}).get(str(rank))
     else:
-        if job.get("parent_pid"):
+        parent = parent_pid or job.get("parent_pid")
+        if parent:
             run_dir = os.path.dirname(os.path.abspath(config_path))
-            _watch_parent(int(job["parent_pid"]),
-                          run_dir if os.path.basename(run_dir).startswith(RUN_DIR_PREFIX) else None)
+            _watch_parent(int(parent), run_dir if os.path.basename(run_dir).startswith(RUN_DIR_PREFIX) else None)
         fault = job.get("fault")
     from harness.scenario import RunConfig
 

@@ -10,18 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from conftest import COMMITTED_RESULTS
 from harness.cli import main
 from harness.compare import Tolerances, compare_records, mann_whitney_greater
 from harness.grid import config_label
 from harness.results import load_records
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def committed() -> list[dict]:
-    files = sorted(p for p in (ROOT / "results").glob("*.jsonl") if not p.name.endswith(".max-batch.jsonl"))
-    assert files, "results/ holds no committed results file"
-    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in load_records(files[-1])]
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in load_records(COMMITTED_RESULTS)]
 
 
 def write(path: Path, records: list[dict]) -> str:

@@ -128,9 +128,10 @@ def test_measured_mfu_replaces_the_assumed_one(tmp_path):
     assert assumed.mfu == P.DEFAULT_MFU and assumed.mfu_source == "assumed"
 
 
-def test_cli_plan_llama3_all_gpus(capsys, tmp_path):
+def test_cli_plan_llama3_all_gpus(capsys, tmp_path, monkeypatch):
     from harness.cli import main
 
+    monkeypatch.chdir(tmp_path)  # the default MFU calibration reads ./results/*.jsonl: none here, whatever a user ran
     assert main(["plan", "--model", LLAMA3, "--gpus", "all", "--plot", str(tmp_path / "plan.png")]) == 0
     out = capsys.readouterr().out
     for g in GPUS:

@@ -7,20 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from conftest import COMMITTED_RESULTS, ROOT
 from harness.cli import main
 from harness.plots import pareto_front
 from harness.results import BREAKDOWN, load_records, measured_parts, to_frame
 
-ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("predicted_vs_measured", "memory_breakdown", "throughput_vs_memory")
 
 
 def committed_results() -> Path:
-    """The newest committed results file (results/<machine>-<date>.jsonl)."""
-    files = sorted(p for p in (ROOT / "results").glob("*.jsonl")
-                   if not p.name.endswith((".max-batch.jsonl", "-distributed.jsonl")))
-    assert files, "results/ holds no committed results file"
-    return files[-1]
+    """The committed results file the README's figures come from (never a user's results/runs.jsonl)."""
+    return COMMITTED_RESULTS
 
 
 def png_size(path: Path) -> tuple[int, int]:

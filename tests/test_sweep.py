@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import COMMITTED_RESULTS
 from estimators.errors import UserError
 from harness.cli import main
 from harness.grid import (config_key, config_label, grid_from_mapping, parse_shape, parse_size, record_key,
@@ -156,8 +157,7 @@ def test_resume_with_repeat_runs_what_is_missing(capsys, tmp_path):
     plan = ["sweep", "--optim", "sgd", "adafactor", "--shape", "1x8", "--out", str(out), "--dry-run", "--json"]
     assert main(plan) == 0
     (sgd, _) = json.loads(capsys.readouterr().out)["configurations"]
-    src = next(p for p in sorted((ROOT / "results").glob("*.jsonl")) if not p.name.endswith(".max-batch.jsonl"))
-    rec = json.loads(src.read_text().splitlines()[0])
+    rec = json.loads(COMMITTED_RESULTS.read_text().splitlines()[0])
     rec["config"].update(optim="sgd", batch_size=1, seq_len=8)
     assert record_key(rec) == sgd["key"]
     out.write_text(json.dumps(rec) + "\n")

@@ -28,3 +28,9 @@ def non_negative_int(text: str) -> int:
 def positive_seconds(text: str) -> float:
     return _number(text, float, lambda v: 0 < v < float("inf"), "a positive number of seconds")
 
+
+def add_no_cache(parser: argparse.ArgumentParser) -> None:
+    """``--no-cache`` (``harness.cli.main`` applies it: :func:`estimators.cache.disable`)."""
+    parser.add_argument("--no-cache", action="store_true",
+                        help="neither read nor write the on-disk cache of parameter inventories and simulated "
+                             "phases (OPTIMEM_CACHE_DIR moves it; 'python -m estimators.cache' shows it)")

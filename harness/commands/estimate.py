@@ -7,6 +7,7 @@ import json
 from estimators import UserError, estimate, get_spec, names
 from estimators.inventory import build_inventory
 from estimators.setup import DEFAULT_TARGETS, TrainingSetup
+from harness.commands.argtypes import add_no_cache
 from harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
 from harness.units import format_table, human_bytes, human_count
 
@@ -27,6 +28,7 @@ def register(sub) -> None:
                    help="use this GPU's calibrated CUDA constants (torch.cuda.get_device_name(); see "
                         "'python -m harness.calibrate show')")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per optimizer")
+    add_no_cache(p)
     p.set_defaults(func=main)
 
 

@@ -14,6 +14,7 @@ from estimators import UserError, get_spec
 from estimators import planner as P
 from estimators.catalog import resolve
 from estimators.setup import TrainingSetup
+from harness.commands.argtypes import add_no_cache
 from harness.commands.estimate import expand_optims as expand_estimate_optims
 from harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
 from harness.units import format_table, human_count
@@ -56,6 +57,7 @@ def register(sub) -> None:
                    help="extra GPUs (JSON or YAML, same fields as estimators/gpus.json); same id replaces")
     p.add_argument("--plot", metavar="FILE.png", help="also write the plots (max micro-batch heatmap, memory vs GPUs)")
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
+    add_no_cache(p)
     p.set_defaults(func=main)
 
 

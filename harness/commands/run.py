@@ -14,7 +14,7 @@ import threading
 from estimators import get_spec
 from estimators.errors import UserError
 from estimators.setup import DEFAULT_TARGETS
-from harness.commands.argtypes import DEFAULT_OUT, positive_int, non_negative_int, positive_seconds
+from harness.commands.argtypes import DEFAULT_OUT, add_no_cache, non_negative_int, positive_int, positive_seconds
 from harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
 from harness.paths import check_output_file, rescue_record
 from harness.run_config import RunConfig
@@ -51,6 +51,7 @@ def register(sub) -> None:
                    help=f"append the record to this JSONL file (default {DEFAULT_OUT})")
     p.add_argument("--no-save", action="store_true", help="do not write the record anywhere")
     p.add_argument("--json", action="store_true", help="print the record as JSON instead of the table")
+    add_no_cache(p)
     p.set_defaults(func=main)
 
 

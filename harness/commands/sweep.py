@@ -18,7 +18,7 @@ from pathlib import Path
 
 from estimators.errors import UserError
 from estimators.setup import CLI
-from harness.commands.argtypes import DEFAULT_OUT, positive_int, positive_seconds
+from harness.commands.argtypes import DEFAULT_OUT, add_no_cache, positive_int, positive_seconds
 from harness.commands.setup_args import add_setup_arguments
 from harness.grid import AXES
 from harness.units import format_table, human_bytes
@@ -64,6 +64,9 @@ def register(sub) -> None:
     r.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads per run (OMP_NUM_THREADS; default: torch's, or cores/jobs with --jobs)")
     r.add_argument("--track-tensors", choices=["auto", "on", "off"], help="exact tensor accounting (auto: on CPU)")
+    r.add_argument("--no-fork", action="store_true",
+                   help="start every run as a fresh 'python -m harness.worker' (as bench run) instead of forking "
+                        "it from a process that imported torch, transformers and the optimizer packages once")
     r.add_argument("--find-max-batch", action="store_true",
                    help="search each optimizer's largest batch size that fits, instead of running the batch sizes")
     r.add_argument("--memory-limit", metavar="SIZE",
@@ -77,6 +80,7 @@ def register(sub) -> None:
                                                        "stderr)")
     o.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
                    help="progress on stderr: a bar with ETA (terminal), a line per run, or none")
+    add_no_cache(o)
     p.add_argument("--fault", action="append", default=[], help=argparse.SUPPRESS)  # test hook: OPTIM=KIND@PHASE
     p.set_defaults(func=main)
 
@@ -152,7 +156,7 @@ def _settings(data: dict, args: argparse.Namespace):
         jobs=num("jobs", int, 1), threads=num("threads", int, None), track_tensors=track,
         memory_limit=_memory_limit(data.get("memory_limit"), where("memory_limit")),
         find_max_batch=bool(data.get("find_max_batch")), max_batch_cap=num("max_batch_cap", int, DEFAULT_MAX_BATCH_CAP),
-        repeat=num("repeat", int, 1), faults=faults, progress=args.progress)
+        repeat=num("repeat", int, 1), faults=faults, progress=args.progress, fork=not args.no_fork)
 
 
 def _memory_limit(value, where: str) -> int | None:
