@@ -7,12 +7,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .archs import Setting
 from .errors import UserError
-from .inventory import DTYPES, Inventory, build_inventory, normalize_dtype
-from .peak import ATTN_IMPLEMENTATIONS, MIXED, arch_for, evaluate, phase_results
+from .inventory import Inventory, build_inventory, check_task, normalize_dtype
+from .peak import ATTN_IMPLEMENTATIONS, PhaseModel, evaluate
 from .optimizers import OptimizerSpec, ParamCtx, get_spec, parse_optim_args
 from .optimizers.spec import LAYERWISE_DUMMY_BYTES
+from .trace.run import TraceSetting
 
 
 @dataclass
@@ -149,7 +149,7 @@ def estimate(model: str | Inventory, optim: str, *, dtype: str = "fp32", optim_a
              optim_target_modules: str | Sequence[str] | None = None, batch_size: int = 1, seq_len: int = 512,
              freeze: str | None = None, gradient_checkpointing: bool = False, mixed_precision: str | None = None,
              grad_accum: int = 1, device: str = "cuda", attn_implementation: str = "sdpa",
-             gpu: str | None = None) -> Estimate:
+             gpu: str | None = None, task: str | None = None) -> Estimate:
     """Predict the bytes a Trainer run of ``model`` with ``TrainingArguments(optim=optim)`` holds.
 
     ``model``: a catalog name, a config.json path (or its directory), or an :class:`Inventory`.
@@ -163,7 +163,9 @@ def estimate(model: str | Inventory, optim: str, *, dtype: str = "fp32", optim_a
     autocast, parameters stay in ``dtype``); ``device``: ``"cuda"`` (torch's foreach optimizer paths, CUDA
     overhead terms) or ``"cpu"`` (single-tensor paths); ``attn_implementation``: ``"sdpa"`` (the
     default the Trainer gets) or ``"eager"``; ``gpu``: a ``torch.cuda.get_device_name()`` whose calibrated
-    CUDA constants to use (``estimators/calibration/cuda.json``; the defaults otherwise).
+    CUDA constants to use (``estimators/calibration/cuda.json``; the defaults otherwise); ``task``: the head
+    the model is trained with (``causal-lm``, ``masked-lm``, ``sequence-classification``, ``seq2seq-lm``;
+    default: the config's architecture).
     """
     spec = get_spec(optim)
     _check_available(spec)
@@ -184,7 +186,9 @@ def estimate(model: str | Inventory, optim: str, *, dtype: str = "fp32", optim_a
     if spec.layerwise and grad_accum != 1:
         raise UserError(f"{spec.name} does not support gradient accumulation (the Trainer raises 'Layerwise "
                         "... does not support gradient accumulation!')")
-    inv = (model if isinstance(model, Inventory) else build_inventory(model)).with_dtype(dtype).with_frozen(freeze)
+    task = check_task(task)
+    inv = (model if isinstance(model, Inventory) else build_inventory(model, task=task)).with_dtype(dtype) \
+        .with_frozen(freeze)
     raw_args = parse_optim_args(optim_args) if isinstance(optim_args, (str, type(None))) else \
         {str(k): str(v) for k, v in optim_args.items()}
     args = spec.resolve_args(raw_args)
@@ -209,12 +213,12 @@ def estimate(model: str | Inventory, optim: str, *, dtype: str = "fp32", optim_a
     if spec.cpu_note:
         notes.append(spec.cpu_note)
     args_key = tuple(sorted(args.items(), key=str))
-    setting = Setting(es=DTYPES[dtype], autocast=MIXED[mixed_precision], attn=attn_implementation,
-                      gc=bool(gradient_checkpointing), device=device)
-    results, offsets, step_note, arch_notes = _phase_model(inv, spec.name, args_key, targets, setting, grad_accum,
-                                                           device, total, host)
-    mem = evaluate(results, offsets, batch_size, seq_len)
-    notes.extend(n for n in (step_note, *arch_notes) if n)
+    setting = TraceSetting(dtype=dtype, mixed=mixed_precision, attn=attn_implementation,
+                           gc=bool(gradient_checkpointing), task=inv.task,
+                           frozen=tuple(r.name for r in inv.rows if not r.trainable), device=device)
+    phase_model = _phase_model(inv, spec.name, args_key, targets, setting, grad_accum, device, total, host)
+    mem = evaluate(phase_model, batch_size, seq_len)
+    notes.extend(n for n in (phase_model.step.note, *phase_model.notes()) if n)
     cuda = None
     if device == "cuda":
         from .cuda_overhead import cuda_terms
@@ -249,9 +253,10 @@ def _state_sizes(inv: Inventory, name: str, args_key: tuple, targets) -> tuple:
 
 
 @functools.lru_cache(maxsize=512)
-def _phase_model(inv: Inventory, name: str, args_key: tuple, targets, setting, grad_accum: int, device: str,
-                 state_total: int, state_host: int):
-    """The simulated phases of one configuration (independent of the batch shape; cached)."""
+def _phase_model(inv: Inventory, name: str, args_key: tuple, targets, setting: TraceSetting, grad_accum: int,
+                 device: str, state_total: int, state_host: int) -> PhaseModel:
+    """The phase model of one configuration (its regions of batch shapes are simulated when first asked
+    for; cached)."""
     from . import steps
 
     spec = get_spec(name)
@@ -267,8 +272,9 @@ def _phase_model(inv: Inventory, name: str, args_key: tuple, targets, setting, g
         shared = 0
     step = steps.build(spec, args, inv, targeted, device, shared)
     on_device = state_total - (state_host if device != "cpu" else 0)
-    results, offsets = phase_results(inv, setting, grad_accum, step, on_device, step.state_at_init)
-    return results, offsets, step.note, arch_for(inv).notes
+    from .catalog import resolve
+
+    return PhaseModel(inv, resolve(inv.model), setting, grad_accum, step, on_device, step.state_at_init)
 
 
 def estimate_for_run(config: Mapping[str, Any], device: str | None = None) -> Estimate:
@@ -286,4 +292,4 @@ def estimate_for_run(config: Mapping[str, Any], device: str | None = None) -> Es
                     gradient_checkpointing=bool(config.get("gradient_checkpointing", False)),
                     mixed_precision=config.get("mixed_precision"), grad_accum=int(config.get("grad_accum", 1)),
                     device="cuda" if dev == "auto" else dev,
-                    attn_implementation=extra.get("attn_implementation", "sdpa"))
+                    attn_implementation=extra.get("attn_implementation", "sdpa"), task=extra.get("task"))

@@ -88,6 +88,8 @@ class Inventory:
     dtype: str = "fp32"
     linear_modules: tuple[str, ...] = ()
     """Names of every ``nn.Linear`` module (tied ones too), as ``named_modules()`` lists them."""
+    task: str | None = None
+    """The head the model was built with (:data:`TASKS`; None: the config's architecture)."""
     _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     def _totals(self) -> dict[str, int]:
@@ -205,28 +207,54 @@ def build_config(source: ModelSource):
                         "give a transformers config.json") from None
 
 
-def instantiate(source: ModelSource, *, device: str = "meta", dtype: str | None = None):
-    """Construct the real transformers model for ``source`` (random init unless on the meta device)."""
+TASKS: dict[str, str] = {
+    "causal-lm": "AutoModelForCausalLM",
+    "masked-lm": "AutoModelForMaskedLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+}
+"""Task heads a model can be built with (``--task``), by the transformers Auto class that builds them. Without
+a task the class is the config's ``architectures`` entry (else causal LM, or seq2seq LM for encoder-decoders)."""
+
+
+def check_task(task: str | None) -> str | None:
+    """``task`` if it names a head in :data:`TASKS` (or is None); raises UserError otherwise."""
+    if task is None or task in TASKS:
+        return task
+    raise UserError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+
+
+def model_class(source: ModelSource, task: str | None = None):
+    """The transformers class (or Auto class) ``instantiate`` builds for ``source`` and ``task``."""
+    import transformers
+
+    if check_task(task) is not None:
+        return getattr(transformers, TASKS[task])
+    cls = model_class_for(source.load())
+    if cls is not None:
+        return cls
+    config = build_config(source)
+    return transformers.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else \
+        transformers.AutoModelForCausalLM
+
+
+def instantiate(source: ModelSource, *, device: str = "meta", dtype: str | None = None, task: str | None = None):
+    """Construct the real transformers model for ``source`` (random init unless on the meta device), with the
+    head ``task`` names (see :data:`TASKS`; default: the config's own architecture)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     config = build_config(source)
-    data = source.load()
-    cls = model_class_for(data)
+    cls = model_class(source, task)
     tlog = logging.getLogger("transformers")
     old = tlog.level
     tlog.setLevel(logging.ERROR)
     try:
         with torch.device(device):
-            if cls is not None:
-                model = cls(config)
-            elif getattr(config, "is_encoder_decoder", False):
-                model = AutoModelForSeq2SeqLM.from_config(config)
-            else:
-                model = AutoModelForCausalLM.from_config(config)
+            model = cls.from_config(config) if cls.__name__.startswith("AutoModel") else cls(config)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"cannot build a model from {source.name} ({msg}); give a transformers config.json "
+        what = f" with a {task} head" if task else ""
+        raise UserError(f"cannot build a model from {source.name}{what} ({msg}); give a transformers config.json "
                         "of a model class that transformers knows") from None
     finally:
         tlog.setLevel(old)
@@ -235,7 +263,7 @@ def instantiate(source: ModelSource, *, device: str = "meta", dtype: str | None 
     return model
 
 
-def inventory_from_model(model, *, name: str, config_hash: str = "") -> Inventory:
+def inventory_from_model(model, *, name: str, config_hash: str = "", task: str | None = None) -> Inventory:
     """Build the inventory of an instantiated model (any device)."""
     from torch import nn
 
@@ -272,14 +300,14 @@ def inventory_from_model(model, *, name: str, config_hash: str = "") -> Inventor
     dtypes = {r.dtype for r in rows}
     return Inventory(model=name, model_type=getattr(cfg, "model_type", "unknown"), architecture=archs[0],
                      rows=tuple(rows), config_hash=config_hash, dtype=dtypes.pop() if len(dtypes) == 1 else "fp32",
-                     linear_modules=linear_modules)
+                     linear_modules=linear_modules, task=task)
 
 
 @functools.lru_cache(maxsize=64)
-def _inventory_cached(name: str, path: str, digest: str) -> Inventory:
+def _inventory_cached(name: str, path: str, digest: str, task: str | None = None) -> Inventory:
     source = ModelSource(name, __import__("pathlib").Path(path))
-    model = instantiate(source, device="meta")
-    return inventory_from_model(model, name=name, config_hash=digest)
+    model = instantiate(source, device="meta", task=task)
+    return inventory_from_model(model, name=name, config_hash=digest, task=task)
 
 
 @functools.lru_cache(maxsize=256)
@@ -289,12 +317,13 @@ def _digest(path: str, mtime_ns: int, size: int) -> str:
     return hashlib.sha1(json.dumps(ModelSource(path, Path(path)).load(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_inventory(model: str, dtype: str = "fp32") -> Inventory:
-    """The parameter inventory of ``model`` (catalog name or config path), stored in ``dtype``.
+def build_inventory(model: str, dtype: str = "fp32", task: str | None = None) -> Inventory:
+    """The parameter inventory of ``model`` (catalog name or config path), stored in ``dtype``, with the head
+    ``task`` names (default: the config's architecture).
 
     Cached per config content (a changed config file is rebuilt): a second call costs a stat and a lookup.
     """
     source = resolve(model)
     st = source.path.stat()
     digest = _digest(str(source.path), st.st_mtime_ns, st.st_size)
-    return _inventory_cached(source.name, str(source.path), digest).with_dtype(dtype)
+    return _inventory_cached(source.name, str(source.path), digest, check_task(task)).with_dtype(dtype)

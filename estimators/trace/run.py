@@ -1,0 +1,275 @@
+"""Trace one training setting at a few shapes and fit the step's event log: :func:`step_trace`.
+
+A :class:`StepTrace` covers every ``(batch, seq)`` by *regions*: batch 1 is its own region (a batch of one
+makes some transposed tensors contiguous, so fewer copies run), batches from 2 up another; the sequence
+length is split at the config's window sizes (``sliding_window``, ``attention_chunk_size``, a RoPE scaling's
+``original_max_position_embeddings``: modeling code branches on them), each window size its own one-value
+region. Inside a region the step runs the same ops in the same order and every size is a polynomial of
+``(1, B, S, B*S, S*S, B*S*S)``: six traces determine it (three for batch 1: no ``B`` terms), a seventh at
+another shape checks it. Regions are traced when first asked for.
+
+The result is plain data (:meth:`StepTrace.to_data`), keyed by :func:`trace_key`: the config's content, the
+torch and transformers versions and the setting.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..catalog import ModelSource
+from ..errors import UserError
+from .events import EventLog, FitError, fit_logs, from_events
+from .model import build_traced_model
+from .step import StepHooks, make_batch, micro_step, num_items, wrap_autocast
+from .tensor import Recorder, TraceError, TraceMode, from_real
+
+S_MIN = 2
+"""Shortest sequence a trace covers."""
+FIRST_S = 16
+"""First sequence length traced in the region that starts at :data:`S_MIN` (shorter ones share its
+polynomials)."""
+S_STEP = 8
+WINDOW_KEYS = ("sliding_window", "attention_chunk_size", "local_attention", "sliding_window_size")
+
+
+@dataclass(frozen=True)
+class TraceSetting:
+    """Everything a trace depends on besides the config and the shape: parameter ``dtype``, ``mixed``
+    precision (``bf16``/``fp16`` autocast or None), ``attn`` implementation asked for, gradient checkpointing
+    ``gc``, ``task`` head, ``frozen`` parameter names, ``device`` (``cpu``, or ``cuda`` for CUDA's op rules)."""
+
+    dtype: str = "fp32"
+    mixed: str | None = None
+    attn: str = "sdpa"
+    gc: bool = False
+    task: str | None = None
+    frozen: tuple[str, ...] = ()
+    device: str = "cpu"
+
+
+@dataclass
+class Region:
+    """``b_lo..b_hi`` x ``s_lo..s_hi`` (None: unbounded) and its fitted logs: ``first`` (a micro-step with no
+    gradients yet) and ``accum`` (one with gradients already accumulated; only when asked for)."""
+
+    b_lo: int
+    b_hi: int | None
+    s_lo: int
+    s_hi: int | None
+    first: EventLog
+    accum: EventLog | None = None
+
+    def contains(self, b: int, s: int) -> bool:
+        return self.b_lo <= b and (self.b_hi is None or b <= self.b_hi) and self.s_lo <= s and \
+            (self.s_hi is None or s <= self.s_hi)
+
+    def to_data(self) -> dict:
+        return {"b": [self.b_lo, self.b_hi], "s": [self.s_lo, self.s_hi], "first": self.first.to_data(),
+                "accum": self.accum.to_data() if self.accum is not None else None}
+
+    @classmethod
+    def from_data(cls, d: dict) -> Region:
+        return cls(d["b"][0], d["b"][1], d["s"][0], d["s"][1], EventLog.from_data(d["first"]),
+                   EventLog.from_data(d["accum"]) if d.get("accum") else None)
+
+
+@dataclass
+class StepTrace:
+    """The fitted trace of one model x setting (see the module docstring). ``params``: parameter names in
+    ``named_parameters()`` order (a log's parameter indices point here); ``buffers_bytes``: the model's
+    buffers as stored (bytes); ``attn_implementation``: what the model really runs; ``windows``: the sequence
+    lengths the regions split at; ``label_shape``: ``"BS"`` (a label per token) or ``"B"`` (one per sample);
+    ``shifts_labels``: the Trainer counts label tokens from position 1."""
+
+    key: str
+    model: str
+    params: tuple[str, ...]
+    buffers_bytes: int
+    attn_implementation: str
+    windows: tuple[int, ...]
+    label_shape: str
+    shifts_labels: bool
+    counts_items: bool
+    regions: list[Region] = field(default_factory=list)
+
+    def region(self, b: int, s: int, accum: bool = False) -> Region | None:
+        for r in self.regions:
+            if r.contains(b, s) and (not accum or r.accum is not None):
+                return r
+        return None
+
+    def to_data(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "regions"}
+        d["regions"] = [r.to_data() for r in self.regions]
+        return d
+
+    @classmethod
+    def from_data(cls, d: dict) -> StepTrace:
+        kw = {k: v for k, v in d.items() if k != "regions"}
+        kw["params"] = tuple(kw["params"])
+        kw["windows"] = tuple(kw["windows"])
+        return cls(**kw, regions=[Region.from_data(r) for r in d["regions"]])
+
+
+def trace_key(source: ModelSource, setting: TraceSetting) -> str:
+    """The cache key of a trace: config content, torch and transformers versions, setting."""
+    import transformers
+
+    blob = json.dumps({"config": source.load(), "torch": torch.__version__, "transformers": transformers.__version__,
+                       "setting": asdict(setting), "format": 1}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:20]
+
+
+def windows(config) -> tuple[int, ...]:
+    """Sequence lengths at which modeling code of ``config`` may branch (see the module docstring)."""
+    cfgs = [config]
+    text = getattr(config, "get_text_config", None)
+    if callable(text):
+        cfgs.append(text())
+    out: set[int] = set()
+    for c in cfgs:
+        for k in WINDOW_KEYS:
+            v = getattr(c, k, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v >= S_MIN:
+                out.add(v)
+        rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+        if isinstance(rope, dict):
+            subs = [rope] + [v for v in rope.values() if isinstance(v, dict)]
+            for r in subs:
+                v = r.get("original_max_position_embeddings")
+                if isinstance(v, int) and r.get("rope_type", r.get("type")) not in (None, "default", "linear") and v >= S_MIN:
+                    out.add(v)
+    return tuple(sorted(out))
+
+
+def s_bounds(wins: tuple[int, ...], s: int) -> tuple[int, int | None]:
+    """The sequence region holding ``s``: ``[S_MIN, w1 - 1]``, ``[w1, w1]``, ``[w1 + 1, w2 - 1]``, ... ."""
+    lo = S_MIN
+    for w in wins:
+        if s < w:
+            return lo, w - 1
+        if s == w:
+            return w, w
+        lo = w + 1
+    return lo, None
+
+
+def _points(b_lo: int, s_lo: int, s_hi: int | None) -> tuple[list[tuple[int, int]], list[int], tuple[int, int]]:
+    """(fit points, basis columns, check point) for a region."""
+    bs = [1] if b_lo == 1 else [2, 3]
+    b_check = 1 if b_lo == 1 else 4
+    if s_hi is not None and s_hi - s_lo < 3 * S_STEP:
+        if s_hi == s_lo:  # one sequence length: linear in B only
+            cols = [0] if b_lo == 1 else [0, 1]
+            return [(b, s_lo) for b in bs], cols, (b_check, s_lo)
+        raise FitError("region too short to fit")  # split by s_bounds never produces this
+    start = FIRST_S if s_lo == S_MIN else s_lo
+    ss = [start, start + S_STEP, start + 2 * S_STEP]
+    check = start + 3 * S_STEP + 37
+    if s_hi is not None:
+        check = min(check, s_hi)
+    cols = [0, 2, 4] if b_lo == 1 else [0, 1, 2, 3, 4, 5]
+    return [(b, s) for s in ss for b in bs], cols, (b_check, check)
+
+
+def _region_bounds(wins: tuple[int, ...], b: int, s: int) -> tuple[int, int | None, int, int | None]:
+    s_lo, s_hi = s_bounds(wins, max(s, S_MIN))
+    if s_hi is not None and s_hi != s_lo and s_hi - s_lo < 3 * S_STEP:
+        s_lo = s_hi = max(s, S_MIN)  # a short stretch between windows: one region per length
+    return (1, 1, s_lo, s_hi) if b <= 1 else (2, None, s_lo, s_hi)
+
+
+class _Tracer:
+    """A built model ready to trace one setting at any shape."""
+
+    def __init__(self, source: ModelSource, setting: TraceSetting):
+        self.source = source
+        self.setting = setting
+        try:
+            self.model, self.facts = build_traced_model(source, dtype=setting.dtype, task=setting.task,
+                                                        attn=setting.attn, gc=setting.gc, frozen=setting.frozen)
+        except (TraceError, RuntimeError, NotImplementedError) as exc:
+            raise UserError(f"cannot trace {source.name}: {str(exc).splitlines()[0][:200]}") from None
+        wrap_autocast(self.model, setting.mixed)
+        self.rec = Recorder()
+        self.hooks = StepHooks(self.model, self.rec)
+
+    def run(self, b: int, s: int, accum: bool) -> tuple[list, list | None]:
+        """Raw events of a first micro-step (and of an accumulating one) at batch ``b`` x seq ``s``."""
+        facts = self.facts
+        batch = make_batch(facts, b, s, self.setting.task)
+        with TraceMode():
+            items = num_items(facts, [batch])
+            tr_loss = from_real(torch.tensor(0.0))
+        try:
+            first = list(micro_step(self.model, facts, batch, items, 1, tr_loss, self.rec))
+            second = list(micro_step(self.model, facts, batch, items, 1, tr_loss, self.rec)) if accum else None
+        finally:
+            for p in self.model.parameters():
+                p.grad = None
+        return first, second
+
+
+def trace_region(source: ModelSource, setting: TraceSetting, b: int, s: int, accum: bool,
+                 tracer: _Tracer | None = None) -> tuple[Region, _Tracer]:
+    """Trace and fit the region holding ``(b, s)``."""
+    from .meta_kernels import cpp_meta_kernels
+
+    tracer = tracer or _Tracer(source, setting)
+    wins = windows(tracer.model.config)
+    b_lo, b_hi, s_lo, s_hi = _region_bounds(wins, b, s)
+    points, cols, check = _points(b_lo, s_lo, s_hi)
+    firsts, seconds = [], []
+    try:
+        with cpp_meta_kernels():
+            for pb, ps in points + [check]:
+                f, a = tracer.run(pb, ps, accum)
+                firsts.append(from_events(f))
+                if accum:
+                    seconds.append(from_events(a))
+    except TraceError as exc:
+        raise UserError(f"cannot trace {source.name}: {exc.op} ({exc.reason})") from None
+    name = source.name
+
+    def fit(logs):
+        try:
+            return fit_logs([x[0] for x in logs[:-1]], [x[1] for x in logs[:-1]], points, cols,
+                            check=(logs[-1][0], logs[-1][1], check))
+        except FitError as exc:
+            raise UserError(f"cannot trace {name}: {exc}") from None
+
+    first = fit(firsts)
+    if first.survivors:
+        raise UserError(f"cannot trace {name}: its training step keeps {len(first.survivors)} tensors alive from one "
+                        "step to the next (a cache in the model)")
+    return Region(b_lo, b_hi, s_lo, s_hi, first, fit(seconds) if accum else None), tracer
+
+
+_CACHE: dict[str, StepTrace] = {}
+
+
+def step_trace(source: ModelSource, setting: TraceSetting, batch: int, seq: int, accum: bool = False) -> StepTrace:
+    """The :class:`StepTrace` of ``source`` x ``setting`` with the region of ``(batch, seq)`` traced (and its
+    accumulating micro-step when ``accum``). Cached in memory per :func:`trace_key`."""
+    key = trace_key(source, setting)
+    st = _CACHE.get(key)
+    if st is not None and st.region(batch, seq, accum) is not None:
+        return st
+    region, tracer = trace_region(source, setting, batch, seq, accum)
+    if st is None:
+        facts = tracer.facts
+        names = tuple(n for n, _ in tracer.model.named_parameters())
+        stores = {b_._m.untyped_storage()._cdata: b_._m.untyped_storage().nbytes() for b_ in tracer.model.buffers()}
+        buffers_bytes = sum(stores.values())
+        st = StepTrace(key, source.name, names, int(buffers_bytes), facts.attn_implementation,
+                       windows(tracer.model.config), "B" if setting.task == "sequence-classification" else "BS",
+                       facts.shifts_labels, facts.accepts_loss_kwargs)
+        _CACHE[key] = st
+    st.regions = [r for r in st.regions if not (r.b_lo == region.b_lo and r.s_lo == region.s_lo)] + [region]
+    return st
+
+
+__all__ = ["Region", "StepTrace", "TraceSetting", "s_bounds", "step_trace", "trace_key", "trace_region", "windows"]
