@@ -67,6 +67,9 @@ def check_config(cfg: RunConfig) -> None:
         raise UserError(f"mixed precision must be bf16 or fp16, got {cfg.mixed_precision!r}")
     if cfg.data is not None and not Path(cfg.data).is_file():
         raise UserError(f"--data {cfg.data}: no such file (give a local text or JSONL file)")
+    from estimators.inventory import check_task
+
+    check_task((cfg.extra or {}).get("task"))
 
 
 def predict(cfg: RunConfig) -> dict[str, Any] | None:

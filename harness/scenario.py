@@ -51,10 +51,11 @@ class RunConfig:
 
 
 class SyntheticTokens(torch.utils.data.Dataset):
-    """Seeded random token ids; ``labels`` equal the inputs (the model shifts them itself)."""
+    """Seeded random token ids; ``labels`` equal the inputs (the model shifts them itself), or, with
+    ``num_labels`` (sequence classification), one seeded class per sample, kept in a table like the ids."""
 
     def __init__(self, n: int, seq_len: int, vocab_size: int, seed: int, encoder_decoder: bool,
-                 token_ids: list[int] | None = None):
+                 token_ids: list[int] | None = None, num_labels: int | None = None):
         g = torch.Generator().manual_seed(seed)
         if token_ids:
             stream = torch.tensor(token_ids, dtype=torch.long) % vocab_size
@@ -63,13 +64,15 @@ class SyntheticTokens(torch.utils.data.Dataset):
         else:
             self.ids = torch.randint(3, vocab_size, (n, seq_len), generator=g)
         self.encoder_decoder = encoder_decoder
+        self.labels = torch.randint(0, num_labels, (n,), generator=g) if num_labels else None
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = self.ids[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        labels = self.labels[i] if self.labels is not None else ids.clone()
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
 def _read_text_tokens(path: str) -> list[int]:
@@ -111,10 +114,15 @@ def remove_printer_callback(trainer) -> None:
     trainer.remove_callback(PrinterCallback)
 
 
+def task_of(cfg: RunConfig) -> str | None:
+    """The head the run trains (``extra["task"]``: see ``estimators.inventory.TASKS``; None: the config's)."""
+    return (cfg.extra or {}).get("task")
+
+
 def build_model(cfg: RunConfig):
     torch.manual_seed(cfg.seed)
     device = cfg.resolved_device()
-    model = instantiate(resolve(cfg.model), device="cpu", dtype=normalize_dtype(cfg.dtype))
+    model = instantiate(resolve(cfg.model), device="cpu", dtype=normalize_dtype(cfg.dtype), task=task_of(cfg))
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     return model.to(device)
@@ -130,8 +138,10 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
     device = cfg.resolved_device()
     n_samples = cfg.batch_size * cfg.grad_accum * max(cfg.steps, 1)
     tokens = _read_text_tokens(cfg.data) if cfg.data else None
+    classify = task_of(cfg) == "sequence-classification"
     data = SyntheticTokens(n_samples, cfg.seq_len, model.config.vocab_size, cfg.seed,
-                           bool(getattr(model.config, "is_encoder_decoder", False)), tokens)
+                           bool(getattr(model.config, "is_encoder_decoder", False)), tokens,
+                           num_labels=int(model.config.num_labels) if classify else None)
     lr = 1e-4
     kwargs: dict[str, Any] = dict(
         output_dir=output_dir or tempfile.mkdtemp(prefix="optimem-"),

@@ -5,7 +5,7 @@ import argparse
 import json
 
 from estimators import DEFAULT_MODEL, UserError, estimate, get_spec, names
-from estimators.inventory import build_inventory
+from estimators.inventory import TASKS, build_inventory
 from harness.units import format_table, human_bytes, human_count
 
 DEFAULT_TARGETS = "all-linear"
@@ -38,6 +38,8 @@ def register(sub) -> None:
                     help="fp16 mixed precision (TrainingArguments(fp16=True))")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="training device: cuda (foreach optimizer paths, CUDA overhead terms) or cpu (default cuda)")
+    p.add_argument("--task", default=None, choices=sorted(TASKS), help="the head to train (default: the config's "
+                   "architecture, else causal LM)")
     p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
                    help="attention implementation (default sdpa, what the Trainer gets)")
     p.add_argument("--gpu", default=None, metavar="NAME",
@@ -79,7 +81,7 @@ def _targets(args, spec):
 
 def main(args: argparse.Namespace) -> int:
     optims = expand_optims(args.optim)
-    inv = build_inventory(args.model)
+    inv = build_inventory(args.model, task=args.task)
     results, skipped = [], []
     for name in optims:
         spec = get_spec(name)
@@ -99,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
                            seq_len=args.seq_len, freeze=args.freeze, grad_accum=args.grad_accum,
                            gradient_checkpointing=args.gradient_checkpointing,
                            mixed_precision=args.mixed_precision, device=args.device,
-                           attn_implementation=args.attn_implementation, gpu=args.gpu)
+                           attn_implementation=args.attn_implementation, gpu=args.gpu, task=args.task)
         except UserError as exc:
             if len(optims) == 1:
                 raise
@@ -191,5 +193,7 @@ def _settings_line(args) -> str:
     parts.append(f"{args.mixed_precision} autocast" if args.mixed_precision else "no autocast")
     parts.append("gradient checkpointing" if args.gradient_checkpointing else "no checkpointing")
     parts.append(f"{args.attn_implementation} attention")
+    if args.task:
+        parts.append(f"{args.task} head")
     parts.append(f"on {args.device}")
     return ", ".join(parts)

@@ -12,6 +12,7 @@ import sys
 import threading
 
 from estimators import DEFAULT_MODEL, get_spec
+from estimators.inventory import TASKS
 from harness.commands.argtypes import DEFAULT_OUT, positive_int, non_negative_int, positive_seconds
 from harness.units import human_bytes
 
@@ -56,6 +57,8 @@ def register(sub) -> None:
     p.add_argument("--warmup", type=non_negative_int, default=DEFAULT_WARMUP, metavar="W",
                    help=f"steps left out of the throughput figures (default {DEFAULT_WARMUP})")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--task", default=None, choices=sorted(TASKS), help="the head to train (default: the config's "
+                   "architecture, else causal LM)")
     p.add_argument("--data", default=None, metavar="FILE", help="train on a local text or JSONL ('text') file "
                                                                 "(byte tokens) instead of synthetic tokens")
     p.add_argument("--seed", type=int, default=0)
@@ -90,7 +93,7 @@ def config_from_args(args: argparse.Namespace):
                     batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
                     gradient_checkpointing=args.gradient_checkpointing, optim_args=args.optim_args,
                     optim_target_modules=targets, steps=args.steps, warmup=args.warmup, device=args.device,
-                    seed=args.seed, data=args.data)
+                    seed=args.seed, data=args.data, extra={"task": args.task} if args.task else {})
     check_config(cfg)
     return cfg
 
