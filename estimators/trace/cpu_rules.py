@@ -19,12 +19,15 @@ def _layer_norm(func, args, kwargs):
     ``param_scalar_type``: fp32 when the input is 16-bit and a weight or bias is not (mixed type), else the
     input's dtype (the meta function always uses fp32 for 16-bit inputs, CUDA's choice); their shape is the
     input's with the normalized dimensions set to 1."""
+    from .cuda_rules import device
     from .meta_kernels import python_metas
 
     x, normalized_shape, weight, bias = (list(args) + [None, None])[:4]
     weight = kwargs.get("weight", weight)
     bias = kwargs.get("bias", bias)
     out, mean, rstd = python_metas()[func](*args, **kwargs)
+    if device() == "cuda":
+        return out, mean, rstd
     mixed = x.dtype in REDUCED and any(t is not None and t.dtype == torch.float32 for t in (weight, bias))
     dtype = torch.float32 if mixed else x.dtype
     if mean.dtype != dtype:

@@ -205,8 +205,9 @@ class _Tracer:
             items = num_items(facts, [batch])
             tr_loss = from_real(torch.tensor(0.0))
         try:
-            first = list(micro_step(self.model, facts, batch, items, 1, tr_loss, self.rec))
-            second = list(micro_step(self.model, facts, batch, items, 1, tr_loss, self.rec)) if accum else None
+            dev = self.setting.device
+            first = list(micro_step(self.model, facts, batch, items, 1, tr_loss, self.rec, dev))
+            second = list(micro_step(self.model, facts, batch, items, 1, tr_loss, self.rec, dev)) if accum else None
         finally:
             for p in self.model.parameters():
                 p.grad = None

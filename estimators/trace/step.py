@@ -78,7 +78,7 @@ class StepHooks:
             self.handles.append(p.register_post_accumulate_grad_hook(lambda t, i=i: self._grad(i, t)))
 
     def _grad(self, i: int, p: torch.Tensor) -> None:
-        if self.rec.active:
+        if self.rec.active and p.grad is not None:
             self.rec.events.append(("g", i, self.rec.storage_id(p.grad)))
 
     def remove(self) -> None:
@@ -87,13 +87,16 @@ class StepHooks:
 
 
 def micro_step(model: torch.nn.Module, facts: ModelFacts, batch: dict, items, grad_accum: int, tr_loss,
-               rec: Recorder) -> list[tuple]:
-    """Run one micro-step (forward, loss, backward) and return its event log."""
+               rec: Recorder, device: str = "cpu") -> list[tuple]:
+    """Run one micro-step (forward, loss, backward) with ``device``'s kernels (``estimators/trace/cuda_rules``)
+    and return its event log."""
+    from .cuda_rules import kernels_of
+
     old = set_recorder(rec)
     rec.events = []
     rec.active = True
     try:
-        with cpp_meta_kernels(), TraceMode():
+        with cpp_meta_kernels(), TraceMode(), kernels_of(device):
             _training_step(model, facts, batch, items, grad_accum, tr_loss, rec)
     finally:
         rec.active = False
