@@ -186,7 +186,7 @@ def _lomo_consume(sim: Sim, exclude) -> None:
     too), applied, and dropped."""
     f = Frame(sim)
     for p in list(sim.params.values()):
-        if p is exclude or p.grad is None or p.graph_leaf:
+        if p is exclude or p.grad is None:
             continue
         if p.es != 4:
             n32 = p.size[0] // p.es * 4

@@ -17,13 +17,10 @@ from fractions import Fraction
 
 import numpy as np
 
+from ..memsim import NB, basis
+
 ALLOC, FREE, MARK, GRAD = 0, 1, 2, 3
 _KIND = {"a": ALLOC, "f": FREE, "m": MARK, "g": GRAD}
-NB = 6
-
-
-def basis(b: int, s: int) -> tuple[int, ...]:
-    return (1, b, s, b * s, s * s, b * s * s)
 
 
 class FitError(Exception):
