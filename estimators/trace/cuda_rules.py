@@ -14,6 +14,9 @@ swapped, at the ``torch.nn.functional`` level, for what CUDA would run:
   instead of CPU's mask in the input's dtype.
 * ``native_layer_norm``: mean and rstd in fp32 (the meta function's, CUDA's choice), not CPU's input dtype.
 
+Under ``--bf16``/``--fp16`` the trace runs CPU autocast, whose op lists differ from CUDA's; the rule above
+applies CUDA's to attention (its inputs are cast to the lower precision), the other ops keep CPU's lists.
+
 These rules follow the kernels' source; no GPU was available to validate them (see the CUDA terms in
 ``estimators/cuda_overhead.py`` for what the allocator adds on top).
 """
@@ -63,6 +66,15 @@ class _FusedSDPA(torch.autograd.Function):
 
 
 def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if torch.is_autocast_enabled("cpu"):
+        # CUDA's autocast runs scaled_dot_product_attention in the lower precision: its floating inputs are cast
+        # (CPU's policy, which the trace runs under, would leave them alone), then the kernel runs without autocast
+        low = torch.get_autocast_dtype("cpu")
+        q, k, v = (t.to(low) if t.is_floating_point() else t for t in (q, k, v))
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(low)
+        with torch.autocast("cpu", enabled=False):
+            return _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     hd = q.shape[-1]
     same_hd = hd == k.shape[-1] == v.shape[-1]
     low = q.dtype in (torch.float16, torch.bfloat16)
