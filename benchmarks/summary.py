@@ -17,6 +17,12 @@ TARGETS = [
     ("one full estimate, warm (8B, galore_adamw)", "test_estimate_warm[galore_adamw]", 1e-3),
     ("10,000 estimates (8B, optimizers x batch x seq)", "test_sweep_10000_estimates", 10.0),
     ("accelerate estimate-memory approach, one call (8B, no Hub)", "test_accelerate_estimate_memory_approach", None),
+    ("first estimate of a new config, trace + fit (8B, batch 4)", "test_first_estimate[4-8b]", 5.0),
+    ("first estimate of a new config, trace + fit (8B, batch 1)", "test_first_estimate[1-8b]", 5.0),
+    ("first estimate of a new config, trace + fit (70B, batch 4)", "test_first_estimate[4-70b]", 20.0),
+    ("first estimate of a new config, trace + fit (70B, batch 1)", "test_first_estimate[1-70b]", 20.0),
+    ("warm estimate, any shape (8B, traced)", "test_warm_estimate_any_shape", 1e-3),
+    ("bench plan, 8B x GPU catalog x default optimizers, traces cold", "test_plan_gpu_catalog", None),
 ]
 
 

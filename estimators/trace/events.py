@@ -79,9 +79,10 @@ def _canonical(events: list[tuple]) -> list[tuple]:
     return out
 
 
-def from_events(events: list[tuple]) -> tuple[EventLog, np.ndarray]:
+def from_events(events: list[tuple], shapes: list | None = None) -> tuple[EventLog, np.ndarray]:
     """An :class:`EventLog` (sizes not yet fitted: zero) and the allocation sizes in bytes, from a
-    :class:`~estimators.trace.tensor.Recorder`'s raw events."""
+    :class:`~estimators.trace.tensor.Recorder`'s raw events; ``shapes``, when given, receives each allocation's
+    ``(element size, shape or None)``."""
     events = _canonical(events)
     ids: dict[int, int] = {}
     kind = np.empty(len(events), dtype=np.int8)
@@ -90,7 +91,8 @@ def from_events(events: list[tuple]) -> tuple[EventLog, np.ndarray]:
     nbytes = []
     live: set[int] = set()
     grads: set[int] = set()
-    for i, (k, x, y) in enumerate(events):
+    for i, e in enumerate(events):
+        k, x, y = e[0], e[1], e[2]
         kk = _KIND[k]
         kind[i] = kk
         if kk == ALLOC:
@@ -98,6 +100,8 @@ def from_events(events: list[tuple]) -> tuple[EventLog, np.ndarray]:
             a[i] = sid
             nbytes.append(y)
             live.add(sid)
+            if shapes is not None:
+                shapes.append(e[3] if len(e) > 3 else (0, None))
         elif kk == FREE:
             sid = ids.get(x)
             if sid is None:
@@ -158,15 +162,71 @@ def fit_sizes(points: list[tuple[int, int]], sizes: list[np.ndarray], cols: list
     return coef
 
 
+_POW = ((0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2))
+"""Basis column -> (power of B, power of S)."""
+_COL = {p: i for i, p in enumerate(_POW)}
+
+
+def fit_shapes(points: list[tuple[int, int]], shapes: list[list], cols: list[int]) -> np.ndarray | None:
+    """Sizes from the allocations' *shapes*: every dimension is fitted on its own as a polynomial over the
+    basis columns ``cols`` (degree one in B and in S: ``1, B, S, B*S``), the size is the element size times
+    the product of the dimensions. Four traces (two for batch 1) then suffice where fitting sizes needs six
+    (three), since ``S*S`` terms come from two dimensions of length ``S``. None when that does not work (a
+    storage that is not exactly its tensor's elements, a dimension that is not such a polynomial, a product
+    outside the basis): the caller fits sizes from more traces then."""
+    n = len(shapes[0])
+    rows: list[tuple[int, int]] = []  # (allocation, dimension) -> row of the dims matrix
+    values: list[list[int]] = [[] for _ in points]
+    item: list[int] = []
+    for i in range(n):
+        e0 = shapes[0][i]
+        if e0[1] is None:
+            return None
+        rank = len(e0[1])
+        for p in range(len(points)):
+            e = shapes[p][i]
+            if e[1] is None or len(e[1]) != rank or e[0] != e0[0]:
+                return None
+            values[p].extend(e[1])
+        item.append(e0[0])
+        rows.extend((i, j) for j in range(rank))
+    if not rows:
+        return np.zeros((n, NB), dtype=np.int64)
+    try:
+        dims = fit_sizes(points, [np.asarray(v, dtype=np.int64) for v in values], cols)
+    except FitError:
+        return None
+    coef = np.zeros((n, NB), dtype=np.int64)
+    polys: list[dict] = [{(0, 0): it} for it in item]
+    for (i, _), d in zip(rows, dims.tolist()):
+        acc: dict = {}
+        for (pb, ps), c in polys[i].items():
+            for col, dc in enumerate(d):
+                if dc:
+                    key = (pb + _POW[col][0], ps + _POW[col][1])
+                    acc[key] = acc.get(key, 0) + c * dc
+        polys[i] = acc
+    for i, poly in enumerate(polys):
+        for key, c in poly.items():
+            if not c:
+                continue
+            col = _COL.get(key)
+            if col is None:
+                return None
+            coef[i, col] = c
+    return coef
+
+
 def fit_logs(logs: list[EventLog], nbytes: list[np.ndarray], points: list[tuple[int, int]], cols: list[int],
-             check: tuple[EventLog, np.ndarray, tuple[int, int]] | None = None) -> EventLog:
+             check: tuple[EventLog, np.ndarray, tuple[int, int]] | None = None, coef: np.ndarray | None = None) -> EventLog:
     """One log whose sizes are polynomials (see the module docstring). ``check``: a log traced at another
-    point, which the fitted sizes must reproduce to the byte."""
+    point, which the fitted sizes must reproduce to the byte; ``coef``: sizes already fitted (from shapes)."""
     first = logs[0]
     for other in logs[1:] + ([check[0]] if check else []):
         if not first.same_sequence(other):
             raise FitError("the step runs different operations at different batch sizes or sequence lengths")
-    coef = fit_sizes(points, nbytes, cols)
+    if coef is None:
+        coef = fit_sizes(points, nbytes, cols)
     if check is not None:
         _, got, (b, s) = check
         want = coef @ np.array(basis(b, s), dtype=np.int64)
@@ -177,5 +237,5 @@ def fit_logs(logs: list[EventLog], nbytes: list[np.ndarray], points: list[tuple[
     return EventLog(first.kind, first.a, first.b, coef, first.survivors)
 
 
-__all__ = ["ALLOC", "FREE", "GRAD", "MARK", "NB", "EventLog", "FitError", "basis", "fit_logs", "fit_sizes",
-           "from_events"]
+__all__ = ["ALLOC", "FREE", "GRAD", "MARK", "NB", "EventLog", "FitError", "basis", "fit_logs", "fit_shapes",
+           "fit_sizes", "from_events"]

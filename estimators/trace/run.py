@@ -157,22 +157,34 @@ def s_bounds(wins: tuple[int, ...], s: int) -> tuple[int, int | None]:
     return lo, None
 
 
-def _points(b_lo: int, s_lo: int, s_hi: int | None) -> tuple[list[tuple[int, int]], list[int], tuple[int, int]]:
-    """(fit points, basis columns, check point) for a region."""
-    bs = [1] if b_lo == 1 else [2, 3]
+@dataclass(frozen=True)
+class _Plan:
+    """Where a region is traced: ``shape_points`` (fit by shapes, :func:`~estimators.trace.events.fit_shapes`,
+    over the per-dimension columns ``dim_cols``), ``more_points`` (added when that fails: then sizes are fitted
+    directly over ``size_cols``) and the ``check`` point every fit must reproduce."""
+
+    shape_points: tuple
+    dim_cols: tuple
+    more_points: tuple
+    size_cols: tuple
+    check: tuple
+
+
+def _plan(b_lo: int, s_lo: int, s_hi: int | None) -> _Plan:
+    bs = (1,) if b_lo == 1 else (2, 3)
     b_check = 1 if b_lo == 1 else 4
-    if s_hi is not None and s_hi - s_lo < 3 * S_STEP:
-        if s_hi == s_lo:  # one sequence length: linear in B only
-            cols = [0] if b_lo == 1 else [0, 1]
-            return [(b, s_lo) for b in bs], cols, (b_check, s_lo)
-        raise FitError("region too short to fit")  # split by s_bounds never produces this
+    if s_hi is not None and s_hi == s_lo:  # one sequence length: linear in B only
+        cols = (0,) if b_lo == 1 else (0, 1)
+        return _Plan(tuple((b, s_lo) for b in bs), cols, (), cols, (b_check, s_lo))
     start = FIRST_S if s_lo == S_MIN else s_lo
-    ss = [start, start + S_STEP, start + 2 * S_STEP]
+    ss = (start, start + S_STEP, start + 2 * S_STEP)
     check = start + 3 * S_STEP + 37
     if s_hi is not None:
         check = min(check, s_hi)
-    cols = [0, 2, 4] if b_lo == 1 else [0, 1, 2, 3, 4, 5]
-    return [(b, s) for s in ss for b in bs], cols, (b_check, check)
+    dim_cols = (0, 2) if b_lo == 1 else (0, 1, 2, 3)
+    size_cols = (0, 2, 4) if b_lo == 1 else (0, 1, 2, 3, 4, 5)
+    return _Plan(tuple((b, s) for s in ss[:2] for b in bs), dim_cols, tuple((b, ss[2]) for b in bs), size_cols,
+                 (b_check, check))
 
 
 def _region_bounds(wins: tuple[int, ...], b: int, s: int) -> tuple[int, int | None, int, int | None]:
@@ -216,37 +228,64 @@ class _Tracer:
 
 def trace_region(source: ModelSource, setting: TraceSetting, b: int, s: int, accum: bool,
                  tracer: _Tracer | None = None) -> tuple[Region, _Tracer]:
-    """Trace and fit the region holding ``(b, s)``."""
+    """Trace and fit the region holding ``(b, s)`` (see :class:`_Plan`)."""
     from .meta_kernels import cpp_meta_kernels
 
     tracer = tracer or _Tracer(source, setting)
     wins = windows(tracer.model.config)
     b_lo, b_hi, s_lo, s_hi = _region_bounds(wins, b, s)
-    points, cols, check = _points(b_lo, s_lo, s_hi)
-    firsts, seconds = [], []
-    try:
+    plan = _plan(b_lo, s_lo, s_hi)
+    traced: dict = {}  # point -> ((log, nbytes, shapes) of the first micro-step, same of the accumulating one)
+
+    def trace(points) -> None:
         with cpp_meta_kernels():
-            for pb, ps in points + [check]:
-                f, a = tracer.run(pb, ps, accum)
-                firsts.append(from_events(f))
-                if accum:
-                    seconds.append(from_events(a))
-    except TraceError as exc:
-        raise UserError(f"cannot trace {source.name}: {exc.op} ({exc.reason})") from None
+            for pt in points:
+                if pt not in traced:
+                    f, a = tracer.run(pt[0], pt[1], accum)
+                    traced[pt] = tuple(_parsed(x) for x in ((f, a) if accum else (f,)))
+
     name = source.name
-
-    def fit(logs):
-        try:
-            return fit_logs([x[0] for x in logs[:-1]], [x[1] for x in logs[:-1]], points, cols,
-                            check=(logs[-1][0], logs[-1][1], check))
-        except FitError as exc:
-            raise UserError(f"cannot trace {name}: {exc}") from None
-
-    first = fit(firsts)
+    try:
+        trace(plan.shape_points + (plan.check,))
+        logs = [_fit(traced, plan, which, name, trace) for which in range(2 if accum else 1)]
+    except TraceError as exc:
+        raise UserError(f"cannot trace {name}: {exc.op} ({exc.reason})") from None
+    first = logs[0]
     if first.survivors:
         raise UserError(f"cannot trace {name}: its training step keeps {len(first.survivors)} tensors alive from one "
                         "step to the next (a cache in the model)")
-    return Region(b_lo, b_hi, s_lo, s_hi, first, fit(seconds) if accum else None), tracer
+    return Region(b_lo, b_hi, s_lo, s_hi, first, logs[1] if accum else None), tracer
+
+
+def _parsed(raw: list) -> tuple:
+    shapes: list = []
+    log, nbytes = from_events(raw, shapes)
+    return log, nbytes, shapes
+
+
+def _fit(traced: dict, plan: _Plan, which: int, name: str, trace) -> EventLog:
+    """The fitted log of the first (``which`` 0) or accumulating (1) micro-step: by shapes from the few points
+    of the plan if that reproduces the check point, else by sizes from more points."""
+    from .events import fit_shapes
+
+    check = traced[plan.check][which]
+    pts = list(plan.shape_points)
+    logs = [traced[p][which] for p in pts]
+    try:
+        coef = fit_shapes(pts, [x[2] for x in logs], list(plan.dim_cols)) if len(pts) > 1 else None
+        if coef is not None:
+            try:
+                return fit_logs([x[0] for x in logs], [x[1] for x in logs], pts, list(plan.dim_cols),
+                                check=(check[0], check[1], plan.check), coef=coef)
+            except FitError:
+                pass
+        pts = pts + list(plan.more_points)
+        trace(plan.more_points)
+        logs = [traced[p][which] for p in pts]
+        return fit_logs([x[0] for x in logs], [x[1] for x in logs], pts, list(plan.size_cols),
+                        check=(check[0], check[1], plan.check))
+    except FitError as exc:
+        raise UserError(f"cannot trace {name}: {exc}") from None
 
 
 _CACHE: dict[str, StepTrace] = {}

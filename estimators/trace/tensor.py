@@ -28,6 +28,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 CPU = torch.device("cpu")
 META = torch.device("meta")
+DATA_DEPENDENT = frozenset({"aten.nonzero.default", "aten.masked_select.default", "aten._local_scalar_dense.default",
+                            "aten.is_nonzero.default", "aten.equal.default", "aten._unique2.default",
+                            "aten.unique_consecutive.default", "aten.unique_dim.default", "aten.bincount.default",
+                            "aten.repeat_interleave.Tensor", "aten.argwhere.default"})
+"""Ops whose output shape (or value) needs the input's values."""
 SHADOW_LIMIT = 1 << 24
 """Largest shadow (elements) computed for a parameter-free tensor; bigger ones carry no values."""
 
@@ -85,8 +90,10 @@ class TraceMode(TorchDispatchMode):
 # ------------------------------------------------------------------------------------------------- the recorder
 class Recorder:
     """The event log of one trace: ``events`` is a list of ``(kind, a, b)`` tuples, kind ``"a"`` (allocation:
-    storage id ``a`` of ``b`` bytes), ``"f"`` (storage ``a`` freed) or ``"m"`` (marker ``a`` with argument
-    ``b``). Storage ids count from 0 in allocation order. ``active``: whether allocations are booked now."""
+    storage id ``a`` of ``b`` bytes, plus ``(element size, shape)`` of the tensor that owns it, the shape None
+    when the storage is not exactly that tensor's elements), ``"f"`` (storage ``a`` freed) or ``"m"`` (marker
+    ``a`` with argument ``b``). Storage ids count from 0 in allocation order. ``active``: whether allocations
+    are booked now."""
 
     def __init__(self):
         self.events: list[tuple] = []
@@ -105,7 +112,12 @@ class Recorder:
         sid = self._next
         self._next += 1
         self._live[key] = (sid, weakref.ref(st, lambda _r, k=key: self._free(k)))
-        self.events.append(("a", sid, nbytes))
+        itemsize = t.element_size()
+        shape = tuple(t.shape)
+        n = itemsize
+        for d in shape:
+            n *= d
+        self.events.append(("a", sid, nbytes, (itemsize, shape if n == nbytes else None)))
 
     def _free(self, key: int) -> None:
         rec = self._live.pop(key, None)
@@ -259,8 +271,10 @@ def _dispatch(func, args: tuple, kwargs: dict):
                 out = _to_meta(real)
                 failed = None
     if failed is not None:
-        if "data-dependent" in failed or "meta tensor" in failed or "item()" in failed or "data_ptr" in failed:
-            raise TraceError(info.name, "its result depends on values computed from the weights") from None
+        if info.name in DATA_DEPENDENT or any(k in failed for k in ("data-dependent", "data-independent", "item()",
+                                                                     "data_ptr", "meta tensors")):
+            raise TraceError(info.name, "its output depends on the values of a tensor computed from the weights "
+                             "(a data-dependent shape)") from None
         raise TraceError(info.name, f"no shape function on the meta device ({failed[:160]})") from None
     rec = _REC
     book = info.allocates and rec is not None and rec.active
