@@ -28,7 +28,7 @@ The machine-dependent constants (``cublas_workspace_bytes``, ``context_bytes``, 
 live in ``estimators/calibration/cuda.json``: a ``default`` entry (PyTorch's documented defaults and
 typical values, marked uncalibrated) and per-GPU entries fitted from recorded ``bench run`` records by
 
-    python -m estimators.cuda_overhead calibrate results/runs.jsonl [--write]
+    python -m harness.calibrate cuda results/runs.jsonl [--write]
 
 which, for every successful CUDA record, recomputes the tensor peak the phase model predicts for its
 configuration and fits: workspace = median(max_memory_allocated - predicted tensor peak - rounding);
@@ -37,11 +37,8 @@ NVML-measured context bytes. All figures are bytes.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -111,82 +108,4 @@ def cuda_terms(mem, inv, state_sizes: tuple, gpu: str | None = None) -> dict:
             "calibration_runs": c.runs, "source": c.source}
 
 
-# ------------------------------------------------------------------------------------------------- calibration
-def _config_estimate(cfg: dict):
-    from estimators import estimate, get_spec
-
-    spec = get_spec(cfg["optim"])
-    targets = cfg.get("optim_target_modules") if spec.needs_target_modules else None
-    return estimate(cfg["model"], cfg["optim"], dtype=cfg["dtype"], optim_args=cfg.get("optim_args"),
-                    optim_target_modules=targets, batch_size=cfg["batch_size"], seq_len=cfg["seq_len"],
-                    gradient_checkpointing=cfg["gradient_checkpointing"], mixed_precision=cfg.get("mixed_precision"),
-                    grad_accum=cfg.get("grad_accum", 1), device="cuda")
-
-
-def calibrate(records) -> dict[str, dict]:
-    """Fit the constants per GPU from run records (see the module docstring). Records that are not
-    successful CUDA runs are skipped."""
-    per: dict[str, dict[str, list]] = {}
-    for rec in records:
-        m = rec.get("measured") or {}
-        if rec.get("status") != "ok" or m.get("device") != "cuda":
-            continue
-        peaks = m.get("peaks", {})
-        alloc, reserved = peaks.get("max_memory_allocated"), peaks.get("max_memory_reserved")
-        if not alloc:
-            continue
-        gpu = (rec.get("env") or {}).get("device_name") or "unknown"
-        est = _config_estimate(rec["config"])
-        d = per.setdefault(gpu, {"workspace": [], "reserved": [], "context": []})
-        d["workspace"].append(alloc - est.bytes["peak"] - est.cuda["rounding"])
-        if reserved:
-            d["reserved"].append(reserved / alloc - 1.0)
-        ctx = (peaks.get("nvml") or {}).get("cuda_context_bytes")
-        if ctx:
-            d["context"].append(ctx)
-    default = _table()["default"]
-    out = {}
-    for gpu, d in per.items():
-        out[gpu] = {"cublas_workspace_bytes": int(max(0, statistics.median(d["workspace"]))),
-                    "context_bytes": int(statistics.median(d["context"])) if d["context"] else default["context_bytes"],
-                    "reserved_fraction": round(max(0.0, statistics.median(d["reserved"])), 4) if d["reserved"]
-                    else default["reserved_fraction"],
-                    "calibrated": True, "runs": len(d["workspace"]),
-                    "source": "fitted by python -m estimators.cuda_overhead calibrate"}
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m estimators.cuda_overhead",
-                                description="Fit the CUDA-only constants from recorded bench run records.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("calibrate", help="fit per-GPU constants from JSONL run records")
-    c.add_argument("records", nargs="+", help="JSONL files written by 'bench run'")
-    c.add_argument("--write", action="store_true", help=f"merge the fit into {CALIBRATION}")
-    sub.add_parser("show", help="print the calibration table")
-    args = p.parse_args(argv)
-    if args.cmd == "show":
-        print(json.dumps(_table(), indent=2))
-        return 0
-    from harness.record import read_records
-
-    records = [r for path in args.records for r in read_records(path)]
-    fit = calibrate(records)
-    if not fit:
-        print("no successful CUDA records found: nothing to calibrate", file=sys.stderr)
-        return 1
-    print(json.dumps(fit, indent=2))
-    if args.write:
-        table = json.loads(CALIBRATION.read_text())
-        table.setdefault("gpus", {}).update(fit)
-        CALIBRATION.write_text(json.dumps(table, indent=2) + "\n")
-        _table.cache_clear()
-        print(f"written to {CALIBRATION}", file=sys.stderr)
-    return 0
-
-
-__all__ = ["BLOCK", "CALIBRATION", "CudaConstants", "asdict", "calibrate", "constants", "cuda_terms",
-           "persistent_rounding", "round_up"]
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["BLOCK", "CALIBRATION", "CudaConstants", "constants", "cuda_terms", "persistent_rounding", "round_up"]

@@ -89,7 +89,8 @@ class Inventory:
     linear_modules: tuple[str, ...] = ()
     """Names of every ``nn.Linear`` module (tied ones too), as ``named_modules()`` lists them."""
     task: str | None = None
-    """The head the model was built with (:data:`TASKS`; None: the config's architecture)."""
+    """The head the model was built with (:data:`TASK_CLASSES`; None or ``causal-lm``: the config's
+    architecture)."""
     _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     def _totals(self) -> dict[str, int]:
@@ -207,29 +208,32 @@ def build_config(source: ModelSource):
                         "give a transformers config.json") from None
 
 
-TASKS: dict[str, str] = {
-    "causal-lm": "AutoModelForCausalLM",
+TASK_CLASSES: dict[str, str | None] = {
+    "causal-lm": None,
     "masked-lm": "AutoModelForMaskedLM",
     "sequence-classification": "AutoModelForSequenceClassification",
     "seq2seq-lm": "AutoModelForSeq2SeqLM",
 }
-"""Task heads a model can be built with (``--task``), by the transformers Auto class that builds them. Without
-a task the class is the config's ``architectures`` entry (else causal LM, or seq2seq LM for encoder-decoders)."""
+"""Task heads a model can be built with (``--task``), by the transformers Auto class that builds them.
+``causal-lm`` (the default) builds what the config names in ``architectures`` (``bench run`` always did),
+else a causal LM, or a seq2seq LM for an encoder-decoder config."""
 
 
 def check_task(task: str | None) -> str | None:
-    """``task`` if it names a head in :data:`TASKS` (or is None); raises UserError otherwise."""
-    if task is None or task in TASKS:
+    """``task`` if it names a head in :data:`TASK_CLASSES` (or is None: the default); raises UserError
+    otherwise."""
+    if task is None or task in TASK_CLASSES:
         return task
-    raise UserError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    raise UserError(f"unknown task {task!r}: use one of {', '.join(TASK_CLASSES)}")
 
 
 def model_class(source: ModelSource, task: str | None = None):
     """The transformers class (or Auto class) ``instantiate`` builds for ``source`` and ``task``."""
     import transformers
 
-    if check_task(task) is not None:
-        return getattr(transformers, TASKS[task])
+    auto = TASK_CLASSES.get(check_task(task) or "causal-lm")
+    if auto is not None:
+        return getattr(transformers, auto)
     cls = model_class_for(source.load())
     if cls is not None:
         return cls
@@ -240,7 +244,7 @@ def model_class(source: ModelSource, task: str | None = None):
 
 def instantiate(source: ModelSource, *, device: str = "meta", dtype: str | None = None, task: str | None = None):
     """Construct the real transformers model for ``source`` (random init unless on the meta device), with the
-    head ``task`` names (see :data:`TASKS`; default: the config's own architecture)."""
+    head ``task`` names (see :data:`TASK_CLASSES`; default: the config's own architecture)."""
     import torch
 
     config = build_config(source)
@@ -326,4 +330,5 @@ def build_inventory(model: str, dtype: str = "fp32", task: str | None = None) ->
     source = resolve(model)
     st = source.path.stat()
     digest = _digest(str(source.path), st.st_mtime_ns, st.st_size)
-    return _inventory_cached(source.name, str(source.path), digest, check_task(task)).with_dtype(dtype)
+    task = None if check_task(task) == "causal-lm" else task
+    return _inventory_cached(source.name, str(source.path), digest, task).with_dtype(dtype)

@@ -22,8 +22,6 @@ from .trace.run import StepTrace, TraceSetting, step_trace
 
 CAT_NAMES = {"weights": "weights", "state": "optimizer_state", "grad": "gradients", "act": "activations",
              "tmp": "temporaries", "other": "other"}
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-MIXED = {None: None, "bf16": "bf16", "fp16": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -165,4 +163,3 @@ _CAT_KEYS = tuple(CAT_NAMES[c] for c in CATS)
 _ACT = CATS.index("act")
 
 
-__all__ = ["ATTN_IMPLEMENTATIONS", "MIXED", "PhaseModel", "StepMemory", "evaluate"]

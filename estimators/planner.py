@@ -46,7 +46,6 @@ divided by :data:`RECOMPUTE_FACTOR` with gradient checkpointing (the forward run
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import math
 import re
@@ -60,6 +59,7 @@ from .errors import UserError
 from .inventory import DTYPES, Inventory, ParamRow, build_inventory, normalize_dtype
 from .optimizers import get_spec
 from .optimizers.spec import ParamCtx
+from .setup import DEFAULT_TARGETS, SHARDINGS, TrainingSetup
 
 GPU_CATALOG = Path(__file__).with_name("gpus.json")
 GIB = 1 << 30
@@ -77,7 +77,6 @@ RECOMPUTE_FACTOR = 4.0 / 3.0
 MAX_BATCH = 4096
 """Largest micro-batch the search tries; a result at this cap is reported as 'at least'."""
 
-SHARDINGS = ("none", "ddp", "zero1", "zero2", "zero3", "fsdp")
 ZERO3_SUB_GROUP = 1_000_000_000
 """DeepSpeed's default ``sub_group_size`` (elements): ZeRO-3 steps the optimizer one sub-group at a time."""
 ZERO = ("zero1", "zero2", "zero3")
@@ -86,11 +85,6 @@ DEFAULT_OPTIMS = ("adamw_torch_fused", "adamw_bnb_8bit", "adamw_torch_4bit", "ad
                   "galore_adamw_8bit", "apollo_adamw", "adalomo", "lomo", "sgd")
 """What ``bench plan`` compares when no ``--optim`` is given: one or two of each memory class."""
 
-DEFAULT_TARGETS = "all-linear"
-
-
-class PeakUnavailable(UserError):
-    """The whole-step peak estimator (``estimate(...).bytes['peak']``) is not in this checkout."""
 
 
 # ---------------------------------------------------------------------------------------------- GPU catalog
@@ -430,28 +424,18 @@ def shard_model_states(*, sharding: str, num_gpus: int, weights: int, gradients:
 
 
 # ---------------------------------------------------------------------------------------------- one configuration
-@dataclass(frozen=True)
-class Setup:
-    """Everything but the GPU and the micro-batch: one planned training configuration."""
+PLAN_DEFAULTS: dict = {"mixed_precision": "bf16", "seq_len": 2048}
+"""What the planner assumes where a setup field is not given: bf16 autocast (how people train on GPUs) and
+2048 tokens per sample; every other field has :class:`~estimators.setup.TrainingSetup`'s default."""
 
-    model: str
-    optim: str
-    dtype: str = "fp32"
-    mixed_precision: str | None = "bf16"
-    seq_len: int = 2048
-    gradient_checkpointing: bool = False
-    num_gpus: int = 1
-    sharding: str = "none"
-    optim_args: str | None = None
-    optim_target_modules: str | tuple[str, ...] | None = None
 
-    @property
-    def compute_dtype(self) -> str:
-        return self.mixed_precision or self.dtype
-
-    @property
-    def sixteen_bit(self) -> bool:
-        return self.mixed_precision is not None or self.dtype in ("bf16", "fp16")
+def plan_setup(model: str, optim: str, **fields) -> TrainingSetup:
+    """A :class:`~estimators.setup.TrainingSetup` with the planner's defaults (:data:`PLAN_DEFAULTS`), and
+    GaLore/APOLLO's default targets where none are given."""
+    spec = get_spec(optim)
+    if spec.needs_target_modules and not fields.get("optim_target_modules"):
+        fields["optim_target_modules"] = DEFAULT_TARGETS
+    return TrainingSetup(model=model, optim=optim, **{**PLAN_DEFAULTS, **fields})
 
 
 BREAKDOWN = ("weights", "gradients", "optimizer_state", "activations", "temporaries", "other", "sharding_overhead")
@@ -481,37 +465,11 @@ class StepMemory:
                                                                    "sharding_overhead"))
 
 
-def peak_supported() -> bool:
-    """Whether :func:`estimators.estimate` in this checkout takes the whole-step arguments."""
+def _estimate(setup: TrainingSetup, batch: int):
+    """The estimate of ``setup`` at micro-batch ``batch``, for a CUDA device."""
     from .estimate import estimate
 
-    params = inspect.signature(estimate).parameters
-    return all(k in params for k in ("gradient_checkpointing", "mixed_precision", "device"))
-
-
-_PEAK_MSG = ("the whole-step peak estimator is not in this checkout: estimate() must take batch_size, seq_len, "
-             "gradient_checkpointing, mixed_precision and device and return bytes['peak']; bench plan never "
-             "substitutes an activation figure")
-
-
-def _estimate(setup: Setup, batch: int):
-    from .estimate import estimate
-
-    if not peak_supported():
-        raise PeakUnavailable(_PEAK_MSG)
-    spec = get_spec(setup.optim)
-    targets = setup.optim_target_modules if spec.needs_target_modules else None
-    if spec.needs_target_modules and not targets:
-        targets = DEFAULT_TARGETS
-    if isinstance(targets, tuple):
-        targets = list(targets)
-    est = estimate(setup.model, setup.optim, dtype=setup.dtype, optim_args=setup.optim_args,
-                   optim_target_modules=targets, batch_size=batch, seq_len=setup.seq_len,
-                   gradient_checkpointing=setup.gradient_checkpointing, mixed_precision=setup.mixed_precision,
-                   device="cuda")
-    if "peak" not in est.bytes:
-        raise PeakUnavailable(_PEAK_MSG)
-    return est
+    return estimate(setup, batch_size=batch, device="cuda")
 
 
 def _phases(est) -> list[tuple[str, int, dict[str, int]]] | None:
@@ -545,21 +503,20 @@ def _inventory(model: str, dtype: str) -> Inventory:
     return build_inventory(model, dtype)
 
 
-def step_memory(setup: Setup, batch: int) -> StepMemory:
-    """Predicted per-GPU peak of ``setup`` at micro-batch ``batch`` (raises :class:`PeakUnavailable` when the
-    whole-step estimator is missing)."""
+def step_memory(setup: TrainingSetup, batch: int) -> StepMemory:
+    """Predicted per-GPU peak of ``setup`` at micro-batch ``batch`` (``setup.batch_size`` is not read)."""
     return _step_memory_cached(setup, int(batch))
 
 
 @functools.lru_cache(maxsize=65536)
-def _step_memory_cached(setup: Setup, batch: int) -> StepMemory:
+def _step_memory_cached(setup: TrainingSetup, batch: int) -> StepMemory:
     est = _estimate(setup, batch)
     b = est.bytes
     W, G, O = int(b["weights"]), int(b["gradients"]), int(b["optimizer_state_device"])
     peak = int(b["peak"])
     host = int(b.get("optimizer_state_host", 0))
     phases = _phases(est)
-    single = setup.sharding == "none" and setup.num_gpus == 1
+    single = setup.sharding == "none" and setup.num_processes == 1
     if single:
         terms = shard_model_states(sharding="none", num_gpus=1, weights=W, gradients=G, optimizer_state=O)
     else:
@@ -602,7 +559,7 @@ def _step_memory_cached(setup: Setup, batch: int) -> StepMemory:
             "sharding_overhead": terms["ddp_buckets"] + (0 if is_step else terms["gathered_working_set"]),
         }
         if is_step and shards_step:
-            parts["temporaries"] = math.ceil(parts["temporaries"] / setup.num_gpus)
+            parts["temporaries"] = math.ceil(parts["temporaries"] / setup.num_processes)
         if cast_cache and name.endswith("forward"):
             parts["activations"] -= min(cast_cache, parts["activations"])
         known = sum(_pick(comps, keys, 0) for keys in (("weights", "parameters", "params"), ("gradients", "grads", "grad"),
@@ -621,44 +578,39 @@ def _step_memory_cached(setup: Setup, batch: int) -> StepMemory:
     return StepMemory(batch, new_peak, terms, parts, host, peak, name)
 
 
-def _sharded_terms(setup: Setup, inv: Inventory, facts: ModelFacts, W: int, G: int, O: int, est) -> dict[str, int]:
+def _sharded_terms(setup: TrainingSetup, inv: Inventory, facts: ModelFacts, W: int, G: int, O: int, est) -> dict[str, int]:
     spec = get_spec(setup.optim)
     compute_bytes = DTYPES[setup.mixed_precision] if setup.mixed_precision else DTYPES[normalize_dtype(setup.dtype)]
     flat = None
     if setup.sharding in ZERO and spec.keeps_gradients:
         master_dtype = "fp32" if setup.sixteen_bit else normalize_dtype(setup.dtype)
-        flat = _flat_partition_state(inv, setup.optim, est.optim_args, facts, setup.num_gpus, master_dtype)
+        flat = _flat_partition_state(inv, setup.optim, est.optim_args, facts, setup.num_processes, master_dtype)
     elif setup.sharding in ZERO:  # LOMO family on ZeRO-3: lomo_optim keeps its (tiny) state per full shape
         flat = O
     gathered = facts.largest_module_params if setup.sharding == "zero3" else facts.largest_unit_params
-    return shard_model_states(sharding=setup.sharding, num_gpus=setup.num_gpus, weights=W, gradients=G,
+    return shard_model_states(sharding=setup.sharding, num_gpus=setup.num_processes, weights=W, gradients=G,
                               optimizer_state=O, num_params=facts.num_params,
                               trainable_params=facts.trainable_params, flat_state=flat,
                               sixteen_bit=setup.sixteen_bit, gathered_params=gathered,
                               gathered_elem_bytes=compute_bytes)
 
 
-def model_state_terms(setup: Setup) -> dict[str, int]:
+def model_state_terms(setup: TrainingSetup) -> dict[str, int]:
     """Per-GPU model-state terms of ``setup`` (:func:`shard_model_states`), batch-independent: needs only the
     estimator's weights, gradients and optimizer state, not the whole-step peak."""
-    from .estimate import estimate
-
-    spec = get_spec(setup.optim)
-    targets = (setup.optim_target_modules or DEFAULT_TARGETS) if spec.needs_target_modules else None
-    est = estimate(setup.model, setup.optim, dtype=setup.dtype, optim_args=setup.optim_args,
-                   optim_target_modules=list(targets) if isinstance(targets, tuple) else targets)
+    est = _estimate(setup, 1)
     b = est.bytes
     inv = _inventory(setup.model, setup.dtype)
     return _sharded_terms(setup, inv, model_facts(inv), int(b["weights"]), int(b["gradients"]),
                           int(b["optimizer_state_device"]), est)
 
 
-def fits(setup: Setup, batch: int, budget: int) -> bool:
+def fits(setup: TrainingSetup, batch: int, budget: int) -> bool:
     """Whether micro-batch ``batch`` of ``setup`` fits in ``budget`` bytes per GPU."""
     return step_memory(setup, batch).peak <= budget
 
 
-def max_micro_batch(setup: Setup, budget: int, limit: int = MAX_BATCH) -> int:
+def max_micro_batch(setup: TrainingSetup, budget: int, limit: int = MAX_BATCH) -> int:
     """The largest micro-batch ``b <= limit`` with ``fits(b)`` (0 when batch 1 does not fit). Exponential
     search then bisection; the peak grows with the batch, so ``b`` fits and ``b + 1`` does not (below the limit)."""
     if not fits(setup, 1, budget):
@@ -762,7 +714,7 @@ class Throughput:
     flops_per_token: float
 
 
-def throughput(facts: ModelFacts, gpu: GPU, setup: Setup, *, mfu: float = DEFAULT_MFU,
+def throughput(facts: ModelFacts, gpu: GPU, setup: TrainingSetup, *, mfu: float = DEFAULT_MFU,
                mfu_source: str = "assumed") -> Throughput:
     """Tokens/s on one GPU from model FLOPs and an MFU (None when the GPU has no fast path for the dtype)."""
     fpt = flops_per_token(facts, setup.seq_len)
@@ -823,21 +775,21 @@ def _notes(optim: str, sharding: str, num_gpus: int) -> list[str]:
     return out
 
 
-def plan_one(setup: Setup, gpu: GPU, *, headroom: float = DEFAULT_HEADROOM, checkpointing: str = "auto",
+def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADROOM, checkpointing: str = "auto",
              calibration: Mapping[tuple[str, str, str], Calibration] | None = None,
              mfu: float = DEFAULT_MFU) -> PlanRow:
     """Fit, max micro-batch, breakdown and tokens/s of ``setup`` on ``gpu`` (``checkpointing``: auto, on, off:
     auto searches both and chooses no checkpointing when micro-batch 1 fits without it (no recomputation: the
     most tokens/s at a constant MFU), else checkpointing)."""
     row = PlanRow(optim=setup.optim, gpu=gpu.id, gpu_name=gpu.name, status="no_fit", budget=gpu.budget(headroom),
-                  num_gpus=setup.num_gpus, sharding=setup.sharding)
-    ok, why = sharding_support(setup.optim, setup.sharding, setup.num_gpus)
+                  num_gpus=setup.num_processes, sharding=setup.sharding)
+    ok, why = sharding_support(setup.optim, setup.sharding, setup.num_processes)
     if not ok:
         row.status, row.reason = "unsupported", why
         return row
     if why:
         row.notes.append(why)
-    row.notes.extend(_notes(setup.optim, setup.sharding, setup.num_gpus))
+    row.notes.extend(_notes(setup.optim, setup.sharding, setup.num_processes))
     if not gpu.peak_flops(setup.compute_dtype):
         row.notes.append(f"{gpu.name} has no fast {setup.compute_dtype} path")
     modes = {"auto": (False, True), "on": (True,), "off": (False,)}[checkpointing]
@@ -876,11 +828,11 @@ def plan_one(setup: Setup, gpu: GPU, *, headroom: float = DEFAULT_HEADROOM, chec
     row.mfu, row.mfu_source = tp.mfu, tp.mfu_source
     if tp.tokens_per_s is not None:
         row.tokens_per_s_per_gpu = tp.tokens_per_s
-        row.tokens_per_s = tp.tokens_per_s * setup.num_gpus
+        row.tokens_per_s = tp.tokens_per_s * setup.num_processes
     return row
 
 
-def min_gpus_to_fit(setup: Setup, gpu: GPU, *, sharding: str = "fsdp", headroom: float = DEFAULT_HEADROOM,
+def min_gpus_to_fit(setup: TrainingSetup, gpu: GPU, *, sharding: str = "fsdp", headroom: float = DEFAULT_HEADROOM,
                     max_gpus: int = 1024) -> int | None:
     """The fewest GPUs (2..``max_gpus``) on which micro-batch 1 of ``setup`` fits under ``sharding`` (None: not
     even ``max_gpus``, or the optimizer cannot run so). The per-GPU peak falls as GPUs are added: bisection."""
@@ -889,7 +841,7 @@ def min_gpus_to_fit(setup: Setup, gpu: GPU, *, sharding: str = "fsdp", headroom:
     budget = gpu.budget(headroom)
 
     def ok(n: int) -> bool:
-        return fits(replace(setup, sharding=sharding, num_gpus=n), 1, budget)
+        return fits(replace(setup, sharding=sharding, num_processes=n), 1, budget)
 
     if not ok(max_gpus):
         return None
@@ -905,7 +857,7 @@ def min_gpus_to_fit(setup: Setup, gpu: GPU, *, sharding: str = "fsdp", headroom:
     return hi
 
 
-def memory_vs_gpus(setup: Setup, batch: int, counts: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+def memory_vs_gpus(setup: TrainingSetup, batch: int, counts: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
                    shardings: Sequence[str] = SHARDINGS[1:]) -> dict[str, list[int | None]]:
     """Per-GPU peak (bytes) of ``setup`` at ``batch`` for each sharding and GPU count (None: cannot run)."""
     out: dict[str, list[int | None]] = {}
@@ -915,13 +867,13 @@ def memory_vs_gpus(setup: Setup, batch: int, counts: Sequence[int] = (1, 2, 4, 8
             if not sharding_support(setup.optim, sh, n)[0]:
                 vals.append(None)
                 continue
-            vals.append(step_memory(replace(setup, sharding=sh, num_gpus=n), batch).peak)
+            vals.append(step_memory(replace(setup, sharding=sh, num_processes=n), batch).peak)
         out[sh] = vals
     return out
 
 
 __all__ = ["DEFAULT_HEADROOM", "DEFAULT_MFU", "DEFAULT_OPTIMS", "GPU", "GPU_CATALOG", "MAX_BATCH", "ModelFacts",
-           "BREAKDOWN", "PeakUnavailable", "PlanRow", "RECOMPUTE_FACTOR", "SHARDINGS", "ZERO3_SUB_GROUP", "Setup", "StepMemory", "calibrate",
+           "BREAKDOWN", "PLAN_DEFAULTS", "PlanRow", "RECOMPUTE_FACTOR", "SHARDINGS", "ZERO3_SUB_GROUP", "StepMemory", "calibrate",
            "default_result_files", "fits", "flops_per_token", "load_gpus", "match_gpu", "max_micro_batch",
-           "memory_vs_gpus", "min_gpus_to_fit", "model_facts", "model_state_terms", "peak_supported", "plan_one", "select_gpus",
+           "memory_vs_gpus", "min_gpus_to_fit", "model_facts", "model_state_terms", "plan_one", "plan_setup", "select_gpus",
            "shard_model_states", "sharding_support", "step_memory", "throughput"]

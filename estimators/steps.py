@@ -101,6 +101,12 @@ class Frame:
         for name in list(self.vars):
             self.set(name, None)
 
+    def __enter__(self) -> Frame:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.clear()  # the loop's locals go when the function returns
+
 
 class StateStore:
     """Optimizer state storages, created once (kept between steps)."""
@@ -138,22 +144,31 @@ def _with_grad(sim: Sim, rows):
             yield r
 
 
+def each_group(sim: Sim, groups, keep: dict, *, init: bool = True):
+    """The prologue every step program shares: per parameter group, ``(store, rows)`` -- the optimizer's
+    state store (kept between steps) and the group's parameters that have a gradient, in the optimizer's
+    order, with their state created first when ``init`` (torch's ``_init_group``; programs that create
+    state parameter by parameter as they go pass ``init=False`` and use the store)."""
+    store = StateStore(keep)
+    for rows in groups:
+        rows = list(_with_grad(sim, rows))
+        if init:
+            for r in rows:
+                store.init(sim, r)
+        yield store, rows
+
+
 def adam_single(sim: Sim, groups, first: bool, keep: dict) -> None:
     """``torch.optim.AdamW`` / ``Adam`` with ``foreach=False`` (CPU's default): ``_init_group`` creates a
     group's state, then per parameter ``denom = (exp_avg_sq.sqrt() / bc2).add_(eps)`` -- the ``sqrt`` and
     the ``div`` exist together, the previous ``denom`` until the new one does."""
-    store = StateStore(keep)
-    for rows in groups:
-        rows = list(_with_grad(sim, rows))
-        for r in rows:
-            store.init(sim, r)
-        f = Frame(sim)
-        for r in rows:
-            s = f.new(r.nbytes)
-            d = f.new(r.nbytes)
-            sim.decref(s)
-            f.set("denom", d)
-        f.clear()
+    for _, rows in each_group(sim, groups, keep):
+        with Frame(sim) as f:
+            for r in rows:
+                s = f.new(r.nbytes)
+                d = f.new(r.nbytes)
+                sim.decref(s)
+                f.set("denom", d)
 
 
 def foreach_group(n_lists: int = 1, init: bool = True):
@@ -161,12 +176,7 @@ def foreach_group(n_lists: int = 1, init: bool = True):
     parameter-sized temporaries (``torch._foreach_sqrt(exp_avg_sqs)``...), freed when the group is done."""
 
     def run(sim: Sim, groups, first: bool, keep: dict) -> None:
-        store = StateStore(keep)
-        for rows in groups:
-            rows = list(_with_grad(sim, rows))
-            if init:
-                for r in rows:
-                    store.init(sim, r)
+        for _, rows in each_group(sim, groups, keep, init=init):
             lists = [[sim.alloc(vec(r.nbytes), "tmp") for r in rows] for _ in range(n_lists)]
             for lst in reversed(lists):
                 for st in reversed(lst):
@@ -179,10 +189,8 @@ def no_temporaries(lazy_per_param: bool = True):
     """Kernels that update in place (fused AdamW, bitsandbytes, SGD): only the state appears."""
 
     def run(sim: Sim, groups, first: bool, keep: dict) -> None:
-        store = StateStore(keep)
-        for rows in groups:
-            for r in _with_grad(sim, rows):
-                store.init(sim, r)
+        for _ in each_group(sim, groups, keep):
+            pass
 
     return run
 
@@ -190,23 +198,17 @@ def no_temporaries(lazy_per_param: bool = True):
 def one_temp_single(sim: Sim, groups, first: bool, keep: dict) -> None:
     """Adagrad's ``std = state_sum.sqrt().add_(eps)`` / RMSprop's ``avg = square_avg.sqrt().add_(eps)``:
     one parameter-sized temporary, the previous one alive until the next exists."""
-    store = StateStore(keep)
-    for rows in groups:
-        rows = list(_with_grad(sim, rows))
-        for r in rows:
-            store.init(sim, r)
-        f = Frame(sim)
-        for r in rows:
-            f.set("t", f.new(r.nbytes))
-        f.clear()
+    for _, rows in each_group(sim, groups, keep):
+        with Frame(sim) as f:
+            for r in rows:
+                f.set("t", f.new(r.nbytes))
 
 
 def adafactor(sim: Sim, groups, first: bool, keep: dict) -> None:
     """transformers' ``Adafactor.step`` (see the module docstring)."""
-    store = StateStore(keep)
     f = Frame(sim)
-    for rows in groups:
-        for r in _with_grad(sim, rows):
+    for store, rows in each_group(sim, groups, keep, init=False):
+        for r in rows:
             low = r.es != FP32
             f.release("grad")
             if low:
@@ -241,20 +243,18 @@ def grokadamw(device: str):
         """``GrokAdamW._update_group``: state created per parameter (on the host); on an accelerator the
         three state tensors are copied to the device and back every step; ``grok_grad = grad + lamb *
         grok_ema`` (two tensors, the product freed), ``exp_avg_sq.sqrt()`` (freed after ``addcdiv_``)."""
-        store = StateStore(keep)
-        for rows in groups:
-            f = Frame(sim)
-            for r in _with_grad(sim, rows):
-                store.init(sim, r)
-                copies = [f.new(r.nbytes) for _ in range(3)] if device != "cpu" else []
-                m = f.new(r.nbytes)
-                a = f.new(r.nbytes)
-                sim.decref(m)
-                f.set("grok_grad", a)
-                f.tmp(r.nbytes)
-                for c in copies:
-                    sim.decref(c)
-            f.clear()
+        for store, rows in each_group(sim, groups, keep, init=False):
+            with Frame(sim) as f:
+                for r in rows:
+                    store.init(sim, r)
+                    copies = [f.new(r.nbytes) for _ in range(3)] if device != "cpu" else []
+                    m = f.new(r.nbytes)
+                    a = f.new(r.nbytes)
+                    sim.decref(m)
+                    f.set("grok_grad", a)
+                    f.tmp(r.nbytes)
+                    for c in copies:
+                        sim.decref(c)
 
     return run
 
@@ -263,12 +263,8 @@ def schedule_free(sim: Sim, groups, first: bool, keep: dict) -> None:
     """``AdamWScheduleFree.step`` (foreach): per group, state (``z`` clone, ``exp_avg_sq``) for the group's
     parameters, then ``denom = torch._foreach_div(exp_avg_sq, bc2)``: one temporary per parameter of the
     group, the previous group's list alive until the next one exists."""
-    store = StateStore(keep)
     prev: list = []
-    for rows in groups:
-        rows = list(_with_grad(sim, rows))
-        for r in rows:
-            store.init(sim, r)
+    for _, rows in each_group(sim, groups, keep):
         cur = [sim.alloc(vec(r.nbytes), "tmp") for r in rows]
         for st in reversed(prev):
             sim.decref(st)
@@ -298,10 +294,9 @@ def lowrank(kind: str, args: dict):
     proj_type = str(args.get("proj_type", "std"))
 
     def run(sim: Sim, groups, first: bool, keep: dict) -> None:
-        store = StateStore(keep)
         f = Frame(sim)
-        for rows in groups:
-            for r in _with_grad(sim, rows):
+        for store, rows in each_group(sim, groups, keep, init=False):
+            for r in rows:
                 f.release("grad")
                 targeted = r.targeted and len(r.shape) == 2
                 es = r.es

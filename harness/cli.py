@@ -40,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flagged(exc: Exception) -> str:
+    """A bad setup field's message, led by the flag that sets it (``--batch-size: ...``)."""
+    from estimators.setup import CLI, SetupError
+
+    if isinstance(exc, SetupError) and exc.field in CLI:
+        return f"{'/'.join(CLI[exc.field].names)}: {exc}"
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet()
     from estimators.errors import UserError
@@ -49,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"bench {args.command}: error: {exc}", file=sys.stderr)
+        print(f"bench {args.command}: error: {_flagged(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"bench {args.command}: interrupted", file=sys.stderr)

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from estimators.errors import UserError
+from estimators.setup import CLI, DEFAULT_TARGETS, SetupError
 
 KEY_FIELDS: tuple[str, ...] = ("model", "optim", "dtype", "mixed_precision", "batch_size", "seq_len", "grad_accum",
                                "gradient_checkpointing", "optim_args", "optim_target_modules", "steps", "warmup",
                                "device", "seed", "data", "extra")
 """The configuration fields a key covers (every field of :class:`harness.scenario.RunConfig`)."""
 
-DEFAULT_TARGETS = "all-linear"
 
 
 # ----------------------------------------------------------------------------------------------- keys
@@ -99,11 +99,22 @@ def canonical_config(config: dict, resolved_device: str | None = None) -> dict:
     out["data"] = c.get("data") or None
     extra = {k: v for k, v in sorted((c.get("extra") or {}).items()) if v is not None}
     out["extra"] = extra
-    # fields RunConfig may gain later: part of the identity once set, absent from older records' keys
+    # Fields added since the first records (task, attention, freezing, processes, sharding...): part of the
+    # identity only where they differ from their default, so older records keep their keys.
+    defaults = _field_defaults()
     for k in sorted(set(c) - set(KEY_FIELDS)):
-        if c[k] is not None:
-            out[k] = c[k]
+        v = c[k]
+        if v is None or (k in defaults and v == defaults[k]):
+            continue
+        out[k] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def _field_defaults() -> dict[str, Any]:
+    from harness.commands.setup_args import field_defaults
+    from harness.run_config import RunConfig
+
+    return field_defaults(RunConfig)
 
 
 def config_key(config: dict, resolved_device: str | None = None) -> str:
@@ -135,7 +146,8 @@ def precision_label(config: dict) -> str:
 
 
 def config_label(config: dict, *, with_optim: bool = True) -> str:
-    """``adamw_torch tiny-llama b2xs64 fp32`` plus ``ckpt``, optim_args and extras when set."""
+    """``adamw_torch tiny-llama b2xs64 fp32`` plus ``ckpt``, optim_args, the newer setup fields that are not at
+    their defaults (``attn_implementation=eager``) and extras when set."""
     parts = [str(config.get("optim"))] if with_optim else []
     parts += [str(config.get("model")), shape_label(config), precision_label(config)]
     if config.get("gradient_checkpointing"):
@@ -143,6 +155,11 @@ def config_label(config: dict, *, with_optim: bool = True) -> str:
     args = _canonical_optim_args(config.get("optim_args"))
     if args:
         parts.append(f"[{args}]")
+    defaults = _field_defaults()
+    for k in sorted(set(config) - set(KEY_FIELDS)):  # newer setup fields, where they differ from the default
+        v = config[k]
+        if v is not None and not (k in defaults and v == defaults[k]):
+            parts.append(f"{k}={v}")
     extra = config.get("extra") or {}
     if extra.get("memory_limit_bytes"):
         from harness.units import human_bytes
@@ -180,15 +197,16 @@ def parse_shape(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _flatten(values: Any) -> list:
-    """Scalars, lists and comma-separated strings -> a flat list (order kept, duplicates dropped)."""
+def _flatten(values: Any, *, split: bool = True) -> list:
+    """Scalars, lists and (with ``split``) comma-separated strings -> a flat list (order kept, duplicates
+    dropped)."""
     if values is None:
         return []
     if not isinstance(values, (list, tuple)):
         values = [values]
     out: list = []
     for v in values:
-        items = [s.strip() for s in v.split(",")] if isinstance(v, str) and "," in v else [v]
+        items = [s.strip() for s in v.split(",")] if split and isinstance(v, str) and "," in v else [v]
         for item in items:
             if item == "" or item in out:
                 continue
@@ -209,20 +227,10 @@ def _positive_ints(values: Any, what: str) -> list[int]:
     return out
 
 
-def _mixed_precision(values: Any) -> list[str | None]:
-    out: list[str | None] = []
-    for v in _flatten(values if values is not None else [None]) or [None]:
-        key = None if v is None or str(v).lower() in ("none", "no", "off", "false", "fp32") else str(v).lower()
-        if key not in (None, "bf16", "fp16"):
-            raise UserError(f"mixed precision must be none, bf16 or fp16, got {v!r}")
-        if key not in out:
-            out.append(key)
-    return out
-
-
-def _checkpointing(values: Any) -> list[bool]:
+def _switch(values: Any, what: str) -> list[bool]:
+    """``on``, ``off``, ``both`` (or booleans) -> the boolean values of a switch axis."""
     out: list[bool] = []
-    for v in _flatten(values if values is not None else [False]) or [False]:
+    for v in _flatten(values):
         text = str(v).lower()
         if text == "both":
             opts = [False, True]
@@ -231,25 +239,19 @@ def _checkpointing(values: Any) -> list[bool]:
         elif v is False or text in ("off", "false", "no", "0"):
             opts = [False]
         else:
-            raise UserError(f"gradient checkpointing must be on, off or both, got {v!r}")
+            raise UserError(f"{what} must be on, off or both, got {v!r}")
         out += [o for o in opts if o not in out]
     return out
 
 
-def _dtypes(values: Any) -> list[str]:
-    from estimators.inventory import normalize_dtype
-
-    out = []
-    for v in _flatten(values) or ["fp32"]:
-        try:
-            d = normalize_dtype(str(v))
-        except (UserError, ValueError, KeyError):
-            raise UserError(f"unknown dtype {v!r}: give fp32, bf16 or fp16") from None
-        if d not in ("fp32", "bf16", "fp16"):
-            raise UserError(f"unknown dtype {v!r}: give fp32, bf16 or fp16")
-        if d not in out:
-            out.append(d)
-    return out
+def _axis_values(field: str, values: Any) -> list:
+    """The values of one grid axis, converted as the command line converts them; the setup validates them."""
+    flag = CLI[field]
+    if flag.switch:
+        return _switch(values, field.replace("_", " "))
+    if flag.type is int:
+        return _positive_ints(values, field.replace("_", " "))
+    return _flatten(values, split=flag.metavar != "REGEX")
 
 
 # ------------------------------------------------------------------------------------- optimizers
@@ -298,22 +300,24 @@ def select_optimizers(tokens: Any) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- grid
+AXES: tuple[str, ...] = tuple(f for f in CLI if f not in ("batch_size", "seq_len", "optim", "optim_args",
+                                                          "optim_target_modules"))
+"""Setup fields a grid may list several values of, besides the shapes and the optimizers (every setup field
+whose value is not a list of its own); expanded outermost first, then shapes, then optimizers."""
+RUN_SETTINGS = ("steps", "warmup", "seed", "data")
+"""Run-only fields every run of a grid shares."""
+
+
 @dataclass
 class Grid:
-    """A sweep: the cross product of the list fields, with the scalar fields shared by every run."""
+    """A sweep: the cross product of ``axes`` (setup field -> values), ``shapes`` (batch x sequence length)
+    and ``optims``, with the settings every run shares (``runs``: steps, warmup, seed, data; per-optimizer
+    ``optim_args``; ``optim_target_modules``)."""
 
     optims: list[str]
-    models: list[str] = field(default_factory=lambda: ["tiny-llama"])
+    axes: dict[str, list] = field(default_factory=dict)
     shapes: list[tuple[int, int]] = field(default_factory=lambda: [(2, 64)])
-    dtypes: list[str] = field(default_factory=lambda: ["fp32"])
-    mixed_precisions: list[str | None] = field(default_factory=lambda: [None])
-    checkpointing: list[bool] = field(default_factory=lambda: [False])
-    grad_accums: list[int] = field(default_factory=lambda: [1])
-    steps: int = 6
-    warmup: int = 2
-    device: str = "auto"
-    seed: int = 0
-    data: str | None = None
+    runs: dict[str, Any] = field(default_factory=lambda: {"steps": 6, "warmup": 2})
     optim_args: dict[str, str] = field(default_factory=dict)
     """``{optimizer name, family or '*': optim_args string}``; the most specific entry wins."""
     optim_target_modules: Any = None
@@ -335,29 +339,37 @@ class Grid:
         return _canonical_targets(self.optim_target_modules) or DEFAULT_TARGETS
 
     def size(self) -> int:
-        return (len(self.optims) * len(self.models) * len(self.shapes) * len(self.dtypes)
-                * len(self.mixed_precisions) * len(self.checkpointing) * len(self.grad_accums))
+        n = len(self.optims) * len(self.shapes)
+        for values in self.axes.values():
+            n *= len(values)
+        return n
 
-    def configs(self, *, extra: dict | None = None) -> list:
-        """Every :class:`RunConfig`, in order model, precision, checkpointing, accumulation, shape, optimizer."""
-        from harness.scenario import RunConfig
+    def configs(self, *, extra: dict | None = None, source: str = "grid") -> list:
+        """Every :class:`RunConfig` (each validated as it is built: a bad value is a UserError naming
+        ``source``), in axis order, then shape, then optimizer; duplicates (values that normalise alike)
+        once."""
+        from harness.run_config import RunConfig
 
-        out = []
-        for model, dtype, mp, ckpt, accum, (batch, seq), optim in itertools.product(
-                self.models, self.dtypes, self.mixed_precisions, self.checkpointing, self.grad_accums,
-                self.shapes, self.optims):
-            out.append(RunConfig(optim=optim, model=model, dtype=dtype, mixed_precision=mp, batch_size=batch,
-                                 seq_len=seq, grad_accum=accum, gradient_checkpointing=ckpt,
-                                 optim_args=self.args_for(optim), optim_target_modules=self.targets_for(optim),
-                                 steps=self.steps, warmup=self.warmup, device=self.device, seed=self.seed,
-                                 data=self.data, extra=dict(extra or {})))
+        names = [f for f in AXES if f in self.axes]
+        out, seen = [], set()
+        for combo in itertools.product(*(self.axes[f] for f in names), self.shapes, self.optims):
+            *values, (batch, seq), optim = combo
+            try:
+                cfg = RunConfig(**dict(zip(names, values)), batch_size=batch, seq_len=seq, optim=optim,
+                                optim_args=self.args_for(optim), optim_target_modules=self.targets_for(optim),
+                                **self.runs, extra=dict(extra or {}))
+            except SetupError as exc:
+                raise SetupError(f"{source}: {exc}", exc.field) from None
+            key = config_key(cfg.to_dict())
+            if key not in seen:
+                seen.add(key)
+                out.append(cfg)
         return out
 
 
-GRID_KEYS = {"optim", "model", "batch_size", "seq_len", "shape", "dtype", "mixed_precision",
-             "gradient_checkpointing", "grad_accum", "steps", "warmup", "device", "seed", "data", "optim_args",
-             "optim_target_modules"}
-"""Keys a YAML grid may hold besides the sweep settings of :data:`SETTING_KEYS`."""
+GRID_KEYS = {"model", "shape", *CLI, *RUN_SETTINGS} - {"num_processes"} | {"nproc"}
+"""Keys a YAML grid may hold besides the sweep settings of :data:`SETTING_KEYS` (setup fields by their
+names, ``shape`` for BxS pairs, ``nproc`` for the processes)."""
 SETTING_KEYS = {"out", "resume", "retry_failed", "timeout", "jobs", "threads", "track_tensors", "find_max_batch",
                 "memory_limit", "max_batch_cap", "repeat"}
 
@@ -382,9 +394,12 @@ def _optim_args_mapping(value: Any) -> dict[str, str]:
 
 
 def grid_from_mapping(data: dict, *, source: str = "grid") -> Grid:
-    """Build a :class:`Grid` from a mapping with the :data:`GRID_KEYS` (hyphens or underscores)."""
+    """Build a :class:`Grid` from a mapping with the :data:`GRID_KEYS` (hyphens or underscores); every
+    configuration it expands to is validated here, before anything runs."""
     data = {str(k).replace("-", "_"): v for k, v in (data or {}).items() if v is not None}
-    unknown = set(data) - GRID_KEYS - SETTING_KEYS
+    if "nproc" in data:
+        data["num_processes"] = data.pop("nproc")
+    unknown = set(data) - GRID_KEYS - SETTING_KEYS - {"num_processes"}
     if unknown:
         raise UserError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; known: "
                         f"{', '.join(sorted(GRID_KEYS | SETTING_KEYS))}")
@@ -399,31 +414,25 @@ def grid_from_mapping(data: dict, *, source: str = "grid") -> Grid:
         batches = _positive_ints(data.get("batch_size", 2), "batch sizes") or [2]
         seqs = _positive_ints(data.get("seq_len", 64), "sequence lengths") or [64]
         shapes = [(b, s) for b in batches for s in seqs]
-    grid = Grid(optims=select_optimizers(data["optim"]))
-    grid.models = [str(m) for m in _flatten(data.get("model", "tiny-llama"))] or ["tiny-llama"]
-    grid.shapes = shapes
-    grid.dtypes = _dtypes(data.get("dtype"))
-    grid.mixed_precisions = _mixed_precision(data.get("mixed_precision"))
-    grid.checkpointing = _checkpointing(data.get("gradient_checkpointing"))
-    grid.grad_accums = _positive_ints(data.get("grad_accum", 1), "gradient accumulation steps") or [1]
+    grid = Grid(optims=select_optimizers(data["optim"]), shapes=shapes)
+    grid.axes = {f: _axis_values(f, data[f]) for f in AXES if f in data}
+    grid.axes = {f: v for f, v in grid.axes.items() if v}
     for name in ("steps", "warmup", "seed"):
         if name in data:
             value = data[name]
             if isinstance(value, bool) or not isinstance(value, int):
                 raise UserError(f"{source}: {name} must be an integer, got {value!r}")
-            setattr(grid, name, value)
-    if grid.steps < 2:
-        raise UserError(f"{source}: steps must be at least 2 (step 0 has no optimizer state yet), got {grid.steps}")
-    if not 0 <= grid.warmup < grid.steps:
-        raise UserError(f"{source}: warmup must be in 0..steps-1, got {grid.warmup}")
-    grid.device = str(data.get("device", "auto"))
-    if grid.device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"{source}: device must be auto, cpu or cuda, got {grid.device!r}")
-    grid.data = data.get("data")
+            grid.runs[name] = value
+    if grid.runs["steps"] < 2:
+        raise UserError(f"{source}: steps must be at least 2 (step 0 has no optimizer state yet), got "
+                        f"{grid.runs['steps']}")
+    if data.get("data"):
+        grid.runs["data"] = data["data"]
     grid.optim_args = _optim_args_mapping(data.get("optim_args"))
     grid.optim_target_modules = data.get("optim_target_modules")
-    for model in grid.models:
+    for model in grid.axes.get("model", []):
         _canonical_check_model(model)
+    grid.configs(source=source)  # validates every configuration before any runs
     return grid
 
 
@@ -449,6 +458,6 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-__all__ = ["DEFAULT_TARGETS", "GRID_KEYS", "Grid", "KEY_FIELDS", "SETTING_KEYS", "canonical_config", "config_key",
+__all__ = ["AXES", "DEFAULT_TARGETS", "GRID_KEYS", "Grid", "KEY_FIELDS", "SETTING_KEYS", "canonical_config", "config_key",
            "config_label", "families", "grid_from_mapping", "load_yaml", "parse_shape", "parse_size", "precision_label",
            "record_key", "select_optimizers", "shape_label"]

@@ -18,12 +18,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from estimators import get_spec
-from estimators.estimate import estimate_for_run
+from estimators.estimate import estimate
 from estimators.errors import UserError
 from harness.env_facts import REPO_ROOT, collect_env
 from harness.record import build_record, validate
@@ -44,42 +44,26 @@ class WorkerOutcome:
 
 
 def check_config(cfg: RunConfig) -> None:
-    """Raise UserError for a configuration that is wrong whatever the machine (exit 2 in the CLI)."""
+    """Raise UserError for a configuration that is wrong whatever the machine (exit 2 in the CLI). The
+    setup validated its own fields when it was built; what is left is what the Trainer refuses and what a
+    measured run needs (an available optimizer, warmup steps shorter than the run)."""
     spec = get_spec(cfg.optim)
     if spec.availability == "removed":
         raise UserError(spec.reason)
-    for name in ("batch_size", "seq_len", "grad_accum", "steps"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UserError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    if not isinstance(cfg.warmup, int) or cfg.warmup < 0:
-        raise UserError(f"warmup must be a non-negative integer, got {cfg.warmup!r}")
+    cfg.check_trainable()
     if cfg.warmup >= cfg.steps:
         raise UserError(f"warmup ({cfg.warmup}) must be smaller than steps ({cfg.steps}): throughput is measured "
                         "over the steps after warmup")
-    if cfg.device not in ("auto", "cuda", "cpu"):
-        raise UserError(f"device must be auto, cuda or cpu, got {cfg.device!r}")
-    if cfg.dtype not in ("fp32", "bf16", "fp16"):
-        from estimators.inventory import normalize_dtype
-
-        cfg.dtype = normalize_dtype(cfg.dtype)
-    if cfg.mixed_precision not in (None, "bf16", "fp16"):
-        raise UserError(f"mixed precision must be bf16 or fp16, got {cfg.mixed_precision!r}")
-    if cfg.data is not None and not Path(cfg.data).is_file():
-        raise UserError(f"--data {cfg.data}: no such file (give a local text or JSONL file)")
-    from estimators.inventory import check_task
-
-    check_task((cfg.extra or {}).get("task"))
 
 
 def predict(cfg: RunConfig) -> dict[str, Any] | None:
-    """``estimate(...).to_dict()`` for ``cfg`` (None for an optimizer optimem cannot estimate)."""
+    """``estimate(cfg).to_dict()`` (None for an optimizer optimem cannot estimate)."""
     spec = get_spec(cfg.optim)
     if spec.availability != "ok":
         return None
-    # Every field that shapes memory (checkpointing, mixed precision, accumulation, the device the run
-    # resolves to) goes to the estimator, so the record's prediction is for the very run it sits beside.
-    return estimate_for_run(cfg.to_dict(), device=resolve_device(cfg)).to_dict()
+    # The whole setup goes to the estimator (checkpointing, mixed precision, accumulation, the device the
+    # run resolves to), so the record's prediction is for the very run it sits beside.
+    return estimate(replace(cfg, device=resolve_device(cfg))).to_dict()
 
 
 def cuda_available() -> bool:
@@ -225,7 +209,6 @@ def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bo
     UserError for a configuration that can never run (unknown optimizer, bad values, unknown model).
     """
     spec = get_spec(cfg.optim)
-    cfg.optim = spec.name
     check_config(cfg)
     predicted = predict(cfg)
     device = resolve_device(cfg)

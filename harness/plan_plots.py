@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from estimators import planner as P
+from estimators.setup import TrainingSetup
 
 GIB = 1 << 30
 COUNTS = (1, 2, 4, 8, 16, 32, 64)
@@ -31,10 +32,10 @@ def _curves_optims(plan) -> list[str]:
     return list(plan["optims"][:2])
 
 
-def memory_curves(plan, optim: str, counts=COUNTS) -> tuple[P.Setup, dict[str, list[int | None]]]:
+def memory_curves(plan, optim: str, counts=COUNTS) -> tuple[TrainingSetup, dict[str, list[int | None]]]:
     """Per-GPU peak at micro-batch 1 for each sharding and GPU count (gradient checkpointing as planned:
     'auto' counts as on, the leanest setting)."""
-    base = replace(plan["base"], optim=optim, num_gpus=1, sharding="none",
+    base = replace(plan["base"].with_optimizer(optim), num_processes=1, sharding="none",
                    gradient_checkpointing=plan["checkpointing"] != "off")
     return base, P.memory_vs_gpus(base, 1, counts)
 

@@ -27,7 +27,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from estimators.inventory import DTYPES
+from estimators.setup import ATTN_IMPLEMENTATIONS, DEVICES, MIXED_PRECISIONS, SHARDINGS, TASKS
+
+SCHEMA_VERSION = 2
+"""2: the config holds the whole training setup (task, attention implementation, freeze, processes,
+sharding); version-1 records read back with those at their defaults."""
+SCHEMA_VERSIONS = (1, 2)
 STATUSES = ("ok", "oom", "skipped", "error")
 
 _INT = {"type": "integer", "minimum": 0}
@@ -100,17 +106,23 @@ CONFIG_SCHEMA: dict[str, Any] = {
                  "gradient_checkpointing", "optim_args", "optim_target_modules", "steps", "warmup", "device",
                  "seed", "data"],
     "properties": {
-        "optim": {"type": "string"}, "model": {"type": "string"}, "dtype": {"enum": ["fp32", "bf16", "fp16"]},
-        "mixed_precision": {"enum": [None, "bf16", "fp16"]},
+        "optim": {"type": "string"}, "model": {"type": "string"}, "task": {"enum": list(TASKS)},
+        "dtype": {"enum": list(DTYPES)}, "mixed_precision": {"enum": list(MIXED_PRECISIONS)},
         "batch_size": {"type": "integer", "minimum": 1}, "seq_len": {"type": "integer", "minimum": 1},
         "grad_accum": {"type": "integer", "minimum": 1}, "gradient_checkpointing": {"type": "boolean"},
+        "attn_implementation": {"enum": list(ATTN_IMPLEMENTATIONS)},
         "optim_args": {"type": ["string", "null"]},
         "optim_target_modules": {"type": ["string", "array", "null"], "items": {"type": "string"}},
+        "freeze": {"type": ["string", "null"]},
+        "num_processes": {"type": "integer", "minimum": 1}, "sharding": {"enum": list(SHARDINGS)},
         "steps": {"type": "integer", "minimum": 1}, "warmup": {"type": "integer", "minimum": 0},
-        "device": {"enum": ["auto", "cuda", "cpu"]}, "seed": {"type": "integer"},
+        "device": {"enum": list(DEVICES)}, "seed": {"type": "integer"},
         "data": {"type": ["string", "null"]}, "extra": {"type": "object"},
     },
 }
+"""A record's ``config``: :meth:`harness.run_config.RunConfig.to_dict` (the fields of schema version 1 are
+required; those added since are optional, so version-1 records still match; read back with
+``RunConfig.from_dict``)."""
 
 ENV_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -134,7 +146,7 @@ SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["schema_version", "run_id", "status", "reason", "config", "measured", "predicted", "env"],
     "properties": {
-        "schema_version": {"const": SCHEMA_VERSION},
+        "schema_version": {"enum": list(SCHEMA_VERSIONS)},
         "run_id": {"type": "string", "minLength": 1},
         "status": {"enum": list(STATUSES)},
         "reason": {"type": "string"},

@@ -7,47 +7,17 @@ synthetic token ids (or a local text/JSONL file); the optimizer is chosen exactl
 from __future__ import annotations
 
 import importlib
+import re
 import tempfile
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from estimators import get_spec
-from estimators.catalog import DEFAULT_MODEL, resolve
-from estimators.inventory import TORCH_DTYPE_NAMES, instantiate, normalize_dtype
+from estimators.catalog import resolve
+from estimators.inventory import TORCH_DTYPE_NAMES, instantiate
 from estimators.optimizers import parse_optim_args
-
-
-@dataclass
-class RunConfig:
-    """One run. ``dtype`` is the dtype parameters are stored in; ``mixed_precision`` is the Trainer's
-    ``bf16``/``fp16`` autocast flag (``None`` for none)."""
-
-    optim: str = "adamw_torch"
-    model: str = DEFAULT_MODEL
-    dtype: str = "fp32"
-    mixed_precision: str | None = None
-    batch_size: int = 2
-    seq_len: int = 64
-    grad_accum: int = 1
-    gradient_checkpointing: bool = False
-    optim_args: str | None = None
-    optim_target_modules: list[str] | str | None = None
-    steps: int = 2
-    warmup: int = 1
-    device: str = "auto"
-    seed: int = 0
-    data: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def resolved_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+from harness.run_config import RunConfig
 
 
 class SyntheticTokens(torch.utils.data.Dataset):
@@ -114,15 +84,19 @@ def remove_printer_callback(trainer) -> None:
     trainer.remove_callback(PrinterCallback)
 
 
-def task_of(cfg: RunConfig) -> str | None:
-    """The head the run trains (``extra["task"]``: see ``estimators.inventory.TASKS``; None: the config's)."""
-    return (cfg.extra or {}).get("task")
-
-
 def build_model(cfg: RunConfig):
+    """The model the run trains (the head of ``cfg.task``): seeded random weights in ``cfg.dtype``, the setup's attention
+    implementation, its ``freeze`` regex applied (``requires_grad_(False)``), on the run's device."""
     torch.manual_seed(cfg.seed)
     device = cfg.resolved_device()
-    model = instantiate(resolve(cfg.model), device="cpu", dtype=normalize_dtype(cfg.dtype), task=task_of(cfg))
+    model = instantiate(resolve(cfg.model), device="cpu", dtype=cfg.dtype, task=cfg.task)
+    if cfg.attn_implementation != "sdpa":
+        model.set_attn_implementation(cfg.attn_implementation)
+    if cfg.freeze:
+        rx = re.compile(cfg.freeze)
+        for name, p in model.named_parameters():
+            if rx.search(name):
+                p.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     return model.to(device)
@@ -138,7 +112,7 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
     device = cfg.resolved_device()
     n_samples = cfg.batch_size * cfg.grad_accum * max(cfg.steps, 1)
     tokens = _read_text_tokens(cfg.data) if cfg.data else None
-    classify = task_of(cfg) == "sequence-classification"
+    classify = cfg.task == "sequence-classification"
     data = SyntheticTokens(n_samples, cfg.seq_len, model.config.vocab_size, cfg.seed,
                            bool(getattr(model.config, "is_encoder_decoder", False)), tokens,
                            num_labels=int(model.config.num_labels) if classify else None)
@@ -155,7 +129,8 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
     if spec.trainer_name:
         kwargs["optim"] = spec.name
         kwargs["optim_args"] = cfg.optim_args
-        kwargs["optim_target_modules"] = cfg.optim_target_modules
+        targets = cfg.optim_target_modules
+        kwargs["optim_target_modules"] = list(targets) if isinstance(targets, tuple) else targets
     else:
         resolved = spec.resolve_args(parse_optim_args(cfg.optim_args))
         optimizer_cls_and_kwargs = flash_optimizer_cls_and_kwargs(spec.name, resolved, lr)

@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         _watch_parent(int(job["parent_pid"]))
     from harness.scenario import RunConfig
 
-    cfg = RunConfig(**job["config"])
+    cfg = RunConfig.from_dict(job["config"])
     result = run_measured(cfg, fault=job.get("fault"), track_tensors=job.get("track_tensors"))
     _write_json_atomic(result_path, result)
     sys.stdout.flush()

@@ -176,6 +176,7 @@ def test_rounding_is_exact_for_persistent_tensors():
 def test_calibration_from_records(tmp_path, monkeypatch):
     """Synthetic CUDA records: the fit recovers the workspace, reserve fraction and context."""
     import estimators.cuda_overhead as co
+    from harness.calibrate import calibrate
 
     cfg = {"optim": "adamw_torch", "model": "tiny-llama", "dtype": "fp32", "mixed_precision": None, "batch_size": 2,
            "seq_len": 64, "grad_accum": 1, "gradient_checkpointing": False, "optim_args": None,
@@ -190,7 +191,7 @@ def test_calibration_from_records(tmp_path, monkeypatch):
                                                                  "max_memory_reserved": int(alloc * (1 + frac)),
                                                                  "nvml": {"cuda_context_bytes": 500 << 20}}}})
     records.append({"status": "oom", "config": cfg, "measured": None})
-    fit = co.calibrate(records)["Test GPU"]
+    fit = calibrate(records)["Test GPU"]
     assert fit["cublas_workspace_bytes"] == 32 << 20 and fit["runs"] == 3 and fit["calibrated"]
     assert fit["reserved_fraction"] == pytest.approx(0.10, abs=1e-3) and fit["context_bytes"] == 500 << 20
     table = json.loads(co.CALIBRATION.read_text())
@@ -238,7 +239,7 @@ def test_cli_bad_grad_accum_one_line(capsys):
 
 
 def test_error_table_renders():
-    from estimators.validate import Case, Result, render
+    from harness.validate import Case, Result, render
 
     ok = Result(Case("tiny-llama", "adamw_torch", 2, 64, True), "ok", 1000, 1010,
                 {"step0.forward": (500, 495), "steady.backward": (1000, 1010)})
@@ -246,20 +247,20 @@ def test_error_table_renders():
     err = Result(Case("tiny-gpt2", "sgd", 2, 64, False), "error", reason="boom")
     facts = {"cpu": "CPU", "cpu_count": 2, "python": "3", "torch": "t", "transformers": "x", "platform": "p",
              "git_commit": "abc", "git_dirty": False}
-    table = render([ok, bad, err], facts, "python -m estimators.validate", 1.0)
+    table = render([ok, bad, err], facts, "python -m harness.validate", 1.0)
     assert "**1 of 3 cases within tolerance** (2 ran)" in table
     assert "| peak | 5.5000% | +10.0000% | +100 | 2 |" in table
     assert "tiny-t5 lomo 4x128 bf16" in table and "(out of tolerance)" in table and "boom" in table
 
 
 def test_estimate_for_run_config():
-    from estimators.estimate import estimate_for_run
+    """A run configuration is a training setup: the estimator takes it as it is."""
     from harness.scenario import RunConfig
 
     cfg = RunConfig(optim="galore_adamw", model="tiny-t5", dtype="bf16", batch_size=3, seq_len=40, grad_accum=2,
                     gradient_checkpointing=True, optim_target_modules="all-linear", device="cpu")
-    e = estimate_for_run(cfg.to_dict(), device="cpu")
+    e = estimate(cfg)
     same = estimate("tiny-t5", "galore_adamw", dtype="bf16", batch_size=3, seq_len=40, grad_accum=2,
                     gradient_checkpointing=True, optim_target_modules="all-linear", device="cpu")
     assert e.bytes == same.bytes and e.phases == same.phases
-    assert estimate_for_run(RunConfig().to_dict()).device == "cuda"
+    assert estimate(RunConfig()).device == "cuda"

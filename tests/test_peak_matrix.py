@@ -3,13 +3,13 @@ measured tensor-accounting peak, every phase within 5%, for 8 optimizers of diff
 architectures x 2 shapes x gradient checkpointing on/off, plus the other settings (parameters in bf16,
 bf16 autocast, eager attention, gradient accumulation, frozen parameters).
 
-The full matrix (10 optimizers, every setting, both shapes) is ``python -m estimators.validate``, whose
+The full matrix (10 optimizers, every setting, both shapes) is ``python -m harness.validate``, whose
 table is committed as results/peak_error_cpu.md; this is its CI-sized part (about a minute and a half on
 one core).
 """
 import pytest
 
-from estimators.validate import MODELS, PEAK_TOL, PHASE_TOL, SHAPES, Case, run_case
+from harness.validate import MODELS, PEAK_TOL, PHASE_TOL, SHAPES, Case, run_case
 
 CORE_OPTIMIZERS = ("adamw_torch", "adafactor", "adamw_bnb_8bit", "galore_adamw", "apollo_adamw", "lomo",
                    "schedule_free_adamw", "galore_adamw_layerwise")

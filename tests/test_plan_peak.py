@@ -1,6 +1,6 @@
 """bench plan pinned to the real whole-step peak estimator: the reported micro-batch fits and one more does not,
 known capacity facts hold, sharding lowers the per-GPU peak as its terms say, and the CLI prints an actionable
-table. Skipped (with the reason) while estimate() has no whole-step peak."""
+table."""
 from __future__ import annotations
 
 import json
@@ -10,15 +10,12 @@ import pytest
 
 from estimators import planner as P
 
-pytestmark = pytest.mark.skipif(not P.peak_supported(),
-                                reason="waits on the whole-step peak estimator (estimate(...).bytes['peak'])")
-
 LLAMA3 = "meta-llama/Meta-Llama-3-8B"
 GPUS = P.load_gpus()
 
 
-def _setup(optim: str, **kw) -> P.Setup:
-    return P.Setup(model=kw.pop("model", LLAMA3), optim=optim, **kw)
+def _setup(optim: str, **kw):
+    return P.plan_setup(kw.pop("model", LLAMA3), optim, **kw)
 
 
 def _max(optim: str, gpu: str, **kw) -> int:
@@ -30,9 +27,9 @@ def _max(optim: str, gpu: str, **kw) -> int:
     ("adamw_bnb_8bit", "h100-sxm", {"dtype": "bf16", "gradient_checkpointing": True}),
     ("adafactor", "a100-80gb", {"mixed_precision": "bf16"}),  # fp32 GQA attention runs SDPA's math kernel on CUDA
     ("adamw_torch_fused", "l4", {"model": "Qwen/Qwen2.5-0.5B", "seq_len": 1024}),
-    ("adamw_torch", "h100-sxm", {"num_gpus": 8, "sharding": "fsdp"}),
-    ("adamw_torch_fused", "a100-40gb", {"num_gpus": 4, "sharding": "zero3", "gradient_checkpointing": True}),
-    ("lion_8bit", "rtx4090", {"model": "gpt2", "mixed_precision": "fp16", "num_gpus": 2, "sharding": "zero2"}),
+    ("adamw_torch", "h100-sxm", {"num_processes": 8, "sharding": "fsdp"}),
+    ("adamw_torch_fused", "a100-40gb", {"num_processes": 4, "sharding": "zero3", "gradient_checkpointing": True}),
+    ("lion_8bit", "rtx4090", {"model": "gpt2", "mixed_precision": "fp16", "num_processes": 2, "sharding": "zero2"}),
 ])
 def test_reported_batch_fits_and_one_more_does_not(optim, gpu, kw):
     s, budget = _setup(optim, **kw), GPUS[gpu].budget()
@@ -86,7 +83,7 @@ def test_sharding_lowers_the_per_gpu_peak_by_its_terms():
     for sh in ("zero1", "zero2", "zero3", "fsdp"):
         prev = None
         for n in (2, 4, 8, 16):
-            s = replace(base, sharding=sh, num_gpus=n)
+            s = replace(base, sharding=sh, num_processes=n)
             m = P.step_memory(s, 1)
             assert m.terms == P.model_state_terms(s)
             assert sum(m.breakdown.values()) == m.peak
@@ -96,21 +93,21 @@ def test_sharding_lowers_the_per_gpu_peak_by_its_terms():
                 assert m.breakdown["optimizer_state"] == m.terms["optimizer_state"]
             if not m.peak_phase.endswith("optimizer_step"):
                 assert m.breakdown["sharding_overhead"] == m.terms["gathered_working_set"]
-    ddp = P.step_memory(replace(base, sharding="ddp", num_gpus=8), 1)
+    ddp = P.step_memory(replace(base, sharding="ddp", num_processes=8), 1)
     assert ddp.peak == one.peak + ddp.terms["ddp_buckets"]  # DDP replicates everything and adds buckets
     # ZeRO-3 / FSDP on 8 x 80 GB fit full AdamW where one GPU cannot.
     assert _max("adamw_torch", "h100-sxm") == 0
-    assert _max("adamw_torch", "h100-sxm", num_gpus=8, sharding="zero3") >= 1
-    assert _max("adamw_torch", "h100-sxm", num_gpus=8, sharding="fsdp") >= 1
+    assert _max("adamw_torch", "h100-sxm", num_processes=8, sharding="zero3") >= 1
+    assert _max("adamw_torch", "h100-sxm", num_processes=8, sharding="fsdp") >= 1
 
 
 def test_layerwise_and_lomo_report_what_cannot_run():
-    rows = {o: P.plan_one(_setup(o, num_gpus=4, sharding="ddp"), GPUS["h100-sxm"])
+    rows = {o: P.plan_one(_setup(o, num_processes=4, sharding="ddp"), GPUS["h100-sxm"])
             for o in ("galore_adamw_layerwise", "lomo", "adamw_torch")}
     assert rows["galore_adamw_layerwise"].status == "unsupported" and "DDP" in rows["galore_adamw_layerwise"].reason
     assert rows["lomo"].status == "unsupported"
     assert rows["adamw_torch"].status in ("fits", "no_fit")
-    z3 = P.plan_one(_setup("lomo", num_gpus=4, sharding="zero3"), GPUS["h100-sxm"])
+    z3 = P.plan_one(_setup("lomo", num_processes=4, sharding="zero3"), GPUS["h100-sxm"])
     assert z3.status == "fits" and any("ZeRO-3" in n for n in z3.notes)
 
 
@@ -155,6 +152,6 @@ def test_fewest_gpus_is_exact():
         n = P.min_gpus_to_fit(s, GPUS[gpu], sharding=sh)
         budget = GPUS[gpu].budget()
         assert n is not None and n >= 2
-        assert P.fits(replace(s, sharding=sh, num_gpus=n), 1, budget)
-        assert n == 2 or not P.fits(replace(s, sharding=sh, num_gpus=n - 1), 1, budget)
+        assert P.fits(replace(s, sharding=sh, num_processes=n), 1, budget)
+        assert n == 2 or not P.fits(replace(s, sharding=sh, num_processes=n - 1), 1, budget)
     assert P.min_gpus_to_fit(_setup("lomo"), GPUS["l4"], sharding="fsdp") is None  # cannot run so

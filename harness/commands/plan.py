@@ -9,10 +9,12 @@ import argparse
 import json
 from dataclasses import replace
 
-from estimators import DEFAULT_MODEL, UserError, get_spec
+from estimators import UserError, get_spec
 from estimators import planner as P
-from estimators.inventory import normalize_dtype
+from estimators.catalog import resolve
+from estimators.setup import TrainingSetup
 from harness.commands.estimate import expand_optims as expand_estimate_optims
+from harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
 from harness.units import format_table, human_count
 
 GIB = 1 << 30
@@ -24,31 +26,17 @@ def register(sub) -> None:
         description="For each optimizer x GPU: does it fit, the largest micro-batch (bisection over the whole-step "
                     "estimator), the per-GPU memory breakdown, tokens/s from model FLOPs and an MFU (assumed, or "
                     "measured by recorded runs), and what sharding over N GPUs buys. No GPU, no download.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"catalog name or config.json path (default {DEFAULT_MODEL})")
     p.add_argument("--gpus", default="all", metavar="LIST|all",
                    help="GPU ids from the catalog, comma-separated (e.g. 'h100-sxm,l4'), or 'all' (default)")
-    p.add_argument("--optim", action="append", metavar="LIST|all",
-                   help="optimizer names (comma-separated or repeated) or 'all'; default: "
-                        + ", ".join(P.DEFAULT_OPTIMS))
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
-    p.add_argument("--dtype", default="fp32", help="dtype the parameters are stored in: fp32 (default), bf16, fp16")
-    prec = p.add_mutually_exclusive_group()
-    prec.add_argument("--bf16", dest="mixed_precision", action="store_const", const="bf16",
-                      help="bf16 mixed precision, TrainingArguments(bf16=True) (the default)")
-    prec.add_argument("--fp16", dest="mixed_precision", action="store_const", const="fp16",
-                      help="fp16 mixed precision, TrainingArguments(fp16=True)")
-    prec.add_argument("--no-mixed-precision", dest="mixed_precision", action="store_const", const="none",
-                      help="compute in the stored dtype (no autocast)")
-    p.set_defaults(mixed_precision="bf16")
+    add_setup_arguments(p, defaults={**field_defaults(), **P.PLAN_DEFAULTS, "optim": None,
+                                     "num_processes": 1, "sharding": None},
+                        multi=("optim",), exclude=("batch_size", "gradient_checkpointing", "device"),
+                        help_suffix={"optim": "(comma-separated or repeated) or 'all'; default: "
+                                              + ", ".join(P.DEFAULT_OPTIMS),
+                                     "sharding": "(default none for 1 GPU, ddp for several)",
+                                     "optim_args": "(applied where read)"})
     p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto",
                    help="auto (default): off when micro-batch 1 fits without it, else on")
-    p.add_argument("--num-gpus", type=int, default=1, metavar="N", help="data-parallel GPUs (default 1)")
-    p.add_argument("--sharding", choices=P.SHARDINGS, default=None,
-                   help="none (1 GPU), ddp, zero1, zero2, zero3 (DeepSpeed), fsdp (FSDP2 full shard); "
-                        "default none for 1 GPU, ddp for several")
-    p.add_argument("--optim-args", default=None, help="the Trainer's optim_args string (applied where read)")
-    p.add_argument("--optim-target-modules", nargs="+", default=None, metavar="REGEX",
-                   help=f"GaLore/APOLLO targets (default {P.DEFAULT_TARGETS})")
     p.add_argument("--headroom", type=float, default=P.DEFAULT_HEADROOM,
                    help=f"fraction of usable memory kept free for allocator fragmentation (default "
                         f"{P.DEFAULT_HEADROOM})")
@@ -71,24 +59,11 @@ def expand_optims(values: list[str] | None) -> list[str]:
     return expand_estimate_optims(values, all_includes_unavailable=False)
 
 
-def _setup_for(args, optim: str, base: P.Setup) -> P.Setup:
-    optim_args = args.optim_args
-    if optim_args:
-        from estimators.optimizers import parse_optim_args
-
-        spec = get_spec(optim)
-        kept = {k: v for k, v in parse_optim_args(optim_args).items() if k in spec.arg_types}
-        optim_args = ",".join(f"{k}={v}" for k, v in kept.items()) or None
-    tm = args.optim_target_modules
-    targets = None if not tm else (tm[0] if len(tm) == 1 else tuple(tm))
-    return replace(base, optim=optim, optim_args=optim_args, optim_target_modules=targets)
+def _setup_for(args, optim: str, base: TrainingSetup) -> TrainingSetup:
+    return base.with_optimizer(optim, args.optim_args, setup_kwargs(args).get("optim_target_modules"))
 
 
 def _check_args(args) -> None:
-    if args.seq_len < 1:
-        raise UserError(f"--seq-len must be a positive integer, got {args.seq_len}")
-    if args.num_gpus < 1:
-        raise UserError(f"--num-gpus must be at least 1, got {args.num_gpus}")
     if not 0 <= args.headroom < 1:
         raise UserError(f"--headroom is a fraction in [0, 1), got {args.headroom}")
     if not 0 < args.mfu <= 1:
@@ -101,22 +76,15 @@ def build_plan(args) -> dict:
     catalog = P.load_gpus(args.gpu_file)
     gpus = P.select_gpus(args.gpus, catalog)
     optims = expand_optims(args.optim)
-    dtype = normalize_dtype(args.dtype)
-    mp = None if args.mixed_precision == "none" else args.mixed_precision
-    sharding = args.sharding or ("none" if args.num_gpus == 1 else "ddp")
-    if sharding == "none" and args.num_gpus > 1:
-        raise UserError("--num-gpus > 1 needs a sharding scheme: --sharding ddp, zero1, zero2, zero3 or fsdp")
-    from estimators.catalog import resolve
-
-    model = resolve(args.model).name
-    inv = P._inventory(model, dtype)
+    kw = setup_kwargs(args, exclude=("optim", "optim_args", "optim_target_modules", "gradient_checkpointing"))
+    kw["sharding"] = args.sharding or ("none" if args.num_processes == 1 else "ddp")
+    base = TrainingSetup(**kw)
+    base = replace(base, model=resolve(base.model).name)
+    model, mp, sharding = base.model, base.mixed_precision, base.sharding
+    inv = P._inventory(model, base.dtype)
     facts = P.model_facts(inv)
-    if not P.peak_supported():
-        raise P.PeakUnavailable(P._PEAK_MSG)
     files = [] if args.no_calibrate else (args.results or [str(p) for p in P.default_result_files()])
     calibration = P.calibrate(files, catalog) if files else {}
-    base = P.Setup(model=model, optim=optims[0], dtype=dtype, mixed_precision=mp, seq_len=args.seq_len,
-                   num_gpus=args.num_gpus, sharding=sharding)
     rows: list[P.PlanRow] = []
     skipped: list[dict] = []
     for optim in optims:
@@ -127,13 +95,11 @@ def build_plan(args) -> dict:
                 per_optim.append(P.PlanRow(optim=optim, gpu=gpu.id, gpu_name=gpu.name, status="unsupported",
                                            reason=f"{gpu.name} has no bf16: the Trainer refuses bf16=True there; "
                                                   "use --fp16", budget=gpu.budget(args.headroom),
-                                           num_gpus=args.num_gpus, sharding=sharding))
+                                           num_gpus=base.num_processes, sharding=sharding))
                 continue
             try:
                 per_optim.append(P.plan_one(setup, gpu, headroom=args.headroom, checkpointing=args.gradient_checkpointing,
                                             calibration=calibration, mfu=args.mfu))
-            except P.PeakUnavailable:
-                raise
             except UserError as exc:
                 if len(optims) == 1 and args.optim and "all" not in ",".join(args.optim).lower():
                     raise
@@ -146,8 +112,8 @@ def build_plan(args) -> dict:
     planned = [o for o in optims if any(r.optim == o for r in rows)]
     hints = {o: _to_fit(args, base, o, gpus, rows) for o in planned}
     return {"model": model, "architecture": inv.architecture, "facts": facts, "gpus": gpus, "optims": planned,
-            "rows": rows, "skipped": skipped, "hints": hints, "dtype": dtype, "mixed_precision": mp,
-            "sharding": sharding, "num_gpus": args.num_gpus, "seq_len": args.seq_len,
+            "rows": rows, "skipped": skipped, "hints": hints, "dtype": base.dtype, "mixed_precision": mp,
+            "sharding": sharding, "num_gpus": base.num_processes, "seq_len": base.seq_len,
             "checkpointing": args.gradient_checkpointing, "headroom": args.headroom, "mfu": args.mfu,
             "calibration": calibration, "calibration_files": [str(f) for f in files], "base": base,
             "recommendation": _recommend(rows, gpus, planned)}
@@ -158,7 +124,7 @@ def _size_key(gpu: P.GPU, headroom: float = 0.0):
     return (gpu.memory_gb, gpu.tflops.get("bf16") or gpu.tflops.get("fp16") or 0, gpu.budget(headroom))
 
 
-def _to_fit(args, base: P.Setup, optim: str, gpus: list[P.GPU], rows: list[P.PlanRow]) -> dict:
+def _to_fit(args, base: TrainingSetup, optim: str, gpus: list[P.GPU], rows: list[P.PlanRow]) -> dict:
     """For each GPU a planned optimizer does not fit: the fewest such GPUs on which micro-batch 1 fits under
     FSDP and under ZeRO-3 (None: not even 1024, or the optimizer cannot run so), and whether gradient
     checkpointing alone would do when it was turned off. ``{gpu id: {...}}``."""

@@ -11,21 +11,17 @@ import signal
 import sys
 import threading
 
-from estimators import DEFAULT_MODEL, get_spec
-from estimators.inventory import TASKS
+from estimators import get_spec
+from estimators.errors import UserError
+from estimators.setup import DEFAULT_TARGETS
 from harness.commands.argtypes import DEFAULT_OUT, positive_int, non_negative_int, positive_seconds
+from harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
+from harness.run_config import RunConfig
 from harness.units import human_bytes
 
 DEFAULT_STEPS = 6
 DEFAULT_WARMUP = 2
-DEFAULT_TARGETS = "all-linear"
 EXIT_CODES = {"ok": 0, "skipped": 0, "error": 1, "oom": 3}
-
-
-
-
-
-
 
 
 def register(sub) -> None:
@@ -36,29 +32,13 @@ def register(sub) -> None:
                     "memory by phase, the optimizer's state and throughput; print it beside the estimate and "
                     "append one JSON record to the results file.",
         epilog="Exit status: 0 ok or skipped, 1 error, 3 out of memory, 2 bad input, 130 interrupted.")
-    p.add_argument("--optim", required=True, metavar="NAME", help="optimizer, as TrainingArguments(optim=...) takes it")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"catalog name or config.json path (default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="dtype the parameters are stored in (default fp32)")
-    mp = p.add_mutually_exclusive_group()
-    mp.add_argument("--bf16", action="store_const", const="bf16", dest="mixed_precision",
-                    help="bf16 mixed precision (TrainingArguments(bf16=True)); parameters stay fp32")
-    mp.add_argument("--fp16", action="store_const", const="fp16", dest="mixed_precision",
-                    help="fp16 mixed precision (TrainingArguments(fp16=True)); parameters stay fp32")
-    p.add_argument("--batch-size", type=positive_int, default=2, metavar="B", help="per-device batch size (default 2)")
-    p.add_argument("--seq-len", type=positive_int, default=64, metavar="S", help="tokens per sample (default 64)")
-    p.add_argument("--grad-accum", type=positive_int, default=1, metavar="K", help="gradient accumulation steps")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--optim-args", default=None, metavar="STR", help="the Trainer's optim_args, e.g. 'rank=16'")
-    p.add_argument("--optim-target-modules", nargs="+", default=None, metavar="REGEX",
-                   help=f"GaLore/APOLLO targets (default for those: {DEFAULT_TARGETS})")
+    add_setup_arguments(p, defaults={**field_defaults(RunConfig), "optim": None},
+                        exclude=("num_processes", "sharding"), required=("optim",),
+                        help_suffix={"optim_target_modules": f"(default for those: {DEFAULT_TARGETS})"})
     p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, metavar="N",
                    help=f"optimizer steps (default {DEFAULT_STEPS}; at least 2 so the steady state shows)")
     p.add_argument("--warmup", type=non_negative_int, default=DEFAULT_WARMUP, metavar="W",
                    help=f"steps left out of the throughput figures (default {DEFAULT_WARMUP})")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--task", default=None, choices=sorted(TASKS), help="the head to train (default: the config's "
-                   "architecture, else causal LM)")
     p.add_argument("--data", default=None, metavar="FILE", help="train on a local text or JSONL ('text') file "
                                                                 "(byte tokens) instead of synthetic tokens")
     p.add_argument("--seed", type=int, default=0)
@@ -70,30 +50,21 @@ def register(sub) -> None:
                    help=f"append the record to this JSONL file (default {DEFAULT_OUT})")
     p.add_argument("--no-save", action="store_true", help="do not write the record anywhere")
     p.add_argument("--json", action="store_true", help="print the record as JSON instead of the table")
-    p.set_defaults(func=main, mixed_precision=None)
+    p.set_defaults(func=main)
 
 
 def config_from_args(args: argparse.Namespace):
-    """The :class:`RunConfig` the arguments describe (optimizer name canonicalised; UserError if unknown)."""
+    """The :class:`RunConfig` the arguments describe (validated; UserError for bad values)."""
     from harness.launcher import check_config
-    from harness.scenario import RunConfig
 
-    spec = get_spec(args.optim)
-    targets = args.optim_target_modules
-    if targets is not None and len(targets) == 1:
-        targets = targets[0]
-    if spec.needs_target_modules and not targets:
-        targets = DEFAULT_TARGETS
     if args.steps < 2:
-        from estimators.errors import UserError
-
         raise UserError(f"--steps must be at least 2 (got {args.steps}): step 0 has no optimizer state yet, the "
                         "steady state starts at step 1")
-    cfg = RunConfig(optim=spec.name, model=args.model, dtype=args.dtype, mixed_precision=args.mixed_precision,
-                    batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
-                    gradient_checkpointing=args.gradient_checkpointing, optim_args=args.optim_args,
-                    optim_target_modules=targets, steps=args.steps, warmup=args.warmup, device=args.device,
-                    seed=args.seed, data=args.data, extra={"task": args.task} if args.task else {})
+    kw = setup_kwargs(args)
+    spec = get_spec(kw["optim"])
+    if spec.needs_target_modules and not kw.get("optim_target_modules"):
+        kw["optim_target_modules"] = DEFAULT_TARGETS
+    cfg = RunConfig(**kw, steps=args.steps, warmup=args.warmup, seed=args.seed, data=args.data)
     check_config(cfg)
     return cfg
 

@@ -17,13 +17,11 @@ import time
 from pathlib import Path
 
 from estimators.errors import UserError
+from estimators.setup import CLI
 from harness.commands.argtypes import DEFAULT_OUT, positive_int, positive_seconds
+from harness.commands.setup_args import add_setup_arguments
+from harness.grid import AXES
 from harness.units import format_table, human_bytes
-
-
-
-
-
 
 
 def register(sub) -> None:
@@ -40,32 +38,20 @@ def register(sub) -> None:
                "or skipped; 1 some run ended in an error; 2 bad input; 130 interrupted (use --resume).")
     g = p.add_argument_group("grid (each takes one or more values; YAML keys use the same names)")
     g.add_argument("--config", metavar="FILE.yaml", help="read the grid and settings from a YAML file")
-    g.add_argument("--optim", nargs="+", action="extend", metavar="NAME", help="optimizers, families or 'all'")
-    g.add_argument("--model", nargs="+", action="extend", metavar="MODEL", help="catalog names or config.json paths "
-                                                                               "(default tiny-llama)")
-    g.add_argument("--batch-size", nargs="+", action="extend", type=positive_int, metavar="B",
-                   help="per-device batch sizes (default 2)")
-    g.add_argument("--seq-len", nargs="+", action="extend", type=positive_int, metavar="S",
-                   help="sequence lengths (default 64)")
+    add_setup_arguments(g, defaults={"mixed_precision": "none", "gradient_checkpointing": False},
+                        multi=AXES + ("optim", "batch_size", "seq_len"), exclude=("optim_args",),
+                        help_suffix={"optim": "optimizers, families or 'all'", "model": "(default tiny-llama)",
+                                     "batch_size": "(default 2)", "seq_len": "(default 64)",
+                                     "optim_target_modules": "(default all-linear)", "device": "(default auto)"})
     g.add_argument("--shape", nargs="+", action="extend", metavar="BxS",
                    help="explicit (batch x sequence length) pairs instead of the batch x seq-len product")
-    g.add_argument("--dtype", nargs="+", action="extend", choices=["fp32", "bf16", "fp16"],
-                   help="parameter dtypes (default fp32)")
-    g.add_argument("--mixed-precision", nargs="+", action="extend", choices=["none", "bf16", "fp16"],
-                   help="Trainer autocast: none, bf16, fp16 (default none)")
-    g.add_argument("--gradient-checkpointing", nargs="+", action="extend", choices=["off", "on", "both"],
-                   help="default off")
-    g.add_argument("--grad-accum", nargs="+", action="extend", type=positive_int, metavar="K")
     g.add_argument("--steps", type=positive_int, metavar="N", help="optimizer steps per run (default 6)")
     g.add_argument("--warmup", type=int, metavar="W", help="steps left out of throughput figures (default 2)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
     g.add_argument("--seed", type=int)
     g.add_argument("--data", metavar="FILE", help="train on a local text/JSONL file instead of synthetic tokens")
     g.add_argument("--optim-args", action="append", metavar="[NAME:]ARGS",
                    help="optim_args for every optimizer ('rank=16') or one optimizer or family "
                         "('galore_adamw:rank=16'); repeatable")
-    g.add_argument("--optim-target-modules", nargs="+", metavar="REGEX",
-                   help="GaLore/APOLLO targets (default all-linear)")
     r = p.add_argument_group("running")
     r.add_argument("--out", metavar="FILE.jsonl", help=f"results file to append to (default {DEFAULT_OUT})")
     r.add_argument("--resume", action="store_true", help="skip configurations the results file already holds")
@@ -101,15 +87,11 @@ def _mapping(args: argparse.Namespace) -> dict:
 
     data = load_yaml(args.config) if args.config else {}
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    cli = {
-        "optim": args.optim, "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "shape": args.shape, "dtype": args.dtype, "mixed_precision": args.mixed_precision,
-        "gradient_checkpointing": args.gradient_checkpointing, "grad_accum": args.grad_accum,
-        "steps": args.steps, "warmup": args.warmup, "device": args.device, "seed": args.seed, "data": args.data,
-        "optim_target_modules": args.optim_target_modules, "out": args.out, "timeout": args.timeout,
-        "jobs": args.jobs, "threads": args.threads, "track_tensors": args.track_tensors,
-        "memory_limit": args.memory_limit, "max_batch_cap": args.max_batch_cap, "repeat": args.repeat,
-    }
+    cli = {field: getattr(args, field, None) for field in CLI if field != "optim_args"}
+    cli.update({"shape": args.shape, "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
+                "data": args.data, "out": args.out, "timeout": args.timeout, "jobs": args.jobs,
+                "threads": args.threads, "track_tensors": args.track_tensors, "memory_limit": args.memory_limit,
+                "max_batch_cap": args.max_batch_cap, "repeat": args.repeat})
     if args.optim_args:
         cli["optim_args"] = args.optim_args
     for k, v in cli.items():
@@ -174,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
     grid = grid_from_mapping(data, source=args.config or "command line")
     opts = _settings(data, args)
     extra = {"memory_limit_bytes": opts.memory_limit} if opts.memory_limit is not None else {}
-    configs = grid.configs(extra=extra)
+    configs = grid.configs(extra=extra, source=args.config or "command line")
     for cfg in configs:
         check_config(cfg)
     devices = {resolve_device(c) for c in configs}

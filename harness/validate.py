@@ -1,8 +1,8 @@
 """Check the whole-step estimate against the harness: predicted vs measured peak, per phase, on a matrix.
 
-    python -m estimators.validate --out results/peak_error_cpu.md [--json results/peak_error_cpu.json]
-    python -m estimators.validate --quick            # a smaller matrix, prints the table
-    python -m estimators.validate --families         # only the architecture-family matrix
+    python -m harness.validate --out results/peak_error_cpu.md [--json results/peak_error_cpu.json]
+    python -m harness.validate --quick            # a smaller matrix, prints the table
+    python -m harness.validate --families         # only the architecture-family matrix
 
 Two matrices: the original one (Llama, GPT-2, T5: 10 optimizers x 2 shapes x checkpointing, plus bf16
 parameters, bf16 autocast, eager attention, accumulation, frozen parameters; 165 cases) and the
@@ -45,10 +45,10 @@ FAMILY_PEAK_TOL = 0.01
 FAMILY_PHASE_TOL = 0.02
 """Tolerance of the architecture-family matrix (the issue's bar: peak within 1%, every phase within 2%)."""
 STEPS = 3
-FAMILIES = (("tiny-qwen3", None), ("tiny-gemma2", None), ("tiny-gemma3", None), ("tiny-mixtral", None),
-            ("tiny-qwen3-moe", None), ("tiny-deepseek-v3", None), ("tiny-olmo2", None), ("tiny-falcon", None),
-            ("tiny-starcoder2", None), ("tiny-gpt-neox", None), ("tiny-phi3", None), ("tiny-bert", "masked-lm"),
-            ("tiny-bert", "sequence-classification"), ("tiny-bart", None))
+FAMILIES = tuple((m, "causal-lm") for m in ("tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-mixtral", "tiny-qwen3-moe",
+                                             "tiny-deepseek-v3", "tiny-olmo2", "tiny-falcon", "tiny-starcoder2",
+                                             "tiny-gpt-neox", "tiny-phi3")) + \
+    (("tiny-bert", "masked-lm"), ("tiny-bert", "sequence-classification"), ("tiny-bart", "causal-lm"))
 """Architecture families besides Llama / GPT-2 / T5 (configs in ``estimators/configs``; BERT with both heads):
 Qwen3 (QK norm), Gemma 2 (sliding/global layers, soft-capping, eager attention) and Gemma 3, Mixtral and
 Qwen3-MoE (routed experts on ``grouped_mm``), DeepSeek-V3 (first layer dense, MLA, grouped routing), OLMo 2,
@@ -71,16 +71,28 @@ class Case:
     grad_accum: int = 1
     attn: str = "sdpa"
     freeze: str | None = None
-    task: str | None = None
+    task: str = "causal-lm"
 
     @property
     def label(self) -> str:
-        extra = [self.task or "", f"gc" if self.gradient_checkpointing else "", self.dtype if self.dtype != "fp32" else "",
+        extra = [self.task if self.task != "causal-lm" else "", "gc" if self.gradient_checkpointing else "",
+                 self.dtype if self.dtype != "fp32" else "",
                  f"{self.mixed_precision} autocast" if self.mixed_precision else "",
                  f"accum {self.grad_accum}" if self.grad_accum > 1 else "", self.attn if self.attn != "sdpa" else "",
                  f"freeze /{self.freeze}/" if self.freeze else ""]
         return f"{self.model} {self.optim} {self.batch_size}x{self.seq_len}" + "".join(
             f" {e}" for e in extra if e)
+
+    def config(self):
+        """The harness run this case is: a :class:`~harness.run_config.RunConfig` on the CPU, :data:`STEPS`
+        steps (the one setup type the estimator and the harness both take)."""
+        from harness.run_config import RunConfig
+
+        return RunConfig(model=self.model, optim=self.optim, dtype=self.dtype, mixed_precision=self.mixed_precision,
+                         batch_size=self.batch_size, seq_len=self.seq_len, grad_accum=self.grad_accum,
+                         gradient_checkpointing=self.gradient_checkpointing, attn_implementation=self.attn,
+                         freeze=self.freeze, optim_target_modules=_targets(self.optim), steps=STEPS, warmup=1,
+                         device="cpu", task=self.task)
 
 
 @dataclass
@@ -172,10 +184,7 @@ def harness_bytes(case: Case) -> int:
 def predict(case: Case) -> tuple[int, dict[str, int]]:
     from estimators import estimate
 
-    est = estimate(case.model, case.optim, dtype=case.dtype, batch_size=case.batch_size, seq_len=case.seq_len,
-                   optim_target_modules=_targets(case.optim), gradient_checkpointing=case.gradient_checkpointing,
-                   mixed_precision=case.mixed_precision, grad_accum=case.grad_accum, device="cpu",
-                   attn_implementation=case.attn, freeze=case.freeze, task=case.task)
+    est = estimate(case.config())
     extra = harness_bytes(case)
     phases = {k: v["peak"] + extra for k, v in est.phases.items()}
     return est.bytes["peak"] + extra, phases
@@ -193,48 +202,12 @@ def _one_thread():
         torch.set_num_threads(old)
 
 
-@contextlib.contextmanager
-def _model_tweaks(case: Case):
-    """What the harness has no option for (the attention implementation, frozen parameters): applied to the
-    model the harness builds, in this process, for the duration of one run."""
-    import harness.scenario as scenario
-
-    if case.attn == "sdpa" and not case.freeze:
-        yield
-        return
-    original = scenario.build_model
-
-    def build_model(cfg):
-        import re
-
-        model = original(cfg)
-        if case.attn != "sdpa":
-            model.set_attn_implementation(case.attn)
-        if case.freeze:
-            rx = re.compile(case.freeze)
-            for name, p in model.named_parameters():
-                if rx.search(name):
-                    p.requires_grad_(False)
-        return model
-
-    scenario.build_model = build_model
-    try:
-        yield
-    finally:
-        scenario.build_model = original
-
-
 def measure(case: Case) -> dict:
     """One harness run (in this process); the worker's payload."""
     from harness.launcher import run_in_process
-    from harness.scenario import RunConfig
 
-    cfg = RunConfig(optim=case.optim, model=case.model, dtype=case.dtype, mixed_precision=case.mixed_precision,
-                    batch_size=case.batch_size, seq_len=case.seq_len, grad_accum=case.grad_accum,
-                    gradient_checkpointing=case.gradient_checkpointing, optim_target_modules=_targets(case.optim),
-                    steps=STEPS, warmup=1, device="cpu", extra={"task": case.task} if case.task else {})
-    with _one_thread(), _model_tweaks(case), _frozen_gc():
-        return run_in_process(cfg, track_tensors=True).payload
+    with _one_thread(), _frozen_gc():
+        return run_in_process(case.config(), track_tensors=True).payload
 
 
 @contextlib.contextmanager
@@ -376,7 +349,7 @@ def render(results: list[Result], facts: dict, command: str, seconds: float) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m estimators.validate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m harness.validate", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="write the Markdown error table here")
     p.add_argument("--json", default=None, help="write every case's figures here as JSON")
     p.add_argument("--quick", action="store_true", help="a small matrix (a few optimizers, one shape)")
@@ -418,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{_pct(r.worst_phase[1]):>9s}  ({r.seconds:.1f} s)" if r.status == "ok" else
               f"ERR {case.label}: {r.reason}", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - t0
-    command = "python -m estimators.validate" + (" --quick" if args.quick else "") + \
+    command = "python -m harness.validate" + (" --quick" if args.quick else "") + \
         (" --no-settings" if args.no_settings else "") + (" --families" if args.families else "") + \
         (" --no-families" if args.no_families else "") + \
         "".join(f" --optim {o}" for o in (args.optim or [])) + "".join(f" --model {m}" for m in (args.model or [])) + \

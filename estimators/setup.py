@@ -1,0 +1,354 @@
+"""The training setup: everything that shapes a Trainer run's memory, in one frozen, validated value.
+
+A :class:`TrainingSetup` is what the estimator predicts for, what ``bench run`` trains (the harness's run
+configuration extends it with run-only fields), what the planner varies and what a sweep lists. It is
+built and checked once, at the edge (the CLI, the public API, a record read back), and every later user
+takes it as it is:
+
+* one validation (:meth:`TrainingSetup.__post_init__`: types, ranges, names, optim_args against the
+  optimizer's spec, regexes, combinations the Trainer refuses), raising :class:`~estimators.errors.UserError`
+  with one line saying what was wrong and what would be right;
+* one ``to_dict`` / ``from_dict`` pair (records hold the flat dict; older records, which lack the newer
+  fields or kept some in ``extra``, read back with the defaults);
+* one table of command-line flags (:data:`CLI`; ``harness/commands/setup_args.py`` turns it into argparse
+  arguments for every command that takes a setup);
+* one constructor from a ``transformers.TrainingArguments`` (:meth:`TrainingSetup.from_training_arguments`).
+
+Adding a knob: one field here (with its :data:`CLI` entry), one validation line, and the code that uses it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .catalog import DEFAULT_MODEL
+from .errors import UserError
+from .inventory import TASK_CLASSES
+
+TASKS = tuple(TASK_CLASSES)
+"""Model heads a setup can train (``estimators.inventory.TASK_CLASSES``): ``causal-lm``, the default, builds the
+class the config names (else a causal LM, or a seq2seq LM for an encoder-decoder); the others build
+``AutoModelForMaskedLM`` / ``AutoModelForSequenceClassification`` / ``AutoModelForSeq2SeqLM``."""
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+DEVICES = ("auto", "cuda", "cpu")
+"""``auto``: CUDA when there is one (the harness resolves it; the estimator predicts for CUDA)."""
+SHARDINGS = ("none", "ddp", "zero1", "zero2", "zero3", "fsdp")
+MIXED_PRECISIONS = (None, "bf16", "fp16")
+ALL_LINEAR = "all-linear"
+DEFAULT_TARGETS = ALL_LINEAR
+"""What GaLore/APOLLO project when no ``optim_target_modules`` are given by a command that fills a default."""
+
+_OFF = ("", "none", "no", "off", "false", "fp32", "float32")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How one setup field appears on the command line: the flag names, the argparse ``type`` (a
+    converter of one string), ``choices``, ``metavar`` and ``help``; ``switch`` for a boolean that takes no
+    value (``--gradient-checkpointing``); ``listed`` for a field whose one value is a list of strings
+    (``--optim-target-modules a b``)."""
+
+    names: tuple[str, ...]
+    help: str
+    type: Any = str
+    choices: tuple | None = None
+    metavar: str | None = None
+    switch: bool = False
+    listed: bool = False
+
+
+CLI: dict[str, Flag] = {
+    "model": Flag(("--model",), "catalog name or path to a config.json", metavar="MODEL"),
+    "task": Flag(("--task",), "the model head trained (default causal-lm: the config's own architecture)",
+                 choices=TASKS),
+    "dtype": Flag(("--dtype",), "dtype the parameters are stored in: fp32, bf16, fp16", metavar="DTYPE"),
+    "mixed_precision": Flag(("--mixed-precision",), "Trainer autocast: none, bf16 (TrainingArguments(bf16=True)) "
+                            "or fp16; the parameters stay in --dtype", metavar="{none,bf16,fp16}"),
+    "batch_size": Flag(("--batch-size",), "per-device batch size", int, metavar="B"),
+    "seq_len": Flag(("--seq-len",), "tokens per sample", int, metavar="S"),
+    "grad_accum": Flag(("--grad-accum",), "gradient accumulation steps", int, metavar="K"),
+    "gradient_checkpointing": Flag(("--gradient-checkpointing",), "the Trainer's gradient checkpointing "
+                                   "(non-reentrant, every layer)", switch=True),
+    "attn_implementation": Flag(("--attn-implementation",), "attention implementation (sdpa is what the Trainer "
+                                "gets)", choices=ATTN_IMPLEMENTATIONS),
+    "optim": Flag(("--optim",), "optimizer, as TrainingArguments(optim=...) takes it", metavar="NAME"),
+    "optim_args": Flag(("--optim-args",), "the Trainer's optim_args string, e.g. 'rank=16'", metavar="STR"),
+    "optim_target_modules": Flag(("--optim-target-modules",), "GaLore/APOLLO targets: names, regexes or "
+                                 "all-linear (default for those: all-linear)", metavar="REGEX", listed=True),
+    "freeze": Flag(("--freeze",), "freeze the parameters whose name matches this regex", metavar="REGEX"),
+    "num_processes": Flag(("--nproc", "--num-gpus"), "training processes / GPUs (data parallel)", int, metavar="N"),
+    "sharding": Flag(("--sharding",), "none (one process), ddp, zero1, zero2, zero3 (DeepSpeed), fsdp "
+                     "(FSDP2 full shard)", choices=SHARDINGS),
+    "device": Flag(("--device",), "training device: auto (CUDA if present), cuda or cpu", choices=DEVICES),
+}
+"""The command-line form of every field (the argparse ``dest`` is the field name)."""
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """One training configuration, as far as memory is concerned (see the module doc). Sizes are counts
+    (samples, tokens, steps); nothing here is in bytes.
+
+    ``model``: a catalog name or a config.json path (or its directory). ``task``: the head trained.
+    ``dtype``: the parameters' storage dtype; ``mixed_precision``: the Trainer's autocast (``bf16``/``fp16``,
+    None for none). ``batch_size``: per-device micro-batch; ``seq_len``: tokens per sample;
+    ``grad_accum``: micro-batches per optimizer step. ``gradient_checkpointing``: the Trainer's
+    non-reentrant checkpointing of every layer. ``attn_implementation``: ``sdpa`` or ``eager``.
+    ``optim`` / ``optim_args`` / ``optim_target_modules``: as ``TrainingArguments`` takes them (the name is
+    canonicalised; ``optim_args`` is checked against what the optimizer reads). ``freeze``: a regex of
+    parameter names that get no gradient. ``num_processes`` / ``sharding``: data-parallel processes and
+    how model states are split over them. ``device``: ``auto``, ``cuda`` or ``cpu``.
+    """
+
+    model: str = DEFAULT_MODEL
+    task: str = "causal-lm"
+    dtype: str = "fp32"
+    mixed_precision: str | None = None
+    batch_size: int = 1
+    seq_len: int = 512
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    optim: str = "adamw_torch"
+    optim_args: str | None = None
+    optim_target_modules: str | tuple[str, ...] | None = None
+    freeze: str | None = None
+    num_processes: int = 1
+    sharding: str = "none"
+    device: str = "auto"
+
+    # ------------------------------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        from .inventory import normalize_dtype
+        from .optimizers import get_spec, parse_optim_args
+
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        with _field("model"):
+            if not isinstance(self.model, str) or not self.model.strip():
+                raise UserError(f"model must be a catalog name or a path to a config.json, got {self.model!r}")
+        with _field("task"):
+            put("task", _choice("task", self.task, TASKS))
+        with _field("dtype"):
+            put("dtype", normalize_dtype(self.dtype))
+        with _field("mixed_precision"):
+            put("mixed_precision", _mixed_precision(self.mixed_precision))
+        for name in ("batch_size", "seq_len", "grad_accum", "num_processes"):
+            with _field(name):
+                _positive_int(name, getattr(self, name))
+        with _field("gradient_checkpointing"):
+            if not isinstance(self.gradient_checkpointing, bool):
+                raise UserError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+        with _field("attn_implementation"):
+            put("attn_implementation", _choice("attn_implementation", self.attn_implementation,
+                                               ATTN_IMPLEMENTATIONS))
+        with _field("optim"):
+            put("optim", get_spec(self.optim).name)
+        with _field("optim_args"):
+            raw = self.optim_args
+            if isinstance(raw, Mapping):
+                pairs = {str(k): str(v) for k, v in raw.items()}
+            elif isinstance(raw, (str, type(None))):
+                pairs = parse_optim_args(raw)
+            else:
+                raise UserError(f"optim_args must be a 'key=value,...' string or a mapping, got {raw!r}")
+            put("optim_args", ",".join(f"{k}={v}" for k, v in pairs.items()) or None)
+        with _field("optim_target_modules"):
+            put("optim_target_modules", _targets(self.optim_target_modules))
+        if self.freeze is not None:
+            with _field("freeze"):
+                put("freeze", _regex("freeze", self.freeze) or None)
+        with _field("sharding"):
+            put("sharding", _choice("sharding", self.sharding, SHARDINGS))
+            if self.sharding == "none" and self.num_processes > 1:
+                raise UserError(f"{self.num_processes} processes: num_processes > 1 needs a sharding scheme: ddp, "
+                                "zero1, zero2, zero3 or fsdp")
+        with _field("device"):
+            put("device", _choice("device", self.device, DEVICES))
+
+    def check_trainable(self) -> None:
+        """What the Trainer itself refuses for this setup, checked before anything is estimated or run: the
+        optimizer's ``optim_args`` (keys it does not read, values it cannot take), GaLore/APOLLO without
+        targets, layer-wise optimizers with gradient accumulation. The dataclass may hold such a setup (a test
+        can watch the Trainer refuse it); the estimator and the harness refuse it here, in one line."""
+        from .optimizers import get_spec, parse_optim_args
+
+        spec = get_spec(self.optim)
+        with _field("optim_args"):
+            spec.resolve_args(parse_optim_args(self.optim_args))
+        if spec.needs_target_modules and not self.optim_target_modules:
+            with _field("optim_target_modules"):
+                raise UserError(f"{spec.name} needs optim_target_modules (e.g. 'all-linear' or a regex such as "
+                                "'.*(attn|mlp).*'), as TrainingArguments does")
+        if spec.layerwise and self.grad_accum != 1:
+            with _field("grad_accum"):
+                raise UserError(f"{spec.name} does not support gradient accumulation (the Trainer raises "
+                                "'Layerwise ... does not support gradient accumulation!')")
+
+    # ------------------------------------------------------------------------------------------ derived
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype matmuls run in: the autocast dtype, else the storage dtype."""
+        return self.mixed_precision or self.dtype
+
+    @property
+    def sixteen_bit(self) -> bool:
+        return self.mixed_precision is not None or self.dtype in ("bf16", "fp16")
+
+    @property
+    def estimate_device(self) -> str:
+        """The device the estimator predicts for: ``auto`` counts as CUDA."""
+        return "cuda" if self.device == "auto" else self.device
+
+    def with_optimizer(self, optim: str, optim_args: str | Mapping | None = None,
+                       optim_target_modules: str | Sequence[str] | None = None, *,
+                       only_args_read: bool = True) -> TrainingSetup:
+        """This setup for another optimizer, as the commands that take several apply shared options:
+        ``optim_args`` (with ``only_args_read``, just the keys that optimizer reads; else all of them, so a
+        key it does not read is an error) and ``optim_target_modules`` (:data:`DEFAULT_TARGETS` where it needs
+        some and none are given), dropped where it takes none."""
+        from .optimizers import get_spec, parse_optim_args
+
+        spec = get_spec(optim)
+        if only_args_read:
+            pairs = parse_optim_args(optim_args) if isinstance(optim_args, (str, type(None))) else dict(optim_args)
+            optim_args = ",".join(f"{k}={v}" for k, v in pairs.items() if k in spec.arg_types) or None
+        targets = (optim_target_modules or DEFAULT_TARGETS) if spec.needs_target_modules else None
+        return replace(self, optim=spec.name, optim_args=optim_args, optim_target_modules=targets)
+
+    # ------------------------------------------------------------------------------------------ records
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types, field by field (target tuples as lists)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], **overrides: Any):
+        """A setup (or a subclass: the harness's run configuration) from :meth:`to_dict`'s form. Keys this
+        class does not know are ignored; fields that older records lack take their defaults, and the
+        attention implementation older records kept in ``extra`` is read from there."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in dict(data).items() if k in names}
+        extra = data.get("extra") or {}
+        if "attn_implementation" not in kw and isinstance(extra, Mapping) and extra.get("attn_implementation"):
+            kw["attn_implementation"] = extra["attn_implementation"]
+            if "extra" in names:
+                kw["extra"] = {k: v for k, v in extra.items() if k != "attn_implementation"}
+        kw.update(overrides)
+        return cls(**kw)
+
+    def setup(self) -> TrainingSetup:
+        """Just the training setup (a subclass's run-only fields left out)."""
+        if type(self) is TrainingSetup:
+            return self
+        return TrainingSetup(**{f.name: getattr(self, f.name) for f in fields(TrainingSetup)})
+
+    def non_default(self) -> dict[str, Any]:
+        """The fields that differ from their defaults (what identifies a setup beyond the defaults)."""
+        return {f.name: v for f, v in ((f, getattr(self, f.name)) for f in fields(self))
+                if f.default is dataclasses.MISSING or v != f.default}
+
+    # ------------------------------------------------------------------------------------------ transformers
+    @classmethod
+    def from_training_arguments(cls, args, *, model: str | None = None, seq_len: int | None = None, **overrides):
+        """The setup a ``transformers.TrainingArguments`` describes (optim, optim_args, optim_target_modules,
+        per-device batch, accumulation, bf16/fp16, gradient checkpointing, the device it trains on), for
+        ``model`` at ``seq_len`` tokens per sample; ``overrides`` win."""
+        optim = getattr(args.optim, "value", args.optim)
+        mp = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else None
+        kw: dict[str, Any] = dict(
+            optim=str(optim), optim_args=args.optim_args or None,
+            optim_target_modules=args.optim_target_modules,
+            batch_size=int(args.per_device_train_batch_size), grad_accum=int(args.gradient_accumulation_steps),
+            mixed_precision=mp, gradient_checkpointing=bool(args.gradient_checkpointing),
+            device="cpu" if getattr(args, "use_cpu", False) else "auto")
+        if model is not None:
+            kw["model"] = model
+        if seq_len is not None:
+            kw["seq_len"] = seq_len
+        kw.update(overrides)
+        return cls(**kw)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+class SetupError(UserError):
+    """A setup field with a bad value: ``field`` names it (the command line names its flag instead)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+class _field:
+    """``with _field(name):`` -- a UserError raised inside becomes a :class:`SetupError` naming ``name``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, UserError) and not isinstance(exc, SetupError):
+            raise SetupError(str(exc), self.name) from None
+        return False
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> str:
+    key = str(value).strip().lower() if isinstance(value, str) else value
+    if key not in allowed:
+        raise UserError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+    return key
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{name} must be a positive integer (at least 1), got {value!r}")
+
+
+def _mixed_precision(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in _OFF):
+        return None
+    key = str(value).replace("torch.", "").strip().lower()
+    key = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16"}.get(key, key)
+    if key not in ("bf16", "fp16"):
+        raise UserError(f"unknown dtype {value!r} for mixed precision: use none, bf16 or fp16")
+    return key
+
+
+def _regex(name: str, text: Any) -> str:
+    if not isinstance(text, str):
+        raise UserError(f"{name} must be a regular expression (a string), got {text!r}")
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise UserError(f"bad {name} regex {text!r}: {exc}") from None
+    return text
+
+
+def _targets(value: Any) -> str | tuple[str, ...] | None:
+    """``optim_target_modules`` as the Trainer takes it: a string (a regex, or ``all-linear``) or a list of
+    names/regexes (a one-element list is its string)."""
+    if value in (None, "", [], ()):
+        return None
+    if isinstance(value, str):
+        items = [value]
+    elif isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        items = list(value)
+    else:
+        raise UserError(f"optim_target_modules must be a string or a list of strings, got {value!r}")
+    for item in items:
+        if item.replace("_", "-") != ALL_LINEAR:
+            _regex("optim_target_modules", item)
+    return items[0] if len(items) == 1 else tuple(items)
+
+
+__all__ = ["ALL_LINEAR", "ATTN_IMPLEMENTATIONS", "CLI", "DEFAULT_TARGETS", "DEVICES", "Flag", "MIXED_PRECISIONS",
+           "SHARDINGS", "SetupError", "TASKS", "TrainingSetup"]
