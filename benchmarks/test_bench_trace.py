@@ -60,23 +60,27 @@ def test_warm_estimate_any_shape(benchmark):
     benchmark(one)
 
 
-def test_plan_gpu_catalog(benchmark):
-    """``bench plan`` of an 8B model over the whole GPU catalog with its default optimizers, checkpointing
-    on and off (what ``bench plan --model meta-llama/Meta-Llama-3-8B --gpus all`` computes), traces cold."""
+def _plan_args(model: str):
+    from harness.cli import build_parser
+
+    return build_parser().parse_args(["plan", "--model", model, "--gpus", "all", "--no-calibrate"])
+
+
+def plan_catalog(model: str, cold: bool = True) -> dict:
+    """What ``bench plan --model MODEL --gpus all --no-calibrate`` computes (its default optimizers,
+    checkpointing searched on and off, every catalog GPU), with the trace caches emptied first when ``cold``."""
     from estimators import planner as P
+    from harness.commands.plan import build_plan
 
-    _warm_imports(BIG["8b"])
-    gpus = list(P.load_gpus().values())
-
-    def plan():
+    if cold:
         _forget_traces()
         P._step_memory_cached.cache_clear()
-        rows = []
-        for optim in P.DEFAULT_OPTIMS:
-            setup = P.Setup(model=BIG["8b"], optim=optim)  # bench plan's defaults: fp32 + bf16 autocast, seq 2048
-            for gpu in gpus:
-                rows.append(P.plan_one(setup, gpu, checkpointing="auto"))
-        return rows
+    return build_plan(_plan_args(model))
 
-    rows = benchmark.pedantic(plan, rounds=2, iterations=1)
-    benchmark.extra_info["rows"] = len(rows)
+
+def test_plan_gpu_catalog(benchmark):
+    """``bench plan`` of an 8B model over the whole GPU catalog, traces cold (run the same function on the commit
+    before the tracer for the 2x comparison)."""
+    _warm_imports(BIG["8b"])
+    plan = benchmark.pedantic(plan_catalog, args=(BIG["8b"],), rounds=2, iterations=1)
+    benchmark.extra_info["rows"] = len(plan["rows"]) if isinstance(plan, dict) and "rows" in plan else None

@@ -94,26 +94,43 @@ class Param:
         self.grad: St | None = None
 
 
+class CandBlock:
+    """Many candidates at once, as arrays: ``tot`` (k, NB), ``cats`` (k, len(CATS), NB), ``count`` (k,) (what a
+    vectorized replay records between two markers)."""
+
+    __slots__ = ("tot", "cats", "count")
+
+    def __init__(self, tot, cats, count):
+        self.tot, self.cats, self.count = tot, cats, count
+
+
 class PhaseResult:
     """What one simulated phase saw: the live bytes at every local maximum, as ``(total, per-category)``
     vectors (categories in :data:`CATS` order; candidates that another dominates component-wise are
-    dropped), and the live bytes at its end (same form)."""
+    dropped), and the live bytes at its end (same form). ``candidates``: snapshots ``(total, per-category,
+    live allocations)`` and :class:`CandBlock` s."""
 
     __slots__ = ("tot", "cats", "count", "end")
 
     def __init__(self, candidates: list, end: tuple):
         import numpy as np
 
-        tot = np.array([c[0] for c in candidates], dtype=np.int64).reshape(-1, NB)
-        cats = np.array([c[1] for c in candidates], dtype=np.int64).reshape(-1, len(CATS), NB)
-        count = np.array([c[2] if len(c) > 2 else 0 for c in candidates], dtype=np.int64)
+        snaps = [c for c in candidates if not isinstance(c, CandBlock)]
+        blocks = [c for c in candidates if isinstance(c, CandBlock)]
+        tot = np.array([c[0] for c in snaps], dtype=np.int64).reshape(-1, NB)
+        cats = np.array([c[1] for c in snaps], dtype=np.int64).reshape(-1, len(CATS), NB)
+        count = np.array([c[2] if len(c) > 2 else 0 for c in snaps], dtype=np.int64)
+        if blocks:
+            tot = np.concatenate([tot] + [b.tot for b in blocks])
+            cats = np.concatenate([cats] + [b.cats for b in blocks])
+            count = np.concatenate([count] + [b.count for b in blocks])
         self.tot, self.cats, self.count = _prune(tot, cats, count)
         self.end = end
 
     @property
     def candidates(self) -> list:
-        return [(tuple(int(x) for x in t), tuple(tuple(int(x) for x in c) for c in cs))
-                for t, cs in zip(self.tot, self.cats)]
+        """The kept candidates (one :class:`CandBlock`), to merge into another phase's."""
+        return [CandBlock(self.tot, self.cats, self.count)]
 
     def peak(self, b: int, s: int) -> tuple[int, tuple]:
         """``(peak bytes, (total, per-category) at the peak)`` for batch ``b`` and sequence ``s``."""
@@ -262,5 +279,5 @@ class Sim:
         return tuple(self.live_cat[cat])
 
 
-__all__ = ["BASIS", "CATS", "NB", "Param", "PhaseResult", "Sim", "St", "Var", "ZERO", "basis", "vadd", "veval",
+__all__ = ["BASIS", "CATS", "CandBlock", "NB", "Param", "PhaseResult", "Sim", "St", "Var", "ZERO", "basis", "vadd", "veval",
            "vec", "vmul", "vsub"]

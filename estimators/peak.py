@@ -13,6 +13,7 @@ optimizer step) and ``other``.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .memsim import CATS, PhaseResult, veval
@@ -108,12 +109,19 @@ class PhaseModel:
         out = dict(res)
         if self.inside:  # the simulation itself creates the per-parameter state (inside the step-0 backward)
             return out, dict.fromkeys(PHASES, self.state_init)
-        grads = {r.name: r.nbytes for r in inv.rows if r.trainable}
-        out.update(simulate_step(step, grads, _without_grads(res["step0.backward"].end),
-                                 _without_grads(res["steady.backward"].end)))
+        grads = tuple((r.name, r.nbytes) for r in inv.rows if r.trainable)
+        out.update(_step_sim(step, grads, _without_grads(res["step0.backward"].end),
+                             _without_grads(res["steady.backward"].end)))
         init, total = self.state_init, self.state_total
         return out, {"step0.forward": init, "step0.backward": init, "step0.optimizer_step": init,
                      "steady.forward": total, "steady.backward": total, "steady.optimizer_step": init}
+
+
+@functools.lru_cache(maxsize=1024)
+def _step_sim(step: StepModel, grads: tuple, base0: tuple, base1: tuple) -> dict[str, PhaseResult]:
+    """The optimizer-step phases on top of a backward's end state (cached: regions of batch shapes whose
+    backward ends alike share them)."""
+    return simulate_step(step, dict(grads), base0, base1)
 
 
 _FB_CACHE: dict = {}

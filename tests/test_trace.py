@@ -156,3 +156,60 @@ def test_pruning_never_drops_a_peak():
             x = basis(b, s)
             best = max(sum(a * c for a, c in zip(t[0], x)) for t in cands)
             assert r.peak(b, s)[0] == best
+
+
+def _replay_event_by_event(sim, log, params, on_mark):
+    """The definition the vectorized replay must equal: every event through the simulator's own methods."""
+    from estimators.trace.events import ALLOC, FREE, GRAD
+    from estimators.trace.step import PRE_ACC
+
+    sts = [None] * log.n_alloc
+    sizes = [tuple(int(x) for x in row) for row in log.sizes.tolist()]
+    ai = 0
+    for k, a, b in zip(log.kind.tolist(), log.a.tolist(), log.b.tolist()):
+        if k == ALLOC:
+            sts[a] = sim.alloc(sizes[ai])
+            ai += 1
+        elif k == FREE:
+            if sts[a] is not None:
+                st, sts[a] = sts[a], None
+                sim.decref(st)
+        elif k == GRAD:
+            p = params[a]
+            if b >= 0:
+                st, sts[b] = sts[b], None
+                sim.recat(st, "grad")
+                p.grad = st
+            if "post_accumulate" in sim.hooks:
+                sim.hooks["post_accumulate"](sim, p)
+        elif a == PRE_ACC:
+            if "pre_accumulate" in sim.hooks and params[b] is not None:
+                sim.hooks["pre_accumulate"](sim, params[b])
+        else:
+            on_mark(a, b)
+
+
+def test_vectorized_replay_equals_the_event_by_event_replay(monkeypatch):
+    """Every phase's peak and breakdown from the vectorized replay equal the event-by-event replay's: for
+    checkpointing + accumulation, autocast, a frozen embedding with a classification head, LOMO (a hook before
+    each gradient) and a layer-wise optimizer (a step after each)."""
+    import estimators.peak as peak
+    import estimators.phases as phases
+    from estimators.estimate import _phase_model
+
+    cases = [("tiny-llama", "adamw_torch", {"gradient_checkpointing": True, "grad_accum": 2}),
+             ("tiny-t5", "adamw_torch", {"mixed_precision": "bf16"}),
+             ("tiny-bert", "adamw_torch", {"task": "sequence-classification", "freeze": "embeddings"}),
+             ("tiny-gemma2", "lomo", {"dtype": "bf16"}),
+             ("tiny-qwen3", "galore_adamw_layerwise", {"optim_target_modules": "all-linear", "gradient_checkpointing": True})]
+
+    def run():
+        peak._FB_CACHE.clear()
+        _phase_model.cache_clear()
+        return [estimate(m, o, batch_size=3, seq_len=100, device="cpu", **kw).phases for m, o, kw in cases]
+
+    fast = run()
+    import estimators.trace.replay as rp
+
+    monkeypatch.setattr(rp, "replay", _replay_event_by_event)
+    assert run() == fast

@@ -59,9 +59,44 @@ def _grouped_mm(func, args, kwargs):
     return torch.empty(shape, dtype=dtype, device=META)
 
 
+def _scalar_as_tensor(tensor_op):
+    """``op.Scalar(x, s)`` as ``op.Tensor(x, tensor(s))``: the same output (a 0-dim tensor ranks below a
+    dimensioned one in type promotion, as a Python scalar does) from the Tensor overload's C++ meta kernel,
+    where the Scalar overload only has a slow Python one."""
+
+    def rule(func, args, kwargs):
+        x, other = args[0], args[1]
+        return tensor_op(x, torch.tensor(other), *args[2:], **kwargs)
+
+    return rule
+
+
+def _unsafe_view(func, args, kwargs):
+    """``_unsafe_view``: a view of its input's storage (what the CPU kernel returns), via ``view``'s C++ meta."""
+    try:
+        return aten.view.default(*args, **kwargs)
+    except RuntimeError:
+        from .meta_kernels import python_metas
+
+        return python_metas()[func](*args, **kwargs)
+
+
+def _slice_backward(func, args, kwargs):
+    """``slice_backward(grad, input_sizes, ...)``: ``grad.new_zeros(input_sizes)`` (contiguous), then the
+    slice of it is written."""
+    grad, sizes = args[0], args[1]
+    return torch.empty(sizes, dtype=grad.dtype, device=META)
+
+
 def install() -> None:
     register_rule(aten.native_layer_norm.default, _layer_norm)
     register_rule(aten._grouped_mm.default, _grouped_mm)
+    # speed only (same outputs as the Python meta functions, from C++ kernels)
+    for name in ("mul", "div", "add", "sub"):
+        register_rule(getattr(aten, name).Scalar, _scalar_as_tensor(getattr(aten, name).Tensor))
+        register_rule(getattr(aten, name + "_").Scalar, _scalar_as_tensor(getattr(aten, name + "_").Tensor))
+    register_rule(aten._unsafe_view.default, _unsafe_view)
+    register_rule(aten.slice_backward.default, _slice_backward)
 
 
 __all__ = ["install"]

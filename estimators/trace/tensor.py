@@ -33,8 +33,12 @@ DATA_DEPENDENT = frozenset({"aten.nonzero.default", "aten.masked_select.default"
                             "aten.unique_consecutive.default", "aten.unique_dim.default", "aten.bincount.default",
                             "aten.repeat_interleave.Tensor", "aten.argwhere.default"})
 """Ops whose output shape (or value) needs the input's values."""
-SHADOW_LIMIT = 1 << 24
-"""Largest shadow (elements) computed for a parameter-free tensor; bigger ones carry no values."""
+SHADOW_LIMIT = 1 << 20
+"""Largest shadow (elements) computed for a parameter-free tensor; bigger ones carry no values (a batch's
+masks and positions are far smaller)."""
+NO_VALUES = frozenset({"aten.empty.memory_format", "aten.empty_like.default", "aten.empty_strided.default",
+                       "aten.new_empty.default", "aten.new_empty_strided.default"})
+"""Factories whose values are undefined: their outputs get no shadow."""
 
 
 class TraceError(Exception):
@@ -150,7 +154,7 @@ def set_recorder(rec: Recorder | None) -> Recorder | None:
 def register_rule(op, fn: OpRule) -> None:
     """Compute ``op`` on meta tensors with ``fn(op, meta_args, meta_kwargs)`` instead of its meta kernel."""
     _RULES[op] = fn
-    _INFO.pop(op, None)
+    _INFO.pop(id(op), None)
 
 
 class _OpInfo:
@@ -159,10 +163,11 @@ class _OpInfo:
     argument (``writes``: the argument indices), whether a return may be an argument itself (in-place, out=),
     and how to compute it on meta tensors (``kernel``)."""
 
-    __slots__ = ("allocates", "writes", "returns_input", "kernel", "name")
+    __slots__ = ("allocates", "writes", "returns_input", "kernel", "name", "values")
 
     def __init__(self, func):
         self.name = str(func)
+        self.values = self.name not in NO_VALUES
         try:
             schema = func._schema
             returns = schema.returns
@@ -226,11 +231,11 @@ def _meta_of(r: torch.Tensor) -> torch.Tensor:
 
 
 def _dispatch(func, args: tuple, kwargs: dict):
-    info = _INFO.get(func)
+    info = _INFO.get(id(func))  # OpOverloads are singletons; their __hash__ is Python code
     if info is None:
-        info = _INFO[func] = _OpInfo(func)
+        info = _INFO[id(func)] = _OpInfo(func)
     # unwrap (inlined for the common argument types: this runs once per aten op)
-    can_shadow = True
+    can_shadow = info.values
     margs = []
     for a in args:
         t = type(a)
