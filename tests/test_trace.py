@@ -94,12 +94,14 @@ def test_fit_equals_a_direct_trace_at_a_large_shape():
     assert nbytes.sum() > 10 * 2**30
 
 
-def test_window_regions_fit_and_batch_one_is_its_own_region():
-    """Gemma 2 (sliding window 48): below, at and above the window, and batch 1, each fitted region gives a
-    direct trace's sizes."""
-    source, setting = resolve("tiny-gemma2"), TraceSetting()
+@pytest.mark.parametrize("model,shapes", [("tiny-gemma2", ((3, 40), (5, 48), (1, 200), (6, 333))),
+                                          ("tiny-llama", ((1, 300), (1, 1001)))])
+def test_window_regions_fit_and_batch_one_is_its_own_region(model, shapes):
+    """Gemma 2 (sliding window 48): below, at and above the window, and batch 1; Llama at batch 1 (derived from
+    the batches-from-2 region with one trace): each region gives a direct trace's sizes."""
+    source, setting = resolve(model), TraceSetting()
     assert s_bounds((48,), 30) == (2, 47) and s_bounds((48,), 48) == (48, 48) and s_bounds((48,), 300) == (49, None)
-    for b, s in ((3, 40), (5, 48), (1, 200), (6, 333)):
+    for b, s in shapes:
         region = step_trace(source, setting, b, s).region(b, s)
         assert region.contains(b, s)
         with cpp_meta_kernels():
@@ -139,7 +141,7 @@ def test_heads_and_families_estimate_without_notes():
     for model in ("tiny-falcon", "tiny-gpt-neox", "tiny-starcoder2"):
         e = estimate(model, "sgd", batch_size=2, seq_len=64, device="cpu")
         assert not e.notes and e.bytes["peak"] > e.bytes["weights"]
-    with pytest.raises(UserError, match="unknown task"):
+    with pytest.raises(UserError, match="task must be one of causal-lm, masked-lm"):
         estimate("tiny-bert", "sgd", task="token-classification")
 
 

@@ -13,14 +13,18 @@ torch and transformers versions and the setting.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from ..catalog import ModelSource
 from ..errors import UserError
+from ..memsim import NB, basis
 from .events import EventLog, FitError, fit_logs, from_events
 from .model import build_traced_model
 from .step import StepHooks, make_batch, micro_step, num_items, wrap_autocast
@@ -227,8 +231,10 @@ class _Tracer:
 
 
 def trace_region(source: ModelSource, setting: TraceSetting, b: int, s: int, accum: bool,
-                 tracer: _Tracer | None = None) -> tuple[Region, _Tracer]:
-    """Trace and fit the region holding ``(b, s)`` (see :class:`_Plan`)."""
+                 tracer: _Tracer | None = None, wider: Region | None = None) -> tuple[Region, _Tracer]:
+    """Trace and fit the region holding ``(b, s)`` (see :class:`_Plan`). ``wider``: for batch 1, the fitted
+    region of batches from 2 at the same sequence lengths -- then one trace at batch 1 usually suffices
+    (:func:`_derive_batch_one`)."""
     from .meta_kernels import cpp_meta_kernels
 
     tracer = tracer or _Tracer(source, setting)
@@ -246,8 +252,15 @@ def trace_region(source: ModelSource, setting: TraceSetting, b: int, s: int, acc
 
     name = source.name
     try:
-        trace(plan.shape_points + (plan.check,))
-        logs = [_fit(traced, plan, which, name, trace) for which in range(2 if accum else 1)]
+        with _no_cyclic_gc():
+            logs = None
+            if b_lo == 1 and wider is not None:
+                pt = (1, _plan(2, s_lo, s_hi).check[1])  # an odd length: sizes coincide less by chance
+                trace((pt,))
+                logs = _derive_batch_one(wider, traced[pt], pt, accum)
+            if logs is None:
+                trace(plan.shape_points + (plan.check,))
+                logs = [_fit(traced, plan, which, name, trace) for which in range(2 if accum else 1)]
     except TraceError as exc:
         raise UserError(f"cannot trace {name}: {exc.op} ({exc.reason})") from None
     first = logs[0]
@@ -255,6 +268,53 @@ def trace_region(source: ModelSource, setting: TraceSetting, b: int, s: int, acc
         raise UserError(f"cannot trace {name}: its training step keeps {len(first.survivors)} tensors alive from one "
                         "step to the next (a cache in the model)")
     return Region(b_lo, b_hi, s_lo, s_hi, first, logs[1] if accum else None), tracer
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """No cyclic garbage collection while tracing: frees come from reference counts (a collection adds nothing
+    to a trace whose storages are in no cycle -- the test against real runs says so) and the collector's passes
+    over the event logs would cost a quarter of the trace."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+LOOKAHEAD = 64
+"""How far the batch-1 alignment looks for an allocation the batch-1 step skips."""
+
+
+def _derive_batch_one(wider: Region, traced: tuple, pt: tuple[int, int], accum: bool) -> list[EventLog] | None:
+    """The batch-1 logs from one trace at batch 1 and the fitted logs of batches from 2 (None when that does not
+    work out). A batch of one runs the same ops minus a few copies (a ``(1, S)`` slice is already contiguous, so
+    ``.contiguous()`` copies nothing): when the batch-1 trace's allocations are the wider log's in order with
+    some left out, each one's size at ``pt`` matching the wider polynomial, the batch-1 log keeps its own events
+    and takes those polynomials for its sizes."""
+    out = []
+    for which, fitted in enumerate((wider.first, wider.accum) if accum else (wider.first,)):
+        if fitted is None:
+            return None
+        log, nbytes, shapes = traced[which]
+        at = fitted.sizes @ np.array(basis(*pt), dtype=np.int64)
+        rows = []
+        j = 0
+        for i in range(len(nbytes)):
+            k = j
+            while k < len(at) and k - j <= LOOKAHEAD and at[k] != nbytes[i]:
+                k += 1
+            if k >= len(at) or at[k] != nbytes[i]:
+                return None
+            rows.append(k)
+            j = k + 1
+        if len(at) - len(rows) > max(8, len(at) // 20):  # not "the same step minus a few copies"
+            return None
+        out.append(EventLog(log.kind, log.a, log.b, fitted.sizes[np.array(rows, dtype=np.int64)].reshape(-1, NB),
+                            log.survivors))
+    return out
 
 
 def _parsed(raw: list) -> tuple:
@@ -298,7 +358,11 @@ def step_trace(source: ModelSource, setting: TraceSetting, batch: int, seq: int,
     st = _CACHE.get(key)
     if st is not None and st.region(batch, seq, accum) is not None:
         return st
-    region, tracer = trace_region(source, setting, batch, seq, accum)
+    wider = None
+    if batch <= 1:  # batch 1 is derived from batches from 2 (one more trace instead of three)
+        st = step_trace(source, setting, 2, seq, accum)
+        wider = st.region(2, seq, accum)
+    region, tracer = trace_region(source, setting, batch, seq, accum, wider=wider)
     if st is None:
         facts = tracer.facts
         names = tuple(n for n, _ in tracer.model.named_parameters())
