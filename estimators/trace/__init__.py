@@ -1,7 +1,13 @@
-"""Whole-step memory by tracing the real model: see :mod:`estimators.trace.run` (the entry point,
-:func:`~estimators.trace.run.step_trace`), :mod:`~estimators.trace.tensor` (trace tensors and the event
-recorder), :mod:`~estimators.trace.step` (the Trainer's training step), :mod:`~estimators.trace.events` (event
-logs and their polynomial fit) and :mod:`~estimators.trace.replay` (replay on the simulator)."""
+"""Whole-step memory by tracing the real model (see the README's "How the estimate works").
+
+:mod:`~estimators.trace.run` is the entry point (:func:`~estimators.trace.run.step_trace`: trace a setting's
+region of shapes, fit, cache); :mod:`~estimators.trace.model` builds the model as the harness does;
+:mod:`~estimators.trace.step` runs the Trainer's training step; :mod:`~estimators.trace.tensor` holds the trace
+tensors, their dispatch and the storage recorder; :mod:`~estimators.trace.meta_kernels` picks torch's C++ meta
+kernels; :mod:`~estimators.trace.cpu_rules` / :mod:`~estimators.trace.cuda_rules` are the per-op rules where a
+meta kernel is not what the CPU (or CUDA) kernel allocates; :mod:`~estimators.trace.events` holds event logs
+and their polynomial fit; :mod:`~estimators.trace.replay` replays a log on the simulator.
+"""
 from . import cpu_rules
 
 cpu_rules.install()

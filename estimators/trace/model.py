@@ -8,7 +8,6 @@ attention implementation, frozen parameters, the Trainer's non-reentrant activat
 """
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 
@@ -105,12 +104,4 @@ def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, att
     return model, facts
 
 
-def frozen_names(param_names, pattern: str | None) -> tuple[str, ...]:
-    """Parameter names the ``--freeze`` regex matches (the harness freezes with ``re.search``)."""
-    if not pattern:
-        return ()
-    rx = re.compile(pattern)
-    return tuple(n for n in param_names if rx.search(n))
-
-
-__all__ = ["ModelFacts", "build_traced_model", "frozen_names"]
+__all__ = ["ModelFacts", "build_traced_model"]
