@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
@@ -64,6 +65,11 @@ class CudaConstants:
 def _table(path: str = str(CALIBRATION)) -> dict:
     with open(path) as fh:
         return json.load(fh)
+
+
+def calibrated_gpus(path: Path | str = CALIBRATION) -> list[str]:
+    """The device names (``torch.cuda.get_device_name()``) that have fitted constants."""
+    return sorted(_table(str(path)).get("gpus", {}))
 
 
 def constants(gpu: str | None = None, path: Path | str = CALIBRATION) -> CudaConstants:
@@ -100,7 +106,9 @@ def cuda_terms(mem, inv, state_sizes: tuple, gpu: str | None = None) -> dict:
     rounding = pr["weights"] + (pr["gradients"] if ph["gradients"] else 0) + \
         (pr["optimizer_state"] if ph["optimizer_state"] else 0) + (mem.allocations or {}).get(mem.peak_phase, 0) * BLOCK // 2
     allocated = mem.peak + rounding + c.cublas_workspace_bytes
-    reserved_over = int(allocated * c.reserved_fraction)
+    # a float product is exact enough below 2**53 bytes; above, Fraction keeps every digit of a huge shape's figure
+    reserved_over = int(allocated * c.reserved_fraction) if allocated < 1 << 53 else \
+        int(allocated * Fraction(c.reserved_fraction))
     reserved = allocated + reserved_over
     return {"rounding": rounding, "cublas_workspace": c.cublas_workspace_bytes, "peak_allocated": allocated,
             "reserved_overhead": reserved_over, "peak_reserved": reserved, "context": c.context_bytes,
@@ -108,4 +116,4 @@ def cuda_terms(mem, inv, state_sizes: tuple, gpu: str | None = None) -> dict:
             "calibration_runs": c.runs, "source": c.source}
 
 
-__all__ = ["BLOCK", "CALIBRATION", "CudaConstants", "constants", "cuda_terms", "persistent_rounding", "round_up"]
+__all__ = ["BLOCK", "CALIBRATION", "CudaConstants", "calibrated_gpus", "constants", "cuda_terms", "persistent_rounding", "round_up"]

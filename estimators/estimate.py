@@ -145,14 +145,18 @@ def _check_available(spec: OptimizerSpec) -> None:
         raise UserError(spec.reason)
 
 
-def estimate(model: str | Inventory | TrainingSetup, optim: str | None = None, *, gpu: str | None = None,
-             **setup_fields: Any) -> Estimate:
+def estimate(model: Any, optim: Any = None, *, gpu: str | None = None, **setup_fields: Any) -> Estimate:
     """Predict the bytes a Trainer run holds.
 
     ``model``: a :class:`~estimators.setup.TrainingSetup` (then ``setup_fields`` override its fields), or
-    a catalog name / config.json path (or its directory) / :class:`Inventory`, with ``optim`` and the
-    setup's other fields as keywords (``dtype``, ``optim_args``, ``optim_target_modules``, ``batch_size``,
-    ``seq_len``, ``freeze``, ``gradient_checkpointing``, ``mixed_precision``, ``grad_accum``, ``device``,
+    a model -- a catalog name, a config.json path (or its directory), a Hugging Face Hub id ``org/name[@rev]``,
+    an :class:`Inventory`, or the user's own ``PretrainedConfig``, ``PreTrainedModel`` or PEFT model (meta or
+    real: its own trainable set and dtypes count; see :mod:`estimators.user_objects`) -- with ``optim``: an
+    optimizer name, or the ``transformers.TrainingArguments`` the run will use (its optim, optim_args,
+    optim_target_modules, per-device batch, accumulation, bf16/fp16, gradient checkpointing, device, fsdp /
+    deepspeed and world size), so ``estimate(model, args, seq_len=2048)`` answers for what is about to be
+    trained. The setup's other fields go as keywords and win (``seq_len``, ``dtype``, ``optim_args``,
+    ``batch_size``, ``freeze``, ``gradient_checkpointing``, ``mixed_precision``, ``grad_accum``, ``device``,
     ``attn_implementation``...; see :class:`~estimators.setup.TrainingSetup` for their meaning). The
     estimator's defaults are the setup's (batch 1 x 512 tokens, fp32, no autocast, CUDA).
     ``gpu``: a ``torch.cuda.get_device_name()`` whose calibrated CUDA constants to use
@@ -165,6 +169,10 @@ def estimate(model: str | Inventory | TrainingSetup, optim: str | None = None, *
             setup_fields["optim"] = optim
         if setup_fields:
             setup = replace(setup, **setup_fields)
+    elif not isinstance(model, (str, Inventory)) or not isinstance(optim, (str, type(None))):
+        from .user_objects import setup_for
+
+        setup = setup_for(model, optim, **setup_fields)
     else:
         if isinstance(model, Inventory):
             inv, model = model, model.model
@@ -178,16 +186,25 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
     """:func:`estimate` for a validated setup (``inventory``: the model's, when the caller has it)."""
     spec = get_spec(setup.optim)
     _check_available(spec)
-    setup.check_trainable()
+    setup.check_trainable(inventory=inventory)
     device = setup.estimate_device
+    notes = []
+    if inventory is None:
+        from .catalog import resolve
+
+        source = resolve(setup.model)
+        if source.origin == "hub":
+            notes.append(source.describe())
     inv = (inventory if inventory is not None else build_inventory(setup.model, task=setup.task))
     inv = inv.with_dtype(setup.dtype).with_frozen(setup.freeze)
     setup = replace(setup, model=inv.model, device=device)
+    if setup.sharding != "none":
+        notes.append(f"one process, unsharded: for the per-GPU figures under {setup.sharding} on "
+                     f"{setup.num_processes} process(es) see estimators.planner.step_memory(setup, batch) or bench plan")
     args = spec.resolve_args(parse_optim_args(setup.optim_args))
     targets = _targets_key(setup.optim_target_modules) if spec.needs_target_modules else None
     args_key = tuple(sorted(args.items(), key=str))
     breakdown, total, n_targeted = _state(inv, spec.name, args_key, targets)
-    notes = []
     if not spec.keeps_gradients:
         # The update runs in each parameter's gradient hook, which then drops that gradient: one at a time.
         gradients = inv.largest_trainable_bytes

@@ -181,6 +181,12 @@ def model_class_for(config_dict: dict):
     return None
 
 
+def _exc_text(exc: BaseException, limit: int = 300) -> str:
+    """An exception from transformers as one line (its validators nest the cause on later lines)."""
+    text = " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def build_config(source: ModelSource):
     """A ``PretrainedConfig`` from a catalog entry or a config.json file."""
     from transformers import AutoConfig
@@ -202,9 +208,8 @@ def build_config(source: ModelSource):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return AutoConfig.for_model(model_type, **kwargs)
-    except (ValueError, KeyError, TypeError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{source.name} is not a usable transformers config ({msg}); "
+    except Exception as exc:  # noqa: BLE001 - the config class refused the user's values: say why, in one line
+        raise UserError(f"{source.name} is not a usable transformers config ({_exc_text(exc)}); "
                         "give a transformers config.json") from None
 
 
@@ -245,6 +250,9 @@ def model_class(source: ModelSource, task: str | None = None):
 def instantiate(source: ModelSource, *, device: str = "meta", dtype: str | None = None, task: str | None = None):
     """Construct the real transformers model for ``source`` (random init unless on the meta device), with the
     head ``task`` names (see :data:`TASK_CLASSES`; default: the config's own architecture)."""
+    from .model_check import check_model_config
+
+    check_model_config(source)  # sizes transformers would refuse or fail on, as data, before building anything
     import torch
 
     config = build_config(source)
@@ -255,11 +263,10 @@ def instantiate(source: ModelSource, *, device: str = "meta", dtype: str | None 
     try:
         with torch.device(device):
             model = cls.from_config(config) if cls.__name__.startswith("AutoModel") else cls(config)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - the modeling code refused the config: say why, in one line
         what = f" with a {task} head" if task else ""
-        raise UserError(f"cannot build a model from {source.name}{what} ({msg}); give a transformers config.json "
-                        "of a model class that transformers knows") from None
+        raise UserError(f"cannot build a model from {source.name}{what} ({_exc_text(exc)}); give a transformers "
+                        "config.json of a model class that transformers knows") from None
     finally:
         tlog.setLevel(old)
     if dtype is not None:
@@ -314,6 +321,13 @@ def _inventory_cached(name: str, path: str, digest: str, task: str | None = None
     return inventory_from_model(model, name=name, config_hash=digest, task=task)
 
 
+@functools.lru_cache(maxsize=64)
+def _inventory_of_memory(name: str) -> Inventory:
+    """The inventory of a registered in-memory config (built on the meta device, like a file's)."""
+    source = resolve(name)
+    return inventory_from_model(instantiate(source, device="meta"), name=name, config_hash=name.rsplit("#", 1)[-1])
+
+
 @functools.lru_cache(maxsize=256)
 def _digest(path: str, mtime_ns: int, size: int) -> str:
     from pathlib import Path
@@ -321,14 +335,21 @@ def _digest(path: str, mtime_ns: int, size: int) -> str:
     return hashlib.sha1(json.dumps(ModelSource(path, Path(path)).load(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_inventory(model: str, dtype: str = "fp32", task: str | None = None) -> Inventory:
-    """The parameter inventory of ``model`` (catalog name or config path), stored in ``dtype``, with the head
-    ``task`` names (default: the config's architecture).
+def build_inventory(model: str, dtype: str | None = None, task: str | None = None) -> Inventory:
+    """The parameter inventory of ``model`` (a catalog name, config path, Hub id or registered model object;
+    see :func:`estimators.catalog.resolve`), stored in ``dtype`` (None: as built -- fp32 for a config, a model
+    object's own dtypes, which may differ per parameter: PEFT keeps fp32 adapters beside a 16-bit base), with
+    the head ``task`` names (default: the config's architecture).
 
-    Cached per config content (a changed config file is rebuilt): a second call costs a stat and a lookup.
+    Cached per config content (a changed config file is rebuilt): a second call costs a stat and a lookup. A
+    registered model object's inventory is the one taken from the object (its own trainable set and dtypes).
     """
     source = resolve(model)
+    if source.path is None:
+        inv = source.inventory if source.inventory is not None else _inventory_of_memory(source.name)
+        return inv.with_dtype(dtype) if dtype else inv
     st = source.path.stat()
     digest = _digest(str(source.path), st.st_mtime_ns, st.st_size)
     task = None if check_task(task) == "causal-lm" else task
-    return _inventory_cached(source.name, str(source.path), digest, task).with_dtype(dtype)
+    inv = _inventory_cached(source.name, str(source.path), digest, task)
+    return inv.with_dtype(dtype) if dtype else inv

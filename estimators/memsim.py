@@ -27,6 +27,8 @@ _COUNTED = frozenset({"act", "tmp"})
 the CUDA allocator's per-allocation rounding); parameters, gradients and state are counted exactly from
 the inventory instead."""
 BASIS = ("1", "B", "S", "B*S", "S*S", "B*S*S")
+_INT64_SAFE = 1 << 62
+"""Below this, a sum of int64 products cannot wrap around (the bound :meth:`PhaseResult._exact` checks)."""
 Vec = tuple  # (c, b, s, bs, ss, bss)
 ZERO: Vec = (0, 0, 0, 0, 0, 0)
 
@@ -110,7 +112,7 @@ class PhaseResult:
     dropped), and the live bytes at its end (same form). ``candidates``: snapshots ``(total, per-category,
     live allocations)`` and :class:`CandBlock` s."""
 
-    __slots__ = ("tot", "cats", "count", "end")
+    __slots__ = ("tot", "cats", "count", "end", "_cmax", "_obj")
 
     def __init__(self, candidates: list, end: tuple):
         import numpy as np
@@ -134,21 +136,35 @@ class PhaseResult:
 
     def peak(self, b: int, s: int) -> tuple[int, tuple]:
         """``(peak bytes, (total, per-category) at the peak)`` for batch ``b`` and sequence ``s``."""
+        x = basis(b, s)
+        i = self.argmax(x)
+        return self.at(i, x)[0], (tuple(int(v) for v in self.tot[i]),
+                                  tuple(tuple(int(v) for v in c) for c in self.cats[i]))
+
+    def _exact(self, x):
+        """``(tot, cats, x)`` as arrays whose dot products are exact: int64 while no product or sum can pass
+        2**63, else Python integers (dtype object; slower, for shapes like a batch of 10**12)."""
         import numpy as np
 
-        x = np.array(basis(b, s), dtype=np.int64)
-        i = self.argmax(x)
-        return int(self.tot[i] @ x), (tuple(int(v) for v in self.tot[i]),
-                                      tuple(tuple(int(v) for v in c) for c in self.cats[i]))
+        xs = [int(v) for v in x]
+        if not hasattr(self, "_cmax"):
+            self._cmax = max(int(np.abs(self.tot).max(initial=0)), int(np.abs(self.cats).max(initial=0)))
+        if self._cmax * sum(abs(v) for v in xs) < _INT64_SAFE:
+            return self.tot, self.cats, np.array(xs, dtype=np.int64)
+        if not hasattr(self, "_obj"):
+            self._obj = (self.tot.astype(object), self.cats.astype(object))
+        return self._obj[0], self._obj[1], np.array(xs, dtype=object)
 
     def argmax(self, x) -> int:
-        """Index of the peak candidate for the basis values ``x`` (a numpy int64 vector)."""
-        return int((self.tot @ x).argmax())
+        """Index of the peak candidate for the basis values ``x`` (:func:`basis`: a tuple or a vector)."""
+        tot, _, xv = self._exact(x)
+        return int((tot @ xv).argmax())
 
     def at(self, i: int, x) -> tuple[int, list[int], int]:
         """(total, bytes per category, live activation/transient allocations) of candidate ``i`` for basis
         values ``x``."""
-        return int(self.tot[i] @ x), (self.cats[i] @ x).tolist(), int(self.count[i])
+        tot, cats, xv = self._exact(x)
+        return int(tot[i] @ xv), [int(v) for v in cats[i] @ xv], int(self.count[i])
 
 
 def _prune(tot, cats, count):

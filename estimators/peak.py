@@ -143,12 +143,10 @@ def _forward_backward(run: Run, region) -> dict[str, PhaseResult]:
 
 
 def evaluate(model: PhaseModel, b: int, s: int) -> StepMemory:
-    import numpy as np
-
     from .memsim import basis
 
     results, offsets = model.at(b, s)
-    x = np.array(basis(b, s), dtype=np.int64)
+    x = basis(b, s)  # Python ints: PhaseResult evaluates exactly, in int64 only where that cannot wrap
     phases: dict = {}
     counts: dict = {}
     best, best_phase = -1, None

@@ -79,6 +79,16 @@ MAX_BATCH = 4096
 
 ZERO3_SUB_GROUP = 1_000_000_000
 """DeepSpeed's default ``sub_group_size`` (elements): ZeRO-3 steps the optimizer one sub-group at a time."""
+ZERO3_MAX_LIVE = 1_000_000_000
+"""DeepSpeed's default ``stage3_max_live_parameters`` (elements): gathered parameters ZeRO-3 keeps before it
+releases any (with ``stage3_max_reuse_distance`` also 1e9, a model below it stays gathered once the first step
+has traced the module order: measured)."""
+ZERO_ALIGNMENT = 2
+"""DeepSpeed ZeRO-1/2 pads each flat parameter group to a multiple of ``2 x N`` elements
+(``nccl_start_alignment_factor``) before cutting it into ``N`` partitions."""
+ZERO3_PERSISTENCE = 10
+"""The Trainer's ``auto`` ``stage3_param_persistence_threshold``: ``10 x hidden`` elements; smaller
+parameters stay whole on every rank."""
 ZERO = ("zero1", "zero2", "zero3")
 
 DEFAULT_OPTIMS = ("adamw_torch_fused", "adamw_bnb_8bit", "adamw_torch_4bit", "adafactor", "lion_8bit",
@@ -133,6 +143,8 @@ class GPU:
 
 
 def _gpu_from_dict(d: Mapping[str, Any], where: str) -> GPU:
+    if not isinstance(d, Mapping):
+        raise UserError(f"{where}: a GPU entry must be a mapping (id, memory_gb, tflops...), got {d!r:.80}")
     try:
         gid = str(d["id"]).strip().lower()
         mem = float(d["memory_gb"]) if d.get("memory_gb") is not None else None
@@ -141,11 +153,30 @@ def _gpu_from_dict(d: Mapping[str, Any], where: str) -> GPU:
             raise KeyError("memory_gb")
         tflops = {str(k).lower(): (float(v) if v is not None else None) for k, v in (d.get("tflops") or {}).items()}
         ctx = float(d.get("context_gib", 0.5))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UserError(f"{where}: GPU entry {dict(d).get('id', '?')!r} is malformed ({exc!s}); each needs id, "
                         "memory_gb (or reported_gib) and tflops {bf16: ..., fp16: ..., fp32: ...}") from None
     if not any(tflops.values()):
         raise UserError(f"{where}: GPU {gid!r} gives no TFLOP/s figure (tflops: {{bf16: ..., fp16: ...}})")
+    if not gid:
+        raise UserError(f"{where}: a GPU entry has an empty id; give each GPU an id such as 'h100-sxm'")
+    checks = [("memory_gb", mem, False), ("reported_gib", reported, False), ("context_gib", ctx, True),
+              ("bandwidth_gbs", d.get("bandwidth_gbs"), False), ("usd_per_hour", d.get("usd_per_hour"), True),
+              *((f"tflops.{k}", v, True) for k, v in tflops.items())]
+    for key, value, zero_ok in checks:
+        if value is None:
+            continue
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            v = float("nan")
+        if isinstance(value, bool) or not (v >= 0 if zero_ok else v > 0) or v == float("inf"):
+            raise UserError(f"{where}: GPU {gid!r}: {key} must be a {'non-negative' if zero_ok else 'positive'} "
+                            f"finite number, got {value!r}")
+    total = float(reported) * GIB if reported is not None else mem * 1e9
+    if ctx * GIB >= total:
+        raise UserError(f"{where}: GPU {gid!r}: context_gib {ctx} leaves no memory of its "
+                        f"{total / GIB:.1f} GiB for tensors; give the CUDA context's size (about 0.5)")
     return GPU(id=gid, name=str(d.get("name") or gid), vendor=str(d.get("vendor") or ""),
                memory_gb=mem if mem is not None else float(reported) * GIB / 1e9,
                reported_bytes=int(float(reported) * GIB) if reported is not None else None,
@@ -161,7 +192,9 @@ def _gpu_from_dict(d: Mapping[str, Any], where: str) -> GPU:
 def _read_gpu_file(path: str | Path) -> list[Mapping[str, Any]]:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"GPU file {path} is not a JSON or YAML text file (byte {exc.start} is not UTF-8)") from None
     except OSError as exc:
         raise UserError(f"cannot read GPU file {path}: {exc.strerror or exc}") from None
     try:
@@ -260,6 +293,9 @@ class ModelFacts:
     decay_params: int
     no_decay_params: int
     autocast_cast_params: int = 0
+    fsdp_root_params: int = 0
+    """Parameters left to the root FSDP unit (not in a layer, the input embedding or the tail): GPT-2's
+    position embedding. The root is never resharded between forward and backward."""
     """Elements autocast casts and caches for the whole forward: the weights (and biases) of every matmul
     layer, a tied input embedding included (it is the output head's weight)."""
 
@@ -291,14 +327,17 @@ def model_facts(inv: Inventory) -> ModelFacts:
     for r in rows:
         per_module[r.module_name] = per_module.get(r.module_name, 0) + r.numel
     units: dict[str, int] = {}
+    vocab = cfg.get("vocab_size")
     for r in rows:
         m = _BLOCK.match(r.name)
         if m:
             key = m.group(1)
         elif r.in_embedding and r.tied:
             key = "head"  # an input embedding tied to the output head: accelerate puts both in the tail unit
+        elif (r.module_kind == "embedding" or r.in_embedding) and r.shape and r.shape[0] == vocab:
+            key = r.module_name or r.name  # the input embedding: its own unit
         elif r.module_kind == "embedding" or r.in_embedding:
-            key = r.module_name or r.name
+            key = "root"  # other embeddings (GPT-2's positions) stay with the root module
         elif len(r.shape) >= 2 and r.module_kind in ("linear", "conv1d"):
             key = "head"  # the output projection(s) and the final norm form accelerate's tail unit
         elif r.module_kind == "norm":
@@ -306,13 +345,14 @@ def model_facts(inv: Inventory) -> ModelFacts:
         else:
             key = "root"
         units[key] = units.get(key, 0) + r.numel
-    unit_name, unit_params = max(units.items(), key=lambda kv: kv[1]) if units else ("", 0)
+    root = units.pop("root", 0)
+    unit_name, unit_params = max(units.items(), key=lambda kv: kv[1]) if units else ("root", root)
     no_decay = sum(r.numel for r in trainable if r.module_kind == "norm" or r.name.endswith("bias"))
     return ModelFacts(num_params=inv.num_params, trainable_params=inv.trainable_params,
                       non_embedding_params=non_emb, layers=int(layers) if layers else None,
                       hidden=int(hidden) if hidden else None,
                       largest_module_params=max(per_module.values(), default=0),
-                      largest_unit_params=unit_params, largest_unit=unit_name,
+                      largest_unit_params=unit_params, largest_unit=unit_name, fsdp_root_params=root,
                       decay_params=inv.trainable_params - no_decay, no_decay_params=no_decay,
                       autocast_cast_params=sum(r.numel for r in rows if r.module_kind in ("linear", "conv1d")
                                                or (r.in_embedding and r.tied)))
@@ -325,6 +365,18 @@ def flops_per_token(facts: ModelFacts, seq_len: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- sharding
+FSDP2_FAILS: dict[str, str] = {
+    "bitsandbytes": "bitsandbytes' update kernels have no DTensor sharding strategy (NotImplementedError: Operator "
+                    "bitsandbytes.optimizer_update_32bit.default does not have a sharding strategy registered)",
+    "transformers.optimization.Adafactor": "transformers' Adafactor mixes its plain factored state with the "
+                                           "DTensor gradient (RuntimeError: aten.add_.Tensor got mixed "
+                                           "torch.Tensor and DTensor)",
+}
+"""Optimizers whose step fails on FSDP2's DTensor parameters (by package or class), with the error a real run
+raised (measured on CPU ranks: results/cpu-amd-epyc-2026-12-01-distributed.jsonl; DTensor dispatch is the same
+on GPUs)."""
+
+
 def sharding_support(optim: str, sharding: str, num_gpus: int) -> tuple[bool, str]:
     """``(allowed, reason)`` for running ``optim`` under ``sharding`` on ``num_gpus`` GPUs in the Trainer."""
     spec = get_spec(optim)
@@ -344,6 +396,10 @@ def sharding_support(optim: str, sharding: str, num_gpus: int) -> tuple[bool, st
         return False, (f"{optim} updates each parameter inside backward without all-reducing its gradient "
                        "(lomo_optim all-reduces only under DeepSpeed ZeRO-3): not data-parallel under "
                        f"{sharding}; use zero3 or one GPU")
+    if sharding == "fsdp":
+        why = FSDP2_FAILS.get(spec.cls) or FSDP2_FAILS.get(spec.import_name)
+        if why:
+            return False, f"{optim} cannot step FSDP2's DTensor parameters: {why}"
     if sharding in ZERO and spec.needs_target_modules:
         return False, (f"{optim} projects 2-D gradients; DeepSpeed ZeRO hands the optimizer flat 1-D "
                        "partitions and the projector indexes shape[1] (IndexError)")
@@ -351,17 +407,20 @@ def sharding_support(optim: str, sharding: str, num_gpus: int) -> tuple[bool, st
 
 
 def _flat_partition_state(inv: Inventory, optim: str, args: Mapping[str, Any], facts: ModelFacts,
-                          num_gpus: int, dtype: str) -> int:
-    """Optimizer-state bytes for DeepSpeed's flat partitions: one 1-D ``dtype`` tensor of ``group/N``
-    elements per parameter group (the Trainer's decay / no-decay groups), device-resident keys only."""
+                          num_gpus: int, dtype: str, sizes: Sequence[int] | None = None) -> int:
+    """Optimizer-state bytes for DeepSpeed's flat partitions: one 1-D ``dtype`` tensor per parameter group
+    (the Trainer's decay / no-decay groups) of ``sizes`` elements (default ``group/N``), device-resident keys
+    only. DeepSpeed's master partition is fp32 whatever the training dtype."""
     spec = get_spec(optim)
     if spec.state_location == "host":
         return 0
     total = 0
-    for i, numel in enumerate((facts.decay_params, facts.no_decay_params)):
+    if sizes is None:
+        sizes = [math.ceil(x / num_gpus) for x in (facts.decay_params, facts.no_decay_params) if x > 0]
+    for i, numel in enumerate(sizes):
         if numel <= 0:
             continue
-        row = ParamRow(name=f"flat_partition_{i}", shape=(math.ceil(numel / num_gpus),), dtype=dtype,
+        row = ParamRow(name=f"flat_partition_{i}", shape=(int(numel),), dtype=dtype,
                        trainable=True, module_kind="other", module_name="", module_class="FlatPartition")
         for key, nbytes in spec.param_state(ParamCtx(row, args, False)).items():
             if key not in spec.host_keys:
@@ -371,55 +430,166 @@ def _flat_partition_state(inv: Inventory, optim: str, args: Mapping[str, Any], f
     return total
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """Per-rank element counts of one model under one scheme on ``N`` ranks, from the parameter inventory
+    (how the engines cut the real parameter list, padding included).
+
+    ``local_params``: parameter elements a rank stores between steps (ZeRO-1/2: the whole padded flat
+    groups; ZeRO-3: its partition of every parameter plus the persistent ones whole; FSDP2: its dim-0 shard of
+    every parameter, dim 0 padded to a multiple of ``N``). ``local_trainable``: elements of its master /
+    gradient partition. ``grad_storage``: per rank, gradient elements held at the optimizer step (ZeRO-1/2:
+    the partition is a list of views of the parameters' gradients, so a parameter straddling a partition
+    edge keeps its whole gradient alive on both ranks; the last rank's padding is a zero tensor of its own).
+    ``persistent``: ZeRO-3 parameters below the persistence threshold (whole on every rank). ``bucket``:
+    ZeRO-3's reduction bucket (``reduce_bucket_size`` = hidden², the Trainer's ``auto``). ``gathered``:
+    parameters gathered at once in forward/backward (ZeRO-3: those not persistent, at most
+    :data:`ZERO3_MAX_LIVE`; FSDP2: the largest unit)."""
+
+    local_params: int
+    local_trainable: int
+    grad_storage: tuple[int, ...]
+    persistent: int = 0
+    bucket: int = 0
+    gathered: int = 0
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+def _decay_groups(inv: Inventory) -> list[list[ParamRow]]:
+    """The Trainer's two parameter groups (weight decay, then none: norms and biases), in model order."""
+    rows = [r for r in inv.rows if r.trainable]
+    no_decay = [r for r in rows if r.module_kind == "norm" or r.name.endswith("bias")]
+    ids = {id(r) for r in no_decay}
+    return [g for g in ([r for r in rows if id(r) not in ids], no_decay) if g]
+
+
+def shard_layout(inv: Inventory, facts: ModelFacts, sharding: str, n: int) -> ShardLayout | None:
+    """The :class:`ShardLayout` of ``inv`` under ``sharding`` on ``n`` ranks (None for none/ddp)."""
+    n = max(int(n), 1)
+    frozen = sum(r.numel for r in inv.rows if not r.trainable)
+    if sharding in ("zero1", "zero2"):
+        local, part_total = frozen, 0
+        storage = [0] * n
+        for group in _decay_groups(inv):
+            total = sum(r.numel for r in group)
+            padded = _ceil_div(total, ZERO_ALIGNMENT * n) * ZERO_ALIGNMENT * n
+            part = padded // n
+            local += padded
+            part_total += part
+            starts, offset = [], 0
+            for r in group:
+                starts.append((offset, offset + r.numel))
+                offset += r.numel
+            for rank in range(n):
+                lo, hi = rank * part, (rank + 1) * part
+                storage[rank] += sum(e - b for b, e in starts if b < hi and e > lo)  # whole gradients
+                storage[rank] += max(0, min(hi, padded) - max(lo, total))  # the zero padding
+        return ShardLayout(local, part_total, tuple(storage))
+    if sharding == "zero3":
+        threshold = ZERO3_PERSISTENCE * (facts.hidden or 0)
+        rows = inv.rows
+        parts = sum(_ceil_div(r.numel, n) for r in rows)
+        persistent = sum(r.numel for r in rows if r.numel < threshold)
+        trainable = sum(_ceil_div(r.numel, n) for r in rows if r.trainable)
+        gathered = min(sum(r.numel for r in rows if r.numel >= threshold), ZERO3_MAX_LIVE)
+        return ShardLayout(parts + persistent, trainable, (trainable,) * n, persistent=persistent,
+                           bucket=(facts.hidden or 0) ** 2, gathered=gathered)
+    if sharding == "fsdp":
+        def shard(r: ParamRow) -> int:
+            if not r.shape:
+                return _ceil_div(1, n)
+            rest = math.prod(r.shape[1:])
+            return _ceil_div(r.shape[0], n) * rest
+
+        local = sum(shard(r) for r in inv.rows)
+        trainable = sum(shard(r) for r in inv.rows if r.trainable)
+        # the root unit stays gathered through forward and backward, beside the largest other unit
+        return ShardLayout(local, trainable, (trainable,) * n,
+                           gathered=facts.largest_unit_params + facts.fsdp_root_params)
+    return None
+
+
 def shard_model_states(*, sharding: str, num_gpus: int, weights: int, gradients: int, optimizer_state: int,
                        num_params: int = 0, trainable_params: int = 0, flat_state: int | None = None,
                        sixteen_bit: bool = False, gathered_params: int = 0,
-                       gathered_elem_bytes: int = 2) -> dict[str, int]:
+                       gathered_elem_bytes: int = 2, layout: ShardLayout | None = None, param_bytes: int = 4,
+                       rank: int | None = None) -> dict[str, int]:
     """Per-GPU model-state terms (bytes) of one configuration under ``sharding`` on ``num_gpus`` GPUs.
 
     ``weights``, ``gradients``, ``optimizer_state``: what the Trainer holds on one GPU (the estimator's
     ``weights``, ``gradients``, ``optimizer_state_device``). ZeRO stages also read ``num_params`` and
     ``trainable_params`` (elements), ``flat_state`` (the optimizer's state on its flat partitions, already per
     GPU; default ``optimizer_state / N``) and ``sixteen_bit`` (the engine trains in bf16/fp16: 2-byte weights
-    and gradients, plus fp32 master weights and an fp32 gradient partition, each ``4P/N``). ZeRO-3 and FSDP
-    add ``gathered_working_set = 2 x gathered_params x gathered_elem_bytes``: the gathered unit's parameters
-    and its unsharded gradients.
+    and gradients). ``layout`` (:func:`shard_layout`): the engines' real cut of the parameter list (padding,
+    partition edges, persistent parameters); without it the terms are the even split ``x / N``.
+    ``param_bytes``: bytes per element of the stored parameters (FSDP2 keeps trainable parameters in fp32
+    under mixed precision). ``rank``: the rank whose gradient storage is reported (default: the largest).
+
+    Terms: ``weights`` (local parameter storage), ``master_weights`` (DeepSpeed's fp32 partition: a copy of
+    the local weights whatever the training dtype), ``gradients`` (gradient storage at the optimizer step),
+    ``grad_partition_fp32`` (the fp32 flat gradient partition a ZeRO step builds), ``optimizer_state``,
+    ``gathered_working_set`` (one copy of the parameters gathered at once, in the compute dtype: ZeRO-3's live
+    parameters, FSDP2's largest unit; :func:`step_memory` counts it per phase), ``ddp_buckets`` (DDP's
+    gradient buckets), ``grad_buckets`` (ZeRO-3's reduction bucket, allocated once).
     """
     n = max(int(num_gpus), 1)
 
     def part(x: int) -> int:
-        return math.ceil(x / n)
+        return -(-int(x) // n)  # exact ceil(x / n), whatever the size
 
     terms = {"weights": 0, "master_weights": 0, "gradients": 0, "grad_partition_fp32": 0, "optimizer_state": 0,
-             "gathered_working_set": 0, "ddp_buckets": 0}
-    gathered = 2 * int(gathered_params) * int(gathered_elem_bytes)
+             "gathered_working_set": 0, "ddp_buckets": 0, "grad_buckets": 0}
     if sharding in ("none", "ddp"):
         terms.update(weights=weights, gradients=gradients, optimizer_state=optimizer_state)
         if sharding == "ddp" and n > 1:
             terms["ddp_buckets"] = gradients
         return terms
     if sharding == "fsdp":
-        terms.update(weights=part(weights), gradients=part(gradients), optimizer_state=part(optimizer_state),
-                     gathered_working_set=gathered)
+        if layout is not None:
+            terms.update(weights=layout.local_params * param_bytes,
+                         gradients=layout.local_trainable * param_bytes if gradients else 0,
+                         gathered_working_set=layout.gathered * gathered_elem_bytes)
+        else:
+            terms.update(weights=part(weights), gradients=part(gradients),
+                         gathered_working_set=int(gathered_params) * int(gathered_elem_bytes))
+        terms["optimizer_state"] = part(optimizer_state) if flat_state is None else int(flat_state)
         return terms
     if sharding not in ZERO:
         raise UserError(f"unknown sharding '{sharding}': use one of {', '.join(SHARDINGS)}")
     p = int(trainable_params)
-    w = 2 * int(num_params) if sixteen_bit else weights
-    g = (2 * p if gradients else 0) if sixteen_bit else gradients
+    eb = 2 if sixteen_bit else int(param_bytes)
     terms["optimizer_state"] = part(optimizer_state) if flat_state is None else int(flat_state)
-    if sixteen_bit:
+    if layout is None:  # the even split, as the ZeRO paper counts
+        w = 2 * int(num_params) if sixteen_bit else weights
+        g = (2 * p if gradients else 0) if sixteen_bit else gradients
         terms["master_weights"] = part(4 * p)
-        # The fp32 copy of the gradient partition the step reads: the whole partition under ZeRO-1/2, one
-        # sub-group (``sub_group_size``) at a time under ZeRO-3.
-        fp32_grad = part(p) if sharding != "zero3" else min(part(p), ZERO3_SUB_GROUP)
-        terms["grad_partition_fp32"] = 4 * fp32_grad if gradients else 0
-    if sharding == "zero1":
-        terms.update(weights=w, gradients=g)
-    elif sharding == "zero2":
-        terms.update(weights=w, gradients=part(g))
-    else:
-        terms.update(weights=part(w), gradients=part(g), gathered_working_set=gathered)
+        if sixteen_bit and gradients:
+            terms["grad_partition_fp32"] = 4 * (part(p) if sharding != "zero3" else min(part(p), ZERO3_SUB_GROUP))
+        if sharding == "zero1":
+            terms.update(weights=w, gradients=g)
+        elif sharding == "zero2":
+            terms.update(weights=w, gradients=part(g))
+        else:
+            terms.update(weights=part(w), gradients=part(g),
+                         gathered_working_set=int(gathered_params) * int(gathered_elem_bytes))
+        return terms
+    local = layout.local_trainable
+    held = max(layout.grad_storage) if rank is None else layout.grad_storage[rank]
+    terms["weights"] = layout.local_params * eb
+    terms["master_weights"] = 4 * local
+    if sharding in ("zero1", "zero2"):
+        if gradients:
+            terms["gradients"] = held * eb
+            terms["grad_partition_fp32"] = 4 * local  # the step flattens the partition into one fp32 tensor
+        return terms
+    if gradients:  # ZeRO-3: one flat gradient partition buffer, fp32 when training in fp32
+        terms["gradients"] = local * eb
+        terms["grad_partition_fp32"] = 4 * min(local, ZERO3_SUB_GROUP) if sixteen_bit else 0
+        terms["grad_buckets"] = layout.bucket * eb
+    terms["gathered_working_set"] = layout.gathered * eb
     return terms
 
 
@@ -429,13 +599,23 @@ PLAN_DEFAULTS: dict = {"mixed_precision": "bf16", "seq_len": 2048}
 2048 tokens per sample; every other field has :class:`~estimators.setup.TrainingSetup`'s default."""
 
 
-def plan_setup(model: str, optim: str, **fields) -> TrainingSetup:
+def plan_setup(model: Any, optim: Any, **fields) -> TrainingSetup:
     """A :class:`~estimators.setup.TrainingSetup` with the planner's defaults (:data:`PLAN_DEFAULTS`), and
-    GaLore/APOLLO's default targets where none are given."""
-    spec = get_spec(optim)
-    if spec.needs_target_modules and not fields.get("optim_target_modules"):
-        fields["optim_target_modules"] = DEFAULT_TARGETS
-    return TrainingSetup(model=model, optim=optim, **{**PLAN_DEFAULTS, **fields})
+    GaLore/APOLLO's default targets where none are given.
+
+    ``model``: a model name, or the user's own config / ``PreTrainedModel`` / PEFT model; ``optim``: an optimizer
+    name, or the ``transformers.TrainingArguments`` of the run (then its precision, batch, accumulation,
+    checkpointing and parallelism are the setup's, and only the sequence length takes the planner's default).
+    See :func:`estimators.user_objects.setup_for`."""
+    from .user_objects import is_training_arguments, setup_for
+
+    if is_training_arguments(optim):
+        setup = setup_for(model, optim, **{"seq_len": PLAN_DEFAULTS["seq_len"], **fields})
+    else:
+        setup = setup_for(model, get_spec(optim).name, **{**PLAN_DEFAULTS, **fields})
+    if get_spec(setup.optim).needs_target_modules and not setup.optim_target_modules:
+        setup = replace(setup, optim_target_modules=DEFAULT_TARGETS)
+    return setup
 
 
 BREAKDOWN = ("weights", "gradients", "optimizer_state", "activations", "temporaries", "other", "sharding_overhead")
@@ -466,10 +646,10 @@ class StepMemory:
 
 
 def _estimate(setup: TrainingSetup, batch: int):
-    """The estimate of ``setup`` at micro-batch ``batch``, for a CUDA device."""
+    """The estimate of ``setup`` at micro-batch ``batch``, on the device it trains on (``auto``: CUDA)."""
     from .estimate import estimate
 
-    return estimate(setup, batch_size=batch, device="cuda")
+    return estimate(setup, batch_size=batch, device=setup.estimate_device)
 
 
 def _phases(est) -> list[tuple[str, int, dict[str, int]]] | None:
@@ -537,6 +717,8 @@ def _step_memory_cached(setup: TrainingSetup, batch: int) -> StepMemory:
     # this GPU's shard, so its temporaries shrink with the state; the gathered unit lives in forward/backward.
     f_w = (terms["weights"] + terms["master_weights"]) / W if W else 1.0
     f_g = terms["gradients"] / G if G else 1.0  # the fp32 gradient copy exists only in the step
+    if setup.sharding == "zero1":
+        f_g = (2 * facts_of(setup).trainable_params if setup.sixteen_bit else G) / G if G else 1.0  # reduced at the end
     f_g_step = (terms["gradients"] + terms["grad_partition_fp32"]) / G if G else 1.0
     f_o = terms["optimizer_state"] / O if O else 1.0
     shards_step = setup.sharding in ZERO + ("fsdp",)
@@ -550,16 +732,21 @@ def _step_memory_cached(setup: TrainingSetup, batch: int) -> StepMemory:
     all_parts: dict[str, dict[str, int]] = {}
     for name, total, comps in phases:
         is_step = "optim" in name.lower() and "step" in name.lower()
+        grads_here = _pick(comps, ("gradients", "grads", "grad"), 0)
         parts = {
             "weights": math.ceil(_pick(comps, ("weights", "parameters", "params"), W) * f_w),
-            "gradients": math.ceil(_pick(comps, ("gradients", "grads", "grad"), 0) * (f_g_step if is_step else f_g)),
+            "gradients": math.ceil(grads_here * (f_g_step if is_step else f_g)),
+            # (ZeRO-3's flat gradient partition is allocated once, at engine start: see below)
             "optimizer_state": math.ceil(_pick(comps, ("optimizer_state_device", "optimizer_state", "state"), 0) * f_o),
             "activations": _pick(comps, ("activations", "act"), 0),
             "temporaries": _pick(comps, ("temporaries", "tmp"), 0),
-            "sharding_overhead": terms["ddp_buckets"] + (0 if is_step else terms["gathered_working_set"]),
+            "sharding_overhead": terms["ddp_buckets"] + terms["grad_buckets"]
+            + (0 if is_step else _gathered_copies(setup.sharding, name, grads_here) * terms["gathered_working_set"]),
         }
+        if setup.sharding == "zero3" and G:
+            parts["gradients"] = terms["gradients"] + (terms["grad_partition_fp32"] if is_step else 0)
         if is_step and shards_step:
-            parts["temporaries"] = math.ceil(parts["temporaries"] / setup.num_processes)
+            parts["temporaries"] = -(-parts["temporaries"] // setup.num_processes)  # exact ceil
         if cast_cache and name.endswith("forward"):
             parts["activations"] -= min(cast_cache, parts["activations"])
         known = sum(_pick(comps, keys, 0) for keys in (("weights", "parameters", "params"), ("gradients", "grads", "grad"),
@@ -578,31 +765,104 @@ def _step_memory_cached(setup: TrainingSetup, batch: int) -> StepMemory:
     return StepMemory(batch, new_peak, terms, parts, host, peak, name)
 
 
-def _sharded_terms(setup: TrainingSetup, inv: Inventory, facts: ModelFacts, W: int, G: int, O: int, est) -> dict[str, int]:
+def facts_of(setup: TrainingSetup) -> ModelFacts:
+    return model_facts(_inventory(setup.model, setup.dtype))
+
+
+def _gathered_copies(sharding: str, phase: str, grads_in_phase: int) -> int:
+    """How many copies of the gathered parameters a phase holds at its peak. FSDP2: in forward the unit's
+    all-gather output and its unsharded parameters (accelerate keeps the tail unit, the largest, unsharded
+    into backward); in backward the unsharded parameters, plus their unsharded gradients once gradients
+    exist at the phase's peak (measured: the backward peak at its start holds one copy). ZeRO-3: the live
+    parameters, once."""
+    if sharding == "fsdp":
+        if phase.endswith("forward"):
+            return 2
+        return 1 + (1 if grads_in_phase > 0 else 0)
+    return 1 if sharding == "zero3" else 0
+
+
+def _partition_sizes(inv: Inventory, sharding: str, n: int) -> list[int]:
+    """Elements of each flat 1-D partition a ZeRO rank's optimizer steps (one per Trainer parameter group):
+    ZeRO-1/2 cut the padded flat group evenly; ZeRO-3 concatenates the rank's partition of each parameter."""
+    out = []
+    for group in _decay_groups(inv):
+        if sharding == "zero3":
+            out.append(sum(_ceil_div(r.numel, n) for r in group))
+        else:
+            total = sum(r.numel for r in group)
+            out.append(_ceil_div(total, ZERO_ALIGNMENT * n) * ZERO_ALIGNMENT)
+    return out
+
+
+def _fsdp_state(setup: TrainingSetup, inv: Inventory, n: int) -> int:
+    """A rank's optimizer state under FSDP2, parameter by parameter: each state tensor of a parameter's shape is
+    a DTensor sharded on dim 0 (``ceil(d0 / N)`` rows), a 0-d step counter is whole on every rank. GaLore (its
+    ops run on the DTensor gradient; measured): the projector comes out of the SVD replicated, and the moments
+    of the projected gradient stay sharded when it is projected from the right (dim 0 kept), replicated when
+    from the left (dim 0 contracted). Device-resident keys only."""
+    from .estimate import _targets_key, targeted_names
+    from .optimizers import parse_optim_args
+    from .optimizers.lowrank import projection_side
+
+    spec = get_spec(setup.optim)
+    if spec.state_location == "host":
+        return 0
+    args = spec.resolve_args(parse_optim_args(setup.optim_args))
+    targeted = (targeted_names(inv, _targets_key(setup.optim_target_modules)) if spec.needs_target_modules
+                else frozenset())
+    total = 0
+    for row in inv.rows:
+        if not (row.trainable or spec.state_for_frozen):
+            continue
+        d0 = row.shape[0] if row.shape else 1
+        frac = _ceil_div(d0, n) / d0
+        projected = spec.family == "galore" and row.name in targeted and len(row.shape) == 2
+        side = projection_side(row.shape[0], row.shape[1], str(args.get("proj_type", "std"))) if projected else None
+        for key, nbytes in spec.param_state(ParamCtx(row, args, row.name in targeted)).items():
+            if key in spec.host_keys:
+                continue
+            whole = nbytes <= 8 or (projected and (key == "projector" or side != "right"))
+            total += nbytes if whole else math.ceil(nbytes * frac)
+    if spec.shared is not None:
+        total += sum(v for k, v in spec.shared(inv, args).items() if k not in spec.host_keys)
+    return total
+
+
+def _sharded_terms(setup: TrainingSetup, inv: Inventory, facts: ModelFacts, W: int, G: int, O: int, est,
+                   rank: int | None = None) -> dict[str, int]:
     spec = get_spec(setup.optim)
     compute_bytes = DTYPES[setup.mixed_precision] if setup.mixed_precision else DTYPES[normalize_dtype(setup.dtype)]
+    n = setup.num_processes
     flat = None
     if setup.sharding in ZERO and spec.keeps_gradients:
-        master_dtype = "fp32" if setup.sixteen_bit else normalize_dtype(setup.dtype)
-        flat = _flat_partition_state(inv, setup.optim, est.optim_args, facts, setup.num_processes, master_dtype)
+        flat = _flat_partition_state(inv, setup.optim, est.optim_args, facts, n, "fp32",
+                                     sizes=_partition_sizes(inv, setup.sharding, n))
     elif setup.sharding in ZERO:  # LOMO family on ZeRO-3: lomo_optim keeps its (tiny) state per full shape
         flat = O
+    if setup.sharding == "fsdp":
+        flat = _fsdp_state(setup, inv, n)
+    layout = shard_layout(inv, facts, setup.sharding, n)
+    param_bytes = DTYPES[normalize_dtype(setup.dtype)]
+    if setup.sharding == "fsdp" and setup.mixed_precision:
+        param_bytes = 4  # accelerate upcasts trainable parameters to fp32 for FSDP2 under mixed precision
     gathered = facts.largest_module_params if setup.sharding == "zero3" else facts.largest_unit_params
-    return shard_model_states(sharding=setup.sharding, num_gpus=setup.num_processes, weights=W, gradients=G,
+    return shard_model_states(sharding=setup.sharding, num_gpus=n, weights=W, gradients=G,
                               optimizer_state=O, num_params=facts.num_params,
                               trainable_params=facts.trainable_params, flat_state=flat,
                               sixteen_bit=setup.sixteen_bit, gathered_params=gathered,
-                              gathered_elem_bytes=compute_bytes)
+                              gathered_elem_bytes=compute_bytes, layout=layout, param_bytes=param_bytes, rank=rank)
 
 
-def model_state_terms(setup: TrainingSetup) -> dict[str, int]:
+def model_state_terms(setup: TrainingSetup, rank: int | None = None) -> dict[str, int]:
     """Per-GPU model-state terms of ``setup`` (:func:`shard_model_states`), batch-independent: needs only the
-    estimator's weights, gradients and optimizer state, not the whole-step peak."""
+    estimator's weights, gradients and optimizer state, not the whole-step peak. ``rank``: the rank whose
+    gradient storage is reported (ZeRO-1/2 partitions differ at their edges; default: the largest)."""
     est = _estimate(setup, 1)
     b = est.bytes
     inv = _inventory(setup.model, setup.dtype)
     return _sharded_terms(setup, inv, model_facts(inv), int(b["weights"]), int(b["gradients"]),
-                          int(b["optimizer_state_device"]), est)
+                          int(b["optimizer_state_device"]), est, rank=rank)
 
 
 def fits(setup: TrainingSetup, batch: int, budget: int) -> bool:
@@ -653,49 +913,62 @@ def _record_compute(config: Mapping[str, Any]) -> str | None:
     return str(dt) if dt else None
 
 
-def calibrate(paths: Iterable[str | Path], catalog: Mapping[str, GPU]) -> dict[tuple[str, str, str], Calibration]:
-    """MFU per ``(gpu id, model, compute dtype)`` from recorded runs (JSONL records written by ``bench run``).
-
-    Uses ``ok`` CUDA records with a measured MFU. The achieved FLOP/s (``mfu x peak_flops`` of the record) is
-    divided by this catalog's peak for the same GPU and dtype, and by :data:`RECOMPUTE_FACTOR` undone for runs
-    with gradient checkpointing, so the figure is comparable with :data:`DEFAULT_MFU`. The median per key wins.
-    """
-    from .catalog import resolve
-
-    samples: dict[tuple[str, str, str], list[float]] = {}
-    for path in paths:
-        path = Path(path)
+def _records(sources: Iterable[str | Path | Mapping]) -> Iterable[Mapping]:
+    """Records from run records themselves or JSONL files of them (lines that are not JSON objects skipped;
+    the harness reads files with :func:`harness.record.read_records`, which says what it skipped)."""
+    for source in sources:
+        if isinstance(source, Mapping):
+            yield source
+            continue
+        path = Path(source)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_bytes().decode("utf-8", "replace").splitlines()
         except OSError:
             continue
         for line in lines:
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:
                 continue
-            if not isinstance(rec, dict) or rec.get("status") != "ok":
-                continue
-            meas, env, cfg = rec.get("measured") or {}, rec.get("env") or {}, rec.get("config") or {}
-            tp = meas.get("throughput") or {}
-            mfu = tp.get("mfu")
-            if meas.get("device") != "cuda" or not isinstance(mfu, (int, float)) or mfu <= 0:
-                continue
-            gpu = match_gpu(str(env.get("device_name") or ""), catalog)
-            compute = _record_compute(cfg)
-            if gpu is None or compute is None:
-                continue
-            ours = gpu.peak_flops(compute)
-            if not ours:
-                continue
-            theirs = tp.get("peak_flops")
-            achieved = float(mfu) * float(theirs) if isinstance(theirs, (int, float)) and theirs else float(mfu) * ours
-            value = achieved / ours * (RECOMPUTE_FACTOR if cfg.get("gradient_checkpointing") else 1.0)
-            try:
-                model = resolve(str(cfg.get("model"))).name
-            except UserError:
-                model = str(cfg.get("model"))
-            samples.setdefault((gpu.id, model, compute), []).append(value)
+            if isinstance(rec, Mapping):
+                yield rec
+
+
+def calibrate(paths: Iterable[str | Path | Mapping], catalog: Mapping[str, GPU]) -> dict[tuple[str, str, str], Calibration]:
+    """MFU per ``(gpu id, model, compute dtype)`` from recorded runs (JSONL records written by ``bench run``, or
+    the records themselves).
+
+    Uses ``ok`` CUDA records with a measured MFU. The achieved FLOP/s (``mfu x peak_flops`` of the record) is
+    divided by this catalog's peak for the same GPU and dtype, and by :data:`RECOMPUTE_FACTOR` undone for runs
+    with gradient checkpointing, so the figure is comparable with :data:`DEFAULT_MFU`. The median per key wins.
+    """
+    from .catalog import canonical_name
+
+    samples: dict[tuple[str, str, str], list[float]] = {}
+    for rec in _records(paths):
+        if rec.get("status") != "ok":
+            continue
+        meas, env, cfg = rec.get("measured") or {}, rec.get("env") or {}, rec.get("config") or {}
+        if not all(isinstance(x, Mapping) for x in (meas, env, cfg)):
+            continue
+        tp = meas.get("throughput") or {}
+        if not isinstance(tp, Mapping):
+            continue
+        mfu = tp.get("mfu")
+        if meas.get("device") != "cuda" or not isinstance(mfu, (int, float)) or mfu <= 0:
+            continue
+        gpu = match_gpu(str(env.get("device_name") or ""), catalog)
+        compute = _record_compute(cfg)
+        if gpu is None or compute is None:
+            continue
+        ours = gpu.peak_flops(compute)
+        if not ours:
+            continue
+        theirs = tp.get("peak_flops")
+        achieved = float(mfu) * float(theirs) if isinstance(theirs, (int, float)) and theirs else float(mfu) * ours
+        value = achieved / ours * (RECOMPUTE_FACTOR if cfg.get("gradient_checkpointing") else 1.0)
+        model = canonical_name(str(cfg.get("model")))  # never fetches a Hub id's config
+        samples.setdefault((gpu.id, model, compute), []).append(value)
     return {k: Calibration(k[0], k[1], k[2], statistics.median(v), len(v)) for k, v in samples.items()}
 
 
@@ -766,13 +1039,29 @@ def _notes(optim: str, sharding: str, num_gpus: int) -> list[str]:
         out.append("optimizer state lives in host memory (not counted against the GPU)")
     if sharding in ZERO and spec.family == "adafactor":
         out.append("under ZeRO the optimizer sees 1-D partitions: Adafactor's second moment is not factored")
-    if sharding == "fsdp" and spec.cls.split(".")[0] not in ("torch", "transformers"):
-        out.append("FSDP2 hands the optimizer DTensor shards; optimem has not run these optimizers there: "
-                   "the state shown is their formula / N")
+    if sharding == "fsdp" and spec.cls.split(".")[0] not in ("torch", "galore_torch"):
+        out.append("FSDP2 hands the optimizer DTensor shards; optimem has not run this optimizer there: "
+                   "the state shown is its formula / N")
     if sharding in ZERO and spec.cls not in ("torch.optim.AdamW", "torch.optim.Adam"):
         out.append("outside DeepSpeed's tested ZeRO optimizers (the Trainer sets zero_allow_untested_optimizer); "
                    "state shown is their formula on the flat fp32 partitions")
     return out
+
+
+CHECKED_ON_CPU = "results/cpu-amd-epyc-2026-12-01-distributed.jsonl"
+"""Where the per-rank sharding model was measured: 2 CPU ranks (gloo), fp32 training."""
+
+
+def verification_note(setup: TrainingSetup) -> str | None:
+    """What the per-rank sharding model of ``setup`` has been checked against, and what only a GPU can check."""
+    if setup.sharding == "none":
+        return None
+    if setup.sixteen_bit:
+        return (f"{setup.sharding}: the per-rank model was measured on 2 CPU ranks in fp32 only ({CHECKED_ON_CPU}); "
+                "its 16-bit paths (DeepSpeed's bf16/fp16 flat groups and fp32 gradient copy, FSDP2's "
+                "MixedPrecisionPolicy) and NCCL can only be checked on GPUs: not yet measured")
+    return (f"{setup.sharding}: per-rank model measured on 2 CPU ranks, fp32 ({CHECKED_ON_CPU}); on GPUs (NCCL, "
+            "the CUDA allocator) not yet measured")
 
 
 def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADROOM, checkpointing: str = "auto",
@@ -790,6 +1079,9 @@ def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADRO
     if why:
         row.notes.append(why)
     row.notes.extend(_notes(setup.optim, setup.sharding, setup.num_processes))
+    checked = verification_note(setup)
+    if checked:
+        row.notes.append(checked)
     if not gpu.peak_flops(setup.compute_dtype):
         row.notes.append(f"{gpu.name} has no fast {setup.compute_dtype} path")
     modes = {"auto": (False, True), "on": (True,), "off": (False,)}[checkpointing]
@@ -818,9 +1110,9 @@ def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADRO
     facts = model_facts(_inventory(setup.model, setup.dtype))
     cal = None
     if calibration:
-        from .catalog import resolve
+        from .catalog import canonical_name
 
-        cal = calibration.get((gpu.id, resolve(setup.model).name, setup.compute_dtype))
+        cal = calibration.get((gpu.id, canonical_name(setup.model), setup.compute_dtype))
     if cal is not None:
         tp = throughput(facts, gpu, s, mfu=cal.mfu, mfu_source=f"measured ({cal.runs} run{'s' * (cal.runs > 1)})")
     else:
@@ -876,4 +1168,5 @@ __all__ = ["DEFAULT_HEADROOM", "DEFAULT_MFU", "DEFAULT_OPTIMS", "GPU", "GPU_CATA
            "BREAKDOWN", "PLAN_DEFAULTS", "PlanRow", "RECOMPUTE_FACTOR", "SHARDINGS", "ZERO3_SUB_GROUP", "StepMemory", "calibrate",
            "default_result_files", "fits", "flops_per_token", "load_gpus", "match_gpu", "max_micro_batch",
            "memory_vs_gpus", "min_gpus_to_fit", "model_facts", "model_state_terms", "plan_one", "plan_setup", "select_gpus",
-           "shard_model_states", "sharding_support", "step_memory", "throughput"]
+           "shard_layout", "shard_model_states", "sharding_support", "step_memory", "throughput", "verification_note",
+           "ShardLayout", "ZERO3_MAX_LIVE", "CHECKED_ON_CPU"]

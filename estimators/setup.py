@@ -61,7 +61,8 @@ class Flag:
 
 
 CLI: dict[str, Flag] = {
-    "model": Flag(("--model",), "catalog name or path to a config.json", metavar="MODEL"),
+    "model": Flag(("--model",), "catalog name, path to a config.json, or Hugging Face Hub id org/name[@REV] "
+                  "(config.json only, through the HF cache)", metavar="MODEL"),
     "task": Flag(("--task",), "the model head trained (default causal-lm: the config's own architecture)",
                  choices=TASKS),
     "dtype": Flag(("--dtype",), "dtype the parameters are stored in: fp32, bf16, fp16", metavar="DTYPE"),
@@ -165,21 +166,34 @@ class TrainingSetup:
         with _field("sharding"):
             put("sharding", _choice("sharding", self.sharding, SHARDINGS))
             if self.sharding == "none" and self.num_processes > 1:
-                raise UserError(f"{self.num_processes} processes: num_processes > 1 needs a sharding scheme: ddp, "
-                                "zero1, zero2, zero3 or fsdp")
+                raise UserError(f"{self.num_processes} processes (--nproc {self.num_processes}) need a sharding "
+                                "scheme: ddp, zero1, zero2, zero3 or fsdp")
         with _field("device"):
             put("device", _choice("device", self.device, DEVICES))
 
-    def check_trainable(self) -> None:
+    def check_trainable(self, inventory=None) -> None:
         """What the Trainer itself refuses for this setup, checked before anything is estimated or run: the
-        optimizer's ``optim_args`` (keys it does not read, values it cannot take), GaLore/APOLLO without
-        targets, layer-wise optimizers with gradient accumulation. The dataclass may hold such a setup (a test
-        can watch the Trainer refuse it); the estimator and the harness refuse it here, in one line."""
+        model config (sizes transformers refuses, or accepts and then fails on in the forward: see
+        :mod:`estimators.model_check`), a sequence longer than the model's learned positions, the optimizer's
+        ``optim_args`` (keys it does not read, values it cannot take, what its constructor refuses for these
+        parameters), GaLore/APOLLO without targets,
+        layer-wise optimizers with gradient accumulation. The dataclass may hold such a setup (a test can
+        watch the Trainer refuse it); the estimator and the harness refuse it here, in one line.
+        ``inventory``: the model's, when the caller has it (else it is built, or read from the cache)."""
+        from .inventory import build_inventory
+        from .model_check import check_model_config, check_sequence_length
         from .optimizers import get_spec, parse_optim_args
 
+        with _field("model"):
+            sizes = check_model_config(self.model)
+            inv = inventory if inventory is not None else build_inventory(self.model)
+        with _field("seq_len"):
+            check_sequence_length(inv, self.seq_len, max_positions=sizes.get("max_position_embeddings"))
         spec = get_spec(self.optim)
         with _field("optim_args"):
-            spec.resolve_args(parse_optim_args(self.optim_args))
+            args = spec.resolve_args(parse_optim_args(self.optim_args))
+            if spec.shared is not None:  # the optimizer constructor's own checks see every parameter (flash.py)
+                spec.shared(inv.with_dtype(self.dtype).with_frozen(self.freeze), args)
         if spec.needs_target_modules and not self.optim_target_modules:
             with _field("optim_target_modules"):
                 raise UserError(f"{spec.name} needs optim_target_modules (e.g. 'all-linear' or a regex such as "
@@ -257,24 +271,129 @@ class TrainingSetup:
 
     # ------------------------------------------------------------------------------------------ transformers
     @classmethod
-    def from_training_arguments(cls, args, *, model: str | None = None, seq_len: int | None = None, **overrides):
-        """The setup a ``transformers.TrainingArguments`` describes (optim, optim_args, optim_target_modules,
-        per-device batch, accumulation, bf16/fp16, gradient checkpointing, the device it trains on), for
-        ``model`` at ``seq_len`` tokens per sample; ``overrides`` win."""
+    def from_training_arguments(cls, args, *, model: Any = None, seq_len: int | None = None, **overrides):
+        """The setup a ``transformers.TrainingArguments`` describes, for ``model`` at ``seq_len`` tokens per
+        sample; ``overrides`` win.
+
+        From ``args``: optim, optim_args, optim_target_modules, per-device batch, accumulation, bf16/fp16,
+        gradient checkpointing, the device (``use_cpu``), the processes (``args.world_size`` where the launcher
+        set one) and how they shard the model states: ``fsdp`` (FSDP2 full shard: ``fsdp``) and ``deepspeed``
+        (ZeRO stage 0-3: ``ddp``/``zero1``/``zero2``/``zero3``); several processes without either are DDP.
+        Schemes optimem does not model (CPU offload, FSDP's shard_grad_op/hybrid/FSDP1, ZeRO offload) are a
+        UserError. ``model``: a model name (catalog, config.json, Hub id) or the user's own object (a
+        ``PretrainedConfig``, ``PreTrainedModel`` or PEFT model; see :mod:`estimators.user_objects`), which
+        also gives the storage dtype and whether checkpointing is already on."""
         optim = getattr(args.optim, "value", args.optim)
         mp = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else None
         kw: dict[str, Any] = dict(
             optim=str(optim), optim_args=args.optim_args or None,
             optim_target_modules=args.optim_target_modules,
             batch_size=int(args.per_device_train_batch_size), grad_accum=int(args.gradient_accumulation_steps),
-            mixed_precision=mp, gradient_checkpointing=bool(args.gradient_checkpointing),
+            mixed_precision=mp, gradient_checkpointing=_checkpointing_of(args),
             device="cpu" if getattr(args, "use_cpu", False) else "auto")
-        if model is not None:
+        sharding, processes = parallelism_of(args)
+        kw.update(sharding=sharding, num_processes=processes)
+        if model is not None and not isinstance(model, str):
+            from .user_objects import fields_from_model
+
+            found = fields_from_model(model)
+            found["gradient_checkpointing"] = found.get("gradient_checkpointing", False) or kw["gradient_checkpointing"]
+            kw.update(found)
+        elif model is not None:
             kw["model"] = model
         if seq_len is not None:
             kw["seq_len"] = seq_len
         kw.update(overrides)
         return cls(**kw)
+
+
+def _checkpointing_of(args) -> bool:
+    """``activation_checkpointing`` (``gradient_checkpointing`` in older transformers) of a TrainingArguments;
+    UserError for the variants the estimator does not model (every n-th layer, offloaded activations)."""
+    on = getattr(args, "activation_checkpointing", None)
+    if on is None:
+        on = getattr(args, "gradient_checkpointing", False)
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs",
+                                                                               None) or {}
+    if on and isinstance(kwargs, Mapping):
+        if int(kwargs.get("every_n_layers", 1) or 1) != 1:
+            raise UserError(f"activation checkpointing of every {kwargs['every_n_layers']} layers is not modelled: "
+                            "optimem models checkpointing every layer (every_n_layers=1)")
+        if kwargs.get("offload"):
+            raise UserError("offloaded activation checkpointing is not modelled: optimem models checkpointing "
+                            "every layer with the saved inputs kept on the device")
+    return bool(on)
+
+
+def parallelism_of(args) -> tuple[str, int]:
+    """``(sharding, num_processes)`` of a ``TrainingArguments`` (see
+    :meth:`TrainingSetup.from_training_arguments`); UserError for a scheme optimem does not model."""
+    processes = _world_size(args)
+    sharding = "none"
+    if getattr(args, "fsdp", None):
+        sharding = _fsdp_sharding(args.fsdp, getattr(args, "fsdp_config", None) or {})
+    ds = getattr(args, "deepspeed", None)
+    if ds:
+        if sharding != "none":
+            raise UserError("TrainingArguments set both fsdp and deepspeed: the Trainer takes one of them")
+        sharding = _deepspeed_sharding(args, ds)
+    if sharding == "none" and processes > 1:
+        sharding = "ddp"
+    return sharding, processes
+
+
+def _world_size(args) -> int:
+    try:
+        n = int(getattr(args, "world_size", 1) or 1)
+    except Exception:  # noqa: BLE001 - a partial stand-in for TrainingArguments: one process
+        n = 1
+    return max(n, 1)
+
+
+def _fsdp_sharding(fsdp: Any, config: Mapping) -> str:
+    """``fsdp`` for FSDP2 full shard, the only FSDP the estimator models (``fsdp`` as the Trainer holds it after
+    its checks -- True plus ``fsdp_config`` -- or the legacy option string / list)."""
+    config = {(k[5:] if k.startswith("fsdp_") else k): v for k, v in dict(config).items()}
+    items = fsdp.split() if isinstance(fsdp, str) else [getattr(i, "value", i) for i in fsdp] \
+        if isinstance(fsdp, (list, tuple)) else []
+    hint = "optimem models FSDP2 full_shard (sharding 'fsdp') and DeepSpeed ZeRO 1-3"
+    if "offload" in items or str(config.get("cpu_offload", False)).lower() in ("true", "1"):
+        raise UserError(f"FSDP CPU offload is not modelled: {hint}, without offload")
+    if int(config.get("version", 2)) != 2:
+        raise UserError(f"FSDP1 (fsdp_config version 1) is not modelled: {hint}")
+    strategies = [i for i in items if i not in ("auto_wrap", "offload")]
+    reshard = str(config.get("reshard_after_forward", True)).lower()
+    if any(i != "full_shard" for i in strategies) or reshard in ("false", "0", "shard_grad_op"):
+        raise UserError(f"FSDP {' '.join(strategies) or 'reshard_after_forward=False'} is not modelled: {hint}")
+    return "fsdp"
+
+
+def _deepspeed_sharding(args, ds: Any) -> str:
+    """``ddp``/``zero1``/``zero2``/``zero3`` from the DeepSpeed config's ZeRO stage."""
+    import json
+
+    hf = getattr(args, "hf_deepspeed_config", None)
+    config = getattr(hf, "config", None)
+    if not isinstance(config, Mapping):
+        if isinstance(ds, Mapping):
+            config = ds
+        else:
+            try:
+                with open(str(ds), encoding="utf-8") as fh:
+                    config = json.load(fh)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"cannot read the DeepSpeed config {ds!r}: {exc}; give a ds_config JSON file "
+                                "or dict") from None
+    zero = config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if str(device).lower() not in ("none", ""):
+            raise UserError(f"DeepSpeed ZeRO {key} to {device} is not modelled: optimem models ZeRO stages 0-3 "
+                            "without offload")
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"DeepSpeed zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return "ddp" if stage == 0 else f"zero{stage}"
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -351,4 +470,4 @@ def _targets(value: Any) -> str | tuple[str, ...] | None:
 
 
 __all__ = ["ALL_LINEAR", "ATTN_IMPLEMENTATIONS", "CLI", "DEFAULT_TARGETS", "DEVICES", "Flag", "MIXED_PRECISIONS",
-           "SHARDINGS", "SetupError", "TASKS", "TrainingSetup"]
+           "SHARDINGS", "SetupError", "TASKS", "TrainingSetup", "parallelism_of"]

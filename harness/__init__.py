@@ -1,1 +1,15 @@
-"""optimem harness: real Trainer jobs per optimizer, measured (memory by phase, optimizer state, throughput)."""
+"""optimem harness: real Trainer jobs per optimizer, measured (memory by phase, optimizer state, throughput).
+
+``from harness import MemoryCallback`` gives the callback for the user's own ``Trainer`` (:mod:`harness.callback`);
+it is imported on first use, so ``import harness`` (and every ``bench`` command) stays free of transformers.
+"""
+
+__all__ = ["MemoryCallback"]
+
+
+def __getattr__(name: str):
+    if name == "MemoryCallback":
+        from harness.callback import MemoryCallback
+
+        return MemoryCallback
+    raise AttributeError(f"module 'harness' has no attribute {name!r}")

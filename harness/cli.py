@@ -1,22 +1,38 @@
 """``bench``: the optimem command line.
 
 Each subcommand lives in ``harness/commands/<name>.py`` with ``register(subparsers)`` and ``main(args) -> int``.
-Bad input (a ``UserError``, an argparse error) prints one line on stderr and exits 2, never a traceback.
+
+Exit status (every command): 0 done; 2 bad input (a ``UserError`` or an argparse error: one line on stderr
+saying what was wrong and what would be right, before any work starts); 130 interrupted; 1 anything else
+(an internal error: one line naming the command and the cause; ``--debug`` or ``OPTIMEM_DEBUG=1`` prints
+the traceback too). ``bench run`` adds 3 for a run that ran out of memory, ``bench compare`` uses 1 for a
+regression (see their ``--help``).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import re
 import sys
 import warnings
 
 COMMANDS = ("estimate", "optims", "run", "sweep", "plan", "plot", "compare")
+DEBUG_ENV = "OPTIMEM_DEBUG"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A value that starts with '-' and a digit ('-1x2', '-5GB', '-3') is a value, never an option (no bench
+        # option looks like that), so '--shape -1x2' reaches the check that says what is wrong with it.
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
     def error(self, message: str):  # one line, exit 2
-        self.exit(2, f"bench: error: {message} (see '{self.prog} --help')\n")
+        if "expected one argument" in message or "expected at least one argument" in message:
+            message += " (a value that starts with '-' goes as --flag=VALUE)"
+        self.exit(EXIT_USAGE, f"bench: error: {message} (see '{self.prog} --help')\n")
 
 
 def _quiet() -> None:
@@ -32,11 +48,17 @@ def _quiet() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bench", description="optimem: memory estimates and measurements for "
-                                               "transformers.Trainer optimizers")
+                                               "transformers.Trainer optimizers",
+                     epilog="Exit status: 0 done, 2 bad input, 1 internal error, 130 interrupted (run and "
+                            "compare add their own: see their --help).")
+    parser.add_argument("--debug", action="store_true", help=f"print the traceback of an internal error (or set "
+                                                             f"{DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in COMMANDS:
         importlib.import_module(f"harness.commands.{name}").register(sub)
+    for p in sub.choices.values():  # '--debug' after the command works too
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -44,9 +66,16 @@ def _flagged(exc: Exception) -> str:
     """A bad setup field's message, led by the flag that sets it (``--batch-size: ...``)."""
     from estimators.setup import CLI, SetupError
 
-    if isinstance(exc, SetupError) and exc.field in CLI:
-        return f"{'/'.join(CLI[exc.field].names)}: {exc}"
+    if isinstance(exc, SetupError):
+        names = CLI[exc.field].names if exc.field in CLI else (f"--{exc.field.replace('_', '-')}",)
+        return f"{'/'.join(names)}: {exc}"
     return str(exc)
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,16 +84,33 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "").strip().lower() not in (
+        "", "0", "no", "false", "off")
     try:
+        from harness.commands.setup_args import apply_revision
+
+        apply_revision(args)
         return int(args.func(args) or 0)
     except UserError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"bench {args.command}: error: {_flagged(exc)}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"bench {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
-        return 0
+        return EXIT_OK
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        hint = "" if debug else f" (run with --debug or {DEBUG_ENV}=1 for the traceback)"
+        print(f"bench {args.command}: internal error: {_one_line(exc)}{hint}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -42,15 +42,9 @@ def _canonical_optim(name: Any) -> Any:
 
 
 def _canonical_model(name: Any) -> Any:
-    from estimators.catalog import resolve
+    from estimators.catalog import canonical_name
 
-    if not isinstance(name, str):
-        return name
-    try:
-        src = resolve(name)
-    except UserError:
-        return name.strip()
-    return src.name
+    return canonical_name(name)  # never fetches: a Hub id stays as given
 
 
 def _canonical_optim_args(text: Any) -> Any:
@@ -174,18 +168,21 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2
 
 
 def parse_size(text: Any) -> int:
-    """'4GiB', '512 MB', '1.5g', '123456' -> bytes (decimal units for kB/MB/GB, binary for KiB/MiB/GiB)."""
+    """'4GiB', '512 MB', '1.5g', '123456' -> bytes (decimal units for kB/MB/GB, binary for KiB/MiB/GiB); exact
+    (no float rounding), positive."""
+    from fractions import Fraction
+
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if text <= 0:
-            raise UserError(f"memory size must be positive, got {text!r}")
+        if not 0 < text < float("inf"):
+            raise UserError(f"memory size must be a positive number of bytes, got {text!r}")
         return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
+    m = re.fullmatch(r"\s*([-+]?)([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(3).lower() if m else None
     if not m or unit not in _SIZE_UNITS:
         raise UserError(f"cannot read memory size {text!r}: give bytes or a number with a unit, e.g. 4GiB, 512MB")
-    value = int(float(m.group(1)) * _SIZE_UNITS[unit])
-    if value <= 0:
-        raise UserError(f"memory size must be positive, got {text!r}")
+    value = int(Fraction(m.group(2)) * _SIZE_UNITS[unit])
+    if m.group(1) == "-" or value <= 0:
+        raise UserError(f"memory size must be positive (at least 1 byte), got {text!r}")
     return value
 
 
@@ -266,10 +263,11 @@ def families() -> dict[str, list[str]]:
     return out
 
 
-def select_optimizers(tokens: Any) -> list[str]:
+def select_optimizers(tokens: Any, named: set[str] | None = None) -> list[str]:
     """Optimizer names from ``all``, family names (``family:NAME`` when a family shares an optimizer's
     name), optimizer names, in any mix and comma-separated; duplicates dropped, order kept.
-    ``all`` is every name optimem can estimate (removed and unsupported ones are left out)."""
+    ``all`` is every name optimem can estimate (removed and unsupported ones are left out). ``named``
+    collects the names given one by one (not through a family or ``all``)."""
     from estimators import get_spec
     from estimators.optimizers import REGISTRY, names
 
@@ -286,6 +284,7 @@ def select_optimizers(tokens: Any) -> list[str]:
             chosen = fams[fam]
         elif t in REGISTRY:
             chosen = [REGISTRY[t].name]
+            named is not None and named.add(chosen[0])
         elif t in fams:
             chosen = fams[t]
         else:
@@ -293,6 +292,7 @@ def select_optimizers(tokens: Any) -> list[str]:
                 chosen = [get_spec(t).name]
             except UserError as exc:
                 raise UserError(f"{exc} (or a family: {', '.join(sorted(fams))}; or 'all')") from None
+            named is not None and named.add(chosen[0])
         out += [n for n in chosen if n not in out]
     if not out:
         raise UserError("no optimizers selected: give --optim NAME, a family, or all")
@@ -321,6 +321,9 @@ class Grid:
     optim_args: dict[str, str] = field(default_factory=dict)
     """``{optimizer name, family or '*': optim_args string}``; the most specific entry wins."""
     optim_target_modules: Any = None
+    named: set[str] = field(default_factory=set)
+    """The optimizers given by name (not through a family or ``all``): a setup the Trainer refuses for one of
+    them is an error; for the others, that optimizer is left out of the sweep with a note."""
 
     def args_for(self, optim: str) -> str | None:
         from estimators import get_spec
@@ -359,7 +362,7 @@ class Grid:
                                 optim_args=self.args_for(optim), optim_target_modules=self.targets_for(optim),
                                 **self.runs, extra=dict(extra or {}))
             except SetupError as exc:
-                raise SetupError(f"{source}: {exc}", exc.field) from None
+                raise SetupError(str(exc) if source == "command line" else f"{source}: {exc}", exc.field) from None
             key = config_key(cfg.to_dict())
             if key not in seen:
                 seen.add(key)
@@ -387,6 +390,9 @@ def _optim_args_mapping(value: Any) -> dict[str, str]:
         text = str(item)
         head, sep, rest = text.partition(":")
         if sep and "=" not in head:
+            if head.strip().lower() == "family" and ":" in rest:  # 'family:NAME:ARGS'
+                name, _, rest = rest.partition(":")
+                head = f"family:{name.strip()}"
             out[head.strip().lower()] = rest
         else:
             out["*"] = text
@@ -395,7 +401,35 @@ def _optim_args_mapping(value: Any) -> dict[str, str]:
 
 def grid_from_mapping(data: dict, *, source: str = "grid") -> Grid:
     """Build a :class:`Grid` from a mapping with the :data:`GRID_KEYS` (hyphens or underscores); every
-    configuration it expands to is validated here, before anything runs."""
+    configuration it expands to is validated here, before anything runs. A bad value is a UserError led by
+    ``source`` (the sweep file, or ``command line``)."""
+    try:
+        return _grid_from_mapping(data, source)
+    except SetupError:
+        raise  # already names the source and its field
+    except UserError as exc:
+        text = str(exc)
+        named = text.startswith((f"{source}:", "--")) or source == "command line"
+        raise UserError(text if named else f"{source}: {text}") from None
+
+
+class _key:
+    """``with _key(source, name):`` -- a UserError raised inside is led by where the value came from: the flag
+    (``--batch-size``) on the command line, ``FILE: batch_size`` in a sweep file."""
+
+    def __init__(self, source: str, name: str):
+        self.where = f"--{name.replace('_', '-')}" if source == "command line" else f"{source}: {name}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, UserError) and not isinstance(exc, SetupError):
+            raise UserError(f"{self.where}: {exc}") from None
+        return False
+
+
+def _grid_from_mapping(data: dict, source: str) -> Grid:
     data = {str(k).replace("-", "_"): v for k, v in (data or {}).items() if v is not None}
     if "nproc" in data:
         data["num_processes"] = data.pop("nproc")
@@ -408,32 +442,74 @@ def grid_from_mapping(data: dict, *, source: str = "grid") -> Grid:
     if "shape" in data and ("batch_size" in data or "seq_len" in data):
         raise UserError(f"{source}: give either shape (BxS pairs) or batch_size/seq_len lists, not both")
     if "shape" in data:
-        shapes = [parse_shape(s) if not isinstance(s, (list, tuple)) else tuple(_positive_ints(s, "shape"))
-                  for s in _flatten(data["shape"])]
+        with _key(source, "shape"):
+            shapes = [parse_shape(s) if not isinstance(s, (list, tuple)) else tuple(_positive_ints(s, "shape"))
+                      for s in _flatten(data["shape"])]
+            if any(len(s) != 2 for s in shapes):
+                raise UserError(f"a shape is a (batch, sequence length) pair, got {data['shape']!r}")
     else:
-        batches = _positive_ints(data.get("batch_size", 2), "batch sizes") or [2]
-        seqs = _positive_ints(data.get("seq_len", 64), "sequence lengths") or [64]
+        with _key(source, "batch_size"):
+            batches = _positive_ints(data.get("batch_size", 2), "batch sizes") or [2]
+        with _key(source, "seq_len"):
+            seqs = _positive_ints(data.get("seq_len", 64), "sequence lengths") or [64]
         shapes = [(b, s) for b in batches for s in seqs]
-    grid = Grid(optims=select_optimizers(data["optim"]), shapes=shapes)
-    grid.axes = {f: _axis_values(f, data[f]) for f in AXES if f in data}
-    grid.axes = {f: v for f, v in grid.axes.items() if v}
+    named: set[str] = set()
+    with _key(source, "optim"):
+        grid = Grid(optims=select_optimizers(data["optim"], named), shapes=shapes, named=named)
+    axes = {}
+    for f in AXES:
+        if f in data:
+            with _key(source, f):
+                axes[f] = _axis_values(f, data[f])
+    grid.axes = {f: v for f, v in axes.items() if v}
     for name in ("steps", "warmup", "seed"):
         if name in data:
             value = data[name]
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise UserError(f"{source}: {name} must be an integer, got {value!r}")
+            with _key(source, name):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise UserError(f"{name} must be an integer, got {value!r}")
             grid.runs[name] = value
     if grid.runs["steps"] < 2:
-        raise UserError(f"{source}: steps must be at least 2 (step 0 has no optimizer state yet), got "
-                        f"{grid.runs['steps']}")
+        with _key(source, "steps"):
+            raise UserError(f"steps must be at least 2 (step 0 has no optimizer state yet), got {grid.runs['steps']}")
     if data.get("data"):
         grid.runs["data"] = data["data"]
-    grid.optim_args = _optim_args_mapping(data.get("optim_args"))
+    with _key(source, "optim_args"):
+        grid.optim_args = _optim_args_mapping(data.get("optim_args"))
+        _check_optim_args_targets(grid)
     grid.optim_target_modules = data.get("optim_target_modules")
     for model in grid.axes.get("model", []):
-        _canonical_check_model(model)
+        with _key(source, "model"):
+            _canonical_check_model(model)
     grid.configs(source=source)  # validates every configuration before any runs
     return grid
+
+
+def _check_optim_args_targets(grid: Grid) -> None:
+    """Every ``NAME:ARGS`` of ``optim_args`` names an optimizer or a family of the sweep (else the args would
+    be silently ignored)."""
+    from estimators import get_spec
+
+    fams = families()
+    specs = [get_spec(o) for o in grid.optims]
+    for target in grid.optim_args:
+        if target == "*":
+            continue
+        fam = target.split(":", 1)[1] if target.startswith("family:") else None
+        hit = any(target == s.name or (fam or target) == s.family for s in specs)
+        if hit:
+            continue
+        try:
+            what = f"optimizer {get_spec(target).name}" if fam is None else None
+        except UserError:
+            what = None
+        if what is None and (fam or target) in fams:
+            what = f"family {fam or target}"
+        if what is None:
+            raise UserError(f"optim_args for {target!r}: no optimizer or family of that name (see 'bench optims'); "
+                            "give NAME:ARGS with a name of the sweep, or ARGS for all of them")
+        raise UserError(f"optim_args for {what}, which is not in the sweep (optimizers: "
+                        f"{', '.join(grid.optims)}): the args would apply to nothing; drop them or add it to --optim")
 
 
 def _canonical_check_model(model: str) -> None:
@@ -448,7 +524,11 @@ def load_yaml(path: str | Path) -> dict:
 
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"sweep file {path} is not a YAML text file (byte {exc.start} is not UTF-8)") from None
+    except IsADirectoryError:
+        raise UserError(f"sweep file {path} is a directory: give a YAML file") from None
     except OSError as exc:
         raise UserError(f"cannot read sweep file {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:

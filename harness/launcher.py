@@ -50,10 +50,7 @@ def check_config(cfg: RunConfig) -> None:
     spec = get_spec(cfg.optim)
     if spec.availability == "removed":
         raise UserError(spec.reason)
-    cfg.check_trainable()
-    if cfg.warmup >= cfg.steps:
-        raise UserError(f"warmup ({cfg.warmup}) must be smaller than steps ({cfg.steps}): throughput is measured "
-                        "over the steps after warmup")
+    cfg.check_trainable()  # the setup's checks and the run's (RunConfig.check_trainable)
 
 
 def predict(cfg: RunConfig) -> dict[str, Any] | None:
@@ -85,7 +82,9 @@ def skip_reason(cfg: RunConfig, device: str) -> str | None:
     if device == "cpu" and not spec.runs_on_cpu:
         note = spec.cpu_note or "it needs CUDA"
         return f"{spec.name} cannot run on CPU: {note}"
-    return None
+    from harness.distributed import unsupported_reason
+
+    return unsupported_reason(cfg)
 
 
 def resolve_device(cfg: RunConfig) -> str:
@@ -119,7 +118,10 @@ def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault:
     ``command`` replaces ``[python, -m, harness.worker]`` (the job and result paths are appended): tests use
     it to stand in a worker that hangs or crashes.
     """
-    with tempfile.TemporaryDirectory(prefix="optimem-run-") as tmp:
+    from harness.worker import RUN_DIR_ENV, RUN_DIR_PREFIX
+
+    # ignore_cleanup_errors: a worker whose parent died removes the folder itself (see harness.worker)
+    with tempfile.TemporaryDirectory(prefix=RUN_DIR_PREFIX, ignore_cleanup_errors=True) as tmp:
         tmpdir = Path(tmp)
         job = tmpdir / "job.json"
         result = tmpdir / "result.json"
@@ -130,6 +132,7 @@ def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault:
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env[RUN_DIR_ENV] = str(tmpdir)
         start = time.perf_counter()
         with open(log, "wb") as logfh:
             argv = list(command or [sys.executable, "-m", "harness.worker"]) + [str(job), str(result)]
@@ -221,7 +224,12 @@ def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bo
                               predicted=predicted, env=env, run={**run_meta, "duration_s": 0.0})
         validate(record)
         return record
-    if isolate:
+    from harness import distributed
+
+    if distributed.is_distributed(cfg):  # torchrun, one worker per rank (always isolated)
+        outcome = distributed.launch(cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors,
+                                     on_start=on_start)
+    elif isolate:
         outcome = run_isolated(cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors, on_start=on_start)
     else:
         outcome = run_in_process(cfg, fault=fault, track_tensors=track_tensors)
@@ -234,7 +242,8 @@ def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bo
         status, payload["reason"] = "error", "the worker reported success without measurements"
     record = build_record(config=cfg.to_dict(), status=status, reason=payload.get("reason") or "",
                           measured=measured, predicted=predicted, env=env, run=run_meta,
-                          detail=payload.get("detail"))
+                          detail=payload.get("detail"),
+                          distributed=distributed.section(cfg, payload, timeout_s=timeout_s, device=device))
     validate(record)
     return record
 

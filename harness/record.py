@@ -4,15 +4,19 @@ A record holds ``schema_version``, ``run_id``, the full ``config``, ``status`` (
 ``skipped``, ``error``) with a one-line ``reason``, ``measured`` (bytes and seconds; ``null`` when
 nothing ran), ``predicted`` (``estimators.estimate(...).to_dict()`` for the same configuration, or
 ``null`` when the optimizer cannot be estimated), ``env`` (machine and package facts), ``run`` (launch
-facts) and ``detail`` (an error's traceback tail, else ``null``).
+facts), ``detail`` (an error's traceback tail, else ``null``) and, for a multi-process run only,
+``distributed`` (every rank's status and measurement beside the planner's per-rank prediction; ``measured``
+is then the rank with the highest peak).
 
 :func:`append_record` writes a record as one line with a single ``os.write`` on a descriptor opened
 with ``O_APPEND`` and fsyncs it, with SIGINT/SIGTERM/SIGHUP held for the duration: a file of records
-only ever gains whole lines. :func:`read_records` skips any line that does not parse (a file some other
-tool truncated).
+only ever gains whole lines. :func:`read_records` skips any line that is not a record it reads (cut off, not
+JSON, not matching the schema, of a newer schema version) and says so in one line.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 
@@ -24,6 +28,7 @@ import signal
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +75,7 @@ THROUGHPUT_SCHEMA: dict[str, Any] = {
         "warmup_steps": _INT, "measured_steps": _INT, "samples_per_s": _NUM_OR_NULL, "tokens_per_s": _NUM_OR_NULL,
         "step_time_s": _TIME_SUMMARY, "optimizer_step_time_s": _TIME_SUMMARY, "mfu": _NUM_OR_NULL,
         "flops_per_step": _NUM_OR_NULL, "peak_flops": _NUM_OR_NULL,
+        "all_step_times_s": {"type": "array", "items": {"type": "number", "minimum": 0}},
     },
 }
 
@@ -95,10 +101,14 @@ _OK_MEASURED: dict[str, Any] = {
     "required": ["phases", "optimizer_state_bytes"],
     "properties": {
         "optimizer_state_bytes": _INT,
-        "phases": {"type": "object",
-                   "required": ["model_load", "step0.forward", "step0.backward", "step0.optimizer_step"]},
+        "phases": {"type": "object", "required": ["step0.forward", "step0.backward", "step0.optimizer_step"]},
     },
 }
+
+RUN_SOURCES = ("bench", "callback")
+"""Who measured a run: the harness (``bench run`` / ``bench sweep``: ``run.source`` absent or ``bench``) or the
+:class:`harness.callback.MemoryCallback` inside the user's own Trainer (``callback``), which starts at
+``on_train_begin`` and so has no ``model_load`` phase."""
 
 CONFIG_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -140,6 +150,28 @@ ENV_SCHEMA: dict[str, Any] = {
     },
 }
 
+RANK_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["rank", "status", "reason", "measured"],
+    "properties": {"rank": _INT, "status": {"enum": list(STATUSES)}, "reason": {"type": "string"},
+                   "measured": {"anyOf": [{"type": "null"}, MEASURED_SCHEMA]}},
+}
+
+DISTRIBUTED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["scheme", "world_size", "ranks", "predicted"],
+    "properties": {
+        "scheme": {"enum": [s for s in SHARDINGS if s != "none"]},
+        "world_size": {"type": "integer", "minimum": 2}, "backend": {"type": "string"},
+        "launcher": {"type": "string"}, "command": {"type": ["string", "null"]},
+        "training_arguments": {"type": "object"}, "measured_rank": _INT_OR_NULL,
+        "ranks": {"type": "array", "items": RANK_SCHEMA},
+        "predicted": {"type": "object", "required": ["supported"]},
+    },
+}
+"""A multi-process run's ``distributed`` section (absent from single-process records): one entry per rank
+(its status and measurement) and the planner's per-rank prediction (``harness.distributed.section``)."""
+
 SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "optimem run record",
@@ -154,14 +186,23 @@ SCHEMA: dict[str, Any] = {
         "measured": {"anyOf": [{"type": "null"}, MEASURED_SCHEMA]},
         "predicted": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["model", "optim", "dtype", "bytes"],
                                                    "properties": {"bytes": {"type": "object",
-                                                                            "required": ["optimizer_state"]}}}]},
+                                                                            "required": ["optimizer_state"],
+                                                                            "additionalProperties": _INT_OR_NULL},
+                                                                  "phases": {"type": "object", "additionalProperties": {
+                                                                      "type": "object",
+                                                                      "additionalProperties": {"type": "integer"}}},
+                                                                  "peak_phase": {"type": ["string", "null"]}}}]},
         "env": ENV_SCHEMA,
-        "run": {"type": "object"},
+        "run": {"type": "object", "properties": {"source": {"enum": list(RUN_SOURCES)}}},
         "detail": {"type": ["string", "null"]},
+        "distributed": DISTRIBUTED_SCHEMA,
     },
     "allOf": [
         {"if": {"properties": {"status": {"const": "ok"}}},
          "then": {"properties": {"measured": _OK_MEASURED, "reason": {"type": "string"}}}},
+        {"if": {"properties": {"status": {"const": "ok"},
+                               "run": {"not": {"required": ["source"], "properties": {"source": {"const": "callback"}}}}}},
+         "then": {"properties": {"measured": {"properties": {"phases": {"required": ["model_load"]}}}}}},
         {"if": {"properties": {"status": {"enum": ["oom", "skipped", "error"]}}},
          "then": {"properties": {"reason": {"type": "string", "minLength": 1}}}},
     ],
@@ -170,9 +211,7 @@ SCHEMA: dict[str, Any] = {
 
 def validate(record: dict) -> None:
     """Raise ``jsonschema.ValidationError`` unless ``record`` matches :data:`SCHEMA`."""
-    import jsonschema
-
-    jsonschema.Draft202012Validator(SCHEMA).validate(record)
+    _validator(None).validate(record)
 
 
 def new_run_id() -> str:
@@ -180,11 +219,16 @@ def new_run_id() -> str:
 
 
 def build_record(*, config: dict, status: str, reason: str, measured: dict | None, predicted: dict | None,
-                 env: dict, run: dict | None = None, detail: str | None = None, run_id: str | None = None) -> dict:
-    """Assemble a record in the schema's key order (does not validate)."""
-    return {"schema_version": SCHEMA_VERSION, "run_id": run_id or new_run_id(), "status": status,
-            "reason": reason, "config": config, "measured": measured, "predicted": predicted, "env": env,
-            "run": run or {}, "detail": detail}
+                 env: dict, run: dict | None = None, detail: str | None = None, run_id: str | None = None,
+                 distributed: dict | None = None) -> dict:
+    """Assemble a record in the schema's key order (does not validate). ``distributed``: a multi-process
+    run's per-rank section (left out of single-process records)."""
+    record = {"schema_version": SCHEMA_VERSION, "run_id": run_id or new_run_id(), "status": status,
+              "reason": reason, "config": config, "measured": measured, "predicted": predicted, "env": env,
+              "run": run or {}, "detail": detail}
+    if distributed is not None:
+        record["distributed"] = distributed
+    return record
 
 
 def to_line(record: dict) -> bytes:
@@ -255,20 +299,212 @@ def append_record(path: str | os.PathLike, record: dict, *, validate_first: bool
     return path
 
 
-def read_records(path: str | os.PathLike) -> Iterator[dict]:
-    """Every record in a JSONL file, skipping blank and unparseable lines."""
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
+LOCK_SUFFIX = ".lock"
+
+
+@contextlib.contextmanager
+def lock_results(path: str | os.PathLike, holder: str = "bench sweep"):
+    """Hold an advisory lock (``fcntl.flock``) on a results file for a whole sweep: a second sweep on the same
+    file stops with a UserError naming the first (its pid) instead of running every configuration again.
+    The lock is on ``<path>.lock`` beside the file (the appends' own per-line lock is on the file itself:
+    ``bench run`` can still append while a sweep runs); the lock file is removed on exit, and a lock left by a
+    killed sweep is released by the kernel with its process."""
+    from estimators.errors import UserError
+
+    if fcntl is None:  # no advisory locks here (Windows): nothing to hold
+        yield None
+        return
+    lock = Path(f"{path}{LOCK_SUFFIX}")
+    if lock.parent and not lock.parent.exists():
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
+                who = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            finally:
+                os.close(fd)
+            raise UserError(f"{path} is being written by another sweep ({who}): wait for it to finish, or give "
+                            "another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed the lock file between our open and our lock: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder}, pid {os.getpid()}".encode(), 0)
+        yield lock
+    finally:
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+MAX_BATCH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["kind", "group_key", "label", "config", "max_batch_size", "probes"],
+    "properties": {
+        "kind": {"const": "max_batch"}, "group_key": {"type": "string", "minLength": 1}, "label": {"type": "string"},
+        "config": {"type": "object"}, "device": {"type": ["string", "null"]},
+        "memory_limit_bytes": _INT_OR_NULL, "max_batch_size": _INT_OR_NULL, "first_failing_batch": _INT_OR_NULL,
+        "capped": {"type": "boolean"}, "complete": {"type": "boolean"}, "reason": {"type": ["string", "null"]},
+        "peak_bytes_at_max": _INT_OR_NULL, "probes": {"type": "array", "items": {"type": "object"}},
+        "runs": _INT, "env": {"type": ["object", "null"]},
+    },
+}
+"""A max-batch search's summary line (``<results>.max-batch.jsonl``, written by ``bench sweep --find-max-batch``)."""
+
+
+@functools.cache
+def _validator(kind: str | None):
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(MAX_BATCH_SCHEMA if kind == "max_batch" else SCHEMA)
+
+
+def _why_invalid(obj: dict) -> str | None:
+    """Why ``obj`` is not a record this optimem can read (None: it is one): the first schema error, as
+    ``config.batch_size: 'abc' is not of type 'integer'``."""
+    kind = obj.get("kind")
+    if kind not in (None, "max_batch"):
+        return None  # another kind of line (a tool's own): passed on, readers pick what they know
+    errors = sorted(_validator(kind).iter_errors(obj), key=lambda e: (len(e.path), list(map(str, e.path))))
+    if not errors:
+        return None
+    e = errors[0]
+    where = ".".join(str(x) for x in e.absolute_path) or "the record"
+    msg = e.message if len(e.message) <= 120 else e.message[:117] + "..."
+    return f"{where}: {msg}"
+
+
+@dataclass
+class ReadReport:
+    """What a reader of one results file kept and left out: ``records`` kept; per reason, the line numbers
+    (1-based) of the lines skipped: ``torn`` (the file's last line, cut off mid-write: no newline, no whole
+    JSON), ``not_json`` (not JSON, not UTF-8, or not a JSON object), ``invalid`` (a record that does not match
+    :data:`SCHEMA`, with why) and ``future`` (a record of a newer ``schema_version`` than this optimem reads)."""
+
+    path: str
+    records: int = 0
+    torn: list[int] = field(default_factory=list)
+    not_json: list[int] = field(default_factory=list)
+    invalid: list[tuple[int, str]] = field(default_factory=list)
+    future: list[tuple[int, Any]] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.torn) + len(self.not_json) + len(self.invalid) + len(self.future)
+
+    def summary(self, *, with_path: bool = True) -> str | None:
+        """One line saying what was skipped and why (None when nothing was), led by the file's path."""
+        if not self.skipped:
+            return None
+
+        def at(lines: list[int]) -> str:
+            shown = ", ".join(str(n) for n in lines[:3]) + (", ..." if len(lines) > 3 else "")
+            return f"line{'s' if len(lines) > 1 else ''} {shown}"
+
+        parts = []
+        if self.torn:
+            parts.append(f"the last line cut off mid-write ({at(self.torn)}; left in place, it is never read)")
+        if self.not_json:
+            parts.append(f"{len(self.not_json)} not a JSON object ({at(self.not_json)})")
+        if self.invalid:
+            n, why = self.invalid[0]
+            parts.append(f"1 not a valid record (line {n}: {why})" if len(self.invalid) == 1 else
+                         f"{len(self.invalid)} not valid records ({at([i for i, _ in self.invalid])}; line {n}: {why})")
+        if self.future:
+            versions = sorted({str(v) for _, v in self.future})
+            parts.append(f"{len(self.future)} of schema_version {'/'.join(versions)}, newer than this optimem reads "
+                         f"({', '.join(map(str, SCHEMA_VERSIONS))}: update optimem) ({at([i for i, _ in self.future])})")
+        total = self.records + self.skipped
+        return (f"{self.path}: " if with_path else "") + f"skipped {self.skipped} of {total} lines: " + "; ".join(parts)
+
+
+_REPORTED: set[tuple] = set()
+
+
+def _report(report: ReadReport, key: tuple) -> None:
+    """Print the report's summary on stderr, once per file state (a command that reads a file twice says it
+    once)."""
+    import sys
+
+    line = report.summary()
+    if line and key not in _REPORTED:
+        _REPORTED.add(key)
+        print(f"bench: warning: {line}", file=sys.stderr)
+
+
+def read_records(path: str | os.PathLike, *, report: ReadReport | None = None, quiet: bool = False,
+                 check: bool = True) -> Iterator[dict]:
+    """Every record in a JSONL results file, in file order, skipping blank lines and, with ``check``, what is
+    not a record this optimem reads (lines cut off or not JSON, records that do not match :data:`SCHEMA` or
+    :data:`MAX_BATCH_SCHEMA`, records of a newer schema version). What was skipped is counted in ``report``
+    and, unless ``quiet``, said in one line on stderr when the file has been read to its end. Lines of other
+    ``kind`` s pass unchecked. UserError for a file that cannot be read or is not text at all."""
+    from estimators.errors import UserError
+
+    path = Path(path)
+    report = report if report is not None else ReadReport(str(path))
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        st = os.stat(path)
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory, not a results file (a JSONL file of records)") from None
+    except OSError as exc:
+        raise UserError(f"cannot read results file {path}: {exc.strerror or exc}") from None
+    head = data[:1 << 16]
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        raise UserError(f"{path} is not a results file: it is binary (byte {nul} is NUL), not JSONL text")
+    lines = data.split(b"\n")
+    last = len(lines) - 1
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(lines[0]) and not any(_parses(ln) for ln in lines[:50]):
+            raise UserError(f"{path} is not a results file: byte {exc.start} is not UTF-8 text (JSONL records "
+                            "are UTF-8)") from None
+    for i, raw in enumerate(lines):
+        text = raw.strip()
+        if not text:
+            continue
+        obj = _parses(text)
+        if not isinstance(obj, dict):
+            (report.torn if i == last and obj is None else report.not_json).append(i + 1)
+            continue
+        if check:
+            version = obj.get("schema_version")
+            if obj.get("kind") is None and isinstance(version, int) and not isinstance(version, bool) \
+                    and version > SCHEMA_VERSION:
+                report.future.append((i + 1, version))
                 continue
-            if isinstance(obj, dict):
-                yield obj
+            why = _why_invalid(obj)
+            if why is not None:
+                report.invalid.append((i + 1, why))
+                continue
+        report.records += 1
+        yield obj
+    if not quiet:
+        _report(report, (str(path.resolve()), st.st_size, st.st_mtime_ns))
 
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "STATUSES", "append_record", "build_record", "new_run_id", "read_records",
+def _parses(raw: bytes):
+    """The JSON value of one line (None when it is not JSON or not UTF-8)."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
+__all__ = ["LOCK_SUFFIX", "MAX_BATCH_SCHEMA", "RUN_SOURCES", "ReadReport", "SCHEMA", "SCHEMA_VERSION", "STATUSES",
+           "append_record", "build_record", "new_run_id", "read_records",
            "to_line", "validate"]

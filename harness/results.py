@@ -25,10 +25,12 @@ PEAK_KEYS: tuple[str, ...] = ("peak", "peak_total", "total_peak", "peak_bytes", 
 whole-job peak, once it estimates activations); without one the peak is the sum of the parts."""
 
 
-def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[dict]:
+def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, reports: list | None = None) -> list[dict]:
     """Every record in one or more JSONL files, file order kept; each gets ``_source`` (the file) and
-    ``_line`` (its position). Lines that do not parse and non-record lines (``kind`` set) are skipped."""
-    from harness.record import read_records
+    ``_line`` (its position). Lines that are not records this optimem reads are skipped (and said so on stderr:
+    see :func:`harness.record.read_records`; ``reports`` collects a :class:`~harness.record.ReadReport` per
+    file); non-record lines (``kind`` set) are left out."""
+    from harness.record import ReadReport, read_records
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -39,13 +41,24 @@ def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
             from estimators.errors import UserError
 
             raise UserError(f"no such results file: {path}")
-        for i, rec in enumerate(read_records(p)):
+        report = ReadReport(str(p))
+        if reports is not None:
+            reports.append(report)
+        for i, rec in enumerate(read_records(p, report=report)):
             if rec.get("kind") or "config" not in rec or "status" not in rec:
                 continue
             rec["_source"] = str(p)
             rec["_line"] = i
             out.append(rec)
     return out
+
+
+def none_read(paths: Iterable[str], reports: list) -> str:
+    """Why no run record came out of ``paths``: an empty file, or every line skipped (and why)."""
+    skipped = [f"{r.path} {r.summary(with_path=False)}" for r in reports if r.skipped]
+    if skipped:
+        return "no run record this optimem can read: " + "; ".join(skipped)
+    return f"no run records in {', '.join(map(str, paths))} (empty): run 'bench sweep' or 'bench run' first"
 
 
 def latest_by_key(records: Iterable[dict]) -> dict[str, dict]:
@@ -62,10 +75,24 @@ def resolved_device(record: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------- predicted
+def rank_prediction(record: dict) -> dict | None:
+    """A multi-process record's per-rank prediction (``distributed.predicted``, the planner's sharding
+    model), or None: single-process records, and schemes the planner has no figure for."""
+    pred = ((record.get("distributed") or {}).get("predicted") or {})
+    return pred if pred.get("supported") and isinstance(pred.get("peak_bytes"), (int, float)) else None
+
+
 def predicted_parts(record: dict) -> dict[str, int | None]:
     """Predicted bytes per breakdown category at the predicted peak (None where the estimator has no
     figure): the estimate's own breakdown of its peak phase (``phases[peak_phase]``) when it has one, else
-    its totals (on CUDA the optimizer state's device part only: host-kept state is not in device memory)."""
+    its totals (on CUDA the optimizer state's device part only: host-kept state is not in device memory).
+    A multi-process record's figures are the planner's per-rank ones (sharding overhead in ``other``)."""
+    rank = rank_prediction(record)
+    if rank is not None:
+        b = rank.get("breakdown") or {}
+        return {"weights": b.get("weights", 0), "gradients": b.get("gradients", 0),
+                "optimizer_state": b.get("optimizer_state", 0), "activations": b.get("activations", 0),
+                "other": b.get("temporaries", 0) + b.get("other", 0) + b.get("sharding_overhead", 0)}
     pred = record.get("predicted") or {}
     b = pred.get("bytes") or {}
     if not b:
@@ -95,6 +122,9 @@ def predicted_parts(record: dict) -> dict[str, int | None]:
 def predicted_peak(record: dict) -> tuple[int | None, bool]:
     """(predicted peak bytes, complete). ``complete`` is False when the estimate has no activation
     figure, so the value is the model states only (weights + gradients + optimizer state)."""
+    rank = rank_prediction(record)
+    if rank is not None:
+        return int(rank["peak_bytes"]), True
     pred = record.get("predicted") or {}
     b = pred.get("bytes") or {}
     for k in PEAK_KEYS:
@@ -193,7 +223,9 @@ def record_row(rec: dict) -> dict[str, Any]:
         "measured_peak": mpeak, "predicted_peak": ppeak, "predicted_peak_complete": complete,
         "peak_error_pct": pct_error(ppeak, mpeak),
         "measured_optimizer_state_total": m.get("optimizer_state_bytes"),
-        "predicted_optimizer_state_total": (pred.get("bytes") or {}).get("optimizer_state"),
+        "predicted_optimizer_state_total": (rank_prediction(rec) or {}).get(
+            "optimizer_state_bytes", (pred.get("bytes") or {}).get("optimizer_state")),
+        "num_processes": c.get("num_processes", 1), "sharding": c.get("sharding", "none"),
         "rss_peak": (m.get("peaks") or {}).get("rss_peak_bytes"),
         "samples_per_s": tp.get("samples_per_s"), "tokens_per_s": tp.get("tokens_per_s"),
         "step_time_p50": (tp.get("step_time_s") or {}).get("p50"),
@@ -238,6 +270,7 @@ NUMERIC_COLUMNS = ["batch_size", "seq_len", "grad_accum", "memory_limit_bytes", 
                    "tokens_per_s", "step_time_p50", "optimizer_step_time_p50", "duration_s"]
 
 
-__all__ = ["BREAKDOWN", "BREAKDOWN_LABELS", "PEAK_KEYS", "latest_by_key", "load_records", "measured_parts",
-           "pct_error", "peak_phase", "predicted_parts", "predicted_peak", "record_row", "resolved_device",
+__all__ = ["BREAKDOWN", "BREAKDOWN_LABELS", "PEAK_KEYS", "latest_by_key", "load_records", "measured_parts", "none_read",
+           "pct_error", "peak_phase", "predicted_parts", "predicted_peak", "rank_prediction", "record_row",
+           "resolved_device",
            "step_times", "to_frame"]

@@ -1,12 +1,13 @@
 """The harness's run configuration: a training setup plus what only a real run has (no torch import)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from estimators.errors import UserError
-from estimators.setup import TrainingSetup
+from estimators.setup import SetupError, TrainingSetup
 
 
 @dataclass(frozen=True)
@@ -29,15 +30,40 @@ class RunConfig(TrainingSetup):
         for name in ("steps", "warmup", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise UserError(f"{name} must be an integer, got {value!r}")
+                raise SetupError(f"{name} must be an integer, got {value!r}", name)
         if self.steps < 1:
-            raise UserError(f"steps must be a positive integer, got {self.steps!r}")
+            raise SetupError(f"steps must be a positive integer, got {self.steps!r}", "steps")
         if self.warmup < 0:
-            raise UserError(f"warmup must be a non-negative integer, got {self.warmup!r}")
-        if self.data is not None and not Path(self.data).is_file():
-            raise UserError(f"--data {self.data}: no such file (give a local text or JSONL file)")
+            raise SetupError(f"warmup must be a non-negative integer, got {self.warmup!r}", "warmup")
+        if not 0 <= self.seed < 2**32:
+            raise SetupError(f"seed must be an integer in [0, 2**32) (what numpy's seeding takes), got {self.seed!r}",
+                             "seed")
+        if self.data is not None and (not isinstance(self.data, str) or not Path(self.data).is_file()):
+            raise SetupError(f"{self.data}: no such file (give a local text or JSONL file)", "data")
         if not isinstance(self.extra, dict):
             raise UserError(f"extra must be a mapping, got {self.extra!r}")
+
+    def check_trainable(self, inventory=None) -> None:
+        """The setup's checks (:meth:`TrainingSetup.check_trainable`), then what a measured run needs besides:
+        warmup steps shorter than the run, a ``data`` file with text in it, and a vocabulary with room for
+        the synthetic token ids (:data:`FIRST_SYNTHETIC_ID` up)."""
+        from estimators.model_check import check_model_config
+
+        super().check_trainable(inventory)
+        if self.warmup >= self.steps:
+            raise SetupError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps}): throughput is "
+                             "measured over the steps after warmup", "warmup")
+        if self.data is not None:
+            try:
+                data_tokens(self.data)
+            except UserError as exc:
+                raise SetupError(str(exc), "data") from None
+            return
+        vocab = check_model_config(self.model).get("vocab_size")
+        if vocab is not None and vocab <= FIRST_SYNTHETIC_ID:
+            raise SetupError(f"{self.model}: vocab_size {vocab} leaves no token ids for synthetic data (ids "
+                             f"{FIRST_SYNTHETIC_ID} and up; ids below are kept for special tokens): give a vocab_size "
+                             f"above {FIRST_SYNTHETIC_ID}, or --data FILE", "model")
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "extra": dict(self.extra)}
@@ -51,4 +77,54 @@ class RunConfig(TrainingSetup):
         return self.device
 
 
-__all__ = ["RunConfig"]
+FIRST_SYNTHETIC_ID = 3
+"""Synthetic batches draw token ids from ``[FIRST_SYNTHETIC_ID, vocab_size)`` (the ids below are BOS/EOS/PAD in
+most vocabularies)."""
+
+
+@functools.lru_cache(maxsize=8)
+def _tokens(path: str, mtime_ns: int, size: int) -> tuple[int, ...]:
+    import json
+
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a text file (byte {exc.start} is not UTF-8); give a UTF-8 text or "
+                        "JSONL file") from None
+    if path.endswith(".jsonl"):
+        parts = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                raise UserError(f"{path}: line {i} is not JSON (a .jsonl data file holds one JSON object "
+                                "per line, with a 'text' field)") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise UserError(f"{path}: line {i} has no 'text' string (each line: {{\"text\": \"...\"}})")
+            parts.append(obj["text"])
+        text = "\n".join(parts)
+    tokens = tuple(text.encode("utf-8"))
+    if not tokens:
+        raise UserError(f"{path}: holds no text to train on (an empty file); give a file with text, or "
+                        "leave --data out for synthetic tokens")
+    return tokens
+
+
+def data_tokens(path: str) -> list[int]:
+    """The byte-level token ids of a local text file, or of the ``text`` fields of a ``.jsonl`` file (what a run
+    with ``data`` trains on). UserError for a file that cannot be read, is not UTF-8, or holds no text."""
+    try:
+        st = Path(path).stat()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    return list(_tokens(str(path), st.st_mtime_ns, st.st_size))
+
+
+__all__ = ["FIRST_SYNTHETIC_ID", "RunConfig", "data_tokens"]

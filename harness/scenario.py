@@ -7,6 +7,7 @@ synthetic token ids (or a local text/JSONL file); the optimizer is chosen exactl
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import tempfile
 from typing import Any
@@ -17,7 +18,7 @@ from estimators import get_spec
 from estimators.catalog import resolve
 from estimators.inventory import TORCH_DTYPE_NAMES, instantiate
 from estimators.optimizers import parse_optim_args
-from harness.run_config import RunConfig
+from harness.run_config import FIRST_SYNTHETIC_ID, RunConfig, data_tokens
 
 
 class SyntheticTokens(torch.utils.data.Dataset):
@@ -32,7 +33,7 @@ class SyntheticTokens(torch.utils.data.Dataset):
             reps = (n * seq_len) // max(len(stream), 1) + 1
             self.ids = stream.repeat(reps)[: n * seq_len].view(n, seq_len)
         else:
-            self.ids = torch.randint(3, vocab_size, (n, seq_len), generator=g)
+            self.ids = torch.randint(FIRST_SYNTHETIC_ID, vocab_size, (n, seq_len), generator=g)
         self.encoder_decoder = encoder_decoder
         self.labels = torch.randint(0, num_labels, (n,), generator=g) if num_labels else None
 
@@ -43,17 +44,6 @@ class SyntheticTokens(torch.utils.data.Dataset):
         ids = self.ids[i]
         labels = self.labels[i] if self.labels is not None else ids.clone()
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
-
-def _read_text_tokens(path: str) -> list[int]:
-    """Byte-level token ids of a local text or JSONL file (the 'text' field of each JSONL line)."""
-    import json
-
-    with open(path, encoding="utf-8") as fh:
-        raw = fh.read()
-    if path.endswith(".jsonl"):
-        raw = "\n".join(str(json.loads(line).get("text", "")) for line in raw.splitlines() if line.strip())
-    return list(raw.encode("utf-8"))
 
 
 def flash_optimizer_cls_and_kwargs(name: str, optim_args: dict[str, Any], lr: float):
@@ -111,20 +101,32 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
     model = model if model is not None else build_model(cfg)
     device = cfg.resolved_device()
     n_samples = cfg.batch_size * cfg.grad_accum * max(cfg.steps, 1)
-    tokens = _read_text_tokens(cfg.data) if cfg.data else None
+    tokens = data_tokens(cfg.data) if cfg.data else None
     classify = cfg.task == "sequence-classification"
     data = SyntheticTokens(n_samples, cfg.seq_len, model.config.vocab_size, cfg.seed,
                            bool(getattr(model.config, "is_encoder_decoder", False)), tokens,
                            num_labels=int(model.config.num_labels) if classify else None)
     lr = 1e-4
+    owned = None
+    if output_dir is None:
+        # the Trainer makes its output_dir even with save_strategy="no": inside the launcher's run folder (removed
+        # with it), else a temporary folder removed with the Trainer
+        from harness.worker import RUN_DIR_ENV
+
+        run_dir = os.environ.get(RUN_DIR_ENV)
+        output_dir = os.path.join(run_dir, "trainer") if run_dir and os.path.isdir(run_dir) else \
+            (owned := tempfile.mkdtemp(prefix="optimem-trainer-"))
     kwargs: dict[str, Any] = dict(
-        output_dir=output_dir or tempfile.mkdtemp(prefix="optimem-"),
+        output_dir=output_dir,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         max_steps=cfg.steps, learning_rate=lr, report_to="none", save_strategy="no", logging_strategy="no",
         disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False, seed=cfg.seed,
         use_cpu=device == "cpu", gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=cfg.mixed_precision == "bf16", fp16=cfg.mixed_precision == "fp16",
     )
+    from harness.distributed import rank_training_arguments
+
+    kwargs.update(rank_training_arguments(cfg, model))
     optimizer_cls_and_kwargs = None
     if spec.trainer_name:
         kwargs["optim"] = spec.name
@@ -135,8 +137,14 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
         resolved = spec.resolve_args(parse_optim_args(cfg.optim_args))
         optimizer_cls_and_kwargs = flash_optimizer_cls_and_kwargs(spec.name, resolved, lr)
     args = TrainingArguments(**kwargs)
-    return Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
-                   optimizer_cls_and_kwargs=optimizer_cls_and_kwargs, callbacks=callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
+                      optimizer_cls_and_kwargs=optimizer_cls_and_kwargs, callbacks=callbacks)
+    if owned is not None:
+        import shutil
+        import weakref
+
+        weakref.finalize(trainer, shutil.rmtree, owned, True)
+    return trainer
 
 
 def unwrap_optimizer(optimizer):

@@ -290,6 +290,9 @@ class Sweep:
         self.existing = read_existing(self.out)
         self.done = existing_counts(self.out, skip_errors=opts.retry_failed) if opts.resume else {}
         self.outcome = SweepOutcome(out=self.out)
+        self.rescued: Path | None = None
+        self.write_error: str | None = None
+        self.write_failures = 0
 
     # --------------------------------------------------------------------------------- one run
     def _on_start(self, proc) -> None:
@@ -427,12 +430,10 @@ class Sweep:
         return run
 
     def _commit(self, item: tuple) -> None:
-        from harness.record import append_record
-
         kind = item[0]
         if kind == "record":
             _, record, advance, result = item
-            append_record(self.out, record)
+            self._append(self.out, record)
             self.existing[record_key(record)] = record
             self.outcome.statuses[record["status"]] = self.outcome.statuses.get(record["status"], 0) + 1
             if result is not None:
@@ -445,7 +446,7 @@ class Sweep:
                 self.reporter.line(run_line(record, reused=True), advance=1)
         elif kind == "max_batch":
             _, summary = item
-            append_record(max_batch_path(self.out), summary, validate_first=False)
+            self._append(max_batch_path(self.out), summary, validate_first=False)
             self.outcome.max_batch.append(summary)
             if self.reporter:
                 self.reporter.line(max_batch_line(summary), advance=1)
@@ -457,6 +458,23 @@ class Sweep:
         elif kind == "note":
             if self.reporter:
                 self.reporter.note(item[1])
+
+    def _append(self, path: Path, record: dict, **kw) -> None:
+        """Append a finished record; when its file cannot be written (a full disk, a file removed under the
+        sweep), write it to a fallback file instead (:func:`harness.paths.rescue_record`) and go on: a
+        measurement is never lost. ``rescued`` / ``write_error`` / ``write_failures`` say what happened."""
+        from harness.paths import rescue_record
+        from harness.record import append_record
+
+        try:
+            append_record(path, record, **kw)
+        except OSError as exc:
+            self.write_failures += 1
+            self.write_error = f"{exc.strerror or exc}"
+            self.rescued = rescue_record(record, path, exc, name=f"sweep-{self.sweep_id}") or self.rescued
+            if self.reporter:
+                self.reporter.note(f"bench sweep: could not append to {path} ({self.write_error}): record kept in "
+                                   f"{self.rescued or 'nothing (printed in the summary only)'}")
 
     # --------------------------------------------------------------------------------- sweeps
     def should_skip(self, key: str) -> dict | None:

@@ -24,6 +24,11 @@ import traceback
 from typing import Any
 
 FAULT_ENV = "OPTIMEM_FAULT"
+RUN_DIR_PREFIX = "optimem-run-"
+"""The launcher's per-run temporary folder (job, result, log, the Trainer's output_dir): the worker removes it
+when the launcher dies before it could."""
+RUN_DIR_ENV = "OPTIMEM_RUN_DIR"
+"""Set by the launcher for the worker: the run's temporary folder (the Trainer's output_dir goes inside)."""
 STEP_COMPILED_PACKAGES = frozenset({"torchao", "flashoptim"})
 """Optimizers whose ``step()`` runs ``torch.compile(fullgraph=True)``, which refuses to trace under a
 Python dispatch mode: the tensor accountant is paused around their step."""
@@ -152,6 +157,11 @@ class MeasuredRun:
         self.state_before: int | None = None
         self.state_after_step: list[int] = []
         self.grads_at_step: list[int] = []
+        from harness.distributed import RankView, is_distributed
+
+        self.shard = RankView(cfg) if is_distributed(cfg) else None
+        self.device_index = self.shard.local_rank if self.shard is not None else 0
+        self.model_states_at_step: list[dict[str, int]] = []
 
     # --------------------------------------------------------------------------------------- setup
     def _init_cuda(self) -> str | None:
@@ -161,16 +171,17 @@ class MeasuredRun:
         try:
             from harness.trackers.nvml import NvmlSampler
 
-            self.nvml = NvmlSampler()  # idle baseline, read before CUDA is initialised
+            self.nvml = NvmlSampler(self.device_index)  # idle baseline, read before CUDA is initialised
         except Exception as exc:
             self.notes.append(f"NVML unavailable ({_first_line(exc, 120)}): no driver-level memory figures")
         try:
             from harness.trackers.cuda import device_facts
 
             torch.cuda.init()
+            torch.cuda.set_device(self.device_index)
             torch.zeros(1, device="cuda")
             torch.cuda.synchronize()
-            self.facts.update(device_facts(0))
+            self.facts.update(device_facts(self.device_index))
         except Exception as exc:
             if self.nvml is not None:
                 self.nvml.stop()
@@ -196,7 +207,7 @@ class MeasuredRun:
         if self.track_tensors:
             self.acct = trackers["tensors"] = TensorAccountant(self.device, self.classify)
         if self.device == "cuda":
-            self.cuda = trackers["cuda"] = CudaAllocatorTracker(0)
+            self.cuda = trackers["cuda"] = CudaAllocatorTracker(self.device_index)
         trackers["rss"] = self.rss
         if self.nvml is not None:
             trackers["nvml"] = self.nvml
@@ -220,7 +231,8 @@ class MeasuredRun:
         from harness.scenario import unwrap_optimizer
 
         opt = getattr(self.trainer, "optimizer", None) if self.trainer is not None else None
-        return unwrap_optimizer(opt) if opt is not None else None
+        opt = unwrap_optimizer(opt) if opt is not None else None
+        return self.shard.optimizer(opt) if self.shard is not None and opt is not None else opt
 
     def classify(self) -> dict[str, list]:
         """For the accountant at each phase end: parameters, buffers, gradients, optimizer state. The
@@ -232,11 +244,13 @@ class MeasuredRun:
             return {}
         out: dict[str, list] = {"parameters": self.params, "buffers": self.buffers,
                                 "gradients": [p.grad for p in self.params if p.grad is not None]}
+        if self.shard is not None:
+            out.update(self.shard.categories())
         opt = self._optimizer()
         current = self.recorder.current
         if opt is not None and not (current is not None and current.kind == "forward"):
             collected: list = []
-            self.last_state = measure_optimizer_state(opt, exclude=self.params, collect=collected)
+            self.last_state = measure_optimizer_state(opt, exclude=self._state_exclude(), collect=collected)
             self.last_state_phase = current.label if current is not None else None
             out["optimizer_state"] = collected
         return out
@@ -250,16 +264,44 @@ class MeasuredRun:
             return None
         if reuse_phase is not None and self.last_state_phase == reuse_phase:
             return self.last_state
-        return measure_optimizer_state(opt, exclude=self.params)
+        return measure_optimizer_state(opt, exclude=self._state_exclude())
 
-    def on_boundary(self, event: str, step: int) -> None:
-        """Called by :class:`PhaseCallback` at the Trainer's step boundaries."""
+    def _state_exclude(self) -> list:
+        """What the state walker must not count: the parameters (and a sharded run's local shards and
+        master partitions)."""
+        if self.shard is None:
+            return self.params
+        cats = self.shard.categories()
+        return self.params + cats["parameters"]
+
+    def _engine_step(self, when: str) -> None:
+        """A DeepSpeed engine's step (called from inside the Trainer's backward) is the optimizer-step phase."""
+        step = self.recorder.step
+        if when == "pre":
+            self.recorder.switch("optimizer_step", step)
+            self.on_boundary("pre_optimizer_step", step, engine=True)
+        else:
+            self.on_boundary("optimizer_step", step, engine=True)
+
+    def on_boundary(self, event: str, step: int, engine: bool = False) -> None:
+        """Called by :class:`PhaseCallback` at the Trainer's step boundaries (and by a DeepSpeed engine's
+        step, ``engine=True``: then the Trainer's own optimizer-step events, which follow it, are ignored)."""
+        if self.shard is not None and self.shard.engine_step and not engine and \
+                event in ("pre_optimizer_step", "optimizer_step"):
+            return
         if event == "train_begin":
+            if self.shard is not None:
+                self.params = self.shard.attach(self.trainer, self.model, self._engine_step,
+                                                on_resize=self.acct.storage_resized if self.acct else None)
             self.timer.train_begin()
             m = self.measure_state()
             self.state_before = m.total if m is not None else 0
         elif event == "pre_optimizer_step":
-            self.grads_at_step.append(_unique_storage_bytes(p.grad for p in self.params))
+            if self.shard is not None:
+                self.model_states_at_step.append(self.shard.model_states(None))
+                self.grads_at_step.append(self.model_states_at_step[-1]["gradients"])
+            else:
+                self.grads_at_step.append(_unique_storage_bytes(p.grad for p in self.params))
             self.timer.pre_optimizer_step()
             if self.pause_for_step:
                 self.acct.pause()
@@ -327,7 +369,7 @@ class MeasuredRun:
         if self.nvml is not None:
             self.nvml.stop()
         return {"status": status, "reason": reason, "measured": self.measured(wall), "device_facts": self.facts,
-                "detail": detail}
+                "detail": detail, "ended_at": time.time()}
 
     # ------------------------------------------------------------------------------------- figures
     def _throughput(self) -> dict[str, Any]:
@@ -375,7 +417,7 @@ class MeasuredRun:
         else:
             peak_bytes = int(rss.peak_bytes)
         grads = max(self.grads_at_step, default=0)
-        if acct is not None:
+        if acct is not None and self.shard is None:
             grads = max(grads, int(acct.category_peaks.get("gradients", 0)))
         return {
             "device": self.device,
@@ -383,7 +425,8 @@ class MeasuredRun:
             "peak_bytes": peak_bytes,
             "peaks": peaks,
             "phases": self.recorder.phases(),
-            "parameters_bytes": _unique_storage_bytes(self.params),
+            "parameters_bytes": (_unique_storage_bytes(self.params) if self.shard is None else
+                                 self.shard.parameter_bytes()),
             "buffers_bytes": _unique_storage_bytes(self.buffers),
             "gradients_bytes": int(grads),
             "optimizer_state_bytes": int(state.total) if state is not None else None,
@@ -396,24 +439,54 @@ class MeasuredRun:
             "tracker": {"tensor_accounting": acct is not None, "tensor_ops_seen": acct.ops_seen if acct else 0,
                         "tensor_tracked_steps": min(self.tracked_steps, self.recorder.step) if acct else 0},
             "notes": self.notes,
+            **(self._rank_figures(state) if self.shard is not None else {}),
         }
 
+    def _rank_figures(self, state) -> dict[str, Any]:
+        """A sharded run's rank, and its model states at the optimizer step (the most seen over the steps,
+        each figure on its own; bytes)."""
+        states: dict[str, int] = {}
+        for m in self.model_states_at_step:
+            for k, v in m.items():
+                states[k] = max(states.get(k, 0), int(v))
+        states["optimizer_state"] = int(state.total) if state is not None else 0
+        return {"rank": self.shard.rank, "world_size": self.shard.world_size, "model_states": states}
 
-def _watch_parent(parent: int) -> None:
-    """Exit if the launching process goes away (so an orphaned run never keeps training)."""
+
+PARENT_DEATH_SIGNAL = signal.SIGUSR2
+"""What the kernel sends the worker when the thread that launched it dies (PR_SET_PDEATHSIG): a signal the
+launcher never sends itself (its timeout kill is SIGTERM, then SIGKILL), so the worker knows what it means."""
+
+
+def _watch_parent(parent: int, run_dir: str | None = None) -> None:
+    """Exit if the launching process goes away (so an orphaned run never keeps training), first removing the
+    run's temporary folder ``run_dir``: a launcher killed with SIGKILL cannot remove it itself. The kernel
+    sends :data:`PARENT_DEATH_SIGNAL` when the launching thread dies; a thread also checks the parent every
+    0.5 s (the signal waits while the main thread is inside a long C call)."""
+    import shutil  # imported before the handler exists: a handler that imports can deadlock an import under way
+
+    once = threading.RLock()  # the watch thread and the signal handler never remove the folder at the same time
+
+    def orphaned(*_) -> None:
+        with once:
+            if run_dir:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            os._exit(3)
+
     with contextlib.suppress(Exception):
         import ctypes
 
         libc = ctypes.CDLL(None)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        signal.signal(PARENT_DEATH_SIGNAL, orphaned)
+        libc.prctl(1, PARENT_DEATH_SIGNAL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:
-        os._exit(3)
+        orphaned()
 
     def loop() -> None:
         while True:
             time.sleep(0.5)
             if os.getppid() != parent:
-                os._exit(3)
+                orphaned()
 
     threading.Thread(target=loop, name="optimem-parent-watch", daemon=True).start()
 
@@ -434,12 +507,23 @@ def main(argv: list[str] | None = None) -> int:
     config_path, result_path = argv
     with open(config_path) as fh:
         job = json.load(fh)
-    if job.get("parent_pid"):
-        _watch_parent(int(job["parent_pid"]))
+    from harness.distributed import rank_info, rank_result_path
+
+    rank, _, world = rank_info()
+    if world > 1:  # one rank of a torchrun launch: its parent is torchrun's agent; its result is its own
+        _watch_parent(os.getppid())
+        result_path = rank_result_path(result_path, rank)
+        fault = (job.get("rank_faults") or {}).get(str(rank))
+    else:
+        if job.get("parent_pid"):
+            run_dir = os.path.dirname(os.path.abspath(config_path))
+            _watch_parent(int(job["parent_pid"]),
+                          run_dir if os.path.basename(run_dir).startswith(RUN_DIR_PREFIX) else None)
+        fault = job.get("fault")
     from harness.scenario import RunConfig
 
     cfg = RunConfig.from_dict(job["config"])
-    result = run_measured(cfg, fault=job.get("fault"), track_tensors=job.get("track_tensors"))
+    result = run_measured(cfg, fault=fault, track_tensors=job.get("track_tensors"))
     _write_json_atomic(result_path, result)
     sys.stdout.flush()
     sys.stderr.flush()

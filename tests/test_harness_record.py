@@ -68,12 +68,16 @@ def test_append_writes_one_line_per_record_and_refuses_invalid(tmp_path):
     assert len(path.read_text().splitlines()) == 2
 
 
-def test_append_after_a_torn_line_starts_a_fresh_line(tmp_path):
+def test_append_after_a_torn_line_starts_a_fresh_line(tmp_path, capsys):
     path = tmp_path / "runs.jsonl"
-    path.write_text('{"whole": 1}\n{"torn": ')
+    whole = skipped_record()
+    path.write_bytes(rec.to_line(whole) + b'{"torn": ')
     r = skipped_record()
     append_record(path, r)
-    assert list(read_records(path)) == [{"whole": 1}, r]
+    report = rec.ReadReport(str(path))
+    assert list(read_records(path, report=report)) == [whole, r]
+    assert report.not_json == [2] and report.records == 2  # the torn line is now a line of its own, skipped
+    assert "skipped 1 of 3 lines: 1 not a JSON object (line 2)" in capsys.readouterr().err
 
 
 def test_sigint_during_the_write_is_held_until_the_line_is_whole(tmp_path, monkeypatch):

@@ -91,7 +91,7 @@ def test_70b_inventory_is_cached():
 @pytest.mark.parametrize("content,needle", [
     ('{"hidden_size": 8}', "no 'model_type'"),
     ('{"model_type": "no-such-model"}', "not known to this transformers"),
-    ('[1, 2', "cannot read model config"),
+    ('[1, 2', "is not valid JSON"),
     ('[1, 2]', "is not a transformers config"),
 ])
 def test_bad_configs_raise_one_line_user_errors(tmp_path, content, needle):

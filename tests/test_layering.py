@@ -63,7 +63,7 @@ def test_the_cli_and_the_api_build_the_same_setup():
     ({"optim": "adamw_torch", "optim_args": "rank=4"}, "not read by adamw_torch"),
     ({"optim_target_modules": "(unclosed"}, "bad optim_target_modules regex"),
     ({"freeze": "[x"}, "bad freeze regex"),
-    ({"num_processes": 2}, "needs a sharding scheme"),
+    ({"num_processes": 2}, "need a sharding scheme"),
     ({"sharding": "zero4"}, "sharding must be one of"),
     ({"task": "translation"}, "task must be one of"),
     ({"optim": "galore_adamw_layerwise", "optim_target_modules": "all-linear", "grad_accum": 2},

@@ -105,39 +105,48 @@ def _terms(optim: str, sharding: str, n: int = 8, **kw) -> dict[str, int]:
 
 
 def test_sharded_adamw_matches_deepspeed_and_fsdp_by_hand():
-    """Llama-3-8B, fp32 weights + bf16 autocast, AdamW, 8 GPUs. P = 8,030,261,248; per GPU:
+    """Llama-3-8B, fp32 weights + bf16 autocast, AdamW, 8 GPUs. P = 8,030,261,248 (every dimension divides by
+    8: no padding); per GPU, as the engines cut the parameter list (measured on CPU ranks in fp32:
+    tests/test_distributed.py):
     DDP: 4P weights + 4P grads + 8P state + 4P gradient buckets = 20P.
-    ZeRO-1 (DeepSpeed bf16): 2P bf16 weights + 2P bf16 grads + (4P master + 4P fp32 grads + 8P state)/8.
-    ZeRO-2: 2P + (2P + 4P + 4P + 8P)/8 = 2P + 18P/8 (DeepSpeed's own estimate).
-    ZeRO-3: (2P + 4P + 2P + 8P)/8 + 4 B x one sub-group (1e9 elements < P/8) of fp32 gradients
-            + 2 x 2 B x the largest module (DeepSpeed's 4 x largest layer params)
-    FSDP2: (4P + 4P + 8P)/8 + 2 x 2 B x the largest unit (lm_head + final norm), gathered in bf16."""
+    ZeRO-1/2 (DeepSpeed bf16): 2P bf16 flat weights + 4P/8 fp32 master + 8P/8 state + the bf16 gradient
+    partition (views of whole gradients: a parameter across a partition edge is held whole) + its 4P/8 fp32 copy
+    in the step.
+    ZeRO-3: 2P/8 bf16 partitions + the persistent small parameters whole + 4P/8 master + 2P/8 bf16 gradient
+    partition + one fp32 sub-group (1e9 elements < P/8) in the step + 8P/8 state; gathered: up to
+    stage3_max_live_parameters (1e9) bf16 parameters; a hidden² bucket.
+    FSDP2: (4P + 4P + 8P)/8 + the largest unit (lm_head + final norm) gathered in bf16 (one copy; the
+    phases count how many)."""
     n = 8
     ddp = _terms("adamw_torch", "ddp")
     assert ddp == {"weights": 4 * P8, "master_weights": 0, "gradients": 4 * P8, "grad_partition_fp32": 0,
-                   "optimizer_state": 8 * P8, "gathered_working_set": 0, "ddp_buckets": 4 * P8}
-    z1 = _terms("adamw_torch", "zero1")
-    assert z1 == {"weights": 2 * P8, "master_weights": 4 * P8 // n, "gradients": 2 * P8,
-                  "grad_partition_fp32": 4 * P8 // n, "optimizer_state": 8 * P8 // n, "gathered_working_set": 0,
-                  "ddp_buckets": 0}
-    z2 = _terms("adamw_torch", "zero2")
-    assert z2["gradients"] == 2 * P8 // n and sum(z2.values()) == 2 * P8 + 18 * P8 // n
+                   "optimizer_state": 8 * P8, "gathered_working_set": 0, "ddp_buckets": 4 * P8, "grad_buckets": 0}
+    biggest_layer_param = 4096 * 14336
+    for stage in ("zero1", "zero2"):
+        z = _terms("adamw_torch", stage)
+        assert z["weights"] == 2 * P8 and z["master_weights"] == 4 * P8 // n == z["grad_partition_fp32"]
+        assert z["optimizer_state"] == 8 * P8 // n
+        assert 2 * P8 // n <= z["gradients"] <= 2 * (P8 // n + 2 * EMBED8)
     z3 = _terms("adamw_torch", "zero3")
-    assert z3["weights"] == 2 * P8 // n and z3["gathered_working_set"] == 4 * EMBED8
-    assert z3["grad_partition_fp32"] == 4 * P.ZERO3_SUB_GROUP < 4 * P8 // n
-    assert sum(z3.values()) == 16 * P8 // n + 4 * P.ZERO3_SUB_GROUP + 4 * EMBED8
+    persistent = 65 * 4096  # the norms (< 10 x hidden elements)
+    assert z3["weights"] == 2 * (P8 // n + persistent) and z3["master_weights"] == 4 * P8 // n
+    assert z3["gradients"] == 2 * P8 // n and z3["grad_partition_fp32"] == 4 * P.ZERO3_SUB_GROUP < 4 * P8 // n
+    assert z3["gathered_working_set"] == 2 * P.ZERO3_MAX_LIVE and z3["grad_buckets"] == 2 * 4096 ** 2
     assert _terms("adamw_torch", "zero3", 64)["grad_partition_fp32"] == 4 * math.ceil(P8 / 64)
+    assert biggest_layer_param < EMBED8
     fsdp = _terms("adamw_torch", "fsdp")
     assert fsdp == {"weights": 4 * P8 // n, "master_weights": 0, "gradients": 4 * P8 // n, "grad_partition_fp32": 0,
-                    "optimizer_state": 8 * P8 // n, "gathered_working_set": 2 * 2 * (EMBED8 + 4096), "ddp_buckets": 0}
+                    "optimizer_state": 8 * P8 // n, "gathered_working_set": 2 * (EMBED8 + 4096), "ddp_buckets": 0,
+                    "grad_buckets": 0}
     # One GPU: nothing sharded.
     assert _terms("adamw_torch", "none", 1) == {**ddp, "ddp_buckets": 0}
 
 
 def test_sharding_uses_each_optimizers_own_state():
     n = 8
-    single = estimate(LLAMA3, "adamw_bnb_8bit").bytes["optimizer_state_device"]
-    assert _terms("adamw_bnb_8bit", "fsdp")["optimizer_state"] == math.ceil(single / n)
+    assert not P.sharding_support("adamw_bnb_8bit", "fsdp", n)[0]  # bitsandbytes cannot step FSDP2's DTensors
+    single = estimate(LLAMA3, "adamw_torch_4bit").bytes["optimizer_state_device"]
+    assert _terms("adamw_torch_4bit", "fsdp")["optimizer_state"] == pytest.approx(single / n, rel=1e-3)
     # ZeRO's flat fp32 partitions: blockwise 8-bit codes + one fp32 absmax per 256 elements, 2 states, plus
     # the optimizer's quantization maps; the Trainer's 32-bit embedding override is not needed to match.
     z = _terms("adamw_bnb_8bit", "zero2")["optimizer_state"]
@@ -147,13 +156,13 @@ def test_sharding_uses_each_optimizers_own_state():
     af1 = estimate(LLAMA3, "adafactor").bytes["optimizer_state_device"]
     assert af1 < P8 * 0.01
     assert _terms("adafactor", "zero1")["optimizer_state"] == 4 * (P8 // n) + 2 * 4  # exp_avg_sq + RMS per group
-    assert _terms("adafactor", "fsdp")["optimizer_state"] == math.ceil(af1 / n)
+    assert not P.sharding_support("adafactor", "fsdp", n)[0]  # transformers' Adafactor cannot step DTensors
     # Host-resident state is not GPU memory.
     assert _terms("grokadamw", "zero2")["optimizer_state"] == 0
     assert _terms("grokadamw", "ddp")["optimizer_state"] == 0
-    # Pure fp32 training under ZeRO: no master copy, fp32 grads.
+    # Pure fp32 training under ZeRO: DeepSpeed still keeps an fp32 master partition (a copy), fp32 grads.
     z2 = _terms("adamw_torch", "zero2", mixed_precision=None)
-    assert z2["weights"] == 4 * P8 and z2["master_weights"] == 0 and z2["gradients"] == 4 * P8 // n
+    assert z2["weights"] == 4 * P8 and z2["master_weights"] == 4 * P8 // n and z2["gradients"] >= 4 * P8 // n
 
 
 def test_what_cannot_run_sharded():
@@ -232,6 +241,6 @@ def test_cli_rejects_bad_input(capsys):
 
     for argv, msg in ((["--gpus", "v100"], "not in the catalog"), (["--num-gpus", "0"], "at least 1"),
                       (["--headroom", "1.5"], "headroom"), (["--optim", "adamw_hf"], "removed"),
-                      (["--num-gpus", "4", "--sharding", "none"], "needs a sharding")):
+                      (["--num-gpus", "4", "--sharding", "none"], "need a sharding")):
         assert main(["plan", "--model", "tiny-llama", *argv]) == 2, argv
         assert msg in capsys.readouterr().err

@@ -17,7 +17,8 @@ FIGURES = ("predicted_vs_measured", "memory_breakdown", "throughput_vs_memory")
 
 def committed_results() -> Path:
     """The newest committed results file (results/<machine>-<date>.jsonl)."""
-    files = sorted(p for p in (ROOT / "results").glob("*.jsonl") if not p.name.endswith(".max-batch.jsonl"))
+    files = sorted(p for p in (ROOT / "results").glob("*.jsonl")
+                   if not p.name.endswith((".max-batch.jsonl", "-distributed.jsonl")))
     assert files, "results/ holds no committed results file"
     return files[-1]
 
@@ -36,6 +37,17 @@ def assert_drawn(path: Path) -> None:
     assert w >= 600 and h >= 300 and path.stat().st_size > 20_000
     pixels = mpimg.imread(path)
     assert pixels.std() > 0.05
+
+
+def test_plot_reads_multi_process_records(tmp_path, capsys):
+    """The committed multi-process file plots too (per-rank predictions; failed FSDP2 runs listed)."""
+    src = ROOT / "results" / "cpu-amd-epyc-2026-12-01-distributed.jsonl"
+    assert main(["plot", str(src), "--out", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    df = to_frame(load_records(src))
+    assert out["records"] == len(df) and (df.num_processes == 2).all()
+    ok = df[df.status == "ok"]
+    assert (ok.peak_error_pct.abs() < 1).all()  # against the planner's per-rank peak
 
 
 def test_plot_committed_results(tmp_path, capsys):

@@ -26,4 +26,5 @@ def non_negative_int(text: str) -> int:
 
 
 def positive_seconds(text: str) -> float:
-    return _number(text, float, lambda v: v > 0, "a positive number of seconds")
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a positive number of seconds")
+

@@ -10,13 +10,16 @@ import json
 import sys
 from pathlib import Path
 
+from estimators.errors import UserError
+from harness.commands.argtypes import positive_int
+
 
 def _pct(text: str) -> float:
     try:
         value = float(text.rstrip("%"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a percentage, got {text!r}") from None
-    if value < 0:
+    if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a non-negative percentage, got {text!r}")
     return value
 
@@ -51,7 +54,7 @@ def register(sub) -> None:
                    help="smallest slowdown of the median step time that counts, percent (default 10)")
     p.add_argument("--alpha", type=_alpha, default=0.05, help="significance level of the throughput test "
                                                                "(default 0.05)")
-    p.add_argument("--min-samples", type=int, default=3, metavar="N",
+    p.add_argument("--min-samples", type=positive_int, default=3, metavar="N",
                    help="step-time samples needed on each side to gate throughput (default 3)")
     p.add_argument("--allow-env-mismatch", action="store_true",
                    help="compare records from different environments anyway (differences are listed)")
@@ -67,27 +70,37 @@ def main(args: argparse.Namespace) -> int:
     from harness.compare import Tolerances, compare_records, markdown_report, text_report
     from harness.results import load_records
 
+    if args.markdown is not None and args.markdown != "-":
+        from harness.paths import check_output_file
+
+        check_output_file(args.markdown, "--markdown", what="Markdown file", example="report.md")
     tol = Tolerances(memory_pct=args.memory_tolerance, throughput_pct=args.throughput_tolerance, alpha=args.alpha,
-                     min_samples=max(1, args.min_samples))
-    cmp = compare_records(load_records(args.baseline), load_records(args.current), tol,
+                     min_samples=args.min_samples)
+    from harness.results import none_read
+
+    sides = {}
+    for label, path in (("BASELINE", args.baseline), ("CURRENT", args.current)):
+        reports: list = []
+        sides[label] = load_records(path, reports=reports)
+        if not sides[label]:
+            raise UserError(f"{label}: {none_read([path], reports)}")
+    cmp = compare_records(sides["BASELINE"], sides["CURRENT"], tol,
                           allow_env_mismatch=args.allow_env_mismatch, baseline_path=args.baseline,
                           current_path=args.current)
-    if args.markdown:
-        md = markdown_report(cmp)
-        if args.markdown == "-":
-            sys.stdout.write(md)
-        else:
-            path = Path(args.markdown)
-            append = os.environ.get("GITHUB_STEP_SUMMARY") and path.resolve() == Path(
-                os.environ["GITHUB_STEP_SUMMARY"]).resolve()
-            if path.parent and not path.parent.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a" if append else "w", encoding="utf-8") as fh:
-                fh.write(md)
+    if args.markdown == "-":
+        sys.stdout.write(markdown_report(cmp))
     if args.json:
         print(json.dumps(cmp.to_dict(), indent=2, default=str))
     elif args.markdown != "-":
         print(text_report(cmp))
+    if args.markdown and args.markdown != "-":  # after the report is out: a failing write loses nothing
+        path = Path(args.markdown)
+        append = os.environ.get("GITHUB_STEP_SUMMARY") and path.resolve() == Path(
+            os.environ["GITHUB_STEP_SUMMARY"]).resolve()
+        if path.parent and not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a" if append else "w", encoding="utf-8") as fh:
+            fh.write(markdown_report(cmp))
     if cmp.refused:
         fields = ", ".join(sorted({m["field"] for m in cmp.env_mismatches}))
         print(f"bench compare: error: the records come from different environments ({fields}); rerun the baseline "

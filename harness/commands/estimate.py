@@ -44,9 +44,12 @@ def expand_optims(values: list[str] | None, *, all_includes_unavailable: bool = 
             if item.lower() == "all":
                 batch = names(include_unavailable=all_includes_unavailable)
             else:
-                spec = get_spec(item)
+                try:
+                    spec = get_spec(item)
+                except UserError as exc:
+                    raise UserError(f"--optim: {exc}") from None
                 if spec.availability != "ok":
-                    raise UserError(spec.reason)
+                    raise UserError(f"--optim {item}: {spec.reason}")
                 batch = [spec.name]
             out.extend(n for n in batch if n not in out)
     if not out:
@@ -54,9 +57,25 @@ def expand_optims(values: list[str] | None, *, all_includes_unavailable: bool = 
     return out
 
 
+def _check_gpu(name: str | None) -> None:
+    """``--gpu`` names a GPU with calibrated CUDA constants (else the defaults would be used without a word)."""
+    if name is None:
+        return
+    from estimators.cuda_overhead import calibrated_gpus
+
+    known = calibrated_gpus()
+    if name not in known:
+        have = ", ".join(known) if known else "none yet"
+        raise UserError(f"--gpu {name!r}: no calibrated CUDA constants for that device name (calibrated: {have}); "
+                        "leave --gpu out for the defaults, or fit them: python -m harness.calibrate cuda RUNS.jsonl "
+                        "--write")
+
+
 def main(args: argparse.Namespace) -> int:
     optims = expand_optims(args.optim)
+    _check_gpu(args.gpu)
     base = TrainingSetup(**setup_kwargs(args, exclude=("optim", "optim_args", "optim_target_modules")))
+    base.check_trainable()  # the model config and the sequence length, once, before any optimizer
     targets = setup_kwargs(args).get("optim_target_modules")
     inv = build_inventory(base.model)
     results, skipped = [], []
@@ -129,6 +148,11 @@ def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> 
             "activations", "peak", "at"] + (["on device"] if cuda else []) + ["notes"]
     table = format_table(cols, rows, align="lrrrrrrrrl" + ("r" if cuda else "") + "l")
     lines = [head, _settings_line(setup), "", table]
+    from estimators.catalog import resolve
+
+    source = resolve(inv.model)  # resolved once per process already: no second Hub request
+    if source.origin == "hub":
+        lines.insert(1, source.describe())
     if skipped:
         lines.append("")
         lines.append("not estimated:")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
+from pathlib import Path
 
 from estimators import UserError, get_spec
 from estimators import planner as P
@@ -68,6 +69,37 @@ def _check_args(args) -> None:
         raise UserError(f"--headroom is a fraction in [0, 1), got {args.headroom}")
     if not 0 < args.mfu <= 1:
         raise UserError(f"--mfu is a fraction in (0, 1], got {args.mfu}")
+    if args.plot is not None:
+        from harness.paths import check_output_file, check_output_suffix
+
+        check_output_suffix(check_output_file(args.plot, "--plot", what="image file", text=False,
+                                              example="plan.png"), "--plot", PLOT_SUFFIXES)
+    for f in args.results or []:
+        if not Path(f).is_file():
+            raise UserError(f"--results {f}: no such results file (give JSONL files written by 'bench run' or "
+                            "'bench sweep', or leave --results out for results/*.jsonl)")
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+"""What ``--plot`` can write (matplotlib picks the format from the name)."""
+
+
+def _result_records(files: list[str], *, given: bool) -> list[dict]:
+    """The run records of the calibration files (read by the harness's reader, which says what it skipped; a
+    default results/*.jsonl file that cannot be read is passed over with a word)."""
+    import sys
+
+    from harness.record import read_records
+
+    out: list[dict] = []
+    for f in files:
+        try:
+            out.extend(r for r in read_records(f) if not r.get("kind"))
+        except UserError as exc:
+            if given:
+                raise UserError(f"--results: {exc}") from None
+            print(f"bench plan: warning: {exc} (not used to calibrate MFU)", file=sys.stderr)
+    return out
 
 
 def build_plan(args) -> dict:
@@ -79,12 +111,13 @@ def build_plan(args) -> dict:
     kw = setup_kwargs(args, exclude=("optim", "optim_args", "optim_target_modules", "gradient_checkpointing"))
     kw["sharding"] = args.sharding or ("none" if args.num_processes == 1 else "ddp")
     base = TrainingSetup(**kw)
+    base.check_trainable()  # the model config and the sequence length, once, before any optimizer is planned
     base = replace(base, model=resolve(base.model).name)
     model, mp, sharding = base.model, base.mixed_precision, base.sharding
     inv = P._inventory(model, base.dtype)
     facts = P.model_facts(inv)
     files = [] if args.no_calibrate else (args.results or [str(p) for p in P.default_result_files()])
-    calibration = P.calibrate(files, catalog) if files else {}
+    calibration = P.calibrate(_result_records(files, given=bool(args.results)), catalog) if files else {}
     rows: list[P.PlanRow] = []
     skipped: list[dict] = []
     for optim in optims:
@@ -374,14 +407,14 @@ def to_json(plan) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     plan = build_plan(args)
-    if args.plot:
-        from harness.plan_plots import plot_plan
-
-        plot_plan(plan, args.plot)
     if args.json:
         print(json.dumps(to_json(plan), indent=2, default=str))
     else:
         print(render(plan))
-        if args.plot:
+    if args.plot:  # after the plan is printed: a failing write loses nothing computed
+        from harness.plan_plots import plot_plan
+
+        plot_plan(plan, args.plot)
+        if not args.json:
             print(f"\nplots written to {args.plot}")
     return 0

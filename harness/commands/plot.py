@@ -34,12 +34,17 @@ def register(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from harness.paths import check_output_dir
     from harness.plots import ok_rows, write_all
     from harness.record import read_records
     from harness.results import load_records, to_frame
     from harness.sweep import max_batch_path
 
-    records = load_records(args.results)
+    reports: list = []
+    records = load_records(args.results, reports=reports)
+    given = args.out is not None
+    out = check_output_dir(args.out if given else Path(args.results[0]).resolve().parent / "plots",
+                           "--out" if given else "the default --out (beside the first results file)")
     summaries: list[dict] = []
     mb_files = [Path(f) for f in (args.max_batch or [])] or [max_batch_path(f) for f in args.results]
     for f in mb_files:
@@ -47,11 +52,12 @@ def main(args: argparse.Namespace) -> int:
             latest = {r.get("group_key"): r for r in read_records(f) if r.get("kind") == "max_batch"}
             summaries += list(latest.values())
         elif args.max_batch:
-            raise UserError(f"no such max-batch file: {f}")
+            raise UserError(f"--max-batch {f}: no such max-batch file")
     if not records and not summaries:
-        raise UserError(f"no records in {', '.join(args.results)}: run 'bench sweep' or 'bench run' first")
+        from harness.results import none_read
+
+        raise UserError(none_read(args.results, reports))
     df = to_frame(records, latest=not args.all_records)
-    out = Path(args.out) if args.out else Path(args.results[0]).resolve().parent / "plots"
     paths = write_all(df, out, sources=[str(Path(s)) for s in args.results], summaries=summaries,
                       report=not args.no_report)
     ok = ok_rows(df)

@@ -16,6 +16,7 @@ from estimators.errors import UserError
 from estimators.setup import DEFAULT_TARGETS
 from harness.commands.argtypes import DEFAULT_OUT, positive_int, non_negative_int, positive_seconds
 from harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
+from harness.paths import check_output_file, rescue_record
 from harness.run_config import RunConfig
 from harness.units import human_bytes
 
@@ -33,7 +34,7 @@ def register(sub) -> None:
                     "append one JSON record to the results file.",
         epilog="Exit status: 0 ok or skipped, 1 error, 3 out of memory, 2 bad input, 130 interrupted.")
     add_setup_arguments(p, defaults={**field_defaults(RunConfig), "optim": None},
-                        exclude=("num_processes", "sharding"), required=("optim",),
+                        required=("optim",),
                         help_suffix={"optim_target_modules": f"(default for those: {DEFAULT_TARGETS})"})
     p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, metavar="N",
                    help=f"optimizer steps (default {DEFAULT_STEPS}; at least 2 so the steady state shows)")
@@ -41,7 +42,7 @@ def register(sub) -> None:
                    help=f"steps left out of the throughput figures (default {DEFAULT_WARMUP})")
     p.add_argument("--data", default=None, metavar="FILE", help="train on a local text or JSONL ('text') file "
                                                                 "(byte tokens) instead of synthetic tokens")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0, metavar="N")
     p.add_argument("--timeout", type=positive_seconds, default=1200.0, metavar="SECONDS",
                    help="kill the run after this long (default 1200)")
     p.add_argument("--track-tensors", choices=["auto", "on", "off"], default="auto",
@@ -61,7 +62,10 @@ def config_from_args(args: argparse.Namespace):
         raise UserError(f"--steps must be at least 2 (got {args.steps}): step 0 has no optimizer state yet, the "
                         "steady state starts at step 1")
     kw = setup_kwargs(args)
-    spec = get_spec(kw["optim"])
+    try:
+        spec = get_spec(kw["optim"])
+    except UserError as exc:
+        raise UserError(f"--optim: {exc}") from None
     if spec.needs_target_modules and not kw.get("optim_target_modules"):
         kw["optim_target_modules"] = DEFAULT_TARGETS
     cfg = RunConfig(**kw, steps=args.steps, warmup=args.warmup, seed=args.seed, data=args.data)
@@ -78,6 +82,8 @@ def main(args: argparse.Namespace) -> int:
     from harness.record import append_record
 
     cfg = config_from_args(args)
+    if not args.no_save:
+        check_output_file(args.out, "--out", what="results file (.jsonl)")
     track = {"auto": None, "on": True, "off": False}[args.track_tensors]
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -85,9 +91,15 @@ def main(args: argparse.Namespace) -> int:
             raise _Terminated()
 
         previous = signal.signal(signal.SIGTERM, _term)
+    failed = None
     try:
         record = execute(cfg, timeout_s=args.timeout, track_tensors=track)
-        saved = None if args.no_save else append_record(args.out, record)
+        saved = None
+        if not args.no_save:
+            try:
+                saved = append_record(args.out, record)
+            except OSError as exc:  # the measurement is done: keep it somewhere, say where
+                failed = (exc, rescue_record(record, args.out, exc))
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -97,6 +109,12 @@ def main(args: argparse.Namespace) -> int:
         print(render(record, saved=str(saved) if saved else None))
     if record["status"] in ("oom", "error"):
         print(f"bench run: {record['status']}: {record['reason']}", file=sys.stderr)
+    if failed is not None:
+        exc, rescued = failed
+        where = f"it was written to {rescued} instead" if rescued else "it is printed above, and nowhere else"
+        print(f"bench run: error: could not append the record to --out {args.out} ({exc.strerror or exc}): "
+              f"{where}", file=sys.stderr)
+        return EXIT_CODES["error"]
     return EXIT_CODES[record["status"]]
 
 
@@ -131,6 +149,8 @@ def _header(record: dict) -> list[str]:
         extra.append("gradient checkpointing")
     status = {"ok": "ok", "skipped": "skipped", "oom": "OUT OF MEMORY", "error": "ERROR"}[record["status"]]
     took = f", {run['duration_s']:.1f} s" if run.get("duration_s") else ""
+    if c.get("num_processes", 1) > 1:
+        shape += f", {c['num_processes']} processes, {c.get('sharding')}"
     return [f"bench run: {c['optim']} on {c['model']}: {status}",
             f"  {device} ({env.get('device_name') or 'unknown device'}), {precision}, {shape}, "
             f"{c['steps']} steps ({c['warmup']} warmup){took}" + (", " + ", ".join(extra) if extra else "")]
@@ -151,7 +171,13 @@ def render(record: dict, saved: str | None = None) -> str:
             if record["status"] == "skipped" and pred:
                 console.print(f"  predicted optimizer state: {human_bytes(pb.get('optimizer_state'))} "
                               f"(run 'bench estimate --optim {record['config']['optim']}' for the whole prediction)")
-        if m:
+        if record.get("distributed"):
+            console.print()
+            console.print(_rank_table(record))
+        if m and record.get("distributed"):
+            console.print()
+            console.print(_phase_table(m))
+        elif m:
             console.print()
             console.print(_memory_table(m, pb))
             console.print()
@@ -183,6 +209,21 @@ def _memory_table(m: dict, pb: dict):
             ("whole-step peak", "peak_bytes", "peak"))
     for label, mk, pk in rows:
         t.add_row(f"  {label}", human_bytes(m.get(mk)), human_bytes(pb.get(pk)), _pct(m.get(mk), pb.get(pk)))
+    return t
+
+
+def _rank_table(record: dict):
+    """Per rank: measured against the planner's per-rank prediction."""
+    from harness.distributed import rank_rows
+
+    d = record["distributed"]
+    t = _table(f"  per rank ({d.get('backend')})", "peak", "predicted", "error",
+               "gradients", "predicted", "opt. state", "predicted")
+    for r in rank_rows(record):
+        err = _pct(r["peak"], r["peak_predicted"]) if r["status"] == "ok" else r["status"]
+        t.add_row(f"  rank {r['rank']}", human_bytes(r["peak"]), human_bytes(r["peak_predicted"]), err,
+                  human_bytes(r["gradients"]), human_bytes(r["gradients_predicted"]),
+                  human_bytes(r["optimizer_state"]), human_bytes(r["optimizer_state_predicted"]))
     return t
 
 

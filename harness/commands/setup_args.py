@@ -39,6 +39,10 @@ def add_setup_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
             continue
         default = defaults.get(field)
         text = flag.help + (f" {suffix[field]}" if field in suffix else "")
+        if field == "model":
+            parser.add_argument("--revision", dest="revision", default=None, metavar="REV",
+                                help="for a Hugging Face Hub model: the branch, tag or commit hash of its config.json "
+                                     "(the same as --model org/name@REV; default: the repo's default branch)")
         if flag.listed:
             parser.add_argument(*flag.names, dest=field, nargs="+", default=default, metavar=flag.metavar, help=text)
             continue
@@ -74,6 +78,21 @@ def add_setup_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
                                 help=f"short for --mixed-precision {name} (TrainingArguments({name}=True))")
 
 
+def apply_revision(args: argparse.Namespace) -> None:
+    """Fold ``--revision REV`` into the model name(s): ``org/name`` becomes ``org/name@REV``, the one form the
+    setup, the estimator and the records know (UserError for a model that is not a Hub id)."""
+    revision = getattr(args, "revision", None)
+    if revision is None:
+        return
+    from estimators.hub import pin_revision
+
+    model = getattr(args, "model", None)
+    if isinstance(model, list):
+        args.model = [pin_revision(m, revision) for m in model]
+    else:
+        args.model = pin_revision(model if model is not None else "", revision)
+
+
 def setup_kwargs(args: argparse.Namespace, *, exclude: Iterable[str] = ()) -> dict[str, Any]:
     """The setup fields the namespace holds, as keyword arguments (fields left at None are left out, so the
     setup class's default applies; ``optim_target_modules`` lists of one element become the element)."""
@@ -89,4 +108,4 @@ def setup_kwargs(args: argparse.Namespace, *, exclude: Iterable[str] = ()) -> di
     return out
 
 
-__all__ = ["SWITCH_VALUES", "add_setup_arguments", "field_defaults", "setup_kwargs"]
+__all__ = ["SWITCH_VALUES", "add_setup_arguments", "apply_revision", "field_defaults", "setup_kwargs"]

@@ -110,34 +110,60 @@ def _mapping(args: argparse.Namespace) -> dict:
 
 
 def _settings(data: dict, args: argparse.Namespace):
-    from harness.grid import parse_size
     from harness.sweep import DEFAULT_MAX_BATCH_CAP, SweepOptions
 
+    def where(name: str) -> str:
+        """The flag, or the sweep file's key, that gave a setting."""
+        return f"--{name.replace('_', '-')}" if getattr(args, name, None) not in (None, False) or not args.config \
+            else f"{args.config}: {name}"
+
     def num(name, kind, default):
-        value = data.get(name, default)
+        raw = data.get(name, default)
+        what = "a positive integer" if kind is int else "a positive number"
+        if raw is None:
+            return None
         try:
-            value = kind(value) if value is not None else None
-        except (TypeError, ValueError):
-            raise UserError(f"{name.replace('_', '-')} must be a number, got {data.get(name)!r}") from None
-        if value is not None and value <= 0:
-            raise UserError(f"{name.replace('_', '-')} must be positive, got {value!r}")
+            value = kind(raw)
+        except (TypeError, ValueError, OverflowError):
+            raise UserError(f"{where(name)} must be {what}, got {raw!r}") from None
+        if isinstance(raw, bool) or not 0 < value < float("inf") or (kind is int and float(raw) != value):
+            raise UserError(f"{where(name)} must be {what}, got {raw!r}")
         return value
 
     track = data.get("track_tensors", "auto")
-    track = {"auto": None, "on": True, "off": False, True: True, False: False, None: None}.get(track, "bad")
+    track = {"auto": None, "on": True, "off": False, True: True, False: False, None: None}.get(track, "bad") \
+        if isinstance(track, (str, bool, type(None))) else "bad"
+    for name in ("resume", "retry_failed", "find_max_batch"):
+        if not isinstance(data.get(name, False), bool):
+            raise UserError(f"{where(name)} must be true or false, got {data[name]!r}")
+    out = data.get("out")
+    out = DEFAULT_OUT if out is None else out
+    if not isinstance(out, str) or not out.strip():
+        raise UserError(f"{where('out')} must be a results file path, got {out!r}")
     if track == "bad":
-        raise UserError(f"track-tensors must be auto, on or off, got {data.get('track_tensors')!r}")
+        raise UserError(f"{where('track_tensors')} must be auto, on or off, got {data.get('track_tensors')!r}")
     faults = {}
     for item in args.fault:
         name, _, fault = item.partition("=")
         faults[name.strip()] = fault.strip()
     return SweepOptions(
-        out=Path(data.get("out") or DEFAULT_OUT), resume=bool(data.get("resume")),
+        out=Path(out), resume=bool(data.get("resume")),
         retry_failed=bool(data.get("retry_failed")), timeout_s=num("timeout", float, 1200.0),
         jobs=num("jobs", int, 1), threads=num("threads", int, None), track_tensors=track,
-        memory_limit=parse_size(data["memory_limit"]) if data.get("memory_limit") is not None else None,
+        memory_limit=_memory_limit(data.get("memory_limit"), where("memory_limit")),
         find_max_batch=bool(data.get("find_max_batch")), max_batch_cap=num("max_batch_cap", int, DEFAULT_MAX_BATCH_CAP),
         repeat=num("repeat", int, 1), faults=faults, progress=args.progress)
+
+
+def _memory_limit(value, where: str) -> int | None:
+    from harness.grid import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
 class _Terminated(KeyboardInterrupt):
@@ -148,17 +174,17 @@ class _Terminated(KeyboardInterrupt):
 def main(args: argparse.Namespace) -> int:
     from harness.grid import config_key, config_label, grid_from_mapping
     from harness.launcher import check_config, resolve_device
-    from harness.sweep import Reporter, Sweep, group_key
+    from harness.sweep import group_key
 
     data = _mapping(args)
     if not data.get("optim"):
         raise UserError("no optimizers: give --optim NAME (repeatable; a family; or all), or a --config file")
+    if data.get("retry_failed") and not data.get("resume"):
+        raise UserError("--retry-failed reruns the configurations a results file holds as errors: it needs --resume")
     grid = grid_from_mapping(data, source=args.config or "command line")
     opts = _settings(data, args)
     extra = {"memory_limit_bytes": opts.memory_limit} if opts.memory_limit is not None else {}
-    configs = grid.configs(extra=extra, source=args.config or "command line")
-    for cfg in configs:
-        check_config(cfg)
+    configs = _runnable(grid, grid.configs(extra=extra, source=args.config or "command line"), check_config)
     devices = {resolve_device(c) for c in configs}
     if opts.jobs > 1 and "cuda" in devices:
         raise UserError("--jobs above 1 would share the GPU between runs (their out-of-memory points and timings "
@@ -177,11 +203,27 @@ def main(args: argparse.Namespace) -> int:
                 bases.append(cfg)
                 starts.append(cfg.batch_size)
 
+    if opts.find_max_batch and opts.repeat > 1:
+        raise UserError("--repeat does not apply to --find-max-batch (each probe runs once)")
     if args.dry_run:
         return _dry_run(args, opts, configs, bases, config_key, config_label, resolve_device)
 
-    if opts.find_max_batch and opts.repeat > 1:
-        raise UserError("--repeat does not apply to --find-max-batch (each probe runs once)")
+    from harness.paths import check_output_file
+    from harness.record import lock_results
+
+    check_output_file(opts.out, "--out", what="results file (.jsonl)")
+    if opts.find_max_batch:
+        from harness.sweep import max_batch_path
+
+        check_output_file(max_batch_path(opts.out), "--out (its max-batch file)", what="results file (.jsonl)")
+    with lock_results(opts.out, "bench sweep"):
+        return _run(args, opts, configs, bases, starts)
+
+
+def _run(args: argparse.Namespace, opts, configs: list, bases: list, starts: list[int]) -> int:
+    """The sweep proper (the results file locked for this sweep)."""
+    from harness.sweep import Reporter, Sweep
+
     total = len(bases) if opts.find_max_batch else len(configs) * opts.repeat
     threads_env = _thread_env(opts)
     previous = None
@@ -225,8 +267,37 @@ def main(args: argparse.Namespace) -> int:
         print(f"bench sweep: interrupted; {done} of {len(outcome.results) or total} recorded in {opts.out}: run the "
               "same command with --resume to finish", file=sys.stderr)
         return 130
+    if sweep.write_failures:
+        where = f"they were written to {sweep.rescued} instead" if sweep.rescued else \
+            "no fallback file could be written either: the summary above is all there is"
+        print(f"bench sweep: error: {sweep.write_failures} record(s) could not be appended to {opts.out} "
+              f"({sweep.write_error}): {where}", file=sys.stderr)
+        return 1
     counts = outcome.counts()
     return 1 if counts.get("error") else 0
+
+
+def _runnable(grid, configs: list, check_config) -> list:
+    """The configurations the Trainer would take, checked before anything is listed or run. One it refuses
+    is an error when its optimizer was named; one of a family or of ``all`` is left out, with a note per
+    optimizer on stderr (a family's member that cannot train this setup is not a failed run)."""
+    out, left_out = [], {}
+    for cfg in configs:
+        try:
+            check_config(cfg)
+        except UserError as exc:
+            if cfg.optim in grid.named:
+                raise
+            left_out.setdefault(cfg.optim, exc)
+            continue
+        out.append(cfg)
+    for optim, exc in left_out.items():
+        from harness.cli import _flagged
+
+        print(f"bench sweep: note: leaving out {optim} (from a family or 'all'): {_flagged(exc)}", file=sys.stderr)
+    if not out:
+        raise UserError("nothing to run: every configuration was left out (see the notes above)")
+    return out
 
 
 def _thread_env(opts) -> dict:
@@ -281,7 +352,7 @@ def _dry_run(args, opts, configs, bases, config_key, config_label, resolve_devic
 
 # ---------------------------------------------------------------------------------------- output
 def _run_summary(result) -> dict:
-    from harness.results import predicted_peak
+    from harness.results import predicted_peak, rank_prediction
 
     rec = result.record
     c = result.config.to_dict()
@@ -297,7 +368,8 @@ def _run_summary(result) -> dict:
             "reason": rec.get("reason"), "reused": result.reused, "run_id": rec.get("run_id"),
             "measured_peak_bytes": m.get("peak_bytes"), "predicted_peak_bytes": pred,
             "predicted_peak_complete": complete, "optimizer_state_bytes": m.get("optimizer_state_bytes"),
-            "predicted_optimizer_state_bytes": ((rec.get("predicted") or {}).get("bytes") or {}).get("optimizer_state"),
+            "predicted_optimizer_state_bytes": (rank_prediction(rec) or {}).get(
+                "optimizer_state_bytes", ((rec.get("predicted") or {}).get("bytes") or {}).get("optimizer_state")),
             "tokens_per_s": tp.get("tokens_per_s"), "duration_s": (rec.get("run") or {}).get("duration_s")}
 
 

@@ -165,7 +165,9 @@ class PhaseCallback(TrainerCallback):
         self.recorder.switch("forward", 0)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.recorder.switch("optimizer_step", self.recorder.step)
+        cur = self.recorder.current
+        if cur is None or cur.kind != "optimizer_step":  # a DeepSpeed engine's step may have begun it already
+            self.recorder.switch("optimizer_step", self.recorder.step)
         self.on_boundary("pre_optimizer_step", self.recorder.step)
 
     def on_optimizer_step(self, args, state, control, **kwargs):

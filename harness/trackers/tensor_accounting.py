@@ -210,6 +210,13 @@ class TensorAccountant(TorchDispatchMode):
             self._free(st._cdata)
             self._add(st, st._cdata, st.nbytes(), rec.cat)
 
+    def storage_resized(self, t: torch.Tensor) -> None:
+        """Account a storage that code grew or shrank in place below the dispatcher
+        (``untyped_storage().resize_``: FSDP2's unsharded parameters), as a free of the old size and an
+        allocation of the new one."""
+        if self._active and not self._stopped:
+            self._resized(t)
+
     # ----------------------------------------------------------------------------- categories
     def _set_cat(self, rec: _Rec, cat: str) -> None:
         rec.settled = True
