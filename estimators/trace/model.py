@@ -51,6 +51,25 @@ def _as_trace_tensors(model: torch.nn.Module) -> None:
             mod._buffers[name] = memo[id(b)]
 
 
+def _with_peft(model, source: ModelSource):
+    """The PEFT model the user's object is: ``get_peft_model`` with its config, on the meta model (before the
+    trace tensors: PEFT swaps modules, which works on meta parameters)."""
+    try:
+        from peft import PeftConfig, get_peft_model
+    except ImportError:
+        raise UserError(f"{source.name} is a PEFT model: install peft to trace it") from None
+    data = dict(source.peft)
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(data.get(key), list):
+            data[key] = set(data[key])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return get_peft_model(model, PeftConfig.from_peft_type(**data))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"{source.name}: cannot rebuild its PEFT wrapping ({str(exc).splitlines()[0][:200]})") from None
+
+
 def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, attn: str, gc: bool,
                        frozen: tuple[str, ...] = ()) -> tuple[torch.nn.Module, ModelFacts]:
     """The model for one trace (see the module docstring). ``attn``: ``sdpa`` (what the Trainer gets by
@@ -60,6 +79,8 @@ def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, att
     from ..inventory import instantiate
 
     model = instantiate(source, device="meta", dtype=dtype, task=task)
+    if getattr(source, "peft", None):
+        model = _with_peft(model, source)
     cfg = model.config
     current = getattr(cfg, "_attn_implementation", None) or "eager"
     if attn != current:

@@ -122,8 +122,9 @@ def trace_key(source: ModelSource, setting: TraceSetting) -> str:
     """The cache key of a trace: config content, torch and transformers versions, setting."""
     import transformers
 
-    blob = json.dumps({"config": source.load(), "torch": torch.__version__, "transformers": transformers.__version__,
-                       "setting": asdict(setting), "format": 1}, sort_keys=True, default=str)
+    blob = json.dumps({"config": source.load(), "peft": getattr(source, "peft", None), "torch": torch.__version__,
+                       "transformers": transformers.__version__, "setting": asdict(setting), "format": 1},
+                      sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
