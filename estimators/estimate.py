@@ -12,7 +12,7 @@ from .optimizers import OptimizerSpec, ParamCtx, get_spec, parse_optim_args
 from .peak import PhaseModel, evaluate
 from .setup import TrainingSetup
 from .optimizers.spec import LAYERWISE_DUMMY_BYTES
-from .trace.run import TraceSetting
+from .trace.setting import TraceSetting
 
 
 @dataclass

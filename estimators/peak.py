@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from .memsim import CATS, PhaseResult, veval
 from .phases import PHASES, Run, simulate, simulate_step
 from .steps import StepModel
-from .trace.run import StepTrace, TraceSetting, step_trace
+from .trace.setting import TraceSetting
 
 CAT_NAMES = {"weights": "weights", "state": "optimizer_state", "grad": "gradients", "act": "activations",
              "tmp": "temporaries", "other": "other"}
@@ -67,7 +67,7 @@ class PhaseModel:
         self.state_total = state_total
         self.state_init = state_init
         self._by_region: dict = {}
-        self.trace: StepTrace | None = None
+        self.trace = None  # the StepTrace (estimators.trace.run), once a region was asked for
 
     @property
     def inside(self) -> bool:
@@ -86,6 +86,8 @@ class PhaseModel:
         tr = self.trace
         region = tr.region(b, s, accum) if tr is not None else None
         if region is None:
+            from .trace.run import step_trace
+
             tr = self.trace = step_trace(self.source, self.setting, b, s, accum)
             region = tr.region(b, s, accum)
         key = (region.b_lo, region.s_lo, region.s_hi)
@@ -94,7 +96,7 @@ class PhaseModel:
             hit = self._by_region[key] = (region, self._simulate(tr, region))
         return hit[1]
 
-    def _simulate(self, tr: StepTrace, region) -> tuple[dict, dict]:
+    def _simulate(self, tr, region) -> tuple[dict, dict]:
         inv, step = self.inv, self.step
         rows = {r.name: r for r in inv.rows}
         params = tr.params

@@ -90,7 +90,7 @@ def simulate(run: Run, step: StepModel | None = None, device: str = "cpu") -> di
     the backward. Returns ``{phase: PhaseResult}`` for the forward and backward phases (and the optimizer
     phases when ``step`` is given), plus ``forward_end`` (live bytes at the end of step 0's last forward)."""
     from .trace.replay import replay
-    from .trace.step import BWD_END, FWD_END
+    from .trace.events import BWD_END, FWD_END
 
     sim = Sim()
     sim.phase("setup")

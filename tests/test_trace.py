@@ -20,7 +20,8 @@ from estimators.trace import step as trace_step
 from estimators.trace.events import _canonical, from_events
 from estimators.trace.meta_kernels import cpp_meta_kernels
 from estimators.trace.model import build_traced_model
-from estimators.trace.run import StepTrace, TraceSetting, _Tracer, s_bounds, step_trace
+from estimators.trace.run import StepTrace, _Tracer, s_bounds, step_trace
+from estimators.trace.setting import TraceSetting
 from estimators.trace.tensor import Recorder, _OpInfo
 
 
@@ -162,8 +163,7 @@ def test_pruning_never_drops_a_peak():
 
 def _replay_event_by_event(sim, log, params, on_mark):
     """The definition the vectorized replay must equal: every event through the simulator's own methods."""
-    from estimators.trace.events import ALLOC, FREE, GRAD
-    from estimators.trace.step import PRE_ACC
+    from estimators.trace.events import ALLOC, FREE, GRAD, PRE_ACC
 
     sts = [None] * log.n_alloc
     sizes = [tuple(int(x) for x in row) for row in log.sizes.tolist()]

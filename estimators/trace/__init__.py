@@ -6,8 +6,7 @@ region of shapes, fit, cache); :mod:`~estimators.trace.model` builds the model a
 tensors, their dispatch and the storage recorder; :mod:`~estimators.trace.meta_kernels` picks torch's C++ meta
 kernels; :mod:`~estimators.trace.cpu_rules` / :mod:`~estimators.trace.cuda_rules` are the per-op rules where a
 meta kernel is not what the CPU (or CUDA) kernel allocates; :mod:`~estimators.trace.events` holds event logs
-and their polynomial fit; :mod:`~estimators.trace.replay` replays a log on the simulator.
+and their polynomial fit; :mod:`~estimators.trace.replay` replays a log on the simulator;
+:mod:`~estimators.trace.setting` is the setting a trace is keyed by. Only ``run`` and what it imports need
+torch (the rules install when it is imported).
 """
-from . import cpu_rules
-
-cpu_rules.install()

@@ -21,6 +21,11 @@ from ..memsim import NB, basis
 
 ALLOC, FREE, MARK, GRAD = 0, 1, 2, 3
 _KIND = {"a": ALLOC, "f": FREE, "m": MARK, "g": GRAD}
+FWD_END = 1
+BWD_END = 2
+PRE_ACC = 3
+"""Marker codes (``MARK`` events): the model's forward returned, ``backward()`` returned, a parameter's tensor
+hook ran (its index in ``b``)."""
 
 
 class FitError(Exception):
@@ -237,5 +242,5 @@ def fit_logs(logs: list[EventLog], nbytes: list[np.ndarray], points: list[tuple[
     return EventLog(first.kind, first.a, first.b, coef, first.survivors)
 
 
-__all__ = ["ALLOC", "FREE", "GRAD", "MARK", "NB", "EventLog", "FitError", "basis", "fit_logs", "fit_shapes",
+__all__ = ["ALLOC", "BWD_END", "FREE", "FWD_END", "GRAD", "MARK", "NB", "PRE_ACC", "EventLog", "FitError", "basis", "fit_logs", "fit_shapes",
            "fit_sizes", "from_events"]

@@ -19,8 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..memsim import CATS, NB, CandBlock, Param, Sim, St
-from .events import ALLOC, FREE, GRAD, MARK, EventLog
-from .step import PRE_ACC
+from .events import ALLOC, FREE, GRAD, MARK, PRE_ACC, EventLog
 
 _ACT, _TMP = CATS.index("act"), CATS.index("tmp")
 

@@ -25,10 +25,14 @@ import torch
 from ..catalog import ModelSource
 from ..errors import UserError
 from ..memsim import NB, basis
+from . import cpu_rules
 from .events import EventLog, FitError, fit_logs, from_events
+from .setting import TraceSetting
 from .model import build_traced_model
 from .step import StepHooks, make_batch, micro_step, num_items, wrap_autocast
 from .tensor import Recorder, TraceError, TraceMode, from_real
+
+cpu_rules.install()
 
 S_MIN = 2
 """Shortest sequence a trace covers."""
@@ -37,21 +41,6 @@ FIRST_S = 16
 polynomials)."""
 S_STEP = 8
 WINDOW_KEYS = ("sliding_window", "attention_chunk_size", "local_attention", "sliding_window_size")
-
-
-@dataclass(frozen=True)
-class TraceSetting:
-    """Everything a trace depends on besides the config and the shape: parameter ``dtype``, ``mixed``
-    precision (``bf16``/``fp16`` autocast or None), ``attn`` implementation asked for, gradient checkpointing
-    ``gc``, ``task`` head, ``frozen`` parameter names, ``device`` (``cpu``, or ``cuda`` for CUDA's op rules)."""
-
-    dtype: str = "fp32"
-    mixed: str | None = None
-    attn: str = "sdpa"
-    gc: bool = False
-    task: str | None = None
-    frozen: tuple[str, ...] = ()
-    device: str = "cpu"
 
 
 @dataclass
@@ -100,6 +89,8 @@ class StepTrace:
     regions: list[Region] = field(default_factory=list)
 
     def region(self, b: int, s: int, accum: bool = False) -> Region | None:
+        """The traced region holding ``(b, s)`` (sequences shorter than :data:`S_MIN` share the first one)."""
+        s = max(s, S_MIN)
         for r in self.regions:
             if r.contains(b, s) and (not accum or r.accum is not None):
                 return r

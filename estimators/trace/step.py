@@ -17,16 +17,11 @@ from types import MethodType
 
 import torch
 
+from .events import BWD_END, FWD_END, PRE_ACC  # marker codes; a gradient is ("g", parameter index, storage id)
 from .meta_kernels import cpp_meta_kernels
 from .model import ModelFacts
 from .tensor import Recorder, TraceMode, TraceTensor, from_real, set_recorder
 
-FWD_END = 1
-BWD_END = 2
-PRE_ACC = 3
-GRAD = 4
-"""Marker codes. ``PRE_ACC`` and ``GRAD`` carry the parameter's index in ``named_parameters()`` order; a
-``GRAD`` marker is the event ``("g", index, storage id)``."""
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -132,5 +127,5 @@ def _accelerate_backward(loss) -> None:
     loss.backward()
 
 
-__all__ = ["AUTOCAST", "BWD_END", "FWD_END", "GRAD", "PRE_ACC", "StepHooks", "make_batch", "micro_step", "num_items",
+__all__ = ["AUTOCAST", "BWD_END", "FWD_END", "PRE_ACC", "StepHooks", "make_batch", "micro_step", "num_items",
            "wrap_autocast"]

@@ -92,6 +92,20 @@ class TraceMode(TorchDispatchMode):
 
 
 # ------------------------------------------------------------------------------------------------- the recorder
+def unseen_storage(t: torch.Tensor, live) -> tuple | None:
+    """``(storage, key, nbytes)`` of ``t``'s storage when ``live`` (keyed by the storage's ``_cdata``) does not
+    hold it yet and it has bytes, else None: how a storage is booked once, here and in the harness's tensor
+    accountant."""
+    st = t.untyped_storage()
+    key = st._cdata
+    if key in live:
+        return None
+    nbytes = st.nbytes()
+    if nbytes == 0:
+        return None
+    return st, key, nbytes
+
+
 class Recorder:
     """The event log of one trace: ``events`` is a list of ``(kind, a, b)`` tuples, kind ``"a"`` (allocation:
     storage id ``a`` of ``b`` bytes, plus ``(element size, shape)`` of the tensor that owns it, the shape None
@@ -106,13 +120,10 @@ class Recorder:
         self._next = 0
 
     def book(self, t: torch.Tensor) -> None:
-        st = t.untyped_storage()
-        key = st._cdata
-        if key in self._live:
+        new = unseen_storage(t, self._live)
+        if new is None:
             return
-        nbytes = st.nbytes()
-        if nbytes == 0:
-            return
+        st, key, nbytes = new
         sid = self._next
         self._next += 1
         self._live[key] = (sid, weakref.ref(st, lambda _r, k=key: self._free(k)))
@@ -396,5 +407,5 @@ def from_meta(m: torch.Tensor, requires_grad: bool = False) -> TraceTensor:
     return TraceTensor(m.detach() if m.requires_grad else m, None, requires_grad=requires_grad)
 
 
-__all__ = ["CPU", "META", "Recorder", "TraceError", "TraceMode", "TraceTensor", "from_meta", "from_real", "register_rule",
-           "set_recorder"]
+__all__ = ["CPU", "META", "Recorder", "TraceError", "TraceMode", "TraceTensor", "from_meta", "from_real",
+           "register_rule", "set_recorder", "unseen_storage"]
