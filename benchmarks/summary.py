@@ -24,6 +24,12 @@ TARGETS = [
     ("`bench estimate` 8B, one optimizer, `--no-cache`", "test_cli_estimate_cold", None),
     ("`bench estimate --optim all` 8B, cache warm", "test_cli_estimate_all_warm", 1.5),
     ("`bench plan --gpus all` 8B, cache warm", "test_cli_plan_all_warm", 1.5),
+    ("first estimate of a new config, trace + fit (8B, batch 4)", "test_first_estimate[4-8b]", 5.0),
+    ("first estimate of a new config, trace + fit (8B, batch 1)", "test_first_estimate[1-8b]", 5.0),
+    ("first estimate of a new config, trace + fit (70B, batch 4)", "test_first_estimate[4-70b]", 20.0),
+    ("first estimate of a new config, trace + fit (70B, batch 1)", "test_first_estimate[1-70b]", 20.0),
+    ("warm estimate, any shape (8B, traced)", "test_warm_estimate_any_shape", 1e-3),
+    ("bench plan, 8B x GPU catalog x default optimizers, traces cold", "test_plan_gpu_catalog", None),
 ]
 RATIO_TARGETS = [
     # (label, benchmark name, target ratio): the benchmark's median over its interleaved import-torch baseline's

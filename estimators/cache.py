@@ -1,12 +1,12 @@
 """A persistent on-disk cache of what is costly to derive from a model config.
 
 Building a parameter inventory means importing transformers' modeling code (seconds) to construct a meta
-model (milliseconds); simulating a training step's memory takes a fraction of a second per setting. Both
+model (milliseconds); tracing a training step takes seconds per model and setting. Both
 depend only on data: the config's content, the setting, and the code that derived them. This module stores
 such results between processes, so a second ``bench estimate`` or ``bench plan`` of the same model imports
 neither torch nor transformers.
 
-An entry is named by a :class:`Key`: a namespace (``inventory``, ``phases``...), the namespace's payload
+An entry is named by a :class:`Key`: a namespace (``inventory``, ``trace``...), the namespace's payload
 version (bump it when the payload's layout changes), the parts that say what the entry was derived from
 (the config's content hash, the setting, ...) and :func:`versions` (torch, transformers, optimem, and a digest
 of optimem's estimator sources, so an edited checkout never reads entries its old code wrote). The key's
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m estimators.cache", description=main.__doc__)
     ap.add_argument("--clear", action="store_true", help="remove the entries")
-    ap.add_argument("--namespace", default=None, help="only this namespace (inventory, phases, ...)")
+    ap.add_argument("--namespace", default=None, help="only this namespace (inventory, trace, ...)")
     args = ap.parse_args(argv)
     root = cache_dir()
     state = "on" if enabled() else f"off ({ENV_OFF} is set)"

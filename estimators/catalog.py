@@ -51,6 +51,9 @@ class ModelSource:
     revision: str | None = None
     commit: str | None = None
     inventory: Any = field(default=None, compare=False, repr=False)
+    peft: dict | None = field(default=None, compare=False, repr=False)
+    """For a registered PEFT model object, its PEFT config (``peft_config["default"].to_dict()``): the
+    whole-step tracer wraps the model it builds from the config the same way."""
 
     def load(self) -> dict:
         """The config as a dict (a fresh copy)."""
@@ -78,6 +81,7 @@ class ModelSource:
 class _Registered:
     config: dict
     inventory: Any = None
+    peft: dict | None = None
 
 
 _REGISTRY: dict[str, _Registered] = {}
@@ -91,18 +95,19 @@ def config_digest(config: dict, extra: Any = None) -> str:
 
 
 def register(config: dict, *, label: str, extra: Any = None,
-             inventory: Callable[[str], Any] | None = None) -> ModelSource:
+             inventory: Callable[[str], Any] | None = None, peft: dict | None = None) -> ModelSource:
     """An in-memory config as a model source named ``LABEL#DIGEST``: the same content always gets the same
     name, and :func:`resolve` finds it again in this process. ``extra``: more content the name depends on (what
     tells two model objects of one config apart, e.g. their parameters' trainable flags). ``inventory``: for a
     model object, called once with the name to build the inventory taken from the object, which
-    ``build_inventory`` then returns for that name."""
+    ``build_inventory`` then returns for that name. ``peft``: a PEFT model object's PEFT config (plain data)."""
     if not isinstance(config, dict) or not config.get("model_type"):
         raise UserError(f"{label}: a model config needs a 'model_type' (give a transformers config)")
     name = f"{label}#{config_digest(config, extra)[:16]}"
     if name not in _REGISTRY:
-        _REGISTRY[name] = _Registered(copy.deepcopy(config), inventory(name) if inventory is not None else None)
-    return ModelSource(name, None, origin="memory", inventory=_REGISTRY[name].inventory)
+        _REGISTRY[name] = _Registered(copy.deepcopy(config), inventory(name) if inventory is not None else None,
+                                      copy.deepcopy(peft))
+    return ModelSource(name, None, origin="memory", inventory=_REGISTRY[name].inventory, peft=_REGISTRY[name].peft)
 
 
 @functools.cache
@@ -147,7 +152,8 @@ def resolve(model: str) -> ModelSource:
     if not isinstance(model, str) or not model.strip():
         raise UserError(f"model must be a catalog name, a path to a config.json or a Hub id (org/name), got {model!r}")
     if model in _REGISTRY:
-        return ModelSource(model, None, origin="memory", inventory=_REGISTRY[model].inventory)
+        return ModelSource(model, None, origin="memory", inventory=_REGISTRY[model].inventory,
+                           peft=_REGISTRY[model].peft)
     path = Path(model).expanduser()
     if path.is_dir():
         path = path / "config.json"

@@ -6,13 +6,13 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .archs import Setting
 from .errors import UserError
-from .inventory import DTYPES, Inventory, build_inventory
+from .inventory import Inventory, build_inventory
 from .optimizers import OptimizerSpec, ParamCtx, get_spec, parse_optim_args
-from .peak import MIXED, arch_for, evaluate, phase_results
+from .peak import PhaseModel, evaluate
 from .setup import TrainingSetup
 from .optimizers.spec import LAYERWISE_DUMMY_BYTES
+from .trace.setting import TraceSetting
 
 
 @dataclass
@@ -235,7 +235,7 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         own = inventory if inventory is not None else resolve(setup.model).inventory
         inv = own if own is not None else adapter_inventory(setup)
     else:
-        inv = (inventory if inventory is not None else build_inventory(setup.model))
+        inv = (inventory if inventory is not None else build_inventory(setup.model, task=setup.task))
         inv = inv.with_dtype(setup.dtype).with_frozen(setup.freeze)
     setup = replace(setup, model=inv.model, device=device)
     if setup.sharding != "none":
@@ -270,12 +270,12 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
             bytes={**model_bytes, "activations": None, "peak": None},
             state_breakdown=dict(sorted(breakdown.items())), optim_args=dict(args), targeted_params=n_targeted,
             family=spec.family, notes=notes)
-    setting = Setting(es=DTYPES[setup.dtype], autocast=MIXED[setup.mixed_precision], attn=setup.attn_implementation,
-                      gc=setup.gradient_checkpointing, device=device)
-    results, offsets, step_note, arch_notes = _phase_model(inv, spec.name, args_key, targets, setting,
-                                                           setup.grad_accum, device, total, host)
-    mem = evaluate(results, offsets, setup.batch_size, setup.seq_len)
-    notes.extend(n for n in (step_note, *arch_notes) if n)
+    setting = TraceSetting(dtype=setup.dtype, mixed=setup.mixed_precision, attn=setup.attn_implementation,
+                           gc=setup.gradient_checkpointing, task=inv.task,
+                           frozen=tuple(r.name for r in inv.rows if not r.trainable), device=device)
+    phase_model = _phase_model(inv, spec.name, args_key, targets, setting, setup.grad_accum, device, total, host)
+    mem = evaluate(phase_model, setup.batch_size, setup.seq_len)
+    notes.extend(n for n in (phase_model.step.note, *phase_model.notes()) if n)
     cuda = None
     if device == "cuda":
         from .cuda_overhead import cuda_terms
@@ -302,20 +302,10 @@ def _state_sizes(inv: Inventory, name: str, args_key: tuple, targets) -> tuple:
 
 
 @functools.lru_cache(maxsize=512)
-def _phase_model(inv: Inventory, name: str, args_key: tuple, targets, setting, grad_accum: int, device: str,
-                 state_total: int, state_host: int):
-    """The simulated phases of one configuration (independent of the batch shape; cached in memory and on
-    disk, see :mod:`estimators.phase_cache`)."""
-    from .phase_cache import cached
-
-    return cached(inv, {"optim": name, "args": repr(args_key), "targets": repr(targets), "setting": repr(setting),
-                        "grad_accum": grad_accum, "device": device, "state": [state_total, state_host]},
-                  lambda: _simulate(inv, name, args_key, targets, setting, grad_accum, device, state_total,
-                                    state_host))
-
-
-def _simulate(inv: Inventory, name: str, args_key: tuple, targets, setting, grad_accum: int, device: str,
-              state_total: int, state_host: int):
+def _phase_model(inv: Inventory, name: str, args_key: tuple, targets, setting: TraceSetting, grad_accum: int,
+                 device: str, state_total: int, state_host: int) -> PhaseModel:
+    """The phase model of one configuration (its regions of batch shapes are traced and simulated when first
+    asked for; cached)."""
     from . import steps
 
     spec = get_spec(name)
@@ -331,5 +321,6 @@ def _simulate(inv: Inventory, name: str, args_key: tuple, targets, setting, grad
         shared = 0
     step = steps.build(spec, args, inv, targeted, device, shared)
     on_device = state_total - (state_host if device != "cpu" else 0)
-    results, offsets = phase_results(inv, setting, grad_accum, step, on_device, step.state_at_init)
-    return results, offsets, step.note, arch_for(inv).notes
+    from .catalog import resolve
+
+    return PhaseModel(inv, resolve(inv.model), setting, grad_accum, step, on_device, step.state_at_init)

@@ -106,6 +106,9 @@ class Inventory:
     dtype: str = "fp32"
     linear_modules: tuple[str, ...] = ()
     """Names of every ``nn.Linear`` module (tied ones too), as ``named_modules()`` lists them."""
+    task: str | None = None
+    """The head the model was built with (:data:`TASK_CLASSES`; None or ``causal-lm``: the config's
+    architecture)."""
     _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     def _totals(self) -> dict[str, int]:
@@ -228,30 +231,59 @@ def build_config(source: ModelSource):
                         "give a transformers config.json") from None
 
 
-def instantiate(source: ModelSource, *, device: str = "meta", dtype: str | None = None):
-    """Construct the real transformers model for ``source`` (random init unless on the meta device)."""
+TASK_CLASSES: dict[str, str | None] = {
+    "causal-lm": None,
+    "masked-lm": "AutoModelForMaskedLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+}
+"""Task heads a model can be built with (``--task``), by the transformers Auto class that builds them.
+``causal-lm`` (the default) builds what the config names in ``architectures`` (``bench run`` always did),
+else a causal LM, or a seq2seq LM for an encoder-decoder config."""
+
+
+def check_task(task: str | None) -> str | None:
+    """``task`` if it names a head in :data:`TASK_CLASSES` (or is None: the default); raises UserError
+    otherwise."""
+    if task is None or task in TASK_CLASSES:
+        return task
+    raise UserError(f"unknown task {task!r}: use one of {', '.join(TASK_CLASSES)}")
+
+
+def model_class(source: ModelSource, task: str | None = None):
+    """The transformers class (or Auto class) ``instantiate`` builds for ``source`` and ``task``."""
+    import transformers
+
+    auto = TASK_CLASSES.get(check_task(task) or "causal-lm")
+    if auto is not None:
+        return getattr(transformers, auto)
+    cls = model_class_for(source.load())
+    if cls is not None:
+        return cls
+    config = build_config(source)
+    return transformers.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else \
+        transformers.AutoModelForCausalLM
+
+
+def instantiate(source: ModelSource, *, device: str = "meta", dtype: str | None = None, task: str | None = None):
+    """Construct the real transformers model for ``source`` (random init unless on the meta device), with the
+    head ``task`` names (see :data:`TASK_CLASSES`; default: the config's own architecture)."""
     from .model_check import check_model_config
 
     check_model_config(source)  # sizes transformers would refuse or fail on, as data, before building anything
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     config = build_config(source)
-    data = source.load()
-    cls = model_class_for(data)
+    cls = model_class(source, task)
     tlog = logging.getLogger("transformers")
     old = tlog.level
     tlog.setLevel(logging.ERROR)
     try:
         with torch.device(device):
-            if cls is not None:
-                model = cls(config)
-            elif getattr(config, "is_encoder_decoder", False):
-                model = AutoModelForSeq2SeqLM.from_config(config)
-            else:
-                model = AutoModelForCausalLM.from_config(config)
+            model = cls.from_config(config) if cls.__name__.startswith("AutoModel") else cls(config)
     except Exception as exc:  # noqa: BLE001 - the modeling code refused the config: say why, in one line
-        raise UserError(f"cannot build a model from {source.name} ({_exc_text(exc)}); give a transformers "
+        what = f" with a {task} head" if task else ""
+        raise UserError(f"cannot build a model from {source.name}{what} ({_exc_text(exc)}); give a transformers "
                         "config.json of a model class that transformers knows") from None
     finally:
         tlog.setLevel(old)
@@ -260,9 +292,10 @@ def instantiate(source: ModelSource, *, device: str = "meta", dtype: str | None 
     return model
 
 
-def inventory_from_model(model, *, name: str, config_hash: str = "") -> Inventory:
+def inventory_from_model(model, *, name: str, config_hash: str = "", task: str | None = None) -> Inventory:
     """Build the inventory of an instantiated model (any device; peft-wrapped and bitsandbytes-quantized
-    models too: a quantized weight's row has its logical shape and its storage bytes, see :class:`ParamRow`)."""
+    models too: a quantized weight's row has its logical shape and its storage bytes, see :class:`ParamRow`)
+    with the head ``task`` names (None: the config's architecture)."""
     from torch import nn
 
     from .peft_model import logical_shape, quant_kind, quant_state_tensors
@@ -312,7 +345,7 @@ def inventory_from_model(model, *, name: str, config_hash: str = "") -> Inventor
     dtypes = {r.dtype for r in rows if r.quant is None}
     return Inventory(model=name, model_type=getattr(cfg, "model_type", "unknown"), architecture=archs[0],
                      rows=tuple(rows), config_hash=config_hash, dtype=dtypes.pop() if len(dtypes) == 1 else "fp32",
-                     linear_modules=linear_modules)
+                     linear_modules=linear_modules, task=task)
 
 
 INVENTORY_CACHE_VERSION = 2
@@ -328,7 +361,7 @@ def inventory_payload(inv: Inventory) -> dict:
                       list(r.storage_shape) if r.storage_shape is not None else None] for r in inv.rows]}
 
 
-def inventory_from_payload(data: dict, *, name: str, config_hash: str) -> Inventory:
+def inventory_from_payload(data: dict, *, name: str, config_hash: str, task: str | None = None) -> Inventory:
     """The inverse of :func:`inventory_payload`; raises (ValueError, TypeError, KeyError) on anything malformed."""
     def text(v) -> str:
         if not isinstance(v, str):
@@ -359,23 +392,23 @@ def inventory_from_payload(data: dict, *, name: str, config_hash: str) -> Invent
         raise ValueError("malformed inventory")
     return Inventory(model=name, model_type=text(data["model_type"]), architecture=text(data["architecture"]),
                      rows=tuple(rows), config_hash=config_hash, dtype=data["dtype"],
-                     linear_modules=tuple(text(m) for m in data["linear_modules"]))
+                     linear_modules=tuple(text(m) for m in data["linear_modules"]), task=task)
 
 
 @functools.lru_cache(maxsize=64)
-def _inventory_cached(name: str, path: str, digest: str) -> Inventory:
-    """Built once per config content: from the on-disk cache (no torch, no transformers) when it holds this
-    config for these versions, else from a meta model (then stored)."""
+def _inventory_cached(name: str, path: str, digest: str, task: str | None = None) -> Inventory:
+    """Built once per config content and task: from the on-disk cache (no torch, no transformers) when it
+    holds this config for these versions, else from a meta model (then stored)."""
     from . import cache
 
     def build() -> Inventory:
         source = ModelSource(name, __import__("pathlib").Path(path))
-        model = instantiate(source, device="meta")
-        return inventory_from_model(model, name=name, config_hash=digest)
+        model = instantiate(source, device="meta", task=task)
+        return inventory_from_model(model, name=name, config_hash=digest, task=task)
 
-    return cache.memo(cache.key("inventory", INVENTORY_CACHE_VERSION, config=digest), build,
+    return cache.memo(cache.key("inventory", INVENTORY_CACHE_VERSION, config=digest, task=task), build,
                       encode=inventory_payload,
-                      decode=lambda d: inventory_from_payload(d, name=name, config_hash=digest))
+                      decode=lambda d: inventory_from_payload(d, name=name, config_hash=digest, task=task))
 
 
 @functools.lru_cache(maxsize=64)
@@ -403,10 +436,11 @@ def config_digest(source: ModelSource) -> str:
     return _digest(str(source.path), st.st_mtime_ns, st.st_size)
 
 
-def build_inventory(model: str, dtype: str | None = None) -> Inventory:
+def build_inventory(model: str, dtype: str | None = None, task: str | None = None) -> Inventory:
     """The parameter inventory of ``model`` (a catalog name, config path, Hub id or registered model object;
     see :func:`estimators.catalog.resolve`), stored in ``dtype`` (None: as built -- fp32 for a config, a model
-    object's own dtypes, which may differ per parameter: PEFT keeps fp32 adapters beside a 16-bit base).
+    object's own dtypes, which may differ per parameter: PEFT keeps fp32 adapters beside a 16-bit base), with
+    the head ``task`` names (default: the config's architecture).
 
     Cached per config content (a changed config file is rebuilt): a second call costs a stat and a lookup. A
     registered model object's inventory is the one taken from the object (its own trainable set and dtypes).
@@ -415,5 +449,6 @@ def build_inventory(model: str, dtype: str | None = None) -> Inventory:
     if source.path is None:
         inv = source.inventory if source.inventory is not None else _inventory_of_memory(source.name)
         return inv.with_dtype(dtype) if dtype else inv
-    inv = _inventory_cached(source.name, str(source.path), config_digest(source))
+    task = None if check_task(task) == "causal-lm" else task
+    inv = _inventory_cached(source.name, str(source.path), config_digest(source), task)
     return inv.with_dtype(dtype) if dtype else inv

@@ -1,29 +1,21 @@
-"""A small simulator of what PyTorch keeps in memory during one training step, op by op.
+"""A small simulator of what PyTorch keeps in memory during one training step.
 
-The estimator never runs a model. Instead each architecture is written as a short *program* against
-:class:`Sim` (``estimators/archs.py``) that mirrors the transformers modeling code op by op: which tensors
-each aten op allocates, which of them autograd saves for backward, when Python drops its references.
-:meth:`Sim.backward` then replays autograd's engine: nodes run in reverse creation order (the CPU ready
-queue runs the highest sequence number first), each node's backward formula allocates its gradients and
-temporaries, gradient buffers of tensors used twice are summed (out of place: a new buffer), saved
-tensors are released after their node ran, and ``AccumulateGrad`` nodes (top priority in the ready queue)
-turn a parameter's gradient into ``param.grad`` as soon as all of its uses have delivered, with the hooks
-LOMO and the layer-wise optimizers attach there. Non-reentrant gradient checkpointing (what the
-Trainer uses) is simulated too: a checkpointed region keeps no saved tensors in the forward, and the first
-node of the region that needs one re-runs the region's program (stopping early after the last saved
-tensor, as ``torch.utils.checkpoint`` does) so its saved tensors exist again until their nodes run.
+The estimator never runs a model on real tensors. Its forward and backward come from a trace of the real
+model (``estimators/trace``), replayed here storage by storage; the Trainer-level parts of a step (the batch
+the dataloader fetches, the optimizer's step programs in ``estimators/steps.py``, ``zero_grad``) allocate and
+free :class:`St` storages on the same :class:`Sim`, so every phase's peak is measured against one running
+total, split by category.
 
 Sizes are not numbers but polynomials in the batch size ``B`` and sequence length ``S``: a tuple of the
 coefficients of ``(1, B, S, B*S, S*S, B*S*S)`` in bytes (everything else -- hidden size, heads, vocabulary,
 dtype -- is fixed by the model and the precision, so it is folded into the coefficients). One simulation per
-model and setting therefore answers every shape: the live bytes at every local maximum are recorded as such
-vectors, dominated ones are dropped, and the peak for a concrete ``(B, S)`` is the largest dot product.
-All figures are bytes.
+model and setting therefore answers every shape of its region: the live bytes at every local maximum are
+recorded as such vectors, dominated ones are dropped, and the peak for a concrete ``(B, S)`` is the largest
+dot product. All figures are bytes.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 NB = 6
 CATS = ("weights", "state", "grad", "act", "tmp", "other")
@@ -80,110 +72,67 @@ class St:
 
 
 class Var:
-    """A Python-visible tensor: its storage, the node that produced it (``grad_fn``) and output index,
-    whether it requires grad, and (for parameters) its :class:`Param`."""
+    """A Python-visible tensor of the Trainer-level code (a batch tensor): its storage."""
 
-    __slots__ = ("st", "node", "idx", "rg", "alive", "param", "size")
+    __slots__ = ("st", "size", "alive")
 
-    def __init__(self, st: St | None, size: Vec, node=None, idx: int = 0, rg: bool = False, param=None):
+    def __init__(self, st: St | None, size: Vec):
         self.st = st
         self.size = size
-        self.node = node
-        self.idx = idx
-        self.rg = rg
         self.alive = True
-        self.param = param
-
-
-class G:
-    """A gradient flowing through the backward pass: its storage and whether its layout is contiguous
-    (a transposed gradient reshaped later needs a copy)."""
-
-    __slots__ = ("st", "contig")
-
-    def __init__(self, st: St, contig: bool = True):
-        self.st = st
-        self.contig = contig
 
 
 class Param:
-    """A parameter (a leaf). ``uses``: edges into its ``AccumulateGrad`` node (tied weights have several);
-    ``size``: its bytes; ``grad``: the storage of ``.grad`` once accumulated."""
+    """A parameter: its ``size`` in bytes (a vector), element size ``es``, whether it is ``trainable``, and
+    the storage of its ``.grad`` once accumulated (None otherwise)."""
 
-    __slots__ = ("name", "size", "trainable", "uses", "pending", "buf", "grad", "var", "graph_leaf", "es")
+    __slots__ = ("name", "size", "trainable", "grad", "es")
 
     def __init__(self, name: str, size: int, trainable: bool = True, es: int = 4):
         self.name = name
         self.es = es
         self.size = vec(size)
         self.trainable = trainable
-        self.uses = 0
-        self.pending = 0
-        self.buf: G | None = None
         self.grad: St | None = None
-        self.var = Var(None, self.size, rg=trainable, param=self)
-        self.graph_leaf = False
 
 
-Rule = Callable[["Sim", "Node", list], list]
+class CandBlock:
+    """Many candidates at once, as arrays: ``tot`` (k, NB), ``cats`` (k, len(CATS), NB), ``count`` (k,) (what a
+    vectorized replay records between two markers)."""
 
+    __slots__ = ("tot", "cats", "count")
 
-class Node:
-    """An autograd node: backward ``rule``, saved storages, edges to its inputs' gradient slots
-    (``(node, out_index)``, a :class:`Param`, or ``None``) and the gradient buffer of each output."""
-
-    __slots__ = ("seq", "name", "rule", "saved", "edges", "buf", "ctx", "region", "nsave")
-
-    def __init__(self, seq: int, name: str, rule: Rule, edges: list, nout: int, ctx):
-        self.seq = seq
-        self.name = name
-        self.rule = rule
-        self.saved: list[St] = []
-        self.edges = edges
-        self.buf: list[G | None] = [None] * nout
-        self.ctx = ctx
-        self.region = None
-        self.nsave = 0
-
-
-class _StopRecompute(Exception):
-    pass
-
-
-@dataclass
-class _Region:
-    """A checkpointed region: the program to re-run, its arguments (kept alive by the checkpoint until
-    the region's last node that saved something has run), its nodes (creation order) and how many of them
-    save tensors."""
-
-    fn: Callable
-    args: tuple
-    nodes: list
-    last_saving: int = -1
-    recomputed: bool = False
-    saving_left: int = 0
+    def __init__(self, tot, cats, count):
+        self.tot, self.cats, self.count = tot, cats, count
 
 
 class PhaseResult:
     """What one simulated phase saw: the live bytes at every local maximum, as ``(total, per-category)``
     vectors (categories in :data:`CATS` order; candidates that another dominates component-wise are
-    dropped), and the live bytes at its end (same form)."""
+    dropped), and the live bytes at its end (same form). ``candidates``: snapshots ``(total, per-category,
+    live allocations)`` and :class:`CandBlock` s."""
 
     __slots__ = ("tot", "cats", "count", "end", "_cmax", "_obj")
 
     def __init__(self, candidates: list, end: tuple):
         import numpy as np
 
-        tot = np.array([c[0] for c in candidates], dtype=np.int64).reshape(-1, NB)
-        cats = np.array([c[1] for c in candidates], dtype=np.int64).reshape(-1, len(CATS), NB)
-        count = np.array([c[2] if len(c) > 2 else 0 for c in candidates], dtype=np.int64)
+        snaps = [c for c in candidates if not isinstance(c, CandBlock)]
+        blocks = [c for c in candidates if isinstance(c, CandBlock)]
+        tot = np.array([c[0] for c in snaps], dtype=np.int64).reshape(-1, NB)
+        cats = np.array([c[1] for c in snaps], dtype=np.int64).reshape(-1, len(CATS), NB)
+        count = np.array([c[2] if len(c) > 2 else 0 for c in snaps], dtype=np.int64)
+        if blocks:
+            tot = np.concatenate([tot] + [b.tot for b in blocks])
+            cats = np.concatenate([cats] + [b.cats for b in blocks])
+            count = np.concatenate([count] + [b.count for b in blocks])
         self.tot, self.cats, self.count = _prune(tot, cats, count)
         self.end = end
 
     @property
     def candidates(self) -> list:
-        return [(tuple(int(x) for x in t), tuple(tuple(int(x) for x in c) for c in cs))
-                for t, cs in zip(self.tot, self.cats)]
+        """The kept candidates (one :class:`CandBlock`), to merge into another phase's."""
+        return [CandBlock(self.tot, self.cats, self.count)]
 
     def peak(self, b: int, s: int) -> tuple[int, tuple]:
         """``(peak bytes, (total, per-category) at the peak)`` for batch ``b`` and sequence ``s``."""
@@ -242,8 +191,9 @@ def _prune(tot, cats, count):
 
 # ------------------------------------------------------------------------------------------------- the simulator
 class Sim:
-    """See the module docstring. Programs call :meth:`op` / :meth:`view` / :meth:`drop`; the Trainer-level
-    driver calls :meth:`phase`, :meth:`backward` and reads :attr:`results`."""
+    """See the module docstring. Callers allocate and free storages (:meth:`alloc`, :meth:`decref`), mark
+    phases (:meth:`phase`) and read :attr:`results`; ``hooks`` (``pre_accumulate`` / ``post_accumulate``:
+    ``fn(sim, param)``) run where a replayed backward delivers a parameter's gradient."""
 
     def __init__(self):
         self.live = [0] * NB
@@ -252,16 +202,9 @@ class Sim:
         self.cands: list = []
         self.results: dict[str, PhaseResult] = {}
         self.phase_name: str | None = None
-        self.tape: list[Node] = []
-        self.seq = 0
-        self.grad_enabled = True
-        self.region: _Region | None = None
-        self.recomp: dict | None = None
         self.params: dict[str, Param] = {}
         self.in_forward = False
         self.hooks: dict[str, Callable] = {}
-        self.log: list | None = None
-        self.regions: list = []
         self.live_n = 0
 
     # ---------------------------------------------------------------- bytes
@@ -274,8 +217,6 @@ class Sim:
             lc[i] += sign * s[i]
         if st.cat in _COUNTED:
             self.live_n += sign
-        if self.log is not None:
-            self.log.append((sign, s, st.cat))
 
     def _snap(self) -> tuple:
         lc = self.live_cat
@@ -327,295 +268,22 @@ class Sim:
         self.in_forward = bool(name) and name.endswith("forward")
 
     # ---------------------------------------------------------------- parameters and tensors
-    def param(self, name: str, nbytes: int, trainable: bool = True, es: int = 4) -> Var:
+    def param(self, name: str, nbytes: int, trainable: bool = True, es: int = 4) -> Param:
         p = self.params.get(name)
         if p is None:
             p = self.params[name] = Param(name, nbytes, trainable, es)
-        return p.var
-
-    def make_leaf(self, v: Var) -> Var:
-        """``v.requires_grad_(True)`` on a tensor that has no graph (the Trainer's
-        ``enable_input_require_grads`` hook on frozen input embeddings under checkpointing): it becomes a
-        leaf whose gradient accumulates on it until the graph is freed."""
-        if v.rg or self.recomp is not None:
-            return v
-        p = Param(f"__leaf{len(self.params)}", 0)
-        p.size = v.size
-        p.graph_leaf = True
-        p.var = v
-        v.rg, v.param = True, p
-        self.incref(v.st)
-        self.params[p.name] = p
-        return v
-
-    def leaf(self, size: Vec) -> Var:
-        """A tensor created with ``requires_grad=True`` inside the step (not a parameter): its gradient is
-        accumulated on it, and the graph's ``AccumulateGrad`` keeps it (and that gradient) alive until the
-        graph is freed at the end of the backward."""
-        v = self.const(size)
-        if self.recomp is not None or not self.grad_enabled:
-            return v
-        p = Param(f"__leaf{len(self.params)}", 0)
-        p.size = size
-        p.graph_leaf = True
-        p.var = v
-        v.rg, v.param = True, p
-        self.incref(v.st)  # held by the AccumulateGrad node
-        self.params[p.name] = p
-        return v
+        return p
 
     def const(self, size: Vec, cat: str | None = None) -> Var:
-        """A tensor that needs no gradient (ids, masks): allocated now."""
-        v = Var(self.alloc(size, cat), size)
-        if self.recomp is not None:
-            self.recomp["vars"].add(id(v))
-            self.recomp["objs"].append(v)
-        return v
+        """A tensor held by Python (a batch tensor): allocated now."""
+        return Var(self.alloc(size, cat), size)
 
     def drop(self, *vs: Var | None) -> None:
         """Python lets go of these tensors (a variable rebound or a function returning)."""
         for v in vs:
             if v is not None and v.alive:
                 v.alive = False
-                if self.recomp is not None:
-                    self.recomp["vars"].discard(id(v))
                 self.decref(v.st)
-
-    def view(self, v: Var, rule: Rule | None = None, ctx=None) -> Var:
-        """A view of ``v`` (no new storage). ``rule``: its backward (default: the gradient passes as it
-        is)."""
-        out = Var(v.st, v.size)
-        self.incref(v.st)
-        if self.recomp is not None:
-            self.recomp["vars"].add(id(out))
-            self.recomp["objs"].append(out)
-        if v.rg and self.grad_enabled:
-            node = self._node("view", rule or bwd_pass, [v], 1, ctx)
-            out.node, out.rg = node, True
-        return out
-
-    def _edge(self, v: Var):
-        if not v.rg:
-            return None
-        if v.param is not None:
-            return v.param
-        return (v.node, v.idx)
-
-    def _node(self, name: str, rule: Rule, inputs: Sequence[Var], nout: int, ctx) -> Node:
-        self.seq += 1
-        node = Node(self.seq, name, rule, [self._edge(v) for v in inputs], nout, ctx)
-        if self.recomp is not None:
-            self.recomp["nodes"].append(node)
-            return node
-        for e in node.edges:
-            if isinstance(e, Param):
-                e.uses += 1
-        self.tape.append(node)
-        if self.region is not None:
-            node.region = self.region
-            self.region.nodes.append(node)
-        return node
-
-    def op(self, name: str, inputs: Sequence[Var], outs: Sequence[Vec], save: Sequence = (),
-           rule: Rule | None = None, ctx=None, grad: bool = True) -> list[Var]:
-        """Run an op: if it needs grad, make a node whose backward is ``rule`` and which saves ``save``
-        (input Vars, or ``"out0"``, ``"out1"``... for outputs); allocate its outputs in order.
-
-        As in autograd's generated code, saved *inputs* are packed before the op runs and saved outputs
-        after it: under checkpoint recomputation the early stop raised while packing the last saved
-        tensor therefore comes before the outputs of an op that saves only inputs are allocated."""
-        needs = grad and self.grad_enabled and rule is not None and any(v.rg for v in inputs)
-        node = None
-        if needs:
-            node = self._node(name, rule, inputs, len(outs), ctx)
-            in_saved = [s for s in save if not isinstance(s, str)]
-            has_out = len(in_saved) != len(save)
-            self._save(node, in_saved, final=not has_out)
-        sts = [self.alloc(s) for s in outs]
-        vs = [Var(st, s) for st, s in zip(sts, outs)]
-        if self.recomp is not None:
-            for v in vs:
-                self.recomp["vars"].add(id(v))
-                self.recomp["objs"].append(v)
-        if node is not None:
-            for i, v in enumerate(vs):
-                v.node, v.idx, v.rg = node, i, True
-            out_saved = [vs[int(s[3:])] for s in save if isinstance(s, str)]
-            if out_saved:
-                self._save(node, out_saved, final=True)
-        return vs
-
-    def _save(self, node: Node, saved: list[Var], final: bool = True) -> None:
-        sts = [v.st for v in saved if v.st is not None]
-        if self.recomp is not None:
-            rc = self.recomp
-            k = len(rc["nodes"]) - 1
-            orig = rc["region"].nodes[k]
-            for st in sts:
-                self.incref(st)
-                orig.saved.append(st)
-            if final and k >= rc["region"].last_saving and (sts or orig.nsave):
-                raise _StopRecompute()
-            return
-        if self.region is not None:
-            node.nsave += len(sts)
-            if sts and final:
-                self.region.last_saving = len(self.region.nodes) - 1
-                self.region.saving_left += 1
-            elif sts and not final:
-                pass
-            return
-        for st in sts:
-            self.incref(st)
-            node.saved.append(st)
-
-    # ---------------------------------------------------------------- checkpointing
-    def checkpoint(self, fn: Callable, *args):
-        """Run ``fn(sim, *args)`` as a non-reentrant checkpointed region (``use_reentrant=False``)."""
-        region = _Region(fn, args, [])
-        for v in args:
-            if isinstance(v, Var):
-                self.incref(v.st)
-        self.regions.append(region)
-        outer, self.region = self.region, region
-        try:
-            out = fn(self, *args)
-        finally:
-            self.region = outer
-        return out
-
-    def _release_region(self, reg: _Region) -> None:
-        if reg.args is None:
-            return
-        for v in reg.args:
-            if isinstance(v, Var):
-                self.decref(v.st)
-        reg.args = None
-
-    def _recompute(self, region: _Region) -> None:
-        region.recomputed = True
-        if region.last_saving < 0:
-            return
-        rc = {"region": region, "nodes": [], "vars": set(), "objs": [], "saved_nodes": 0}
-        self.recomp = rc
-        was, self.grad_enabled = self.grad_enabled, True
-        try:
-            region.fn(self, *region.args)
-        except _StopRecompute:
-            pass
-        finally:
-            self.recomp = None
-            self.grad_enabled = was
-        # Everything the aborted recomputation still held is let go (its frame unwinds).
-        for v in rc["objs"]:
-            if v.alive and id(v) in rc["vars"]:
-                v.alive = False
-                self.decref(v.st)
-
-    # ---------------------------------------------------------------- backward
-    def backward(self, root: Var, seed: Vec = vec(4)) -> None:
-        """Run the engine from ``root`` (a scalar loss): every node reachable from it, highest sequence
-        number first; frees the graph's saved tensors as nodes run."""
-        if root.node is None:
-            return
-        for p in self.params.values():
-            p.pending = p.uses
-        g = G(self.alloc(seed))
-        root.node.buf[root.idx] = g
-        for node in reversed(self.tape):
-            if all(b is None for b in node.buf):
-                continue
-            if node.region is not None and not node.region.recomputed and node.nsave:
-                self._recompute(node.region)
-            grads = node.rule(self, node, node.buf)
-            gouts, node.buf = node.buf, [None] * len(node.buf)
-            for go in gouts:
-                if go is not None:
-                    self.decref(go.st)
-            for st in node.saved:
-                self.decref(st)
-            node.saved = []
-            reg = node.region
-            if reg is not None and node.nsave:
-                reg.saving_left -= 1
-                if reg.saving_left == 0:
-                    self._release_region(reg)
-            # Gradients go into the next nodes' input buffers in edge order; ready AccumulateGrad nodes
-            # (top priority in the ready queue) then run in the queue's order: one or two of them run in
-            # push order; with three, a binary heap pops the first, then the last, then the middle one.
-            accs = []
-            for edge, gr in zip(node.edges, grads):
-                if gr is None:
-                    continue
-                if edge is None:
-                    self.decref(gr.st)
-                elif isinstance(edge, Param):
-                    accs.append((edge, gr))
-                else:
-                    self._deliver(edge[0], edge[1], gr)
-            if len(accs) == 3:
-                accs = [accs[0], accs[2], accs[1]]
-            for edge, gr in accs:
-                self._to_param(edge, gr)
-        # Nodes never reached keep nothing after the graph is gone; nor do checkpoints.
-        for reg in self.regions:
-            self._release_region(reg)
-        self.regions = []
-        for node in self.tape:
-            for st in node.saved:
-                self.decref(st)
-            node.saved = []
-            for go in node.buf:
-                if go is not None:
-                    self.decref(go.st)
-        self.tape = []
-        for name, p in list(self.params.items()):
-            p.uses = 0
-            if p.graph_leaf:  # the graph goes: its AccumulateGrad lets go of the leaf and its .grad
-                if p.grad is not None:
-                    self.decref(p.grad)
-                self.decref(p.var.st)
-                del self.params[name]
-
-    def _deliver(self, node: Node, idx: int, g: G) -> None:
-        old = node.buf[idx]
-        if old is None:
-            node.buf[idx] = g
-            return
-        node.buf[idx] = self._accumulate(old, g)
-
-    def _accumulate(self, old: G, new: G) -> G:
-        """The engine's InputBuffer sums two gradients of one tensor as ``old + new``: a new buffer, both
-        old ones freed (on CPU with torch 2.13 the accountant never sees the in-place variant for the
-        buffers these programs produce: they are views or shared)."""
-        st = self.alloc(old.st.size)
-        self.decref(old.st)
-        self.decref(new.st)
-        return G(st)
-
-    def _to_param(self, p: Param, g: G) -> None:
-        p.buf = g if p.buf is None else self._accumulate(p.buf, g)
-        p.pending -= 1
-        if p.pending > 0:
-            return
-        pre = self.hooks.get("pre_accumulate")
-        if pre is not None:
-            pre(self, p)
-        g, p.buf = p.buf, None
-        if p.grad is None:
-            if g.st.refs == 1 and g.contig:
-                if not p.graph_leaf:
-                    self.recat(g.st, "grad")  # AccumulateGrad steals the buffer
-                p.grad = g.st
-            else:
-                st = self.alloc(p.size, "grad")
-                self.decref(g.st)
-                p.grad = st
-        else:
-            self.decref(g.st)  # param.grad += g, in place
-        hook = self.hooks.get("post_accumulate")
-        if hook is not None:
-            hook(self, p)
 
     def zero_grad(self) -> None:
         for p in self.params.values():
@@ -627,30 +295,5 @@ class Sim:
         return tuple(self.live_cat[cat])
 
 
-# ------------------------------------------------------------------------------------------------- common rules
-def bwd_pass(sim: Sim, node: Node, gouts: list) -> list:
-    """The gradient passes through unchanged (views, reshape of a contiguous gradient)."""
-    g = gouts[0]
-    sim.incref(g.st)
-    return [G(g.st, g.contig)]
-
-
-def bwd_transpose(sim: Sim, node: Node, gouts: list) -> list:
-    """A transpose: the gradient is a transposed view (not contiguous any more)."""
-    g = gouts[0]
-    sim.incref(g.st)
-    return [G(g.st, not g.contig)]
-
-
-def bwd_reshape(sim: Sim, node: Node, gouts: list) -> list:
-    """``view``/``reshape`` backward: ``grad.reshape(input shape)``, which copies a non-contiguous
-    gradient."""
-    g = gouts[0]
-    if g.contig:
-        sim.incref(g.st)
-        return [G(g.st)]
-    return [G(sim.alloc(g.st.size))]
-
-
-__all__ = ["BASIS", "CATS", "G", "NB", "Node", "Param", "PhaseResult", "Sim", "St", "Var", "ZERO", "basis",
-           "bwd_pass", "bwd_reshape", "bwd_transpose", "vadd", "veval", "vec", "vmul", "vsub"]
+__all__ = ["BASIS", "CATS", "CandBlock", "NB", "Param", "PhaseResult", "Sim", "St", "Var", "ZERO", "basis", "vadd", "veval",
+           "vec", "vmul", "vsub"]

@@ -1,9 +1,10 @@
 """Whole-step peak: the phase model of one Trainer configuration, evaluated for a batch shape.
 
-:func:`step_memory` is what :func:`estimators.estimate` calls. It builds (once per model, precision,
-attention implementation, checkpointing, accumulation, trainable set and optimizer; cached) the simulated
-phases of a training step, then evaluates them for ``(batch_size, seq_len)``: every phase's peak is the
-largest of a handful of polynomials in B and S, so a warm call costs microseconds.
+:class:`PhaseModel` is what :func:`estimators.estimate` builds (once per model, precision, attention
+implementation, checkpointing, accumulation, trainable set, task and optimizer; cached). For a batch shape it
+takes the traced micro-step of the model (``estimators/trace``: the region of shapes holding it, traced when
+first asked for) and simulates the phases of a training step on it: every phase's peak is the largest of a
+handful of polynomials in B and S, so a warm call costs microseconds.
 
 Per phase, bytes at the phase's peak are split as the harness's tensor accountant splits them:
 ``weights`` (parameters and buffers), ``gradients``, ``optimizer_state``, ``activations`` (tensors born in
@@ -15,40 +16,14 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from .archs import Arch, Setting, arch_from_config
-from .errors import UserError
 from .memsim import CATS, PhaseResult, veval
 from .phases import PHASES, Run, simulate, simulate_step
 from .steps import StepModel
+from .trace import data as trace_data
+from .trace.setting import TraceSetting
 
 CAT_NAMES = {"weights": "weights", "state": "optimizer_state", "grad": "gradients", "act": "activations",
              "tmp": "temporaries", "other": "other"}
-MIXED = {None: 0, "bf16": 2, "fp16": 2}
-
-
-def arch_for(inv) -> Arch:
-    """The model's :class:`~estimators.archs.Arch`, read from its config (cached on the inventory)."""
-    arch = inv._cache.get("arch")
-    if arch is None:
-        from .catalog import resolve
-        from .inventory import build_config
-
-        cfg = build_config(resolve(inv.model))
-        try:
-            arch = arch_from_config(cfg)
-        except (AttributeError, TypeError) as exc:
-            raise UserError(f"{inv.model}: cannot read the layer shapes from its config ({exc}); activation "
-                            "memory needs a decoder-only, GPT-2 or T5 style config") from None
-        inv._cache["arch"] = arch
-    return arch
-
-
-def buffers_bytes(arch: Arch, es: int) -> int:
-    """Model buffers: Llama-style rotary embeddings keep ``inv_freq`` and ``original_inv_freq``
-    (head_dim / 2 elements each, cast with the model)."""
-    if arch.family == "decoder":
-        return 2 * (arch.head_dim // 2) * es
-    return 0
 
 
 @dataclass(frozen=True)
@@ -67,16 +42,6 @@ class StepMemory:
                 "activations": self.activations}
 
 
-@functools.lru_cache(maxsize=256)
-def _activation_sim(run: Run, step_key, step: StepModel | None) -> dict[str, PhaseResult]:
-    return simulate(run, step)
-
-
-@functools.lru_cache(maxsize=1024)
-def _step_sim(step: StepModel, grads: tuple, base0: tuple, base1: tuple) -> dict[str, PhaseResult]:
-    return simulate_step(step, dict(grads), base0, base1)
-
-
 def _without_grads(snap: tuple) -> tuple:
     total, cats = snap[0], snap[1]
     gi = CATS.index("grad")
@@ -86,34 +51,133 @@ def _without_grads(snap: tuple) -> tuple:
     return total, cats
 
 
-def phase_results(inv, setting: Setting, grad_accum: int, step: StepModel, state_total: int,
-                  state_init: int) -> dict[str, PhaseResult]:
-    """All six phases (forward/backward shifted by the optimizer state alive in them)."""
-    arch = arch_for(inv)
-    trainable = frozenset(r.name for r in inv.rows if r.trainable)
-    all_trainable = len(trainable) == len(inv.rows)
-    run = Run(arch, setting, inv.weight_bytes, buffers_bytes(arch, setting.es), grad_accum,
-              None if all_trainable else trainable)
-    inside = step.grad_mode in ("fused", "layerwise")
-    res = _activation_sim(run, id(step) if inside else None, step if inside else None)
-    if inside:
+class PhaseModel:
+    """All six phases of one configuration, per region of batch shapes (see the module docstring).
+
+    ``inv``: the inventory (dtype and frozen flags applied); ``setting``: how the step is traced; ``step``:
+    the optimizer's step program; ``state_total`` / ``state_init``: optimizer-state bytes on the device in
+    steady steps and from ``__init__``."""
+
+    def __init__(self, inv, source, setting: TraceSetting, grad_accum: int, step: StepModel, state_total: int,
+                 state_init: int):
+        self.inv = inv
+        self.source = source
+        self.setting = setting
+        self.grad_accum = grad_accum
+        self.step = step
+        self.state_total = state_total
+        self.state_init = state_init
+        self._by_region: dict = {}
+        self.trace = None  # the StepTrace (estimators.trace.run), once a region was asked for
+
+    @property
+    def inside(self) -> bool:
+        return self.step.grad_mode in ("fused", "layerwise")
+
+    def notes(self) -> list[str]:
+        tr = self.trace
+        if tr is not None and tr.attn_implementation != self.setting.attn:
+            return [f"{self.inv.model} runs {tr.attn_implementation} attention (it has no "
+                    f"{self.setting.attn} implementation)"]
+        return []
+
+    def at(self, b: int, s: int) -> tuple[dict[str, PhaseResult], dict[str, int]]:
+        """(phase results, optimizer state alive in each phase) for the region holding ``(b, s)``."""
+        accum = self.grad_accum > 1 and not self.inside
+        tr = self.trace
+        region = tr.region(b, s, accum) if tr is not None else None
+        if region is None and tr is None:  # traced before, in another process?
+            tr = self.trace = _disk_trace(self._disk_key())
+            region = tr.region(b, s, accum) if tr is not None else None
+        if region is None:
+            from .trace.run import step_trace
+
+            tr = self.trace = step_trace(self.source, self.setting, b, s, accum, known=tr)
+            region = tr.region(b, s, accum)
+            _store_trace(self._disk_key(), tr)
+        key = (region.b_lo, region.s_lo, region.s_hi)
+        hit = self._by_region.get(key)
+        if hit is None or hit[0] is not region:
+            hit = self._by_region[key] = (region, self._simulate(tr, region))
+        return hit[1]
+
+    def _disk_key(self):
+        return trace_data.disk_key(self.inv.config_hash, getattr(self.source, "peft", None), self.setting)
+
+    def _simulate(self, tr, region) -> tuple[dict, dict]:
+        inv, step = self.inv, self.step
+        rows = {r.name: r for r in inv.rows}
+        params = tr.params
+        missing = [n for n in params if n not in rows]
+        if missing:
+            raise RuntimeError(f"trace and inventory of {inv.model} disagree on parameter {missing[0]}")
+        run = Run(region.first, region.accum if self.grad_accum > 1 else None, params,
+                  tuple(rows[n].nbytes for n in params), tuple(rows[n].element_size for n in params),
+                  tuple(rows[n].trainable for n in params), inv.weight_bytes, tr.buffers_bytes, self.grad_accum,
+                  label_shape=tr.label_shape, counts_items=tr.counts_items, shifts_labels=tr.shifts_labels)
+        res = simulate(run, step) if self.inside else _forward_backward(run, region)
         out = dict(res)
-    else:
+        if self.inside:  # the simulation itself creates the per-parameter state (inside the step-0 backward)
+            return out, dict.fromkeys(PHASES, self.state_init)
         grads = tuple((r.name, r.nbytes) for r in inv.rows if r.trainable)
-        steps = _step_sim(step, grads, _without_grads(res["step0.backward"].end),
-                          _without_grads(res["steady.backward"].end))
-        out = dict(res)
-        out.update(steps)
-    if inside:  # the simulation itself creates the per-parameter state (inside the step-0 backward)
-        return out, dict.fromkeys(PHASES, state_init)
-    return out, {"step0.forward": state_init, "step0.backward": state_init, "step0.optimizer_step": state_init,
-                 "steady.forward": state_total, "steady.backward": state_total,
-                 "steady.optimizer_step": state_init}
+        out.update(_step_sim(step, grads, _without_grads(res["step0.backward"].end),
+                             _without_grads(res["steady.backward"].end)))
+        init, total = self.state_init, self.state_total
+        return out, {"step0.forward": init, "step0.backward": init, "step0.optimizer_step": init,
+                     "steady.forward": total, "steady.backward": total, "steady.optimizer_step": init}
 
 
-def evaluate(results: dict[str, PhaseResult], offsets: dict, b: int, s: int) -> StepMemory:
+_LOADED: dict = {}
+"""Traces read from (or written to) the on-disk cache in this process, by key digest: the phase models of one
+model and setting (one per optimizer) share one."""
+
+
+def _disk_trace(k):
+    if k is None:
+        return None
+    st = _LOADED.get(k.digest)
+    if st is None:
+        st = trace_data.load(k)
+        if st is not None:
+            _LOADED[k.digest] = st
+    return st
+
+
+def _store_trace(k, st) -> None:
+    if k is not None:
+        _LOADED[k.digest] = st
+        trace_data.store(k, st)
+
+
+@functools.lru_cache(maxsize=1024)
+def _step_sim(step: StepModel, grads: tuple, base0: tuple, base1: tuple) -> dict[str, PhaseResult]:
+    """The optimizer-step phases on top of a backward's end state (cached: regions of batch shapes whose
+    backward ends alike share them)."""
+    return simulate_step(step, dict(grads), base0, base1)
+
+
+_FB_CACHE: dict = {}
+
+
+def _forward_backward(run: Run, region) -> dict[str, PhaseResult]:
+    """The forward/backward phases of ``run`` without the optimizer (shared by every optimizer that steps
+    after the backward; cached per region and run)."""
+    key = (id(region), run.params, run.param_bytes, run.trainable, run.weights_bytes, run.buffers_bytes,
+           run.grad_accum, run.label_shape, run.counts_items, run.shifts_labels)
+    hit = _FB_CACHE.get(key)
+    if hit is not None and hit[0] is region:
+        return hit[1]
+    if len(_FB_CACHE) > 256:
+        _FB_CACHE.clear()
+    res = simulate(run, None)
+    _FB_CACHE[key] = (region, res)
+    return res
+
+
+def evaluate(model: PhaseModel, b: int, s: int) -> StepMemory:
     from .memsim import basis
 
+    results, offsets = model.at(b, s)
     x = basis(b, s)  # Python ints: PhaseResult evaluates exactly, in int64 only where that cannot wrap
     phases: dict = {}
     counts: dict = {}
@@ -137,5 +201,3 @@ _CAT_KEYS = tuple(CAT_NAMES[c] for c in CATS)
 _ACT = CATS.index("act")
 
 
-__all__ = ["MIXED", "StepMemory", "arch_for", "buffers_bytes", "evaluate",
-           "phase_results"]

@@ -14,16 +14,15 @@ accumulator, the fetched batches (the dataloader prefetches one batch ahead). Ea
 transients: the forward's saved activations and the loss's buffers, the backward's gradient buffers (and
 recomputation under checkpointing), the optimizer step's temporaries.
 
-Two simulations make one estimate, both cached: the forward/backward of the model (independent of the
-optimizer unless it updates inside the backward: LOMO, layer-wise) and the optimizer step on top of the
-backward's end state. Optimizer state that exists in a forward or backward is a constant added to it.
+Two simulations make one estimate, both cached: the forward/backward of the model -- the replay of its
+traced micro-steps (``estimators/trace``), independent of the optimizer unless it updates inside the backward
+(LOMO, layer-wise) -- and the optimizer step on top of the backward's end state. Optimizer state that exists
+in a forward or backward is a constant added to it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import archs
-from .archs import Arch, Model, Setting
 from .memsim import CATS, NB, Param, PhaseResult, Sim, Var, vadd, vec, veval, vsub
 from .steps import Frame, StepModel
 
@@ -38,42 +37,51 @@ class Run:
     """Everything about the run that shapes the forward and backward except the batch shape and the
     optimizer (for ``grad_mode="full"``).
 
-    ``weights_bytes`` / ``buffers_bytes``: the model as stored; ``other_bytes``: long-lived odds and ends
-    (the Trainer's loss accumulator, 4 B); ``trainable``: parameter names that get gradients (None: all).
+    ``first`` / ``accum``: the traced micro-step logs (``estimators/trace``) with no gradients yet and with
+    gradients already accumulated (None when ``grad_accum`` is 1); ``params``: parameter names in the trace's
+    order, ``param_bytes`` / ``param_es``: their bytes and element sizes, ``trainable``: which get gradients;
+    ``weights_bytes`` / ``buffers_bytes``: the model as stored; ``other_bytes``: long-lived odds and ends (the
+    Trainer's loss accumulator, 4 B); ``label_shape``: ``"BS"`` or ``"B"`` (one label per sample);
+    ``counts_items``: the Trainer counts label tokens (``num_items_in_batch``), from position 1 when
+    ``shifts_labels``.
     """
 
-    arch: Arch
-    setting: Setting
+    first: object
+    accum: object
+    params: tuple[str, ...]
+    param_bytes: tuple[int, ...]
+    param_es: tuple[int, ...]
+    trainable: tuple[bool, ...]
     weights_bytes: int
     buffers_bytes: int
     grad_accum: int = 1
-    trainable: frozenset | None = None
     other_bytes: int = 4
+    label_shape: str = "BS"
+    counts_items: bool = True
+    shifts_labels: bool = True
 
 
-def _fetch_batch(sim: Sim) -> list[Var]:
-    """``default_data_collator`` over ``B`` samples of ``input_ids``/``attention_mask``/``labels``: each
-    sample's ``ones_like`` and ``clone`` (``S`` int64 each), the three stacked ``(B, S)`` int64 tensors,
-    then the per-sample tensors go."""
-    per_sample = sim.alloc(vec(bs=2 * I64), "act")
-    batch = [sim.const(vec(bs=I64)) for _ in range(3)]
+def _fetch_batch(sim: Sim, label_shape: str = "BS") -> list[Var]:
+    """``default_data_collator`` over ``B`` samples of the harness's synthetic dataset (``input_ids``, a view
+    of its token table; ``attention_mask``, ``ones_like``; ``labels``, a ``clone`` of the ids, or a view of the
+    label table for one label per sample): the per-sample tensors (``S`` int64 each), the stacked ``(B, S)``
+    int64 tensors (``(B,)`` labels), then the per-sample tensors go."""
+    per = 2 * I64 if label_shape == "BS" else I64
+    per_sample = sim.alloc(vec(bs=per), "act")
+    batch = [sim.const(vec(bs=I64)), sim.const(vec(bs=I64)),
+             sim.const(vec(bs=I64) if label_shape == "BS" else vec(b=I64))]
     sim.decref(per_sample)
     return batch
 
 
-def _num_items(sim: Sim) -> None:
+def _num_items(sim: Sim, run: Run) -> None:
     """``(labels[..., 1:] != -100).sum()`` over the step's batches: a bool mask and int64 sums."""
-    sim.tmp(vec(bs=1, b=-1))
-
-
-def forward_program(a: Arch):
-    if a.family == "decoder":
-        return archs.decoder_forward
-    if a.family == "gpt2":
-        return archs.gpt2_forward
-    if a.family == "t5":
-        return archs.t5_forward
-    raise ValueError(f"no memory program for model family {a.family!r}")
+    if not run.counts_items:
+        return
+    if run.label_shape == "B":
+        sim.tmp(vec(b=1))
+    else:
+        sim.tmp(vec(bs=1, b=-1) if run.shifts_labels else vec(bs=1))
 
 
 def simulate(run: Run, step: StepModel | None = None, device: str = "cpu") -> dict[str, PhaseResult]:
@@ -81,19 +89,24 @@ def simulate(run: Run, step: StepModel | None = None, device: str = "cpu") -> di
     step are added by :func:`simulate_step`); with a LOMO / layer-wise ``step`` the optimizer runs inside
     the backward. Returns ``{phase: PhaseResult}`` for the forward and backward phases (and the optimizer
     phases when ``step`` is given), plus ``forward_end`` (live bytes at the end of step 0's last forward)."""
+    from .trace.replay import replay
+    from .trace.events import BWD_END, FWD_END
+
     sim = Sim()
-    a, st = run.arch, run.setting
     sim.phase("setup")
     sim.alloc(vec(run.weights_bytes), "weights")
     if run.buffers_bytes:
         sim.alloc(vec(run.buffers_bytes), "weights")
     sim.alloc(vec(run.other_bytes), "other")
-    trainable = run.trainable
-    model = Model(sim, a, st, None if trainable is None else (lambda n: n in trainable))
-    fwd = forward_program(a)
+    params: list[Param | None] = []
+    for name, nbytes, es, tr in zip(run.params, run.param_bytes, run.param_es, run.trainable):
+        if tr:
+            sim.param(name, nbytes, True, es)
+            params.append(sim.params[name])
+        else:
+            params.append(None)
     keep: dict = {}
     merged: dict[str, list] = {}
-    forward_end = None
     mode = step.grad_mode if step is not None else "full"
     if step is not None and mode == "layerwise":
         by_name = {g[0].name: g for g in step.groups}
@@ -124,6 +137,7 @@ def simulate(run: Run, step: StepModel | None = None, device: str = "cpu") -> di
         else:
             merged[name] = [list(res.candidates), res.end]
 
+    forward_end = None
     batches: list[list] = []
     prefetched: list = []
     steps_ = ("step0",) if step is None or mode == "full" else ("step0", "steady")
@@ -132,24 +146,27 @@ def simulate(run: Run, step: StepModel | None = None, device: str = "cpu") -> di
             sim.phase(f"{stepname}.forward")
             if micro == 0:
                 if stepname == "step0":
-                    batches = [_fetch_batch(sim) for _ in range(run.grad_accum)]
+                    batches = [_fetch_batch(sim, run.label_shape) for _ in range(run.grad_accum)]
                 else:
                     for b in batches:
                         sim.drop(*b)
-                    batches = [prefetched] + [_fetch_batch(sim) for _ in range(run.grad_accum - 1)]
-                prefetched = _fetch_batch(sim)
-                _num_items(sim)
-            ids, labels = batches[micro][0], batches[micro][2]
-            loss, outputs = fwd(sim, model, ids, labels)
-            if stepname == "step0" and micro == run.grad_accum - 1:
-                forward_end = sim._snap()
-            close(f"{stepname}.forward")
-            sim.phase(f"{stepname}.backward")
-            sim.drop(*outputs)
-            sim.backward(loss)
-            if mode == "fused":
-                _lomo_consume(sim, exclude=None)  # fused_backward's final grad_func(0)
-            sim.drop(loss)
+                    batches = [prefetched] + [_fetch_batch(sim, run.label_shape) for _ in range(run.grad_accum - 1)]
+                prefetched = _fetch_batch(sim, run.label_shape)
+                _num_items(sim, run)
+            log = run.accum if micro > 0 and mode == "full" and run.accum is not None else run.first
+            last = stepname == "step0" and micro == run.grad_accum - 1
+
+            def on_mark(code: int, arg: int, _name=stepname, _last=last) -> None:
+                nonlocal forward_end
+                if code == FWD_END:
+                    if _last:
+                        forward_end = sim._snap()
+                    close(f"{_name}.forward")
+                    sim.phase(f"{_name}.backward")
+                elif code == BWD_END and mode == "fused":
+                    _lomo_consume(sim, exclude=None)  # fused_backward's final grad_func(0)
+
+            replay(sim, log, params, on_mark)
             close(f"{stepname}.backward")
         sim.phase(f"{stepname}.optimizer_step")
         if step is not None and mode == "full":
@@ -169,7 +186,7 @@ def _lomo_consume(sim: Sim, exclude) -> None:
     too), applied, and dropped."""
     f = Frame(sim)
     for p in list(sim.params.values()):
-        if p is exclude or p.grad is None or p.graph_leaf:
+        if p is exclude or p.grad is None:
             continue
         if p.es != 4:
             n32 = p.size[0] // p.es * 4

@@ -27,9 +27,12 @@ from typing import Any
 from .adapters import LoraSpec
 from .catalog import DEFAULT_MODEL
 from .errors import UserError
+from .inventory import TASK_CLASSES
 
-TASKS = ("causal-lm",)
-"""Model heads a setup can train (``AutoModelFor...``): causal language modelling is the Trainer's default."""
+TASKS = tuple(TASK_CLASSES)
+"""Model heads a setup can train (``estimators.inventory.TASK_CLASSES``): ``causal-lm``, the default, builds the
+class the config names (else a causal LM, or a seq2seq LM for an encoder-decoder); the others build
+``AutoModelForMaskedLM`` / ``AutoModelForSequenceClassification`` / ``AutoModelForSeq2SeqLM``."""
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 DEVICES = ("auto", "cuda", "cpu")
 """``auto``: CUDA when there is one (the harness resolves it; the estimator predicts for CUDA)."""
@@ -63,7 +66,8 @@ class Flag:
 CLI: dict[str, Flag] = {
     "model": Flag(("--model",), "catalog name, path to a config.json, or Hugging Face Hub id org/name[@REV] "
                   "(config.json only, through the HF cache)", metavar="MODEL"),
-    "task": Flag(("--task",), "the model head trained", choices=TASKS),
+    "task": Flag(("--task",), "the model head trained (default causal-lm: the config's own architecture)",
+                 choices=TASKS),
     "dtype": Flag(("--dtype",), "dtype the parameters are stored in: fp32, bf16, fp16", metavar="DTYPE"),
     "mixed_precision": Flag(("--mixed-precision",), "Trainer autocast: none, bf16 (TrainingArguments(bf16=True)) "
                             "or fp16; the parameters stay in --dtype", metavar="{none,bf16,fp16}"),

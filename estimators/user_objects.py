@@ -88,9 +88,18 @@ def model_source(model: Any) -> ModelSource:
             # labelled with the dtype most of its bytes are stored in (PEFT keeps fp32 adapters beside a 16-bit base)
             return replace(inv, model=name, config_hash=name.rsplit("#", 1)[-1], dtype=_main_dtype(inv), _cache={})
 
-        return register(_config_dict(config), label=label, extra=rows, inventory=named)
+        return register(_config_dict(config), label=label, extra=rows, inventory=named, peft=_peft_config(model))
     raise UserError(f"model must be a model name (catalog, config.json, Hub id), a transformers config, a "
                     f"PreTrainedModel or a PEFT model, got {type(model).__name__}")
+
+
+def _peft_config(model: Any) -> dict | None:
+    """A PEFT model's (active) adapter config as plain data, for the whole-step tracer to rebuild the wrapping."""
+    if not is_peft_model(model):
+        return None
+    cfg = model.peft_config.get(getattr(model, "active_adapter", "default")) or next(iter(model.peft_config.values()))
+    data = cfg.to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else getattr(v, "value", v)) for k, v in data.items()}
 
 
 def _main_dtype(inv) -> str:

@@ -22,10 +22,11 @@ from harness.run_config import FIRST_SYNTHETIC_ID, RunConfig, data_tokens
 
 
 class SyntheticTokens(torch.utils.data.Dataset):
-    """Seeded random token ids; ``labels`` equal the inputs (the model shifts them itself)."""
+    """Seeded random token ids; ``labels`` equal the inputs (the model shifts them itself), or, with
+    ``num_labels`` (sequence classification), one seeded class per sample, kept in a table like the ids."""
 
     def __init__(self, n: int, seq_len: int, vocab_size: int, seed: int, encoder_decoder: bool,
-                 token_ids: list[int] | None = None):
+                 token_ids: list[int] | None = None, num_labels: int | None = None):
         g = torch.Generator().manual_seed(seed)
         if token_ids:
             stream = torch.tensor(token_ids, dtype=torch.long) % vocab_size
@@ -34,13 +35,15 @@ class SyntheticTokens(torch.utils.data.Dataset):
         else:
             self.ids = torch.randint(FIRST_SYNTHETIC_ID, vocab_size, (n, seq_len), generator=g)
         self.encoder_decoder = encoder_decoder
+        self.labels = torch.randint(0, num_labels, (n,), generator=g) if num_labels else None
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = self.ids[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        labels = self.labels[i] if self.labels is not None else ids.clone()
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
 def flash_optimizer_cls_and_kwargs(name: str, optim_args: dict[str, Any], lr: float):
@@ -72,13 +75,13 @@ def remove_printer_callback(trainer) -> None:
 
 
 def build_model(cfg: RunConfig):
-    """The model the run trains: seeded random weights in ``cfg.dtype``, the setup's attention
-    implementation, its ``freeze`` regex applied (``requires_grad_(False)``), on the run's device. A LoRA /
-    QLoRA setup trains the peft model :func:`estimators.peft_model.build_training_model` makes of it (quantized:
-    saved and loaded back with ``BitsAndBytesConfig`` onto the device)."""
+    """The model the run trains (the head of ``cfg.task``): seeded random weights in ``cfg.dtype``, the setup's
+    attention implementation, its ``freeze`` regex applied (``requires_grad_(False)``), on the run's device. A
+    LoRA / QLoRA setup trains the peft model :func:`estimators.peft_model.build_training_model` makes of it
+    (quantized: saved and loaded back with ``BitsAndBytesConfig`` onto the device)."""
     torch.manual_seed(cfg.seed)
     device = cfg.resolved_device()
-    model = instantiate(resolve(cfg.model), device="cpu", dtype=cfg.dtype)
+    model = instantiate(resolve(cfg.model), device="cpu", dtype=cfg.dtype, task=cfg.task)
     if cfg.attn_implementation != "sdpa":
         model.set_attn_implementation(cfg.attn_implementation)
     if cfg.freeze:
@@ -107,8 +110,10 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
     device = cfg.resolved_device()
     n_samples = cfg.batch_size * cfg.grad_accum * max(cfg.steps, 1)
     tokens = data_tokens(cfg.data) if cfg.data else None
+    classify = cfg.task == "sequence-classification"
     data = SyntheticTokens(n_samples, cfg.seq_len, model.config.vocab_size, cfg.seed,
-                           bool(getattr(model.config, "is_encoder_decoder", False)), tokens)
+                           bool(getattr(model.config, "is_encoder_decoder", False)), tokens,
+                           num_labels=int(model.config.num_labels) if classify else None)
     lr = 1e-4
     owned = None
     if output_dir is None:

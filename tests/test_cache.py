@@ -118,7 +118,7 @@ def test_inventory_and_estimates_from_cache_equal_rebuilt_ones(fresh, monkeypatc
     cold = {}
     for model, optim, kw in cases:
         cold[model] = (build_inventory(model), estimate(model, optim, **kw).to_dict())
-    assert {p.parent.name for p in cache.entries()} == {"inventory", "phases", "targets"}
+    assert {p.parent.name for p in cache.entries()} == {"inventory", "trace", "targets"}
     for f in (_inventory_cached, _phase_model, _matched):
         f.cache_clear()
     import estimators.inventory as inventory_module
@@ -178,7 +178,7 @@ def test_no_cache_flag_neither_reads_nor_writes(fresh, monkeypatch, capsys):
     argv = ["estimate", "--model", "tiny-llama", "--optim", "adafactor", "--json"]
     assert main(argv) == 0
     cached = capsys.readouterr().out
-    assert cache.entries("phases")
+    assert cache.entries("trace")
     for p in cache.entries():
         p.write_text("{}")  # unusable: a read would be a miss and rewrite it
     for f in (_inventory_cached, _phase_model, _matched):

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
+from estimators.trace.tensor import unseen_storage
+
 CATEGORIES: tuple[str, ...] = ("parameters", "buffers", "gradients", "optimizer_state", "activations",
                                "temporaries", "other")
 """Every category a live storage can have, in report order."""
@@ -155,13 +157,10 @@ class TensorAccountant(TorchDispatchMode):
             return
         if not getattr(t, self._device_flag):
             return
-        st = t.untyped_storage()
-        key = st._cdata
-        if key in self._live:
+        new = unseen_storage(t, self._live)
+        if new is None:
             return
-        nbytes = st.nbytes()
-        if nbytes == 0:
-            return
+        st, key, nbytes = new
         ph = self._phase
         self._add(st, key, nbytes, "temporaries" if ph is None else ph.alive_default)
 

@@ -1,0 +1,176 @@
+"""A fitted trace as plain data (importing it needs no torch): :class:`Region` and :class:`StepTrace`, and
+their on-disk cache (:func:`load`, :func:`store`, keyed by :func:`disk_key`).
+
+:mod:`estimators.trace.run` makes them; :class:`estimators.peak.PhaseModel` reads them. A trace depends on the
+config's content, the PEFT wrapping a model object carries, the :class:`~estimators.trace.setting.TraceSetting`
+and the torch / transformers / optimem versions (:func:`estimators.cache.versions`, part of every key), so a
+``bench estimate`` of a configuration traced before -- in any process -- neither traces nor imports torch.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .events import EventLog
+from .setting import TraceSetting
+
+S_MIN = 2
+"""Shortest sequence a trace covers."""
+TRACE_CACHE_VERSION = 1
+"""Layout of a cached trace (:meth:`StepTrace.to_data`); bump it when that changes."""
+
+
+@dataclass
+class Region:
+    """``b_lo..b_hi`` x ``s_lo..s_hi`` (None: unbounded) and its fitted logs: ``first`` (a micro-step with no
+    gradients yet) and ``accum`` (one with gradients already accumulated; only when asked for)."""
+
+    b_lo: int
+    b_hi: int | None
+    s_lo: int
+    s_hi: int | None
+    first: EventLog
+    accum: EventLog | None = None
+
+    def contains(self, b: int, s: int) -> bool:
+        return self.b_lo <= b and (self.b_hi is None or b <= self.b_hi) and self.s_lo <= s and \
+            (self.s_hi is None or s <= self.s_hi)
+
+    def to_data(self) -> dict:
+        return {"b": [self.b_lo, self.b_hi], "s": [self.s_lo, self.s_hi], "first": self.first.to_data(),
+                "accum": self.accum.to_data() if self.accum is not None else None}
+
+    @classmethod
+    def from_data(cls, d: dict) -> Region:
+        return cls(d["b"][0], d["b"][1], d["s"][0], d["s"][1], EventLog.from_data(d["first"]),
+                   EventLog.from_data(d["accum"]) if d.get("accum") else None)
+
+
+@dataclass
+class StepTrace:
+    """The fitted trace of one model x setting (see the module docstring). ``params``: parameter names in
+    ``named_parameters()`` order (a log's parameter indices point here); ``buffers_bytes``: the model's
+    buffers as stored (bytes); ``attn_implementation``: what the model really runs; ``windows``: the sequence
+    lengths the regions split at; ``label_shape``: ``"BS"`` (a label per token) or ``"B"`` (one per sample);
+    ``shifts_labels``: the Trainer counts label tokens from position 1."""
+
+    key: str
+    model: str
+    params: tuple[str, ...]
+    buffers_bytes: int
+    attn_implementation: str
+    windows: tuple[int, ...]
+    label_shape: str
+    shifts_labels: bool
+    counts_items: bool
+    regions: list[Region] = field(default_factory=list)
+
+    def region(self, b: int, s: int, accum: bool = False) -> Region | None:
+        """The traced region holding ``(b, s)`` (sequences shorter than :data:`S_MIN` share the first one)."""
+        s = max(s, S_MIN)
+        for r in self.regions:
+            if r.contains(b, s) and (not accum or r.accum is not None):
+                return r
+        return None
+
+    def to_data(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "regions"}
+        d["regions"] = [r.to_data() for r in self.regions]
+        return d
+
+    @classmethod
+    def from_data(cls, d: dict) -> StepTrace:
+        kw = {k: v for k, v in d.items() if k != "regions"}
+        kw["params"] = tuple(kw["params"])
+        kw["windows"] = tuple(kw["windows"])
+        return cls(**kw, regions=[Region.from_data(r) for r in d["regions"]])
+
+
+def disk_key(config_hash: str, peft, setting: TraceSetting):
+    """The on-disk cache key of a trace (None when there is no config content hash to key it on: a model
+    object built in memory)."""
+    if not config_hash:
+        return None
+    from .. import cache
+
+    return cache.key("trace", TRACE_CACHE_VERSION, config=config_hash, peft=peft, setting=asdict(setting))
+
+
+_LOG_FIELDS = ("kind", "a", "b", "sizes")
+_META_FIELDS = ("model", "params", "buffers_bytes", "attn_implementation", "windows", "label_shape", "shifts_labels",
+                "counts_items")
+
+
+def to_arrays(st: StepTrace) -> dict:
+    """``st`` as numpy arrays (the event logs as they are, the rest as one JSON string): an ``.npz`` loads in
+    milliseconds where the same logs as JSON lists take a second for a 70B model."""
+    import json
+
+    import numpy as np
+
+    meta = {k: getattr(st, k) for k in _META_FIELDS}
+    meta["regions"] = []
+    arrays: dict = {}
+    for i, r in enumerate(st.regions):
+        logs = {}
+        for which in ("first", "accum"):
+            log = getattr(r, which)
+            if log is None:
+                continue
+            logs[which] = list(log.survivors)
+            for f in _LOG_FIELDS:
+                arrays[f"{i}.{which}.{f}"] = getattr(log, f)
+        meta["regions"].append({"b": [r.b_lo, r.b_hi], "s": [r.s_lo, r.s_hi], "logs": logs})
+    arrays["meta"] = np.array(json.dumps(meta))
+    return arrays
+
+
+def from_arrays(arrays: dict, key: str) -> StepTrace:
+    """The inverse of :func:`to_arrays` (raises on anything malformed)."""
+    import json
+
+    import numpy as np
+
+    from ..memsim import NB
+
+    meta = json.loads(str(arrays["meta"]))
+    regions = []
+    for i, r in enumerate(meta["regions"]):
+        logs = {}
+        for which, survivors in r["logs"].items():
+            kind, a, b, sizes = (arrays[f"{i}.{which}.{f}"] for f in _LOG_FIELDS)
+            if not (len(kind) == len(a) == len(b)) or sizes.ndim != 2 or sizes.shape[1] != NB:
+                raise ValueError("malformed event log")
+            logs[which] = EventLog(kind.astype(np.int8, copy=False), a.astype(np.int64, copy=False),
+                                   b.astype(np.int64, copy=False), sizes.astype(np.int64, copy=False),
+                                   tuple(int(x) for x in survivors))
+        regions.append(Region(r["b"][0], r["b"][1], r["s"][0], r["s"][1], logs["first"], logs.get("accum")))
+    kw = {k: meta[k] for k in _META_FIELDS}
+    kw["params"], kw["windows"] = tuple(kw["params"]), tuple(kw["windows"])
+    return StepTrace(key=key, **kw, regions=regions)
+
+
+def load(k) -> StepTrace | None:
+    """The trace stored under ``k`` (None: none, the cache off, or unreadable -- a miss)."""
+    if k is None:
+        return None
+    from .. import cache
+
+    arrays = cache.get_arrays(k)
+    if arrays is None:
+        return None
+    try:
+        return from_arrays(arrays, k.digest[:20])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+
+
+def store(k, st: StepTrace) -> None:
+    """Store ``st`` under ``k`` (silently nothing when the cache is off or cannot be written)."""
+    if k is not None:
+        from .. import cache
+
+        cache.put_arrays(k, to_arrays(st))
+
+
+__all__ = ["Region", "S_MIN", "StepTrace", "TRACE_CACHE_VERSION", "disk_key", "from_arrays", "load", "store",
+           "to_arrays"]

@@ -1,0 +1,128 @@
+"""The model a trace runs: built from its config exactly as the harness builds it, then made of trace tensors.
+
+:func:`build_traced_model` calls :func:`estimators.inventory.instantiate` (the class selection and dtype cast
+``bench run`` uses) on the meta device, then prepares it as the Trainer does before its first step: the
+attention implementation, frozen parameters, the Trainer's non-reentrant activation checkpointing under
+``gradient_checkpointing``, ``config.use_cache = False`` (``TrainingArguments.use_cache``), training mode. Parameters and buffers become
+:class:`~estimators.trace.tensor.TraceTensor`\\ s (tied ones stay one tensor).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..catalog import ModelSource
+from ..errors import UserError
+from .tensor import from_meta
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the Trainer reads from the model before training (``Trainer.__init__``): whether its forward
+    takes ``num_items_in_batch`` (``model_accepts_loss_kwargs``), whether the loss shifts the labels (the
+    count of label tokens then skips position 0), whether it is an encoder-decoder, its vocabulary, the
+    attention implementation it really runs and the number of labels of a classification head."""
+
+    accepts_loss_kwargs: bool
+    shifts_labels: bool
+    encoder_decoder: bool
+    vocab_size: int
+    attn_implementation: str
+    num_labels: int
+    main_input: str
+
+
+def _as_trace_tensors(model: torch.nn.Module) -> None:
+    memo: dict[int, torch.Tensor] = {}
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in memo:
+                memo[id(p)] = torch.nn.Parameter(from_meta(p.data), requires_grad=p.requires_grad)
+            mod._parameters[name] = memo[id(p)]
+        for name, b in list(mod._buffers.items()):
+            if b is None:
+                continue
+            if id(b) not in memo:
+                memo[id(b)] = from_meta(b)
+            mod._buffers[name] = memo[id(b)]
+
+
+def _with_peft(model, source: ModelSource):
+    """The PEFT model the user's object is: ``get_peft_model`` with its config, on the meta model (before the
+    trace tensors: PEFT swaps modules, which works on meta parameters)."""
+    try:
+        from peft import PeftConfig, get_peft_model
+    except ImportError:
+        raise UserError(f"{source.name} is a PEFT model: install peft to trace it") from None
+    data = dict(source.peft)
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(data.get(key), list):
+            data[key] = set(data[key])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return get_peft_model(model, PeftConfig.from_peft_type(**data))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"{source.name}: cannot rebuild its PEFT wrapping ({str(exc).splitlines()[0][:200]})") from None
+
+
+def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, attn: str, gc: bool,
+                       frozen: tuple[str, ...] = ()) -> tuple[torch.nn.Module, ModelFacts]:
+    """The model for one trace (see the module docstring). ``attn``: ``sdpa`` (what the Trainer gets by
+    default, when the model supports it) or ``eager``; ``frozen``: names of parameters that get no gradient."""
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    from ..inventory import instantiate
+
+    model = instantiate(source, device="meta", dtype=dtype, task=task)
+    if getattr(source, "peft", None):
+        model = _with_peft(model, source)
+    cfg = model.config
+    current = getattr(cfg, "_attn_implementation", None) or "eager"
+    if attn != current:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.set_attn_implementation(attn)
+        except (ValueError, ImportError, AttributeError) as exc:
+            if attn != "sdpa":
+                raise UserError(f"{source.name}: cannot use attn_implementation={attn!r} "
+                                f"({str(exc).splitlines()[0][:200]})") from None
+    attn_used = getattr(model.config, "_attn_implementation", None) or "eager"
+    if frozen:
+        names = set(frozen)
+        for name, p in model.named_parameters():
+            if name in names:
+                p.requires_grad_(False)
+    _as_trace_tensors(model)
+    if gc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                if hasattr(model, "activation_checkpointing_enable"):
+                    model.activation_checkpointing_enable()
+                else:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            except ValueError as exc:
+                raise UserError(f"{source.name}: {str(exc).splitlines()[0]}") from None
+    cfg.use_cache = False  # Trainer.__init__: model.config.use_cache = args.use_cache (False by default)
+    model.train()
+    import inspect
+
+    if hasattr(model, "accepts_loss_kwargs"):
+        accepts = bool(model.accepts_loss_kwargs)
+    else:
+        accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+    enc_dec = bool(getattr(cfg, "is_encoder_decoder", False))
+    shifts = LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not enc_dec
+    vocab = getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "get_text_config", lambda: cfg)(), "vocab_size", 0)
+    facts = ModelFacts(accepts, shifts, enc_dec, int(vocab or 0), attn_used, int(getattr(cfg, "num_labels", 2) or 2),
+                       getattr(model, "main_input_name", "input_ids"))
+    return model, facts
+
+
+__all__ = ["ModelFacts", "build_traced_model"]

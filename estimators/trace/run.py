@@ -1,0 +1,308 @@
+"""Trace one training setting at a few shapes and fit the step's event log: :func:`step_trace`.
+
+A :class:`StepTrace` covers every ``(batch, seq)`` by *regions*: batch 1 is its own region (a batch of one
+makes some transposed tensors contiguous, so fewer copies run), batches from 2 up another; the sequence
+length is split at the config's window sizes (``sliding_window``, ``attention_chunk_size``, a RoPE scaling's
+``original_max_position_embeddings``: modeling code branches on them), each window size its own one-value
+region. Inside a region the step runs the same ops in the same order and every size is a polynomial of
+``(1, B, S, B*S, S*S, B*S*S)``: six traces determine it (three for batch 1: no ``B`` terms), a seventh at
+another shape checks it. Regions are traced when first asked for.
+
+The result is plain data (:meth:`StepTrace.to_data`), keyed by :func:`trace_key`: the config's content, the
+torch and transformers versions and the setting.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ..catalog import ModelSource
+from ..errors import UserError
+from ..memsim import NB, basis
+from . import cpu_rules
+from .data import S_MIN, Region, StepTrace
+from .events import EventLog, FitError, fit_logs, from_events
+from .setting import TraceSetting
+from .model import build_traced_model
+from .step import StepHooks, make_batch, micro_step, num_items, wrap_autocast
+from .tensor import Recorder, TraceError, TraceMode, from_real
+
+cpu_rules.install()
+
+FIRST_S = 16
+"""First sequence length traced in the region that starts at :data:`S_MIN` (shorter ones share its
+polynomials)."""
+S_STEP = 8
+WINDOW_KEYS = ("sliding_window", "attention_chunk_size", "local_attention", "sliding_window_size")
+
+
+def trace_key(source: ModelSource, setting: TraceSetting) -> str:
+    """The cache key of a trace: config content, torch and transformers versions, setting."""
+    import transformers
+
+    blob = json.dumps({"config": source.load(), "peft": getattr(source, "peft", None), "torch": torch.__version__,
+                       "transformers": transformers.__version__, "setting": asdict(setting), "format": 1},
+                      sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:20]
+
+
+def windows(config) -> tuple[int, ...]:
+    """Sequence lengths at which modeling code of ``config`` may branch (see the module docstring)."""
+    cfgs = [config]
+    text = getattr(config, "get_text_config", None)
+    if callable(text):
+        cfgs.append(text())
+    out: set[int] = set()
+    for c in cfgs:
+        for k in WINDOW_KEYS:
+            v = getattr(c, k, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v >= S_MIN:
+                out.add(v)
+        rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+        if isinstance(rope, dict):
+            subs = [rope] + [v for v in rope.values() if isinstance(v, dict)]
+            for r in subs:
+                v = r.get("original_max_position_embeddings")
+                if isinstance(v, int) and r.get("rope_type", r.get("type")) not in (None, "default", "linear") and v >= S_MIN:
+                    out.add(v)
+    return tuple(sorted(out))
+
+
+def s_bounds(wins: tuple[int, ...], s: int) -> tuple[int, int | None]:
+    """The sequence region holding ``s``: ``[S_MIN, w1 - 1]``, ``[w1, w1]``, ``[w1 + 1, w2 - 1]``, ... ."""
+    lo = S_MIN
+    for w in wins:
+        if s < w:
+            return lo, w - 1
+        if s == w:
+            return w, w
+        lo = w + 1
+    return lo, None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where a region is traced: ``shape_points`` (fit by shapes, :func:`~estimators.trace.events.fit_shapes`,
+    over the per-dimension columns ``dim_cols``), ``more_points`` (added when that fails: then sizes are fitted
+    directly over ``size_cols``) and the ``check`` point every fit must reproduce."""
+
+    shape_points: tuple
+    dim_cols: tuple
+    more_points: tuple
+    size_cols: tuple
+    check: tuple
+
+
+def _plan(b_lo: int, s_lo: int, s_hi: int | None) -> _Plan:
+    bs = (1,) if b_lo == 1 else (2, 3)
+    b_check = 1 if b_lo == 1 else 4
+    if s_hi is not None and s_hi == s_lo:  # one sequence length: linear in B only
+        cols = (0,) if b_lo == 1 else (0, 1)
+        return _Plan(tuple((b, s_lo) for b in bs), cols, (), cols, (b_check, s_lo))
+    start = FIRST_S if s_lo == S_MIN else s_lo
+    ss = (start, start + S_STEP, start + 2 * S_STEP)
+    check = start + 3 * S_STEP + 37
+    if s_hi is not None:
+        check = min(check, s_hi)
+    dim_cols = (0, 2) if b_lo == 1 else (0, 1, 2, 3)
+    size_cols = (0, 2, 4) if b_lo == 1 else (0, 1, 2, 3, 4, 5)
+    return _Plan(tuple((b, s) for s in ss[:2] for b in bs), dim_cols, tuple((b, ss[2]) for b in bs), size_cols,
+                 (b_check, check))
+
+
+def _region_bounds(wins: tuple[int, ...], b: int, s: int) -> tuple[int, int | None, int, int | None]:
+    s_lo, s_hi = s_bounds(wins, max(s, S_MIN))
+    if s_hi is not None and s_hi != s_lo and s_hi - s_lo < 3 * S_STEP:
+        s_lo = s_hi = max(s, S_MIN)  # a short stretch between windows: one region per length
+    return (1, 1, s_lo, s_hi) if b <= 1 else (2, None, s_lo, s_hi)
+
+
+class _Tracer:
+    """A built model ready to trace one setting at any shape."""
+
+    def __init__(self, source: ModelSource, setting: TraceSetting):
+        self.source = source
+        self.setting = setting
+        try:
+            self.model, self.facts = build_traced_model(source, dtype=setting.dtype, task=setting.task,
+                                                        attn=setting.attn, gc=setting.gc, frozen=setting.frozen)
+        except (TraceError, RuntimeError, NotImplementedError) as exc:
+            raise UserError(f"cannot trace {source.name}: {str(exc).splitlines()[0][:200]}") from None
+        wrap_autocast(self.model, setting.mixed)
+        self.rec = Recorder()
+        self.hooks = StepHooks(self.model, self.rec)
+
+    def run(self, b: int, s: int, accum: bool) -> tuple[list, list | None]:
+        """Raw events of a first micro-step (and of an accumulating one) at batch ``b`` x seq ``s``."""
+        facts = self.facts
+        batch = make_batch(facts, b, s, self.setting.task)
+        with TraceMode():
+            items = num_items(facts, [batch])
+            tr_loss = from_real(torch.tensor(0.0))
+        try:
+            dev = self.setting.device
+            first = list(micro_step(self.model, facts, batch, items, 1, tr_loss, self.rec, dev))
+            second = list(micro_step(self.model, facts, batch, items, 1, tr_loss, self.rec, dev)) if accum else None
+        finally:
+            for p in self.model.parameters():
+                p.grad = None
+        return first, second
+
+
+def trace_region(source: ModelSource, setting: TraceSetting, b: int, s: int, accum: bool,
+                 tracer: _Tracer | None = None, wider: Region | None = None) -> tuple[Region, _Tracer]:
+    """Trace and fit the region holding ``(b, s)`` (see :class:`_Plan`). ``wider``: for batch 1, the fitted
+    region of batches from 2 at the same sequence lengths -- then one trace at batch 1 usually suffices
+    (:func:`_derive_batch_one`)."""
+    from .meta_kernels import cpp_meta_kernels
+
+    tracer = tracer or _Tracer(source, setting)
+    wins = windows(tracer.model.config)
+    b_lo, b_hi, s_lo, s_hi = _region_bounds(wins, b, s)
+    plan = _plan(b_lo, s_lo, s_hi)
+    traced: dict = {}  # point -> ((log, nbytes, shapes) of the first micro-step, same of the accumulating one)
+
+    def trace(points) -> None:
+        with cpp_meta_kernels():
+            for pt in points:
+                if pt not in traced:
+                    f, a = tracer.run(pt[0], pt[1], accum)
+                    traced[pt] = tuple(_parsed(x) for x in ((f, a) if accum else (f,)))
+
+    name = source.name
+    try:
+        with _no_cyclic_gc():
+            logs = None
+            if b_lo == 1 and wider is not None:
+                pt = (1, _plan(2, s_lo, s_hi).check[1])  # an odd length: sizes coincide less by chance
+                trace((pt,))
+                logs = _derive_batch_one(wider, traced[pt], pt, accum)
+            if logs is None:
+                trace(plan.shape_points + (plan.check,))
+                logs = [_fit(traced, plan, which, name, trace) for which in range(2 if accum else 1)]
+    except TraceError as exc:
+        raise UserError(f"cannot trace {name}: {exc.op} ({exc.reason})") from None
+    first = logs[0]
+    if first.survivors:
+        raise UserError(f"cannot trace {name}: its training step keeps {len(first.survivors)} tensors alive from one "
+                        "step to the next (a cache in the model)")
+    return Region(b_lo, b_hi, s_lo, s_hi, first, logs[1] if accum else None), tracer
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """No cyclic garbage collection while tracing: frees come from reference counts (a collection adds nothing
+    to a trace whose storages are in no cycle -- the test against real runs says so) and the collector's passes
+    over the event logs would cost a quarter of the trace."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+LOOKAHEAD = 64
+"""How far the batch-1 alignment looks for an allocation the batch-1 step skips."""
+
+
+def _derive_batch_one(wider: Region, traced: tuple, pt: tuple[int, int], accum: bool) -> list[EventLog] | None:
+    """The batch-1 logs from one trace at batch 1 and the fitted logs of batches from 2 (None when that does not
+    work out). A batch of one runs the same ops minus a few copies (a ``(1, S)`` slice is already contiguous, so
+    ``.contiguous()`` copies nothing): when the batch-1 trace's allocations are the wider log's in order with
+    some left out, each one's size at ``pt`` matching the wider polynomial, the batch-1 log keeps its own events
+    and takes those polynomials for its sizes."""
+    out = []
+    for which, fitted in enumerate((wider.first, wider.accum) if accum else (wider.first,)):
+        if fitted is None:
+            return None
+        log, nbytes, shapes = traced[which]
+        at = fitted.sizes @ np.array(basis(*pt), dtype=np.int64)
+        rows = []
+        j = 0
+        for i in range(len(nbytes)):
+            k = j
+            while k < len(at) and k - j <= LOOKAHEAD and at[k] != nbytes[i]:
+                k += 1
+            if k >= len(at) or at[k] != nbytes[i]:
+                return None
+            rows.append(k)
+            j = k + 1
+        if len(at) - len(rows) > max(8, len(at) // 20):  # not "the same step minus a few copies"
+            return None
+        out.append(EventLog(log.kind, log.a, log.b, fitted.sizes[np.array(rows, dtype=np.int64)].reshape(-1, NB),
+                            log.survivors))
+    return out
+
+
+def _parsed(raw: list) -> tuple:
+    shapes: list = []
+    log, nbytes = from_events(raw, shapes)
+    return log, nbytes, shapes
+
+
+def _fit(traced: dict, plan: _Plan, which: int, name: str, trace) -> EventLog:
+    """The fitted log of the first (``which`` 0) or accumulating (1) micro-step: by shapes from the few points
+    of the plan if that reproduces the check point, else by sizes from more points."""
+    from .events import fit_shapes
+
+    check = traced[plan.check][which]
+    pts = list(plan.shape_points)
+    logs = [traced[p][which] for p in pts]
+    try:
+        coef = fit_shapes(pts, [x[2] for x in logs], list(plan.dim_cols)) if len(pts) > 1 else None
+        if coef is not None:
+            try:
+                return fit_logs([x[0] for x in logs], [x[1] for x in logs], pts, list(plan.dim_cols),
+                                check=(check[0], check[1], plan.check), coef=coef)
+            except FitError:
+                pass
+        pts = pts + list(plan.more_points)
+        trace(plan.more_points)
+        logs = [traced[p][which] for p in pts]
+        return fit_logs([x[0] for x in logs], [x[1] for x in logs], pts, list(plan.size_cols),
+                        check=(check[0], check[1], plan.check))
+    except FitError as exc:
+        raise UserError(f"cannot trace {name}: {exc}") from None
+
+
+_CACHE: dict[str, StepTrace] = {}
+
+
+def step_trace(source: ModelSource, setting: TraceSetting, batch: int, seq: int, accum: bool = False,
+               known: StepTrace | None = None) -> StepTrace:
+    """The :class:`StepTrace` of ``source`` x ``setting`` with the region of ``(batch, seq)`` traced (and its
+    accumulating micro-step when ``accum``). Cached in memory per :func:`trace_key`; ``known``: the regions
+    traced before (read from the on-disk cache), which the new one joins."""
+    key = trace_key(source, setting)
+    st = _CACHE.get(key)
+    if st is None and known is not None:
+        st = _CACHE[key] = known
+    if st is not None and st.region(batch, seq, accum) is not None:
+        return st
+    wider = None
+    if batch <= 1:  # batch 1 is derived from batches from 2 (one more trace instead of three)
+        st = step_trace(source, setting, 2, seq, accum)
+        wider = st.region(2, seq, accum)
+    region, tracer = trace_region(source, setting, batch, seq, accum, wider=wider)
+    if st is None:
+        facts = tracer.facts
+        names = tuple(n for n, _ in tracer.model.named_parameters())
+        stores = {b_._m.untyped_storage()._cdata: b_._m.untyped_storage().nbytes() for b_ in tracer.model.buffers()}
+        buffers_bytes = sum(stores.values())
+        st = StepTrace(key, source.name, names, int(buffers_bytes), facts.attn_implementation,
+                       windows(tracer.model.config), "B" if setting.task == "sequence-classification" else "BS",
+                       facts.shifts_labels, facts.accepts_loss_kwargs)
+        _CACHE[key] = st
+    st.regions = [r for r in st.regions if not (r.b_lo == region.b_lo and r.s_lo == region.s_lo)] + [region]
+    return st
+
+
+__all__ = ["Region", "StepTrace", "TraceSetting", "s_bounds", "step_trace", "trace_key", "trace_region", "windows"]

@@ -1,0 +1,22 @@
+"""What a trace depends on besides the config and the shape (plain data: importing it needs no torch)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TraceSetting:
+    """Everything a trace depends on besides the config and the shape: parameter ``dtype``, ``mixed``
+    precision (``bf16``/``fp16`` autocast or None), ``attn`` implementation asked for, gradient checkpointing
+    ``gc``, ``task`` head, ``frozen`` parameter names, ``device`` (``cpu``, or ``cuda`` for CUDA's op rules)."""
+
+    dtype: str = "fp32"
+    mixed: str | None = None
+    attn: str = "sdpa"
+    gc: bool = False
+    task: str | None = None
+    frozen: tuple[str, ...] = ()
+    device: str = "cpu"
+
+
+__all__ = ["TraceSetting"]
