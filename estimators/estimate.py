@@ -213,6 +213,20 @@ def estimate(model: Any, optim: Any = None, *, gpu: str | None = None, **setup_f
     return estimate_setup(setup, gpu=gpu, inventory=inv)
 
 
+def _trained_set(setup: TrainingSetup, inv: Inventory) -> dict[str, Any]:
+    """The :class:`TraceSetting` fields that say which model is traced and what of it trains: a LoRA / QLoRA
+    setup's ``peft`` fields (the traced model is then :func:`estimators.peft_model.build_training_model`'s, whose
+    trainable set is the inventory's), else the ``frozen`` names of the inventory (a PEFT model object given by
+    the user that is not quantized is traced with its own PEFT config, ``ModelSource.peft``)."""
+    from .catalog import resolve
+
+    if setup.peft and not (setup.quantize is None and getattr(resolve(setup.model), "peft", None)):
+        from .peft_model import trace_fields
+
+        return {"peft": trace_fields(setup)}
+    return {"frozen": tuple(r.name for r in inv.rows if not r.trainable)}
+
+
 def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: Inventory | None = None) -> Estimate:
     """:func:`estimate` for a validated setup (``inventory``: the model's, when the caller has it)."""
     spec = get_spec(setup.optim)
@@ -261,18 +275,9 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
     model_bytes = {"weights": inv.weight_bytes, "weights_trainable": inv.trainable_bytes,
                    "weights_frozen": inv.weight_bytes - inv.trainable_bytes, "gradients": gradients,
                    "optimizer_state": total, "optimizer_state_host": host, "optimizer_state_device": total - host}
-    if setup.peft:
-        # The activation simulator has no program for peft's layers (and none may be written for them): the
-        # peak comes from tracing the peft model itself, not from an approximation.
-        notes.append(PEFT_PEAK_NOTE)
-        return Estimate(
-            setup=setup, num_params=inv.num_params, trainable_params=inv.trainable_params,
-            bytes={**model_bytes, "activations": None, "peak": None},
-            state_breakdown=dict(sorted(breakdown.items())), optim_args=dict(args), targeted_params=n_targeted,
-            family=spec.family, notes=notes)
     setting = TraceSetting(dtype=setup.dtype, mixed=setup.mixed_precision, attn=setup.attn_implementation,
-                           gc=setup.gradient_checkpointing, task=inv.task,
-                           frozen=tuple(r.name for r in inv.rows if not r.trainable), device=device)
+                           gc=setup.gradient_checkpointing, task=inv.task, device=device,
+                           **_trained_set(setup, inv))
     phase_model = _phase_model(inv, spec.name, args_key, targets, setting, setup.grad_accum, device, total, host)
     mem = evaluate(phase_model, setup.batch_size, setup.seq_len)
     notes.extend(n for n in (phase_model.step.note, *phase_model.notes()) if n)

@@ -256,6 +256,38 @@ def build_training_model(setup, *, device: str = "meta", base=None):
     return peft_wrap(model, setup)
 
 
+TRACE_FIELDS = ("lora", "quantize", "double_quant", "quant_compute_dtype", "quant_skip_modules", "prepare_kbit")
+"""The setup fields that make the model a LoRA / QLoRA one (what a trace of it depends on besides the plain
+model's setting)."""
+
+
+def trace_fields(setup) -> str | None:
+    """A peft setup's :data:`TRACE_FIELDS` as one JSON object (the ``peft`` field of a
+    :class:`~estimators.trace.setting.TraceSetting`; plain data, part of the trace's key); None when the setup
+    is not a peft one."""
+    import json
+
+    if not setup.peft:
+        return None
+    data = {k: getattr(setup, k) for k in TRACE_FIELDS}
+    data["lora"] = str(data["lora"]) if data["lora"] is not None else None
+    data["quant_skip_modules"] = list(data["quant_skip_modules"]) if data["quant_skip_modules"] else None
+    return json.dumps(data, sort_keys=True)
+
+
+def traced_training_model(model: str, fields: str, *, dtype: str, gradient_checkpointing: bool):
+    """:func:`build_training_model` on meta for the model named ``model`` with the peft ``fields`` of
+    :func:`trace_fields`: the model a trace runs is the one the estimator's inventory and the Trainer get."""
+    import json
+
+    from .setup import TrainingSetup
+
+    setup = TrainingSetup(model=model, optim="adamw_torch", dtype=dtype,
+                          gradient_checkpointing=gradient_checkpointing, **json.loads(fields))
+    require_packages(setup)
+    return build_training_model(setup, device="meta")
+
+
 def cpu_run_limit(setup) -> str | None:
     """Why a LoRA/QLoRA setup cannot train on the CPU here (None if it can). bitsandbytes' CPU backend runs
     4-bit and 8-bit layers forward and backward; what fails is DoRA on LLM.int8 layers: on a CPU weight
@@ -420,7 +452,7 @@ def peft_counts(model) -> tuple[int, int]:
     return tuple(int(x) for x in model.get_nb_trainable_parameters())
 
 
-__all__ = ["GC_KWARGS", "TASK_TYPES", "adapter_inventory", "bnb_config", "build_training_model", "cpu_run_limit",
+__all__ = ["GC_KWARGS", "TASK_TYPES", "TRACE_FIELDS", "trace_fields", "traced_training_model", "adapter_inventory", "bnb_config", "build_training_model", "cpu_run_limit",
            "inventory_key", "peft_fields", "require_packages",
            "logical_shape", "lora_config", "model_storage_tensors", "peft_counts", "peft_wrap", "quant_kind",
            "quant_state_tensors", "quantized_meta_model", "quantized_model"]

@@ -71,16 +71,24 @@ def _with_peft(model, source: ModelSource):
 
 
 def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, attn: str, gc: bool,
-                       frozen: tuple[str, ...] = ()) -> tuple[torch.nn.Module, ModelFacts]:
+                       frozen: tuple[str, ...] = (), peft: str | None = None) -> tuple[torch.nn.Module, ModelFacts]:
     """The model for one trace (see the module docstring). ``attn``: ``sdpa`` (what the Trainer gets by
-    default, when the model supports it) or ``eager``; ``frozen``: names of parameters that get no gradient."""
+    default, when the model supports it) or ``eager``; ``frozen``: names of parameters that get no gradient;
+    ``peft``: a LoRA / QLoRA setup's fields (:func:`estimators.peft_model.trace_fields`): the model is then
+    :func:`estimators.peft_model.build_training_model`'s, on meta (quantized layers, prepared for k-bit
+    training, the adapter added), as the Trainer gets it."""
     from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
     from ..inventory import instantiate
 
-    model = instantiate(source, device="meta", dtype=dtype, task=task)
-    if getattr(source, "peft", None):
-        model = _with_peft(model, source)
+    if peft:
+        from ..peft_model import traced_training_model
+
+        model = traced_training_model(source.name, peft, dtype=dtype, gradient_checkpointing=gc)
+    else:
+        model = instantiate(source, device="meta", dtype=dtype, task=task)
+        if getattr(source, "peft", None):
+            model = _with_peft(model, source)
     cfg = model.config
     current = getattr(cfg, "_attn_implementation", None) or "eager"
     if attn != current:

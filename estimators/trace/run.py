@@ -131,7 +131,8 @@ class _Tracer:
         self.setting = setting
         try:
             self.model, self.facts = build_traced_model(source, dtype=setting.dtype, task=setting.task,
-                                                        attn=setting.attn, gc=setting.gc, frozen=setting.frozen)
+                                                        attn=setting.attn, gc=setting.gc, frozen=setting.frozen,
+                                                        peft=setting.peft)
         except (TraceError, RuntimeError, NotImplementedError) as exc:
             raise UserError(f"cannot trace {source.name}: {str(exc).splitlines()[0][:200]}") from None
         wrap_autocast(self.model, setting.mixed)

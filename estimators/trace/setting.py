@@ -17,6 +17,7 @@ class TraceSetting:
     task: str | None = None
     frozen: tuple[str, ...] = ()
     device: str = "cpu"
+    peft: str | None = None
 
 
 __all__ = ["TraceSetting"]
