@@ -278,7 +278,13 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
     setting = TraceSetting(dtype=setup.dtype, mixed=setup.mixed_precision, attn=setup.attn_implementation,
                            gc=setup.gradient_checkpointing, task=inv.task, device=device,
                            **_trained_set(setup, inv))
-    phase_model = _phase_model(inv, spec.name, args_key, targets, setting, setup.grad_accum, device, total, host)
+    resident = 0
+    if setup.quantize:
+        from .peft_model import resident_bytes
+
+        resident = resident_bytes(setup)
+    phase_model = _phase_model(inv, spec.name, args_key, targets, setting, setup.grad_accum, device, total, host,
+                               resident)
     mem = evaluate(phase_model, setup.batch_size, setup.seq_len)
     notes.extend(n for n in (phase_model.step.note, *phase_model.notes()) if n)
     cuda = None
@@ -308,7 +314,7 @@ def _state_sizes(inv: Inventory, name: str, args_key: tuple, targets) -> tuple:
 
 @functools.lru_cache(maxsize=512)
 def _phase_model(inv: Inventory, name: str, args_key: tuple, targets, setting: TraceSetting, grad_accum: int,
-                 device: str, state_total: int, state_host: int) -> PhaseModel:
+                 device: str, state_total: int, state_host: int, resident: int = 0) -> PhaseModel:
     """The phase model of one configuration (its regions of batch shapes are traced and simulated when first
     asked for; cached)."""
     from . import steps
@@ -328,4 +334,4 @@ def _phase_model(inv: Inventory, name: str, args_key: tuple, targets, setting: T
     on_device = state_total - (state_host if device != "cpu" else 0)
     from .catalog import resolve
 
-    return PhaseModel(inv, resolve(inv.model), setting, grad_accum, step, on_device, step.state_at_init)
+    return PhaseModel(inv, resolve(inv.model), setting, grad_accum, step, on_device, step.state_at_init, resident)

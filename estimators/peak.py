@@ -56,10 +56,11 @@ class PhaseModel:
 
     ``inv``: the inventory (dtype and frozen flags applied); ``setting``: how the step is traced; ``step``:
     the optimizer's step program; ``state_total`` / ``state_init``: optimizer-state bytes on the device in
-    steady steps and from ``__init__``."""
+    steady steps and from ``__init__``; ``resident``: bytes a library keeps alive on the device through the
+    whole run outside the model (``other`` in every phase; :func:`estimators.peft_model.resident_bytes`)."""
 
     def __init__(self, inv, source, setting: TraceSetting, grad_accum: int, step: StepModel, state_total: int,
-                 state_init: int):
+                 state_init: int, resident: int = 0):
         self.inv = inv
         self.source = source
         self.setting = setting
@@ -67,6 +68,7 @@ class PhaseModel:
         self.step = step
         self.state_total = state_total
         self.state_init = state_init
+        self.resident = resident
         self._by_region: dict = {}
         self.trace = None  # the StepTrace (estimators.trace.run), once a region was asked for
 
@@ -188,6 +190,8 @@ def evaluate(model: PhaseModel, b: int, s: int) -> StepMemory:
         extra = offsets.get(name, 0)
         breakdown = dict(zip(_CAT_KEYS, cats))
         breakdown["optimizer_state"] += extra
+        breakdown["other"] += model.resident
+        extra += model.resident
         phases[name] = {"peak": total + extra, **breakdown}
         counts[name] = n
         if total + extra > best:

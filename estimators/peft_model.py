@@ -275,6 +275,18 @@ def trace_fields(setup) -> str | None:
     return json.dumps(data, sort_keys=True)
 
 
+DYNAMIC_CODE_BYTES = 256 * 4
+"""bitsandbytes' dynamic quantization code: 256 fp32 values (bytes)."""
+
+
+def resident_bytes(setup) -> int:
+    """Bytes bitsandbytes keeps on the device outside the model for ``setup`` (bytes): double quantization of
+    4-bit weights quantizes each absmax with the dynamic code that ``bitsandbytes.functional`` creates once on
+    the weights' device and keeps in its module cache (``name2qmap["dynamic"]``); the loaded layers' quant
+    states hold copies of their own (counted with the weights), the cached one stays alive all run."""
+    return DYNAMIC_CODE_BYTES if setup.quantize in ("nf4", "fp4") and setup.double_quant else 0
+
+
 def traced_training_model(model: str, fields: str, *, dtype: str, gradient_checkpointing: bool):
     """:func:`build_training_model` on meta for the model named ``model`` with the peft ``fields`` of
     :func:`trace_fields`: the model a trace runs is the one the estimator's inventory and the Trainer get."""
@@ -452,7 +464,7 @@ def peft_counts(model) -> tuple[int, int]:
     return tuple(int(x) for x in model.get_nb_trainable_parameters())
 
 
-__all__ = ["GC_KWARGS", "TASK_TYPES", "TRACE_FIELDS", "trace_fields", "traced_training_model", "adapter_inventory", "bnb_config", "build_training_model", "cpu_run_limit",
+__all__ = ["GC_KWARGS", "TASK_TYPES", "DYNAMIC_CODE_BYTES", "TRACE_FIELDS", "resident_bytes", "trace_fields", "traced_training_model", "adapter_inventory", "bnb_config", "build_training_model", "cpu_run_limit",
            "inventory_key", "peft_fields", "require_packages",
            "logical_shape", "lora_config", "model_storage_tensors", "peft_counts", "peft_wrap", "quant_kind",
            "quant_state_tensors", "quantized_meta_model", "quantized_model"]

@@ -15,7 +15,7 @@ import torch
 
 from ..catalog import ModelSource
 from ..errors import UserError
-from .tensor import from_meta
+from .tensor import from_meta, named_trace_tensor
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,38 @@ class ModelFacts:
     main_input: str
 
 
+BNB_PARAMS = ("Params4bit", "Int8Params")
+"""bitsandbytes' quantized parameter classes: traced as trace tensors of the same class name, with their
+quantization state (``quant_state``; ``CB``/``SCB``) made of trace tensors."""
+BNB_STATES = ("QuantState", "MatmulLtState")
+"""bitsandbytes' objects holding a quantized weight's state tensors (on the parameter or on its layer)."""
+
+
+def _traced(value, memo: dict):
+    """``value`` with every meta tensor in it a trace tensor (a bitsandbytes state object copied, its tensors
+    converted; tensors seen before map to the same trace tensor)."""
+    import copy
+
+    if isinstance(value, torch.Tensor):
+        if id(value) not in memo:
+            memo[id(value)] = from_meta(value)
+        return memo[id(value)]
+    if type(value).__name__ in BNB_STATES:
+        if id(value) not in memo:
+            new = memo[id(value)] = copy.copy(value)
+            for k, v in vars(value).items():
+                setattr(new, k, _traced(v, memo))
+        return memo[id(value)]
+    return value
+
+
+def _bnb_param(p, memo: dict) -> torch.Tensor:
+    new = named_trace_tensor(type(p).__name__, p.data)
+    for k, v in vars(p).items():
+        setattr(new, k, _traced(v, memo))
+    return new
+
+
 def _as_trace_tensors(model: torch.nn.Module) -> None:
     memo: dict[int, torch.Tensor] = {}
     for mod in model.modules():
@@ -41,8 +73,12 @@ def _as_trace_tensors(model: torch.nn.Module) -> None:
             if p is None:
                 continue
             if id(p) not in memo:
-                memo[id(p)] = torch.nn.Parameter(from_meta(p.data), requires_grad=p.requires_grad)
+                memo[id(p)] = _bnb_param(p, memo) if type(p).__name__ in BNB_PARAMS else \
+                    torch.nn.Parameter(from_meta(p.data), requires_grad=p.requires_grad)
             mod._parameters[name] = memo[id(p)]
+        for key, value in list(vars(mod).items()):
+            if type(value).__name__ in BNB_STATES:
+                setattr(mod, key, _traced(value, memo))
         for name, b in list(mod._buffers.items()):
             if b is None:
                 continue

@@ -138,6 +138,22 @@ class _Tracer:
         wrap_autocast(self.model, setting.mixed)
         self.rec = Recorder()
         self.hooks = StepHooks(self.model, self.rec)
+        if setting.peft:
+            self._settle()
+
+    def _settle(self) -> None:
+        """One untraced micro-step first: what a layer changes in itself on its first call is then done before the
+        traced ones, at every shape alike, as the real step 0 does it before the steps that follow
+        (bitsandbytes' 4-bit layers set their compute type and cast their bias to it, which prepare_kbit has
+        upcast to fp32: a new storage of the bias's size that step 0 alone allocates; LLM.int8 layers move their
+        weight's row scales into their state)."""
+        from .meta_kernels import cpp_meta_kernels
+
+        try:
+            with cpp_meta_kernels():
+                self.run(2, FIRST_S, False)
+        except TraceError as exc:
+            raise UserError(f"cannot trace {self.source.name}: {exc.op} ({exc.reason})") from None
 
     def run(self, b: int, s: int, accum: bool) -> tuple[list, list | None]:
         """Raw events of a first micro-step (and of an accumulating one) at batch ``b`` x seq ``s``."""

@@ -70,6 +70,18 @@ class TraceTensor(torch.Tensor):
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
+    @property
+    def data(self) -> torch.Tensor:
+        return torch.Tensor.data.__get__(self)
+
+    @data.setter
+    def data(self, new: torch.Tensor) -> None:
+        # ``param.data = other`` (bitsandbytes casts a layer's bias so, in its forward): the tensor takes the other
+        # one's meta tensor and shadow as well as its shape and dtype
+        torch.Tensor.data.__set__(self, new)
+        if isinstance(new, TraceTensor):
+            self._m, self._v = new._m, new._v
+
     def __repr__(self) -> str:  # never touches data
         return f"TraceTensor(shape={tuple(self.shape)}, dtype={self.dtype})"
 
@@ -407,5 +419,23 @@ def from_meta(m: torch.Tensor, requires_grad: bool = False) -> TraceTensor:
     return TraceTensor(m.detach() if m.requires_grad else m, None, requires_grad=requires_grad)
 
 
+_NAMED: dict[str, type] = {}
+
+
+def named_trace_tensor(name: str, m: torch.Tensor) -> TraceTensor:
+    """A trace tensor (no values) for the meta tensor ``m`` whose class is called ``name``: a bitsandbytes
+    parameter (``Params4bit``, ``Int8Params``) stands in as a trace tensor of a subclass of that name, because
+    peft and bitsandbytes tell quantized weights apart by their class name (``dequantize_bnb_weight``,
+    ``get_bnb_param_type``); it is traced like any other trace tensor."""
+    cls = _NAMED.get(name)
+    if cls is None:
+        cls = _NAMED[name] = type(name, (TraceTensor,), {"__module__": __name__,
+                                                         "__doc__": f"A trace tensor standing for a {name}."})
+    t = cls(m.detach() if m.requires_grad else m, None)
+    t._is_param = True
+    return t
+
+
 __all__ = ["CPU", "META", "Recorder", "TraceError", "TraceMode", "TraceTensor", "from_meta", "from_real",
+           "named_trace_tensor",
            "register_rule", "set_recorder", "unseen_storage"]
