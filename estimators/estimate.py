@@ -28,8 +28,8 @@ class Estimate:
     kept in host memory when training on an accelerator) and ``optimizer_state_device`` (the rest),
     ``activations`` (bytes alive at the end of the forward that the forward created: saved activations,
     logits and loss buffers, the batch) and ``peak`` (the whole step's peak of live tensor bytes on the
-    training device: the largest phase); ``activations`` and ``peak`` are None for a LoRA/QLoRA setup
-    (:data:`PEFT_PEAK_NOTE`).
+    training device: the largest phase); ``activations`` and ``peak`` are None where the step cannot be traced
+    (an LLM.int8 base on CUDA: :func:`estimators.peft_model.peak_limit`, the last note says why).
     ``optim_args``: the optimizer's resolved hyper-parameters (Trainer defaults overridden by the setup's).
     ``state_breakdown``: optimizer-state bytes summed per state tensor name (``exp_avg``, ``absmax1``...).
     ``phases``: per phase (``step0.forward`` ... ``steady.optimizer_step``), its ``peak`` and the bytes at
@@ -83,10 +83,6 @@ def _targets_key(target_modules) -> tuple[str, ...] | str | None:
 
 
 LAYERWISE_DUMMY_KEY = "layerwise_dummy"
-PEFT_PEAK_NOTE = ("whole-step peak and activations of a LoRA/QLoRA setup: not estimated (they need the model "
-                  "tracer, issue 11, to run the peft model); weights, adapters, gradients and optimizer state are "
-                  "exact")
-"""The one line every LoRA/QLoRA estimate carries while ``bytes['peak']`` is None."""
 
 
 def _is_all_linear(target_modules) -> bool:
@@ -280,8 +276,16 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
                            **_trained_set(setup, inv))
     resident = 0
     if setup.quantize:
-        from .peft_model import resident_bytes
+        from .peft_model import peak_limit, resident_bytes
 
+        limit = peak_limit(setup, device)
+        if limit is not None:
+            notes.append(limit)
+            return Estimate(
+                setup=setup, num_params=inv.num_params, trainable_params=inv.trainable_params,
+                bytes={**model_bytes, "activations": None, "peak": None},
+                state_breakdown=dict(sorted(breakdown.items())), optim_args=dict(args), targeted_params=n_targeted,
+                family=spec.family, notes=notes)
         resident = resident_bytes(setup)
     phase_model = _phase_model(inv, spec.name, args_key, targets, setting, setup.grad_accum, device, total, host,
                                resident)

@@ -115,7 +115,8 @@ class PhaseModel:
             raise RuntimeError(f"trace and inventory of {inv.model} disagree on parameter {missing[0]}")
         run = Run(region.first, region.accum if self.grad_accum > 1 else None, params,
                   tuple(rows[n].nbytes for n in params), tuple(rows[n].element_size for n in params),
-                  tuple(rows[n].trainable for n in params), inv.weight_bytes, tr.buffers_bytes, self.grad_accum,
+                  tuple(rows[n].trainable for n in params), inv.weight_bytes + tr.settled_bytes, tr.buffers_bytes,
+                  self.grad_accum,
                   label_shape=tr.label_shape, counts_items=tr.counts_items, shifts_labels=tr.shifts_labels)
         res = simulate(run, step) if self.inside else _forward_backward(run, region)
         out = dict(res)

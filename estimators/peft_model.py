@@ -275,6 +275,19 @@ def trace_fields(setup) -> str | None:
     return json.dumps(data, sort_keys=True)
 
 
+def peak_limit(setup, device: str) -> str | None:
+    """Why the whole-step peak of a LoRA / QLoRA ``setup`` on ``device`` cannot be traced (None: it can). On
+    CUDA an LLM.int8 layer trains through bitsandbytes' ``MatMul8bitLt``, which splits the input's columns
+    holding values above ``llm_int8_threshold`` into a 16-bit matmul of their own: a shape set by the values,
+    which no trace can know (the CPU backend dequantizes the weight and runs one matmul: that is traced)."""
+    if setup.quantize == "int8" and device == "cuda":
+        return ("whole-step peak of an LLM.int8 base on CUDA: not estimated (bitsandbytes' CUDA matmul splits "
+                "the input's outlier columns, those above llm_int8_threshold, by their values: a data-dependent "
+                "shape a trace cannot follow; the CPU backend's path is traced); weights, adapters, gradients and "
+                "optimizer state are exact -- use nf4/fp4 to plan")
+    return None
+
+
 DYNAMIC_CODE_BYTES = 256 * 4
 """bitsandbytes' dynamic quantization code: 256 fp32 values (bytes)."""
 
@@ -464,7 +477,7 @@ def peft_counts(model) -> tuple[int, int]:
     return tuple(int(x) for x in model.get_nb_trainable_parameters())
 
 
-__all__ = ["GC_KWARGS", "TASK_TYPES", "DYNAMIC_CODE_BYTES", "TRACE_FIELDS", "resident_bytes", "trace_fields", "traced_training_model", "adapter_inventory", "bnb_config", "build_training_model", "cpu_run_limit",
+__all__ = ["GC_KWARGS", "TASK_TYPES", "DYNAMIC_CODE_BYTES", "TRACE_FIELDS", "peak_limit", "resident_bytes", "trace_fields", "traced_training_model", "adapter_inventory", "bnb_config", "build_training_model", "cpu_run_limit",
            "inventory_key", "peft_fields", "require_packages",
            "logical_shape", "lora_config", "model_storage_tensors", "peft_counts", "peft_wrap", "quant_kind",
            "quant_state_tensors", "quantized_meta_model", "quantized_model"]

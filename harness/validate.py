@@ -3,10 +3,13 @@
     python -m harness.validate --out results/peak_error_cpu.md [--json results/peak_error_cpu.json]
     python -m harness.validate --quick            # a smaller matrix, prints the table
     python -m harness.validate --families         # only the architecture-family matrix
+    python -m harness.validate --peft             # only the LoRA / QLoRA matrix
 
 Two matrices: the original one (Llama, GPT-2, T5: 10 optimizers x 2 shapes x checkpointing, plus bf16
 parameters, bf16 autocast, eager attention, accumulation, frozen parameters; 165 cases) and the
-architecture families (:data:`FAMILIES`: 14 models/heads x 10 optimizers x checkpointing x bf16 autocast).
+architecture families (:data:`FAMILIES`: 14 models/heads x 10 optimizers x checkpointing x bf16 autocast),
+and LoRA / QLoRA (:func:`peft_matrix`: peft adapters on plain, 4-bit and 8-bit bitsandbytes bases, which
+bitsandbytes' CPU backend trains).
 
 Every case is a real ``transformers.Trainer`` run of the harness (``harness.launcher.run_in_process``:
 the model, ``TrainingArguments(optim=...)``, the tensor accountant and the phase marks of ``bench run``),
@@ -57,6 +60,14 @@ parallel residual), Phi-3 (fused projections, sliding window), BERT (masked LM, 
 (encoder-decoder)."""
 FAMILY_SHAPE = (3, 96)
 """Longer than every family config's sliding window, so both window regions of the trace are exercised."""
+PEFT_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-t5")
+"""LoRA / QLoRA architectures: Llama (GQA), Qwen2 (attention biases), GPT-2 (Conv1D layers, tied head), T5
+(encoder-decoder)."""
+PEFT_OPTIMIZERS = ("adamw_torch", "adafactor", "adamw_bnb_8bit")
+PEFT_QUANTS = (None, "nf4", "int8")
+"""No quantization (LoRA), 4-bit NF4 with double quantization (QLoRA), LLM.int8."""
+PEFT_LORA = "r=8,alpha=16,dropout=0.05,target=all-linear"
+PEFT_SHAPE = (2, 64)
 
 
 @dataclass
@@ -72,6 +83,9 @@ class Case:
     attn: str = "sdpa"
     freeze: str | None = None
     task: str = "causal-lm"
+    lora: str | None = None
+    quantize: str | None = None
+    quant_compute_dtype: str | None = None
 
     @property
     def label(self) -> str:
@@ -79,7 +93,9 @@ class Case:
                  self.dtype if self.dtype != "fp32" else "",
                  f"{self.mixed_precision} autocast" if self.mixed_precision else "",
                  f"accum {self.grad_accum}" if self.grad_accum > 1 else "", self.attn if self.attn != "sdpa" else "",
-                 f"freeze /{self.freeze}/" if self.freeze else ""]
+                 f"freeze /{self.freeze}/" if self.freeze else "", f"lora {self.lora}" if self.lora else "",
+                 (f"{self.quantize}" + (" dq" if self.double_quant else "")
+                  + (f" compute {self.quant_compute_dtype}" if self.quant_compute_dtype else "")) if self.quantize else ""]
         return f"{self.model} {self.optim} {self.batch_size}x{self.seq_len}" + "".join(
             f" {e}" for e in extra if e)
 
@@ -92,7 +108,13 @@ class Case:
                          batch_size=self.batch_size, seq_len=self.seq_len, grad_accum=self.grad_accum,
                          gradient_checkpointing=self.gradient_checkpointing, attn_implementation=self.attn,
                          freeze=self.freeze, optim_target_modules=_targets(self.optim), steps=STEPS, warmup=1,
-                         device="cpu", task=self.task)
+                         device="cpu", task=self.task, lora=self.lora, quantize=self.quantize,
+                         double_quant=self.double_quant, quant_compute_dtype=self.quant_compute_dtype)
+
+    @property
+    def double_quant(self) -> bool:
+        """4-bit cases use double quantization (QLoRA's recipe)."""
+        return self.quantize in ("nf4", "fp4")
 
 
 @dataclass
@@ -139,9 +161,27 @@ def family_matrix(families=FAMILIES, optimizers=OPTIMIZERS, gcs=(False, True), m
             for gc in gcs for mp in mixed]
 
 
+def peft_matrix(models=PEFT_MODELS, optimizers=PEFT_OPTIMIZERS) -> list[Case]:
+    """LoRA / QLoRA cases (:data:`PEFT_LORA`, one shape): every model x base (plain, nf4, int8) x optimizer x
+    checkpointing, and per model bf16 (parameters; a 4-bit base computing in bf16; bf16 autocast over a 4-bit
+    base) and DoRA (plain and 4-bit base)."""
+    b, s = PEFT_SHAPE
+    out = [Case(m, o, b, s, gc, lora=PEFT_LORA, quantize=q) for m in models for q in PEFT_QUANTS for o in optimizers
+           for gc in (False, True)]
+    for m in models:
+        out += [Case(m, "adamw_torch", b, s, False, dtype="bf16", lora=PEFT_LORA),
+                Case(m, "adamw_torch", b, s, True, dtype="bf16", lora=PEFT_LORA, quantize="nf4",
+                     quant_compute_dtype="bf16"),
+                Case(m, "adamw_torch", b, s, False, mixed_precision="bf16", lora=PEFT_LORA, quantize="nf4"),
+                Case(m, "adamw_torch", b, s, False, lora=PEFT_LORA + ",dora=true"),
+                Case(m, "adafactor", b, s, True, lora=PEFT_LORA + ",dora=true", quantize="nf4")]
+    return out
+
+
 def tolerance(case: Case) -> tuple[float, float]:
-    """(peak, per-phase) tolerance of a case: the families' bar, else the original matrix's."""
-    if (case.model, case.task) in FAMILIES:
+    """(peak, per-phase) tolerance of a case: the families' bar (LoRA / QLoRA too), else the original
+    matrix's."""
+    if (case.model, case.task) in FAMILIES or case.lora:
         return FAMILY_PEAK_TOL, FAMILY_PHASE_TOL
     return PEAK_TOL, PHASE_TOL
 
@@ -203,9 +243,15 @@ def _one_thread():
 
 
 def measure(case: Case) -> dict:
-    """One harness run (in this process); the worker's payload."""
+    """One harness run (in this process); the worker's payload. bitsandbytes' module cache of quantization
+    codes is emptied first, as a fresh process (``bench run``'s worker) has it: the code double quantization
+    creates is then born in this run, as in every real one."""
     from harness.launcher import run_in_process
 
+    if case.quantize:
+        from bitsandbytes import functional
+
+        functional.name2qmap.clear()
     with _one_thread(), _frozen_gc():
         return run_in_process(case.config(), track_tensors=True).payload
 
@@ -284,16 +330,18 @@ def _summary_table(results: list[Result]) -> list[str]:
     return lines
 
 
-def _family_table(results: list[Result]) -> list[str]:
-    """Per family (and head): cases, how many within tolerance, the worst peak and worst phase errors."""
+def _family_table(results: list[Result], by=None) -> list[str]:
+    """Per family (and head), or per ``by(case)`` (a ``(name, detail)`` pair): cases, how many within
+    tolerance, the worst peak and worst phase errors."""
+    by = by or (lambda c: (c.model, c.task))
     lines = ["| family | cases | within tolerance | worst peak error | worst phase error (phase) |",
              "| --- | ---: | ---: | ---: | --- |"]
     keys: list = []
     for r in results:
-        if (r.case.model, r.case.task) not in keys:
-            keys.append((r.case.model, r.case.task))
+        if by(r.case) not in keys:
+            keys.append(by(r.case))
     for model, task in keys:
-        rs = [r for r in results if (r.case.model, r.case.task) == (model, task)]
+        rs = [r for r in results if by(r.case) == (model, task)]
         ok = [r for r in rs if r.status == "ok"]
         worst = max(ok, key=lambda r: abs(r.peak_error), default=None)
         wp = max(((r.worst_phase, r) for r in ok), key=lambda x: abs(x[0][1]), default=None)
@@ -306,8 +354,9 @@ def _family_table(results: list[Result]) -> list[str]:
 
 def render(results: list[Result], facts: dict, command: str, seconds: float) -> str:
     s = summarize(results)
-    core = [r for r in results if (r.case.model, r.case.task) not in FAMILIES]
-    fams = [r for r in results if (r.case.model, r.case.task) in FAMILIES]
+    peft = [r for r in results if r.case.lora]
+    core = [r for r in results if (r.case.model, r.case.task) not in FAMILIES and not r.case.lora]
+    fams = [r for r in results if (r.case.model, r.case.task) in FAMILIES and not r.case.lora]
     lines = ["# Whole-step peak: predicted vs measured on CPU", "",
              f"Regenerate: `{command}`", "",
              f"Machine: {facts['cpu']} ({facts.get('cpu_count', '?')} cores; runs use 1 thread), "
@@ -335,6 +384,20 @@ def render(results: list[Result], facts: dict, command: str, seconds: float) -> 
                   f"{FAMILY_SHAPE[0]} x sequence {FAMILY_SHAPE[1]} (longer than each config's sliding window).", "",
                   f"**{sum(r.ok() for r in fams)} of {len(fams)} cases within tolerance.**", ""]
         lines += _summary_table(fams) + [""] + _family_table(fams) + [""]
+    if peft:
+        lines += [f"## LoRA and QLoRA (tolerance: peak within {FAMILY_PEAK_TOL:.0%}, every phase within "
+                  f"{FAMILY_PHASE_TOL:.0%})", "",
+                  f"peft adapters (`--lora {PEFT_LORA}`; DoRA cases add `dora=true`) on a plain base, a 4-bit NF4 "
+                  "base with double quantization (`--quantize nf4 --double-quant`, prepare_model_for_kbit_training "
+                  "on) and an LLM.int8 base (`--quantize int8`), loaded by transformers' bitsandbytes quantizer "
+                  "and trained by bitsandbytes' CPU backend; "
+                  f"batch {PEFT_SHAPE[0]} x sequence {PEFT_SHAPE[1]}, every optimizer of {', '.join(PEFT_OPTIMIZERS)} "
+                  "x checkpointing, plus bf16 parameters, bf16 compute of 4-bit layers, bf16 autocast and DoRA. "
+                  "Predicted: the peft model `estimators.peft_model.build_training_model` builds, traced on meta "
+                  "(bitsandbytes' ops on their fake kernels).", "",
+                  f"**{sum(r.ok() for r in peft)} of {len(peft)} cases within tolerance.**", ""]
+        lines += _summary_table(peft) + [""] + _family_table(peft, lambda c: (c.model, c.quantize or "LoRA"))
+        lines += [""]
     lines += ["## Every case", "", "| case | measured peak | predicted peak | peak error | worst phase | its error |",
               "| --- | ---: | ---: | ---: | --- | ---: |"]
     for r in results:
@@ -360,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--families", action="store_true", help="only the architecture-family matrix")
     group.add_argument("--no-families", action="store_true", help="skip the architecture-family matrix")
+    group.add_argument("--peft", action="store_true", help="only the LoRA / QLoRA matrix")
     args = p.parse_args(argv)
     import logging
     import os
@@ -375,12 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         kw["models"] = tuple(args.model)
     core_models = tuple(m for m in kw.get("models", MODELS) if m in MODELS)
-    cases = [] if args.families else matrix(**{**kw, "models": core_models})
-    if not (args.quick or args.optim or args.no_settings or args.families):
+    cases = [] if args.families or args.peft else matrix(**{**kw, "models": core_models})
+    if not (args.quick or args.optim or args.no_settings or args.families or args.peft):
         cases += settings_matrix(core_models)
-    if not (args.no_families or args.quick):
+    if not (args.no_families or args.quick or args.peft):
         fams = tuple(f for f in FAMILIES if not args.model or f[0] in args.model)
         cases += family_matrix(fams, optimizers=tuple(args.optim) if args.optim else OPTIMIZERS)
+    if not (args.quick or args.families):
+        pms = tuple(m for m in PEFT_MODELS if not args.model or m in args.model)
+        cases += peft_matrix(pms, optimizers=tuple(args.optim) if args.optim else PEFT_OPTIMIZERS)
     t0 = time.perf_counter()
     results = []
     for case in cases:
@@ -393,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     command = "python -m harness.validate" + (" --quick" if args.quick else "") + \
         (" --no-settings" if args.no_settings else "") + (" --families" if args.families else "") + \
-        (" --no-families" if args.no_families else "") + \
+        (" --no-families" if args.no_families else "") + (" --peft" if args.peft else "") + \
         "".join(f" --optim {o}" for o in (args.optim or [])) + "".join(f" --model {m}" for m in (args.model or [])) + \
         (f" --out {args.out}" if args.out else "") + (f" --json {args.json}" if args.json else "")
     table = render(results, machine_facts(), command, seconds)

@@ -13,6 +13,13 @@ swapped, at the ``torch.nn.functional`` level, for what CUDA would run:
 * ``dropout``: CUDA's fused ``native_dropout`` (the output and a one-byte boolean mask, which is saved)
   instead of CPU's mask in the input's dtype.
 * ``native_layer_norm``: mean and rstd in fp32 (the meta function's, CUDA's choice), not CPU's input dtype.
+* ``bitsandbytes::gemm_4bit`` (a 4-bit layer's forward matmul): bitsandbytes' CUDA dispatch
+  (``backends/cuda/ops.py``) runs its unfused fallback -- the absmax dequantized to fp32 (with double
+  quantization: a second fp32 copy plus the offset), the whole weight dequantized into an ``[N, K]`` tensor of
+  the input's dtype, then ``F.linear`` -- and holds those transients until the op returns; the CPU kernel is one
+  opaque op whose inner tensors a CPU run's accountant never sees. For ``M = batch x seq`` of at most 1536 rows
+  some GPUs run a fused kernel instead, which allocates only the output: there the rule is an upper bound of
+  the weight's dequantized size.
 
 Under ``--bf16``/``--fp16`` the trace runs CPU autocast, whose op lists differ from CUDA's; the rule above
 applies CUDA's to attention (its inputs are cast to the lower precision), the other ops keep CPU's lists.
@@ -93,6 +100,44 @@ def _dropout(x, p=0.5, training=True, inplace=False):
     return torch.native_dropout(x, p, True)[0]
 
 
+def _gemm_4bit_cuda(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None,
+                    absmax_offset=None):
+    """bitsandbytes' CUDA fallback for ``gemm_4bit`` (``_dequant_linear_fallback``): its allocations, each alive
+    until the op returns, and the output."""
+    if absmax_8bit is not None:
+        absmax_dq = torch.empty(absmax_8bit.shape, dtype=F32, device=A.device)
+        absmax = absmax_dq + absmax_offset
+    b_dq = torch.empty(tuple(shapeB), dtype=A.dtype, device=A.device)
+    out = torch.nn.functional.linear(A, b_dq, bias)
+    return out
+
+
+class _OpPacket:
+    """Stands in for ``torch.ops.bitsandbytes.<op>`` (its ``.default`` overload is ``fn``)."""
+
+    def __init__(self, fn):
+        self.default = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.default(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _bnb_ops_of(dev: str):
+    import sys
+
+    if dev != "cuda" or "bitsandbytes" not in sys.modules:
+        yield
+        return
+    ns = torch.ops.bitsandbytes
+    old = ns.gemm_4bit
+    ns.gemm_4bit = _OpPacket(_gemm_4bit_cuda)
+    try:
+        yield
+    finally:
+        ns.gemm_4bit = old
+
+
 @contextlib.contextmanager
 def kernels_of(dev: str):
     """Trace with ``dev``'s kernels (``cuda``: the rules above -- ``torch.nn.functional``'s attention and
@@ -104,7 +149,8 @@ def kernels_of(dev: str):
     if dev == "cuda":
         F.scaled_dot_product_attention, F.dropout = _sdpa, _dropout
     try:
-        yield
+        with _bnb_ops_of(dev):
+            yield
     finally:
         _ACTIVE["device"], F.scaled_dot_product_attention, F.dropout = old
 

@@ -15,7 +15,7 @@ from .setting import TraceSetting
 
 S_MIN = 2
 """Shortest sequence a trace covers."""
-TRACE_CACHE_VERSION = 1
+TRACE_CACHE_VERSION = 2
 """Layout of a cached trace (:meth:`StepTrace.to_data`); bump it when that changes."""
 
 
@@ -51,7 +51,9 @@ class StepTrace:
     ``named_parameters()`` order (a log's parameter indices point here); ``buffers_bytes``: the model's
     buffers as stored (bytes); ``attn_implementation``: what the model really runs; ``windows``: the sequence
     lengths the regions split at; ``label_shape``: ``"BS"`` (a label per token) or ``"B"`` (one per sample);
-    ``shifts_labels``: the Trainer counts label tokens from position 1."""
+    ``shifts_labels``: the Trainer counts label tokens from position 1; ``settled_bytes``: how much the
+    parameters' storage grows (bytes; negative: shrinks) when layers change themselves on their first call
+    (bitsandbytes' 4-bit layers cast a bias to their compute dtype), which the model as built does not show."""
 
     key: str
     model: str
@@ -62,6 +64,7 @@ class StepTrace:
     label_shape: str
     shifts_labels: bool
     counts_items: bool
+    settled_bytes: int = 0
     regions: list[Region] = field(default_factory=list)
 
     def region(self, b: int, s: int, accum: bool = False) -> Region | None:
@@ -97,7 +100,7 @@ def disk_key(config_hash: str, peft, setting: TraceSetting):
 
 _LOG_FIELDS = ("kind", "a", "b", "sizes")
 _META_FIELDS = ("model", "params", "buffers_bytes", "attn_implementation", "windows", "label_shape", "shifts_labels",
-                "counts_items")
+                "counts_items", "settled_bytes")
 
 
 def to_arrays(st: StepTrace) -> dict:

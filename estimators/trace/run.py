@@ -138,8 +138,15 @@ class _Tracer:
         wrap_autocast(self.model, setting.mixed)
         self.rec = Recorder()
         self.hooks = StepHooks(self.model, self.rec)
+        self.settled_bytes = 0
         if setting.peft:
+            before = self._param_bytes()
             self._settle()
+            self.settled_bytes = self._param_bytes() - before
+
+    def _param_bytes(self) -> int:
+        return sum({p._m.untyped_storage()._cdata: p._m.untyped_storage().nbytes()
+                    for p in self.model.parameters()}.values())
 
     def _settle(self) -> None:
         """One untraced micro-step first: what a layer changes in itself on its first call is then done before the
@@ -316,7 +323,7 @@ def step_trace(source: ModelSource, setting: TraceSetting, batch: int, seq: int,
         buffers_bytes = sum(stores.values())
         st = StepTrace(key, source.name, names, int(buffers_bytes), facts.attn_implementation,
                        windows(tracer.model.config), "B" if setting.task == "sequence-classification" else "BS",
-                       facts.shifts_labels, facts.accepts_loss_kwargs)
+                       facts.shifts_labels, facts.accepts_loss_kwargs, tracer.settled_bytes)
         _CACHE[key] = st
     st.regions = [r for r in st.regions if not (r.b_lo == region.b_lo and r.s_lo == region.s_lo)] + [region]
     return st

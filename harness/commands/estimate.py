@@ -138,7 +138,7 @@ def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> 
     if setup.peft:
         head += _adapter_text(setup, first)
     rows = []
-    cuda = setup.estimate_device == "cuda" and not setup.peft
+    cuda = setup.estimate_device == "cuda" and all(e.cuda is not None for e in results)
     for e in sorted(results, key=lambda e: e.bytes["optimizer_state"]):
         b = e.bytes
         total = b["weights"] + b["gradients"] + b["optimizer_state"]
@@ -166,11 +166,12 @@ def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> 
     if any(get_spec(e.optim).needs_target_modules for e in results) and not targets_given:
         lines.append(f"GaLore/APOLLO: optim_target_modules not given, assumed '{DEFAULT_TARGETS}'.")
     if setup.peft:
-        from estimators.estimate import PEFT_PEAK_NOTE
-
         lines.append(f"LoRA: weights = frozen base (as stored{', quantization state included' if setup.quantize else ''})"
-                     " + trainable adapters; gradients and optimizer state cover the adapters only.")
-        lines.append(PEFT_PEAK_NOTE[0].upper() + PEFT_PEAK_NOTE[1:] + ".")
+                     " + trainable adapters; gradients and optimizer state cover the adapters only; the peak traces "
+                     "the peft model itself (its adapters' dropout and low-rank activations"
+                     + (", bitsandbytes' dequantization in forward and backward" if setup.quantize else "") + ").")
+        limits = {e.notes[-1] for e in results if e.bytes["peak"] is None and e.notes}
+        lines.extend(n[0].upper() + n[1:] + "." for n in sorted(limits))
     lines.append("Bytes in binary units (1 GiB = 2^30 B). peak: the whole training step's largest live tensor bytes "
                  "(weights, gradients, optimizer state, activations and logits, backward and optimizer-step "
                  "transients), at the phase named in 'at'; activations: what the forward leaves for the backward.")
