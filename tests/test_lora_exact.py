@@ -62,7 +62,8 @@ def test_adapter_state_exact(model, optim, adapter, quant):
 def test_bench_run_records_exact_weights_gradients_and_state():
     """``bench run``'s record of a QLoRA run (the launcher in this process): measured weights (with the
     quantization state), the gradients held at the optimizer step and the optimizer state equal the
-    prediction beside them; the peak is measured, and not predicted."""
+    prediction beside them; the predicted whole-step peak is within 1% of the tensor accountant's (the exact
+    comparison, phase by phase, is harness.validate's LoRA/QLoRA matrix and tests/test_lora_peak.py)."""
     from harness.launcher import execute
 
     cfg = RunConfig(model="tiny-qwen2", optim="adamw_torch", lora="r=8,alpha=16,target=all-linear",
@@ -73,7 +74,8 @@ def test_bench_run_records_exact_weights_gradients_and_state():
     assert m["parameters_bytes"] == pred["weights"]
     assert m["gradients_bytes"] == pred["gradients"] == pred["weights_trainable"]
     assert m["optimizer_state_bytes"] == pred["optimizer_state"]
-    assert m["peak_bytes"] > pred["weights"] and pred["peak"] is None
+    measured = m["peaks"]["tensor_peak_bytes"]
+    assert abs(pred["peak"] - measured) <= 0.01 * measured, (pred["peak"], measured)
     assert record["config"]["lora"] == "r=8,alpha=16,target=all-linear" and record["config"]["quantize"] == "nf4"
 
 

@@ -34,11 +34,3 @@ def test_cli_max_seq_table_and_flag_checks(capsys):
     assert "Longest sequence per GPU at micro-batch 4" in out and "512+" in out
     assert main(["plan", "--model", "tiny-gpt2", "--optim", "adamw_torch", "--batch-size", "4"]) == 2
     assert "--max-seq" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("extra", [["--lora", "r=32,target=all-linear"],
-                                   ["--lora", "r=32,target=all-linear", "--quantize", "nf4"]])
-def test_plan_refuses_lora_in_one_line_until_the_peak_is_traced(capsys, extra):
-    assert main(["plan", "--model", "tiny-llama", "--optim", "adamw_torch", "--max-seq", *extra]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "whole-step peak" in err[0] and "issue 11" in err[0]
