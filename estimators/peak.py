@@ -143,6 +143,19 @@ def _disk_trace(k):
     return st
 
 
+def forget_traces() -> None:
+    """Drop every trace and simulation held in this process's memory (the on-disk cache stays): the next
+    estimate reads the disk, or traces."""
+    import sys
+
+    _LOADED.clear()
+    _FB_CACHE.clear()
+    _step_sim.cache_clear()
+    run = sys.modules.get(f"{__package__}.trace.run")
+    if run is not None:
+        run._CACHE.clear()
+
+
 def _store_trace(k, st) -> None:
     if k is not None:
         _LOADED[k.digest] = st
