@@ -59,7 +59,7 @@ class PhaseModel:
     steady steps and from ``__init__``."""
 
     def __init__(self, inv, source, setting: TraceSetting, grad_accum: int, step: StepModel, state_total: int,
-                 state_init: int):
+                 state_init: int, cache_parts: dict | None = None):
         self.inv = inv
         self.source = source
         self.setting = setting
@@ -68,6 +68,9 @@ class PhaseModel:
         self.state_total = state_total
         self.state_init = state_init
         self._by_region: dict = {}
+        self.cache_parts = cache_parts
+        """JSON values naming the optimizer side of the simulation (with the trace's key and the region, the
+        on-disk key of a region's phases; None: not cached on disk)."""
         self.trace = None  # the StepTrace (estimators.trace.run), once a region was asked for
 
     @property
@@ -98,8 +101,21 @@ class PhaseModel:
         key = (region.b_lo, region.s_lo, region.s_hi)
         hit = self._by_region.get(key)
         if hit is None or hit[0] is not region:
-            hit = self._by_region[key] = (region, self._simulate(tr, region))
+            from .phase_cache import cached
+
+            hit = self._by_region[key] = (region, cached(self._phase_key(region, accum),
+                                                         lambda: self._simulate(tr, region)))
         return hit[1]
+
+    def _phase_key(self, region, accum: bool) -> dict | None:
+        from .phase_cache import inventory_fingerprint
+
+        trace_key = self._disk_key()
+        fp = inventory_fingerprint(self.inv)
+        if self.cache_parts is None or trace_key is None or fp is None:
+            return None
+        return {**self.cache_parts, "trace": trace_key.digest, "inventory": fp, "grad_accum": self.grad_accum,
+                "region": [region.b_lo, region.b_hi, region.s_lo, region.s_hi, accum]}
 
     def _disk_key(self):
         return trace_data.disk_key(self.inv.config_hash, getattr(self.source, "peft", None), self.setting)

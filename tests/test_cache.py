@@ -121,7 +121,7 @@ def test_inventory_and_estimates_from_cache_equal_rebuilt_ones(fresh, monkeypatc
     cold = {}
     for model, optim, kw in cases:
         cold[model] = (build_inventory(model), estimate(model, optim, **kw).to_dict())
-    assert {p.parent.name for p in cache.entries()} == {"inventory", "trace", "targets"}
+    assert {p.parent.name for p in cache.entries()} == {"inventory", "trace", "phases", "targets"}
     for f in (_inventory_cached, _phase_model, _matched):
         f.cache_clear()
     forget_traces()
