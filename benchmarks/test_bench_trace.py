@@ -16,11 +16,9 @@ BIG = {"8b": "meta-llama/Meta-Llama-3-8B", "70b": "meta-llama/Llama-3.1-70B"}
 
 def _forget_traces() -> None:
     from estimators.estimate import _phase_model
-    from estimators.peak import _FB_CACHE
-    from estimators.trace.run import _CACHE
+    from estimators.peak import forget_traces
 
-    _CACHE.clear()
-    _FB_CACHE.clear()
+    forget_traces()
     _phase_model.cache_clear()
 
 
@@ -32,9 +30,11 @@ def _warm_imports(model: str) -> None:
 
 @pytest.mark.parametrize("size", sorted(BIG))
 @pytest.mark.parametrize("batch", [1, 4])
-def test_first_estimate(benchmark, size, batch):
+def test_first_estimate(benchmark, monkeypatch, size, batch):
     """A config never traced before: build the model, trace the region of the asked shape (batch 1: three
-    traces; batches from 2: five), fit, replay, evaluate -- bf16 parameters, CUDA, sequence 2048."""
+    traces; batches from 2: five), fit, replay, evaluate -- bf16 parameters, CUDA, sequence 2048 (the on-disk
+    cache off: every round traces)."""
+    monkeypatch.setenv("OPTIMEM_NO_CACHE", "1")
     model = BIG[size]
     _warm_imports(model)
 
@@ -78,9 +78,10 @@ def plan_catalog(model: str, cold: bool = True) -> dict:
     return build_plan(_plan_args(model))
 
 
-def test_plan_gpu_catalog(benchmark):
-    """``bench plan`` of an 8B model over the whole GPU catalog, traces cold (run the same function on the commit
-    before the tracer for the 2x comparison)."""
+def test_plan_gpu_catalog(benchmark, monkeypatch):
+    """``bench plan`` of an 8B model over the whole GPU catalog, traces cold (the on-disk cache off; run the same
+    function on the commit before the tracer for the 2x comparison)."""
+    monkeypatch.setenv("OPTIMEM_NO_CACHE", "1")
     _warm_imports(BIG["8b"])
     plan = benchmark.pedantic(plan_catalog, args=(BIG["8b"],), rounds=2, iterations=1)
     benchmark.extra_info["rows"] = len(plan["rows"]) if isinstance(plan, dict) and "rows" in plan else None

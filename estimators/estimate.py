@@ -338,4 +338,7 @@ def _phase_model(inv: Inventory, name: str, args_key: tuple, targets, setting: T
     on_device = state_total - (state_host if device != "cpu" else 0)
     from .catalog import resolve
 
-    return PhaseModel(inv, resolve(inv.model), setting, grad_accum, step, on_device, step.state_at_init, resident)
+    parts = {"optim": name, "args": repr(args_key), "targets": repr(targets), "device": device,
+             "state": [state_total, state_host]}
+    return PhaseModel(inv, resolve(inv.model), setting, grad_accum, step, on_device, step.state_at_init, parts,
+                      resident)

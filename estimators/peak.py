@@ -60,7 +60,7 @@ class PhaseModel:
     whole run outside the model (``other`` in every phase; :func:`estimators.peft_model.resident_bytes`)."""
 
     def __init__(self, inv, source, setting: TraceSetting, grad_accum: int, step: StepModel, state_total: int,
-                 state_init: int, resident: int = 0):
+                 state_init: int, cache_parts: dict | None = None, resident: int = 0):
         self.inv = inv
         self.source = source
         self.setting = setting
@@ -70,6 +70,9 @@ class PhaseModel:
         self.state_init = state_init
         self.resident = resident
         self._by_region: dict = {}
+        self.cache_parts = cache_parts
+        """JSON values naming the optimizer side of the simulation (with the trace's key and the region, the
+        on-disk key of a region's phases; None: not cached on disk)."""
         self.trace = None  # the StepTrace (estimators.trace.run), once a region was asked for
 
     @property
@@ -100,8 +103,21 @@ class PhaseModel:
         key = (region.b_lo, region.s_lo, region.s_hi)
         hit = self._by_region.get(key)
         if hit is None or hit[0] is not region:
-            hit = self._by_region[key] = (region, self._simulate(tr, region))
+            from .phase_cache import cached
+
+            hit = self._by_region[key] = (region, cached(self._phase_key(region, accum),
+                                                         lambda: self._simulate(tr, region)))
         return hit[1]
+
+    def _phase_key(self, region, accum: bool) -> dict | None:
+        from .phase_cache import inventory_fingerprint
+
+        trace_key = self._disk_key()
+        fp = inventory_fingerprint(self.inv)
+        if self.cache_parts is None or trace_key is None or fp is None:
+            return None
+        return {**self.cache_parts, "trace": trace_key.digest, "inventory": fp, "grad_accum": self.grad_accum,
+                "region": [region.b_lo, region.b_hi, region.s_lo, region.s_hi, accum]}
 
     def _disk_key(self):
         return trace_data.disk_key(self.inv.config_hash, getattr(self.source, "peft", None), self.setting)
@@ -144,6 +160,19 @@ def _disk_trace(k):
         if st is not None:
             _LOADED[k.digest] = st
     return st
+
+
+def forget_traces() -> None:
+    """Drop every trace and simulation held in this process's memory (the on-disk cache stays): the next
+    estimate reads the disk, or traces."""
+    import sys
+
+    _LOADED.clear()
+    _FB_CACHE.clear()
+    _step_sim.cache_clear()
+    run = sys.modules.get(f"{__package__}.trace.run")
+    if run is not None:
+        run._CACHE.clear()
 
 
 def _store_trace(k, st) -> None:

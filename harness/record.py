@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 
@@ -473,6 +474,9 @@ def read_records(path: str | os.PathLike, *, report: ReadReport | None = None, q
         if exc.start < len(lines[0]) and not any(_parses(ln) for ln in lines[:50]):
             raise UserError(f"{path} is not a results file: byte {exc.start} is not UTF-8 text (JSONL records "
                             "are UTF-8)") from None
+    checked_key = _checked_key(data) if check else None
+    known = _known_invalid(checked_key)
+    invalid: dict[str, str] = {}
     for i, raw in enumerate(lines):
         text = raw.strip()
         if not text:
@@ -487,14 +491,45 @@ def read_records(path: str | os.PathLike, *, report: ReadReport | None = None, q
                     and version > SCHEMA_VERSION:
                 report.future.append((i + 1, version))
                 continue
-            why = _why_invalid(obj)
+            why = known.get(str(i + 1)) if known is not None else _why_invalid(obj)
             if why is not None:
+                invalid[str(i + 1)] = why
                 report.invalid.append((i + 1, why))
                 continue
         report.records += 1
         yield obj
+    if checked_key is not None and known is None:
+        from estimators import cache
+
+        cache.put(checked_key, invalid)
     if not quiet:
         _report(report, (str(path.resolve()), st.st_size, st.st_mtime_ns))
+
+
+@functools.cache
+def _schemas_digest() -> str:
+    return hashlib.sha256(json.dumps([SCHEMA, MAX_BATCH_SCHEMA], sort_keys=True).encode()).hexdigest()
+
+
+def _checked_key(data: bytes):
+    """The on-disk cache key of a results file's schema check: its content and the schemas (a file read
+    before is not validated again; validating is most of the time of reading one)."""
+    from estimators import cache
+
+    return cache.key("records_checked", 1, content=hashlib.sha256(data).hexdigest(), schemas=_schemas_digest())
+
+
+def _known_invalid(k) -> dict[str, str] | None:
+    """Line number (text) -> why, of the lines of a file checked before that are not valid records (None:
+    not checked before, or the cache is off)."""
+    if k is None:
+        return None
+    from estimators import cache
+
+    got = cache.get(k)
+    if not isinstance(got, dict) or not all(isinstance(v, str) for v in got.values()):
+        return None
+    return got
 
 
 def _parses(raw: bytes):

@@ -14,6 +14,7 @@ import pytest
 
 from estimators import cache, estimate
 from estimators.estimate import _matched, _phase_model
+from estimators.peak import forget_traces
 from estimators.inventory import _inventory_cached, build_inventory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,9 +27,11 @@ def fresh(tmp_path, monkeypatch):
     monkeypatch.delenv(cache.ENV_OFF, raising=False)
     for f in (_inventory_cached, _phase_model, _matched):
         f.cache_clear()
+    forget_traces()
     yield tmp_path / "cache"
     for f in (_inventory_cached, _phase_model, _matched):
         f.cache_clear()
+    forget_traces()
 
 
 class Builder:
@@ -118,9 +121,10 @@ def test_inventory_and_estimates_from_cache_equal_rebuilt_ones(fresh, monkeypatc
     cold = {}
     for model, optim, kw in cases:
         cold[model] = (build_inventory(model), estimate(model, optim, **kw).to_dict())
-    assert {p.parent.name for p in cache.entries()} == {"inventory", "trace", "targets"}
+    assert {p.parent.name for p in cache.entries()} == {"inventory", "trace", "phases", "targets"}
     for f in (_inventory_cached, _phase_model, _matched):
         f.cache_clear()
+    forget_traces()
     import estimators.inventory as inventory_module
 
     def no_model(*a, **k):
@@ -183,6 +187,7 @@ def test_no_cache_flag_neither_reads_nor_writes(fresh, monkeypatch, capsys):
         p.write_text("{}")  # unusable: a read would be a miss and rewrite it
     for f in (_inventory_cached, _phase_model, _matched):
         f.cache_clear()
+    forget_traces()
     assert main([*argv, "--no-cache"]) == 0
     assert capsys.readouterr().out == cached
     assert all(p.read_text() == "{}" for p in cache.entries())  # nothing written

@@ -125,3 +125,30 @@ def test_concurrent_writers_never_interleave(tmp_path):
     text = path.read_text().splitlines()
     assert len(text) == 100
     assert all(json.loads(line)["config"]["optim"] == "x" for line in text)
+
+
+def test_a_file_read_before_is_not_validated_again_and_reports_the_same(tmp_path, monkeypatch):
+    """The schema check of a results file is kept in the cache by content: a second read skips validating but
+    keeps and skips exactly what the first did (an edited file is checked anew)."""
+    monkeypatch.setenv("OPTIMEM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("OPTIMEM_NO_CACHE", raising=False)
+    bad = skipped_record()
+    bad["config"]["batch_size"] = 0
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(skipped_record()) + "\n" + json.dumps(bad) + "\n")
+
+    def read():
+        report = rec.ReadReport(str(path))
+        return [r["run_id"] for r in read_records(path, report=report, quiet=True)], report.invalid
+
+    first = read()
+    assert len(first[0]) == 1 and [n for n, _ in first[1]] == [2]
+
+    def no_validation(obj):
+        raise AssertionError("validated again")
+
+    monkeypatch.setattr(rec, "_why_invalid", no_validation)
+    assert read() == first
+    path.write_text(path.read_text() + json.dumps(skipped_record()) + "\n")  # another content: checked anew
+    with pytest.raises(AssertionError, match="validated again"):
+        read()
