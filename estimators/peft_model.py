@@ -454,13 +454,18 @@ def adapter_inventory(setup):
             return inventory_from_model(model, name=source.name, config_hash=own)
 
         k = cache.key("adapter_inventory", INVENTORY_CACHE_VERSION, config=digest, adapter=[str(x) for x in key],
-                      peft=_version("peft"), bitsandbytes=_version("bitsandbytes"))
+                      **library_versions())
         inv = cache.memo(k, build, encode=inventory_payload,
                          decode=lambda d: inventory_from_payload(d, name=source.name, config_hash=own))
         _INVENTORIES[(key, digest)] = inv
         if len(_INVENTORIES) > 64:
             _INVENTORIES.pop(next(iter(_INVENTORIES)))
     return inv
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed peft and bitsandbytes versions (package metadata: nothing is imported)."""
+    return {"peft": _version("peft"), "bitsandbytes": _version("bitsandbytes")}
 
 
 def _version(dist: str) -> str | None:
@@ -478,6 +483,6 @@ def peft_counts(model) -> tuple[int, int]:
 
 
 __all__ = ["GC_KWARGS", "TASK_TYPES", "DYNAMIC_CODE_BYTES", "TRACE_FIELDS", "peak_limit", "resident_bytes", "trace_fields", "traced_training_model", "adapter_inventory", "bnb_config", "build_training_model", "cpu_run_limit",
-           "inventory_key", "peft_fields", "require_packages",
+           "inventory_key", "library_versions", "peft_fields", "require_packages",
            "logical_shape", "lora_config", "model_storage_tensors", "peft_counts", "peft_wrap", "quant_kind",
            "quant_state_tensors", "quantized_meta_model", "quantized_model"]

@@ -90,12 +90,17 @@ class StepTrace:
 
 def disk_key(config_hash: str, peft, setting: TraceSetting):
     """The on-disk cache key of a trace (None when there is no config content hash to key it on: a model
-    object built in memory)."""
+    object built in memory); a LoRA / QLoRA setting's also names the peft and bitsandbytes versions."""
     if not config_hash:
         return None
     from .. import cache
 
-    return cache.key("trace", TRACE_CACHE_VERSION, config=config_hash, peft=peft, setting=asdict(setting))
+    parts = {}
+    if setting.peft:  # the model is peft's and bitsandbytes' too
+        from ..peft_model import library_versions
+
+        parts["libraries"] = library_versions()
+    return cache.key("trace", TRACE_CACHE_VERSION, config=config_hash, peft=peft, setting=asdict(setting), **parts)
 
 
 _LOG_FIELDS = ("kind", "a", "b", "sizes")
