@@ -15,7 +15,8 @@ Compared, to the byte / the parameter:
 * optimizer state: ``estimate().bytes["optimizer_state"]`` vs every tensor the optimizer keeps
   (``harness.state_walker``).
 
-The whole-step peak of these setups is not estimated yet (it needs the model tracer); the table says so.
+The whole-step peak of these setups is compared by ``python -m harness.validate --peft`` (the LoRA/QLoRA
+section of ``results/peak_error_cpu.md``).
 """
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ def render(results: list[Result], facts: dict, command: str, seconds: float) -> 
              "bitsandbytes' quantization state, and every tensor the optimizer keeps. Predicted: "
              "`estimators.estimate()` of the same setup (the peft model built on the meta device). "
              "Attention-only targets are regexes over whole module names. The whole-step peak of LoRA/QLoRA setups "
-             "is not estimated yet (it needs the model tracer, issue 11).", "",
+             "is compared in `results/peak_error_cpu.md` (`python -m harness.validate --peft`).", "",
              f"**{exact} of {len(ran)} cases exact** in all three figures ({len(results)} cases; {len(skipped)} "
              f"skipped on CPU; {len(results) - len(ran) - len(skipped)} failed).", ""]
     if skipped:

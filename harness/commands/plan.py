@@ -184,7 +184,7 @@ def _check_peak(setup: TrainingSetup) -> None:
 
     est = estimate(setup, batch_size=1, device="cuda")
     if est.bytes["peak"] is None:
-        raise UserError(f"bench plan fits the whole-step peak, and for this setup there is none yet: {est.notes[-1]}")
+        raise UserError(f"bench plan fits the whole-step peak, and for this setup there is none: {est.notes[-1]}")
 
 
 def _size_key(gpu: P.GPU, headroom: float = 0.0):
