@@ -104,12 +104,12 @@ def _gemm_4bit_cuda(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absm
                     absmax_offset=None):
     """bitsandbytes' CUDA fallback for ``gemm_4bit`` (``_dequant_linear_fallback``): its allocations, each alive
     until the op returns, and the output."""
+    held = []  # alive until the op returns, as the fallback's locals are
     if absmax_8bit is not None:
         absmax_dq = torch.empty(absmax_8bit.shape, dtype=F32, device=A.device)
-        absmax = absmax_dq + absmax_offset
+        held += [absmax_dq, absmax_dq + absmax_offset]
     b_dq = torch.empty(tuple(shapeB), dtype=A.dtype, device=A.device)
-    out = torch.nn.functional.linear(A, b_dq, bias)
-    return out
+    return torch.nn.functional.linear(A, b_dq, bias)
 
 
 class _OpPacket:
