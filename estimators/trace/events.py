@@ -33,6 +33,10 @@ class FitError(Exception):
     sequence length) or a size is not a polynomial of the basis."""
 
 
+class SequenceMismatch(FitError):
+    """The traces of a region do not run the same operations in the same order."""
+
+
 @dataclass
 class EventLog:
     """See the module docstring. ``survivors``: ids of storages born in the log and alive at its end that are
@@ -229,7 +233,7 @@ def fit_logs(logs: list[EventLog], nbytes: list[np.ndarray], points: list[tuple[
     first = logs[0]
     for other in logs[1:] + ([check[0]] if check else []):
         if not first.same_sequence(other):
-            raise FitError("the step runs different operations at different batch sizes or sequence lengths")
+            raise SequenceMismatch("the step runs different operations at different batch sizes or sequence lengths")
     if coef is None:
         coef = fit_sizes(points, nbytes, cols)
     if check is not None:

@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..memsim import NB, basis
 from . import cpu_rules
 from .data import S_MIN, Region, StepTrace
-from .events import EventLog, FitError, fit_logs, from_events
+from .events import EventLog, FitError, SequenceMismatch, fit_logs, from_events
 from .setting import TraceSetting
 from .model import build_traced_model
 from .step import StepHooks, make_batch, micro_step, num_items, wrap_autocast
@@ -162,6 +162,15 @@ class _Tracer:
         except TraceError as exc:
             raise UserError(f"cannot trace {self.source.name}: {exc.op} ({exc.reason})") from None
 
+    warmed = False
+    """Whether a discarded micro-step ran first (:meth:`warm_up`)."""
+
+    def warm_up(self, b: int, s: int, accum: bool) -> None:
+        """Run one micro-step and forget its events: what the model builds on its first step and keeps
+        is then built (a trace of the steps after it runs without)."""
+        self.run(b, s, accum)
+        self.warmed = True
+
     def run(self, b: int, s: int, accum: bool) -> tuple[list, list | None]:
         """Raw events of a first micro-step (and of an accumulating one) at batch ``b`` x seq ``s``."""
         facts = self.facts
@@ -202,14 +211,26 @@ def trace_region(source: ModelSource, setting: TraceSetting, b: int, s: int, acc
     name = source.name
     try:
         with _no_cyclic_gc():
-            logs = None
-            if b_lo == 1 and wider is not None:
-                pt = (1, _plan(2, s_lo, s_hi).check[1])  # an odd length: sizes coincide less by chance
-                trace((pt,))
-                logs = _derive_batch_one(wider, traced[pt], pt, accum)
-            if logs is None:
-                trace(plan.shape_points + (plan.check,))
-                logs = [_fit(traced, plan, which, name, trace) for which in range(2 if accum else 1)]
+            while True:
+                try:
+                    logs = None
+                    if b_lo == 1 and wider is not None:
+                        pt = (1, _plan(2, s_lo, s_hi).check[1])  # an odd length: sizes coincide less by chance
+                        trace((pt,))
+                        logs = _derive_batch_one(wider, traced[pt], pt, accum)
+                    if logs is None:
+                        trace(plan.shape_points + (plan.check,))
+                        logs = [_fit(traced, plan, which, trace) for which in range(2 if accum else 1)]
+                    break
+                except SequenceMismatch as exc:
+                    if tracer.warmed:
+                        raise UserError(f"cannot trace {name}: {exc}") from None
+                    # The first step built something the model keeps (a RoPE table computed on first use, as
+                    # longrope's long factors are): the Trainer's steps after it run without -- trace those.
+                    tracer.warm_up(*plan.shape_points[0], accum)
+                    traced.clear()
+    except FitError as exc:
+        raise UserError(f"cannot trace {name}: {exc}") from None
     except TraceError as exc:
         raise UserError(f"cannot trace {name}: {exc.op} ({exc.reason})") from None
     first = logs[0]
@@ -272,7 +293,7 @@ def _parsed(raw: list) -> tuple:
     return log, nbytes, shapes
 
 
-def _fit(traced: dict, plan: _Plan, which: int, name: str, trace) -> EventLog:
+def _fit(traced: dict, plan: _Plan, which: int, trace) -> EventLog:
     """The fitted log of the first (``which`` 0) or accumulating (1) micro-step: by shapes from the few points
     of the plan if that reproduces the check point, else by sizes from more points."""
     from .events import fit_shapes
@@ -280,21 +301,20 @@ def _fit(traced: dict, plan: _Plan, which: int, name: str, trace) -> EventLog:
     check = traced[plan.check][which]
     pts = list(plan.shape_points)
     logs = [traced[p][which] for p in pts]
-    try:
-        coef = fit_shapes(pts, [x[2] for x in logs], list(plan.dim_cols)) if len(pts) > 1 else None
-        if coef is not None:
-            try:
-                return fit_logs([x[0] for x in logs], [x[1] for x in logs], pts, list(plan.dim_cols),
-                                check=(check[0], check[1], plan.check), coef=coef)
-            except FitError:
-                pass
-        pts = pts + list(plan.more_points)
-        trace(plan.more_points)
-        logs = [traced[p][which] for p in pts]
-        return fit_logs([x[0] for x in logs], [x[1] for x in logs], pts, list(plan.size_cols),
-                        check=(check[0], check[1], plan.check))
-    except FitError as exc:
-        raise UserError(f"cannot trace {name}: {exc}") from None
+    coef = fit_shapes(pts, [x[2] for x in logs], list(plan.dim_cols)) if len(pts) > 1 else None
+    if coef is not None:
+        try:
+            return fit_logs([x[0] for x in logs], [x[1] for x in logs], pts, list(plan.dim_cols),
+                            check=(check[0], check[1], plan.check), coef=coef)
+        except SequenceMismatch:
+            raise
+        except FitError:
+            pass
+    pts = pts + list(plan.more_points)
+    trace(plan.more_points)
+    logs = [traced[p][which] for p in pts]
+    return fit_logs([x[0] for x in logs], [x[1] for x in logs], pts, list(plan.size_cols),
+                    check=(check[0], check[1], plan.check))
 
 
 _CACHE: dict[str, StepTrace] = {}
