@@ -138,29 +138,29 @@ class _Tracer:
         wrap_autocast(self.model, setting.mixed)
         self.rec = Recorder()
         self.hooks = StepHooks(self.model, self.rec)
-        self.settled_bytes = 0
+        self.built_bytes = self._param_bytes()
         if setting.peft:
-            before = self._param_bytes()
-            self._settle()
-            self.settled_bytes = self._param_bytes() - before
+            # peft's and bitsandbytes' layers change themselves on their first call (bitsandbytes' 4-bit layers set
+            # their compute type and cast their bias to it -- prepare_kbit upcast it to fp32 --, LLM.int8 layers
+            # move their weight's row scales into their state): warmed up before any traced step, every region's
+            # traces are of the steps after it, as the Trainer's steps after step 0 are.
+            from .meta_kernels import cpp_meta_kernels
+
+            try:
+                with cpp_meta_kernels():
+                    self.warm_up(2, FIRST_S, False)
+            except TraceError as exc:
+                raise UserError(f"cannot trace {source.name}: {exc.op} ({exc.reason})") from None
 
     def _param_bytes(self) -> int:
         return sum({p._m.untyped_storage()._cdata: p._m.untyped_storage().nbytes()
                     for p in self.model.parameters()}.values())
 
-    def _settle(self) -> None:
-        """One untraced micro-step first: what a layer changes in itself on its first call is then done before the
-        traced ones, at every shape alike, as the real step 0 does it before the steps that follow
-        (bitsandbytes' 4-bit layers set their compute type and cast their bias to it, which prepare_kbit has
-        upcast to fp32: a new storage of the bias's size that step 0 alone allocates; LLM.int8 layers move their
-        weight's row scales into their state)."""
-        from .meta_kernels import cpp_meta_kernels
-
-        try:
-            with cpp_meta_kernels():
-                self.run(2, FIRST_S, False)
-        except TraceError as exc:
-            raise UserError(f"cannot trace {self.source.name}: {exc.op} ({exc.reason})") from None
+    @property
+    def settled_bytes(self) -> int:
+        """How much the parameters' storage changed (bytes) since the model was built: what a warm-up step left
+        (a bias cast to the compute dtype), which the built model -- the inventory -- does not show."""
+        return self._param_bytes() - self.built_bytes
 
     warmed = False
     """Whether a discarded micro-step ran first (:meth:`warm_up`)."""
