@@ -50,13 +50,14 @@ FAMILY_PHASE_TOL = 0.02
 STEPS = 3
 FAMILIES = tuple((m, "causal-lm") for m in ("tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-mixtral", "tiny-qwen3-moe",
                                              "tiny-deepseek-v3", "tiny-olmo2", "tiny-falcon", "tiny-starcoder2",
-                                             "tiny-gpt-neox", "tiny-phi3")) + \
+                                             "tiny-gpt-neox", "tiny-phi3", "tiny-phi3-longrope")) + \
     (("tiny-bert", "masked-lm"), ("tiny-bert", "sequence-classification"), ("tiny-bart", "causal-lm"))
 """Architecture families besides Llama / GPT-2 / T5 (configs in ``estimators/configs``; BERT with both heads):
 Qwen3 (QK norm), Gemma 2 (sliding/global layers, soft-capping, eager attention) and Gemma 3, Mixtral and
 Qwen3-MoE (routed experts on ``grouped_mm``), DeepSeek-V3 (first layer dense, MLA, grouped routing), OLMo 2,
 Falcon (multi-query, parallel attention), StarCoder2 (sliding window, biases, dropout), GPT-NeoX (partial rotary,
-parallel residual), Phi-3 (fused projections, sliding window), BERT (masked LM, sequence classification), BART
+parallel residual), Phi-3 (fused projections, sliding window) and Phi-3 with longrope (a long-factor table
+built on the first step and kept), BERT (masked LM, sequence classification), BART
 (encoder-decoder)."""
 FAMILY_SHAPE = (3, 96)
 """Longer than every family config's sliding window, so both window regions of the trace are exercised."""

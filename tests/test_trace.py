@@ -216,15 +216,3 @@ def test_vectorized_replay_equals_the_event_by_event_replay(monkeypatch):
     monkeypatch.setattr(rp, "replay", _replay_event_by_event)
     assert run() == fast
 
-
-def test_a_table_the_first_step_builds_and_keeps_is_traced_after_it():
-    """Longrope builds its long-factor table on the first forward and keeps it on the module: the traces of a
-    region then differ between the first and the later ones, so the tracer warms the model up once and traces
-    the steps after (what the Trainer runs from then on). Checked against a real CPU run past the original
-    context (the long factors in use)."""
-    from harness.validate import Case, run_case
-
-    r = run_case(Case("tiny-phi3-longrope", "adamw_torch", 3, 96, True))
-    assert r.status == "ok", r.reason
-    assert abs(r.peak_error) < 1e-4
-    assert all(abs(e) < 1e-4 for e in r.phase_errors().values())
