@@ -307,18 +307,16 @@ def _pct(x, digits: int = 3) -> str:
 
 
 def machine_facts() -> dict:
+    """The machine and package versions a validation table was measured with (its header line)."""
     import os
     import platform
 
-    import torch
-    import transformers
-
-    from harness.env_facts import cpu_name, git_commit
+    from harness.env_facts import cpu_name, git_commit, package_version
 
     commit, dirty = git_commit()
     return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "platform": platform.platform(),
-            "git_commit": commit, "git_dirty": dirty}
+            "platform": platform.platform(), "git_commit": commit, "git_dirty": dirty,
+            **{p: package_version(p) for p in ("torch", "transformers", "peft", "bitsandbytes", "accelerate")}}
 
 
 def _summary_table(results: list[Result]) -> list[str]:
@@ -426,14 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--no-families", action="store_true", help="skip the architecture-family matrix")
     group.add_argument("--peft", action="store_true", help="only the LoRA / QLoRA matrix")
     args = p.parse_args(argv)
-    import logging
-    import os
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
-    for name in ("torchao", "torch.utils._pytree", "transformers", "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_libraries()
     kw = dict(QUICK) if args.quick else {}
     if args.optim:
         kw["optimizers"] = tuple(args.optim)
@@ -464,20 +455,36 @@ def main(argv: list[str] | None = None) -> int:
         (" --no-families" if args.no_families else "") + (" --peft" if args.peft else "") + \
         "".join(f" --optim {o}" for o in (args.optim or [])) + "".join(f" --model {m}" for m in (args.model or [])) + \
         (f" --out {args.out}" if args.out else "") + (f" --json {args.json}" if args.json else "")
-    table = render(results, machine_facts(), command, seconds)
+    facts = machine_facts()
+    write_outputs(args, render(results, facts, command, seconds),
+                  {"facts": facts, "summary": summarize(results),
+                   "results": [{**asdict(r.case), "status": r.status, "measured_peak": r.measured_peak,
+                                "predicted_peak": r.predicted_peak, "phases": r.phases, "reason": r.reason}
+                               for r in results]})
+    return 0 if all(r.ok() for r in results) else 1
+
+
+def quiet_libraries(*more: str) -> None:
+    """Keep the libraries' warnings and log lines out of a validation run's progress lines."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    for name in ("torchao", "torch.utils._pytree", "transformers", "bitsandbytes", *more):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def write_outputs(args, table: str, data: dict) -> None:
+    """The Markdown ``table`` to ``args.out`` (else stdout) and ``data`` to ``args.json`` when asked."""
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(table)
     else:
         print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps({"facts": machine_facts(), "summary": summarize(results),
-                                               "results": [{**asdict(r.case), "status": r.status,
-                                                            "measured_peak": r.measured_peak,
-                                                            "predicted_peak": r.predicted_peak,
-                                                            "phases": r.phases, "reason": r.reason}
-                                                           for r in results]}, indent=1))
-    return 0 if all(r.ok() for r in results) else 1
+        Path(args.json).write_text(json.dumps(data, indent=1))
 
 
 if __name__ == "__main__":

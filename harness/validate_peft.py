@@ -28,6 +28,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from harness.validate import machine_facts, quiet_libraries, write_outputs
+
 MODELS = ("tiny-llama", "tiny-gpt2", "tiny-t5", "tiny-qwen2")
 OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit", "adafactor", "lomo")
 RANKS = (8, 64)
@@ -133,18 +135,6 @@ def run_case(case: Case) -> Result:
     return Result(case, "ok", measured, predicted, time.perf_counter() - t0)
 
 
-def machine_facts() -> dict:
-    import os
-    import platform
-
-    from harness.env_facts import cpu_name, git_commit, package_version
-
-    commit, dirty = git_commit()
-    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "git_commit": commit, "git_dirty": dirty,
-            **{p: package_version(p) for p in ("torch", "transformers", "peft", "bitsandbytes", "accelerate")}}
-
-
 def render(results: list[Result], facts: dict, command: str, seconds: float) -> str:
     ran = [r for r in results if r.status == "ok"]
     exact = sum(r.exact for r in ran)
@@ -189,14 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", action="append", help="only these models (repeatable)")
     p.add_argument("--optim", action="append", help="only these optimizers (repeatable)")
     args = p.parse_args(argv)
-    import logging
-    import os
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
-    for name in ("torchao", "torch.utils._pytree", "transformers", "bitsandbytes", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_libraries("peft")
     cases = matrix(tuple(args.model or MODELS), tuple(args.optim or OPTIMIZERS), quick=args.quick)
     t0 = time.perf_counter()
     results = []
@@ -211,16 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                + "".join(f" --model {m}" for m in args.model or []) + "".join(f" --optim {o}" for o in args.optim or [])
                + (f" --out {args.out}" if args.out else "") + (f" --json {args.json}" if args.json else ""))
     facts = machine_facts()
-    table = render(results, facts, command, seconds)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
-    else:
-        print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"facts": facts, "results": [
-            {**asdict(r.case), "lora": r.case.lora, "status": r.status, "measured": r.measured,
-             "predicted": r.predicted, "reason": r.reason} for r in results]}, indent=1))
+    write_outputs(args, render(results, facts, command, seconds), {"facts": facts, "results": [
+        {**asdict(r.case), "lora": r.case.lora, "status": r.status, "measured": r.measured,
+         "predicted": r.predicted, "reason": r.reason} for r in results]})
     return 0 if all(r.exact or r.status == "skipped" for r in results) else 1
 
 
