@@ -373,7 +373,7 @@ FSDP2_FAILS: dict[str, str] = {
                                            "torch.Tensor and DTensor)",
 }
 """Optimizers whose step fails on FSDP2's DTensor parameters (by package or class), with the error a real run
-raised (measured on CPU ranks: results/cpu-amd-epyc-2026-12-01-distributed.jsonl; DTensor dispatch is the same
+raised (measured on CPU ranks: results/cpu-amd-epyc-2026-12-02-distributed.jsonl; DTensor dispatch is the same
 on GPUs)."""
 
 
@@ -1096,7 +1096,7 @@ def _notes(optim: str, sharding: str, num_gpus: int) -> list[str]:
     return out
 
 
-CHECKED_ON_CPU = "results/cpu-amd-epyc-2026-12-01-distributed.jsonl"
+CHECKED_ON_CPU = "results/cpu-amd-epyc-2026-12-02-distributed.jsonl"
 """Where the per-rank sharding model was measured: 2 CPU ranks (gloo), fp32 training."""
 
 

@@ -5,7 +5,7 @@ recorded status; the planner's ZeRO figures against DeepSpeed's own estimator.
 The launches take ~15-25 s each on a 2-core machine (two Python processes importing transformers): the
 default run has one per engine family (DDP, FSDP2, ZeRO-3) and one failure; more of the matrix and the hang
 case run with ``OPTIMEM_DISTRIBUTED_MATRIX=1`` (the committed results file,
-``results/cpu-amd-epyc-2026-12-01-distributed.jsonl``, holds all of it).
+``results/cpu-amd-epyc-2026-12-02-distributed.jsonl``, holds all of it).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not
 MATRIX_ENV = "OPTIMEM_DISTRIBUTED_MATRIX"
 full_matrix = pytest.mark.skipif(not os.environ.get(MATRIX_ENV), reason=(
     f"more 2-rank launches (~20 s each): set {MATRIX_ENV}=1; the default run checks each engine family once and "
-    "results/cpu-amd-epyc-2026-12-01-distributed.jsonl holds the whole matrix"))
+    "results/cpu-amd-epyc-2026-12-02-distributed.jsonl holds the whole matrix"))
 
 
 def _cfg(optim="adamw_torch", model="tiny-llama", sharding="ddp", **kw) -> RunConfig:

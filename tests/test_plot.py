@@ -38,7 +38,7 @@ def assert_drawn(path: Path) -> None:
 
 def test_plot_reads_multi_process_records(tmp_path, capsys):
     """The committed multi-process file plots too (per-rank predictions; failed FSDP2 runs listed)."""
-    src = ROOT / "results" / "cpu-amd-epyc-2026-12-01-distributed.jsonl"
+    src = ROOT / "results" / "cpu-amd-epyc-2026-12-02-distributed.jsonl"
     assert main(["plot", str(src), "--out", str(tmp_path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     df = to_frame(load_records(src))
