@@ -16,7 +16,7 @@ from .setting import TraceSetting
 S_MIN = 2
 """Shortest sequence a trace covers."""
 TRACE_CACHE_VERSION = 2
-"""Layout of a cached trace (:meth:`StepTrace.to_data`); bump it when that changes."""
+"""Layout of a cached trace (:func:`to_arrays`); bump it when that changes."""
 
 
 @dataclass
@@ -34,15 +34,6 @@ class Region:
     def contains(self, b: int, s: int) -> bool:
         return self.b_lo <= b and (self.b_hi is None or b <= self.b_hi) and self.s_lo <= s and \
             (self.s_hi is None or s <= self.s_hi)
-
-    def to_data(self) -> dict:
-        return {"b": [self.b_lo, self.b_hi], "s": [self.s_lo, self.s_hi], "first": self.first.to_data(),
-                "accum": self.accum.to_data() if self.accum is not None else None}
-
-    @classmethod
-    def from_data(cls, d: dict) -> Region:
-        return cls(d["b"][0], d["b"][1], d["s"][0], d["s"][1], EventLog.from_data(d["first"]),
-                   EventLog.from_data(d["accum"]) if d.get("accum") else None)
 
 
 @dataclass
@@ -74,18 +65,6 @@ class StepTrace:
             if r.contains(b, s) and (not accum or r.accum is not None):
                 return r
         return None
-
-    def to_data(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "regions"}
-        d["regions"] = [r.to_data() for r in self.regions]
-        return d
-
-    @classmethod
-    def from_data(cls, d: dict) -> StepTrace:
-        kw = {k: v for k, v in d.items() if k != "regions"}
-        kw["params"] = tuple(kw["params"])
-        kw["windows"] = tuple(kw["windows"])
-        return cls(**kw, regions=[Region.from_data(r) for r in d["regions"]])
 
 
 def disk_key(config_hash: str, peft, setting: TraceSetting):

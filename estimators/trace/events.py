@@ -55,16 +55,6 @@ class EventLog:
     def n_alloc(self) -> int:
         return int(len(self.sizes))
 
-    def to_data(self) -> dict:
-        return {"kind": self.kind.tolist(), "a": self.a.tolist(), "b": self.b.tolist(), "sizes": self.sizes.tolist(),
-                "survivors": list(self.survivors)}
-
-    @classmethod
-    def from_data(cls, d: dict) -> EventLog:
-        return cls(np.asarray(d["kind"], dtype=np.int8), np.asarray(d["a"], dtype=np.int64),
-                   np.asarray(d["b"], dtype=np.int64), np.asarray(d["sizes"], dtype=np.int64).reshape(-1, NB),
-                   tuple(d.get("survivors", ())))
-
     def same_sequence(self, other: EventLog) -> bool:
         return (len(self) == len(other) and np.array_equal(self.kind, other.kind) and np.array_equal(self.a, other.a)
                 and np.array_equal(self.b, other.b))

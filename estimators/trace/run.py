@@ -8,8 +8,8 @@ region. Inside a region the step runs the same ops in the same order and every s
 ``(1, B, S, B*S, S*S, B*S*S)``: six traces determine it (three for batch 1: no ``B`` terms), a seventh at
 another shape checks it. Regions are traced when first asked for.
 
-The result is plain data (:meth:`StepTrace.to_data`), keyed by :func:`trace_key`: the config's content, the
-torch and transformers versions and the setting.
+The result is plain data (:mod:`estimators.trace.data`: arrays and a little JSON), keyed by
+:func:`trace_key`: the config's content, the torch and transformers versions and the setting.
 """
 from __future__ import annotations
 
