@@ -45,8 +45,8 @@ class _StepClock(TrainerCallback):
 def _run(tmp_path, with_callback: bool) -> list[float]:
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    from harness.callback import MemoryCallback
-    from harness.scenario import SyntheticTokens
+    from optimem.harness.callback import MemoryCallback
+    from optimem.harness.scenario import SyntheticTokens
 
     model = _model()
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=STEPS,
@@ -66,7 +66,7 @@ def _handler(with_callback: bool):
     from transformers import TrainerControl, TrainerState, TrainingArguments
     from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
-    from harness.callback import MemoryCallback
+    from optimem.harness.callback import MemoryCallback
 
     cb = MemoryCallback(seq_len=SEQ, save=False, log=lambda s: None)
     cb._done = True  # as after its measured steps

@@ -7,7 +7,7 @@ baseline run before each timed round, untimed), so the ratio holds on a noisy ma
 - ``bench estimate --optim all`` and ``bench plan --gpus all`` of a cached 8B model: < 1.5 s;
 - a 12-run CPU sweep of tiny-llama: per-run overhead (the time between two runs' records minus the job time
   the record holds, ``measured.wall_time_s``) < 1.5 s median; the same sweep with ``--no-fork`` (a fresh
-  ``python -m harness.worker`` per run, as before the zygote) is measured in the same session.
+  ``python -m optimem.harness.worker`` per run, as before the zygote) is measured in the same session.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA3 = "meta-llama/Meta-Llama-3-8B"
-BENCH = [sys.executable, "-m", "harness.cli"]
+BENCH = [sys.executable, "-m", "optimem.harness.cli"]
 SWEEP_OPTIMS = ["adamw_torch", "adafactor", "sgd", "adagrad", "rmsprop", "adamw_bnb_8bit"]
 SWEEP_SHAPES = ["2x64", "4x128"]
 

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from estimators import estimate, names
-from estimators.catalog import resolve
-from estimators.inventory import _inventory_cached, build_config, build_inventory
+from optimem.estimators import estimate, names
+from optimem.estimators.catalog import resolve
+from optimem.estimators.inventory import _inventory_cached, build_config, build_inventory
 
 BIG = {"8b": "meta-llama/Meta-Llama-3-8B", "70b": "meta-llama/Llama-3.1-70B"}
 

@@ -13,8 +13,8 @@ import json
 import pytest
 import torch
 
-from estimators import REGISTRY
-from harness.scenario import RunConfig, build_trainer, unwrap_optimizer
+from optimem.estimators import REGISTRY
+from optimem.harness.scenario import RunConfig, build_trainer, unwrap_optimizer
 
 BENCH_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512,
                "intermediate_size": 1376, "num_attention_heads": 8, "num_key_value_heads": 4,

@@ -8,15 +8,15 @@ import itertools
 
 import pytest
 
-from estimators import estimate
-from estimators.inventory import build_inventory
+from optimem.estimators import estimate
+from optimem.estimators.inventory import build_inventory
 
 BIG = {"8b": "meta-llama/Meta-Llama-3-8B", "70b": "meta-llama/Llama-3.1-70B"}
 
 
 def _forget_traces() -> None:
-    from estimators.estimate import _phase_model
-    from estimators.peak import forget_traces
+    from optimem.estimators.estimate import _phase_model
+    from optimem.estimators.peak import forget_traces
 
     forget_traces()
     _phase_model.cache_clear()
@@ -61,7 +61,7 @@ def test_warm_estimate_any_shape(benchmark):
 
 
 def _plan_args(model: str):
-    from harness.cli import build_parser
+    from optimem.harness.cli import build_parser
 
     return build_parser().parse_args(["plan", "--model", model, "--gpus", "all", "--no-calibrate"])
 
@@ -69,8 +69,8 @@ def _plan_args(model: str):
 def plan_catalog(model: str, cold: bool = True) -> dict:
     """What ``bench plan --model MODEL --gpus all --no-calibrate`` computes (its default optimizers,
     checkpointing searched on and off, every catalog GPU), with the trace caches emptied first when ``cold``."""
-    from estimators import planner as P
-    from harness.commands.plan import build_plan
+    from optimem.estimators import planner as P
+    from optimem.harness.commands.plan import build_plan
 
     if cold:
         _forget_traces()

@@ -7,10 +7,10 @@ GPU (measured only where CUDA and NVML exist).
 import pytest
 import torch
 
-from estimators.catalog import ModelSource
-from estimators.inventory import instantiate
-from harness.trackers.rss import RssTracker
-from harness.trackers.tensor_accounting import TensorAccountant
+from optimem.estimators.catalog import ModelSource
+from optimem.estimators.inventory import instantiate
+from optimem.harness.trackers.rss import RssTracker
+from optimem.harness.trackers.tensor_accounting import TensorAccountant
 
 from .test_bench_optimizer_step import BENCH_LLAMA
 
@@ -40,7 +40,7 @@ def job(tmp_path_factory):
 
 
 def _classifier(model, opt):
-    from harness.state_walker import measure_optimizer_state  # noqa: F401 (the accountant's own walker)
+    from optimem.harness.state_walker import measure_optimizer_state  # noqa: F401 (the accountant's own walker)
 
     def classify():
         params = list(model.parameters())
@@ -109,7 +109,7 @@ def test_step_rss_tracker(benchmark, job):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the NVML sampler's overhead is a GPU figure")
 def test_step_nvml_sampler_cuda(benchmark, job):
-    from harness.trackers.nvml import NvmlSampler, nvml_available
+    from optimem.harness.trackers.nvml import NvmlSampler, nvml_available
 
     if not nvml_available():
         pytest.skip("NVML not available")

@@ -19,7 +19,7 @@ written, values are simply rebuilt.
 
 Where: ``$OPTIMEM_CACHE_DIR`` if set, else the platform's user cache directory (``platformdirs``; on Linux
 ``~/.cache/optimem``). ``OPTIMEM_NO_CACHE=1`` (or ``--no-cache`` on the ``bench`` commands) turns it off:
-nothing is read or written. ``python -m estimators.cache`` shows the directory and its entries;
+nothing is read or written. ``python -m optimem.estimators.cache`` shows the directory and its entries;
 ``--clear`` empties it.
 
 >>> k = key("trace", 1, config=inv.config_hash, setting={"dtype": "bf16", "gc": True})  # doctest: +SKIP
@@ -279,10 +279,10 @@ def clear(namespace: str | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m estimators.cache [--clear] [--namespace NS]``: where the cache is and what it holds."""
+    """``python -m optimem.estimators.cache [--clear] [--namespace NS]``: where the cache is and what it holds."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m estimators.cache", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m optimem.estimators.cache", description=main.__doc__)
     ap.add_argument("--clear", action="store_true", help="remove the entries")
     ap.add_argument("--namespace", default=None, help="only this namespace (inventory, trace, ...)")
     args = ap.parse_args(argv)

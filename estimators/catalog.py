@@ -7,12 +7,12 @@ A model is named by
 * a path to a ``config.json``, or a directory holding one;
 * a Hugging Face Hub id ``org/name`` (or ``org/name@REVISION``) that the catalog does not hold: its
   ``config.json`` only is fetched through huggingface_hub into the user's HF cache, as transformers does
-  (:mod:`estimators.hub`; a catalog name with ``@REVISION`` goes to the Hub too);
+  (:mod:`optimem.estimators.hub`; a catalog name with ``@REVISION`` goes to the Hub too);
 * the name :func:`register` gave an in-memory config (a user's ``PretrainedConfig``, ``PreTrainedModel`` or PEFT
-  model: see :mod:`estimators.user_objects`), ``LABEL#DIGEST``, content-addressed.
+  model: see :mod:`optimem.estimators.user_objects`), ``LABEL#DIGEST``, content-addressed.
 
 :func:`resolve` turns any of them into a :class:`ModelSource`, whose :meth:`ModelSource.load` gives the config
-dict (what ``estimators.inventory.build_config`` / ``instantiate`` build the model from).
+dict (what ``optimem.estimators.inventory.build_config`` / ``instantiate`` build the model from).
 """
 from __future__ import annotations
 

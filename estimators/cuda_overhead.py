@@ -28,7 +28,7 @@ The machine-dependent constants (``cublas_workspace_bytes``, ``context_bytes``, 
 live in ``estimators/calibration/cuda.json``: a ``default`` entry (PyTorch's documented defaults and
 typical values, marked uncalibrated) and per-GPU entries fitted from recorded ``bench run`` records by
 
-    python -m harness.calibrate cuda results/runs.jsonl [--write]
+    python -m optimem.harness.calibrate cuda results/runs.jsonl [--write]
 
 which, for every successful CUDA record, recomputes the tensor peak the phase model predicts for its
 configuration and fits: workspace = median(max_memory_allocated - predicted tensor peak - rounding);
@@ -96,7 +96,7 @@ def persistent_rounding(inv, state_sizes: tuple) -> dict[str, int]:
 
 
 def cuda_terms(mem, inv, state_sizes: tuple, gpu: str | None = None) -> dict:
-    """The CUDA-only terms for a :class:`~estimators.peak.StepMemory` (bytes), at its peak phase:
+    """The CUDA-only terms for a :class:`~optimem.estimators.peak.StepMemory` (bytes), at its peak phase:
     ``rounding``, ``cublas_workspace``, ``peak_allocated`` (tensor peak + both), ``reserved_overhead``,
     ``peak_reserved``, ``context`` and ``peak_device`` (reserved + context: what ``nvidia-smi`` would
     show), plus the constants' provenance."""

@@ -17,7 +17,7 @@ from .trace.setting import TraceSetting
 
 @dataclass
 class Estimate:
-    """A prediction for one :class:`~estimators.setup.TrainingSetup`. Every figure in ``bytes`` is in bytes.
+    """A prediction for one :class:`~optimem.estimators.setup.TrainingSetup`. Every figure in ``bytes`` is in bytes.
 
     ``setup``: what was estimated (the model name canonical, the device the prediction is for: ``cuda`` or
     ``cpu``); its fields read as attributes too (``est.optim``, ``est.batch_size``...).
@@ -29,7 +29,7 @@ class Estimate:
     ``activations`` (bytes alive at the end of the forward that the forward created: saved activations,
     logits and loss buffers, the batch) and ``peak`` (the whole step's peak of live tensor bytes on the
     training device: the largest phase); ``activations`` and ``peak`` are None where the step cannot be traced
-    (an LLM.int8 base on CUDA: :func:`estimators.peft_model.peak_limit`, the last note says why).
+    (an LLM.int8 base on CUDA: :func:`optimem.estimators.peft_model.peak_limit`, the last note says why).
     ``optim_args``: the optimizer's resolved hyper-parameters (Trainer defaults overridden by the setup's).
     ``state_breakdown``: optimizer-state bytes summed per state tensor name (``exp_avg``, ``absmax1``...).
     ``phases``: per phase (``step0.forward`` ... ``steady.optimizer_step``), its ``peak`` and the bytes at
@@ -172,10 +172,10 @@ def _check_available(spec: OptimizerSpec) -> None:
 def estimate(model: Any, optim: Any = None, *, gpu: str | None = None, **setup_fields: Any) -> Estimate:
     """Predict the bytes a Trainer run holds.
 
-    ``model``: a :class:`~estimators.setup.TrainingSetup` (then ``setup_fields`` override its fields), or
+    ``model``: a :class:`~optimem.estimators.setup.TrainingSetup` (then ``setup_fields`` override its fields), or
     a model -- a catalog name, a config.json path (or its directory), a Hugging Face Hub id ``org/name[@rev]``,
     an :class:`Inventory`, or the user's own ``PretrainedConfig``, ``PreTrainedModel`` or PEFT model (meta or
-    real: its own trainable set and dtypes count; see :mod:`estimators.user_objects`) -- with ``optim``: an
+    real: its own trainable set and dtypes count; see :mod:`optimem.estimators.user_objects`) -- with ``optim``: an
     optimizer name, or the ``transformers.TrainingArguments`` the run will use (its optim, optim_args,
     optim_target_modules, per-device batch, accumulation, bf16/fp16, gradient checkpointing, device, fsdp /
     deepspeed and world size), so ``estimate(model, args, seq_len=2048)`` answers for what is about to be
@@ -184,7 +184,7 @@ def estimate(model: Any, optim: Any = None, *, gpu: str | None = None, **setup_f
     ``attn_implementation``, ``lora`` (``"r=16,alpha=32,target=all-linear"``, a mapping or a
     ``peft.LoraConfig``: the adapter to add), ``quantize`` (``nf4``/``fp4``/``int8``: the base loaded by
     bitsandbytes), ``double_quant``, ``quant_compute_dtype``, ``quant_skip_modules``, ``prepare_kbit``...; see
-    :class:`~estimators.setup.TrainingSetup` for their meaning). The
+    :class:`~optimem.estimators.setup.TrainingSetup` for their meaning). The
     estimator's defaults are the setup's (batch 1 x 512 tokens, fp32, no autocast, CUDA).
     ``gpu``: a ``torch.cuda.get_device_name()`` whose calibrated CUDA constants to use
     (``estimators/calibration/cuda.json``; the defaults otherwise).
@@ -211,7 +211,7 @@ def estimate(model: Any, optim: Any = None, *, gpu: str | None = None, **setup_f
 
 def _trained_set(setup: TrainingSetup, inv: Inventory) -> dict[str, Any]:
     """The :class:`TraceSetting` fields that say which model is traced and what of it trains: a LoRA / QLoRA
-    setup's ``peft`` fields (the traced model is then :func:`estimators.peft_model.build_training_model`'s, whose
+    setup's ``peft`` fields (the traced model is then :func:`optimem.estimators.peft_model.build_training_model`'s, whose
     trainable set is the inventory's), else the ``frozen`` names of the inventory (a PEFT model object given by
     the user that is not quantized is traced with its own PEFT config, ``ModelSource.peft``)."""
     from .catalog import resolve
@@ -250,7 +250,7 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
     setup = replace(setup, model=inv.model, device=device)
     if setup.sharding != "none":
         notes.append(f"one process, unsharded: for the per-GPU figures under {setup.sharding} on "
-                     f"{setup.num_processes} process(es) see estimators.planner.step_memory(setup, batch) or bench plan")
+                     f"{setup.num_processes} process(es) see optimem.estimators.planner.step_memory(setup, batch) or bench plan")
     args = spec.resolve_args(parse_optim_args(setup.optim_args))
     targets = _targets_key(setup.optim_target_modules) if spec.needs_target_modules else None
     args_key = tuple(sorted(args.items(), key=str))

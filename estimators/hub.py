@@ -9,7 +9,7 @@ repos) and ``HF_ENDPOINT`` (a mirror) all apply. A config already cached is reus
 request checks that the revision still points at it (a download happens only when it changed, or when the cached
 copy cannot be checked and is used as it is), and a commit hash already in the cache costs no request at all.
 
-Every failure is a :class:`~estimators.errors.UserError` of one line that says what to do (log in for a gated
+Every failure is a :class:`~optimem.estimators.errors.UserError` of one line that says what to do (log in for a gated
 repo, the revision does not exist, not in the cache while offline, the endpoint timed out...).
 Nothing here is imported until a Hub id is resolved (huggingface_hub is imported lazily).
 """

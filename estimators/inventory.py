@@ -438,7 +438,7 @@ def config_digest(source: ModelSource) -> str:
 
 def build_inventory(model: str, dtype: str | None = None, task: str | None = None) -> Inventory:
     """The parameter inventory of ``model`` (a catalog name, config path, Hub id or registered model object;
-    see :func:`estimators.catalog.resolve`), stored in ``dtype`` (None: as built -- fp32 for a config, a model
+    see :func:`optimem.estimators.catalog.resolve`), stored in ``dtype`` (None: as built -- fp32 for a config, a model
     object's own dtypes, which may differ per parameter: PEFT keeps fp32 adapters beside a 16-bit base), with
     the head ``task`` names (default: the config's architecture).
 

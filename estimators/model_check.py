@@ -6,7 +6,7 @@ values: every size a positive integer (not a string, a float or a bool), the hid
 attention heads (unless the config gives the head size itself), the key/value heads a divisor of the
 attention heads. It imports nothing from transformers unless a size the check needs is missing from the
 file; then only the model type's configuration class is imported, for its defaults (never modeling code).
-Transformers' own config validation still runs when a model is built (:func:`estimators.inventory.build_config`
+Transformers' own config validation still runs when a model is built (:func:`optimem.estimators.inventory.build_config`
 turns its errors into one line too).
 
 :func:`check_sequence_length` is the check that needs the model's parameters: a model with a learned

@@ -1,6 +1,6 @@
 """Whole-step peak: the phase model of one Trainer configuration, evaluated for a batch shape.
 
-:class:`PhaseModel` is what :func:`estimators.estimate` builds (once per model, precision, attention
+:class:`PhaseModel` is what :func:`optimem.estimators.estimate` builds (once per model, precision, attention
 implementation, checkpointing, accumulation, trainable set, task and optimizer; cached). For a batch shape it
 takes the traced micro-step of the model (``estimators/trace``: the region of shapes holding it, traced when
 first asked for) and simulates the phases of a training step on it: every phase's peak is the largest of a
@@ -57,7 +57,7 @@ class PhaseModel:
     ``inv``: the inventory (dtype and frozen flags applied); ``setting``: how the step is traced; ``step``:
     the optimizer's step program; ``state_total`` / ``state_init``: optimizer-state bytes on the device in
     steady steps and from ``__init__``; ``resident``: bytes a library keeps alive on the device through the
-    whole run outside the model (``other`` in every phase; :func:`estimators.peft_model.resident_bytes`)."""
+    whole run outside the model (``other`` in every phase; :func:`optimem.estimators.peft_model.resident_bytes`)."""
 
     def __init__(self, inv, source, setting: TraceSetting, grad_accum: int, step: StepModel, state_total: int,
                  state_init: int, cache_parts: dict | None = None, resident: int = 0):
@@ -73,7 +73,7 @@ class PhaseModel:
         self.cache_parts = cache_parts
         """JSON values naming the optimizer side of the simulation (with the trace's key and the region, the
         on-disk key of a region's phases; None: not cached on disk)."""
-        self.trace = None  # the StepTrace (estimators.trace.run), once a region was asked for
+        self.trace = None  # the StepTrace (optimem.estimators.trace.run), once a region was asked for
 
     @property
     def inside(self) -> bool:

@@ -1,11 +1,11 @@
 """The model the Trainer gets for a LoRA / QLoRA setup, built by peft, transformers and bitsandbytes themselves.
 
-:func:`build_training_model` is the one place that turns a :class:`~estimators.setup.TrainingSetup` with
+:func:`build_training_model` is the one place that turns a :class:`~optimem.estimators.setup.TrainingSetup` with
 ``lora`` / ``quantize`` into a model: on the ``meta`` device for the estimator (and for a tracer: every
 parameter and quantization-state tensor is a meta tensor of its real shape and dtype), or for real from a
 plain model with random weights (``bench run``). The steps are the user's:
 
-1. the base model: the plain model of the setup (``estimators.inventory.instantiate``); quantized, it is
+1. the base model: the plain model of the setup (``optimem.estimators.inventory.instantiate``); quantized, it is
    what ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`` returns: transformers'
    bitsandbytes quantizer replaces the ``nn.Linear``/``Conv1D`` layers it converts (all but the output head,
    ``llm_int8_skip_modules`` and the model's ``_keep_in_fp32_modules``) by ``Linear4bit``/``Linear8bitLt``,
@@ -263,7 +263,7 @@ model's setting)."""
 
 def trace_fields(setup) -> str | None:
     """A peft setup's :data:`TRACE_FIELDS` as one JSON object (the ``peft`` field of a
-    :class:`~estimators.trace.setting.TraceSetting`; plain data, part of the trace's key); None when the setup
+    :class:`~optimem.estimators.trace.setting.TraceSetting`; plain data, part of the trace's key); None when the setup
     is not a peft one."""
     import json
 
@@ -429,7 +429,7 @@ _INVENTORIES: dict = {}
 
 
 def adapter_inventory(setup):
-    """The :class:`~estimators.inventory.Inventory` of :func:`build_training_model` on meta for ``setup``
+    """The :class:`~optimem.estimators.inventory.Inventory` of :func:`build_training_model` on meta for ``setup``
     (cached per config content, :func:`inventory_key` and the torch / transformers / peft / bitsandbytes
     versions, in memory and in optimem's on-disk cache: a warm LoRA estimate imports none of them)."""
     import hashlib

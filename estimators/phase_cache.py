@@ -1,7 +1,7 @@
-"""The simulated phases of one region of a traced configuration, kept in the on-disk cache (:mod:`estimators.cache`).
+"""The simulated phases of one region of a traced configuration, kept in the on-disk cache (:mod:`optimem.estimators.cache`).
 
-For a region of batch shapes (:class:`estimators.trace.data.Region`), the phase model's simulation (every
-phase's candidate peaks as polynomials in batch and sequence length, see :mod:`estimators.memsim`) depends on
+For a region of batch shapes (:class:`optimem.estimators.trace.data.Region`), the phase model's simulation (every
+phase's candidate peaks as polynomials in batch and sequence length, see :mod:`optimem.estimators.memsim`) depends on
 the trace, the parameter dtypes and trainable set, the optimizer and its arguments, accumulation and the
 device, never on the shape inside the region. It is stored as JSON under a key holding all of those, so a
 ``bench estimate`` or ``bench plan`` of a configuration seen before neither traces nor simulates.
@@ -45,7 +45,7 @@ def _tuples(x):
 
 
 def encode(value: tuple) -> dict[str, Any]:
-    """``(results, offsets)`` of :meth:`estimators.peak.PhaseModel.at` as JSON data."""
+    """``(results, offsets)`` of :meth:`optimem.estimators.peak.PhaseModel.at` as JSON data."""
     results, offsets = value
     return {"results": {name: {"tot": r.tot.tolist(), "cats": r.cats.tolist(), "count": r.count.tolist(),
                                "end": _lists(r.end)} for name, r in results.items()},
@@ -53,7 +53,7 @@ def encode(value: tuple) -> dict[str, Any]:
 
 
 def decode(data: dict[str, Any]) -> tuple:
-    """The inverse of :func:`encode`; raises on anything malformed (a miss for :func:`estimators.cache.memo`)."""
+    """The inverse of :func:`encode`; raises on anything malformed (a miss for :func:`optimem.estimators.cache.memo`)."""
     import numpy as np
 
     from .memsim import CATS, NB, PhaseResult

@@ -1,6 +1,6 @@
 """Capacity planning: which optimizer fits on which GPU, at what micro-batch, how fast, and what sharding buys.
 
-Pure arithmetic over :func:`estimators.estimate` (the whole-step peak: ``bytes["peak"]``) and the GPU catalog
+Pure arithmetic over :func:`optimem.estimators.estimate` (the whole-step peak: ``bytes["peak"]``) and the GPU catalog
 (``estimators/gpus.json``). Nothing here needs a GPU. All memory figures are bytes per GPU.
 
 **Fit.** A configuration fits a GPU when its predicted per-GPU peak is at most the GPU's *budget*:
@@ -596,17 +596,17 @@ def shard_model_states(*, sharding: str, num_gpus: int, weights: int, gradients:
 # ---------------------------------------------------------------------------------------------- one configuration
 PLAN_DEFAULTS: dict = {"mixed_precision": "bf16", "seq_len": 2048}
 """What the planner assumes where a setup field is not given: bf16 autocast (how people train on GPUs) and
-2048 tokens per sample; every other field has :class:`~estimators.setup.TrainingSetup`'s default."""
+2048 tokens per sample; every other field has :class:`~optimem.estimators.setup.TrainingSetup`'s default."""
 
 
 def plan_setup(model: Any, optim: Any, **fields) -> TrainingSetup:
-    """A :class:`~estimators.setup.TrainingSetup` with the planner's defaults (:data:`PLAN_DEFAULTS`), and
+    """A :class:`~optimem.estimators.setup.TrainingSetup` with the planner's defaults (:data:`PLAN_DEFAULTS`), and
     GaLore/APOLLO's default targets where none are given.
 
     ``model``: a model name, or the user's own config / ``PreTrainedModel`` / PEFT model; ``optim``: an optimizer
     name, or the ``transformers.TrainingArguments`` of the run (then its precision, batch, accumulation,
     checkpointing and parallelism are the setup's, and only the sequence length takes the planner's default).
-    See :func:`estimators.user_objects.setup_for`."""
+    See :func:`optimem.estimators.user_objects.setup_for`."""
     from .user_objects import is_training_arguments, setup_for
 
     if is_training_arguments(optim):
@@ -956,7 +956,7 @@ def _record_compute(config: Mapping[str, Any]) -> str | None:
 
 def _records(sources: Iterable[str | Path | Mapping]) -> Iterable[Mapping]:
     """Records from run records themselves or JSONL files of them (lines that are not JSON objects skipped;
-    the harness reads files with :func:`harness.record.read_records`, which says what it skipped)."""
+    the harness reads files with :func:`optimem.harness.record.read_records`, which says what it skipped)."""
     for source in sources:
         if isinstance(source, Mapping):
             yield source

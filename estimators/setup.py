@@ -6,7 +6,7 @@ built and checked once, at the edge (the CLI, the public API, a record read back
 takes it as it is:
 
 * one validation (:meth:`TrainingSetup.__post_init__`: types, ranges, names, optim_args against the
-  optimizer's spec, regexes, combinations the Trainer refuses), raising :class:`~estimators.errors.UserError`
+  optimizer's spec, regexes, combinations the Trainer refuses), raising :class:`~optimem.estimators.errors.UserError`
   with one line saying what was wrong and what would be right;
 * one ``to_dict`` / ``from_dict`` pair (records hold the flat dict; older records, which lack the newer
   fields or kept some in ``extra``, read back with the defaults);
@@ -30,7 +30,7 @@ from .errors import UserError
 from .inventory import TASK_CLASSES
 
 TASKS = tuple(TASK_CLASSES)
-"""Model heads a setup can train (``estimators.inventory.TASK_CLASSES``): ``causal-lm``, the default, builds the
+"""Model heads a setup can train (``optimem.estimators.inventory.TASK_CLASSES``): ``causal-lm``, the default, builds the
 class the config names (else a causal LM, or a seq2seq LM for an encoder-decoder); the others build
 ``AutoModelForMaskedLM`` / ``AutoModelForSequenceClassification`` / ``AutoModelForSeq2SeqLM``."""
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -121,7 +121,7 @@ class TrainingSetup:
     canonicalised; ``optim_args`` is checked against what the optimizer reads). ``freeze``: a regex of
     parameter names that get no gradient. ``num_processes`` / ``sharding``: data-parallel processes and
     how model states are split over them. ``device``: ``auto``, ``cuda`` or ``cpu``.
-    ``lora``: a peft LoRA adapter (:class:`~estimators.adapters.LoraSpec`; None trains the whole model).
+    ``lora``: a peft LoRA adapter (:class:`~optimem.estimators.adapters.LoraSpec`; None trains the whole model).
     ``quantize``: the base model loaded by bitsandbytes as ``nf4``/``fp4``/``int8`` (None: not quantized), with
     ``double_quant`` (4-bit absmax quantized again), ``quant_compute_dtype`` (4-bit matmul dtype; None: fp32)
     and ``quant_skip_modules`` (``llm_int8_skip_modules``); ``prepare_kbit``: peft's
@@ -252,7 +252,7 @@ class TrainingSetup:
     def check_trainable(self, inventory=None) -> None:
         """What the Trainer itself refuses for this setup, checked before anything is estimated or run: the
         model config (sizes transformers refuses, or accepts and then fails on in the forward: see
-        :mod:`estimators.model_check`), a sequence longer than the model's learned positions, the optimizer's
+        :mod:`optimem.estimators.model_check`), a sequence longer than the model's learned positions, the optimizer's
         ``optim_args`` (keys it does not read, values it cannot take, what its constructor refuses for these
         parameters), GaLore/APOLLO without targets,
         layer-wise optimizers with gradient accumulation. The dataclass may hold such a setup (a test can
@@ -373,7 +373,7 @@ class TrainingSetup:
         (ZeRO stage 0-3: ``ddp``/``zero1``/``zero2``/``zero3``); several processes without either are DDP.
         Schemes optimem does not model (CPU offload, FSDP's shard_grad_op/hybrid/FSDP1, ZeRO offload) are a
         UserError. ``model``: a model name (catalog, config.json, Hub id) or the user's own object (a
-        ``PretrainedConfig``, ``PreTrainedModel`` or PEFT model; see :mod:`estimators.user_objects`), which
+        ``PretrainedConfig``, ``PreTrainedModel`` or PEFT model; see :mod:`optimem.estimators.user_objects`), which
         also gives the storage dtype and whether checkpointing is already on."""
         optim = getattr(args.optim, "value", args.optim)
         mp = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else None

@@ -22,7 +22,7 @@ each package's ``step()``:
   gradient exists), layer-wise variants step each parameter's own optimizer from a post-accumulate-grad
   hook (state and temporaries appear during the backward, gradients are freed at once).
 
-Every program works on :class:`~estimators.memsim.Sim` storages, so its transients are measured against
+Every program works on :class:`~optimem.estimators.memsim.Sim` storages, so its transients are measured against
 the same live bytes as activations and gradients. All sizes are bytes.
 """
 from __future__ import annotations

@@ -2,14 +2,14 @@
 on the meta device or real) and a ``TrainingArguments``.
 
 A model object becomes a model source that is not a file (:func:`model_source`): its config dict, registered
-content-addressed under ``LABEL#DIGEST`` (:func:`estimators.catalog.register`), so every part of the estimator
+content-addressed under ``LABEL#DIGEST`` (:func:`optimem.estimators.catalog.register`), so every part of the estimator
 that resolves a model name (the inventory, the architecture, the planner, the tracer) finds it again; a model
 object also registers the parameter inventory taken from the object itself -- its own trainable set (frozen
-layers, PEFT adapters), shapes and dtypes -- which :func:`estimators.inventory.build_inventory` then returns.
+layers, PEFT adapters), shapes and dtypes -- which :func:`optimem.estimators.inventory.build_inventory` then returns.
 Nothing from the object is kept but that data (no reference to the model or its tensors).
 
 :func:`setup_for` is what ``estimate(model, args, seq_len=...)`` and ``planner.plan_setup`` call: the
-:class:`~estimators.setup.TrainingSetup` for that model under those arguments.
+:class:`~optimem.estimators.setup.TrainingSetup` for that model under those arguments.
 """
 from __future__ import annotations
 

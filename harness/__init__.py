@@ -1,6 +1,6 @@
 """optimem harness: real Trainer jobs per optimizer, measured (memory by phase, optimizer state, throughput).
 
-``from harness import MemoryCallback`` gives the callback for the user's own ``Trainer`` (:mod:`harness.callback`);
+``from harness import MemoryCallback`` gives the callback for the user's own ``Trainer`` (:mod:`optimem.harness.callback`);
 it is imported on first use, so ``import harness`` (and every ``bench`` command) stays free of transformers.
 """
 
@@ -9,7 +9,7 @@ __all__ = ["MemoryCallback"]
 
 def __getattr__(name: str):
     if name == "MemoryCallback":
-        from harness.callback import MemoryCallback
+        from optimem.harness.callback import MemoryCallback
 
         return MemoryCallback
     raise AttributeError(f"module 'harness' has no attribute {name!r}")

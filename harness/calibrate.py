@@ -1,12 +1,12 @@
 """Fit the estimator's machine-dependent CUDA constants from recorded runs.
 
-    python -m harness.calibrate cuda results/runs.jsonl [--write]   # fit per GPU; --write merges the fit
-    python -m harness.calibrate show                                # the table in use
+    python -m optimem.harness.calibrate cuda results/runs.jsonl [--write]   # fit per GPU; --write merges the fit
+    python -m optimem.harness.calibrate show                                # the table in use
 
-The constants and what they mean live in :mod:`estimators.cuda_overhead` (the estimator reads them from
+The constants and what they mean live in :mod:`optimem.estimators.cuda_overhead` (the estimator reads them from
 ``estimators/calibration/cuda.json``); fitting them needs recorded runs, which are the harness's, so the fit
 lives here. For every successful CUDA record the estimate of its configuration (the record's ``config``,
-read back as a :class:`~harness.run_config.RunConfig`) gives the tensor peak, and per GPU:
+read back as a :class:`~optimem.harness.run_config.RunConfig`) gives the tensor peak, and per GPU:
 workspace = median(max_memory_allocated - predicted tensor peak - rounding); reserved_fraction =
 median(max_memory_reserved / max_memory_allocated - 1); context = median of the NVML-measured context
 bytes. All figures are bytes.
@@ -20,9 +20,9 @@ import sys
 from collections.abc import Iterable
 from dataclasses import replace
 
-from estimators import cuda_overhead as co
-from estimators.estimate import estimate
-from harness.run_config import RunConfig
+from optimem.estimators import cuda_overhead as co
+from optimem.estimators.estimate import estimate
+from optimem.harness.run_config import RunConfig
 
 
 def calibrate(records: Iterable[dict]) -> dict[str, dict]:
@@ -54,12 +54,12 @@ def calibrate(records: Iterable[dict]) -> dict[str, dict]:
                     "reserved_fraction": round(max(0.0, statistics.median(d["reserved"])), 4) if d["reserved"]
                     else default.reserved_fraction,
                     "calibrated": True, "runs": len(d["workspace"]),
-                    "source": "fitted by python -m harness.calibrate cuda"}
+                    "source": "fitted by python -m optimem.harness.calibrate cuda"}
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.calibrate",
+    p = argparse.ArgumentParser(prog="python -m optimem.harness.calibrate",
                                 description="Fit the estimator's CUDA-only constants from recorded bench run records.")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("cuda", help="fit per-GPU constants from JSONL run records")
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "show":
         print(json.dumps(co._table(), indent=2))
         return 0
-    from harness.record import read_records
+    from optimem.harness.record import read_records
 
     records = [r for path in args.records for r in read_records(path)]
     fit = calibrate(records)

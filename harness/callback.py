@@ -2,7 +2,7 @@
 
 ::
 
-    from harness import MemoryCallback
+    from optimem.harness import MemoryCallback
 
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.add_callback(MemoryCallback(seq_len=2048))
@@ -12,9 +12,9 @@ When training starts the callback predicts the run from exactly what the Trainer
 own trainable set, adapters and dtypes), the ``TrainingArguments`` (optimizer, batch, accumulation, precision,
 checkpointing, parallelism) and ``seq_len`` -- prints the estimate, and warns at once when the predicted peak
 does not fit the device. It then measures the first ``steps`` optimizer steps by phase with the harness's own
-trackers and phase marks (:mod:`harness.trackers`: the CUDA caching allocator's peaks and NVML on a GPU, the
+trackers and phase marks (:mod:`optimem.harness.trackers`: the CUDA caching allocator's peaks and NVML on a GPU, the
 process RSS high-water mark on CPU, the exact tensor accountant on request), walks the optimizer's state, and
-writes the same JSONL record ``bench run`` writes (:mod:`harness.record`, schema version 2, ``run.source:
+writes the same JSONL record ``bench run`` writes (:mod:`optimem.harness.record`, schema version 2, ``run.source:
 "callback"``), so ``bench plot`` and ``bench compare`` read the user's real runs beside the harness's.
 
 After those steps it removes its hooks, stops its trackers and keeps nothing: every later Trainer event returns
@@ -53,7 +53,7 @@ class MemoryCallback(TrainerCallback):
     def __init__(self, seq_len: int, *, steps: int = DEFAULT_STEPS, out: str | os.PathLike | None = None,
                  save: bool = True, track_tensors: bool = False, gpu: str | None = None,
                  log: Callable[[str], Any] = print):
-        from estimators.errors import UserError
+        from optimem.estimators.errors import UserError
 
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise UserError(f"MemoryCallback: seq_len must be a positive integer (tokens per sample), got {seq_len!r}")
@@ -111,11 +111,11 @@ class MemoryCallback(TrainerCallback):
 
     # --------------------------------------------------------------------------------------- predict
     def _start(self, args, state, control, model, optimizer) -> None:
-        from estimators.estimate import estimate
-        from estimators.setup import TrainingSetup
-        from harness.run_config import RunConfig
-        from harness.trackers.phases import PhaseCallback, attach_model_hooks
-        from harness.worker import MeasuredRun
+        from optimem.estimators.estimate import estimate
+        from optimem.estimators.setup import TrainingSetup
+        from optimem.harness.run_config import RunConfig
+        from optimem.harness.trackers.phases import PhaseCallback, attach_model_hooks
+        from optimem.harness.worker import MeasuredRun
 
         device = getattr(getattr(args, "device", None), "type", None) or "cpu"
         if device not in ("cuda", "cpu"):
@@ -137,7 +137,7 @@ class MemoryCallback(TrainerCallback):
         run.facts.update(self._device_facts(device))
         if device == "cuda":
             with contextlib.suppress(Exception):
-                from harness.trackers.nvml import NvmlSampler
+                from optimem.harness.trackers.nvml import NvmlSampler
 
                 run.nvml = NvmlSampler(getattr(args.device, "index", None) or 0)
                 run.nvml.start()
@@ -154,7 +154,7 @@ class MemoryCallback(TrainerCallback):
         self._phases.on_train_begin(args, state, control)
 
     def _report_prediction(self, device: str) -> None:
-        from harness.units import human_bytes, human_count
+        from optimem.harness.units import human_bytes, human_count
 
         est, s = self.estimate, self.setup
         b = est.bytes
@@ -180,7 +180,7 @@ class MemoryCallback(TrainerCallback):
     def _per_device_need(self, device: str) -> tuple[int | None, str]:
         est, s = self.estimate, self.setup
         if s.sharding != "none" and s.num_processes > 1:
-            from estimators.planner import step_memory
+            from optimem.estimators.planner import step_memory
 
             return step_memory(s, s.batch_size).peak, f"per-GPU peak under {s.sharding} on {s.num_processes}"
         if device == "cuda" and est.cuda:
@@ -216,11 +216,11 @@ class MemoryCallback(TrainerCallback):
             with contextlib.suppress(Exception):
                 import torch
 
-                from harness.trackers.cuda import device_facts
+                from optimem.harness.trackers.cuda import device_facts
 
                 return device_facts(torch.cuda.current_device())
             return {}
-        from harness.env_facts import cpu_name
+        from optimem.harness.env_facts import cpu_name
 
         return {"device_name": cpu_name()}
 
@@ -243,10 +243,10 @@ class MemoryCallback(TrainerCallback):
             self._teardown()
 
     def _record(self, run, complete: bool) -> None:
-        from estimators.estimate import estimate
-        from harness.env_facts import collect_env
-        from harness.record import append_record, build_record, validate
-        from harness.units import human_bytes
+        from optimem.estimators.estimate import estimate
+        from optimem.harness.env_facts import collect_env
+        from optimem.harness.record import append_record, build_record, validate
+        from optimem.harness.units import human_bytes
 
         wall = time.perf_counter() - self._t0
         run.recorder.end()  # the next step's forward, opened at the last step's end, saw no forward: dropped
@@ -338,7 +338,7 @@ class MemoryCallback(TrainerCallback):
 
 
 class _OptimizerHolder:
-    """What :class:`harness.worker.MeasuredRun` reads of a trainer: its optimizer."""
+    """What :class:`optimem.harness.worker.MeasuredRun` reads of a trainer: its optimizer."""
 
     def __init__(self, optimizer):
         self.optimizer = optimizer

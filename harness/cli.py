@@ -65,7 +65,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub.required = True
     named = _named_command(argv) if argv is not None else None
     for name in (named,) if named else COMMANDS:
-        importlib.import_module(f"harness.commands.{name}").register(sub)
+        importlib.import_module(f"optimem.harness.commands.{name}").register(sub)
     for p in sub.choices.values():  # '--debug' after the command works too
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -73,7 +73,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def _flagged(exc: Exception) -> str:
     """A bad setup field's message, led by the flag that sets it (``--batch-size: ...``)."""
-    from estimators.setup import CLI, SetupError
+    from optimem.estimators.setup import CLI, SetupError
 
     if isinstance(exc, SetupError):
         names = CLI[exc.field].names if exc.field in CLI else (f"--{exc.field.replace('_', '-')}",)
@@ -89,7 +89,7 @@ def _one_line(exc: BaseException, limit: int = 400) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet()
-    from estimators.errors import UserError
+    from optimem.estimators.errors import UserError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "").strip().lower() not in (
         "", "0", "no", "false", "off")
     if getattr(args, "no_cache", False):
-        from estimators import cache
+        from optimem.estimators import cache
 
         cache.disable()
     try:
-        from harness.commands.setup_args import apply_revision
+        from optimem.harness.commands.setup_args import apply_revision
 
         apply_revision(args)
         return int(args.func(args) or 0)

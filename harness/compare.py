@@ -1,6 +1,6 @@
 """Regression comparison of two results files (``bench compare``).
 
-Records are matched by :func:`harness.grid.config_key` (the last record of a configuration in a file
+Records are matched by :func:`optimem.harness.grid.config_key` (the last record of a configuration in a file
 wins). Configurations in only one file are listed, not errors.
 
 Environment. Two records are comparable only if they ran on the same device model with the same torch,
@@ -32,8 +32,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from harness.grid import config_label
-from harness.results import step_times
+from optimem.harness.grid import config_label
+from optimem.harness.results import step_times
 
 ENV_FIELDS: tuple[str, ...] = ("device", "device_name", "torch", "transformers", "optimizer_package")
 """Environment facts that must match for two records to be compared."""
@@ -234,7 +234,7 @@ def _throughput_finding(key, label, brecs: list[dict], crecs: list[dict], tol: T
 
 def group_by_key(records: list[dict]) -> dict[str, list[dict]]:
     """``{config key: its records in file order}`` (repeated runs of a configuration share a key)."""
-    from harness.grid import record_key
+    from optimem.harness.grid import record_key
 
     out: dict[str, list[dict]] = {}
     for rec in records:
@@ -296,7 +296,7 @@ def compare_records(baseline: list[dict], current: list[dict], tol: Tolerances |
 
 # ----------------------------------------------------------------------------------------- report
 def _fmt(metric: str, value: float | None) -> str:
-    from harness.units import human_bytes
+    from optimem.harness.units import human_bytes
 
     if value is None:
         return "-"
@@ -377,7 +377,7 @@ def markdown_report(cmp: Comparison) -> str:
 
 def text_report(cmp: Comparison) -> str:
     """The terminal summary."""
-    from harness.units import format_table
+    from optimem.harness.units import format_table
 
     t = cmp.tolerances
     lines = [f"bench compare: {cmp.baseline_path} -> {cmp.current_path}: {len(cmp.matched)} matched, "

@@ -1,6 +1,6 @@
 """Process-level fixes that let the harness run a real Trainer job the way a fresh process would.
 
-Call :func:`prepare_run` right before building each ``Trainer`` (``harness.scenario.build_trainer``):
+Call :func:`prepare_run` right before building each ``Trainer`` (``optimem.harness.scenario.build_trainer``):
 
 * bitsandbytes keeps a process-wide ``GlobalOptimManager`` singleton. For 8-bit bnb optimizers the
   Trainer registers every ``nn.Embedding`` weight there with ``optim_bits=32``; bnb then records the

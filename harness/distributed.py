@@ -2,7 +2,7 @@
 
 ``bench run --nproc N --sharding ddp|fsdp|zero1|zero2|zero3`` trains the same Trainer job as a single-process
 run, on ``N`` processes started by ``torchrun`` (``python -m torch.distributed.run``), each a
-``python -m harness.worker`` measuring itself with the same trackers. What each scheme hands the Trainer:
+``python -m optimem.harness.worker`` measuring itself with the same trackers. What each scheme hands the Trainer:
 
 * ``ddp``: nothing but the launch: the Trainer (through accelerate) wraps the model in
   ``DistributedDataParallel`` with its defaults (``gradient_as_bucket_view`` off, 25 MiB buckets).
@@ -24,7 +24,7 @@ the whole run (:func:`combine`): ``ok`` only when every rank is ``ok``, else ``o
 memory, else ``error``, with the reason of the rank that failed first. Inside a rank, :class:`RankView` tells
 the trackers what the engine made of the parameters, gradients and optimizer state. :func:`section` is the
 record's ``distributed`` part (every rank beside the planner's per-rank prediction, :func:`predict_per_rank`);
-``python -m harness.distributed RESULTS.jsonl`` prints the per-rank table (:func:`markdown`).
+``python -m optimem.harness.distributed RESULTS.jsonl`` prints the per-rank table (:func:`markdown`).
 """
 from __future__ import annotations
 
@@ -96,8 +96,8 @@ def rank_training_arguments(cfg, model) -> dict[str, Any]:
 
 def model_class(cfg):
     """The transformers class ``cfg`` trains (for its ``_no_split_modules``), built on the meta device."""
-    from estimators.catalog import resolve
-    from estimators.inventory import instantiate
+    from optimem.estimators.catalog import resolve
+    from optimem.estimators.inventory import instantiate
 
     return type(instantiate(resolve(cfg.model), device="meta"))
 
@@ -191,7 +191,7 @@ def rank_result_path(result: str | os.PathLike, rank: int) -> str:
 
 def _storage_bytes(tensors, seen: set | None = None) -> int:
     """Unique storage bytes of the plain tensors behind ``tensors`` (DTensors opened; meta skipped)."""
-    from harness.state_walker import _plain_tensors
+    from optimem.harness.state_walker import _plain_tensors
 
     import torch
 
@@ -305,7 +305,7 @@ class RankView:
         return out
 
     def _engine_buffers(self) -> tuple[list, dict[str, int]]:
-        from harness.state_walker import measure_optimizer_state
+        from optimem.harness.state_walker import measure_optimizer_state
 
         inner = self.optimizer(None)
         exclude = self.weights() + self.master_weights()
@@ -374,10 +374,10 @@ class _Shell:
 
 def unsupported_reason(cfg) -> str | None:
     """Why the Trainer cannot run ``cfg``'s optimizer under its sharding scheme (None if it can; the
-    planner's :func:`estimators.planner.sharding_support`), or why this machine cannot launch it."""
+    planner's :func:`optimem.estimators.planner.sharding_support`), or why this machine cannot launch it."""
     if not is_distributed(cfg):
         return None
-    from estimators.planner import sharding_support
+    from optimem.estimators.planner import sharding_support
 
     ok, why = sharding_support(cfg.optim, cfg.sharding, cfg.num_processes)
     if not ok:
@@ -400,12 +400,12 @@ def free_port() -> int:
 
 
 def torchrun_command(cfg, job: str | os.PathLike, result: str | os.PathLike, port: int | None = None) -> list[str]:
-    """``python -m torch.distributed.run --nproc_per_node N ... -m harness.worker JOB RESULT``: one node, no
+    """``python -m torch.distributed.run --nproc_per_node N ... -m optimem.harness.worker JOB RESULT``: one node, no
     restarts (a failed rank fails the run), rendezvous on 127.0.0.1."""
     port = port or free_port()
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
             str(cfg.num_processes), "--max_restarts", "0", "--master_addr", "127.0.0.1", "--master_port", str(port),
-            "--monitor_interval", "0.5", "-m", "harness.worker", str(job), str(result)]
+            "--monitor_interval", "0.5", "-m", "optimem.harness.worker", str(job), str(result)]
 
 
 def rank_faults(fault: str | None, world_size: int) -> dict[str, str]:
@@ -431,12 +431,12 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 def launch(cfg, *, timeout_s: float, fault: str | None = None, track_tensors: bool | None = None,
            on_start: Callable[[subprocess.Popen], None] | None = None, log_path: str | None = None):
     """Run ``cfg`` on ``cfg.num_processes`` ranks under torchrun and return one
-    :class:`harness.launcher.WorkerOutcome` for the whole run (see :func:`combine`): its payload holds the
+    :class:`optimem.harness.launcher.WorkerOutcome` for the whole run (see :func:`combine`): its payload holds the
     worst rank's ``measured`` and a ``distributed`` section with every rank's result."""
     import tempfile
 
-    from harness.env_facts import REPO_ROOT
-    from harness.launcher import WorkerOutcome, _kill_group, _tail
+    from optimem.harness.env_facts import REPO_ROOT
+    from optimem.harness.launcher import WorkerOutcome, _kill_group, _tail
 
     n = int(cfg.num_processes)
     with tempfile.TemporaryDirectory(prefix="optimem-dist-") as tmp:
@@ -545,14 +545,14 @@ def combine(ranks: list[dict | None], *, returncode: int | None, timed_out: bool
 # --------------------------------------------------------------------------------------- the record
 def predict_per_rank(cfg, device: str) -> dict[str, Any]:
     """The planner's per-rank figures for ``cfg`` on ``device`` (bytes): its sharding terms
-    (:func:`estimators.planner.shard_model_states`), the whole-step peak and its parts
-    (:func:`estimators.planner.step_memory`), and the three figures a run is checked on: ``weights_bytes``
+    (:func:`optimem.estimators.planner.shard_model_states`), the whole-step peak and its parts
+    (:func:`optimem.estimators.planner.step_memory`), and the three figures a run is checked on: ``weights_bytes``
     (local weights and master partitions), ``gradients_bytes`` (the gradient storage at the optimizer step,
     buckets excluded) and ``optimizer_state_bytes``."""
     from dataclasses import replace
 
-    from estimators.errors import UserError
-    from estimators.planner import sharding_support, step_memory
+    from optimem.estimators.errors import UserError
+    from optimem.estimators.planner import sharding_support, step_memory
 
     ok, why = sharding_support(cfg.optim, cfg.sharding, cfg.num_processes)
     if not ok:
@@ -578,7 +578,7 @@ def setup_for(cfg, device: str):
 
 def rank_gradients(setup) -> list[int]:
     """The planner's gradient storage at the optimizer step for each rank (bytes)."""
-    from estimators.planner import model_state_terms
+    from optimem.estimators.planner import model_state_terms
 
     return [model_state_terms(setup, rank=r)["gradients"] for r in range(setup.num_processes)]
 
@@ -651,7 +651,7 @@ def rank_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
 def markdown(records) -> str:
     """A Markdown table of every rank of every multi-process record (skipped and failed runs listed with
     their reason)."""
-    from harness.units import human_bytes
+    from optimem.harness.units import human_bytes
 
     def pct(x):
         return "" if x is None else ("exact" if x == 0 else f"{x:+.2%}")
@@ -706,12 +706,12 @@ def summary_markdown(records) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m harness.distributed RESULTS.jsonl [--markdown OUT.md]``: the per-rank table."""
+    """``python -m optimem.harness.distributed RESULTS.jsonl [--markdown OUT.md]``: the per-rank table."""
     import argparse
 
-    from harness.results import load_records
+    from optimem.harness.results import load_records
 
-    p = argparse.ArgumentParser(prog="python -m harness.distributed",
+    p = argparse.ArgumentParser(prog="python -m optimem.harness.distributed",
                                 description="per-rank measured vs predicted table of multi-process records")
     p.add_argument("results", nargs="+")
     p.add_argument("--markdown", metavar="OUT.md")

@@ -93,7 +93,7 @@ def collect_env(device: str, spec=None) -> dict[str, Any]:
         dist = optimizer_distribution(spec)
         env["optimizer_package"] = {"name": dist, "version": package_version(dist)}
     if device == "cuda":
-        from harness.trackers.nvml import driver_facts
+        from optimem.harness.trackers.nvml import driver_facts
 
         env.update(driver_facts(0))
     else:

@@ -21,19 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from estimators.errors import UserError
-from estimators.setup import CLI, DEFAULT_TARGETS, SetupError
+from optimem.estimators.errors import UserError
+from optimem.estimators.setup import CLI, DEFAULT_TARGETS, SetupError
 
 KEY_FIELDS: tuple[str, ...] = ("model", "optim", "dtype", "mixed_precision", "batch_size", "seq_len", "grad_accum",
                                "gradient_checkpointing", "optim_args", "optim_target_modules", "steps", "warmup",
                                "device", "seed", "data", "extra")
-"""The configuration fields a key covers (every field of :class:`harness.scenario.RunConfig`)."""
+"""The configuration fields a key covers (every field of :class:`optimem.harness.scenario.RunConfig`)."""
 
 
 
 # ----------------------------------------------------------------------------------------------- keys
 def _canonical_optim(name: Any) -> Any:
-    from estimators import get_spec
+    from optimem.estimators import get_spec
 
     try:
         return get_spec(str(name)).name
@@ -42,7 +42,7 @@ def _canonical_optim(name: Any) -> Any:
 
 
 def _canonical_model(name: Any) -> Any:
-    from estimators.catalog import canonical_name
+    from optimem.estimators.catalog import canonical_name
 
     return canonical_name(name)  # never fetches: a Hub id stays as given
 
@@ -53,7 +53,7 @@ def _canonical_optim_args(text: Any) -> Any:
     if isinstance(text, dict):
         pairs = {str(k): str(v) for k, v in text.items()}
     else:
-        from estimators.optimizers import parse_optim_args
+        from optimem.estimators.optimizers import parse_optim_args
 
         try:
             pairs = parse_optim_args(str(text))
@@ -105,8 +105,8 @@ def canonical_config(config: dict, resolved_device: str | None = None) -> dict:
 
 
 def _field_defaults() -> dict[str, Any]:
-    from harness.commands.setup_args import field_defaults
-    from harness.run_config import RunConfig
+    from optimem.harness.commands.setup_args import field_defaults
+    from optimem.harness.run_config import RunConfig
 
     return field_defaults(RunConfig)
 
@@ -156,7 +156,7 @@ def config_label(config: dict, *, with_optim: bool = True) -> str:
             parts.append(f"{k}={v}")
     extra = config.get("extra") or {}
     if extra.get("memory_limit_bytes"):
-        from harness.units import human_bytes
+        from optimem.harness.units import human_bytes
 
         parts.append(f"limit {human_bytes(extra['memory_limit_bytes'])}")
     return " ".join(parts)
@@ -254,7 +254,7 @@ def _axis_values(field: str, values: Any) -> list:
 # ------------------------------------------------------------------------------------- optimizers
 def families() -> dict[str, list[str]]:
     """Family -> the names in it that optimem can estimate and run (registry order)."""
-    from estimators.optimizers import REGISTRY
+    from optimem.estimators.optimizers import REGISTRY
 
     out: dict[str, list[str]] = {}
     for name, spec in REGISTRY.items():
@@ -268,8 +268,8 @@ def select_optimizers(tokens: Any, named: set[str] | None = None) -> list[str]:
     name), optimizer names, in any mix and comma-separated; duplicates dropped, order kept.
     ``all`` is every name optimem can estimate (removed and unsupported ones are left out). ``named``
     collects the names given one by one (not through a family or ``all``)."""
-    from estimators import get_spec
-    from estimators.optimizers import REGISTRY, names
+    from optimem.estimators import get_spec
+    from optimem.estimators.optimizers import REGISTRY, names
 
     fams = families()
     out: list[str] = []
@@ -326,7 +326,7 @@ class Grid:
     them is an error; for the others, that optimizer is left out of the sweep with a note."""
 
     def args_for(self, optim: str) -> str | None:
-        from estimators import get_spec
+        from optimem.estimators import get_spec
 
         spec = get_spec(optim)
         for k in (spec.name, f"family:{spec.family}", spec.family, "*"):
@@ -335,7 +335,7 @@ class Grid:
         return None
 
     def targets_for(self, optim: str) -> Any:
-        from estimators import get_spec
+        from optimem.estimators import get_spec
 
         if not get_spec(optim).needs_target_modules:
             return None
@@ -351,7 +351,7 @@ class Grid:
         """Every :class:`RunConfig` (each validated as it is built: a bad value is a UserError naming
         ``source``), in axis order, then shape, then optimizer; duplicates (values that normalise alike)
         once."""
-        from harness.run_config import RunConfig
+        from optimem.harness.run_config import RunConfig
 
         names = [f for f in AXES if f in self.axes]
         out, seen = [], set()
@@ -488,7 +488,7 @@ def _grid_from_mapping(data: dict, source: str) -> Grid:
 def _check_optim_args_targets(grid: Grid) -> None:
     """Every ``NAME:ARGS`` of ``optim_args`` names an optimizer or a family of the sweep (else the args would
     be silently ignored)."""
-    from estimators import get_spec
+    from optimem.estimators import get_spec
 
     fams = families()
     specs = [get_spec(o) for o in grid.optims]
@@ -513,7 +513,7 @@ def _check_optim_args_targets(grid: Grid) -> None:
 
 
 def _canonical_check_model(model: str) -> None:
-    from estimators.catalog import resolve
+    from optimem.estimators.catalog import resolve
 
     resolve(model)  # UserError for an unknown model, before anything runs
 

@@ -2,11 +2,11 @@
 
 :func:`execute` is the whole path ``bench run`` takes: it checks what can be decided without running
 (optimizer known and available, package installed, device able to run it), computes the prediction,
-starts ``python -m harness.worker`` in its own session with a per-run timeout, and assembles the
+starts ``python -m optimem.harness.worker`` in its own session with a per-run timeout, and assembles the
 validated record. A worker that crashes, runs out of memory, hangs or is killed never takes the caller
 down: the caller gets a record with status ``oom`` or ``error`` instead. The caller appends the record
-(:func:`harness.record.append_record`); the worker never touches the results file, so a killed worker
-cannot leave a partial line. Given a :class:`harness.zygote.Zygote` (``bench sweep`` passes one), the
+(:func:`optimem.harness.record.append_record`); the worker never touches the results file, so a killed worker
+cannot leave a partial line. Given a :class:`optimem.harness.zygote.Zygote` (``bench sweep`` passes one), the
 worker is forked from that already-imported process instead of started fresh: the same process boundary,
 session, timeout and log, without paying the imports per run.
 """
@@ -24,15 +24,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from estimators import get_spec
-from estimators.estimate import estimate
-from estimators.errors import UserError
-from harness.env_facts import REPO_ROOT, collect_env
-from harness.record import build_record, validate
-from harness.scenario import RunConfig
+from optimem.estimators import get_spec
+from optimem.estimators.estimate import estimate
+from optimem.estimators.errors import UserError
+from optimem.harness.env_facts import REPO_ROOT, collect_env
+from optimem.harness.record import build_record, validate
+from optimem.harness.scenario import RunConfig
 
 if TYPE_CHECKING:
-    from harness.zygote import Zygote
+    from optimem.harness.zygote import Zygote
 
 DEFAULT_TIMEOUT_S = 1200.0
 
@@ -47,8 +47,8 @@ class WorkerOutcome:
     duration_s: float
     log_tail: str = ""
     launch: str = "in_process"
-    """How the worker started: ``subprocess`` (``python -m harness.worker``), ``zygote`` (forked from a
-    :class:`harness.zygote.Zygote`) or ``in_process``."""
+    """How the worker started: ``subprocess`` (``python -m optimem.harness.worker``), ``zygote`` (forked from a
+    :class:`optimem.harness.zygote.Zygote`) or ``in_process``."""
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -91,12 +91,12 @@ def skip_reason(cfg: RunConfig, device: str) -> str | None:
         note = spec.cpu_note or "it needs CUDA"
         return f"{spec.name} cannot run on CPU: {note}"
     if device == "cpu" and cfg.peft:
-        from estimators.peft_model import cpu_run_limit
+        from optimem.estimators.peft_model import cpu_run_limit
 
         reason = cpu_run_limit(cfg)
         if reason:
             return reason
-    from harness.distributed import unsupported_reason
+    from optimem.harness.distributed import unsupported_reason
 
     return unsupported_reason(cfg)
 
@@ -136,16 +136,16 @@ def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault:
                  log_path: str | None = None, command: list[str] | None = None,
                  zygote: Zygote | None = None) -> WorkerOutcome:
     """Run ``cfg`` in a worker process of its own session: forked from ``zygote`` (a
-    :class:`harness.zygote.Zygote`) when given and able, else a fresh ``python -m harness.worker``.
+    :class:`optimem.harness.zygote.Zygote`) when given and able, else a fresh ``python -m optimem.harness.worker``.
 
     The worker's output goes to a log file (its tail is kept for errors). On timeout the worker's whole
     process group is terminated, then killed. Ctrl-C (KeyboardInterrupt) kills the worker and re-raises.
-    ``command`` replaces ``[python, -m, harness.worker]`` (the job and result paths are appended): tests use
+    ``command`` replaces ``[python, -m, optimem.harness.worker]`` (the job and result paths are appended): tests use
     it to stand in a worker that hangs or crashes.
     """
-    from harness.worker import RUN_DIR_ENV, RUN_DIR_PREFIX
+    from optimem.harness.worker import RUN_DIR_ENV, RUN_DIR_PREFIX
 
-    # ignore_cleanup_errors: a worker whose parent died removes the folder itself (see harness.worker)
+    # ignore_cleanup_errors: a worker whose parent died removes the folder itself (see optimem.harness.worker)
     with tempfile.TemporaryDirectory(prefix=RUN_DIR_PREFIX, ignore_cleanup_errors=True) as tmp:
         tmpdir = Path(tmp)
         job = tmpdir / "job.json"
@@ -163,7 +163,7 @@ def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault:
                     proc = zygote.spawn([str(job), str(result)], log=log, env=env, cwd=os.getcwd())
                     launch = "zygote" if proc is not None else launch
                 if proc is None:
-                    argv = list(command or [sys.executable, "-m", "harness.worker"]) + [str(job), str(result)]
+                    argv = list(command or [sys.executable, "-m", "optimem.harness.worker"]) + [str(job), str(result)]
                     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logfh, stderr=subprocess.STDOUT,
                                             env=env, start_new_session=True, cwd=os.getcwd())
                 if on_start is not None:
@@ -233,7 +233,7 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
 
 def run_in_process(cfg: RunConfig, *, fault: str | None = None, track_tensors: bool | None = None) -> WorkerOutcome:
     """Run ``cfg`` in this process (tests, debugging): no isolation, no timeout."""
-    from harness.worker import run_measured
+    from optimem.harness.worker import run_measured
 
     start = time.perf_counter()
     payload = run_measured(cfg, fault=fault, track_tensors=track_tensors)
@@ -245,7 +245,7 @@ def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bo
             zygote: Zygote | None = None) -> dict:
     """Check, predict, run and record ``cfg``; returns the validated record (not yet appended).
 
-    ``zygote``: fork the worker from this :class:`harness.zygote.Zygote` (see :func:`run_isolated`).
+    ``zygote``: fork the worker from this :class:`optimem.harness.zygote.Zygote` (see :func:`run_isolated`).
     UserError for a configuration that can never run (unknown optimizer, bad values, unknown model).
     """
     spec = get_spec(cfg.optim)
@@ -261,7 +261,7 @@ def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bo
                               predicted=predicted, env=env, run={**run_meta, "duration_s": 0.0})
         validate(record)
         return record
-    from harness import distributed
+    from optimem.harness import distributed
 
     if distributed.is_distributed(cfg):  # torchrun, one worker per rank (always isolated)
         outcome = distributed.launch(cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors,

@@ -3,7 +3,7 @@
 Every command that writes (``run``/``sweep`` records, ``plot`` figures, ``compare --markdown``, ``plan
 --plot``) checks its output here first, so a bad path is one line and exit 2 before anything runs, never a
 traceback after the work is done. Inputs (results files, config files) are checked by the readers that
-parse them (:func:`harness.record.read_records`, :func:`estimators.catalog.resolve`, ...).
+parse them (:func:`optimem.harness.record.read_records`, :func:`optimem.estimators.catalog.resolve`, ...).
 
 :func:`rescue_record` is the last resort: a record whose ``--out`` fails after the run (a disk that filled up,
 a file removed under the sweep) is written to a fallback file it names, so a measurement is never lost.
@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from estimators.errors import UserError
+from optimem.estimators.errors import UserError
 
 RESCUE_PREFIX = "optimem-unsaved-"
 
@@ -129,7 +129,7 @@ def rescue_record(record: dict, failed: str | os.PathLike, error: BaseException,
     ``./optimem-unsaved-<name or run id>.jsonl``, else the same name in the temp folder (appended: a sweep
     keeps all its rescued records in one). Returns the path (None when neither could be written: the caller
     still prints the record)."""
-    from harness.record import to_line
+    from optimem.harness.record import to_line
 
     name = f"{RESCUE_PREFIX}{name or record.get('run_id') or 'record'}.jsonl"
     for folder in (Path.cwd(), Path(tempfile.gettempdir())):

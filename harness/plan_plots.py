@@ -6,8 +6,8 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from estimators import planner as P
-from estimators.setup import TrainingSetup
+from optimem.estimators import planner as P
+from optimem.estimators.setup import TrainingSetup
 
 GIB = 1 << 30
 COUNTS = (1, 2, 4, 8, 16, 32, 64)

@@ -1,6 +1,6 @@
 """The figures of ``bench plot`` (and of ``notebooks/results.ipynb``), drawn with matplotlib.
 
-Each ``*_figure`` function takes the DataFrame of :func:`harness.results.to_frame` and returns a
+Each ``*_figure`` function takes the DataFrame of :func:`optimem.harness.results.to_frame` and returns a
 ``matplotlib.figure.Figure`` (built without pyplot, so it works headless and in a notebook alike);
 :func:`write_all` saves them as PNGs with the one-page Markdown report that links them.
 
@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from harness.results import BREAKDOWN, BREAKDOWN_LABELS
+from optimem.harness.results import BREAKDOWN, BREAKDOWN_LABELS
 
 BAND = 0.05
 """Half-width of the band around y = x (5%)."""
@@ -38,7 +38,7 @@ CATEGORY_COLORS = {"weights": "#4c72b0", "gradients": "#dd8452", "optimizer_stat
 
 def family_style(family: str) -> dict[str, str]:
     """A fixed marker and colour per optimizer family (the same in every figure and every run)."""
-    from harness.grid import families
+    from optimem.harness.grid import families
 
     known = sorted(set(families()) | {"other"})
     i = known.index(family) if family in known else len(known) + (sum(map(ord, str(family))) % 5)
@@ -141,7 +141,7 @@ def _group_title(key: tuple) -> str:
 
 
 def _with_group_columns(df):
-    from harness.units import human_bytes
+    from optimem.harness.units import human_bytes
 
     limit = df["memory_limit_bytes"].map(lambda v: human_bytes(v) if v == v and v is not None else "")
     return df.assign(limit=limit, optim_args_group="")
@@ -374,7 +374,7 @@ def throughput_vs_memory_figure(df):
 # ----------------------------------------------------------------------------------- figure 4
 def max_batch_figure(summaries: list[dict]):
     """Largest batch size per optimizer under the memory limit (from ``.max-batch.jsonl`` lines)."""
-    from harness.units import human_bytes
+    from optimem.harness.units import human_bytes
 
     fig = _new_figure(8, 4.2)
     rows = [s for s in summaries if s.get("max_batch_size") is not None]
@@ -401,7 +401,7 @@ def max_batch_figure(summaries: list[dict]):
 
 
 def _family(optim: str) -> str:
-    from estimators.optimizers import REGISTRY
+    from optimem.estimators.optimizers import REGISTRY
 
     spec = REGISTRY.get(optim)
     return spec.family if spec else "other"
@@ -410,7 +410,7 @@ def _family(optim: str) -> str:
 # ----------------------------------------------------------------------------------- report
 def error_table(df) -> list[list[str]]:
     """Rows (strings) of the report's error table, worst peak error first."""
-    from harness.units import human_bytes
+    from optimem.harness.units import human_bytes
 
     rows = []
     if df is None or len(df) == 0:
@@ -455,7 +455,7 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> str:
 
 def report_markdown(df, images: dict[str, str], sources: list[str], summaries: list[dict] | None = None) -> str:
     """The one-page report: sources, environment, the figures, the error table, failures."""
-    from harness.units import human_bytes
+    from optimem.harness.units import human_bytes
 
     n = len(df) if df is not None else 0
     ok = ok_rows(df)

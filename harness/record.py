@@ -2,7 +2,7 @@
 
 A record holds ``schema_version``, ``run_id``, the full ``config``, ``status`` (``ok``, ``oom``,
 ``skipped``, ``error``) with a one-line ``reason``, ``measured`` (bytes and seconds; ``null`` when
-nothing ran), ``predicted`` (``estimators.estimate(...).to_dict()`` for the same configuration, or
+nothing ran), ``predicted`` (``optimem.estimators.estimate(...).to_dict()`` for the same configuration, or
 ``null`` when the optimizer cannot be estimated), ``env`` (machine and package facts), ``run`` (launch
 facts), ``detail`` (an error's traceback tail, else ``null``) and, for a multi-process run only,
 ``distributed`` (every rank's status and measurement beside the planner's per-rank prediction; ``measured``
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from estimators.inventory import DTYPES
-from estimators.setup import ATTN_IMPLEMENTATIONS, DEVICES, MIXED_PRECISIONS, SHARDINGS, TASKS
+from optimem.estimators.inventory import DTYPES
+from optimem.estimators.setup import ATTN_IMPLEMENTATIONS, DEVICES, MIXED_PRECISIONS, SHARDINGS, TASKS
 
 SCHEMA_VERSION = 2
 """2: the config holds the whole training setup (task, attention implementation, freeze, processes,
@@ -108,7 +108,7 @@ _OK_MEASURED: dict[str, Any] = {
 
 RUN_SOURCES = ("bench", "callback")
 """Who measured a run: the harness (``bench run`` / ``bench sweep``: ``run.source`` absent or ``bench``) or the
-:class:`harness.callback.MemoryCallback` inside the user's own Trainer (``callback``), which starts at
+:class:`optimem.harness.callback.MemoryCallback` inside the user's own Trainer (``callback``), which starts at
 ``on_train_begin`` and so has no ``model_load`` phase."""
 
 CONFIG_SCHEMA: dict[str, Any] = {
@@ -131,7 +131,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "data": {"type": ["string", "null"]}, "extra": {"type": "object"},
     },
 }
-"""A record's ``config``: :meth:`harness.run_config.RunConfig.to_dict` (the fields of schema version 1 are
+"""A record's ``config``: :meth:`optimem.harness.run_config.RunConfig.to_dict` (the fields of schema version 1 are
 required; those added since are optional, so version-1 records still match; read back with
 ``RunConfig.from_dict``)."""
 
@@ -171,7 +171,7 @@ DISTRIBUTED_SCHEMA: dict[str, Any] = {
     },
 }
 """A multi-process run's ``distributed`` section (absent from single-process records): one entry per rank
-(its status and measurement) and the planner's per-rank prediction (``harness.distributed.section``)."""
+(its status and measurement) and the planner's per-rank prediction (``optimem.harness.distributed.section``)."""
 
 SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -310,7 +310,7 @@ def lock_results(path: str | os.PathLike, holder: str = "bench sweep"):
     The lock is on ``<path>.lock`` beside the file (the appends' own per-line lock is on the file itself:
     ``bench run`` can still append while a sweep runs); the lock file is removed on exit, and a lock left by a
     killed sweep is released by the kernel with its process."""
-    from estimators.errors import UserError
+    from optimem.estimators.errors import UserError
 
     if fcntl is None:  # no advisory locks here (Windows): nothing to hold
         yield None
@@ -450,7 +450,7 @@ def read_records(path: str | os.PathLike, *, report: ReadReport | None = None, q
     :data:`MAX_BATCH_SCHEMA`, records of a newer schema version). What was skipped is counted in ``report``
     and, unless ``quiet``, said in one line on stderr when the file has been read to its end. Lines of other
     ``kind`` s pass unchecked. UserError for a file that cannot be read or is not text at all."""
-    from estimators.errors import UserError
+    from optimem.estimators.errors import UserError
 
     path = Path(path)
     report = report if report is not None else ReadReport(str(path))
@@ -499,7 +499,7 @@ def read_records(path: str | os.PathLike, *, report: ReadReport | None = None, q
         report.records += 1
         yield obj
     if checked_key is not None and known is None:
-        from estimators import cache
+        from optimem.estimators import cache
 
         cache.put(checked_key, invalid)
     if not quiet:
@@ -514,7 +514,7 @@ def _schemas_digest() -> str:
 def _checked_key(data: bytes):
     """The on-disk cache key of a results file's schema check: its content and the schemas (a file read
     before is not validated again; validating is most of the time of reading one)."""
-    from estimators import cache
+    from optimem.estimators import cache
 
     return cache.key("records_checked", 1, content=hashlib.sha256(data).hexdigest(), schemas=_schemas_digest())
 
@@ -524,7 +524,7 @@ def _known_invalid(k) -> dict[str, str] | None:
     not checked before, or the cache is off)."""
     if k is None:
         return None
-    from estimators import cache
+    from optimem.estimators import cache
 
     got = cache.get(k)
     if not isinstance(got, dict) or not all(isinstance(v, str) for v in got.values()):

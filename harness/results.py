@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from harness.grid import config_label, precision_label, record_key, shape_label
+from optimem.harness.grid import config_label, precision_label, record_key, shape_label
 
 BREAKDOWN: tuple[str, ...] = ("weights", "gradients", "optimizer_state", "activations", "other")
 BREAKDOWN_LABELS = {"weights": "weights", "gradients": "gradients", "optimizer_state": "optimizer state",
@@ -28,9 +28,9 @@ whole-job peak, once it estimates activations); without one the peak is the sum 
 def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, reports: list | None = None) -> list[dict]:
     """Every record in one or more JSONL files, file order kept; each gets ``_source`` (the file) and
     ``_line`` (its position). Lines that are not records this optimem reads are skipped (and said so on stderr:
-    see :func:`harness.record.read_records`; ``reports`` collects a :class:`~harness.record.ReadReport` per
+    see :func:`optimem.harness.record.read_records`; ``reports`` collects a :class:`~optimem.harness.record.ReadReport` per
     file); non-record lines (``kind`` set) are left out."""
-    from harness.record import ReadReport, read_records
+    from optimem.harness.record import ReadReport, read_records
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -38,7 +38,7 @@ def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, repo
     for path in paths:
         p = Path(path)
         if not p.is_file():
-            from estimators.errors import UserError
+            from optimem.estimators.errors import UserError
 
             raise UserError(f"no such results file: {path}")
         report = ReadReport(str(p))
@@ -195,7 +195,7 @@ def pct_error(predicted: float | None, measured: float | None) -> float | None:
 # ---------------------------------------------------------------------------------------- table
 def record_row(rec: dict) -> dict[str, Any]:
     """One flat row of figures for a record (the columns of :func:`to_frame`)."""
-    from estimators.optimizers import REGISTRY
+    from optimem.estimators.optimizers import REGISTRY
 
     c = rec.get("config") or {}
     m = rec.get("measured") or {}

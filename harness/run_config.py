@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from estimators.errors import UserError
-from estimators.setup import SetupError, TrainingSetup
+from optimem.estimators.errors import UserError
+from optimem.estimators.setup import SetupError, TrainingSetup
 
 
 @dataclass(frozen=True)
 class RunConfig(TrainingSetup):
-    """One measured run: a :class:`~estimators.setup.TrainingSetup` (what shapes memory; the run's
+    """One measured run: a :class:`~optimem.estimators.setup.TrainingSetup` (what shapes memory; the run's
     defaults are batch 2 x 64 tokens on ``auto``) plus what only a real run has: optimizer ``steps``, the
     ``warmup`` steps left out of throughput figures, the ``seed``, a local ``data`` file (None: synthetic
     tokens) and ``extra`` (sweep settings that are part of the run's identity, e.g. ``memory_limit_bytes``)."""
@@ -47,7 +47,7 @@ class RunConfig(TrainingSetup):
         """The setup's checks (:meth:`TrainingSetup.check_trainable`), then what a measured run needs besides:
         warmup steps shorter than the run, a ``data`` file with text in it, and a vocabulary with room for
         the synthetic token ids (:data:`FIRST_SYNTHETIC_ID` up)."""
-        from estimators.model_check import check_model_config
+        from optimem.estimators.model_check import check_model_config
 
         super().check_trainable(inventory)
         if self.warmup >= self.steps:

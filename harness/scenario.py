@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from estimators import get_spec
-from estimators.catalog import resolve
-from estimators.inventory import TORCH_DTYPE_NAMES, instantiate
-from estimators.optimizers import parse_optim_args
-from harness.run_config import FIRST_SYNTHETIC_ID, RunConfig, data_tokens
+from optimem.estimators import get_spec
+from optimem.estimators.catalog import resolve
+from optimem.estimators.inventory import TORCH_DTYPE_NAMES, instantiate
+from optimem.estimators.optimizers import parse_optim_args
+from optimem.harness.run_config import FIRST_SYNTHETIC_ID, RunConfig, data_tokens
 
 
 class SyntheticTokens(torch.utils.data.Dataset):
@@ -62,7 +62,7 @@ def apply_optimizer_compat(cfg: RunConfig, spec) -> None:
     importable, which fails on a CPU-only run; bitsandbytes' process-wide override manager, which would
     leak one Trainer's embedding overrides into the next run in the same process). See harness/compat.py.
     """
-    from harness.compat import prepare_run
+    from optimem.harness.compat import prepare_run
 
     prepare_run(cfg.optim, cfg.resolved_device())
 
@@ -77,7 +77,7 @@ def remove_printer_callback(trainer) -> None:
 def build_model(cfg: RunConfig):
     """The model the run trains (the head of ``cfg.task``): seeded random weights in ``cfg.dtype``, the setup's
     attention implementation, its ``freeze`` regex applied (``requires_grad_(False)``), on the run's device. A
-    LoRA / QLoRA setup trains the peft model :func:`estimators.peft_model.build_training_model` makes of it
+    LoRA / QLoRA setup trains the peft model :func:`optimem.estimators.peft_model.build_training_model` makes of it
     (quantized: saved and loaded back with ``BitsAndBytesConfig`` onto the device)."""
     torch.manual_seed(cfg.seed)
     device = cfg.resolved_device()
@@ -92,7 +92,7 @@ def build_model(cfg: RunConfig):
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     if cfg.peft:
-        from estimators.peft_model import build_training_model
+        from optimem.estimators.peft_model import build_training_model
 
         model = build_training_model(cfg, device=device, base=model)
         if cfg.quantize:
@@ -119,7 +119,7 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
     if output_dir is None:
         # the Trainer makes its output_dir even with save_strategy="no": inside the launcher's run folder (removed
         # with it), else a temporary folder removed with the Trainer
-        from harness.worker import RUN_DIR_ENV
+        from optimem.harness.worker import RUN_DIR_ENV
 
         run_dir = os.environ.get(RUN_DIR_ENV)
         output_dir = os.path.join(run_dir, "trainer") if run_dir and os.path.isdir(run_dir) else \
@@ -132,7 +132,7 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
         use_cpu=device == "cpu", gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=cfg.mixed_precision == "bf16", fp16=cfg.mixed_precision == "fp16",
     )
-    from harness.distributed import rank_training_arguments
+    from optimem.harness.distributed import rank_training_arguments
 
     kwargs.update(rank_training_arguments(cfg, model))
     optimizer_cls_and_kwargs = None

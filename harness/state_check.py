@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from estimators import estimate
-from harness.scenario import RunConfig, build_trainer, unwrap_optimizer
-from harness.state_walker import StateMeasure, measure_optimizer_state
+from optimem.estimators import estimate
+from optimem.harness.scenario import RunConfig, build_trainer, unwrap_optimizer
+from optimem.harness.state_walker import StateMeasure, measure_optimizer_state
 
 
 @dataclass
@@ -45,9 +45,9 @@ def adapter_fields(cfg) -> dict:
 
 def weight_storage_bytes(model) -> int:
     """Unique storage bytes of what holds a model's weights: its parameters and, for a bitsandbytes-quantized
-    model, the quantization state beside them (``estimators.peft_model.model_storage_tensors``)."""
-    from estimators.peft_model import model_storage_tensors
-    from harness.worker import _unique_storage_bytes
+    model, the quantization state beside them (``optimem.estimators.peft_model.model_storage_tensors``)."""
+    from optimem.estimators.peft_model import model_storage_tensors
+    from optimem.harness.worker import _unique_storage_bytes
 
     return _unique_storage_bytes(model_storage_tensors(model))
 

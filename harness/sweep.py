@@ -1,12 +1,12 @@
 """``bench sweep``'s engine: run a grid of configurations, one worker process per run, into one JSONL file.
 
-Every configuration goes through :func:`harness.launcher.execute` (checks, prediction, a worker process
+Every configuration goes through :func:`optimem.harness.launcher.execute` (checks, prediction, a worker process
 with a timeout, forked from a zygote that imported torch, transformers and the optimizer packages once:
-:mod:`harness.zygote`; a fresh ``python -m harness.worker`` when it cannot be); the record comes back to the
+:mod:`optimem.harness.zygote`; a fresh ``python -m optimem.harness.worker`` when it cannot be); the record comes back to the
 sweep's main thread,
-which appends it whole (:func:`harness.record.append_record`), so a sweep that is killed at any moment
+which appends it whole (:func:`optimem.harness.record.append_record`), so a sweep that is killed at any moment
 leaves only whole lines, and ``--resume`` picks up from the configurations already recorded (matched by
-:func:`harness.grid.config_key`). A run that fails, runs out of memory or times out is recorded as such
+:func:`optimem.harness.grid.config_key`). A run that fails, runs out of memory or times out is recorded as such
 and the sweep goes on.
 
 ``--jobs N`` runs N workers at once (threads that each wait on one worker process). Memory figures are
@@ -40,9 +40,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from estimators.errors import UserError
-from harness.grid import config_key, config_label, record_key
-from harness.units import human_bytes
+from optimem.estimators.errors import UserError
+from optimem.harness.grid import config_key, config_label, record_key
+from optimem.harness.units import human_bytes
 
 MAX_BATCH_SUFFIX = ".max-batch.jsonl"
 DEFAULT_MAX_BATCH_CAP = 4096
@@ -68,13 +68,13 @@ class SweepOptions:
     """Runs per configuration (records of one configuration share its key; ``bench compare`` tests
     throughput across them when both sides have several)."""
     faults: dict[str, str] = field(default_factory=dict)
-    """Test hook: ``{optimizer name: KIND@PHASE}`` handed to the worker (see ``harness.worker``)."""
+    """Test hook: ``{optimizer name: KIND@PHASE}`` handed to the worker (see ``optimem.harness.worker``)."""
     progress: str = "auto"
     """``bar`` (rich progress bar), ``lines`` (a line per finished run on stderr), ``none``, or ``auto``
     (bar on a terminal, else lines)."""
     fork: bool = True
-    """Fork each run from a :class:`harness.zygote.Zygote` (imports paid once per sweep); False: a fresh
-    ``python -m harness.worker`` per run, as ``bench run`` does."""
+    """Fork each run from a :class:`optimem.harness.zygote.Zygote` (imports paid once per sweep); False: a fresh
+    ``python -m optimem.harness.worker`` per run, as ``bench run`` does."""
 
 
 @dataclass
@@ -120,7 +120,7 @@ def max_batch_path(out: str | os.PathLike) -> Path:
 
 def read_existing(path: Path) -> dict[str, dict]:
     """``{config key: last record}`` of a results file (empty if there is none)."""
-    from harness.record import read_records
+    from optimem.harness.record import read_records
 
     if not path.is_file():
         return {}
@@ -137,7 +137,7 @@ def read_existing(path: Path) -> dict[str, dict]:
 
 def existing_counts(path: Path, *, skip_errors: bool = False) -> dict[str, int]:
     """``{config key: how many records}`` of a results file (``skip_errors``: not counting ``error`` ones)."""
-    from harness.record import read_records
+    from optimem.harness.record import read_records
 
     out: dict[str, int] = {}
     if not path.is_file():
@@ -154,7 +154,7 @@ def existing_counts(path: Path, *, skip_errors: bool = False) -> dict[str, int]:
 
 
 def read_max_batch(path: Path) -> dict[str, dict]:
-    from harness.record import read_records
+    from optimem.harness.record import read_records
 
     if not path.is_file():
         return {}
@@ -172,7 +172,7 @@ def _fmt_duration(s: float | None) -> str:
 
 def run_line(record: dict, *, reused: bool = False) -> str:
     """A one-line result of a run: status, label, peak vs prediction, throughput, duration."""
-    from harness.results import pct_error, predicted_peak
+    from optimem.harness.results import pct_error, predicted_peak
 
     c, m = record["config"], record.get("measured") or {}
     status = record["status"]
@@ -325,10 +325,10 @@ class Sweep:
             self._kill(proc)
 
     def _error_record(self, cfg, reason: str, detail: str | None = None) -> dict:
-        from estimators import get_spec
-        from harness.env_facts import collect_env
-        from harness.launcher import resolve_device
-        from harness.record import build_record
+        from optimem.estimators import get_spec
+        from optimem.harness.env_facts import collect_env
+        from optimem.harness.launcher import resolve_device
+        from optimem.harness.record import build_record
 
         try:
             spec = get_spec(cfg.optim)
@@ -341,7 +341,7 @@ class Sweep:
 
     def run_one(self, cfg, *, label: str | None = None, repeat: int = 0) -> dict:
         """Execute one configuration in a worker process; the annotated record (raises _Stopped)."""
-        from harness.launcher import execute, resolve_device
+        from optimem.harness.launcher import execute, resolve_device
 
         if self.stop.is_set():
             raise _Stopped
@@ -371,7 +371,7 @@ class Sweep:
         run = record.setdefault("run", {})
         run["config_key"] = config_key(record["config"], run.get("resolved_device") or resolve_device(cfg))
         run["sweep"] = {"id": self.sweep_id, "jobs": self.opts.jobs, "threads": self.opts.threads, "repeat": repeat}
-        from harness.record import validate
+        from optimem.harness.record import validate
 
         validate(record)
         return record
@@ -399,8 +399,8 @@ class Sweep:
         if not self.opts.fork or runs < 2:
             yield
             return
-        from harness.launcher import worker_env
-        from harness.zygote import Zygote
+        from optimem.harness.launcher import worker_env
+        from optimem.harness.zygote import Zygote
 
         self.zygote = Zygote()
         threading.Thread(target=self.zygote.start, args=(worker_env(), os.getcwd()), name="optimem-zygote-start",
@@ -415,7 +415,7 @@ class Sweep:
         """Predict every configuration in this thread first: whatever a prediction still has to build (an
         inventory, a simulated phase model: transformers' lazy imports) is not safe to build from several
         threads at once. With the on-disk cache warm this costs milliseconds per configuration."""
-        from harness.launcher import predict
+        from optimem.harness.launcher import predict
 
         for cfg in configs:
             try:
@@ -490,10 +490,10 @@ class Sweep:
 
     def _append(self, path: Path, record: dict, **kw) -> None:
         """Append a finished record; when its file cannot be written (a full disk, a file removed under the
-        sweep), write it to a fallback file instead (:func:`harness.paths.rescue_record`) and go on: a
+        sweep), write it to a fallback file instead (:func:`optimem.harness.paths.rescue_record`) and go on: a
         measurement is never lost. ``rescued`` / ``write_error`` / ``write_failures`` say what happened."""
-        from harness.paths import rescue_record
-        from harness.record import append_record
+        from optimem.harness.paths import rescue_record
+        from optimem.harness.record import append_record
 
         try:
             append_record(path, record, **kw)
@@ -518,7 +518,7 @@ class Sweep:
         return rec
 
     def run_configs(self, configs: list) -> SweepOutcome:
-        from harness.launcher import resolve_device
+        from optimem.harness.launcher import resolve_device
 
         reused, runs = [], []
         for cfg in configs:
@@ -544,8 +544,8 @@ class Sweep:
     def guess_start(self, base, device: str) -> int | None:
         """The largest batch the estimator says fits under the limit (None when it cannot say: no limit,
         or no whole-job peak prediction)."""
-        from harness.launcher import predict
-        from harness.results import predicted_peak
+        from optimem.harness.launcher import predict
+        from optimem.harness.results import predicted_peak
 
         limit = self.opts.memory_limit
         if limit is None:
@@ -583,7 +583,7 @@ class Sweep:
 
     def search(self, base, start: int, emit) -> dict:
         """Find the largest batch size of ``base`` that fits; emits probe records; returns the summary."""
-        from harness.launcher import resolve_device
+        from optimem.harness.launcher import resolve_device
 
         device = resolve_device(base)
         cap = self.opts.max_batch_cap
@@ -700,7 +700,7 @@ class Sweep:
         return (lo + hi) // 2, step, 0
 
     def run_max_batch(self, bases: list, starts: list[int]) -> SweepOutcome:
-        from harness.launcher import resolve_device
+        from optimem.harness.launcher import resolve_device
 
         self.outcome.max_batch_out = max_batch_path(self.out)
         earlier = read_max_batch(self.outcome.max_batch_out) if self.opts.resume else {}

@@ -1,9 +1,9 @@
 """Check the whole-step estimate against the harness: predicted vs measured peak, per phase, on a matrix.
 
-    python -m harness.validate --out results/peak_error_cpu.md [--json results/peak_error_cpu.json]
-    python -m harness.validate --quick            # a smaller matrix, prints the table
-    python -m harness.validate --families         # only the architecture-family matrix
-    python -m harness.validate --peft             # only the LoRA / QLoRA matrix
+    python -m optimem.harness.validate --out results/peak_error_cpu.md [--json results/peak_error_cpu.json]
+    python -m optimem.harness.validate --quick            # a smaller matrix, prints the table
+    python -m optimem.harness.validate --families         # only the architecture-family matrix
+    python -m optimem.harness.validate --peft             # only the LoRA / QLoRA matrix
 
 Two matrices: the original one (Llama, GPT-2, T5: 10 optimizers x 2 shapes x checkpointing, plus bf16
 parameters, bf16 autocast, eager attention, accumulation, frozen parameters; 165 cases) and the
@@ -11,10 +11,10 @@ architecture families (:data:`FAMILIES`: 14 models/heads x 10 optimizers x check
 and LoRA / QLoRA (:func:`peft_matrix`: peft adapters on plain, 4-bit and 8-bit bitsandbytes bases, which
 bitsandbytes' CPU backend trains).
 
-Every case is a real ``transformers.Trainer`` run of the harness (``harness.launcher.run_in_process``:
+Every case is a real ``transformers.Trainer`` run of the harness (``optimem.harness.launcher.run_in_process``:
 the model, ``TrainingArguments(optim=...)``, the tensor accountant and the phase marks of ``bench run``),
 on the CPU, with one compute thread. The measured figure is the accountant's exact live-tensor peak per
-phase; the prediction is :func:`estimators.estimate` for the same configuration (``device="cpu"``),
+phase; the prediction is :func:`optimem.estimators.estimate` for the same configuration (``device="cpu"``),
 plus the one term that belongs to the harness rather than to training: its synthetic dataset, held in
 memory as one ``(samples, seq_len)`` int64 tensor (``harness_bytes``).
 
@@ -101,9 +101,9 @@ class Case:
             f" {e}" for e in extra if e)
 
     def config(self):
-        """The harness run this case is: a :class:`~harness.run_config.RunConfig` on the CPU, :data:`STEPS`
+        """The harness run this case is: a :class:`~optimem.harness.run_config.RunConfig` on the CPU, :data:`STEPS`
         steps (the one setup type the estimator and the harness both take)."""
-        from harness.run_config import RunConfig
+        from optimem.harness.run_config import RunConfig
 
         return RunConfig(model=self.model, optim=self.optim, dtype=self.dtype, mixed_precision=self.mixed_precision,
                          batch_size=self.batch_size, seq_len=self.seq_len, grad_accum=self.grad_accum,
@@ -209,7 +209,7 @@ def settings_matrix(models=MODELS) -> list[Case]:
 
 
 def _targets(optim: str):
-    from estimators import get_spec
+    from optimem.estimators import get_spec
 
     return "all-linear" if get_spec(optim).needs_target_modules else None
 
@@ -223,7 +223,7 @@ def harness_bytes(case: Case) -> int:
 
 
 def predict(case: Case) -> tuple[int, dict[str, int]]:
-    from estimators import estimate
+    from optimem.estimators import estimate
 
     est = estimate(case.config())
     extra = harness_bytes(case)
@@ -247,7 +247,7 @@ def measure(case: Case) -> dict:
     """One harness run (in this process); the worker's payload. bitsandbytes' module cache of quantization
     codes is emptied first, as a fresh process (``bench run``'s worker) has it: the code double quantization
     creates is then born in this run, as in every real one."""
-    from harness.launcher import run_in_process
+    from optimem.harness.launcher import run_in_process
 
     if case.quantize:
         from bitsandbytes import functional
@@ -311,7 +311,7 @@ def machine_facts() -> dict:
     import os
     import platform
 
-    from harness.env_facts import cpu_name, git_commit, package_version
+    from optimem.harness.env_facts import cpu_name, git_commit, package_version
 
     commit, dirty = git_commit()
     return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
@@ -364,7 +364,7 @@ def render(results: list[Result], facts: dict, command: str, seconds: float) -> 
              + (" plus uncommitted changes" if facts.get("git_dirty") else "") + f"; {seconds:.0f} s.", "",
              "Measured: the harness's tensor accountant (exact live tensor bytes at every op) during real "
              "`transformers.Trainer` runs on the CPU, per phase (`step0.*`: the first step, `steady.*`: step 1), and "
-             "over the whole run. Predicted: `estimators.estimate(..., device=\"cpu\")` for the same configuration "
+             "over the whole run. Predicted: `optimem.estimators.estimate(..., device=\"cpu\")` for the same configuration "
              "-- the real model traced on meta-backed trace tensors (`estimators/trace`) and replayed on the phase "
              "simulator -- plus the harness's in-memory synthetic dataset. Error = (predicted - measured) / measured. "
              "Shapes are batch x sequence; `gc`: gradient checkpointing.", "",
@@ -392,7 +392,7 @@ def render(results: list[Result], facts: dict, command: str, seconds: float) -> 
                   "and trained by bitsandbytes' CPU backend; "
                   f"batch {PEFT_SHAPE[0]} x sequence {PEFT_SHAPE[1]}, every optimizer of {', '.join(PEFT_OPTIMIZERS)} "
                   "x checkpointing, plus bf16 parameters, bf16 compute of 4-bit layers, bf16 autocast and DoRA. "
-                  "Predicted: the peft model `estimators.peft_model.build_training_model` builds, traced on meta "
+                  "Predicted: the peft model `optimem.estimators.peft_model.build_training_model` builds, traced on meta "
                   "(bitsandbytes' ops on their fake kernels).", "",
                   f"**{sum(r.ok() for r in peft)} of {len(peft)} cases within tolerance.**", ""]
         lines += _summary_table(peft) + [""] + _family_table(peft, lambda c: (c.model, c.quantize or "LoRA"))
@@ -411,7 +411,7 @@ def render(results: list[Result], facts: dict, command: str, seconds: float) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.validate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m optimem.harness.validate", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="write the Markdown error table here")
     p.add_argument("--json", default=None, help="write every case's figures here as JSON")
     p.add_argument("--quick", action="store_true", help="a small matrix (a few optimizers, one shape)")
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{_pct(r.worst_phase[1]):>9s}  ({r.seconds:.1f} s)" if r.status == "ok" else
               f"ERR {case.label}: {r.reason}", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - t0
-    command = "python -m harness.validate" + (" --quick" if args.quick else "") + \
+    command = "python -m optimem.harness.validate" + (" --quick" if args.quick else "") + \
         (" --no-settings" if args.no_settings else "") + (" --families" if args.families else "") + \
         (" --no-families" if args.no_families else "") + (" --peft" if args.peft else "") + \
         "".join(f" --optim {o}" for o in (args.optim or [])) + "".join(f" --model {m}" for m in (args.model or [])) + \

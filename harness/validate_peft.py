@@ -1,9 +1,9 @@
 """Check LoRA / QLoRA estimates against real peft models trained by the Trainer on the CPU, on a matrix.
 
-    python -m harness.validate_peft --out results/peft_exact_cpu.md --json results/peft_exact_cpu.json
-    python -m harness.validate_peft --quick          # one adapter setting per architecture and optimizer
+    python -m optimem.harness.validate_peft --out results/peft_exact_cpu.md --json results/peft_exact_cpu.json
+    python -m optimem.harness.validate_peft --quick          # one adapter setting per architecture and optimizer
 
-Each case is the peft model ``bench run`` trains (``harness.scenario.build_trainer``: the plain model with
+Each case is the peft model ``bench run`` trains (``optimem.harness.scenario.build_trainer``: the plain model with
 seeded random weights; quantized, saved and loaded back with ``BitsAndBytesConfig`` on the CPU, then
 ``prepare_model_for_kbit_training``; ``get_peft_model``), trained 2 steps by the real ``transformers.Trainer``.
 Compared, to the byte / the parameter:
@@ -13,9 +13,9 @@ Compared, to the byte / the parameter:
 * weights: ``estimate().bytes["weights"]`` vs the unique storage bytes of the trained model's parameters and
   bitsandbytes' quantization state (absmax, codes, nested statistics, 8-bit row scales);
 * optimizer state: ``estimate().bytes["optimizer_state"]`` vs every tensor the optimizer keeps
-  (``harness.state_walker``).
+  (``optimem.harness.state_walker``).
 
-The whole-step peak of these setups is compared by ``python -m harness.validate --peft`` (the LoRA/QLoRA
+The whole-step peak of these setups is compared by ``python -m optimem.harness.validate --peft`` (the LoRA/QLoRA
 section of ``results/peak_error_cpu.md``).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from harness.validate import machine_facts, quiet_libraries, write_outputs
+from optimem.harness.validate import machine_facts, quiet_libraries, write_outputs
 
 MODELS = ("tiny-llama", "tiny-gpt2", "tiny-t5", "tiny-qwen2")
 OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit", "adafactor", "lomo")
@@ -61,7 +61,7 @@ class Case:
         return f"{self.model} {self.optim} r{self.r} {self.target}{' dora' if self.dora else ''}{q}"
 
     def config(self):
-        from harness.run_config import RunConfig
+        from optimem.harness.run_config import RunConfig
 
         return RunConfig(model=self.model, optim=self.optim, lora=self.lora, quantize=self.quantize,
                          double_quant=self.quantize in ("nf4", "fp4"), batch_size=2, seq_len=16, steps=STEPS,
@@ -101,12 +101,12 @@ def run_case(case: Case) -> Result:
     """Train the case, measure, estimate."""
     import torch
 
-    from estimators import estimate
-    from harness.compat import prepare_run
-    from harness.launcher import skip_reason
-    from harness.scenario import build_trainer, remove_printer_callback, unwrap_optimizer
-    from harness.state_check import adapter_fields, weight_storage_bytes
-    from harness.state_walker import measure_optimizer_state
+    from optimem.estimators import estimate
+    from optimem.harness.compat import prepare_run
+    from optimem.harness.launcher import skip_reason
+    from optimem.harness.scenario import build_trainer, remove_printer_callback, unwrap_optimizer
+    from optimem.harness.state_check import adapter_fields, weight_storage_bytes
+    from optimem.harness.state_walker import measure_optimizer_state
 
     t0 = time.perf_counter()
     cfg = case.config()
@@ -149,9 +149,9 @@ def render(results: list[Result], facts: dict, command: str, seconds: float) -> 
              "the CPU, `prepare_model_for_kbit_training`, then `get_peft_model`; nf4 with double quantization). "
              "Measured: peft's `get_nb_trainable_parameters()`, the unique storage of every parameter and of "
              "bitsandbytes' quantization state, and every tensor the optimizer keeps. Predicted: "
-             "`estimators.estimate()` of the same setup (the peft model built on the meta device). "
+             "`optimem.estimators.estimate()` of the same setup (the peft model built on the meta device). "
              "Attention-only targets are regexes over whole module names. The whole-step peak of LoRA/QLoRA setups "
-             "is compared in `results/peak_error_cpu.md` (`python -m harness.validate --peft`).", "",
+             "is compared in `results/peak_error_cpu.md` (`python -m optimem.harness.validate --peft`).", "",
              f"**{exact} of {len(ran)} cases exact** in all three figures ({len(results)} cases; {len(skipped)} "
              f"skipped on CPU; {len(results) - len(ran) - len(skipped)} failed).", ""]
     if skipped:
@@ -172,7 +172,7 @@ def render(results: list[Result], facts: dict, command: str, seconds: float) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.validate_peft", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m optimem.harness.validate_peft", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="write the Markdown table here")
     p.add_argument("--json", help="write every case's figures here as JSON")
     p.add_argument("--quick", action="store_true", help="the adapter settings rotated (16 cases)")
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{tag} {case.label:50s} {r.measured if r.status == 'ok' else r.reason} ({r.seconds:.1f} s)",
               file=sys.stderr, flush=True)
     seconds = time.perf_counter() - t0
-    command = ("python -m harness.validate_peft" + (" --quick" if args.quick else "")
+    command = ("python -m optimem.harness.validate_peft" + (" --quick" if args.quick else "")
                + "".join(f" --model {m}" for m in args.model or []) + "".join(f" --optim {o}" for o in args.optim or [])
                + (f" --out {args.out}" if args.out else "") + (f" --json {args.json}" if args.json else ""))
     facts = machine_facts()

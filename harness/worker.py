@@ -1,4 +1,4 @@
-"""The measured run, as executed in the worker process (``python -m harness.worker CONFIG RESULT``).
+"""The measured run, as executed in the worker process (``python -m optimem.harness.worker CONFIG RESULT``).
 
 :func:`run_measured` builds the model and the real ``Trainer`` for a :class:`RunConfig`, attaches the
 trackers, trains, and returns the worker's part of the record: ``status``, ``reason``, ``measured``
@@ -131,7 +131,7 @@ class MeasuredRun:
     """One measured Trainer job: trackers, phase boundaries, and the figures they produce."""
 
     def __init__(self, cfg, *, fault: str | None, track_tensors: bool | None):
-        from estimators import get_spec
+        from optimem.estimators import get_spec
 
         self.cfg = cfg
         self.fault = fault
@@ -158,7 +158,7 @@ class MeasuredRun:
         self.state_before: int | None = None
         self.state_after_step: list[int] = []
         self.grads_at_step: list[int] = []
-        from harness.distributed import RankView, is_distributed
+        from optimem.harness.distributed import RankView, is_distributed
 
         self.shard = RankView(cfg) if is_distributed(cfg) else None
         self.device_index = self.shard.local_rank if self.shard is not None else 0
@@ -170,13 +170,13 @@ class MeasuredRun:
         import torch
 
         try:
-            from harness.trackers.nvml import NvmlSampler
+            from optimem.harness.trackers.nvml import NvmlSampler
 
             self.nvml = NvmlSampler(self.device_index)  # idle baseline, read before CUDA is initialised
         except Exception as exc:
             self.notes.append(f"NVML unavailable ({_first_line(exc, 120)}): no driver-level memory figures")
         try:
-            from harness.trackers.cuda import device_facts
+            from optimem.harness.trackers.cuda import device_facts
 
             torch.cuda.init()
             torch.cuda.set_device(self.device_index)
@@ -195,11 +195,11 @@ class MeasuredRun:
     def _build_trackers(self) -> None:
         import torch
 
-        from harness.trackers.cuda import CudaAllocatorTracker
-        from harness.trackers.phases import PhaseRecorder
-        from harness.trackers.rss import RssTracker
-        from harness.trackers.tensor_accounting import TensorAccountant
-        from harness.trackers.throughput import ThroughputTracker
+        from optimem.harness.trackers.cuda import CudaAllocatorTracker
+        from optimem.harness.trackers.phases import PhaseRecorder
+        from optimem.harness.trackers.rss import RssTracker
+        from optimem.harness.trackers.tensor_accounting import TensorAccountant
+        from optimem.harness.trackers.throughput import ThroughputTracker
 
         cfg = self.cfg
         self.rss = RssTracker()
@@ -229,7 +229,7 @@ class MeasuredRun:
 
     # ------------------------------------------------------------------------------ during the run
     def _optimizer(self):
-        from harness.scenario import unwrap_optimizer
+        from optimem.harness.scenario import unwrap_optimizer
 
         opt = getattr(self.trainer, "optimizer", None) if self.trainer is not None else None
         opt = unwrap_optimizer(opt) if opt is not None else None
@@ -239,7 +239,7 @@ class MeasuredRun:
         """For the accountant at each phase end: parameters, buffers, gradients, optimizer state. The
         optimizer is walked except after a forward (which creates no optimizer state); the walk is kept
         for ``step_end``."""
-        from harness.state_walker import measure_optimizer_state
+        from optimem.harness.state_walker import measure_optimizer_state
 
         if self.model is None:
             return {}
@@ -263,14 +263,14 @@ class MeasuredRun:
         if not self.cfg.quantize or self.model is None:
             return self.params
         if self._weights is None:
-            from estimators.peft_model import model_storage_tensors
+            from optimem.estimators.peft_model import model_storage_tensors
 
             self._weights = model_storage_tensors(self.model)
         return self._weights
 
     def measure_state(self, reuse_phase: str | None = None):
         """The walker's measure of the optimizer now (reusing the classifier's walk of ``reuse_phase``)."""
-        from harness.state_walker import measure_optimizer_state
+        from optimem.harness.state_walker import measure_optimizer_state
 
         opt = self._optimizer()
         if opt is None:
@@ -334,8 +334,8 @@ class MeasuredRun:
 
     # ------------------------------------------------------------------------------------- the run
     def execute(self) -> dict[str, Any]:
-        from harness.scenario import build_model, build_trainer, remove_printer_callback
-        from harness.trackers.phases import PhaseCallback, attach_model_hooks
+        from optimem.harness.scenario import build_model, build_trainer, remove_printer_callback
+        from optimem.harness.trackers.phases import PhaseCallback, attach_model_hooks
 
         if self.device == "cuda":
             failure = self._init_cuda()
@@ -343,7 +343,7 @@ class MeasuredRun:
                 return {"status": "error", "reason": f"CUDA could not be initialised: {failure}", "measured": None,
                         "device_facts": self.facts, "detail": None}
         else:
-            from harness.env_facts import cpu_name
+            from optimem.harness.env_facts import cpu_name
 
             self.facts["device_name"] = cpu_name()
         self._build_trackers()
@@ -388,7 +388,7 @@ class MeasuredRun:
     def _throughput(self) -> dict[str, Any]:
         import torch
 
-        from harness.trackers.throughput import peak_flops, training_flops_per_token
+        from optimem.harness.trackers.throughput import peak_flops, training_flops_per_token
 
         cfg = self.cfg
         flops = peak = None
@@ -514,7 +514,7 @@ def _write_json_atomic(path: str, payload: dict) -> None:
 
 
 def main(argv: list[str] | None = None, *, parent_pid: int | None = None) -> int:
-    """``python -m harness.worker CONFIG.json RESULT.json``: CONFIG holds ``{"config": {...}, "fault":
+    """``python -m optimem.harness.worker CONFIG.json RESULT.json``: CONFIG holds ``{"config": {...}, "fault":
     ..., "track_tensors": ..., "parent_pid": ...}``; the worker's result goes to RESULT.json. The worker
     exits when its parent does: the job's ``parent_pid`` (the launcher), or ``parent_pid`` when given (the
     zygote a run was forked from)."""
@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None, *, parent_pid: int | None = None) -> int
     config_path, result_path = argv
     with open(config_path) as fh:
         job = json.load(fh)
-    from harness.distributed import rank_info, rank_result_path
+    from optimem.harness.distributed import rank_info, rank_result_path
 
     rank, _, world = rank_info()
     if world > 1:  # one rank of a torchrun launch: its parent is torchrun's agent; its result is its own
@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None, *, parent_pid: int | None = None) -> int
             run_dir = os.path.dirname(os.path.abspath(config_path))
             _watch_parent(int(parent), run_dir if os.path.basename(run_dir).startswith(RUN_DIR_PREFIX) else None)
         fault = job.get("fault")
-    from harness.scenario import RunConfig
+    from optimem.harness.scenario import RunConfig
 
     cfg = RunConfig.from_dict(job["config"])
     result = run_measured(cfg, fault=fault, track_tensors=job.get("track_tensors"))

@@ -1,20 +1,20 @@
 """The zygote: one process that imports torch, transformers and the optimizer packages once, then forks
 every measured run of a sweep from there.
 
-A fresh ``python -m harness.worker`` spends seconds importing before it trains for a few; a sweep of
+A fresh ``python -m optimem.harness.worker`` spends seconds importing before it trains for a few; a sweep of
 hundreds of runs would spend most of its time importing. A run forked from the zygote starts with all of
 that already imported, and is still a process of its own: it runs in its own session (a timeout or an
 interrupt kills it and everything it started, a crash or an out-of-memory kill takes only it down), its
-output goes to its own log, and it dies with its parent. Exactly what ``python -m harness.worker`` would
-do then happens in it (:func:`harness.worker.main`).
+output goes to its own log, and it dies with its parent. Exactly what ``python -m optimem.harness.worker`` would
+do then happens in it (:func:`optimem.harness.worker.main`).
 
 CUDA is never initialised in the zygote (a CUDA context does not survive ``fork``): after each preloaded
 module it checks ``torch.cuda.is_initialized()``. A module that initialised CUDA on import
 (bitsandbytes asks for the device's compute capability, for one) makes the zygote exit naming it; the
 launcher starts a new zygote without it (the run imports it itself) and remembers that in the optimem
-cache (:mod:`estimators.cache`, namespace ``zygote``), so the next sweep on this machine does not try again.
+cache (:mod:`optimem.estimators.cache`, namespace ``zygote``), so the next sweep on this machine does not try again.
 
-Two halves live here: :func:`serve` runs in the zygote (``python -m harness.zygote``), :class:`Zygote` is the
+Two halves live here: :func:`serve` runs in the zygote (``python -m optimem.harness.zygote``), :class:`Zygote` is the
 launcher's handle on it, whose :meth:`Zygote.spawn` returns a :class:`ForkedRun` (the part of
 ``subprocess.Popen`` the launcher uses). They talk in JSON lines over the zygote's stdin and stdout:
 
@@ -39,7 +39,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from harness.worker import FAULT_ENV, RUN_DIR_ENV
+from optimem.harness.worker import FAULT_ENV, RUN_DIR_ENV
 
 RUNTIME_ENV = frozenset({FAULT_ENV, RUN_DIR_ENV})
 """Environment variables read only while a run runs, never at import: a run whose environment differs from
@@ -57,12 +57,12 @@ def preload_modules() -> list[str]:
     trackers; the model classes of the catalog's configs; every installed optimizer's module (from the
     registry: the module of each spec's class). ``pkg:Name`` means ``getattr(import(pkg), Name)`` (transformers'
     lazily imported model classes)."""
-    from estimators import REGISTRY
-    from estimators.catalog import catalog, resolve
+    from optimem.estimators import REGISTRY
+    from optimem.estimators.catalog import catalog, resolve
 
-    mods = ["torch", "transformers", "transformers.trainer", "accelerate", "harness.worker", "harness.scenario",
-            "harness.state_walker", "harness.trackers.phases", "harness.trackers.rss", "harness.trackers.cuda",
-            "harness.trackers.tensor_accounting", "harness.trackers.throughput", "harness.trackers.nvml"]
+    mods = ["torch", "transformers", "transformers.trainer", "accelerate", "optimem.harness.worker", "optimem.harness.scenario",
+            "optimem.harness.state_walker", "optimem.harness.trackers.phases", "optimem.harness.trackers.rss", "optimem.harness.trackers.cuda",
+            "optimem.harness.trackers.tensor_accounting", "optimem.harness.trackers.throughput", "optimem.harness.trackers.nvml"]
     for name in catalog():
         for arch in resolve(name).load().get("architectures") or []:
             if f"transformers:{arch}" not in mods:
@@ -96,7 +96,7 @@ def _send(out, event: dict) -> None:
 
 def _child(req: dict, ready_w: int, close_fds: list[int], zygote_pid: int) -> None:
     """In the forked run: its own session, dies with the zygote, the run's stdio, cwd and environment, then
-    ``harness.worker.main``. Never returns."""
+    ``optimem.harness.worker.main``. Never returns."""
     code = 1
     try:
         os.setsid()
@@ -128,13 +128,13 @@ def _child(req: dict, ready_w: int, close_fds: list[int], zygote_pid: int) -> No
         os.chdir(req["cwd"])
         os.environ.clear()
         os.environ.update(req["env"])
-        sys.argv = ["harness.worker", *req["argv"]]
-        from harness import worker
+        sys.argv = ["optimem.harness.worker", *req["argv"]]
+        from optimem.harness import worker
 
         code = worker.main(list(req["argv"]), parent_pid=zygote_pid) or 0  # os._exit()s once the result is written
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:  # noqa: BLE001 - as an uncaught exception in python -m harness.worker
+    except BaseException:  # noqa: BLE001 - as an uncaught exception in python -m optimem.harness.worker
         traceback.print_exc()
         code = 1
     finally:
@@ -147,7 +147,7 @@ def _child(req: dict, ready_w: int, close_fds: list[int], zygote_pid: int) -> No
 
 
 def serve() -> int:
-    """``python -m harness.zygote``: preload, report, then fork runs on request (see the module doc)."""
+    """``python -m optimem.harness.zygote``: preload, report, then fork runs on request (see the module doc)."""
     control = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # whatever the imports print goes to the zygote's log, not into the protocol
     requests = os.fdopen(os.dup(0), "rb", buffering=0)
@@ -160,7 +160,7 @@ def serve() -> int:
     t0 = time.perf_counter()
     done = []
     try:
-        from harness.worker import _quiet
+        from optimem.harness.worker import _quiet
 
         _quiet()
         for name in preload_modules():
@@ -301,10 +301,10 @@ class Zygote:
     def __init__(self, log_path: str | os.PathLike | None = None, command: list[str] | None = None):
         """``log_path``: where the zygote's own output goes (default: a temporary file, removed by
         :meth:`close`; its tail is in ``failure`` when the zygote could not start). ``command`` replaces
-        ``[python, -m, harness.zygote]``: tests stand in a zygote whose imports initialise CUDA."""
+        ``[python, -m, optimem.harness.zygote]``: tests stand in a zygote whose imports initialise CUDA."""
         self.log_path = Path(log_path) if log_path else None
         self._own_log = False
-        self.command = list(command) if command else [sys.executable, "-m", "harness.zygote"]
+        self.command = list(command) if command else [sys.executable, "-m", "optimem.harness.zygote"]
         self.failure: str | None = None
         self.refusal: str | None = None
         """Why the last :meth:`spawn` that returned None did (a failure, or an environment mismatch)."""
@@ -328,15 +328,15 @@ class Zygote:
 
     # ------------------------------------------------------------------------------------ starting
     def _exclusions_key(self, env: dict[str, str]):
-        from estimators import cache
-        from harness.env_facts import package_versions
+        from optimem.estimators import cache
+        from optimem.harness.env_facts import package_versions
 
         return cache.key("zygote", ZYGOTE_CACHE_VERSION, python=sys.version, executable=sys.executable,
                          packages=package_versions(), cuda_visible=env.get("CUDA_VISIBLE_DEVICES"),
                          nvidia=os.path.exists("/dev/nvidiactl"))
 
     def _start(self, env: dict[str, str], cwd: str) -> bool:
-        from estimators import cache
+        from optimem.estimators import cache
 
         ck = self._exclusions_key(env)
         excluded = list(cache.get(ck) or [])
@@ -454,13 +454,13 @@ class Zygote:
             return self._ensure(env, cwd)
 
     def spawn(self, argv: list[str], *, log: str | os.PathLike, env: dict[str, str], cwd: str) -> ForkedRun | None:
-        """Fork ``python -m harness.worker ARGV`` from the zygote (starting it first if needed); None when the
+        """Fork ``python -m optimem.harness.worker ARGV`` from the zygote (starting it first if needed); None when the
         run must start as a plain subprocess (see the class doc)."""
         with self._lock:
             if not self._ensure(env, cwd):
                 return None
             rid = self._next_id = self._next_id + 1
-            slot = self._pending[rid] = [threading.Event(), None, [sys.executable, "-m", "harness.worker", *argv]]
+            slot = self._pending[rid] = [threading.Event(), None, [sys.executable, "-m", "optimem.harness.worker", *argv]]
             request = {"op": "fork", "id": rid, "argv": list(argv), "log": str(log), "cwd": cwd, "env": env}
             try:
                 self._proc.stdin.write((json.dumps(request) + "\n").encode())

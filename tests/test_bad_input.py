@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import main
+from optimem.harness.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "results" / "cpu-amd-epyc-2026-11-23.jsonl"
@@ -139,7 +139,7 @@ def fz(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def no_runs(monkeypatch, fz):
     """A bad invocation never starts a worker; the default output folder is a scratch one."""
-    import harness.launcher as launcher
+    import optimem.harness.launcher as launcher
 
     def refuse(*a, **k):
         raise AssertionError("a run was started for a bad invocation")
@@ -462,7 +462,7 @@ def test_bad_invocation(fz, capsys, argv, code, needle):
 def test_huge_shapes_are_exact_not_wrapped():
     """No int64 wrap-around: a batch of 10**12 (and 10**20) gives activations exactly affine in the batch (batches
     from 2 are one polynomial; a batch of one copies less: its own)."""
-    from estimators import estimate
+    from optimem.estimators import estimate
 
     def acts(b: int) -> int:
         return estimate("tiny-llama", "adamw_torch", batch_size=b, seq_len=512).bytes["activations"]
@@ -485,7 +485,7 @@ def test_huge_shapes_are_exact_not_wrapped():
 
 
 def test_limits_are_not_tighter_than_transformers():
-    from estimators import estimate
+    from optimem.estimators import estimate
 
     assert estimate("tiny-gpt2", "adamw_torch", seq_len=512).bytes["peak"] > 0  # exactly n_positions
     assert estimate("tiny-llama", "adamw_torch", seq_len=4096).bytes["peak"] > 0  # rotary: past max_position
@@ -497,7 +497,7 @@ def test_config_check_reads_data_only(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from estimators.model_check import check_model_config as c; c('tiny-llama'); c('gpt2'); "
+    code = ("import sys; from optimem.estimators.model_check import check_model_config as c; c('tiny-llama'); c('gpt2'); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
@@ -509,7 +509,7 @@ def _skipped_run_args(out: Path) -> list[str]:
 
 
 def test_a_finished_run_is_kept_when_its_out_fails(tmp_path, capsys, monkeypatch):
-    import harness.record as record
+    import optimem.harness.record as record
 
     monkeypatch.chdir(tmp_path)
 
@@ -529,7 +529,7 @@ def test_a_finished_run_is_kept_when_its_out_fails(tmp_path, capsys, monkeypatch
 
 
 def test_a_sweep_keeps_its_records_when_its_out_fails(tmp_path, capsys, monkeypatch):
-    import harness.record as record
+    import optimem.harness.record as record
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(record, "append_record", lambda *a, **k: (_ for _ in ()).throw(OSError(5, "I/O error")))
@@ -542,7 +542,7 @@ def test_a_sweep_keeps_its_records_when_its_out_fails(tmp_path, capsys, monkeypa
 
 
 def test_a_second_sweep_on_one_file_says_so_and_stops(tmp_path, capsys):
-    from harness.record import LOCK_SUFFIX, lock_results
+    from optimem.harness.record import LOCK_SUFFIX, lock_results
 
     out = tmp_path / "runs.jsonl"
     argv = ["sweep", "--optim", "adalomo", "--device", "cpu", "--shape", "1x8", "--progress", "none",
@@ -559,7 +559,7 @@ def test_a_second_sweep_on_one_file_says_so_and_stops(tmp_path, capsys):
 
 
 def test_readers_say_what_they_skipped_in_one_line(tmp_path, capsys):
-    from harness.record import ReadReport, read_records
+    from optimem.harness.record import ReadReport, read_records
 
     good = RECORDS.read_text().splitlines()[0]
     future = json.loads(good)
@@ -578,7 +578,7 @@ def test_readers_say_what_they_skipped_in_one_line(tmp_path, capsys):
 
 
 def test_an_internal_error_is_one_line_unless_debugging(capsys, monkeypatch):
-    import harness.commands.optims as optims
+    import optimem.harness.commands.optims as optims
 
     def boom(args):
         raise RuntimeError("boom\nsecond line")
@@ -603,17 +603,17 @@ def test_a_killed_launcher_leaves_no_temp_folder(tmp_path):
     import sys
     import time
 
-    from harness.run_config import RunConfig
-    from harness.worker import PARENT_DEATH_SIGNAL, RUN_DIR_PREFIX
+    from optimem.harness.run_config import RunConfig
+    from optimem.harness.worker import PARENT_DEATH_SIGNAL, RUN_DIR_PREFIX
 
-    # a launcher as small as can be: the run folder, the job, the worker (as harness.launcher starts it)
+    # a launcher as small as can be: the run folder, the job, the worker (as optimem.harness.launcher starts it)
     code = f"""
 import json, os, subprocess, sys, tempfile
 d = tempfile.mkdtemp(prefix={RUN_DIR_PREFIX!r}, dir={str(tmp_path)!r})
 job = os.path.join(d, "job.json")
 json.dump({{"config": {json.dumps(RunConfig(optim="adamw_torch", device="cpu").to_dict())!r}, "fault": "hang@model_load",
            "parent_pid": os.getpid()}}, open(job, "w"))
-p = subprocess.Popen([sys.executable, "-m", "harness.worker", job, os.path.join(d, "result.json")],
+p = subprocess.Popen([sys.executable, "-m", "optimem.harness.worker", job, os.path.join(d, "result.json")],
                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 print(p.pid, flush=True)
 p.wait()

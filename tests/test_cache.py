@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from estimators import cache, estimate
-from estimators.estimate import _matched, _phase_model
-from estimators.peak import forget_traces
-from estimators.inventory import _inventory_cached, build_inventory
+from optimem.estimators import cache, estimate
+from optimem.estimators.estimate import _matched, _phase_model
+from optimem.estimators.peak import forget_traces
+from optimem.estimators.inventory import _inventory_cached, build_inventory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ def test_inventory_and_estimates_from_cache_equal_rebuilt_ones(fresh, monkeypatc
     for f in (_inventory_cached, _phase_model, _matched):
         f.cache_clear()
     forget_traces()
-    import estimators.inventory as inventory_module
+    import optimem.estimators.inventory as inventory_module
 
     def no_model(*a, **k):
         raise AssertionError("the inventory was rebuilt instead of read from the cache")
@@ -160,7 +160,7 @@ def test_warm_cli_imports_neither_torch_nor_transformers(fresh):
     runs = [["estimate", "--model", "meta-llama/Meta-Llama-3-8B", "--optim", "adamw_torch"],
             ["estimate", "--model", "gpt2", "--optim", "all", "--optim-target-modules", r".*attn.*", "--json"],
             ["plan", "--model", "Qwen/Qwen2.5-0.5B", "--gpus", "l4,h100", "--no-calibrate"]]
-    code = ("import contextlib, io, json, sys\nfrom harness.cli import main\nouts = []\n"
+    code = ("import contextlib, io, json, sys\nfrom optimem.harness.cli import main\nouts = []\n"
             f"for argv in {runs!r}:\n"
             "    buf = io.StringIO()\n"
             "    with contextlib.redirect_stdout(buf):\n"
@@ -176,7 +176,7 @@ def test_warm_cli_imports_neither_torch_nor_transformers(fresh):
 
 
 def test_no_cache_flag_neither_reads_nor_writes(fresh, monkeypatch, capsys):
-    from harness.cli import main
+    from optimem.harness.cli import main
 
     monkeypatch.setenv(cache.ENV_OFF, "0")  # restored after the test: --no-cache sets it for the process
     argv = ["estimate", "--model", "tiny-llama", "--optim", "adafactor", "--json"]

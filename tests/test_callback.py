@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from estimators import estimate
-from estimators.catalog import resolve
-from harness.callback import MemoryCallback
-from harness.record import read_records, validate
+from optimem.estimators import estimate
+from optimem.estimators.catalog import resolve
+from optimem.harness.callback import MemoryCallback
+from optimem.harness.record import read_records, validate
 
 SEQ = 32
 
@@ -19,7 +19,7 @@ SEQ = 32
 def _trainer(tmp_path, *, steps: int, batch: int = 2, accum: int = 1, seq: int = SEQ, model=None):
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
 
-    from harness.scenario import SyntheticTokens
+    from optimem.harness.scenario import SyntheticTokens
 
     torch.manual_seed(0)
     if model is None:
@@ -33,7 +33,7 @@ def _trainer(tmp_path, *, steps: int, batch: int = 2, accum: int = 1, seq: int =
 
 
 def test_callback_in_a_real_trainer_writes_a_record_bench_plot_draws(tmp_path, capsys):
-    from harness.cli import main
+    from optimem.harness.cli import main
 
     trainer, args = _trainer(tmp_path, steps=5, accum=2)
     lines: list[str] = []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from estimators import build_inventory, catalog, estimate
+from optimem.estimators import build_inventory, catalog, estimate
 
 SOURCES = json.loads((Path(__file__).resolve().parents[1] / "estimators/configs/sources.json").read_text())
 MODELS = [name for name in SOURCES if not name.startswith("_")]

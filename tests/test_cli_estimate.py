@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from estimators import REGISTRY, estimate
-from harness.cli import main
+from optimem.estimators import REGISTRY, estimate
+from optimem.harness.cli import main
 
 
 def run(capsys, *argv):
@@ -97,7 +97,7 @@ class _no_raise:
 def test_subprocess_bad_config_no_traceback(tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text('{"architectures": ["Foo"]}')
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "estimate", "--model", str(bad), "--optim", "sgd"],
+    proc = subprocess.run([sys.executable, "-m", "optimem.harness.cli", "estimate", "--model", str(bad), "--optim", "sgd"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import COMMITTED_RESULTS
-from harness.cli import main
-from harness.compare import Tolerances, compare_records, mann_whitney_greater
-from harness.grid import config_label
-from harness.results import load_records
+from optimem.harness.cli import main
+from optimem.harness.compare import Tolerances, compare_records, mann_whitney_greater
+from optimem.harness.grid import config_label
+from optimem.harness.results import load_records
 
 
 

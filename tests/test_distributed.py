@@ -15,11 +15,11 @@ import os
 
 import pytest
 
-from estimators import planner as P
-from harness import distributed as D
-from harness.launcher import execute
-from harness.record import validate
-from harness.run_config import RunConfig
+from optimem.estimators import planner as P
+from optimem.harness import distributed as D
+from optimem.harness.launcher import execute
+from optimem.harness.record import validate
+from optimem.harness.run_config import RunConfig
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed (pip install deepspeed)")

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from estimators import REGISTRY, UserError, build_inventory, estimate, names
-from estimators.optimizers import parse_optim_args
+from optimem.estimators import REGISTRY, UserError, build_inventory, estimate, names
+from optimem.estimators.optimizers import parse_optim_args
 
 
 def test_bytes_keys_and_json():

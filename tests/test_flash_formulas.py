@@ -20,12 +20,12 @@ import torch
 flashoptim = pytest.importorskip("flashoptim")
 import flashoptim.optimizers as fo  # noqa: E402
 
-from estimators import UserError, estimate, get_spec  # noqa: E402
-from estimators.inventory import ParamRow, build_inventory  # noqa: E402
-from estimators.optimizers import ParamCtx, parse_optim_args  # noqa: E402
-from estimators.optimizers.flash import SPECS  # noqa: E402
-from harness.scenario import RunConfig, build_trainer, flash_optimizer_cls_and_kwargs  # noqa: E402
-from harness.state_walker import measure_optimizer_state  # noqa: E402
+from optimem.estimators import UserError, estimate, get_spec  # noqa: E402
+from optimem.estimators.inventory import ParamRow, build_inventory  # noqa: E402
+from optimem.estimators.optimizers import ParamCtx, parse_optim_args  # noqa: E402
+from optimem.estimators.optimizers.flash import SPECS  # noqa: E402
+from optimem.harness.scenario import RunConfig, build_trainer, flash_optimizer_cls_and_kwargs  # noqa: E402
+from optimem.harness.state_walker import measure_optimizer_state  # noqa: E402
 
 FLASH = [s.name for s in SPECS]
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -246,7 +246,7 @@ def test_defaults_need_cuda():
 def test_real_trainer_run_on_cpu(name, dtype, extra):
     """Without CUDA FlashOptim runs its unfused PyTorch path when quantize, master weights and fusion are off:
     a real Trainer run through the harness (scenario's optimizer_cls_and_kwargs) matches exactly."""
-    from harness.state_check import compare_state
+    from optimem.harness.state_check import compare_state
 
     cmp = compare_state(RunConfig(optim=name, model="tiny-llama", dtype=dtype, device="cpu",
                                   optim_args="quantize=False,master_weight_bits=None,fused=False" + extra))

@@ -21,8 +21,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from estimators import REGISTRY
-from harness.scenario import RunConfig
+from optimem.estimators import REGISTRY
+from optimem.harness.scenario import RunConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -90,7 +90,7 @@ def _config(name: str, dtype: str, optim_args: str | None, model: str = MODEL) -
 
 
 def _check(cfg: RunConfig):
-    from harness.state_check import compare_state
+    from optimem.harness.state_check import compare_state
 
     cmp = compare_state(cfg)
     # rel_error is 0 when both are 0 (flash_sgd on fp32 with master_weight_bits=None keeps no state at all)
@@ -106,7 +106,7 @@ def test_gpu_only_state_exact(name, dtype, optim_args):
         pytest.skip(f"{spec.package} is not installed")
     cfg = _config(name, dtype, optim_args)
     if name in RAISES_IN_TRAINER:
-        from harness.state_check import compare_state
+        from optimem.harness.state_check import compare_state
 
         exc, match = RAISES_IN_TRAINER[name]
         with pytest.raises(exc, match=match):
@@ -129,8 +129,8 @@ def test_flash_variants_exact(name, dtype, optim_args):
 def test_flash_fp32_default_raises_like_the_estimate(name):
     """FlashOptim's default master_weight_bits=24 with all-fp32 parameters: the real Trainer run raises
     ValueError in the constructor, and estimate() raises UserError."""
-    from estimators import UserError, estimate
-    from harness.state_check import compare_state
+    from optimem.estimators import UserError, estimate
+    from optimem.harness.state_check import compare_state
 
     if not REGISTRY[name].installed():
         pytest.skip("flashoptim not installed")

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from estimators import REGISTRY, get_spec
-from harness.cli import main
-from harness.launcher import execute
-from harness.record import read_records, validate
-from harness.scenario import RunConfig
-from harness.worker import is_oom
+from optimem.estimators import REGISTRY, get_spec
+from optimem.harness.cli import main
+from optimem.harness.launcher import execute
+from optimem.harness.record import read_records, validate
+from optimem.harness.scenario import RunConfig
+from optimem.harness.worker import is_oom
 
 
 def bench(capsys, *argv):

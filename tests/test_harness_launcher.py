@@ -13,10 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness.cli import main
-from harness.launcher import run_isolated
-from harness.record import read_records, validate
-from harness.scenario import RunConfig
+from optimem.harness.cli import main
+from optimem.harness.launcher import run_isolated
+from optimem.harness.record import read_records, validate
+from optimem.harness.scenario import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def test_worker_killed_by_sigkill_counts_as_oom():
 def _start_bench(out_file: Path) -> subprocess.Popen:
     env = dict(os.environ, OPTIMEM_FAULT="hang@step0.forward",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    return subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--optim", "sgd", "--steps", "2",
+    return subprocess.Popen([sys.executable, "-m", "optimem.harness.cli", "run", "--optim", "sgd", "--steps", "2",
                              "--warmup", "1", "--out", str(out_file)], cwd=str(ROOT), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -138,7 +138,7 @@ def _wait_for_worker(proc: subprocess.Popen, timeout: float = 120.0) -> psutil.P
         assert proc.poll() is None, proc.communicate()
         for child in psutil.Process(proc.pid).children(recursive=True):
             try:
-                if "harness.worker" in " ".join(child.cmdline()):
+                if "optimem.harness.worker" in " ".join(child.cmdline()):
                     time.sleep(1.0)
                     return child
             except psutil.Error:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from estimators import REGISTRY
-from harness.launcher import execute
-from harness.record import validate
-from harness.scenario import RunConfig
-from harness.trackers.phases import PHASE_ORDER
+from optimem.estimators import REGISTRY
+from optimem.harness.launcher import execute
+from optimem.harness.record import validate
+from optimem.harness.scenario import RunConfig
+from optimem.harness.trackers.phases import PHASE_ORDER
 
 CPU_OPTIMIZERS = [s for s in REGISTRY.values() if s.availability == "ok" and s.runs_on_cpu]
 TOLERANCE = 0.005

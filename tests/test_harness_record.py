@@ -12,10 +12,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from harness import record as rec
-from harness.env_facts import collect_env
-from harness.record import SCHEMA_VERSION, append_record, build_record, read_records, validate
-from harness.scenario import RunConfig
+from optimem.harness import record as rec
+from optimem.harness.env_facts import collect_env
+from optimem.harness.record import SCHEMA_VERSION, append_record, build_record, read_records, validate
+from optimem.harness.scenario import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,7 +114,7 @@ def test_concurrent_writers_never_interleave(tmp_path):
     path = tmp_path / "runs.jsonl"
     code = (
         "import sys; sys.path.insert(0, %r)\n"
-        "from harness.record import append_record, build_record\n"
+        "from optimem.harness.record import append_record, build_record\n"
         "r = build_record(config={'optim': 'x', 'pad': 'y' * 20000}, status='error', reason='r', measured=None,"
         " predicted=None, env={})\n"
         "for _ in range(25):\n"

@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from harness.trackers.phases import PhaseRecorder
-from harness.trackers.rss import RssTracker
-from harness.trackers.tensor_accounting import CATEGORIES, TensorAccountant
-from harness.trackers.throughput import ThroughputTracker, peak_flops, summarize, training_flops_per_token
+from optimem.harness.trackers.phases import PhaseRecorder
+from optimem.harness.trackers.rss import RssTracker
+from optimem.harness.trackers.tensor_accounting import CATEGORIES, TensorAccountant
+from optimem.harness.trackers.throughput import ThroughputTracker, peak_flops, summarize, training_flops_per_token
 
 KB = 4096  # bytes of 1024 fp32 elements
 
@@ -187,7 +187,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_allocator_tracker_per_phase():
-    from harness.trackers.cuda import CudaAllocatorTracker
+    from optimem.harness.trackers.cuda import CudaAllocatorTracker
 
     tr = CudaAllocatorTracker(0)
     tr.start_phase("a")
@@ -206,7 +206,7 @@ def test_cuda_allocator_tracker_per_phase():
 @pytest.mark.gpu
 @needs_cuda
 def test_nvml_sampler_sees_the_context_and_a_peak():
-    from harness.trackers.nvml import NvmlSampler, nvml_available
+    from optimem.harness.trackers.nvml import NvmlSampler, nvml_available
 
     if not nvml_available():
         pytest.skip("NVML not available")
@@ -226,9 +226,9 @@ def test_nvml_sampler_sees_the_context_and_a_peak():
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_run_end_to_end():
-    from harness.launcher import execute
-    from harness.record import validate
-    from harness.scenario import RunConfig
+    from optimem.harness.launcher import execute
+    from optimem.harness.record import validate
+    from optimem.harness.scenario import RunConfig
 
     record = execute(RunConfig(optim="adamw_torch", device="cuda", steps=3, warmup=1), timeout_s=600)
     validate(record)
@@ -250,7 +250,7 @@ def test_nvml_sampler_logic_with_a_fake_driver(monkeypatch):
     """The sampler's baseline / context / per-phase peak arithmetic, on any machine (a stand-in NVML)."""
     import pynvml
 
-    from harness.trackers import nvml as nv
+    from optimem.harness.trackers import nvml as nv
 
     used = {"v": 1000}
 
@@ -283,7 +283,7 @@ def test_nvml_sampler_logic_with_a_fake_driver(monkeypatch):
 
 def test_cuda_tracker_logic_with_a_fake_allocator(monkeypatch):
     """Per-phase deltas and run totals of the allocator tracker, on any machine (stand-in torch.cuda calls)."""
-    from harness.trackers import cuda as cu
+    from optimem.harness.trackers import cuda as cu
 
     stats = {"num_alloc_retries": 2, "num_ooms": 0, "active_bytes.all.peak": 0}
     alloc = {"max": 0, "cur": 0}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from estimators import estimate
-from estimators.catalog import resolve
-from estimators.errors import UserError
+from optimem.estimators import estimate
+from optimem.estimators.catalog import resolve
+from optimem.estimators.errors import UserError
 from hub_fake import FakeHub, lay_out_cache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ def hub_env(tmp_path):
     fresh process would; everything is restored afterwards."""
     import huggingface_hub.constants as constants
 
-    from estimators import hub
+    from optimem.estimators import hub
 
     saved = {k: os.environ.get(k) for k in HUB_ENV}
 
@@ -198,7 +198,7 @@ def test_cli_hub_id_online_then_offline(hub_env, fake_hub, tmp_path, capsys):
     """`bench estimate --model org/name --revision R` downloads config.json from HF_ENDPOINT once; then, in a fresh
     process with the real environment variables, `HF_HUB_OFFLINE=1 bench estimate ...` answers from that cache
     without a request; a revision the cache lacks is one line and exit 2."""
-    from harness.cli import main
+    from optimem.harness.cli import main
 
     repo = fake_hub.repo("some-org/some-model")
     repo.add("main", TINY)
@@ -211,7 +211,7 @@ def test_cli_hub_id_online_then_offline(hub_env, fake_hub, tmp_path, capsys):
     env = {**{k: v for k, v in os.environ.items() if k not in HUB_ENV}, "PYTHONPATH": str(ROOT),
            "HF_HOME": os.environ["HF_HOME"], "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
            "HF_HUB_DISABLE_TELEMETRY": "1"}
-    offline = subprocess.run([sys.executable, "-m", "harness.cli", "estimate", "--model", "some-org/some-model@v2",
+    offline = subprocess.run([sys.executable, "-m", "optimem.harness.cli", "estimate", "--model", "some-org/some-model@v2",
                               "--optim", "sgd", "--json"], capture_output=True, text=True, env=env, cwd=ROOT,
                              timeout=240)
     assert offline.returncode == 0, offline.stderr
@@ -228,7 +228,7 @@ def test_cli_hub_id_online_then_offline(hub_env, fake_hub, tmp_path, capsys):
 
 
 def test_revision_flag_needs_a_hub_id(capsys):
-    from harness.cli import main
+    from optimem.harness.cli import main
 
     assert main(["estimate", "--model", "tiny-llama", "--revision", "v1", "--optim", "sgd"]) == 2
     err = capsys.readouterr().err

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from estimators import UserError, build_inventory, catalog, resolve
+from optimem.estimators import UserError, build_inventory, catalog, resolve
 
 # Published parameter counts (model cards / the models' own num_parameters()).
 PUBLISHED = {

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from estimators.errors import UserError
-from estimators.setup import CLI, TrainingSetup
+from optimem.estimators.errors import UserError
+from optimem.estimators.setup import CLI, TrainingSetup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def test_estimators_import_nothing_from_the_harness():
 def test_every_setup_field_has_one_flag_and_a_record_form():
     from dataclasses import fields
 
-    from harness.run_config import RunConfig
+    from optimem.harness.run_config import RunConfig
 
     assert [f.name for f in fields(TrainingSetup)] == list(CLI)
     cfg = RunConfig(optim="galore_adamw", optim_target_modules=["q_proj", "v_proj"], optim_args="rank=8",
@@ -45,12 +45,12 @@ def test_every_setup_field_has_one_flag_and_a_record_form():
 
 
 def test_the_cli_and_the_api_build_the_same_setup():
-    from harness.cli import build_parser
-    from harness.commands.setup_args import setup_kwargs
+    from optimem.harness.cli import build_parser
+    from optimem.harness.commands.setup_args import setup_kwargs
 
     args = build_parser().parse_args(["run", "--optim", "ADAMW_TORCH", "--bf16", "--batch-size", "3",
                                       "--gradient-checkpointing", "--freeze", "lm_head"])
-    from harness.commands.run import config_from_args
+    from optimem.harness.commands.run import config_from_args
 
     cfg = config_from_args(args)
     assert cfg.setup() == TrainingSetup(optim="adamw_torch", mixed_precision="bf16", batch_size=3, seq_len=64,
@@ -73,7 +73,7 @@ def test_the_cli_and_the_api_build_the_same_setup():
 def test_one_validation_refuses_in_one_line(kw, needle):
     """Field values are checked when the setup is built; what the Trainer refuses, by check_trainable() (the
     estimator and the harness call it first). Either way: one line naming the field."""
-    from estimators.setup import SetupError
+    from optimem.estimators.setup import SetupError
 
     with pytest.raises(SetupError, match=needle) as err:
         TrainingSetup(**kw).check_trainable()

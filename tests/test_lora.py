@@ -18,16 +18,16 @@ from dataclasses import replace
 
 import pytest
 
-from estimators import UserError, estimate
-from estimators.adapters import LoraSpec
-from estimators.setup import SetupError, TrainingSetup
+from optimem.estimators import UserError, estimate
+from optimem.estimators.adapters import LoraSpec
+from optimem.estimators.setup import SetupError, TrainingSetup
 
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
-from estimators.peft_model import adapter_inventory  # noqa: E402
-from harness.state_check import weight_storage_bytes  # noqa: E402
-from harness.validate_peft import ATTENTION, MODELS as ARCHS  # noqa: E402  (attention-only targets: regexes)
+from optimem.estimators.peft_model import adapter_inventory  # noqa: E402
+from optimem.harness.state_check import weight_storage_bytes  # noqa: E402
+from optimem.harness.validate_peft import ATTENTION, MODELS as ARCHS  # noqa: E402  (attention-only targets: regexes)
 
 
 # ------------------------------------------------------------------------------------------------ setup fields
@@ -79,7 +79,7 @@ def test_setup_refuses_meaningless_combinations(fields, field, needle):
 
 
 def test_quantized_setup_defaults_and_records_round_trip():
-    from harness.run_config import RunConfig
+    from optimem.harness.run_config import RunConfig
 
     s = TrainingSetup(lora="r=16,alpha=32,target=all-linear", quantize="NF4", double_quant=True,
                       quant_compute_dtype="bfloat16")
@@ -99,8 +99,8 @@ def test_quantized_setup_defaults_and_records_round_trip():
 
 
 def test_grid_axes_keep_lora_values_whole_and_keys_stay_for_full_fine_tunes():
-    from harness.grid import config_key, grid_from_mapping
-    from harness.run_config import RunConfig
+    from optimem.harness.grid import config_key, grid_from_mapping
+    from optimem.harness.run_config import RunConfig
 
     grid = grid_from_mapping({"optim": "adamw_torch", "lora": ["none", "r=8,target=all-linear",
                                                                "r=64,target=[q_proj,v_proj],dora=true"]})
@@ -114,7 +114,7 @@ def test_grid_axes_keep_lora_values_whole_and_keys_stay_for_full_fine_tunes():
 
 
 def test_cli_bad_lora_is_one_line_exit_2(capsys):
-    from harness.cli import main
+    from optimem.harness.cli import main
 
     assert main(["estimate", "--optim", "adamw_torch", "--lora", "r=8,target=q_proj,v_proj"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -131,8 +131,8 @@ def _peft_counts(model: str, r: int, target, dora: bool) -> tuple[int, int]:
     """peft's own count, from a peft model built here with peft's API on the meta device."""
     from peft import LoraConfig, get_peft_model
 
-    from estimators.catalog import resolve
-    from estimators.inventory import instantiate
+    from optimem.estimators.catalog import resolve
+    from optimem.estimators.inventory import instantiate
 
     base = instantiate(resolve(model), device="meta")
     task = "SEQ_2_SEQ_LM" if base.config.is_encoder_decoder else "CAUSAL_LM"
@@ -164,9 +164,9 @@ def test_modules_to_save_and_bias_train_what_peft_trains():
                  "r=8,target=[q_proj,v_proj],bias=lora_only"):
         from peft import get_peft_model
 
-        from estimators.catalog import resolve
-        from estimators.inventory import instantiate
-        from estimators.peft_model import lora_config
+        from optimem.estimators.catalog import resolve
+        from optimem.estimators.inventory import instantiate
+        from optimem.estimators.peft_model import lora_config
 
         setup = TrainingSetup(model="tiny-qwen2", lora=spec)
         base = instantiate(resolve("tiny-qwen2"), device="meta")
@@ -187,9 +187,9 @@ def test_quantized_weights_equal_the_loaded_models_storage(model, quant, double,
     bitsandbytes really load on the CPU; trainable counts equal peft's on that real model."""
     import torch
 
-    from estimators.catalog import resolve
-    from estimators.inventory import instantiate
-    from estimators.peft_model import build_training_model
+    from optimem.estimators.catalog import resolve
+    from optimem.estimators.inventory import instantiate
+    from optimem.estimators.peft_model import build_training_model
 
     setup = TrainingSetup(model=model, dtype=dtype, lora="r=8,target=all-linear,dora=true", quantize=quant,
                           double_quant=double, prepare_kbit=prepare)
@@ -238,9 +238,9 @@ def test_a_users_qlora_model_object_is_a_qlora_setup():
     says LoRA and nf4, the weights are that object's storage, and the peak is traced like any QLoRA setup's."""
     import torch
 
-    from estimators.catalog import resolve
-    from estimators.inventory import instantiate
-    from estimators.peft_model import build_training_model
+    from optimem.estimators.catalog import resolve
+    from optimem.estimators.inventory import instantiate
+    from optimem.estimators.peft_model import build_training_model
 
     setup = TrainingSetup(model="tiny-llama", lora="r=8,alpha=16,target=all-linear", quantize="nf4",
                           double_quant=True, quant_compute_dtype="bf16")

@@ -2,13 +2,13 @@
 
 The registry's formulas take the inventory's trainable rows; for a peft model those are the adapters (and what
 ``modules_to_save`` / ``bias`` train), so the optimizer state over the adapters comes out of the registry
-unchanged. Each case trains the peft model ``bench run`` trains (2 steps, ``harness.state_check``), walks every
+unchanged. Each case trains the peft model ``bench run`` trains (2 steps, ``optimem.harness.state_check``), walks every
 tensor the optimizer keeps and compares with ``estimate()``. bitsandbytes' CPU backend runs 4-bit and 8-bit
 layers forward and backward, so QLoRA runs are here too: ``from_pretrained(..., BitsAndBytesConfig(...))`` on the
 CPU, ``prepare_model_for_kbit_training``, ``get_peft_model``, the Trainer.
 
 Four architectures x adamw_torch / adamw_bnb_8bit / adafactor / lomo, the adapter settings (r 8/64,
-all-linear / attention-only, with / without DoRA) rotated over the cases; ``python -m harness.validate_peft``
+all-linear / attention-only, with / without DoRA) rotated over the cases; ``python -m optimem.harness.validate_peft``
 runs the whole product (results/peft_exact_cpu.md).
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
-from harness.compat import prepare_run  # noqa: E402
-from harness.scenario import RunConfig  # noqa: E402
-from harness.state_check import compare_state  # noqa: E402
-from harness.validate_peft import ATTENTION, MODELS as ARCHS  # noqa: E402
+from optimem.harness.compat import prepare_run  # noqa: E402
+from optimem.harness.scenario import RunConfig  # noqa: E402
+from optimem.harness.state_check import compare_state  # noqa: E402
+from optimem.harness.validate_peft import ATTENTION, MODELS as ARCHS  # noqa: E402
 
 OPTIMS = ("adamw_torch", "adamw_bnb_8bit", "adafactor", "lomo")
 ADAPTERS = [(8, "all-linear", False), (64, "attention", True), (8, "attention", False), (64, "all-linear", True)]
@@ -63,8 +63,8 @@ def test_bench_run_records_exact_weights_gradients_and_state():
     """``bench run``'s record of a QLoRA run (the launcher in this process): measured weights (with the
     quantization state), the gradients held at the optimizer step and the optimizer state equal the
     prediction beside them; the predicted whole-step peak is within 1% of the tensor accountant's (the exact
-    comparison, phase by phase, is harness.validate's LoRA/QLoRA matrix and tests/test_lora_peak.py)."""
-    from harness.launcher import execute
+    comparison, phase by phase, is optimem.harness.validate's LoRA/QLoRA matrix and tests/test_lora_peak.py)."""
+    from optimem.harness.launcher import execute
 
     cfg = RunConfig(model="tiny-qwen2", optim="adamw_torch", lora="r=8,alpha=16,target=all-linear",
                     quantize="nf4", double_quant=True, batch_size=2, seq_len=16, steps=2, warmup=1, device="cpu")
@@ -80,9 +80,9 @@ def test_bench_run_records_exact_weights_gradients_and_state():
 
 
 def test_dora_on_int8_is_skipped_on_cpu_with_the_reason():
-    """peft's DoRA on LLM.int8 layers fails on the CPU at the second step (see estimators.peft_model.
+    """peft's DoRA on LLM.int8 layers fails on the CPU at the second step (see optimem.estimators.peft_model.
     cpu_run_limit): the run is recorded as skipped with that reason; the estimate stands (it is for CUDA)."""
-    from harness.launcher import skip_reason
+    from optimem.harness.launcher import skip_reason
 
     cfg = RunConfig(model="tiny-llama", optim="adamw_torch", lora="r=8,target=all-linear,dora=true",
                     quantize="int8", device="cpu")

@@ -2,7 +2,7 @@
 against real Trainer runs on the CPU, the estimate and the planner.
 
 The full matrix (4 architectures x plain / nf4 / int8 bases x 3 optimizers x checkpointing, bf16, DoRA) is
-``python -m harness.validate --peft`` (results/peak_error_cpu.md); here a few cases of it, tight.
+``python -m optimem.harness.validate --peft`` (results/peak_error_cpu.md); here a few cases of it, tight.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
-from estimators import estimate  # noqa: E402
-from estimators import planner as P  # noqa: E402
-from harness.cli import main  # noqa: E402
-from harness.validate import PEFT_LORA, Case, run_case  # noqa: E402
+from optimem.estimators import estimate  # noqa: E402
+from optimem.estimators import planner as P  # noqa: E402
+from optimem.harness.cli import main  # noqa: E402
+from optimem.harness.validate import PEFT_LORA, Case, run_case  # noqa: E402
 
 TIGHT = 5e-4
 """Relative error allowed per phase here (the matrix's bar is 1% / 2%; these cases come out within bytes)."""
@@ -70,8 +70,8 @@ def test_cuda_rule_books_the_dequantized_weight_of_a_4bit_matmul():
     matmul; the CPU op is one opaque kernel: the CUDA trace books those transients, the CPU trace does not."""
     import torch
 
-    from estimators.trace.cuda_rules import kernels_of
-    from estimators.trace.tensor import Recorder, TraceMode, from_meta, set_recorder
+    from optimem.estimators.trace.cuda_rules import kernels_of
+    from optimem.estimators.trace.tensor import Recorder, TraceMode, from_meta, set_recorder
 
     n, k, m = 96, 64, 10
     blocks = n * k // 64

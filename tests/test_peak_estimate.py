@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from estimators import UserError, estimate
-from estimators.inventory import build_inventory
+from optimem.estimators import UserError, estimate
+from optimem.estimators.inventory import build_inventory
 
 PHASES = ("step0.forward", "step0.backward", "step0.optimizer_step", "steady.forward", "steady.backward",
           "steady.optimizer_step")
@@ -112,7 +112,7 @@ def test_layerwise_refuses_accumulation():
 
 def test_every_model_family_device_and_optimizer_estimates():
     """Smoke test over the catalog's families, both devices, precisions, checkpointing, attention."""
-    from estimators import REGISTRY, names
+    from optimem.estimators import REGISTRY, names
 
     settings = ((False, "fp32", None, "sdpa"), (True, "bf16", None, "sdpa"), (False, "fp32", "bf16", "eager"),
                 (True, "fp32", "bf16", "sdpa"))  # every checkpointing x precision x attention value at least once
@@ -163,7 +163,7 @@ def test_cuda_terms_reported_separately():
 
 
 def test_rounding_is_exact_for_persistent_tensors():
-    from estimators.cuda_overhead import persistent_rounding, round_up
+    from optimem.estimators.cuda_overhead import persistent_rounding, round_up
 
     inv = build_inventory("tiny-llama")
     pr = persistent_rounding(inv, (4, 1000, 1024))
@@ -173,8 +173,8 @@ def test_rounding_is_exact_for_persistent_tensors():
 
 def test_calibration_from_records(tmp_path, monkeypatch):
     """Synthetic CUDA records: the fit recovers the workspace, reserve fraction and context."""
-    import estimators.cuda_overhead as co
-    from harness.calibrate import calibrate
+    import optimem.estimators.cuda_overhead as co
+    from optimem.harness.calibrate import calibrate
 
     cfg = {"optim": "adamw_torch", "model": "tiny-llama", "dtype": "fp32", "mixed_precision": None, "batch_size": 2,
            "seq_len": 64, "grad_accum": 1, "gradient_checkpointing": False, "optim_args": None,
@@ -203,7 +203,7 @@ def test_calibration_from_records(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------- CLI
 def run_cli(capsys, *argv):
-    from harness.cli import main
+    from optimem.harness.cli import main
 
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -237,7 +237,7 @@ def test_cli_bad_grad_accum_one_line(capsys):
 
 
 def test_error_table_renders():
-    from harness.validate import Case, Result, render
+    from optimem.harness.validate import Case, Result, render
 
     ok = Result(Case("tiny-llama", "adamw_torch", 2, 64, True), "ok", 1000, 1010,
                 {"step0.forward": (500, 495), "steady.backward": (1000, 1010)})
@@ -245,7 +245,7 @@ def test_error_table_renders():
     err = Result(Case("tiny-gpt2", "sgd", 2, 64, False), "error", reason="boom")
     facts = {"cpu": "CPU", "cpu_count": 2, "python": "3", "torch": "t", "transformers": "x", "platform": "p",
              "git_commit": "abc", "git_dirty": False}
-    table = render([ok, bad, err], facts, "python -m harness.validate", 1.0)
+    table = render([ok, bad, err], facts, "python -m optimem.harness.validate", 1.0)
     assert "**1 of 3 cases within tolerance** (2 ran)" in table
     assert "| peak | 5.5000% | +10.0000% | +100 | 2 |" in table
     assert "tiny-t5 lomo 4x128 bf16" in table and "(out of tolerance)" in table and "boom" in table
@@ -253,7 +253,7 @@ def test_error_table_renders():
 
 def test_estimate_for_run_config():
     """A run configuration is a training setup: the estimator takes it as it is."""
-    from harness.scenario import RunConfig
+    from optimem.harness.scenario import RunConfig
 
     cfg = RunConfig(optim="galore_adamw", model="tiny-t5", dtype="bf16", batch_size=3, seq_len=40, grad_accum=2,
                     gradient_checkpointing=True, optim_target_modules="all-linear", device="cpu")

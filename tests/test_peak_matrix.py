@@ -6,13 +6,13 @@ bf16 autocast, eager attention, gradient accumulation, frozen parameters).
 The architecture families (Qwen3, Gemma 2/3, Mixtral, Qwen3-MoE, DeepSeek-V3, OLMo 2, Falcon, StarCoder2,
 GPT-NeoX, Phi-3, BERT with both heads, BART) get one case each, within 1% (peak) and 2% (every phase).
 
-The full matrix (10 optimizers, every setting, both shapes) is ``python -m harness.validate``, whose
+The full matrix (10 optimizers, every setting, both shapes) is ``python -m optimem.harness.validate``, whose
 table is committed as results/peak_error_cpu.md; this is its CI-sized part (about a minute and a half on
 one core).
 """
 import pytest
 
-from harness.validate import FAMILIES, FAMILY_SHAPE, MODELS, SHAPES, Case, run_case, tolerance
+from optimem.harness.validate import FAMILIES, FAMILY_SHAPE, MODELS, SHAPES, Case, run_case, tolerance
 
 CORE_OPTIMIZERS = ("adamw_torch", "adafactor", "adamw_bnb_8bit", "galore_adamw", "apollo_adamw", "lomo",
                    "schedule_free_adamw", "galore_adamw_layerwise")
@@ -39,7 +39,7 @@ _ROTATION = ("adamw_torch", "adafactor", "lomo", "galore_adamw_layerwise", "adam
 FAMILY_SLICE = [Case(m, _ROTATION[i % len(_ROTATION)], *FAMILY_SHAPE, i % 2 == 1,
                      mixed_precision="bf16" if i % 4 in (2, 3) else None, task=task)
                 for i, (m, task) in enumerate(FAMILIES)]
-"""One case per architecture family of ``python -m harness.validate --families`` (peak within 1%, every phase
+"""One case per architecture family of ``python -m optimem.harness.validate --families`` (peak within 1%, every phase
 within 2%), optimizers, checkpointing and bf16 autocast rotating over the families."""
 
 

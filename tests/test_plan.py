@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from estimators import UserError, estimate
-from estimators import planner as P
+from optimem.estimators import UserError, estimate
+from optimem.estimators import planner as P
 
 LLAMA3 = "meta-llama/Meta-Llama-3-8B"
 P8 = 8_030_261_248  # Llama-3-8B parameters (all trainable)
@@ -38,7 +38,7 @@ def test_catalog_has_the_gpus_with_sane_figures():
 
 def test_catalog_agrees_with_the_harness_mfu_table():
     """The harness computes recorded MFU against PEAK_TFLOPS; the planner's peaks must be the same figures."""
-    from harness.trackers.throughput import peak_flops
+    from optimem.harness.trackers.throughput import peak_flops
 
     cat = P.load_gpus()
     names = {"a100-80gb": "NVIDIA A100-SXM4-80GB", "h100-sxm": "NVIDIA H100 80GB HBM3", "h100-pcie": "NVIDIA H100 PCIe",
@@ -181,7 +181,7 @@ def test_what_cannot_run_sharded():
 
 # ---------------------------------------------------------------------------------------------- throughput
 def test_flops_and_tokens_per_second():
-    from harness.trackers.throughput import training_flops_per_token
+    from optimem.harness.trackers.throughput import training_flops_per_token
 
     f = P.model_facts(P._inventory(LLAMA3, "fp32"))
     fpt = P.flops_per_token(f, 2048)
@@ -237,7 +237,7 @@ def test_max_micro_batch_search_is_exact(monkeypatch):
 
 
 def test_cli_rejects_bad_input(capsys):
-    from harness.cli import main
+    from optimem.harness.cli import main
 
     for argv, msg in ((["--gpus", "v100"], "not in the catalog"), (["--num-gpus", "0"], "at least 1"),
                       (["--headroom", "1.5"], "headroom"), (["--optim", "adamw_hf"], "removed"),

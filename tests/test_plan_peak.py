@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from estimators import planner as P
+from optimem.estimators import planner as P
 
 LLAMA3 = "meta-llama/Meta-Llama-3-8B"
 GPUS = P.load_gpus()
@@ -129,7 +129,7 @@ def test_measured_mfu_replaces_the_assumed_one(tmp_path):
 
 
 def test_cli_plan_llama3_all_gpus(capsys, tmp_path, monkeypatch):
-    from harness.cli import main
+    from optimem.harness.cli import main
 
     monkeypatch.chdir(tmp_path)  # the default MFU calibration reads ./results/*.jsonl: none here, whatever a user ran
     assert main(["plan", "--model", LLAMA3, "--gpus", "all", "--plot", str(tmp_path / "plan.png")]) == 0

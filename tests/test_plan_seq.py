@@ -5,8 +5,8 @@ from dataclasses import replace
 
 import pytest
 
-from estimators import planner as P
-from harness.cli import main
+from optimem.estimators import planner as P
+from optimem.harness.cli import main
 
 
 def test_longest_sequence_fits_and_one_more_token_does_not():

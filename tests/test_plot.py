@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import COMMITTED_RESULTS, ROOT
-from harness.cli import main
-from harness.plots import pareto_front
-from harness.results import BREAKDOWN, load_records, measured_parts, to_frame
+from optimem.harness.cli import main
+from optimem.harness.plots import pareto_front
+from optimem.harness.results import BREAKDOWN, load_records, measured_parts, to_frame
 
 FIGURES = ("predicted_vs_measured", "memory_breakdown", "throughput_vs_memory")
 
@@ -107,7 +107,7 @@ def test_pareto_front(points, front):
 
 
 def test_predicted_peak_uses_the_whole_step_estimate_when_there_is_one():
-    from harness.results import predicted_parts, predicted_peak
+    from optimem.harness.results import predicted_parts, predicted_peak
 
     parts_only = {"predicted": {"bytes": {"weights": 10, "gradients": 10, "optimizer_state": 20}}}
     assert predicted_peak(parts_only) == (40, False)

@@ -3,10 +3,10 @@
 Families: torch built-ins + transformers Adafactor (``torch_builtin``), bitsandbytes (``bnb``), torchao
 low-bit AdamW (``torchao_low_bit``), GrokAdamW / schedule-free / StableAdamW (``misc``).
 
-How: ``harness.state_check.compare_state`` runs a real ``transformers.Trainer`` step on CPU with
+How: ``optimem.harness.state_check.compare_state`` runs a real ``transformers.Trainer`` step on CPU with
 ``TrainingArguments(optim=...)``, walks every tensor the optimizer keeps (unique storages) and compares
-with ``estimators.estimate``. Every configuration below is exact (0 bytes apart); the issue's 0.5 % bound is
-asserted as well. Before each run ``harness.compat.prepare_run`` gives the run a fresh process's state
+with ``optimem.estimators.estimate``. Every configuration below is exact (0 bytes apart); the issue's 0.5 % bound is
+asserted as well. Before each run ``optimem.harness.compat.prepare_run`` gives the run a fresh process's state
 (bitsandbytes' global override manager emptied; torch-optimi kept off its Triton path on CPU).
 
 Layouts a CPU Trainer run cannot reach are checked by running the package's own state-creating code on
@@ -20,15 +20,15 @@ import json
 import pytest
 import torch
 
-from estimators import estimate, get_spec
-from estimators.catalog import CONFIG_DIR
-from estimators.errors import UserError
-from estimators.inventory import ParamRow, build_inventory
-from estimators.optimizers import ParamCtx, parse_optim_args
-from harness.compat import prepare_run, reset_bitsandbytes_manager, set_eager, set_optimi_triton
-from harness.scenario import RunConfig, build_trainer
-from harness.state_check import compare_state
-from harness.state_walker import measure_optimizer_state
+from optimem.estimators import estimate, get_spec
+from optimem.estimators.catalog import CONFIG_DIR
+from optimem.estimators.errors import UserError
+from optimem.estimators.inventory import ParamRow, build_inventory
+from optimem.estimators.optimizers import ParamCtx, parse_optim_args
+from optimem.harness.compat import prepare_run, reset_bitsandbytes_manager, set_eager, set_optimi_triton
+from optimem.harness.scenario import RunConfig, build_trainer
+from optimem.harness.state_check import compare_state
+from optimem.harness.state_walker import measure_optimizer_state
 
 MODELS = ("tiny-llama", "tiny-gpt2", "tiny-t5")
 DTYPES = ("fp32", "bf16")
@@ -210,7 +210,7 @@ def test_names_that_read_no_optim_args_refuse_them(optim):
 def test_stable_adamw_fails_on_cpu_when_optimi_picks_triton(monkeypatch):
     pytest.importorskip("triton", reason="the failure needs triton importable")
     prepare_run("stable_adamw", "cpu")
-    monkeypatch.setattr("harness.scenario.apply_optimizer_compat", lambda cfg, spec: None)  # the raw behaviour
+    monkeypatch.setattr("optimem.harness.scenario.apply_optimizer_compat", lambda cfg, spec: None)  # the raw behaviour
     set_optimi_triton(True)
     try:
         with pytest.raises(RuntimeError, match="active drivers"):
@@ -255,7 +255,7 @@ def test_stable_adamw_triton_layout(model, dtype, monkeypatch):
     the Trainer's optimizer and real gradients: the state it creates is exactly the default estimate."""
     pytest.importorskip("triton", reason="optimi only builds the Triton layout when triton is importable")
     prepare_run("stable_adamw", "cpu")
-    monkeypatch.setattr("harness.scenario.apply_optimizer_compat", lambda cfg, spec: None)  # the raw behaviour
+    monkeypatch.setattr("optimem.harness.scenario.apply_optimizer_compat", lambda cfg, spec: None)  # the raw behaviour
     set_optimi_triton(True)
     try:
         trainer = build_trainer(RunConfig(optim="stable_adamw", model=model, dtype=dtype, batch_size=2,
@@ -389,7 +389,7 @@ def test_bnb_override_manager_leaks_between_trainers_without_reset(monkeypatch):
     a tiny-gpt2 run (wpe at decay-group index 1), a tiny-llama run without the reset gets its index-1 weight,
     the 4096-element layer-0 q_proj, in 32-bit: +24 448 B."""
     _run("adamw_8bit", "tiny-gpt2")
-    monkeypatch.setattr("harness.scenario.apply_optimizer_compat", lambda cfg, spec: None)  # the raw behaviour
+    monkeypatch.setattr("optimem.harness.scenario.apply_optimizer_compat", lambda cfg, spec: None)  # the raw behaviour
     leaked = compare_state(RunConfig(optim="adamw_8bit", model="tiny-llama", batch_size=2, seq_len=16, steps=1,
                                      device="cpu"))
     assert leaked.measured.total - leaked.predicted["optimizer_state"] == 4096 * 4 * 2 - 2 * (4096 + 16 * 4)

@@ -1,7 +1,7 @@
 """Exactness of the GaLore / APOLLO / LOMO / AdaLomo optimizer-state formulas against the real optimizers.
 
-Every run is a real ``transformers.Trainer`` job (harness.scenario) whose optimizer object graph is walked
-(harness.state_walker) after 1-2 real steps. Each run checks three things:
+Every run is a real ``transformers.Trainer`` job (optimem.harness.scenario) whose optimizer object graph is walked
+(optimem.harness.state_walker) after 1-2 real steps. Each run checks three things:
 
 * ``rel_error`` of the public estimate within 0.5 %;
 * the measured bytes equal, to the byte, the total rebuilt from the spec's per-parameter formulas (so the
@@ -21,15 +21,15 @@ import re
 import pytest
 import torch
 
-from estimators import estimate
-from estimators.errors import UserError
-from estimators.estimate import targeted_names
-from estimators.inventory import build_inventory
-from estimators.optimizers import ParamCtx, get_spec, parse_optim_args
-from estimators.optimizers.lowrank import LAYERWISE_DUMMY_BYTES
-from harness.scenario import RunConfig, build_model, build_trainer, unwrap_optimizer
-from harness.state_check import StateComparison, compare_state
-from harness.state_walker import measure_optimizer_state
+from optimem.estimators import estimate
+from optimem.estimators.errors import UserError
+from optimem.estimators.estimate import targeted_names
+from optimem.estimators.inventory import build_inventory
+from optimem.estimators.optimizers import ParamCtx, get_spec, parse_optim_args
+from optimem.estimators.optimizers.lowrank import LAYERWISE_DUMMY_BYTES
+from optimem.harness.scenario import RunConfig, build_model, build_trainer, unwrap_optimizer
+from optimem.harness.state_check import StateComparison, compare_state
+from optimem.harness.state_walker import measure_optimizer_state
 
 TOL = 0.005
 APOLLO_MINI = "proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200"
@@ -254,7 +254,7 @@ def test_gpt2_all_linear_projects_nothing(monkeypatch, optim, dtype):
 
 def test_gpt2_untied_lm_head_is_projected(monkeypatch, tmp_path):
     """With tie_word_embeddings=false the lm_head is its own nn.Linear and is projected."""
-    from estimators.catalog import resolve
+    from optimem.estimators.catalog import resolve
 
     data = dict(resolve("tiny-gpt2").load(), tie_word_embeddings=False)
     path = tmp_path / "config.json"

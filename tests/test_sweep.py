@@ -14,12 +14,12 @@ import psutil
 import pytest
 
 from conftest import COMMITTED_RESULTS
-from estimators.errors import UserError
-from harness.cli import main
-from harness.grid import (config_key, config_label, grid_from_mapping, parse_shape, parse_size, record_key,
+from optimem.estimators.errors import UserError
+from optimem.harness.cli import main
+from optimem.harness.grid import (config_key, config_label, grid_from_mapping, parse_shape, parse_size, record_key,
                           select_optimizers)
-from harness.record import validate
-from harness.sweep import OVER_LIMIT, Sweep, SweepOptions, max_batch_path
+from optimem.harness.record import validate
+from optimem.harness.sweep import OVER_LIMIT, Sweep, SweepOptions, max_batch_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def test_optimizer_selection_families_and_all():
 
 
 def test_grid_from_yaml_mapping_expands_in_order(tmp_path):
-    from harness.grid import load_yaml
+    from optimem.harness.grid import load_yaml
 
     f = tmp_path / "grid.yaml"
     f.write_text("optim: [adamw_torch, galore_adamw]\nmodel: tiny-llama\nbatch-size: [1, 2]\nseq_len: 32\n"
@@ -190,7 +190,7 @@ def test_sweep_killed_halfway_then_resumed(tmp_path, capsys):
     expected = expected_keys()
     assert len(expected) == 12
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *sweep_argv(out)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "optimem.harness.cli", *sweep_argv(out)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     workers: set[int] = set()
     deadline = time.time() + 240
@@ -291,7 +291,7 @@ def test_find_max_batch_finds_the_boundary_under_a_memory_limit(tmp_path, capsys
 # ------------------------------------------------------------------------------- search, simulated
 def _fake_sweep(tmp_path, peak_of, *, limit=None, real_oom_above=None, cap=4096):
     """A Sweep whose runs are simulated: peak_of(batch) bytes; over real_oom_above a real OOM."""
-    from harness.scenario import RunConfig
+    from optimem.harness.scenario import RunConfig
 
     sweep = Sweep(SweepOptions(out=tmp_path / "r.jsonl", memory_limit=limit, max_batch_cap=cap))
     ran: list[int] = []

@@ -13,18 +13,18 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from estimators import UserError, estimate
-from estimators.catalog import resolve
-from estimators.inventory import instantiate
-from estimators.memsim import CATS, PhaseResult, basis
-from estimators.trace import step as trace_step
-from estimators.trace.events import _canonical, from_events
-from estimators.trace.meta_kernels import cpp_meta_kernels
-from estimators.trace.model import build_traced_model
-from estimators.trace.data import from_arrays, to_arrays
-from estimators.trace.run import _Tracer, s_bounds, step_trace
-from estimators.trace.setting import TraceSetting
-from estimators.trace.tensor import Recorder, _OpInfo
+from optimem.estimators import UserError, estimate
+from optimem.estimators.catalog import resolve
+from optimem.estimators.inventory import instantiate
+from optimem.estimators.memsim import CATS, PhaseResult, basis
+from optimem.estimators.trace import step as trace_step
+from optimem.estimators.trace.events import _canonical, from_events
+from optimem.estimators.trace.meta_kernels import cpp_meta_kernels
+from optimem.estimators.trace.model import build_traced_model
+from optimem.estimators.trace.data import from_arrays, to_arrays
+from optimem.estimators.trace.run import _Tracer, s_bounds, step_trace
+from optimem.estimators.trace.setting import TraceSetting
+from optimem.estimators.trace.tensor import Recorder, _OpInfo
 
 
 class _RealBook(TorchDispatchMode):
@@ -168,7 +168,7 @@ def test_pruning_never_drops_a_peak():
 
 def _replay_event_by_event(sim, log, params, on_mark):
     """The definition the vectorized replay must equal: every event through the simulator's own methods."""
-    from estimators.trace.events import ALLOC, FREE, GRAD, PRE_ACC
+    from optimem.estimators.trace.events import ALLOC, FREE, GRAD, PRE_ACC
 
     sts = [None] * log.n_alloc
     sizes = [tuple(int(x) for x in row) for row in log.sizes.tolist()]
@@ -200,9 +200,9 @@ def test_vectorized_replay_equals_the_event_by_event_replay(monkeypatch):
     """Every phase's peak and breakdown from the vectorized replay equal the event-by-event replay's: for
     checkpointing + accumulation, autocast, a frozen embedding with a classification head, LOMO (a hook before
     each gradient) and a layer-wise optimizer (a step after each)."""
-    import estimators.peak as peak
-    import estimators.phases as phases
-    from estimators.estimate import _phase_model
+    import optimem.estimators.peak as peak
+    import optimem.estimators.phases as phases
+    from optimem.estimators.estimate import _phase_model
 
     cases = [("tiny-llama", "adamw_torch", {"gradient_checkpointing": True, "grad_accum": 2}),
              ("tiny-t5", "adamw_torch", {"mixed_precision": "bf16"}),
@@ -216,7 +216,7 @@ def test_vectorized_replay_equals_the_event_by_event_replay(monkeypatch):
         return [estimate(m, o, batch_size=3, seq_len=100, device="cpu", **kw).phases for m, o, kw in cases]
 
     fast = run()
-    import estimators.trace.replay as rp
+    import optimem.estimators.trace.replay as rp
 
     monkeypatch.setattr(rp, "replay", _replay_event_by_event)
     assert run() == fast

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from estimators import estimate
-from estimators.catalog import resolve
-from estimators.errors import UserError
-from estimators.planner import plan_setup
-from estimators.setup import TrainingSetup
-from harness.cli import main
+from optimem.estimators import estimate
+from optimem.estimators.catalog import resolve
+from optimem.estimators.errors import UserError
+from optimem.estimators.planner import plan_setup
+from optimem.estimators.setup import TrainingSetup
+from optimem.harness.cli import main
 
 
 def _config():

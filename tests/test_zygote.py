@@ -11,12 +11,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from estimators import cache
-from harness.cli import main
-from harness.launcher import run_isolated, worker_env
-from harness.record import read_records, validate
-from harness.scenario import RunConfig
-from harness.zygote import Zygote, preload_modules
+from optimem.estimators import cache
+from optimem.harness.cli import main
+from optimem.harness.launcher import run_isolated, worker_env
+from optimem.harness.record import read_records, validate
+from optimem.harness.scenario import RunConfig
+from optimem.harness.zygote import Zygote, preload_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_a_module_that_initialises_cuda_is_left_to_the_run(tmp_path, monkeypatch
         "if 'bitsandbytes.optim' not in os.environ.get('OPTIMEM_ZYGOTE_EXCLUDE', '').split(','):\n"
         "    print(json.dumps({'event': 'poisoned', 'module': 'bitsandbytes.optim'}), flush=True)\n"
         "    sys.exit(4)\n"
-        "from harness.zygote import serve\n"
+        "from optimem.harness.zygote import serve\n"
         "sys.exit(serve())\n")
     cfg = RunConfig(optim="adamw_bnb_8bit", device="cpu", steps=2, warmup=1, batch_size=1, seq_len=16)
     started = []

@@ -1,9 +1,9 @@
 """A fitted trace as plain data (importing it needs no torch): :class:`Region` and :class:`StepTrace`, and
 their on-disk cache (:func:`load`, :func:`store`, keyed by :func:`disk_key`).
 
-:mod:`estimators.trace.run` makes them; :class:`estimators.peak.PhaseModel` reads them. A trace depends on the
-config's content, the PEFT wrapping a model object carries, the :class:`~estimators.trace.setting.TraceSetting`
-and the torch / transformers / optimem versions (:func:`estimators.cache.versions`, part of every key), so a
+:mod:`optimem.estimators.trace.run` makes them; :class:`optimem.estimators.peak.PhaseModel` reads them. A trace depends on the
+config's content, the PEFT wrapping a model object carries, the :class:`~optimem.estimators.trace.setting.TraceSetting`
+and the torch / transformers / optimem versions (:func:`optimem.estimators.cache.versions`, part of every key), so a
 ``bench estimate`` of a configuration traced before -- in any process -- neither traces nor imports torch.
 """
 from __future__ import annotations

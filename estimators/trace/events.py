@@ -80,7 +80,7 @@ def _canonical(events: list[tuple]) -> list[tuple]:
 
 def from_events(events: list[tuple], shapes: list | None = None) -> tuple[EventLog, np.ndarray]:
     """An :class:`EventLog` (sizes not yet fitted: zero) and the allocation sizes in bytes, from a
-    :class:`~estimators.trace.tensor.Recorder`'s raw events; ``shapes``, when given, receives each allocation's
+    :class:`~optimem.estimators.trace.tensor.Recorder`'s raw events; ``shapes``, when given, receives each allocation's
     ``(element size, shape or None)``."""
     events = _canonical(events)
     ids: dict[int, int] = {}

@@ -1,10 +1,10 @@
 """The model a trace runs: built from its config exactly as the harness builds it, then made of trace tensors.
 
-:func:`build_traced_model` calls :func:`estimators.inventory.instantiate` (the class selection and dtype cast
+:func:`build_traced_model` calls :func:`optimem.estimators.inventory.instantiate` (the class selection and dtype cast
 ``bench run`` uses) on the meta device, then prepares it as the Trainer does before its first step: the
 attention implementation, frozen parameters, the Trainer's non-reentrant activation checkpointing under
 ``gradient_checkpointing``, ``config.use_cache = False`` (``TrainingArguments.use_cache``), training mode. Parameters and buffers become
-:class:`~estimators.trace.tensor.TraceTensor`\\ s (tied ones stay one tensor).
+:class:`~optimem.estimators.trace.tensor.TraceTensor`\\ s (tied ones stay one tensor).
 """
 from __future__ import annotations
 
@@ -110,8 +110,8 @@ def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, att
                        frozen: tuple[str, ...] = (), peft: str | None = None) -> tuple[torch.nn.Module, ModelFacts]:
     """The model for one trace (see the module docstring). ``attn``: ``sdpa`` (what the Trainer gets by
     default, when the model supports it) or ``eager``; ``frozen``: names of parameters that get no gradient;
-    ``peft``: a LoRA / QLoRA setup's fields (:func:`estimators.peft_model.trace_fields`): the model is then
-    :func:`estimators.peft_model.build_training_model`'s, on meta (quantized layers, prepared for k-bit
+    ``peft``: a LoRA / QLoRA setup's fields (:func:`optimem.estimators.peft_model.trace_fields`): the model is then
+    :func:`optimem.estimators.peft_model.build_training_model`'s, on meta (quantized layers, prepared for k-bit
     training, the adapter added), as the Trainer gets it."""
     from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 

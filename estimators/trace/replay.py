@@ -1,4 +1,4 @@
-"""Replay a fitted micro-step log on the simulator (:class:`~estimators.memsim.Sim`).
+"""Replay a fitted micro-step log on the simulator (:class:`~optimem.estimators.memsim.Sim`).
 
 Every allocation of the log becomes a simulator storage of its polynomial size, every free a release; the
 simulator's phase bookkeeping records the live bytes at each local maximum, per category (allocations in a

@@ -8,7 +8,7 @@ region. Inside a region the step runs the same ops in the same order and every s
 ``(1, B, S, B*S, S*S, B*S*S)``: six traces determine it (three for batch 1: no ``B`` terms), a seventh at
 another shape checks it. Regions are traced when first asked for.
 
-The result is plain data (:mod:`estimators.trace.data`: arrays and a little JSON), keyed by
+The result is plain data (:mod:`optimem.estimators.trace.data`: arrays and a little JSON), keyed by
 :func:`trace_key`: the config's content, the torch and transformers versions and the setting.
 """
 from __future__ import annotations
@@ -88,7 +88,7 @@ def s_bounds(wins: tuple[int, ...], s: int) -> tuple[int, int | None]:
 
 @dataclass(frozen=True)
 class _Plan:
-    """Where a region is traced: ``shape_points`` (fit by shapes, :func:`~estimators.trace.events.fit_shapes`,
+    """Where a region is traced: ``shape_points`` (fit by shapes, :func:`~optimem.estimators.trace.events.fit_shapes`,
     over the per-dimension columns ``dim_cols``), ``more_points`` (added when that fails: then sizes are fitted
     directly over ``size_cols``) and the ``check`` point every fit must reproduce."""
 

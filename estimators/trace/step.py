@@ -6,7 +6,7 @@ What runs is the real model's forward (wrapped as accelerate wraps it under ``bf
 that takes loss kwargs, ``loss *= 1`` (``average_tokens_across_devices``), ``loss / gradient_accumulation_steps``
 when the model does not scale it, accelerate's ``loss / 1``, ``backward()``, ``tr_loss += loss.detach()``.
 
-Markers in the log (see :class:`~estimators.trace.tensor.Recorder`): the model's forward returning (where the
+Markers in the log (see :class:`~optimem.estimators.trace.tensor.Recorder`): the model's forward returning (where the
 harness's forward phase ends), each parameter's tensor hook (what LOMO's update hangs on, before the gradient
 is accumulated), each parameter's post-accumulate-grad hook (its ``.grad`` storage id: a gradient from then
 on; layer-wise optimizers step there) and ``backward()`` returning (LOMO's last ``grad_func``).

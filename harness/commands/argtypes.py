@@ -30,7 +30,7 @@ def positive_seconds(text: str) -> float:
 
 
 def add_no_cache(parser: argparse.ArgumentParser) -> None:
-    """``--no-cache`` (``harness.cli.main`` applies it: :func:`estimators.cache.disable`)."""
+    """``--no-cache`` (``optimem.harness.cli.main`` applies it: :func:`optimem.estimators.cache.disable`)."""
     parser.add_argument("--no-cache", action="store_true",
                         help="neither read nor write the on-disk cache of parameter inventories and simulated "
-                             "phases (OPTIMEM_CACHE_DIR moves it; 'python -m estimators.cache' shows it)")
+                             "phases (OPTIMEM_CACHE_DIR moves it; 'python -m optimem.estimators.cache' shows it)")

@@ -1,7 +1,7 @@
 """``bench compare BASELINE.jsonl CURRENT.jsonl``: did memory or speed regress?
 
 Exit status: 0 no regression, 1 regression, 2 not compared (records from different environments without
-``--allow-env-mismatch``, or bad input). See :mod:`harness.compare` for the rules.
+``--allow-env-mismatch``, or bad input). See :mod:`optimem.harness.compare` for the rules.
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from estimators.errors import UserError
-from harness.commands.argtypes import positive_int
+from optimem.estimators.errors import UserError
+from optimem.harness.commands.argtypes import positive_int
 
 
 def _pct(text: str) -> float:
@@ -67,16 +67,16 @@ def register(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     import os
 
-    from harness.compare import Tolerances, compare_records, markdown_report, text_report
-    from harness.results import load_records
+    from optimem.harness.compare import Tolerances, compare_records, markdown_report, text_report
+    from optimem.harness.results import load_records
 
     if args.markdown is not None and args.markdown != "-":
-        from harness.paths import check_output_file
+        from optimem.harness.paths import check_output_file
 
         check_output_file(args.markdown, "--markdown", what="Markdown file", example="report.md")
     tol = Tolerances(memory_pct=args.memory_tolerance, throughput_pct=args.throughput_tolerance, alpha=args.alpha,
                      min_samples=args.min_samples)
-    from harness.results import none_read
+    from optimem.harness.results import none_read
 
     sides = {}
     for label, path in (("BASELINE", args.baseline), ("CURRENT", args.current)):

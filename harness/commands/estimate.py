@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from estimators import UserError, estimate, get_spec, names
-from estimators.inventory import build_inventory
-from estimators.setup import DEFAULT_TARGETS, TrainingSetup
-from harness.commands.argtypes import add_no_cache
-from harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
-from harness.units import format_table, human_bytes, human_count
+from optimem.estimators import UserError, estimate, get_spec, names
+from optimem.estimators.inventory import build_inventory
+from optimem.estimators.setup import DEFAULT_TARGETS, TrainingSetup
+from optimem.harness.commands.argtypes import add_no_cache
+from optimem.harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
+from optimem.harness.units import format_table, human_bytes, human_count
 
 
 
@@ -26,7 +26,7 @@ def register(sub) -> None:
                                      "device": "(cuda: foreach optimizer paths and CUDA overhead terms)"})
     p.add_argument("--gpu", default=None, metavar="NAME",
                    help="use this GPU's calibrated CUDA constants (torch.cuda.get_device_name(); see "
-                        "'python -m harness.calibrate show')")
+                        "'python -m optimem.harness.calibrate show')")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per optimizer")
     add_no_cache(p)
     p.set_defaults(func=main)
@@ -63,13 +63,13 @@ def _check_gpu(name: str | None) -> None:
     """``--gpu`` names a GPU with calibrated CUDA constants (else the defaults would be used without a word)."""
     if name is None:
         return
-    from estimators.cuda_overhead import calibrated_gpus
+    from optimem.estimators.cuda_overhead import calibrated_gpus
 
     known = calibrated_gpus()
     if name not in known:
         have = ", ".join(known) if known else "none yet"
         raise UserError(f"--gpu {name!r}: no calibrated CUDA constants for that device name (calibrated: {have}); "
-                        "leave --gpu out for the defaults, or fit them: python -m harness.calibrate cuda RUNS.jsonl "
+                        "leave --gpu out for the defaults, or fit them: python -m optimem.harness.calibrate cuda RUNS.jsonl "
                         "--write")
 
 
@@ -153,7 +153,7 @@ def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> 
             "activations", "peak", "at"] + (["on device"] if cuda else []) + ["notes"]
     table = format_table(cols, rows, align="lrrrrrrrrl" + ("r" if cuda else "") + "l")
     lines = [head, _settings_line(setup), "", table]
-    from estimators.catalog import resolve
+    from optimem.estimators.catalog import resolve
 
     source = resolve(inv.model)  # resolved once per process already: no second Hub request
     if source.origin == "hub":

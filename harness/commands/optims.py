@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from estimators import REGISTRY
-from estimators.inventory import ParamRow
-from estimators.optimizers import ParamCtx
-from harness.units import format_table
+from optimem.estimators import REGISTRY
+from optimem.estimators.inventory import ParamRow
+from optimem.estimators.optimizers import ParamCtx
+from optimem.harness.units import format_table
 
 BIG = (4096, 4096)
 """The reference weight: a 4096 x 4096 nn.Linear weight (targeted by low-rank optimizers)."""

@@ -1,6 +1,6 @@
 """``bench plan``: which optimizer fits on which GPU, at what micro-batch, how fast; what sharding buys.
 
-The arithmetic lives in :mod:`estimators.planner` (pure functions over the whole-step estimator and the GPU
+The arithmetic lives in :mod:`optimem.estimators.planner` (pure functions over the whole-step estimator and the GPU
 catalog ``estimators/gpus.json``); this module parses arguments, runs the grid and prints it.
 """
 from __future__ import annotations
@@ -10,14 +10,14 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from estimators import UserError, get_spec
-from estimators import planner as P
-from estimators.catalog import resolve
-from estimators.setup import TrainingSetup
-from harness.commands.argtypes import add_no_cache
-from harness.commands.estimate import expand_optims as expand_estimate_optims
-from harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
-from harness.units import format_table, human_count
+from optimem.estimators import UserError, get_spec
+from optimem.estimators import planner as P
+from optimem.estimators.catalog import resolve
+from optimem.estimators.setup import TrainingSetup
+from optimem.harness.commands.argtypes import add_no_cache
+from optimem.harness.commands.estimate import expand_optims as expand_estimate_optims
+from optimem.harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
+from optimem.harness.units import format_table, human_count
 
 GIB = 1 << 30
 
@@ -83,7 +83,7 @@ def _check_args(args) -> None:
     if not 0 < args.mfu <= 1:
         raise UserError(f"--mfu is a fraction in (0, 1], got {args.mfu}")
     if args.plot is not None:
-        from harness.paths import check_output_file, check_output_suffix
+        from optimem.harness.paths import check_output_file, check_output_suffix
 
         check_output_suffix(check_output_file(args.plot, "--plot", what="image file", text=False,
                                               example="plan.png"), "--plot", PLOT_SUFFIXES)
@@ -102,7 +102,7 @@ def _result_records(files: list[str], *, given: bool) -> list[dict]:
     default results/*.jsonl file that cannot be read is passed over with a word)."""
     import sys
 
-    from harness.record import read_records
+    from optimem.harness.record import read_records
 
     out: list[dict] = []
     for f in files:
@@ -180,7 +180,7 @@ def build_plan(args) -> dict:
 
 def _check_peak(setup: TrainingSetup) -> None:
     """Planning fits the whole-step peak: refuse, in one line, a setup the estimator has no peak for."""
-    from estimators import estimate
+    from optimem.estimators import estimate
 
     est = estimate(setup, batch_size=1, device="cuda")
     if est.bytes["peak"] is None:
@@ -276,7 +276,7 @@ def _phase(name: str | None) -> str:
 
 
 def _cell(r: P.PlanRow) -> str:
-    from harness.plan_plots import cell_text
+    from optimem.harness.plan_plots import cell_text
 
     if r.max_seq_len is not None or r.max_seq_len_by_checkpointing:
         return _seq_cell(r)
@@ -488,7 +488,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(render(plan))
     if args.plot:  # after the plan is printed: a failing write loses nothing computed
-        from harness.plan_plots import plot_plan
+        from optimem.harness.plan_plots import plot_plan
 
         plot_plan(plan, args.plot)
         if not args.json:

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from estimators.errors import UserError
+from optimem.estimators.errors import UserError
 
 
 def register(sub) -> None:
@@ -34,11 +34,11 @@ def register(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from harness.paths import check_output_dir
-    from harness.plots import ok_rows, write_all
-    from harness.record import read_records
-    from harness.results import load_records, to_frame
-    from harness.sweep import max_batch_path
+    from optimem.harness.paths import check_output_dir
+    from optimem.harness.plots import ok_rows, write_all
+    from optimem.harness.record import read_records
+    from optimem.harness.results import load_records, to_frame
+    from optimem.harness.sweep import max_batch_path
 
     reports: list = []
     records = load_records(args.results, reports=reports)
@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
         elif args.max_batch:
             raise UserError(f"--max-batch {f}: no such max-batch file")
     if not records and not summaries:
-        from harness.results import none_read
+        from optimem.harness.results import none_read
 
         raise UserError(none_read(args.results, reports))
     df = to_frame(records, latest=not args.all_records)

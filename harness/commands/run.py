@@ -11,14 +11,14 @@ import signal
 import sys
 import threading
 
-from estimators import get_spec
-from estimators.errors import UserError
-from estimators.setup import DEFAULT_TARGETS
-from harness.commands.argtypes import DEFAULT_OUT, add_no_cache, non_negative_int, positive_int, positive_seconds
-from harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
-from harness.paths import check_output_file, rescue_record
-from harness.run_config import RunConfig
-from harness.units import human_bytes
+from optimem.estimators import get_spec
+from optimem.estimators.errors import UserError
+from optimem.estimators.setup import DEFAULT_TARGETS
+from optimem.harness.commands.argtypes import DEFAULT_OUT, add_no_cache, non_negative_int, positive_int, positive_seconds
+from optimem.harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
+from optimem.harness.paths import check_output_file, rescue_record
+from optimem.harness.run_config import RunConfig
+from optimem.harness.units import human_bytes
 
 DEFAULT_STEPS = 6
 DEFAULT_WARMUP = 2
@@ -57,7 +57,7 @@ def register(sub) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """The :class:`RunConfig` the arguments describe (validated; UserError for bad values)."""
-    from harness.launcher import check_config
+    from optimem.harness.launcher import check_config
 
     if args.steps < 2:
         raise UserError(f"--steps must be at least 2 (got {args.steps}): step 0 has no optimizer state yet, the "
@@ -79,8 +79,8 @@ class _Terminated(KeyboardInterrupt):
 
 
 def main(args: argparse.Namespace) -> int:
-    from harness.launcher import execute
-    from harness.record import append_record
+    from optimem.harness.launcher import execute
+    from optimem.harness.record import append_record
 
     cfg = config_from_args(args)
     if not args.no_save:
@@ -219,7 +219,7 @@ def _memory_table(m: dict, pb: dict):
 
 def _rank_table(record: dict):
     """Per rank: measured against the planner's per-rank prediction."""
-    from harness.distributed import rank_rows
+    from optimem.harness.distributed import rank_rows
 
     d = record["distributed"]
     t = _table(f"  per rank ({d.get('backend')})", "peak", "predicted", "error",

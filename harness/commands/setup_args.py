@@ -1,6 +1,6 @@
-"""The training setup on the command line: one argparse group, built from :data:`estimators.setup.CLI`.
+"""The training setup on the command line: one argparse group, built from :data:`optimem.estimators.setup.CLI`.
 
-Every command that takes a :class:`~estimators.setup.TrainingSetup` (``estimate``, ``run``, ``sweep``,
+Every command that takes a :class:`~optimem.estimators.setup.TrainingSetup` (``estimate``, ``run``, ``sweep``,
 ``plan``) calls :func:`add_setup_arguments` with its own defaults, and :func:`setup_kwargs` turns the parsed
 namespace back into the setup's keyword arguments. A command that takes several values of a field (``sweep``'s
 grid axes, the optimizers of ``estimate`` and ``plan``) names it in ``multi``: the flag then takes one or more
@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from estimators.setup import CLI, TrainingSetup
+from optimem.estimators.setup import CLI, TrainingSetup
 
 SWITCH_VALUES = ("off", "on", "both")
 
@@ -84,7 +84,7 @@ def apply_revision(args: argparse.Namespace) -> None:
     revision = getattr(args, "revision", None)
     if revision is None:
         return
-    from estimators.hub import pin_revision
+    from optimem.estimators.hub import pin_revision
 
     model = getattr(args, "model", None)
     if isinstance(model, list):

@@ -16,12 +16,12 @@ import threading
 import time
 from pathlib import Path
 
-from estimators.errors import UserError
-from estimators.setup import CLI
-from harness.commands.argtypes import DEFAULT_OUT, add_no_cache, positive_int, positive_seconds
-from harness.commands.setup_args import add_setup_arguments
-from harness.grid import AXES
-from harness.units import format_table, human_bytes
+from optimem.estimators.errors import UserError
+from optimem.estimators.setup import CLI
+from optimem.harness.commands.argtypes import DEFAULT_OUT, add_no_cache, positive_int, positive_seconds
+from optimem.harness.commands.setup_args import add_setup_arguments
+from optimem.harness.grid import AXES
+from optimem.harness.units import format_table, human_bytes
 
 
 def register(sub) -> None:
@@ -65,7 +65,7 @@ def register(sub) -> None:
                    help="CPU threads per run (OMP_NUM_THREADS; default: torch's, or cores/jobs with --jobs)")
     r.add_argument("--track-tensors", choices=["auto", "on", "off"], help="exact tensor accounting (auto: on CPU)")
     r.add_argument("--no-fork", action="store_true",
-                   help="start every run as a fresh 'python -m harness.worker' (as bench run) instead of forking "
+                   help="start every run as a fresh 'python -m optimem.harness.worker' (as bench run) instead of forking "
                         "it from a process that imported torch, transformers and the optimizer packages once")
     r.add_argument("--find-max-batch", action="store_true",
                    help="search each optimizer's largest batch size that fits, instead of running the batch sizes")
@@ -87,7 +87,7 @@ def register(sub) -> None:
 
 # ------------------------------------------------------------------------------------------ setup
 def _mapping(args: argparse.Namespace) -> dict:
-    from harness.grid import load_yaml
+    from optimem.harness.grid import load_yaml
 
     data = load_yaml(args.config) if args.config else {}
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -114,7 +114,7 @@ def _mapping(args: argparse.Namespace) -> dict:
 
 
 def _settings(data: dict, args: argparse.Namespace):
-    from harness.sweep import DEFAULT_MAX_BATCH_CAP, SweepOptions
+    from optimem.harness.sweep import DEFAULT_MAX_BATCH_CAP, SweepOptions
 
     def where(name: str) -> str:
         """The flag, or the sweep file's key, that gave a setting."""
@@ -160,7 +160,7 @@ def _settings(data: dict, args: argparse.Namespace):
 
 
 def _memory_limit(value, where: str) -> int | None:
-    from harness.grid import parse_size
+    from optimem.harness.grid import parse_size
 
     if value is None:
         return None
@@ -176,9 +176,9 @@ class _Terminated(KeyboardInterrupt):
 
 # ------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> int:
-    from harness.grid import config_key, config_label, grid_from_mapping
-    from harness.launcher import check_config, resolve_device
-    from harness.sweep import group_key
+    from optimem.harness.grid import config_key, config_label, grid_from_mapping
+    from optimem.harness.launcher import check_config, resolve_device
+    from optimem.harness.sweep import group_key
 
     data = _mapping(args)
     if not data.get("optim"):
@@ -212,12 +212,12 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(args, opts, configs, bases, config_key, config_label, resolve_device)
 
-    from harness.paths import check_output_file
-    from harness.record import lock_results
+    from optimem.harness.paths import check_output_file
+    from optimem.harness.record import lock_results
 
     check_output_file(opts.out, "--out", what="results file (.jsonl)")
     if opts.find_max_batch:
-        from harness.sweep import max_batch_path
+        from optimem.harness.sweep import max_batch_path
 
         check_output_file(max_batch_path(opts.out), "--out (its max-batch file)", what="results file (.jsonl)")
     with lock_results(opts.out, "bench sweep"):
@@ -226,7 +226,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, opts, configs: list, bases: list, starts: list[int]) -> int:
     """The sweep proper (the results file locked for this sweep)."""
-    from harness.sweep import Reporter, Sweep
+    from optimem.harness.sweep import Reporter, Sweep
 
     total = len(bases) if opts.find_max_batch else len(configs) * opts.repeat
     threads_env = _thread_env(opts)
@@ -296,7 +296,7 @@ def _runnable(grid, configs: list, check_config) -> list:
             continue
         out.append(cfg)
     for optim, exc in left_out.items():
-        from harness.cli import _flagged
+        from optimem.harness.cli import _flagged
 
         print(f"bench sweep: note: leaving out {optim} (from a family or 'all'): {_flagged(exc)}", file=sys.stderr)
     if not out:
@@ -327,7 +327,7 @@ def _restore_env(saved: dict) -> None:
 
 
 def _dry_run(args, opts, configs, bases, config_key, config_label, resolve_device) -> int:
-    from harness.sweep import existing_counts, group_key, read_existing
+    from optimem.harness.sweep import existing_counts, group_key, read_existing
 
     existing = read_existing(opts.out) if opts.resume else {}
     counts = existing_counts(opts.out, skip_errors=opts.retry_failed) if opts.resume else {}
@@ -356,11 +356,11 @@ def _dry_run(args, opts, configs, bases, config_key, config_label, resolve_devic
 
 # ---------------------------------------------------------------------------------------- output
 def _run_summary(result) -> dict:
-    from harness.results import predicted_peak, rank_prediction
+    from optimem.harness.results import predicted_peak, rank_prediction
 
     rec = result.record
     c = result.config.to_dict()
-    from harness.grid import config_key, config_label
+    from optimem.harness.grid import config_key, config_label
 
     if rec is None:
         return {"key": config_key(c), "label": config_label(c), "status": None, "reused": False}
@@ -385,7 +385,7 @@ def _json_summary(outcome) -> dict:
 
 def render_summary(outcome) -> str:
     """The end-of-sweep table: one row per configuration (or per max-batch search)."""
-    from harness.results import pct_error
+    from optimem.harness.results import pct_error
 
     lines = []
     if outcome.max_batch:

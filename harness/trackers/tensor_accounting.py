@@ -11,7 +11,7 @@ Every live storage has a category:
 ``parameters``, ``buffers``  the model's parameters and buffers;
 ``gradients``               ``param.grad`` storages (marked the moment autograd accumulates them);
 ``optimizer_state``         every storage reachable from the optimizer that is not a parameter or a
-                            gradient (found with :func:`harness.state_walker.measure_optimizer_state`);
+                            gradient (found with :func:`optimem.harness.state_walker.measure_optimizer_state`);
 ``activations``             created during a forward phase and still alive when it ends (saved for
                             backward, logits, loss);
 ``temporaries``             created in a phase and freed before that phase ends;
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
-from estimators.trace.tensor import unseen_storage
+from optimem.estimators.trace.tensor import unseen_storage
 
 CATEGORIES: tuple[str, ...] = ("parameters", "buffers", "gradients", "optimizer_state", "activations",
                                "temporaries", "other")
