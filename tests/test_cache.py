@@ -114,6 +114,9 @@ def test_off_switch_and_unwritable_directory(fresh, monkeypatch, tmp_path):
     assert cache.memo(k, build) == 1 and build.calls == 3 and not cache.put(k, 1)
 
 
+@pytest.mark.slow
+
+
 def test_inventory_and_estimates_from_cache_equal_rebuilt_ones(fresh, monkeypatch):
     cases = [("tiny-gpt2", "adamw_torch", {}), ("tiny-llama", "galore_adamw",
                                                 {"optim_target_modules": r".*\.(q_proj|down_proj)", "dtype": "bf16"}),
@@ -154,6 +157,9 @@ def _python(code: str, cache_dir: Path) -> str:
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
+
+
+@pytest.mark.slow
 
 
 def test_warm_cli_imports_neither_torch_nor_transformers(fresh):

@@ -32,6 +32,9 @@ def _trainer(tmp_path, *, steps: int, batch: int = 2, accum: int = 1, seq: int =
     return Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator), args
 
 
+@pytest.mark.slow
+
+
 def test_callback_in_a_real_trainer_writes_a_record_bench_plot_draws(tmp_path, capsys):
     from optimem.harness.cli import main
 
@@ -105,6 +108,9 @@ def test_shape_that_ran_wins_and_a_misfit_warns(tmp_path, monkeypatch):
 
     with pytest.raises(Exception, match="seq_len must be a positive integer"):
         MemoryCallback(seq_len=0)
+
+
+@pytest.mark.slow
 
 
 def test_readme_example_script_runs(tmp_path, monkeypatch, capsys):

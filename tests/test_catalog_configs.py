@@ -44,6 +44,9 @@ def test_published_parameter_count(name):
     assert _within(count, entry["params"], entry["match"]), (name, count, entry["params"])
 
 
+@pytest.mark.slow
+
+
 def test_new_configs_estimate():
     """A dense, a mixture-of-experts and a sliding-window model of the new entries go through the estimator."""
     for name in ("Qwen/Qwen3-0.6B", "Qwen3-30B-A3B", "gemma-3-1b-it"):

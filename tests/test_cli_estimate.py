@@ -26,6 +26,9 @@ def test_estimate_json_fields(capsys):
         assert d["bytes"] == estimate("tiny-llama", d["optim"], dtype="bf16").bytes
 
 
+@pytest.mark.slow
+
+
 def test_estimate_all_lists_every_name(capsys):
     code, out, _ = run(capsys, "estimate", "--model", "gpt2-medium", "--optim", "all", "--json")
     assert code == 0
@@ -40,6 +43,9 @@ def test_estimate_all_lists_every_name(capsys):
     lowrank = [d for d in data if REGISTRY[d["optim"]].needs_target_modules and d["status"] == "ok"]
     assert lowrank and all(d["targeted_params"] == 0 for d in lowrank)
     assert all("reason" in d for d in data if d["status"] != "ok")
+
+
+@pytest.mark.slow
 
 
 def test_estimate_table_for_llama_3_8b(capsys):

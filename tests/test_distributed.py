@@ -21,6 +21,8 @@ from optimem.harness.launcher import execute
 from optimem.harness.record import validate
 from optimem.harness.run_config import RunConfig
 
+pytestmark = pytest.mark.slow  # real Trainer runs or processes throughout: the inner loop (-m 'not slow') skips this file
+
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed (pip install deepspeed)")
 MATRIX_ENV = "OPTIMEM_DISTRIBUTED_MATRIX"

@@ -15,6 +15,9 @@ def test_bytes_keys_and_json():
     assert d["optim"] == "adamw_torch" and d["bytes"] == est.bytes
 
 
+@pytest.mark.slow
+
+
 def test_adamw_by_hand_on_llama_3_8b():
     inv = build_inventory("meta-llama/Meta-Llama-3-8B")
     n, tensors = inv.num_params, len(inv.rows)

@@ -31,6 +31,9 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines()
 
 
+@pytest.mark.slow
+
+
 def test_readme_command_prints_a_readable_result(capsys, tmp_path):
     out_file = tmp_path / "runs.jsonl"
     code, out, err = bench(capsys, "--optim", "adamw_bnb_8bit", "--out", str(out_file))
@@ -52,6 +55,9 @@ def test_readme_command_prints_a_readable_result(capsys, tmp_path):
     assert record["measured"]["tracker"]["tensor_tracked_steps"] == 2
 
 
+@pytest.mark.slow
+
+
 def test_json_record_with_accumulation_checkpointing_and_autocast(capsys, tmp_path):
     out_file = tmp_path / "runs.jsonl"
     out_file.write_text("")
@@ -69,6 +75,9 @@ def test_json_record_with_accumulation_checkpointing_and_autocast(capsys, tmp_pa
     assert m["phases"]["step0.forward"]["occurrences"] == 2  # two micro-batches, folded into one phase
     assert m["optimizer_state_bytes"] == record["predicted"]["bytes"]["optimizer_state"]
     assert m["throughput"]["samples_per_step"] == 2 and m["throughput"]["tokens_per_step"] == 64
+
+
+@pytest.mark.slow
 
 
 def test_out_of_memory_is_a_status_not_a_traceback(capsys, tmp_path, monkeypatch):
@@ -90,6 +99,9 @@ def test_out_of_memory_is_a_status_not_a_traceback(capsys, tmp_path, monkeypatch
 
 def _fake(code: str) -> list[str]:
     return [sys.executable, "-c", code]
+
+
+@pytest.mark.slow
 
 
 def test_timeout_kills_the_worker_and_its_children():
@@ -155,6 +167,7 @@ def _gone(p: psutil.Process, timeout: float = 15.0) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigint", "sigkill"])
 def test_interrupted_run_leaves_whole_lines_only(tmp_path, how):
     out_file = tmp_path / "runs.jsonl"

@@ -11,6 +11,8 @@ from optimem.harness.record import validate
 from optimem.harness.scenario import RunConfig
 from optimem.harness.trackers.phases import PHASE_ORDER
 
+pytestmark = pytest.mark.slow  # real Trainer runs or processes throughout: the inner loop (-m 'not slow') skips this file
+
 CPU_OPTIMIZERS = [s for s in REGISTRY.values() if s.availability == "ok" and s.runs_on_cpu]
 TOLERANCE = 0.005
 

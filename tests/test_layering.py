@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,14 @@ def test_estimators_import_nothing_from_the_harness():
     offenders = {str(p.relative_to(ROOT)): sorted(m for m in _imports(p) if m.split(".")[0] == "harness")
                  for p in (ROOT / "estimators").rglob("*.py")}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_import_contracts_hold():
+    """pyproject.toml's [tool.importlinter] layers, checked by import-linter (function-level imports count)."""
+    out = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command; "
+                          "lint_imports_command()"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "0 broken" in out.stdout
 
 
 def test_every_setup_field_has_one_flag_and_a_record_form():

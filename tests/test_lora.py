@@ -140,6 +140,7 @@ def _peft_counts(model: str, r: int, target, dora: bool) -> tuple[int, int]:
     return peft_model.get_nb_trainable_parameters()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ARCHS)
 def test_trainable_parameters_equal_peft_count(model):
     """Every adapter setting's inventory counts what peft counts; one estimate per architecture then holds
@@ -157,6 +158,9 @@ def test_trainable_parameters_equal_peft_count(model):
     assert est.bytes["gradients"] == est.bytes["weights_trainable"] == 4 * trainable
     assert est.state_breakdown["exp_avg"] == est.state_breakdown["exp_avg_sq"] == 4 * trainable
     assert est.bytes["peak"] > est.bytes["weights"] + est.bytes["optimizer_state"] + est.bytes["gradients"]
+
+
+@pytest.mark.slow
 
 
 def test_modules_to_save_and_bias_train_what_peft_trains():
@@ -181,6 +185,7 @@ QUANT_CASES = [("tiny-llama", "nf4", True, "bf16", True), ("tiny-gpt2", "fp4", F
                ("tiny-t5", "fp4", True, "fp16", False)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,quant,double,dtype,prepare", QUANT_CASES)
 def test_quantized_weights_equal_the_loaded_models_storage(model, quant, double, dtype, prepare):
     """The estimate's weight bytes (built on meta) equal the storage of the model transformers and

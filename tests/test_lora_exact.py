@@ -49,6 +49,7 @@ def _one_thread():
 @pytest.mark.parametrize("model,optim,adapter,quant", CASES,
                          ids=[f"{m}-{o}-r{a[0]}-{a[1]}{'-dora' if a[2] else ''}{'-' + q if q else ''}"
                               for m, o, a, q in CASES])
+@pytest.mark.slow
 def test_adapter_state_exact(model, optim, adapter, quant):
     prepare_run(optim, "cpu")
     cfg = RunConfig(model=model, optim=optim, lora=_lora(model, *adapter), quantize=quant,

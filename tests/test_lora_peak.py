@@ -100,6 +100,7 @@ def test_cuda_rule_books_the_dequantized_weight_of_a_4bit_matmul():
 
 @pytest.mark.parametrize("extra", [["--lora", "r=32,target=all-linear"],
                                    ["--lora", "r=32,target=all-linear", "--quantize", "nf4"]])
+@pytest.mark.slow
 def test_bench_plan_lora_and_qlora_give_rows(capsys, extra):
     assert main(["plan", "--model", "tiny-llama", "--optim", "adamw_torch", "--gpus", "l4", "--max-seq",
                  *extra]) == 0

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import os
+
+import pytest
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
 
 from conftest import COMMITTED_RESULTS
+
+pytestmark = pytest.mark.slow  # the inner loop (-m 'not slow') skips this file
 
 ROOT = Path(__file__).resolve().parents[1]
 

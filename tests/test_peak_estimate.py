@@ -40,6 +40,9 @@ def test_exact_small_case_by_hand():
     assert e.bytes["weights"] == 872704 and e.bytes["optimizer_state"] == 1745492
 
 
+@pytest.mark.slow
+
+
 def test_grows_with_shape_and_shrinks_with_checkpointing():
     base = dict(batch_size=2, seq_len=256, device="cpu")
     for model in ("tiny-llama", "tiny-gpt2", "tiny-t5"):
@@ -110,6 +113,9 @@ def test_layerwise_refuses_accumulation():
         estimate("tiny-llama", "galore_adamw_layerwise", optim_target_modules="all-linear", grad_accum=2)
 
 
+@pytest.mark.slow
+
+
 def test_every_model_family_device_and_optimizer_estimates():
     """Smoke test over the catalog's families, both devices, precisions, checkpointing, attention."""
     from optimem.estimators import REGISTRY, names
@@ -126,6 +132,9 @@ def test_every_model_family_device_and_optimizer_estimates():
         for device in ("cpu", "cuda"):
             e = estimate("tiny-llama", name, dtype="bf16", batch_size=2, seq_len=32, device=device, **kw)
             assert e.bytes["peak"] >= e.bytes["weights"] + e.bytes["optimizer_state_device"]
+
+
+@pytest.mark.slow
 
 
 def test_catalog_models():
@@ -221,6 +230,9 @@ def test_cli_new_flags_json_matches_api(capsys):
     assert d["bytes"] == api.bytes and d["phases"] == api.phases and d["peak_phase"] == api.peak_phase
 
 
+@pytest.mark.slow
+
+
 def test_cli_table_shows_peak(capsys):
     code, out, _ = run_cli(capsys, "estimate", "--model", "meta-llama/Meta-Llama-3-8B", "--optim", "adamw_torch",
                            "--dtype", "bf16", "--batch-size", "4", "--seq-len", "2048", "--gradient-checkpointing")
@@ -249,6 +261,9 @@ def test_error_table_renders():
     assert "**1 of 3 cases within tolerance** (2 ran)" in table
     assert "| peak | 5.5000% | +10.0000% | +100 | 2 |" in table
     assert "tiny-t5 lomo 4x128 bf16" in table and "(out of tolerance)" in table and "boom" in table
+
+
+@pytest.mark.slow
 
 
 def test_estimate_for_run_config():

@@ -14,6 +14,8 @@ import pytest
 
 from optimem.harness.validate import FAMILIES, FAMILY_SHAPE, MODELS, SHAPES, Case, run_case, tolerance
 
+pytestmark = pytest.mark.slow  # real Trainer runs or processes throughout: the inner loop (-m 'not slow') skips this file
+
 CORE_OPTIMIZERS = ("adamw_torch", "adafactor", "adamw_bnb_8bit", "galore_adamw", "apollo_adamw", "lomo",
                    "schedule_free_adamw", "galore_adamw_layerwise")
 """Eight families: torch AdamW (single-tensor loop), transformers Adafactor, bitsandbytes 8-bit, GaLore (SVD

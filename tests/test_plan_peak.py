@@ -32,6 +32,7 @@ def _max(optim: str, gpu: str, **kw) -> int:
     ("lion_8bit", "rtx4090", {"model": "gpt2", "seq_len": 1024, "mixed_precision": "fp16", "num_processes": 2,
                               "sharding": "zero2"}),  # GPT-2 has 1024 learned positions
 ])
+@pytest.mark.slow
 def test_reported_batch_fits_and_one_more_does_not(optim, gpu, kw):
     s, budget = _setup(optim, **kw), GPUS[gpu].budget()
     b = P.max_micro_batch(s, budget)
@@ -70,6 +71,7 @@ def test_full_adamw_8b_does_not_fit_a_24gb_gpu():
     ("h100-sxm", {}, ("adafactor", "adamw_torch_4bit")),  # fp32 weights: AdamW fits no micro-batch at all
     ("l40s", {"dtype": "bf16"}, ("adafactor", "galore_adamw_8bit")),
 ])
+@pytest.mark.slow
 def test_8bit_and_factored_optimizers_fit_more_than_adamw(gpu, kw, lean):
     adamw = _max("adamw_torch_fused", gpu, gradient_checkpointing=True, **kw)
     for optim in lean:
@@ -126,6 +128,9 @@ def test_measured_mfu_replaces_the_assumed_one(tmp_path):
     assumed = P.plan_one(s, GPUS["h100-sxm"], calibration=cal)
     assert got.mfu == pytest.approx(0.55) and got.mfu_source.startswith("measured")
     assert assumed.mfu == P.DEFAULT_MFU and assumed.mfu_source == "assumed"
+
+
+@pytest.mark.slow
 
 
 def test_cli_plan_llama3_all_gpus(capsys, tmp_path, monkeypatch):

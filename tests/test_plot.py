@@ -36,6 +36,9 @@ def assert_drawn(path: Path) -> None:
     assert pixels.std() > 0.05
 
 
+@pytest.mark.slow
+
+
 def test_plot_reads_multi_process_records(tmp_path, capsys):
     """The committed multi-process file plots too (per-rank predictions; failed FSDP2 runs listed)."""
     src = ROOT / "results" / "cpu-amd-epyc-2026-12-02-distributed.jsonl"
@@ -45,6 +48,9 @@ def test_plot_reads_multi_process_records(tmp_path, capsys):
     assert out["records"] == len(df) and (df.num_processes == 2).all()
     ok = df[df.status == "ok"]
     assert (ok.peak_error_pct.abs() < 1).all()  # against the planner's per-rank peak
+
+
+@pytest.mark.slow
 
 
 def test_plot_committed_results(tmp_path, capsys):

@@ -30,6 +30,8 @@ from optimem.harness.scenario import RunConfig, build_trainer
 from optimem.harness.state_check import compare_state
 from optimem.harness.state_walker import measure_optimizer_state
 
+pytestmark = pytest.mark.slow  # real Trainer runs or processes throughout: the inner loop (-m 'not slow') skips this file
+
 MODELS = ("tiny-llama", "tiny-gpt2", "tiny-t5")
 DTYPES = ("fp32", "bf16")
 TORCH_NAMES = ["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop"]

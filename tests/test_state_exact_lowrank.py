@@ -31,6 +31,8 @@ from optimem.harness.scenario import RunConfig, build_model, build_trainer, unwr
 from optimem.harness.state_check import StateComparison, compare_state
 from optimem.harness.state_walker import measure_optimizer_state
 
+pytestmark = pytest.mark.slow  # real Trainer runs or processes throughout: the inner loop (-m 'not slow') skips this file
+
 TOL = 0.005
 APOLLO_MINI = "proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200"
 MODELS = ("tiny-llama", "tiny-t5")

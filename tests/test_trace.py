@@ -83,6 +83,9 @@ def test_trace_books_what_the_real_cpu_step_books(model, kw):
     assert len(real) > 100 and _canonical(traced) == _canonical(real)
 
 
+@pytest.mark.slow
+
+
 def test_fit_equals_a_direct_trace_at_a_large_shape():
     """Llama-3-8B in bf16: the polynomials fitted from batches 2-4 x sequences 16-77 give every allocation of a
     direct trace at batch 16 x sequence 4096, to the byte."""
@@ -99,6 +102,7 @@ def test_fit_equals_a_direct_trace_at_a_large_shape():
 
 @pytest.mark.parametrize("model,shapes", [("tiny-gemma2", ((3, 40), (5, 48), (1, 200), (6, 333))),
                                           ("tiny-llama", ((1, 300), (1, 1001)))])
+@pytest.mark.slow
 def test_window_regions_fit_and_batch_one_is_its_own_region(model, shapes):
     """Gemma 2 (sliding window 48): below, at and above the window, and batch 1; Llama at batch 1 (derived from
     the batches-from-2 region with one trace): each region gives a direct trace's sizes."""
@@ -194,6 +198,9 @@ def _replay_event_by_event(sim, log, params, on_mark):
                 sim.hooks["pre_accumulate"](sim, params[b])
         else:
             on_mark(a, b)
+
+
+@pytest.mark.slow
 
 
 def test_vectorized_replay_equals_the_event_by_event_replay(monkeypatch):

@@ -42,6 +42,7 @@ def _cli(capsys, *argv) -> dict:
     return row
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["adamw-bf16-accum-ckpt", "galore-args-targets", "frozen-embeddings"])
 def test_model_and_training_arguments_equal_the_cli(capsys, case):
     model = _meta_model(torch.bfloat16 if case != "frozen-embeddings" else torch.float32)

@@ -18,6 +18,8 @@ from optimem.harness.record import read_records, validate
 from optimem.harness.scenario import RunConfig
 from optimem.harness.zygote import Zygote, preload_modules
 
+pytestmark = pytest.mark.slow  # real Trainer runs or processes throughout: the inner loop (-m 'not slow') skips this file
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
