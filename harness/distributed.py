@@ -28,7 +28,6 @@ record's ``distributed`` part (every rank beside the planner's per-rank predicti
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -38,14 +37,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from optimem.harness.contract import (FAULT_ENV, TIMEOUT_ENV, WorkerOutcome, rank_info, rank_result_path, read_result,
+                                      write_job)
+from optimem.harness.process import die_with_parent, last_line, spawn, wait, worker_env
+from optimem.harness.process import tail as log_tail
+
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 SCHEMES = ("ddp", "fsdp", *ZERO_STAGES)
-RESULT_SUFFIX = ".rank"
-TIMEOUT_ENV = "OPTIMEM_RUN_TIMEOUT"
 MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
 """Where DeepSpeed's ZeRO optimizers keep the fp32 master partitions (stage 1/2, stage 3)."""
-"""The run's timeout (seconds), handed to the ranks so a collective never waits longer (``ddp_timeout``)."""
-"""Rank ``R`` of a run whose result path is ``RESULT`` writes ``RESULT.rank<R>``."""
 
 
 # ------------------------------------------------------------------------------------ the Trainer's side
@@ -179,16 +179,6 @@ def skip_deepspeed_shm_op() -> None:
 
 
 # ------------------------------------------------------------------------------------- inside a rank
-def rank_info() -> tuple[int, int, int]:
-    """``(rank, local_rank, world_size)`` from torchrun's environment (``(0, 0, 1)`` outside it)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)))
-
-
-def rank_result_path(result: str | os.PathLike, rank: int) -> str:
-    return f"{result}{RESULT_SUFFIX}{rank}"
-
-
 def _storage_bytes(tensors, seen: set | None = None) -> int:
     """Unique storage bytes of the plain tensors behind ``tensors`` (DTensors opened; meta skipped)."""
     from optimem.harness.state_walker import _plain_tensors
@@ -418,16 +408,6 @@ def rank_faults(fault: str | None, world_size: int) -> dict[str, str]:
     return {str(r): fault for r in range(world_size)}
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: torchrun dies with the launcher
-    except Exception:
-        pass
-
-
 def launch(cfg, *, timeout_s: float, fault: str | None = None, track_tensors: bool | None = None,
            on_start: Callable[[subprocess.Popen], None] | None = None, log_path: str | None = None):
     """Run ``cfg`` on ``cfg.num_processes`` ranks under torchrun and return one
@@ -435,59 +415,32 @@ def launch(cfg, *, timeout_s: float, fault: str | None = None, track_tensors: bo
     worst rank's ``measured`` and a ``distributed`` section with every rank's result."""
     import tempfile
 
-    from optimem.harness.env_facts import REPO_ROOT
-    from optimem.harness.launcher import WorkerOutcome, _kill_group, _tail
-
     n = int(cfg.num_processes)
     with tempfile.TemporaryDirectory(prefix="optimem-dist-") as tmp:
         tmpdir = Path(tmp)
         job, result = tmpdir / "job.json", tmpdir / "result.json"
         log = Path(log_path) if log_path else tmpdir / "ranks.log"
-        job.write_text(json.dumps({"config": cfg.to_dict(), "track_tensors": track_tensors,
-                                   "rank_faults": rank_faults(fault, n), "parent_pid": os.getpid()}))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        write_job(job, cfg.to_dict(), track_tensors=track_tensors, rank_faults=rank_faults(fault, n),
+                  parent_pid=os.getpid())
+        env = worker_env()
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
         env[TIMEOUT_ENV] = str(int(timeout_s))
         if fault:
-            env.pop("OPTIMEM_FAULT", None)
+            env.pop(FAULT_ENV, None)
         argv = torchrun_command(cfg, job, result)
         start = time.perf_counter()
         timed_out = False
         with open(log, "wb") as logfh:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logfh, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True, cwd=os.getcwd(), preexec_fn=_die_with_parent)
+            proc = spawn(argv, logfh, env, preexec_fn=die_with_parent)  # torchrun dies with the launcher
             if on_start is not None:
                 on_start(proc)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc, grace_s=10.0)  # torchrun's agent tears its ranks down on SIGTERM
-            except BaseException:
-                _kill_group(proc, grace_s=10.0)
-                raise
+            timed_out = wait(proc, timeout_s, grace_s=10.0)  # torchrun's agent tears its ranks down on SIGTERM
         duration = time.perf_counter() - start
-        tail = _tail(log, 6000)
-        ranks = []
-        for r in range(n):
-            path = Path(rank_result_path(result, r))
-            payload = None
-            if path.is_file():
-                try:
-                    payload = json.loads(path.read_text())
-                except json.JSONDecodeError:
-                    payload = None
-            ranks.append(payload)
+        tail = log_tail(log, 6000)
+        ranks = [read_result(rank_result_path(result, r)) for r in range(n)]
         payload = combine(ranks, returncode=proc.returncode, timed_out=timed_out, timeout_s=timeout_s, log_tail=tail)
         payload["distributed"].update(launcher="torchrun", command=" ".join(argv[1:-2] + ["JOB", "RESULT"]))
         return WorkerOutcome(payload, proc.returncode, duration, tail)
-
-
-def _last_line(text: str) -> str:
-    return next((ln.strip() for ln in reversed((text or "").strip().splitlines()) if ln.strip()), "")
 
 
 def combine(ranks: list[dict | None], *, returncode: int | None, timed_out: bool, timeout_s: float,
@@ -527,7 +480,7 @@ def combine(ranks: list[dict | None], *, returncode: int | None, timed_out: bool
             detail = first.get("detail") or detail
         else:  # killed before writing anything (the kernel's OOM killer sends SIGKILL)
             status = "oom" if returncode is not None and returncode in (-9, 137) else "error"
-            last = _last_line(log_tail)
+            last = last_line(log_tail)
             reason = (f"every failing rank died without a result (torchrun exited with {returncode})"
                       + (f": {last[:200]}" if last else ""))
         detail = detail or (log_tail or None)

@@ -22,33 +22,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from optimem.estimators import get_spec
-from optimem.estimators.estimate import estimate
 from optimem.estimators.errors import UserError
-from optimem.harness.env_facts import REPO_ROOT, collect_env
+from optimem.estimators.estimate import estimate
+from optimem.estimators.peft_model import cpu_run_limit
+from optimem.harness.contract import RUN_DIR_ENV, RUN_DIR_PREFIX, WorkerOutcome, read_result, write_job
+from optimem.harness.distributed import is_distributed, section, unsupported_reason
+from optimem.harness.distributed import launch as torchrun_launch
+from optimem.harness.env_facts import collect_env
+from optimem.harness.process import kill_group, signal_name, spawn, wait, worker_env
+from optimem.harness.process import tail as log_tail
 from optimem.harness.record import build_record, validate
-from optimem.harness.scenario import RunConfig
+from optimem.harness.run_config import RunConfig
 
 if TYPE_CHECKING:
     from optimem.harness.zygote import Zygote
 
 DEFAULT_TIMEOUT_S = 1200.0
-
-
-@dataclass
-class WorkerOutcome:
-    """What came back from a worker: its payload (``status``, ``reason``, ``measured``, ``device_facts``,
-    ``detail``), how it exited and how long it ran (seconds)."""
-
-    payload: dict[str, Any]
-    returncode: int | None
-    duration_s: float
-    log_tail: str = ""
-    launch: str = "in_process"
-    """How the worker started: ``subprocess`` (``python -m optimem.harness.worker``), ``zygote`` (forked from a
-    :class:`optimem.harness.zygote.Zygote`) or ``in_process``."""
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -73,7 +65,7 @@ def predict(cfg: RunConfig) -> dict[str, Any] | None:
 
 def cuda_available() -> bool:
     """Whether a CUDA device can be used (does not create a CUDA context)."""
-    import torch
+    import torch  # lazy: the parent of a sweep imports torch only when asked (bench estimate stays torch-free)
 
     return torch.cuda.is_available()
 
@@ -91,13 +83,9 @@ def skip_reason(cfg: RunConfig, device: str) -> str | None:
         note = spec.cpu_note or "it needs CUDA"
         return f"{spec.name} cannot run on CPU: {note}"
     if device == "cpu" and cfg.peft:
-        from optimem.estimators.peft_model import cpu_run_limit
-
         reason = cpu_run_limit(cfg)
         if reason:
             return reason
-    from optimem.harness.distributed import unsupported_reason
-
     return unsupported_reason(cfg)
 
 
@@ -107,28 +95,47 @@ def resolve_device(cfg: RunConfig) -> str:
     return cfg.device
 
 
-def _signal_name(code: int) -> str:
-    try:
-        return signal.Signals(-code).name
-    except ValueError:
-        return f"signal {-code}"
+class Launcher(Protocol):
+    """How a run's worker starts: :meth:`launch` runs ``cfg`` and returns its :class:`WorkerOutcome`."""
+
+    def launch(self, cfg: RunConfig, *, timeout_s: float, fault: str | None, track_tensors: bool | None,
+               on_start: Callable[[subprocess.Popen], None] | None) -> WorkerOutcome: ...
 
 
-def _tail(path: Path, limit: int = 3000) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return ""
-    return data[-limit:].decode("utf-8", "replace")
+class InProcessLauncher:
+    """This process (tests, debugging): no isolation, no timeout."""
+
+    def launch(self, cfg, *, timeout_s=None, fault=None, track_tensors=None, on_start=None) -> WorkerOutcome:
+        return run_in_process(cfg, fault=fault, track_tensors=track_tensors)
 
 
-def worker_env() -> dict[str, str]:
-    """The environment a worker runs in: this process's, with optimem importable and output unbuffered."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
+@dataclass
+class SubprocessLauncher:
+    """A worker process of its own session: forked from ``zygote`` when given and able, else a fresh
+    ``python -m optimem.harness.worker`` (see :func:`run_isolated`)."""
+
+    zygote: Zygote | None = None
+
+    def launch(self, cfg, *, timeout_s=DEFAULT_TIMEOUT_S, fault=None, track_tensors=None,
+               on_start=None) -> WorkerOutcome:
+        return run_isolated(cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors, on_start=on_start,
+                            zygote=self.zygote)
+
+
+class TorchrunLauncher:
+    """``cfg.num_processes`` ranks under torchrun (:func:`optimem.harness.distributed.launch`)."""
+
+    def launch(self, cfg, *, timeout_s=DEFAULT_TIMEOUT_S, fault=None, track_tensors=None,
+               on_start=None) -> WorkerOutcome:
+        return torchrun_launch(cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors, on_start=on_start)
+
+
+def choose_launcher(cfg: RunConfig, *, isolate: bool = True, zygote: Zygote | None = None) -> Launcher:
+    """torchrun for a multi-process run (always isolated), else a worker process (forked from ``zygote`` when
+    given), else this process (``isolate=False``)."""
+    if is_distributed(cfg):
+        return TorchrunLauncher()
+    return SubprocessLauncher(zygote) if isolate else InProcessLauncher()
 
 
 def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault: str | None = None,
@@ -143,51 +150,41 @@ def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault:
     ``command`` replaces ``[python, -m, optimem.harness.worker]`` (the job and result paths are appended): tests use
     it to stand in a worker that hangs or crashes.
     """
-    from optimem.harness.worker import RUN_DIR_ENV, RUN_DIR_PREFIX
-
     # ignore_cleanup_errors: a worker whose parent died removes the folder itself (see optimem.harness.worker)
     with tempfile.TemporaryDirectory(prefix=RUN_DIR_PREFIX, ignore_cleanup_errors=True) as tmp:
         tmpdir = Path(tmp)
         job = tmpdir / "job.json"
         result = tmpdir / "result.json"
         log = Path(log_path) if log_path else tmpdir / "worker.log"
-        job.write_text(json.dumps({"config": cfg.to_dict(), "fault": fault, "track_tensors": track_tensors,
-                                   "parent_pid": os.getpid()}))
+        write_job(job, cfg.to_dict(), fault=fault, track_tensors=track_tensors, parent_pid=os.getpid())
         env = worker_env()
         env[RUN_DIR_ENV] = str(tmpdir)
         start = time.perf_counter()
         with open(log, "wb") as logfh:
-            proc, launch, timed_out = None, "subprocess", False
+            proc, launch = None, "subprocess"
             try:
                 if zygote is not None and command is None:
                     proc = zygote.spawn([str(job), str(result)], log=log, env=env, cwd=os.getcwd())
                     launch = "zygote" if proc is not None else launch
                 if proc is None:
                     argv = list(command or [sys.executable, "-m", "optimem.harness.worker"]) + [str(job), str(result)]
-                    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logfh, stderr=subprocess.STDOUT,
-                                            env=env, start_new_session=True, cwd=os.getcwd())
+                    proc = spawn(argv, logfh, env)
                 if on_start is not None:
                     on_start(proc)
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc)
             except BaseException:
                 if proc is not None:
-                    _kill_group(proc)
+                    kill_group(proc)
                 raise
+            timed_out = wait(proc, timeout_s)
         duration = time.perf_counter() - start
-        tail = _tail(log)
+        tail = log_tail(log)
         if timed_out:
             payload = {"status": "error", "reason": f"timed out after {timeout_s:g} s (the worker was killed)",
                        "measured": None, "device_facts": {}, "detail": tail or None}
             return WorkerOutcome(payload, proc.returncode, duration, tail, launch)
-        if result.is_file():
-            try:
-                payload = json.loads(result.read_text())
-                return WorkerOutcome(payload, proc.returncode, duration, tail, launch)
-            except json.JSONDecodeError:
-                pass
+        payload = read_result(result)
+        if payload is not None:
+            return WorkerOutcome(payload, proc.returncode, duration, tail, launch)
         code = proc.returncode
         if getattr(proc, "lost", False):
             payload = {"status": "error", "reason": "the zygote process the run was forked from died before the "
@@ -198,7 +195,7 @@ def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault:
                                                   "by the kernel's out-of-memory killer", "measured": None,
                        "device_facts": {}, "detail": tail or None}
         else:
-            how = f"died with {_signal_name(code)}" if code is not None and code < 0 else f"exited with code {code}"
+            how = f"died with {signal_name(code)}" if code is not None and code < 0 else f"exited with code {code}"
             last = next((ln for ln in reversed(tail.strip().splitlines()) if ln.strip()), "")
             payload = {"status": "error", "reason": f"the worker {how} without a result" +
                                                     (f": {last[:200]}" if last else ""),
@@ -206,34 +203,9 @@ def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault:
         return WorkerOutcome(payload, code, duration, tail, launch)
 
 
-def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
-    """SIGTERM then SIGKILL to the worker's process group (the worker and anything it started)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            if proc.poll() is not None:
-                return
-            try:  # not (yet) a group leader: the process alone
-                os.kill(proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                return
-        try:
-            proc.wait(timeout=grace_s)
-            if sig == signal.SIGTERM:
-                # the group may still hold children (compile workers): make sure
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def run_in_process(cfg: RunConfig, *, fault: str | None = None, track_tensors: bool | None = None) -> WorkerOutcome:
     """Run ``cfg`` in this process (tests, debugging): no isolation, no timeout."""
-    from optimem.harness.worker import run_measured
+    from optimem.harness.worker import run_measured  # lazy: torch and transformers, only for in-process runs
 
     start = time.perf_counter()
     payload = run_measured(cfg, fault=fault, track_tensors=track_tensors)
@@ -261,16 +233,8 @@ def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bo
                               predicted=predicted, env=env, run={**run_meta, "duration_s": 0.0})
         validate(record)
         return record
-    from optimem.harness import distributed
-
-    if distributed.is_distributed(cfg):  # torchrun, one worker per rank (always isolated)
-        outcome = distributed.launch(cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors,
-                                     on_start=on_start)
-    elif isolate:
-        outcome = run_isolated(cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors, on_start=on_start,
-                               zygote=zygote)
-    else:
-        outcome = run_in_process(cfg, fault=fault, track_tensors=track_tensors)
+    outcome = choose_launcher(cfg, isolate=isolate, zygote=zygote).launch(
+        cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors, on_start=on_start)
     payload = outcome.payload
     env.update({k: v for k, v in (payload.get("device_facts") or {}).items() if v is not None and k != "device"})
     run_meta.update({"duration_s": round(outcome.duration_s, 3), "returncode": outcome.returncode,
@@ -282,10 +246,10 @@ def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bo
     record = build_record(config=cfg.to_dict(), status=status, reason=payload.get("reason") or "",
                           measured=measured, predicted=predicted, env=env, run=run_meta,
                           detail=payload.get("detail"),
-                          distributed=distributed.section(cfg, payload, timeout_s=timeout_s, device=device))
+                          distributed=section(cfg, payload, timeout_s=timeout_s, device=device))
     validate(record)
     return record
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "WorkerOutcome", "check_config", "cuda_available", "execute", "predict",
-           "resolve_device", "run_in_process", "run_isolated", "skip_reason", "worker_env"]
+__all__ = ["DEFAULT_TIMEOUT_S", "InProcessLauncher", "Launcher", "SubprocessLauncher", "TorchrunLauncher", "check_config", "choose_launcher",
+           "cuda_available", "execute", "predict", "resolve_device", "run_in_process", "run_isolated", "skip_reason"]

@@ -18,6 +18,7 @@ from optimem.estimators import get_spec
 from optimem.estimators.catalog import resolve
 from optimem.estimators.inventory import TORCH_DTYPE_NAMES, instantiate
 from optimem.estimators.optimizers import parse_optim_args
+from optimem.harness.contract import RUN_DIR_ENV
 from optimem.harness.run_config import FIRST_SYNTHETIC_ID, RunConfig, data_tokens
 
 
@@ -119,8 +120,6 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
     if output_dir is None:
         # the Trainer makes its output_dir even with save_strategy="no": inside the launcher's run folder (removed
         # with it), else a temporary folder removed with the Trainer
-        from optimem.harness.worker import RUN_DIR_ENV
-
         run_dir = os.environ.get(RUN_DIR_ENV)
         output_dir = os.path.join(run_dir, "trainer") if run_dir and os.path.isdir(run_dir) else \
             (owned := tempfile.mkdtemp(prefix="optimem-trainer-"))

@@ -399,7 +399,7 @@ class Sweep:
         if not self.opts.fork or runs < 2:
             yield
             return
-        from optimem.harness.launcher import worker_env
+        from optimem.harness.process import worker_env
         from optimem.harness.zygote import Zygote
 
         self.zygote = Zygote()

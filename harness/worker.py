@@ -14,7 +14,6 @@ the phase ``PHASE`` (e.g. ``step0.backward``) starts.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -23,26 +22,13 @@ import time
 import traceback
 from typing import Any
 
-FAULT_ENV = "OPTIMEM_FAULT"
-RUN_DIR_PREFIX = "optimem-run-"
-"""The launcher's per-run temporary folder (job, result, log, the Trainer's output_dir): the worker removes it
-when the launcher dies before it could."""
-RUN_DIR_ENV = "OPTIMEM_RUN_DIR"
-"""Set by the launcher for the worker: the run's temporary folder (the Trainer's output_dir goes inside)."""
+from optimem.harness.contract import (FAULT_ENV, RUN_DIR_PREFIX, rank_info, rank_result_path, read_job,
+                                      write_result)
+from optimem.harness.process import quiet_libraries
+
 STEP_COMPILED_PACKAGES = frozenset({"torchao", "flashoptim"})
 """Optimizers whose ``step()`` runs ``torch.compile(fullgraph=True)``, which refuses to trace under a
 Python dispatch mode: the tensor accountant is paused around their step."""
-
-
-def _quiet() -> None:
-    import logging
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore")
-    for name in ("torchao", "torch._dynamo", "torch._inductor", "transformers", "bitsandbytes", "accelerate"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -121,7 +107,7 @@ def run_measured(cfg, *, fault: str | None = None, track_tensors: bool | None = 
     ``track_tensors``: run the exact tensor accountant (default: on for CPU runs, off on CUDA where the
     allocator's own statistics are exact and free). It sees :func:`tensor_tracked_steps` steps.
     """
-    _quiet()
+    quiet_libraries()
     run = MeasuredRun(cfg, fault=fault if fault is not None else os.environ.get(FAULT_ENV),
                       track_tensors=track_tensors)
     return run.execute()
@@ -504,15 +490,6 @@ def _watch_parent(parent: int, run_dir: str | None = None) -> None:
     threading.Thread(target=loop, name="optimem-parent-watch", daemon=True).start()
 
 
-def _write_json_atomic(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None, *, parent_pid: int | None = None) -> int:
     """``python -m optimem.harness.worker CONFIG.json RESULT.json``: CONFIG holds ``{"config": {...}, "fault":
     ..., "track_tensors": ..., "parent_pid": ...}``; the worker's result goes to RESULT.json. The worker
@@ -520,10 +497,7 @@ def main(argv: list[str] | None = None, *, parent_pid: int | None = None) -> int
     zygote a run was forked from)."""
     argv = sys.argv[1:] if argv is None else argv
     config_path, result_path = argv
-    with open(config_path) as fh:
-        job = json.load(fh)
-    from optimem.harness.distributed import rank_info, rank_result_path
-
+    job = read_job(config_path)
     rank, _, world = rank_info()
     if world > 1:  # one rank of a torchrun launch: its parent is torchrun's agent; its result is its own
         _watch_parent(os.getppid())
@@ -539,7 +513,7 @@ def main(argv: list[str] | None = None, *, parent_pid: int | None = None) -> int
 
     cfg = RunConfig.from_dict(job["config"])
     result = run_measured(cfg, fault=fault, track_tensors=job.get("track_tensors"))
-    _write_json_atomic(result_path, result)
+    write_result(result_path, result)
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip interpreter teardown (compile workers, CUDA, NVML threads): the result is on disk.

@@ -39,7 +39,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from optimem.harness.worker import FAULT_ENV, RUN_DIR_ENV
+from optimem.harness.contract import FAULT_ENV, RUN_DIR_ENV
+from optimem.harness.process import quiet_libraries
 
 RUNTIME_ENV = frozenset({FAULT_ENV, RUN_DIR_ENV})
 """Environment variables read only while a run runs, never at import: a run whose environment differs from
@@ -160,9 +161,7 @@ def serve() -> int:
     t0 = time.perf_counter()
     done = []
     try:
-        from optimem.harness.worker import _quiet
-
-        _quiet()
+        quiet_libraries()
         for name in preload_modules():
             if name in exclude:
                 continue

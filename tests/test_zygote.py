@@ -13,7 +13,8 @@ import pytest
 
 from optimem.estimators import cache
 from optimem.harness.cli import main
-from optimem.harness.launcher import run_isolated, worker_env
+from optimem.harness.launcher import run_isolated
+from optimem.harness.process import worker_env
 from optimem.harness.record import read_records, validate
 from optimem.harness.scenario import RunConfig
 from optimem.harness.zygote import Zygote, preload_modules
