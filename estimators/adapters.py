@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import UserError
+from .params import torch_dtype
 
 ALL_LINEAR = "all-linear"
 LORA_BIASES = ("none", "all", "lora_only")
@@ -258,13 +259,9 @@ def bnb_config_kwargs(quantize: str, *, double_quant: bool = False, compute_dtyp
     if quantize == "int8":
         kw["load_in_8bit"] = True
     else:
-        import torch
-
-        from .inventory import TORCH_DTYPE_NAMES
-
         kw.update(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_use_double_quant=bool(double_quant))
         if compute_dtype is not None:
-            kw["bnb_4bit_compute_dtype"] = getattr(torch, TORCH_DTYPE_NAMES[compute_dtype])
+            kw["bnb_4bit_compute_dtype"] = torch_dtype(compute_dtype)
     if skip_modules:
         kw["llm_int8_skip_modules"] = list(skip_modules)
     return kw

@@ -35,6 +35,7 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -70,13 +71,20 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
 
 
-def _dist_version(name: str) -> str:
-    from importlib import metadata
-
+def _installed_version(name: str) -> str | None:
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
-        return "absent"
+        return None
+
+
+def _dist_version(name: str) -> str:
+    return _installed_version(name) or "absent"
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed peft and bitsandbytes versions (package metadata: nothing is imported; None: absent)."""
+    return {"peft": _installed_version("peft"), "bitsandbytes": _installed_version("bitsandbytes")}
 
 
 @functools.cache
@@ -305,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["ENV_DIR", "ENV_OFF", "FORMAT", "Key", "cache_dir", "clear", "disable", "enabled", "entries", "get",
-           "get_arrays", "key", "memo", "memo_arrays", "put", "put_arrays", "source_digest", "versions"]
+           "get_arrays", "key", "library_versions", "memo", "memo_arrays", "put", "put_arrays", "source_digest", "versions"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -6,13 +6,20 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from .steps import build as build_step
+from .cache import key as cache_key, memo
+from .catalog import ModelSource
+from .cuda_overhead import cuda_terms
 from .errors import UserError
-from .inventory import Inventory, build_inventory
+from .inventory import build_inventory
 from .optimizers import OptimizerSpec, ParamCtx, get_spec, parse_optim_args
-from .peak import PhaseModel, evaluate
-from .setup import TrainingSetup
 from .optimizers.spec import LAYERWISE_DUMMY_BYTES
+from .params import Inventory
+from .peak import PhaseModel, evaluate
+from .peft_model import adapter_inventory, peak_limit, resident_bytes, trace_fields
+from .setup import TrainingSetup
 from .trace.setting import TraceSetting
+from .user_objects import setup_for
 
 
 @dataclass
@@ -98,22 +105,21 @@ def _matched(inv: Inventory, targets) -> frozenset[str]:
         return frozenset(inv.linear_modules)
 
     def build() -> list[str]:
-        from transformers.trainer_utils import check_target_module_exists
+        from transformers.trainer_utils import check_target_module_exists  # lazy: transformers only on a cache miss
 
         tm = list(targets) if isinstance(targets, tuple) else targets
         return [m for m in inv.linear_modules if check_target_module_exists(tm, m)]
 
     if not inv.config_hash:
         return frozenset(build())
-    from . import cache
 
     def decode(names) -> list[str]:
         if not isinstance(names, list) or not set(names) <= set(inv.linear_modules):
             raise ValueError("not module names of this model")
         return names
 
-    k = cache.key("targets", 1, config=inv.config_hash, targets=targets)
-    return frozenset(cache.memo(k, build, decode=decode))
+    k = cache_key("targets", 1, config=inv.config_hash, targets=targets)
+    return frozenset(memo(k, build, decode=decode))
 
 
 def matched_linear_modules(inv: Inventory, target_modules) -> list[str]:
@@ -197,8 +203,6 @@ def estimate(model: Any, optim: Any = None, *, gpu: str | None = None, **setup_f
         if setup_fields:
             setup = replace(setup, **setup_fields)
     elif not isinstance(model, (str, Inventory)) or not isinstance(optim, (str, type(None))):
-        from .user_objects import setup_for
-
         setup = setup_for(model, optim, **setup_fields)
     else:
         if isinstance(model, Inventory):
@@ -209,16 +213,12 @@ def estimate(model: Any, optim: Any = None, *, gpu: str | None = None, **setup_f
     return estimate_setup(setup, gpu=gpu, inventory=inv)
 
 
-def _trained_set(setup: TrainingSetup, inv: Inventory) -> dict[str, Any]:
+def _trained_set(setup: TrainingSetup, source: ModelSource, inv: Inventory) -> dict[str, Any]:
     """The :class:`TraceSetting` fields that say which model is traced and what of it trains: a LoRA / QLoRA
     setup's ``peft`` fields (the traced model is then :func:`optimem.estimators.peft_model.build_training_model`'s, whose
     trainable set is the inventory's), else the ``frozen`` names of the inventory (a PEFT model object given by
     the user that is not quantized is traced with its own PEFT config, ``ModelSource.peft``)."""
-    from .catalog import resolve
-
-    if setup.peft and not (setup.quantize is None and getattr(resolve(setup.model), "peft", None)):
-        from .peft_model import trace_fields
-
+    if setup.peft and not (setup.quantize is None and source.peft):
         return {"peft": trace_fields(setup)}
     return {"frozen": tuple(r.name for r in inv.rows if not r.trainable)}
 
@@ -229,23 +229,17 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
     _check_available(spec)
     setup.check_trainable(inventory=inventory)
     device = setup.estimate_device
+    source = setup.source
     notes = []
-    if inventory is None:
-        from .catalog import resolve
-
-        source = resolve(setup.model)
-        if source.origin == "hub":
-            notes.append(source.describe())
+    if inventory is None and source.origin == "hub":
+        notes.append(source.describe())
     if setup.peft:
-        from .catalog import resolve
-        from .peft_model import adapter_inventory
-
         # The peft/bitsandbytes model itself (its dtypes are its own): the user's object when one was given,
         # else the one built from the config on the meta device.
-        own = inventory if inventory is not None else resolve(setup.model).inventory
+        own = inventory if inventory is not None else source.inventory
         inv = own if own is not None else adapter_inventory(setup)
     else:
-        inv = (inventory if inventory is not None else build_inventory(setup.model, task=setup.task))
+        inv = (inventory if inventory is not None else build_inventory(source, task=setup.task))
         inv = inv.with_dtype(setup.dtype).with_frozen(setup.freeze)
     setup = replace(setup, model=inv.model, device=device)
     if setup.sharding != "none":
@@ -273,11 +267,9 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
                    "optimizer_state": total, "optimizer_state_host": host, "optimizer_state_device": total - host}
     setting = TraceSetting(dtype=setup.dtype, mixed=setup.mixed_precision, attn=setup.attn_implementation,
                            gc=setup.gradient_checkpointing, task=inv.task, device=device,
-                           **_trained_set(setup, inv))
+                           **_trained_set(setup, source, inv))
     resident = 0
     if setup.quantize:
-        from .peft_model import peak_limit, resident_bytes
-
         limit = peak_limit(setup, device)
         if limit is not None:
             notes.append(limit)
@@ -287,14 +279,12 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
                 state_breakdown=dict(sorted(breakdown.items())), optim_args=dict(args), targeted_params=n_targeted,
                 family=spec.family, notes=notes)
         resident = resident_bytes(setup)
-    phase_model = _phase_model(inv, spec.name, args_key, targets, setting, setup.grad_accum, device, total, host,
+    phase_model = _phase_model(inv, source, spec.name, args_key, targets, setting, setup.grad_accum, device, total, host,
                                resident)
     mem = evaluate(phase_model, setup.batch_size, setup.seq_len)
     notes.extend(n for n in (phase_model.step.note, *phase_model.notes()) if n)
     cuda = None
     if device == "cuda":
-        from .cuda_overhead import cuda_terms
-
         cuda = cuda_terms(mem, inv, _state_sizes(inv, spec.name, args_key, targets), gpu)
     return Estimate(
         setup=setup, num_params=inv.num_params, trainable_params=inv.trainable_params,
@@ -317,12 +307,10 @@ def _state_sizes(inv: Inventory, name: str, args_key: tuple, targets) -> tuple:
 
 
 @functools.lru_cache(maxsize=512)
-def _phase_model(inv: Inventory, name: str, args_key: tuple, targets, setting: TraceSetting, grad_accum: int,
+def _phase_model(inv: Inventory, source: ModelSource, name: str, args_key: tuple, targets, setting: TraceSetting, grad_accum: int,
                  device: str, state_total: int, state_host: int, resident: int = 0) -> PhaseModel:
     """The phase model of one configuration (its regions of batch shapes are traced and simulated when first
     asked for; cached)."""
-    from . import steps
-
     spec = get_spec(name)
     args = dict(args_key)
     targeted = targeted_names(inv, targets) if spec.needs_target_modules else frozenset()
@@ -334,11 +322,9 @@ def _phase_model(inv: Inventory, name: str, args_key: tuple, targets, setting: T
         shared += LAYERWISE_DUMMY_BYTES
     if device != "cpu" and spec.state_location == "host":
         shared = 0
-    step = steps.build(spec, args, inv, targeted, device, shared)
+    step = build_step(spec, args, inv, targeted, device, shared)
     on_device = state_total - (state_host if device != "cpu" else 0)
-    from .catalog import resolve
-
     parts = {"optim": name, "args": repr(args_key), "targets": repr(targets), "device": device,
              "state": [state_total, state_host]}
-    return PhaseModel(inv, resolve(inv.model), setting, grad_accum, step, on_device, step.state_at_init, parts,
+    return PhaseModel(inv, source, setting, grad_accum, step, on_device, step.state_at_init, parts,
                       resident)

@@ -27,15 +27,22 @@ rows carry their storage bytes, quantization state included), trainable adapter 
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
+import importlib.util
+import json
 import logging
+import re
 import tempfile
 import warnings
-from collections.abc import Mapping
-from typing import Any
 
 from .adapters import bnb_config_kwargs
-from .catalog import resolve
+from .cache import key as cache_key, library_versions, memo
 from .errors import UserError
+from .inventory import INVENTORY_CACHE_VERSION, config_digest, instantiate, inventory_from_model, \
+    inventory_from_payload, inventory_payload
+from .params import torch_dtype
+from .setup import TrainingSetup
 
 TASK_TYPES = {False: "CAUSAL_LM", True: "SEQ_2_SEQ_LM"}
 """peft ``task_type`` by whether the model is an encoder-decoder."""
@@ -46,7 +53,7 @@ GC_KWARGS = {"use_reentrant": False}
 @contextlib.contextmanager
 def _quiet():
     """transformers' and peft's warnings and progress bars off (saving and loading a tiny model prints bars)."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # lazy: transformers only when a model is built
 
     tlog = logging.getLogger("transformers")
     old = tlog.level
@@ -65,7 +72,7 @@ def _quiet():
 
 @contextlib.contextmanager
 def _default_dtype(dtype):
-    import torch
+    import torch  # lazy: torch only when a model is built
 
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -75,17 +82,9 @@ def _default_dtype(dtype):
         torch.set_default_dtype(old)
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    from .inventory import TORCH_DTYPE_NAMES
-
-    return getattr(torch, TORCH_DTYPE_NAMES[name])
-
-
 def bnb_config(setup):
     """The ``transformers.BitsAndBytesConfig`` of a quantized setup."""
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # lazy: transformers only when a model is built
 
     return BitsAndBytesConfig(**bnb_config_kwargs(setup.quantize, double_quant=setup.double_quant,
                                                   compute_dtype=setup.quant_compute_dtype,
@@ -93,7 +92,7 @@ def bnb_config(setup):
 
 
 def _bnb_quantizer(setup):
-    from transformers.quantizers import AutoHfQuantizer
+    from transformers.quantizers import AutoHfQuantizer  # lazy: transformers only when a model is built
 
     return AutoHfQuantizer.from_config(bnb_config(setup), pre_quantized=False)
 
@@ -101,15 +100,12 @@ def _bnb_quantizer(setup):
 def quantized_meta_model(setup):
     """The skeleton ``from_pretrained(..., quantization_config=...)`` builds, on the meta device, with every
     quantized weight in bitsandbytes' storage layout (see the module doc)."""
-    import torch
+    import torch  # lazy: torch only when a model is built
 
-    from .inventory import instantiate
-
-    source = resolve(setup.model)
     quantizer = _bnb_quantizer(setup)
-    dtype = quantizer.update_dtype(_torch_dtype(setup.dtype))
+    dtype = quantizer.update_dtype(torch_dtype(setup.dtype))
     with _quiet(), _default_dtype(dtype):
-        model = instantiate(source, device="meta")
+        model = instantiate(setup.source, device="meta")
         with torch.device("meta"):
             quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None,
                                        use_kernels=False)
@@ -125,8 +121,6 @@ def _cast_as_loaded(model, dtype) -> None:
     """Floating-point parameters in the dtype loading gives them: ``dtype``, or fp32 where the model's dtype
     plan (``_keep_in_fp32_modules``) says so, as transformers' loader casts them (it matches the plan's
     patterns anywhere in a parameter's name)."""
-    import re
-
     plan = [(re.compile(k.replace("*", ".*")), v) for k, v in model._get_dtype_plan(dtype).items()]
     for name, p in model.named_parameters():
         if not p.is_floating_point():
@@ -138,7 +132,7 @@ def _cast_as_loaded(model, dtype) -> None:
 
 def _quantize_on_meta(model) -> None:
     """bitsandbytes' own quantization of every converted weight, on meta tensors (storage layout only)."""
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # lazy: bitsandbytes only for a quantized model
     from bitsandbytes import functional
 
     # bitsandbytes caches its dynamic code (double quantization's) on the device of the first tensor it
@@ -163,7 +157,7 @@ def quantized_model(setup, base, device: str):
         base.save_pretrained(tmp)
         cls = type(base)
         try:
-            return cls.from_pretrained(tmp, quantization_config=bnb_config(setup), dtype=_torch_dtype(setup.dtype),
+            return cls.from_pretrained(tmp, quantization_config=bnb_config(setup), dtype=torch_dtype(setup.dtype),
                                        device_map={"": device}, attn_implementation=setup.attn_implementation)
         except (ImportError, ValueError, RuntimeError) as exc:
             raise UserError(f"cannot load {setup.model} quantized as {setup.quantize} on {device}: "
@@ -172,7 +166,7 @@ def quantized_model(setup, base, device: str):
 
 def lora_config(setup, model):
     """The ``peft.LoraConfig`` of the setup's adapter for ``model``."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # lazy: peft only when a model is built
 
     enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     try:
@@ -187,9 +181,7 @@ def _meta_params4bit_copy():
     makes the copy on the CPU and then assigns the data, which torch refuses for a meta tensor. For meta
     weights the copy is made around the (meta) data, as bitsandbytes' ``from_prequantized`` makes one; real
     weights are copied by bitsandbytes' own code."""
-    import copy
-
-    import torch
+    import torch  # lazy: torch and bitsandbytes only when a model is built
     from bitsandbytes.nn import Params4bit
 
     original = Params4bit.__deepcopy__
@@ -212,14 +204,14 @@ def _meta_params4bit_copy():
 def peft_wrap(model, setup):
     """Steps 2 and 3 of the module doc on ``model`` (any device): prepare for k-bit training, add the adapter."""
     if setup.prepare_kbit:
-        from peft import prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training  # lazy: peft only when a model is built
 
         with _quiet():
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.gradient_checkpointing,
                                                     gradient_checkpointing_kwargs=dict(GC_KWARGS))
     if setup.lora is None:
         return model
-    from peft import get_peft_model
+    from peft import get_peft_model  # lazy: peft only when a model is built
 
     config = lora_config(setup, model)
     meta_qdora = setup.quantize in ("nf4", "fp4") and setup.lora.dora and any(
@@ -242,13 +234,11 @@ def build_training_model(setup, *, device: str = "meta", base=None):
     by the caller, seeded, on the CPU); quantized, it is saved and loaded back quantized on ``device``;
     not quantized, it is wrapped as it is (the caller moves it)."""
     if device == "meta":
-        from .inventory import instantiate
-
         if setup.quantize:
             model = quantized_meta_model(setup)
         else:
             with _quiet():
-                model = instantiate(resolve(setup.model), device="meta", dtype=setup.dtype)
+                model = instantiate(setup.source, device="meta", dtype=setup.dtype)
     else:
         if base is None:
             raise ValueError("build_training_model on a real device needs the plain model (base)")
@@ -265,8 +255,6 @@ def trace_fields(setup) -> str | None:
     """A peft setup's :data:`TRACE_FIELDS` as one JSON object (the ``peft`` field of a
     :class:`~optimem.estimators.trace.setting.TraceSetting`; plain data, part of the trace's key); None when the setup
     is not a peft one."""
-    import json
-
     if not setup.peft:
         return None
     data = {k: getattr(setup, k) for k in TRACE_FIELDS}
@@ -300,15 +288,12 @@ def resident_bytes(setup) -> int:
     return DYNAMIC_CODE_BYTES if setup.quantize in ("nf4", "fp4") and setup.double_quant else 0
 
 
-def traced_training_model(model: str, fields: str, *, dtype: str, gradient_checkpointing: bool):
-    """:func:`build_training_model` on meta for the model named ``model`` with the peft ``fields`` of
-    :func:`trace_fields`: the model a trace runs is the one the estimator's inventory and the Trainer get."""
-    import json
-
-    from .setup import TrainingSetup
-
-    setup = TrainingSetup(model=model, optim="adamw_torch", dtype=dtype,
-                          gradient_checkpointing=gradient_checkpointing, **json.loads(fields))
+def traced_training_model(source, fields: str, *, dtype: str, gradient_checkpointing: bool):
+    """:func:`build_training_model` on meta for the model of ``source`` (a resolved
+    :class:`~optimem.estimators.catalog.ModelSource`) with the peft ``fields`` of :func:`trace_fields`: the model a
+    trace runs is the one the estimator's inventory and the Trainer get."""
+    setup = TrainingSetup(model=source.name, optim="adamw_torch", dtype=dtype,
+                          gradient_checkpointing=gradient_checkpointing, **json.loads(fields)).with_source(source)
     require_packages(setup)
     return build_training_model(setup, device="meta")
 
@@ -324,98 +309,14 @@ def cpu_run_limit(setup) -> str | None:
     return None
 
 
-def peft_fields(model) -> dict[str, Any]:
-    """The setup fields a user's peft model object stands for: ``lora`` (its active LoRA adapter's config) and,
-    for a base bitsandbytes loaded, ``quantize`` / ``double_quant`` / ``quant_compute_dtype`` /
-    ``quant_skip_modules`` from its ``quantization_config``. Empty for other peft methods (prefix tuning, IA3...),
-    which optimem does not describe as a setup."""
-    from .adapters import LoraSpec
-    from .inventory import normalize_dtype
-
-    configs = getattr(model, "peft_config", None) or {}
-    active = getattr(model, "active_adapter", None)
-    config = configs.get(active) if isinstance(active, str) else None
-    config = config if config is not None else next(iter(configs.values()), None)
-    if config is None or type(config).__name__ != "LoraConfig":
-        return {}
-    out: dict[str, Any] = {"lora": LoraSpec.from_peft(config)}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    q = getattr(getattr(base, "config", None), "quantization_config", None)
-    q = q.to_dict() if hasattr(q, "to_dict") else q
-    method = q.get("quant_method", "") if isinstance(q, Mapping) else ""
-    if str(getattr(method, "value", method)).lower() in ("bitsandbytes", "bitsandbytes_4bit", "bitsandbytes_8bit"):
-        if q.get("load_in_4bit"):
-            out.update(quantize=q.get("bnb_4bit_quant_type") or "fp4",
-                       double_quant=bool(q.get("bnb_4bit_use_double_quant")))
-            dtype = q.get("bnb_4bit_compute_dtype")
-            if dtype:
-                out["quant_compute_dtype"] = normalize_dtype(str(dtype))
-        elif q.get("load_in_8bit"):
-            out["quantize"] = "int8"
-        if q.get("llm_int8_skip_modules") and out.get("quantize"):
-            out["quant_skip_modules"] = tuple(q["llm_int8_skip_modules"])
-    return out
-
-
 def require_packages(setup) -> None:
     """UserError, with the install line, when a LoRA/QLoRA setup's libraries are missing."""
-    import importlib.util
-
     need = (["peft"] if setup.lora is not None or setup.prepare_kbit else []) + (["bitsandbytes"] if setup.quantize
                                                                                  else [])
     missing = [n for n in need if importlib.util.find_spec(n) is None]
     if missing:
         raise UserError(f"LoRA/QLoRA setups are built by {' and '.join(missing)}, which is not installed: "
                         "pip install 'optimem[peft]'")
-
-
-# ---------------------------------------------------------------------------------------------- storage
-def quant_state_tensors(param, module=None) -> list:
-    """The tensors bitsandbytes keeps beside a quantized weight's data: a 4-bit weight's ``quant_state``
-    (absmax, code, and with double quantization the offset and the nested absmax and code), an 8-bit weight's
-    row scales ``SCB`` (on the weight until the layer's first forward, then on the layer's ``state``:
-    ``module``)."""
-    out = []
-    qs = getattr(param, "quant_state", None)
-    if qs is not None and hasattr(qs, "absmax"):
-        out += [qs.absmax, qs.code]
-        if getattr(qs, "nested", False) and qs.state2 is not None:
-            out += [qs.offset, qs.state2.absmax, qs.state2.code]
-    scb = getattr(param, "SCB", None)
-    if scb is None and module is not None:
-        scb = getattr(getattr(module, "state", None), "SCB", None)
-    if scb is not None:
-        out.append(scb)
-    return [t for t in out if t is not None]
-
-
-def quant_kind(param) -> str | None:
-    """``nf4``/``fp4``/``int8`` for a bitsandbytes-quantized parameter, else None."""
-    name = type(param).__name__
-    if name == "Params4bit":
-        return getattr(param, "quant_type", "nf4")
-    if name == "Int8Params" and not getattr(param, "has_fp16_weights", False):
-        return "int8"
-    return None
-
-
-def logical_shape(param) -> tuple[int, ...]:
-    """The shape of the weight a quantized parameter stands for (its own shape when not quantized)."""
-    qs = getattr(param, "quant_state", None)
-    if type(param).__name__ == "Params4bit" and qs is not None and getattr(qs, "shape", None) is not None:
-        return tuple(int(s) for s in qs.shape)
-    return tuple(int(s) for s in param.shape)
-
-
-def model_storage_tensors(model) -> list:
-    """Every tensor that stores the model's weights: its parameters and the quantization state beside them."""
-    out = []
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            out.append(p)
-            if quant_kind(p) is not None:
-                out += quant_state_tensors(p, module)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- inventory
@@ -432,14 +333,7 @@ def adapter_inventory(setup):
     """The :class:`~optimem.estimators.inventory.Inventory` of :func:`build_training_model` on meta for ``setup``
     (cached per config content, :func:`inventory_key` and the torch / transformers / peft / bitsandbytes
     versions, in memory and in optimem's on-disk cache: a warm LoRA estimate imports none of them)."""
-    import hashlib
-    import json
-
-    from . import cache
-    from .inventory import (INVENTORY_CACHE_VERSION, config_digest, inventory_from_model, inventory_from_payload,
-                            inventory_payload)
-
-    source = resolve(setup.model)
+    source = setup.source
     digest = config_digest(source)
     key = inventory_key(setup)
     inv = _INVENTORIES.get((key, digest))
@@ -453,9 +347,9 @@ def adapter_inventory(setup):
             model = build_training_model(setup, device="meta")
             return inventory_from_model(model, name=source.name, config_hash=own)
 
-        k = cache.key("adapter_inventory", INVENTORY_CACHE_VERSION, config=digest, adapter=[str(x) for x in key],
+        k = cache_key("adapter_inventory", INVENTORY_CACHE_VERSION, config=digest, adapter=[str(x) for x in key],
                       **library_versions())
-        inv = cache.memo(k, build, encode=inventory_payload,
+        inv = memo(k, build, encode=inventory_payload,
                          decode=lambda d: inventory_from_payload(d, name=source.name, config_hash=own))
         _INVENTORIES[(key, digest)] = inv
         if len(_INVENTORIES) > 64:
@@ -463,26 +357,7 @@ def adapter_inventory(setup):
     return inv
 
 
-def library_versions() -> dict[str, str | None]:
-    """The installed peft and bitsandbytes versions (package metadata: nothing is imported)."""
-    return {"peft": _version("peft"), "bitsandbytes": _version("bitsandbytes")}
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
-def peft_counts(model) -> tuple[int, int]:
-    """peft's own ``get_nb_trainable_parameters()`` (trainable, all) of a peft model."""
-    return tuple(int(x) for x in model.get_nb_trainable_parameters())
-
-
-__all__ = ["GC_KWARGS", "TASK_TYPES", "DYNAMIC_CODE_BYTES", "TRACE_FIELDS", "peak_limit", "resident_bytes", "trace_fields", "traced_training_model", "adapter_inventory", "bnb_config", "build_training_model", "cpu_run_limit",
-           "inventory_key", "library_versions", "peft_fields", "require_packages",
-           "logical_shape", "lora_config", "model_storage_tensors", "peft_counts", "peft_wrap", "quant_kind",
-           "quant_state_tensors", "quantized_meta_model", "quantized_model"]
+__all__ = ["DYNAMIC_CODE_BYTES", "GC_KWARGS", "TASK_TYPES", "TRACE_FIELDS", "adapter_inventory", "bnb_config",
+           "build_training_model", "cpu_run_limit", "inventory_key", "lora_config", "peak_limit", "peft_wrap",
+           "quantized_meta_model", "quantized_model", "require_packages", "resident_bytes", "trace_fields",
+           "traced_training_model"]

@@ -12,7 +12,11 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
-from . import cache
+import numpy as np
+
+from .cache import key as cache_key, memo
+from .memsim import CATS, NB, PhaseResult
+from .phases import PHASES
 
 PHASES_CACHE_VERSION = 2
 """Layout of the payload (:func:`encode`); bump it when that changes."""
@@ -54,10 +58,6 @@ def encode(value: tuple) -> dict[str, Any]:
 
 def decode(data: dict[str, Any]) -> tuple:
     """The inverse of :func:`encode`; raises on anything malformed (a miss for :func:`optimem.estimators.cache.memo`)."""
-    import numpy as np
-
-    from .memsim import CATS, NB, PhaseResult
-    from .phases import PHASES
 
     results = {}
     for name, r in data["results"].items():
@@ -81,7 +81,7 @@ def cached(parts: dict[str, Any] | None, build: Callable[[], tuple]) -> tuple:
     values naming everything the simulation depends on; None: not cacheable, always built)."""
     if parts is None:
         return build()
-    return cache.memo(cache.key("phases", PHASES_CACHE_VERSION, **parts), build, encode=encode, decode=decode)
+    return memo(cache_key("phases", PHASES_CACHE_VERSION, **parts), build, encode=encode, decode=decode)
 
 
 __all__ = ["PHASES_CACHE_VERSION", "cached", "decode", "encode", "inventory_fingerprint"]

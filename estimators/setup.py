@@ -1,36 +1,31 @@
 """The training setup: everything that shapes a Trainer run's memory, in one frozen, validated value.
 
-A :class:`TrainingSetup` is what the estimator predicts for, what ``bench run`` trains (the harness's run
-configuration extends it with run-only fields), what the planner varies and what a sweep lists. It is
-built and checked once, at the edge (the CLI, the public API, a record read back), and every later user
-takes it as it is:
-
-* one validation (:meth:`TrainingSetup.__post_init__`: types, ranges, names, optim_args against the
-  optimizer's spec, regexes, combinations the Trainer refuses), raising :class:`~optimem.estimators.errors.UserError`
-  with one line saying what was wrong and what would be right;
-* one ``to_dict`` / ``from_dict`` pair (records hold the flat dict; older records, which lack the newer
-  fields or kept some in ``extra``, read back with the defaults);
-* one table of command-line flags (:data:`CLI`; ``harness/commands/setup_args.py`` turns it into argparse
-  arguments for every command that takes a setup);
-* one constructor from a ``transformers.TrainingArguments`` (:meth:`TrainingSetup.from_training_arguments`).
-
-Adding a knob: one field here (with its :data:`CLI` entry), one validation line, and the code that uses it.
+A :class:`TrainingSetup` is what the estimator predicts for, ``bench run`` trains (the harness's run
+configuration extends it), the planner varies and a sweep lists. It is built and checked once at the edge
+(:meth:`TrainingSetup.__post_init__` raises :class:`SetupError` naming the field); ``to_dict`` / ``from_dict`` are
+its record form (older records read back with the defaults); :data:`CLI` is each field's command-line flag
+(``harness/commands/setup_args.py`` builds argparse from it). A ``TrainingArguments`` becomes a setup in
+:mod:`optimem.estimators.user_objects`. Sizes are counts (samples, tokens, steps), not bytes.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from .adapters import LoraSpec
-from .catalog import DEFAULT_MODEL
+from .adapters import FOUR_BIT, LoraSpec, quantization
+from .catalog import DEFAULT_MODEL, ModelSource, resolve
 from .errors import UserError
-from .inventory import TASK_CLASSES
+from .inventory import build_inventory
+from .model_check import check_model_config, check_sequence_length
+from .optimizers import get_spec, parse_optim_args
+from .params import TASK_CLASSES, normalize_dtype
 
 TASKS = tuple(TASK_CLASSES)
-"""Model heads a setup can train (``optimem.estimators.inventory.TASK_CLASSES``): ``causal-lm``, the default, builds the
+"""Model heads a setup can train (``optimem.estimators.params.TASK_CLASSES``): ``causal-lm``, the default, builds the
 class the config names (else a causal LM, or a seq2seq LM for an encoder-decoder); the others build
 ``AutoModelForMaskedLM`` / ``AutoModelForSequenceClassification`` / ``AutoModelForSeq2SeqLM``."""
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -153,9 +148,6 @@ class TrainingSetup:
 
     # ------------------------------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
-        from .inventory import normalize_dtype
-        from .optimizers import get_spec, parse_optim_args
-
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
@@ -204,8 +196,6 @@ class TrainingSetup:
 
     def _check_adapters(self, put) -> None:
         """The LoRA and quantization fields (values and the combinations that mean nothing)."""
-        from .adapters import FOUR_BIT, LoraSpec, quantization
-
         with _field("lora"):
             put("lora", LoraSpec.parse(self.lora))
             if self.lora is not None and self.freeze:
@@ -220,8 +210,6 @@ class TrainingSetup:
                 raise UserError("double_quant quantizes 4-bit absmax constants: it needs quantize nf4 or fp4")
         with _field("quant_compute_dtype"):
             if self.quant_compute_dtype is not None:
-                from .inventory import normalize_dtype
-
                 put("quant_compute_dtype", normalize_dtype(self.quant_compute_dtype))
                 if self.quantize not in FOUR_BIT:
                     raise UserError("compute dtype is the 4-bit layers' matmul dtype: it needs quantize nf4 or fp4")
@@ -258,13 +246,9 @@ class TrainingSetup:
         layer-wise optimizers with gradient accumulation. The dataclass may hold such a setup (a test can
         watch the Trainer refuse it); the estimator and the harness refuse it here, in one line.
         ``inventory``: the model's, when the caller has it (else it is built, or read from the cache)."""
-        from .inventory import build_inventory
-        from .model_check import check_model_config, check_sequence_length
-        from .optimizers import get_spec, parse_optim_args
-
         with _field("model"):
-            sizes = check_model_config(self.model)
-            inv = inventory if inventory is not None else build_inventory(self.model)
+            sizes = check_model_config(self.source)
+            inv = inventory if inventory is not None else build_inventory(self.source)
         with _field("seq_len"):
             check_sequence_length(inv, self.seq_len, max_positions=sizes.get("max_position_embeddings"))
         spec = get_spec(self.optim)
@@ -291,6 +275,17 @@ class TrainingSetup:
                                 "model: use none, ddp, zero1 or zero2")
 
     # ------------------------------------------------------------------------------------------ derived
+    @functools.cached_property
+    def source(self) -> ModelSource:
+        """The model's source (config, content, in-memory inventory and PEFT config), resolved once per setup:
+        every layer below takes this value rather than resolving ``model`` again."""
+        return resolve(self.model)
+
+    def with_source(self, source: ModelSource) -> TrainingSetup:
+        """This setup with its model's source already resolved (``source.name`` is ``model``)."""
+        self.__dict__["source"] = source
+        return self
+
     @property
     def compute_dtype(self) -> str:
         """The dtype matmuls run in: the autocast dtype, else the storage dtype."""
@@ -317,8 +312,6 @@ class TrainingSetup:
         ``optim_args`` (with ``only_args_read``, just the keys that optimizer reads; else all of them, so a
         key it does not read is an error) and ``optim_target_modules`` (:data:`DEFAULT_TARGETS` where it needs
         some and none are given), dropped where it takes none."""
-        from .optimizers import get_spec, parse_optim_args
-
         spec = get_spec(optim)
         if only_args_read:
             pairs = parse_optim_args(optim_args) if isinstance(optim_args, (str, type(None))) else dict(optim_args)
@@ -360,132 +353,6 @@ class TrainingSetup:
         """The fields that differ from their defaults (what identifies a setup beyond the defaults)."""
         return {f.name: v for f, v in ((f, getattr(self, f.name)) for f in fields(self))
                 if f.default is dataclasses.MISSING or v != f.default}
-
-    # ------------------------------------------------------------------------------------------ transformers
-    @classmethod
-    def from_training_arguments(cls, args, *, model: Any = None, seq_len: int | None = None, **overrides):
-        """The setup a ``transformers.TrainingArguments`` describes, for ``model`` at ``seq_len`` tokens per
-        sample; ``overrides`` win.
-
-        From ``args``: optim, optim_args, optim_target_modules, per-device batch, accumulation, bf16/fp16,
-        gradient checkpointing, the device (``use_cpu``), the processes (``args.world_size`` where the launcher
-        set one) and how they shard the model states: ``fsdp`` (FSDP2 full shard: ``fsdp``) and ``deepspeed``
-        (ZeRO stage 0-3: ``ddp``/``zero1``/``zero2``/``zero3``); several processes without either are DDP.
-        Schemes optimem does not model (CPU offload, FSDP's shard_grad_op/hybrid/FSDP1, ZeRO offload) are a
-        UserError. ``model``: a model name (catalog, config.json, Hub id) or the user's own object (a
-        ``PretrainedConfig``, ``PreTrainedModel`` or PEFT model; see :mod:`optimem.estimators.user_objects`), which
-        also gives the storage dtype and whether checkpointing is already on."""
-        optim = getattr(args.optim, "value", args.optim)
-        mp = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else None
-        kw: dict[str, Any] = dict(
-            optim=str(optim), optim_args=args.optim_args or None,
-            optim_target_modules=args.optim_target_modules,
-            batch_size=int(args.per_device_train_batch_size), grad_accum=int(args.gradient_accumulation_steps),
-            mixed_precision=mp, gradient_checkpointing=_checkpointing_of(args),
-            device="cpu" if getattr(args, "use_cpu", False) else "auto")
-        sharding, processes = parallelism_of(args)
-        kw.update(sharding=sharding, num_processes=processes)
-        if model is not None and not isinstance(model, str):
-            from .user_objects import fields_from_model
-
-            found = fields_from_model(model)
-            found["gradient_checkpointing"] = found.get("gradient_checkpointing", False) or kw["gradient_checkpointing"]
-            kw.update(found)
-        elif model is not None:
-            kw["model"] = model
-        if seq_len is not None:
-            kw["seq_len"] = seq_len
-        kw.update(overrides)
-        return cls(**kw)
-
-
-def _checkpointing_of(args) -> bool:
-    """``activation_checkpointing`` (``gradient_checkpointing`` in older transformers) of a TrainingArguments;
-    UserError for the variants the estimator does not model (every n-th layer, offloaded activations)."""
-    on = getattr(args, "activation_checkpointing", None)
-    if on is None:
-        on = getattr(args, "gradient_checkpointing", False)
-    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs",
-                                                                               None) or {}
-    if on and isinstance(kwargs, Mapping):
-        if int(kwargs.get("every_n_layers", 1) or 1) != 1:
-            raise UserError(f"activation checkpointing of every {kwargs['every_n_layers']} layers is not modelled: "
-                            "optimem models checkpointing every layer (every_n_layers=1)")
-        if kwargs.get("offload"):
-            raise UserError("offloaded activation checkpointing is not modelled: optimem models checkpointing "
-                            "every layer with the saved inputs kept on the device")
-    return bool(on)
-
-
-def parallelism_of(args) -> tuple[str, int]:
-    """``(sharding, num_processes)`` of a ``TrainingArguments`` (see
-    :meth:`TrainingSetup.from_training_arguments`); UserError for a scheme optimem does not model."""
-    processes = _world_size(args)
-    sharding = "none"
-    if getattr(args, "fsdp", None):
-        sharding = _fsdp_sharding(args.fsdp, getattr(args, "fsdp_config", None) or {})
-    ds = getattr(args, "deepspeed", None)
-    if ds:
-        if sharding != "none":
-            raise UserError("TrainingArguments set both fsdp and deepspeed: the Trainer takes one of them")
-        sharding = _deepspeed_sharding(args, ds)
-    if sharding == "none" and processes > 1:
-        sharding = "ddp"
-    return sharding, processes
-
-
-def _world_size(args) -> int:
-    try:
-        n = int(getattr(args, "world_size", 1) or 1)
-    except Exception:  # noqa: BLE001 - a partial stand-in for TrainingArguments: one process
-        n = 1
-    return max(n, 1)
-
-
-def _fsdp_sharding(fsdp: Any, config: Mapping) -> str:
-    """``fsdp`` for FSDP2 full shard, the only FSDP the estimator models (``fsdp`` as the Trainer holds it after
-    its checks -- True plus ``fsdp_config`` -- or the legacy option string / list)."""
-    config = {(k[5:] if k.startswith("fsdp_") else k): v for k, v in dict(config).items()}
-    items = fsdp.split() if isinstance(fsdp, str) else [getattr(i, "value", i) for i in fsdp] \
-        if isinstance(fsdp, (list, tuple)) else []
-    hint = "optimem models FSDP2 full_shard (sharding 'fsdp') and DeepSpeed ZeRO 1-3"
-    if "offload" in items or str(config.get("cpu_offload", False)).lower() in ("true", "1"):
-        raise UserError(f"FSDP CPU offload is not modelled: {hint}, without offload")
-    if int(config.get("version", 2)) != 2:
-        raise UserError(f"FSDP1 (fsdp_config version 1) is not modelled: {hint}")
-    strategies = [i for i in items if i not in ("auto_wrap", "offload")]
-    reshard = str(config.get("reshard_after_forward", True)).lower()
-    if any(i != "full_shard" for i in strategies) or reshard in ("false", "0", "shard_grad_op"):
-        raise UserError(f"FSDP {' '.join(strategies) or 'reshard_after_forward=False'} is not modelled: {hint}")
-    return "fsdp"
-
-
-def _deepspeed_sharding(args, ds: Any) -> str:
-    """``ddp``/``zero1``/``zero2``/``zero3`` from the DeepSpeed config's ZeRO stage."""
-    import json
-
-    hf = getattr(args, "hf_deepspeed_config", None)
-    config = getattr(hf, "config", None)
-    if not isinstance(config, Mapping):
-        if isinstance(ds, Mapping):
-            config = ds
-        else:
-            try:
-                with open(str(ds), encoding="utf-8") as fh:
-                    config = json.load(fh)
-            except (OSError, ValueError) as exc:
-                raise UserError(f"cannot read the DeepSpeed config {ds!r}: {exc}; give a ds_config JSON file "
-                                "or dict") from None
-    zero = config.get("zero_optimization") or {}
-    stage = zero.get("stage", 0)
-    for key in ("offload_optimizer", "offload_param"):
-        device = (zero.get(key) or {}).get("device", "none")
-        if str(device).lower() not in ("none", ""):
-            raise UserError(f"DeepSpeed ZeRO {key} to {device} is not modelled: optimem models ZeRO stages 0-3 "
-                            "without offload")
-    if stage not in (0, 1, 2, 3):
-        raise UserError(f"DeepSpeed zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    return "ddp" if stage == 0 else f"zero{stage}"
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -562,4 +429,4 @@ def _targets(value: Any) -> str | tuple[str, ...] | None:
 
 
 __all__ = ["ALL_LINEAR", "ATTN_IMPLEMENTATIONS", "CLI", "DEFAULT_TARGETS", "DEVICES", "Flag", "MIXED_PRECISIONS",
-           "SHARDINGS", "SetupError", "TASKS", "TrainingSetup", "parallelism_of"]
+           "SHARDINGS", "SetupError", "TASKS", "TrainingSetup"]

@@ -1,24 +1,24 @@
-"""The user's own objects as optimem inputs: a transformers config, a model (``PreTrainedModel`` or a PEFT model,
-on the meta device or real) and a ``TrainingArguments``.
+"""The user's own objects as optimem inputs: a transformers config, a model (``PreTrainedModel`` or PEFT model,
+meta or real) and a ``TrainingArguments``.
 
-A model object becomes a model source that is not a file (:func:`model_source`): its config dict, registered
-content-addressed under ``LABEL#DIGEST`` (:func:`optimem.estimators.catalog.register`), so every part of the estimator
-that resolves a model name (the inventory, the architecture, the planner, the tracer) finds it again; a model
-object also registers the parameter inventory taken from the object itself -- its own trainable set (frozen
-layers, PEFT adapters), shapes and dtypes -- which :func:`optimem.estimators.inventory.build_inventory` then returns.
-Nothing from the object is kept but that data (no reference to the model or its tensors).
-
-:func:`setup_for` is what ``estimate(model, args, seq_len=...)`` and ``planner.plan_setup`` call: the
-:class:`~optimem.estimators.setup.TrainingSetup` for that model under those arguments.
+A model object becomes an in-memory model source (:func:`model_source`): its config registered as
+``LABEL#DIGEST`` with the inventory taken from the object (its trainable set, shapes, dtypes; nothing else of the
+object is kept). :func:`from_training_arguments` / :func:`setup_for` turn the arguments (and a model object's
+LoRA / bitsandbytes facts, :func:`peft_fields`) into a :class:`~optimem.estimators.setup.TrainingSetup`.
 """
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from .adapters import LoraSpec
 from .catalog import ModelSource, register, resolve
 from .errors import UserError
+from .inventory import inventory_from_model
+from .params import normalize_dtype
 from .setup import ATTN_IMPLEMENTATIONS, TrainingSetup
 
 
@@ -78,8 +78,6 @@ def model_source(model: Any) -> ModelSource:
         if config is None or not is_config(config):
             raise UserError(f"{type(model).__name__} has no transformers config (.config): give a PreTrainedModel, "
                             "a PEFT model, a PretrainedConfig, or a model name")
-        from .inventory import inventory_from_model
-
         label = _label(config, model)
         inv = inventory_from_model(model, name=label)
         rows = [(r.name, r.shape, r.dtype, r.trainable) for r in inv.rows]
@@ -118,8 +116,6 @@ def fields_from_model(model: Any) -> dict[str, Any]:
     if source.inventory is not None:
         out["dtype"] = source.inventory.dtype
     if is_peft_model(model):
-        from .peft_model import peft_fields
-
         out.update(peft_fields(model))  # a LoRA adapter (and a bitsandbytes base) makes a LoRA/QLoRA setup
     if is_model(model):
         inner = base_model(model)
@@ -133,8 +129,6 @@ def fields_from_model(model: Any) -> dict[str, Any]:
 
 def _checkpointing_on(model: Any) -> bool:
     """Whether the model's gradient checkpointing is already on (transformers' own flag)."""
-    import warnings
-
     for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
         if hasattr(type(model), attr) or hasattr(model, attr):
             with warnings.catch_warnings():
@@ -146,10 +140,10 @@ def _checkpointing_on(model: Any) -> bool:
 def setup_for(model: Any, optim: Any = None, **fields: Any) -> TrainingSetup:
     """The :class:`TrainingSetup` of ``model`` (a name or the user's object) trained with ``optim``: an
     optimizer name, or a ``TrainingArguments`` (then its optim, batch, accumulation, precision,
-    checkpointing, device and parallelism; see :meth:`TrainingSetup.from_training_arguments`). ``fields``
+    checkpointing, device and parallelism; see :func:`from_training_arguments`). ``fields``
     (``seq_len``, ``dtype``...) win over both."""
     if is_training_arguments(optim):
-        return TrainingSetup.from_training_arguments(optim, model=model, **fields)
+        return from_training_arguments(optim, model=model, **fields)
     if optim is None:
         raise UserError("an optimizer name (optim=...) or a transformers TrainingArguments is needed, as the "
                         "Trainer takes them")
@@ -157,5 +151,157 @@ def setup_for(model: Any, optim: Any = None, **fields: Any) -> TrainingSetup:
     return TrainingSetup(**{**base, "optim": optim, **fields})
 
 
-__all__ = ["base_model", "fields_from_model", "is_config", "is_model", "is_peft_model", "is_training_arguments",
-           "model_source", "setup_for"]
+def peft_fields(model) -> dict[str, Any]:
+    """The setup fields a user's peft model object stands for: ``lora`` (its active LoRA adapter's config) and,
+    for a base bitsandbytes loaded, ``quantize`` / ``double_quant`` / ``quant_compute_dtype`` /
+    ``quant_skip_modules`` from its ``quantization_config``. Empty for other peft methods (prefix tuning, IA3...),
+    which optimem does not describe as a setup."""
+    configs = getattr(model, "peft_config", None) or {}
+    active = getattr(model, "active_adapter", None)
+    config = configs.get(active) if isinstance(active, str) else None
+    config = config if config is not None else next(iter(configs.values()), None)
+    if config is None or type(config).__name__ != "LoraConfig":
+        return {}
+    out: dict[str, Any] = {"lora": LoraSpec.from_peft(config)}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    q = getattr(getattr(base, "config", None), "quantization_config", None)
+    q = q.to_dict() if hasattr(q, "to_dict") else q
+    method = q.get("quant_method", "") if isinstance(q, Mapping) else ""
+    if str(getattr(method, "value", method)).lower() in ("bitsandbytes", "bitsandbytes_4bit", "bitsandbytes_8bit"):
+        if q.get("load_in_4bit"):
+            out.update(quantize=q.get("bnb_4bit_quant_type") or "fp4",
+                       double_quant=bool(q.get("bnb_4bit_use_double_quant")))
+            dtype = q.get("bnb_4bit_compute_dtype")
+            if dtype:
+                out["quant_compute_dtype"] = normalize_dtype(str(dtype))
+        elif q.get("load_in_8bit"):
+            out["quantize"] = "int8"
+        if q.get("llm_int8_skip_modules") and out.get("quantize"):
+            out["quant_skip_modules"] = tuple(q["llm_int8_skip_modules"])
+    return out
+
+
+
+def from_training_arguments(args, *, model: Any = None, seq_len: int | None = None, **overrides) -> TrainingSetup:
+    """The setup a ``transformers.TrainingArguments`` describes, for ``model`` at ``seq_len`` tokens per
+    sample; ``overrides`` win.
+
+    From ``args``: optim, optim_args, optim_target_modules, per-device batch, accumulation, bf16/fp16,
+    gradient checkpointing, the device (``use_cpu``), the processes (``args.world_size`` where the launcher
+    set one) and how they shard the model states: ``fsdp`` (FSDP2 full shard: ``fsdp``) and ``deepspeed``
+    (ZeRO stage 0-3: ``ddp``/``zero1``/``zero2``/``zero3``); several processes without either are DDP.
+    Schemes optimem does not model (CPU offload, FSDP's shard_grad_op/hybrid/FSDP1, ZeRO offload) are a
+    UserError. ``model``: a model name (catalog, config.json, Hub id) or the user's own object (a
+    ``PretrainedConfig``, ``PreTrainedModel`` or PEFT model; see the module doc), which
+    also gives the storage dtype and whether checkpointing is already on."""
+    optim = getattr(args.optim, "value", args.optim)
+    mp = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else None
+    kw: dict[str, Any] = dict(
+        optim=str(optim), optim_args=args.optim_args or None,
+        optim_target_modules=args.optim_target_modules,
+        batch_size=int(args.per_device_train_batch_size), grad_accum=int(args.gradient_accumulation_steps),
+        mixed_precision=mp, gradient_checkpointing=_checkpointing_of(args),
+        device="cpu" if getattr(args, "use_cpu", False) else "auto")
+    sharding, processes = parallelism_of(args)
+    kw.update(sharding=sharding, num_processes=processes)
+    if model is not None and not isinstance(model, str):
+        found = fields_from_model(model)
+        found["gradient_checkpointing"] = found.get("gradient_checkpointing", False) or kw["gradient_checkpointing"]
+        kw.update(found)
+    elif model is not None:
+        kw["model"] = model
+    if seq_len is not None:
+        kw["seq_len"] = seq_len
+    kw.update(overrides)
+    return TrainingSetup(**kw)
+
+
+def _checkpointing_of(args) -> bool:
+    """``activation_checkpointing`` (``gradient_checkpointing`` in older transformers) of a TrainingArguments;
+    UserError for the variants the estimator does not model (every n-th layer, offloaded activations)."""
+    on = getattr(args, "activation_checkpointing", None)
+    if on is None:
+        on = getattr(args, "gradient_checkpointing", False)
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs",
+                                                                               None) or {}
+    if on and isinstance(kwargs, Mapping):
+        if int(kwargs.get("every_n_layers", 1) or 1) != 1:
+            raise UserError(f"activation checkpointing of every {kwargs['every_n_layers']} layers is not modelled: "
+                            "optimem models checkpointing every layer (every_n_layers=1)")
+        if kwargs.get("offload"):
+            raise UserError("offloaded activation checkpointing is not modelled: optimem models checkpointing "
+                            "every layer with the saved inputs kept on the device")
+    return bool(on)
+
+
+def parallelism_of(args) -> tuple[str, int]:
+    """``(sharding, num_processes)`` of a ``TrainingArguments`` (see
+    :func:`from_training_arguments`); UserError for a scheme optimem does not model."""
+    processes = _world_size(args)
+    sharding = "none"
+    if getattr(args, "fsdp", None):
+        sharding = _fsdp_sharding(args.fsdp, getattr(args, "fsdp_config", None) or {})
+    ds = getattr(args, "deepspeed", None)
+    if ds:
+        if sharding != "none":
+            raise UserError("TrainingArguments set both fsdp and deepspeed: the Trainer takes one of them")
+        sharding = _deepspeed_sharding(args, ds)
+    if sharding == "none" and processes > 1:
+        sharding = "ddp"
+    return sharding, processes
+
+
+def _world_size(args) -> int:
+    try:
+        n = int(getattr(args, "world_size", 1) or 1)
+    except Exception:  # noqa: BLE001 - a partial stand-in for TrainingArguments: one process
+        n = 1
+    return max(n, 1)
+
+
+def _fsdp_sharding(fsdp: Any, config: Mapping) -> str:
+    """``fsdp`` for FSDP2 full shard, the only FSDP the estimator models (``fsdp`` as the Trainer holds it after
+    its checks -- True plus ``fsdp_config`` -- or the legacy option string / list)."""
+    config = {(k[5:] if k.startswith("fsdp_") else k): v for k, v in dict(config).items()}
+    items = fsdp.split() if isinstance(fsdp, str) else [getattr(i, "value", i) for i in fsdp] \
+        if isinstance(fsdp, (list, tuple)) else []
+    hint = "optimem models FSDP2 full_shard (sharding 'fsdp') and DeepSpeed ZeRO 1-3"
+    if "offload" in items or str(config.get("cpu_offload", False)).lower() in ("true", "1"):
+        raise UserError(f"FSDP CPU offload is not modelled: {hint}, without offload")
+    if int(config.get("version", 2)) != 2:
+        raise UserError(f"FSDP1 (fsdp_config version 1) is not modelled: {hint}")
+    strategies = [i for i in items if i not in ("auto_wrap", "offload")]
+    reshard = str(config.get("reshard_after_forward", True)).lower()
+    if any(i != "full_shard" for i in strategies) or reshard in ("false", "0", "shard_grad_op"):
+        raise UserError(f"FSDP {' '.join(strategies) or 'reshard_after_forward=False'} is not modelled: {hint}")
+    return "fsdp"
+
+
+def _deepspeed_sharding(args, ds: Any) -> str:
+    """``ddp``/``zero1``/``zero2``/``zero3`` from the DeepSpeed config's ZeRO stage."""
+    hf = getattr(args, "hf_deepspeed_config", None)
+    config = getattr(hf, "config", None)
+    if not isinstance(config, Mapping):
+        if isinstance(ds, Mapping):
+            config = ds
+        else:
+            try:
+                with open(str(ds), encoding="utf-8") as fh:
+                    config = json.load(fh)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"cannot read the DeepSpeed config {ds!r}: {exc}; give a ds_config JSON file "
+                                "or dict") from None
+    zero = config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if str(device).lower() not in ("none", ""):
+            raise UserError(f"DeepSpeed ZeRO {key} to {device} is not modelled: optimem models ZeRO stages 0-3 "
+                            "without offload")
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"DeepSpeed zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return "ddp" if stage == 0 else f"zero{stage}"
+
+
+__all__ = ["base_model", "fields_from_model", "from_training_arguments", "is_config", "is_model", "is_peft_model",
+           "is_training_arguments", "model_source", "parallelism_of", "peft_fields", "setup_for"]

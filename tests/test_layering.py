@@ -10,6 +10,7 @@ import pytest
 
 from optimem.estimators.errors import UserError
 from optimem.estimators.setup import CLI, TrainingSetup
+from optimem.estimators.user_objects import from_training_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,7 @@ def test_from_training_arguments(tmp_path):
                              optim_target_modules=["attn", "mlp"], per_device_train_batch_size=4,
                              gradient_accumulation_steps=2, bf16=True, gradient_checkpointing=True, use_cpu=True,
                              report_to="none")
-    s = TrainingSetup.from_training_arguments(args, model="tiny-llama", seq_len=256)
+    s = from_training_arguments(args, model="tiny-llama", seq_len=256)
     assert s == TrainingSetup(model="tiny-llama", optim="galore_adamw", optim_args="rank=8",
                               optim_target_modules=("attn", "mlp"), batch_size=4, grad_accum=2, seq_len=256,
                               mixed_precision="bf16", gradient_checkpointing=True, device="cpu")

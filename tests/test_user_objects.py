@@ -13,6 +13,7 @@ from optimem.estimators.catalog import resolve
 from optimem.estimators.errors import UserError
 from optimem.estimators.planner import plan_setup
 from optimem.estimators.setup import TrainingSetup
+from optimem.estimators.user_objects import from_training_arguments
 from optimem.harness.cli import main
 
 
@@ -66,7 +67,7 @@ def test_model_and_training_arguments_equal_the_cli(capsys, case):
     assert ours.trainable_params == cli["trainable_params"] < ours.num_params or case != "frozen-embeddings"
     assert ours.setup.model.startswith("LlamaForCausalLM#") and ours.setup.device == "cpu"
     # the same setup through TrainingSetup and the planner's entry point
-    setup = TrainingSetup.from_training_arguments(args, model=model, seq_len=96)
+    setup = from_training_arguments(args, model=model, seq_len=96)
     assert estimate(setup).bytes == cli["bytes"]
     assert plan_setup(model, args, seq_len=96) == setup
 
@@ -110,7 +111,7 @@ def test_training_arguments_parallelism():
         return SimpleNamespace(**{**base, **kw})
 
     def shard(**kw):
-        s = TrainingSetup.from_training_arguments(ns(**kw), model="tiny-llama")
+        s = from_training_arguments(ns(**kw), model="tiny-llama")
         return s.sharding, s.num_processes
 
     assert shard() == ("none", 1)
@@ -129,7 +130,7 @@ def test_training_arguments_parallelism():
         with pytest.raises(UserError, match=needle) as err:
             shard(**bad)
         assert "\n" not in str(err.value)
-    est = estimate(TrainingSetup.from_training_arguments(ns(world_size=8), model="tiny-llama", seq_len=64))
+    est = estimate(from_training_arguments(ns(world_size=8), model="tiny-llama", seq_len=64))
     assert any("ddp on 8" in n for n in est.notes)
 
 

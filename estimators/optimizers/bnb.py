@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import UserError
-from ..inventory import Inventory
+from ..params import Inventory
 from .spec import FP32, OptimizerSpec, ParamCtx, blocks
 
 MIN_8BIT_SIZE = 4096

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import UserError
-from ..inventory import Inventory
+from ..params import Inventory
 from .spec import OptimizerSpec, ParamCtx, blocks, parse_bool
 
 GROUP = 32

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..inventory import Inventory
+from ..params import Inventory
 from .spec import FP32, OptimizerSpec, ParamCtx
 
 INT32 = 4

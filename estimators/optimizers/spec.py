@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UserError
-from ..inventory import Inventory, ParamRow
+from ..params import Inventory, ParamRow
 
 FP32 = 4
 LAYERWISE_DUMMY_BYTES = FP32

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..inventory import Inventory
+from ..params import Inventory
 from .bnb import rejected_arg
 from .spec import FP32, OptimizerSpec, ParamCtx
 

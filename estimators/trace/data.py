@@ -8,8 +8,13 @@ and the torch / transformers / optimem versions (:func:`optimem.estimators.cache
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
+from ..cache import get_arrays, key as cache_key, library_versions, put_arrays
+from ..memsim import NB
 from .events import EventLog
 from .setting import TraceSetting
 
@@ -72,14 +77,10 @@ def disk_key(config_hash: str, peft, setting: TraceSetting):
     object built in memory); a LoRA / QLoRA setting's also names the peft and bitsandbytes versions."""
     if not config_hash:
         return None
-    from .. import cache
-
     parts = {}
     if setting.peft:  # the model is peft's and bitsandbytes' too
-        from ..peft_model import library_versions
-
         parts["libraries"] = library_versions()
-    return cache.key("trace", TRACE_CACHE_VERSION, config=config_hash, peft=peft, setting=asdict(setting), **parts)
+    return cache_key("trace", TRACE_CACHE_VERSION, config=config_hash, peft=peft, setting=asdict(setting), **parts)
 
 
 _LOG_FIELDS = ("kind", "a", "b", "sizes")
@@ -90,10 +91,6 @@ _META_FIELDS = ("model", "params", "buffers_bytes", "attn_implementation", "wind
 def to_arrays(st: StepTrace) -> dict:
     """``st`` as numpy arrays (the event logs as they are, the rest as one JSON string): an ``.npz`` loads in
     milliseconds where the same logs as JSON lists take a second for a 70B model."""
-    import json
-
-    import numpy as np
-
     meta = {k: getattr(st, k) for k in _META_FIELDS}
     meta["regions"] = []
     arrays: dict = {}
@@ -113,12 +110,6 @@ def to_arrays(st: StepTrace) -> dict:
 
 def from_arrays(arrays: dict, key: str) -> StepTrace:
     """The inverse of :func:`to_arrays` (raises on anything malformed)."""
-    import json
-
-    import numpy as np
-
-    from ..memsim import NB
-
     meta = json.loads(str(arrays["meta"]))
     regions = []
     for i, r in enumerate(meta["regions"]):
@@ -140,9 +131,7 @@ def load(k) -> StepTrace | None:
     """The trace stored under ``k`` (None: none, the cache off, or unreadable -- a miss)."""
     if k is None:
         return None
-    from .. import cache
-
-    arrays = cache.get_arrays(k)
+    arrays = get_arrays(k)
     if arrays is None:
         return None
     try:
@@ -154,9 +143,7 @@ def load(k) -> StepTrace | None:
 def store(k, st: StepTrace) -> None:
     """Store ``st`` under ``k`` (silently nothing when the cache is off or cannot be written)."""
     if k is not None:
-        from .. import cache
-
-        cache.put_arrays(k, to_arrays(st))
+        put_arrays(k, to_arrays(st))
 
 
 __all__ = ["Region", "S_MIN", "StepTrace", "TRACE_CACHE_VERSION", "disk_key", "from_arrays", "load", "store",

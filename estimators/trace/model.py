@@ -120,7 +120,7 @@ def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, att
     if peft:
         from ..peft_model import traced_training_model
 
-        model = traced_training_model(source.name, peft, dtype=dtype, gradient_checkpointing=gc)
+        model = traced_training_model(source, peft, dtype=dtype, gradient_checkpointing=gc)
     else:
         model = instantiate(source, device="meta", dtype=dtype, task=task)
         if getattr(source, "peft", None):

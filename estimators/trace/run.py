@@ -25,7 +25,7 @@ import torch
 from ..catalog import ModelSource
 from ..errors import UserError
 from ..memsim import NB, basis
-from . import cpu_rules
+from .cpu_rules import install as install_cpu_rules
 from .data import S_MIN, Region, StepTrace
 from .events import EventLog, FitError, SequenceMismatch, fit_logs, from_events
 from .setting import TraceSetting
@@ -33,7 +33,7 @@ from .model import build_traced_model
 from .step import StepHooks, make_batch, micro_step, num_items, wrap_autocast
 from .tensor import Recorder, TraceError, TraceMode, from_real
 
-cpu_rules.install()
+install_cpu_rules()
 
 FIRST_S = 16
 """First sequence length traced in the region that starts at :data:`S_MIN` (shorter ones share its
