@@ -56,9 +56,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .inventory import DTYPES, Inventory, ParamRow, build_inventory, normalize_dtype
+from .inventory import build_inventory
 from .optimizers import get_spec
 from .optimizers.spec import ParamCtx
+from .params import DTYPES, Inventory, ParamRow, normalize_dtype
 from .setup import DEFAULT_TARGETS, SHARDINGS, TrainingSetup
 
 GPU_CATALOG = Path(__file__).with_name("gpus.json")

@@ -112,7 +112,7 @@ class MemoryCallback(TrainerCallback):
     # --------------------------------------------------------------------------------------- predict
     def _start(self, args, state, control, model, optimizer) -> None:
         from optimem.estimators.estimate import estimate
-        from optimem.estimators.setup import TrainingSetup
+        from optimem.estimators.user_objects import from_training_arguments
         from optimem.harness.run_config import RunConfig
         from optimem.harness.trackers.phases import PhaseCallback, attach_model_hooks
         from optimem.harness.worker import MeasuredRun
@@ -120,7 +120,7 @@ class MemoryCallback(TrainerCallback):
         device = getattr(getattr(args, "device", None), "type", None) or "cpu"
         if device not in ("cuda", "cpu"):
             raise RuntimeError(f"training on {device}: optimem measures CUDA and CPU runs")
-        self.setup = TrainingSetup.from_training_arguments(args, model=model, seq_len=self.seq_len, device=device)
+        self.setup = from_training_arguments(args, model=model, seq_len=self.seq_len, device=device)
         self._max_steps = getattr(state, "max_steps", None)
         self._output_dir = getattr(args, "output_dir", None)
         try:

@@ -45,8 +45,8 @@ def adapter_fields(cfg) -> dict:
 
 def weight_storage_bytes(model) -> int:
     """Unique storage bytes of what holds a model's weights: its parameters and, for a bitsandbytes-quantized
-    model, the quantization state beside them (``optimem.estimators.peft_model.model_storage_tensors``)."""
-    from optimem.estimators.peft_model import model_storage_tensors
+    model, the quantization state beside them (``optimem.estimators.bnb_layout.model_storage_tensors``)."""
+    from optimem.estimators.bnb_layout import model_storage_tensors
     from optimem.harness.worker import _unique_storage_bytes
 
     return _unique_storage_bytes(model_storage_tensors(model))

@@ -249,7 +249,7 @@ class MeasuredRun:
         if not self.cfg.quantize or self.model is None:
             return self.params
         if self._weights is None:
-            from optimem.estimators.peft_model import model_storage_tensors
+            from optimem.estimators.bnb_layout import model_storage_tensors
 
             self._weights = model_storage_tensors(self.model)
         return self._weights

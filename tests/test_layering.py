@@ -40,6 +40,37 @@ def test_the_import_contracts_hold():
     assert "0 broken" in out.stdout
 
 
+def test_no_import_cycle_among_modules():
+    """Module by module (function-level imports count, as grimp reads them): the import graph is a DAG."""
+    import grimp
+
+    graph = grimp.build_graph("optimem")
+    deps = {m: graph.find_modules_directly_imported_by(m) for m in graph.modules}
+    index, low, stack, on, cycles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v), on.add(v)
+        for w in deps[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = {stack.pop()}
+            while v not in comp:
+                comp.add(stack.pop())
+            on.difference_update(comp)
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for m in sorted(deps):
+        if m not in index:
+            visit(m)
+    assert cycles == []
+
+
 def test_every_setup_field_has_one_flag_and_a_record_form():
     from dataclasses import fields
 
