@@ -1,28 +1,11 @@
 """Regression comparison of two results files (``bench compare``).
 
-Records are matched by :func:`optimem.harness.grid.config_key` (the last record of a configuration in a file
-wins). Configurations in only one file are listed, not errors.
-
-Environment. Two records are comparable only if they ran on the same device model with the same torch,
-transformers and optimizer-package versions (:data:`ENV_FIELDS`); any difference makes the comparison
-refuse (exit 2) unless mismatches are explicitly allowed, in which case they are listed in the report.
-
-Memory is deterministic for a given environment and configuration (the CPU tensor accountant counts
-exact storage bytes; CUDA's ``max_memory_allocated`` is the caching allocator's own count), so it is gated
-tightly: a peak or optimizer-state increase above ``memory_pct`` (default 1%) is a regression.
-
-Throughput is noisy, so it is gated on samples of step time: a regression needs both a minimum effect
-(the median step time grew by at least ``throughput_pct``, default 10%) and significance (a one-sided
-Mann-Whitney U test, exact for small samples, that current step times are larger, p < ``alpha``, default
-0.05). The samples are, when both files hold ``min_samples`` or more completed runs of the configuration
-(``bench sweep --repeat N``), the median step time of each run, so run-to-run noise (machine load, clock
-speed) is inside the test; otherwise the per-step wall times after warmup of the last run
-(``measured.throughput.all_step_times_s``), which only see noise within one process: a whole run that was
-slower for reasons outside the code still reads as significant, so gate CPU throughput on repeated runs.
-With fewer than ``min_samples`` samples on either side throughput is reported but not gated.
-
-A configuration that ran in the baseline and now fails (``oom``/``error``) is a regression; the reverse
-is an improvement.
+Records are matched by configuration key (a file's last record of a configuration wins); records from
+different environments (:data:`ENV_FIELDS`) refuse to compare unless mismatches are allowed. Memory (bytes)
+is gated at ``memory_pct``; throughput needs both a minimum slowdown of the median step time
+(``throughput_pct``) and a one-sided Mann-Whitney U test at ``alpha`` on step-time samples (per-run medians
+with ``min_samples`` or more runs, else the last run's per-step times; fewer samples: reported, not gated).
+A configuration that now fails is a regression; one that now completes, an improvement.
 """
 from __future__ import annotations
 
@@ -32,8 +15,9 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from optimem.harness.grid import config_label
-from optimem.harness.results import step_times
+from optimem.harness.grid import config_label, record_key
+from optimem.harness.results import pct_error, step_times
+from optimem.harness.units import format_table, human_bytes, md_table
 
 ENV_FIELDS: tuple[str, ...] = ("device", "device_name", "torch", "transformers", "optimizer_package")
 """Environment facts that must match for two records to be compared."""
@@ -159,16 +143,10 @@ def env_facts(record: dict) -> dict[str, Any]:
             "optimizer_package": f"{pkg.get('name')} {pkg.get('version')}" if pkg.get("name") else None}
 
 
-def _pct(b: float | None, c: float | None) -> float | None:
-    if b in (None, 0) or c is None:
-        return None
-    return (c - b) / b * 100.0
-
-
 def _memory_finding(key, label, metric, b, c, tol: Tolerances) -> Finding | None:
     if b is None or c is None:
         return None
-    change = _pct(b, c)
+    change = pct_error(c, b)
     if change is None:
         verdict = "ok" if c == b else "regression"
         return Finding(key, label, metric, b, c, None, verdict, "baseline was 0" if verdict != "ok" else "")
@@ -204,7 +182,7 @@ def _throughput_finding(key, label, brecs: list[dict], crecs: list[dict], tol: T
     if len(bt) < tol.min_samples or len(ct) < tol.min_samples:
         if btp is None or ctp is None:
             return None
-        change = _pct(btp, ctp)
+        change = pct_error(ctp, btp)
         return Finding(key, label, "tokens_per_s", btp, ctp, change, "inconclusive",
                        f"{min(len(bt), len(ct))} step samples (< {tol.min_samples}): not gated")
     mb, mc = statistics.median(bt), statistics.median(ct)
@@ -213,7 +191,7 @@ def _throughput_finding(key, label, brecs: list[dict], crecs: list[dict], tol: T
     tokens_per_step = ((crec.get("measured") or {}).get("throughput") or {}).get("tokens_per_step")
     b_tp = tokens_per_step / mb if tokens_per_step and mb > 0 else btp
     c_tp = tokens_per_step / mc if tokens_per_step and mc > 0 else ctp
-    change = _pct(b_tp, c_tp)
+    change = pct_error(c_tp, b_tp)
     samples = bwhat if bwhat == cwhat else f"{bwhat} vs {cwhat}"
     if slowdown >= tol.throughput_pct:
         p = mann_whitney_greater(ct, bt)
@@ -234,8 +212,6 @@ def _throughput_finding(key, label, brecs: list[dict], crecs: list[dict], tol: T
 
 def group_by_key(records: list[dict]) -> dict[str, list[dict]]:
     """``{config key: its records in file order}`` (repeated runs of a configuration share a key)."""
-    from optimem.harness.grid import record_key
-
     out: dict[str, list[dict]] = {}
     for rec in records:
         out.setdefault(record_key(rec), []).append(rec)
@@ -296,8 +272,6 @@ def compare_records(baseline: list[dict], current: list[dict], tol: Tolerances |
 
 # ----------------------------------------------------------------------------------------- report
 def _fmt(metric: str, value: float | None) -> str:
-    from optimem.harness.units import human_bytes
-
     if value is None:
         return "-"
     if metric.endswith("_bytes"):
@@ -314,15 +288,6 @@ METRIC_NAMES = {"peak_bytes": "peak memory", "optimizer_state_bytes": "optimizer
 def _rows(findings: list[Finding]) -> list[list[str]]:
     return [[f.label, METRIC_NAMES.get(f.metric, f.metric), _fmt(f.metric, f.baseline), _fmt(f.metric, f.current),
              "-" if f.change_pct is None else f"{f.change_pct:+.2f}%", f.note] for f in findings]
-
-
-def _md_table(headers: list[str], rows: list[list[str]]) -> str:
-    def esc(x: Any) -> str:
-        return str(x).replace("|", "\\|").replace("\n", " ")
-
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 HEADERS = ["configuration", "metric", "baseline", "current", "change", "note"]
@@ -346,7 +311,7 @@ def markdown_report(cmp: Comparison) -> str:
               f"(needs {t.min_samples}+ steps each side)."]
     if cmp.env_mismatches:
         lines += ["", "### Environment differences" + ("" if cmp.refused else " (allowed)"), ""]
-        lines.append(_md_table(["field", "baseline", "current", "configurations"],
+        lines.append(md_table(["field", "baseline", "current", "configurations"],
                                [[m["field"], str(m["baseline"]), str(m["current"]), str(m["configs"])]
                                 for m in cmp.env_mismatches]))
         if cmp.refused:
@@ -357,19 +322,19 @@ def markdown_report(cmp: Comparison) -> str:
         lines += ["", f"Environment: {e.get('device_name')} ({e.get('device')}), torch {e.get('torch')}, "
                       f"transformers {e.get('transformers')}."]
     if cmp.regressions:
-        lines += ["", "### Regressions", "", _md_table(HEADERS, _rows(cmp.regressions))]
+        lines += ["", "### Regressions", "", md_table(HEADERS, _rows(cmp.regressions))]
     if cmp.improvements:
-        lines += ["", "### Improvements", "", _md_table(HEADERS, _rows(cmp.improvements))]
+        lines += ["", "### Improvements", "", md_table(HEADERS, _rows(cmp.improvements))]
     inconclusive = [f for f in cmp.findings if f.verdict == "inconclusive"]
     if inconclusive:
-        lines += ["", "### Not gated (too few samples)", "", _md_table(HEADERS, _rows(inconclusive))]
+        lines += ["", "### Not gated (too few samples)", "", md_table(HEADERS, _rows(inconclusive))]
     for title, items in (("Missing from current", cmp.missing), ("New in current", cmp.new),
                          ("Not compared", cmp.not_compared)):
         if items:
             lines += ["", f"### {title} ({len(items)})", ""] + [f"- `{x}`" for x in items]
     if cmp.findings:
         lines += ["", f"<details><summary>All {len(cmp.findings)} comparisons</summary>", "",
-                  _md_table(HEADERS + ["verdict"], [r + [f.verdict] for r, f in zip(_rows(cmp.findings),
+                  md_table(HEADERS + ["verdict"], [r + [f.verdict] for r, f in zip(_rows(cmp.findings),
                                                                                    cmp.findings)]),
                   "", "</details>"]
     return "\n".join(lines) + "\n"
@@ -377,8 +342,6 @@ def markdown_report(cmp: Comparison) -> str:
 
 def text_report(cmp: Comparison) -> str:
     """The terminal summary."""
-    from optimem.harness.units import format_table
-
     t = cmp.tolerances
     lines = [f"bench compare: {cmp.baseline_path} -> {cmp.current_path}: {len(cmp.matched)} matched, "
              f"{len(cmp.missing)} missing, {len(cmp.new)} new (memory +{t.memory_pct:g}%, throughput "

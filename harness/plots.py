@@ -1,19 +1,8 @@
-"""The figures of ``bench plot`` (and of ``notebooks/results.ipynb``), drawn with matplotlib.
+"""The figures of ``bench plot`` and ``notebooks/results.ipynb`` (matplotlib, no pyplot: headless).
 
-Each ``*_figure`` function takes the DataFrame of :func:`optimem.harness.results.to_frame` and returns a
-``matplotlib.figure.Figure`` (built without pyplot, so it works headless and in a notebook alike);
-:func:`write_all` saves them as PNGs with the one-page Markdown report that links them.
-
-* ``predicted_vs_measured.png``: predicted against measured peak memory, and predicted against measured
-  optimizer state, log-log, with the y = x line, a ±5% band, one marker per optimizer family, and the
-  points outside the band labelled.
-* ``memory_breakdown.png``: per optimizer, the measured memory at the peak stacked by category (weights /
-  gradients / optimizer state / activations / other) beside the predicted stack; one panel per model,
-  shape and precision.
-* ``throughput_vs_memory.png``: tokens per second against peak memory, one point per optimizer, with the
-  Pareto front (no other optimizer is both smaller and faster) drawn through; one panel per group.
-* ``max_batch.png`` (when a ``.max-batch.jsonl`` file is given or found beside the results): the largest
-  batch size each optimizer fits under the memory limit.
+Each ``*_figure`` function takes :func:`optimem.harness.results.to_frame`'s DataFrame and returns a
+``Figure`` (predicted vs measured, memory breakdown by category, throughput vs memory, max batch);
+:func:`write_all` saves them as PNGs beside a one-page Markdown report. Byte axes are in binary units.
 """
 from __future__ import annotations
 
@@ -22,7 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from optimem.harness.results import BREAKDOWN, BREAKDOWN_LABELS
+from optimem.estimators.categories import BREAKDOWN, LABELS, Category
+from optimem.estimators.optimizers import REGISTRY
+from optimem.harness.grid import families
+from optimem.harness.units import human_bytes, md_table
 
 BAND = 0.05
 """Half-width of the band around y = x (5%)."""
@@ -32,14 +24,12 @@ MAX_PANELS = 6
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "8", "d"]
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
            "#7f7f7f", "#393b79", "#637939", "#843c39", "#7b4173"]
-CATEGORY_COLORS = {"weights": "#4c72b0", "gradients": "#dd8452", "optimizer_state": "#55a868",
-                   "activations": "#c44e52", "other": "#8c8c8c"}
+CATEGORY_COLORS = {Category.WEIGHTS: "#4c72b0", Category.GRADIENTS: "#dd8452", Category.OPTIMIZER_STATE: "#55a868",
+                   Category.ACTIVATIONS: "#c44e52", Category.OTHER: "#8c8c8c"}
 
 
 def family_style(family: str) -> dict[str, str]:
     """A fixed marker and colour per optimizer family (the same in every figure and every run)."""
-    from optimem.harness.grid import families
-
     known = sorted(set(families()) | {"other"})
     i = known.index(family) if family in known else len(known) + (sum(map(ord, str(family))) % 5)
     return {"marker": _MARKERS[i % len(_MARKERS)], "color": _COLORS[i % len(_COLORS)]}
@@ -141,8 +131,6 @@ def _group_title(key: tuple) -> str:
 
 
 def _with_group_columns(df):
-    from optimem.harness.units import human_bytes
-
     limit = df["memory_limit_bytes"].map(lambda v: human_bytes(v) if v == v and v is not None else "")
     return df.assign(limit=limit, optim_args_group="")
 
@@ -273,10 +261,10 @@ def memory_breakdown_figure(df):
             m = [float(v) if v == v and v is not None else 0.0 for v in g[f"measured_{cat}"]]
             p_raw = list(g[f"predicted_{cat}"])
             p = [float(v) if v is not None and v == v else 0.0 for v in p_raw]
-            if cat == "activations" and any(v is None or v != v for v in p_raw):
+            if cat == Category.ACTIVATIONS and any(v is None or v != v for v in p_raw):
                 any_missing_pred = True
             ax.bar([x - width / 2 for x in xs], m, width, bottom=bottoms_m, color=CATEGORY_COLORS[cat],
-                   edgecolor="white", linewidth=0.5, label=BREAKDOWN_LABELS[cat])
+                   edgecolor="white", linewidth=0.5, label=LABELS[cat])
             ax.bar([x + width / 2 for x in xs], p, width, bottom=bottoms_p, color=CATEGORY_COLORS[cat],
                    edgecolor="white", linewidth=0.5, hatch="///", alpha=0.75)
             bottoms_m = [a + b for a, b in zip(bottoms_m, m)]
@@ -294,7 +282,7 @@ def memory_breakdown_figure(df):
         ax.set_visible(False)
     from matplotlib.patches import Patch
 
-    handles = [Patch(facecolor=CATEGORY_COLORS[c], label=BREAKDOWN_LABELS[c]) for c in BREAKDOWN]
+    handles = [Patch(facecolor=CATEGORY_COLORS[c], label=LABELS[c]) for c in BREAKDOWN]
     handles += [Patch(facecolor="white", edgecolor="black", label="measured"),
                 Patch(facecolor="white", edgecolor="black", hatch="///", label="predicted"),
                 Patch(facecolor="black", label="— measured peak")]
@@ -374,8 +362,6 @@ def throughput_vs_memory_figure(df):
 # ----------------------------------------------------------------------------------- figure 4
 def max_batch_figure(summaries: list[dict]):
     """Largest batch size per optimizer under the memory limit (from ``.max-batch.jsonl`` lines)."""
-    from optimem.harness.units import human_bytes
-
     fig = _new_figure(8, 4.2)
     rows = [s for s in summaries if s.get("max_batch_size") is not None]
     if not rows:
@@ -401,8 +387,6 @@ def max_batch_figure(summaries: list[dict]):
 
 
 def _family(optim: str) -> str:
-    from optimem.estimators.optimizers import REGISTRY
-
     spec = REGISTRY.get(optim)
     return spec.family if spec else "other"
 
@@ -410,8 +394,6 @@ def _family(optim: str) -> str:
 # ----------------------------------------------------------------------------------- report
 def error_table(df) -> list[list[str]]:
     """Rows (strings) of the report's error table, worst peak error first."""
-    from optimem.harness.units import human_bytes
-
     rows = []
     if df is None or len(df) == 0:
         return rows
@@ -443,20 +425,11 @@ ERROR_HEADERS = ["optimizer", "family", "model", "shape", "precision", "status",
                  "peak error", "measured opt. state", "predicted opt. state", "state error", "tokens/s"]
 
 
-def _md_table(headers: list[str], rows: list[list[str]]) -> str:
-    def esc(x: Any) -> str:
-        return str(x).replace("|", "\\|").replace("\n", " ")
-
-    text_cols = {"optimizer", "family", "model", "shape", "precision", "status"}
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if h in text_cols else "---:" for h in headers) + "|"]
-    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
+_TEXT_COLUMNS = frozenset({"optimizer", "family", "model", "shape", "precision", "status"})
 
 
 def report_markdown(df, images: dict[str, str], sources: list[str], summaries: list[dict] | None = None) -> str:
     """The one-page report: sources, environment, the figures, the error table, failures."""
-    from optimem.harness.units import human_bytes
-
     n = len(df) if df is not None else 0
     ok = ok_rows(df)
     lines = ["# optimem results report", ""]
@@ -484,7 +457,7 @@ def report_markdown(df, images: dict[str, str], sources: list[str], summaries: l
     for key, path in images.items():
         lines += ["", f"## {titles.get(key, key)}", "", f"![{titles.get(key, key)}]({path})"]
     if n:
-        lines += ["", "## Errors per run", "", _md_table(ERROR_HEADERS, error_table(df))]
+        lines += ["", "## Errors per run", "", md_table(ERROR_HEADERS, error_table(df), _TEXT_COLUMNS)]
         if not df["predicted_peak_complete"].all():
             lines += ["", "\\* model states only (weights + gradients + optimizer state)."]
         failed = df[df["status"] != "ok"]
@@ -497,7 +470,8 @@ def report_markdown(df, images: dict[str, str], sources: list[str], summaries: l
                  "-" if s.get("max_batch_size") is None else str(s["max_batch_size"]),
                  str(s.get("first_failing_batch") or "-"), str(s.get("runs", ""))] for s in summaries]
         lines += ["", "## Max batch searches", "",
-                  _md_table(["optimizer", "model", "seq", "limit", "max batch", "first too big", "runs"], rows)]
+                  md_table(["optimizer", "model", "seq", "limit", "max batch", "first too big", "runs"], rows,
+                           _TEXT_COLUMNS)]
     lines += ["", "Made by `bench plot`; every figure is drawn from the records above (see `results/README.md`)."]
     return "\n".join(lines) + "\n"
 

@@ -1,11 +1,6 @@
-"""Reading results files: records, derived figures, and a pandas table of them.
-
-Shared by ``bench plot``, ``bench compare``, ``bench sweep`` and ``notebooks/results.ipynb``. Every
-figure is in bytes, seconds, samples or tokens per second.
-
-Memory breakdown categories (what the plots stack): ``weights`` (parameters and buffers),
-``gradients``, ``optimizer_state``, ``activations`` (saved for backward: alive at the end of a forward
-phase), ``other`` (temporaries, the batch, logits' copies, caches: everything else alive at the peak).
+"""Reading results files: records, derived figures (bytes, seconds, samples or tokens per second), and a
+pandas table of them; shared by ``bench plot``, ``bench compare``, ``bench sweep`` and the notebook.
+Memory breakdowns are in :data:`optimem.estimators.categories.BREAKDOWN`'s categories.
 """
 from __future__ import annotations
 
@@ -14,15 +9,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from optimem.estimators.categories import BREAKDOWN, to_breakdown
+from optimem.estimators.errors import UserError
+from optimem.estimators.optimizers import REGISTRY
 from optimem.harness.grid import config_label, precision_label, record_key, shape_label
-
-BREAKDOWN: tuple[str, ...] = ("weights", "gradients", "optimizer_state", "activations", "other")
-BREAKDOWN_LABELS = {"weights": "weights", "gradients": "gradients", "optimizer_state": "optimizer state",
-                    "activations": "activations", "other": "other"}
-
-PEAK_KEYS: tuple[str, ...] = ("peak", "peak_total", "total_peak", "peak_bytes", "total")
-"""Keys of ``predicted['bytes']`` read as the predicted peak, first present wins (the estimator's
-whole-job peak, once it estimates activations); without one the peak is the sum of the parts."""
+from optimem.harness.record import ReadReport, read_records
 
 
 def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, reports: list | None = None) -> list[dict]:
@@ -30,16 +21,12 @@ def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, repo
     ``_line`` (its position). Lines that are not records this optimem reads are skipped (and said so on stderr:
     see :func:`optimem.harness.record.read_records`; ``reports`` collects a :class:`~optimem.harness.record.ReadReport` per
     file); non-record lines (``kind`` set) are left out."""
-    from optimem.harness.record import ReadReport, read_records
-
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[dict] = []
     for path in paths:
         p = Path(path)
         if not p.is_file():
-            from optimem.estimators.errors import UserError
-
             raise UserError(f"no such results file: {path}")
         report = ReadReport(str(p))
         if reports is not None:
@@ -89,20 +76,14 @@ def predicted_parts(record: dict) -> dict[str, int | None]:
     A multi-process record's figures are the planner's per-rank ones (sharding overhead in ``other``)."""
     rank = rank_prediction(record)
     if rank is not None:
-        b = rank.get("breakdown") or {}
-        return {"weights": b.get("weights", 0), "gradients": b.get("gradients", 0),
-                "optimizer_state": b.get("optimizer_state", 0), "activations": b.get("activations", 0),
-                "other": b.get("temporaries", 0) + b.get("other", 0) + b.get("sharding_overhead", 0)}
+        return to_breakdown(rank.get("breakdown") or {})
     pred = record.get("predicted") or {}
     b = pred.get("bytes") or {}
     if not b:
         return dict.fromkeys(BREAKDOWN)
     at_peak = (pred.get("phases") or {}).get(pred.get("peak_phase") or "")
-    if isinstance(at_peak, dict) and "weights" in at_peak:
-        # the estimator's own breakdown at its predicted peak (same categories as the tensor accountant's)
-        return {"weights": at_peak.get("weights", 0), "gradients": at_peak.get("gradients", 0),
-                "optimizer_state": at_peak.get("optimizer_state", 0), "activations": at_peak.get("activations", 0),
-                "other": at_peak.get("temporaries", 0) + at_peak.get("other", 0)}
+    if isinstance(at_peak, dict) and "weights" in at_peak:  # the estimator's own breakdown at its peak
+        return to_breakdown(at_peak)
     state = b.get("optimizer_state")
     if resolved_device(record) == "cuda" and b.get("optimizer_state_device") is not None:
         state = b["optimizer_state_device"]
@@ -112,7 +93,7 @@ def predicted_parts(record: dict) -> dict[str, int | None]:
         other = sum(p for p in parts if p) if any(p is not None for p in parts) else None
     parts = {"weights": b.get("weights"), "gradients": b.get("gradients"), "optimizer_state": state,
              "activations": b.get("activations"), "other": other}
-    peak = next((b[k] for k in PEAK_KEYS if isinstance(b.get(k), (int, float))), None)
+    peak = b["peak"] if isinstance(b.get("peak"), (int, float)) else None
     if peak is not None and other is None and parts["activations"] is not None:
         # the whole-step peak is known: what the named parts leave of it is "other" (logits, transients)
         parts["other"] = max(int(peak) - sum(int(v) for v in parts.values() if v), 0)
@@ -127,9 +108,8 @@ def predicted_peak(record: dict) -> tuple[int | None, bool]:
         return int(rank["peak_bytes"]), True
     pred = record.get("predicted") or {}
     b = pred.get("bytes") or {}
-    for k in PEAK_KEYS:
-        if isinstance(b.get(k), (int, float)):
-            return int(b[k]), True
+    if isinstance(b.get("peak"), (int, float)):
+        return int(b["peak"]), True
     if isinstance(pred.get("peak_bytes"), (int, float)):
         return int(pred["peak_bytes"]), True
     parts = predicted_parts(record)
@@ -162,10 +142,7 @@ def measured_parts(record: dict) -> dict[str, int | None]:
     name, ph = peak_phase(m)
     tensors = (ph or {}).get("tensors")
     if tensors and m.get("primary_tracker", "tensors") == "tensors":
-        b = tensors.get("breakdown_at_peak") or {}
-        return {"weights": b.get("parameters", 0) + b.get("buffers", 0), "gradients": b.get("gradients", 0),
-                "optimizer_state": b.get("optimizer_state", 0), "activations": b.get("activations", 0),
-                "other": b.get("temporaries", 0) + b.get("other", 0)}
+        return to_breakdown(tensors.get("breakdown_at_peak") or {})
     state = m.get("optimizer_state_bytes") or 0
     st = m.get("optimizer_state") or {}
     if m.get("device") == "cuda" and st.get("device") is not None:
@@ -195,8 +172,6 @@ def pct_error(predicted: float | None, measured: float | None) -> float | None:
 # ---------------------------------------------------------------------------------------- table
 def record_row(rec: dict) -> dict[str, Any]:
     """One flat row of figures for a record (the columns of :func:`to_frame`)."""
-    from optimem.estimators.optimizers import REGISTRY
-
     c = rec.get("config") or {}
     m = rec.get("measured") or {}
     env = rec.get("env") or {}
@@ -270,7 +245,7 @@ NUMERIC_COLUMNS = ["batch_size", "seq_len", "grad_accum", "memory_limit_bytes", 
                    "tokens_per_s", "step_time_p50", "optimizer_step_time_p50", "duration_s"]
 
 
-__all__ = ["BREAKDOWN", "BREAKDOWN_LABELS", "PEAK_KEYS", "latest_by_key", "load_records", "measured_parts", "none_read",
+__all__ = ["latest_by_key", "load_records", "measured_parts", "none_read",
            "pct_error", "peak_phase", "predicted_parts", "predicted_peak", "rank_prediction", "record_row",
            "resolved_device",
            "step_times", "to_frame"]

@@ -31,3 +31,13 @@ def format_table(headers: list[str], rows: list[list[str]], align: str | None = 
         return "  ".join(str(c).ljust(w) if a == "l" else str(c).rjust(w) for c, w, a in zip(cells, widths, align))
 
     return "\n".join([line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def md_table(headers: list[str], rows: list[list], text_cols: frozenset[str] | None = None) -> str:
+    """A Markdown table; with ``text_cols``, the other columns are right-aligned."""
+    def esc(x) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    rule = ["---" if text_cols is None or h in text_cols else "---:" for h in headers]
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join(rule) + "|"]
+    return "\n".join(out + ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows])

@@ -10,7 +10,8 @@ import pytest
 from conftest import COMMITTED_RESULTS, ROOT
 from optimem.harness.cli import main
 from optimem.harness.plots import pareto_front
-from optimem.harness.results import BREAKDOWN, load_records, measured_parts, to_frame
+from optimem.estimators.categories import BREAKDOWN
+from optimem.harness.results import load_records, measured_parts, to_frame
 
 FIGURES = ("predicted_vs_measured", "memory_breakdown", "throughput_vs_memory")
 
