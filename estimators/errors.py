@@ -6,3 +6,16 @@ class UserError(Exception):
 
     The message is a single line saying what was wrong and what would be right.
     """
+
+
+class TraceFailure(UserError):
+    """The whole-step tracer could not estimate a model (not bad input: the same run may still train).
+
+    ``kind``: ``"model"`` when the same step fails on small real CPU tensors too (the model fails on its own:
+    the message carries the model's error), ``"tracer"`` when it runs there (a tracer gap), ``"unchecked"``
+    when the real step was not tried (the model is too large to build on the CPU). ``bench run`` still runs and
+    reports the real job when the estimate fails this way."""
+
+    def __init__(self, message: str, kind: str = "unchecked"):
+        super().__init__(message)
+        self.kind = kind

@@ -74,6 +74,10 @@ _JSON_TYPES = {str: "string", float: "number with a fraction", bool: "boolean", 
 def _size(where: str, key: str, value: Any, *, optional: bool) -> None:
     if optional and value is None:
         return
+    if optional and isinstance(value, list) and value:  # one size per layer (Gemma 3n's intermediate_size)
+        for v in value:
+            _size(where, key, v, optional=False)
+        return
     if isinstance(value, bool) or not isinstance(value, int):
         hint = "fix the config.json"
         if isinstance(value, float) and value.is_integer() and value >= 1:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from optimem.estimators import get_spec
-from optimem.estimators.errors import UserError
+from optimem.estimators.errors import TraceFailure, UserError
 from optimem.estimators.estimate import estimate
 from optimem.estimators.peft_model import cpu_run_limit
 from optimem.harness.contract import RUN_DIR_ENV, RUN_DIR_PREFIX, WorkerOutcome, read_result, write_job
@@ -222,11 +222,17 @@ def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bo
     """
     spec = get_spec(cfg.optim)
     check_config(cfg)
-    predicted = predict(cfg)
+    estimate_error = None
+    try:
+        predicted = predict(cfg)
+    except TraceFailure as exc:  # the estimate failed, not the input: the real job still runs and is reported
+        predicted, estimate_error = None, str(exc)
     device = resolve_device(cfg)
     env = collect_env(device, spec)
     run_meta: dict[str, Any] = {"isolated": isolate, "timeout_s": timeout_s if isolate else None,
                                 "resolved_device": device}
+    if estimate_error:
+        run_meta["estimate_error"] = estimate_error
     reason = skip_reason(cfg, device)
     if reason is not None:
         record = build_record(config=cfg.to_dict(), status="skipped", reason=reason, measured=None,

@@ -4,6 +4,7 @@
     python -m optimem.harness.validate --quick            # a smaller matrix, prints the table
     python -m optimem.harness.validate --families         # only the architecture-family matrix
     python -m optimem.harness.validate --peft             # only the LoRA / QLoRA matrix
+    python -m optimem.harness.validate --zoo              # the transformers zoo (optimem.harness.zoo; --help there)
 
 Two matrices: the original one (Llama, GPT-2, T5: 10 optimizers x 2 shapes x checkpointing, plus bf16
 parameters, bf16 autocast, eager attention, accumulation, frozen parameters; 165 cases) and the
@@ -488,4 +489,10 @@ def write_outputs(args, table: str, data: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if "--zoo" in sys.argv[1:]:  # the zoo run builds on this module: run as its own program (no import cycle)
+        import runpy
+
+        sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a != "--zoo"]
+        runpy.run_module("optimem.harness.zoo", run_name="__main__", alter_sys=True)
+    else:
+        sys.exit(main())

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..catalog import ModelSource
-from ..errors import UserError
+from ..errors import TraceFailure, UserError
 from ..memsim import NB, basis
 from .cpu_rules import install as install_cpu_rules
 from .data import S_MIN, Region, StepTrace
@@ -335,7 +335,16 @@ def step_trace(source: ModelSource, setting: TraceSetting, batch: int, seq: int,
     if batch <= 1:  # batch 1 is derived from batches from 2 (one more trace instead of three)
         st = step_trace(source, setting, 2, seq, accum)
         wider = st.region(2, seq, accum)
-    region, tracer = trace_region(source, setting, batch, seq, accum, wider=wider)
+    try:
+        region, tracer = trace_region(source, setting, batch, seq, accum, wider=wider)
+    except TraceFailure:
+        raise
+    except UserError as exc:
+        if not str(exc).startswith("cannot trace "):
+            raise
+        from .diagnose import explain
+
+        raise explain(source, setting, str(exc)) from None
     if st is None:
         facts = tracer.facts
         names = tuple(n for n, _ in tracer.model.named_parameters())

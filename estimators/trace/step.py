@@ -38,15 +38,20 @@ def wrap_autocast(model: torch.nn.Module, mixed: str | None) -> None:
     model.forward = MethodType(convert_outputs_to_fp32(model.forward.__func__), model)
 
 
-def make_batch(facts: ModelFacts, batch: int, seq: int, task: str | None, seed: int = 0) -> dict[str, TraceTensor]:
+def real_batch(facts: ModelFacts, batch: int, seq: int, task: str | None, seed: int = 0) -> dict[str, torch.Tensor]:
     """The collated batch the harness's synthetic dataset gives (``input_ids`` random in [3, vocab),
     ``attention_mask`` ones, ``labels`` a copy of the ids, or one class per sample for sequence
-    classification), as trace tensors that keep their values."""
+    classification), as real CPU tensors."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, max(facts.vocab_size, 4), (batch, seq), generator=g)
     labels = torch.randint(0, facts.num_labels, (batch,), generator=g) if task == "sequence-classification" \
         else ids.clone()
-    return {"input_ids": from_real(ids), "attention_mask": from_real(torch.ones_like(ids)), "labels": from_real(labels)}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def make_batch(facts: ModelFacts, batch: int, seq: int, task: str | None, seed: int = 0) -> dict[str, TraceTensor]:
+    """:func:`real_batch` as trace tensors that keep their values."""
+    return {k: from_real(v) for k, v in real_batch(facts, batch, seq, task, seed).items()}
 
 
 def num_items(facts: ModelFacts, batches: list[dict]) -> TraceTensor | None:
@@ -127,5 +132,5 @@ def _accelerate_backward(loss) -> None:
     loss.backward()
 
 
-__all__ = ["AUTOCAST", "BWD_END", "FWD_END", "PRE_ACC", "StepHooks", "make_batch", "micro_step", "num_items",
+__all__ = ["AUTOCAST", "BWD_END", "FWD_END", "PRE_ACC", "StepHooks", "make_batch", "real_batch", "micro_step", "num_items",
            "wrap_autocast"]

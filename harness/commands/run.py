@@ -171,6 +171,8 @@ def render(record: dict, saved: str | None = None) -> str:
     with console.capture() as cap:
         for line in _header(record):
             console.print(line)
+        if (record.get("run") or {}).get("estimate_error"):
+            console.print(f"  no estimate: {record['run']['estimate_error']}")
         if record["status"] != "ok":
             console.print(f"  {record['reason']}")
             if record["status"] == "skipped" and pred:

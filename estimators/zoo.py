@@ -1,0 +1,196 @@
+"""The transformers zoo as data: one tiny, valid config per registered model type of the training tasks.
+
+    python -m optimem.estimators.zoo            # regenerate estimators/configs/zoo/ for the installed transformers
+    python -m optimem.estimators.zoo --check    # say whether the stored zoo was made for the installed version
+
+Each type's config is made by one generic rule, :func:`tiny_config`: transformers' own test rule for a tiny model
+(``tests/causal_lm_tester.py``: ``CausalLMModelTester.get_config`` passes the tester's sizes -- :data:`TESTER_SIZES`
+-- to every config ``__init__`` argument of the same name and keeps the class's defaults for the rest), applied to
+the config class and to each of its sub-configs (``text_config``, ``vision_config``, ...). It is a rule, not a
+per-type tester: the per-type ``ModelTester`` subclasses override some sizes (MLA ranks, expert counts) that this
+rule leaves at the class default; a type whose rule-made config transformers refuses to build keeps its build
+error in the index (``index.json``: ``types[type]["build"][task]``).
+
+The index pins the transformers version the zoo was made for; :func:`zoo_types` lists a task's types,
+:func:`zoo_config_path` gives a type's config file (any config path works as ``--model``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+ZOO_DIR = Path(__file__).with_name("configs") / "zoo"
+TASK_MAPPINGS = {
+    "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "masked-lm": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "seq2seq-lm": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "sequence-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "image-text-to-text": "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+}
+"""The zoo's tasks and the transformers Auto mapping that registers each one's model types."""
+TASK_AUTO = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM",
+             "seq2seq-lm": "AutoModelForSeq2SeqLM", "sequence-classification": "AutoModelForSequenceClassification",
+             "image-text-to-text": "AutoModelForImageTextToText"}
+TESTER_SIZES = dict(
+    vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+    intermediate_size=37, hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+    max_position_embeddings=512, type_vocab_size=16, initializer_range=0.02, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2, head_dim=16, moe_intermediate_size=12, shared_expert_intermediate_size=36,
+    num_experts_per_tok=2, num_experts=8, mamba_n_groups=1, mamba_n_heads=16, mamba_d_state=16, mamba_d_conv=4,
+    mamba_expand=2, mamba_chunk_size=16, expert_interval=1, is_decoder=False)
+"""``CausalLMModelTester.__init__``'s defaults in huggingface/transformers ``tests/causal_lm_tester.py`` (the
+attributes its ``get_config`` passes by name; ``head_dim`` is its ``hidden_size // num_attention_heads``)."""
+FORCED = ("pad_token_id",)
+"""``CausalLMModelTester.forced_config_args``: passed even where the config's signature does not name them."""
+
+
+def _config_fields(cls) -> set[str]:
+    import inspect
+
+    return {k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "kwargs")}
+
+
+RETRIES = 6
+"""How many tester sizes the rule gives up, one at a time, when the config class refuses them (see
+:func:`tiny_config`)."""
+
+
+def tiny_config(model_type: str) -> dict:
+    """The rule-made tiny config of ``model_type`` as a dict (``to_dict()`` of the built config). When the config
+    class's validation refuses the tester's sizes, the size its message names (else the last one passed) is given
+    back to the class default and the config built again, at most :data:`RETRIES` times; then what the class
+    raises is raised. The causal-LM class (``architectures``) is set when the type has one, so that the default
+    task (``causal-lm``: the config's architecture) builds it."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto import modeling_auto
+
+    cls = CONFIG_MAPPING[model_type]
+    kwargs = _tiny_kwargs(cls)
+    for attempt in range(RETRIES + 1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                config = cls(**kwargs)
+            break
+        except Exception as exc:  # noqa: BLE001 - a validator refused a size: give one back and retry
+            if attempt == RETRIES or not kwargs:
+                raise
+            text = str(exc)
+            named = [k for k in kwargs if k in text]
+            kwargs.pop(max(named, key=len) if named else list(kwargs)[-1])
+    out = config.to_dict()
+    out["model_type"] = model_type
+    for k in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
+        out.pop(k, None)
+    causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if causal:
+        out["architectures"] = [causal]
+    return out
+
+
+def _tiny_kwargs(cls) -> dict:
+    fields = _config_fields(cls)
+    kwargs = {k: v for k, v in TESTER_SIZES.items() if k in fields or k in FORCED}
+    for name, sub in (getattr(cls, "sub_configs", None) or {}).items():
+        sub_cls = sub if isinstance(sub, type) else None
+        if sub_cls is None or not hasattr(sub_cls, "model_type") or name not in fields:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                kwargs[name] = sub_cls(**_tiny_kwargs(sub_cls)).to_dict()
+        except Exception:  # noqa: BLE001 - a sub-config the rule cannot shrink keeps its defaults
+            pass
+    return kwargs
+
+
+def registered_types(task: str) -> list[str]:
+    """The model types transformers registers for ``task`` (its Auto mapping), sorted."""
+    from transformers.models.auto import modeling_auto
+
+    return sorted(getattr(modeling_auto, TASK_MAPPINGS[task]))
+
+
+def _build_error(path: Path, task: str) -> str | None:
+    """None when the model of ``task`` builds on the meta device from the config at ``path``, else why not."""
+    from .catalog import resolve
+    from .errors import UserError
+    from .inventory import instantiate
+
+    try:
+        instantiate(resolve(str(path)), device="meta", task=None if task == "causal-lm" else task)
+    except UserError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - one line per type, never a traceback
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return None
+
+
+def generate(out_dir: Path = ZOO_DIR, tasks=tuple(TASK_MAPPINGS)) -> dict:
+    """Write every task's types' configs and ``index.json`` into ``out_dir``; return the index."""
+    import transformers
+
+    from .params import TASK_CLASSES
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index: dict = {"transformers": transformers.__version__, "rule": "CausalLMModelTester sizes by name "
+                   "(optimem.estimators.zoo.tiny_config)", "tasks": {}, "types": {}}
+    for task in tasks:
+        types = registered_types(task)
+        index["tasks"][task] = types
+        for t in types:
+            entry = index["types"].setdefault(t, {"config": None, "error": None, "build": {}})
+            if entry["config"] is None and entry["error"] is None:
+                try:
+                    cfg = tiny_config(t)
+                except Exception as exc:  # noqa: BLE001
+                    entry["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                else:
+                    (out_dir / f"{t}.json").write_text(json.dumps(cfg, indent=1, sort_keys=True, default=str) + "\n")
+                    entry["config"] = f"{t}.json"
+            if entry["config"] is not None and task in TASK_CLASSES:
+                entry["build"][task] = _build_error(out_dir / entry["config"], task)
+            elif entry["config"] is not None:
+                entry["build"][task] = f"task {task} is not one optimem builds (--task takes {', '.join(TASK_CLASSES)})"
+    (out_dir / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    return index
+
+
+def load_index(zoo_dir: Path = ZOO_DIR) -> dict:
+    """The stored zoo index (see :func:`generate`)."""
+    return json.loads((zoo_dir / "index.json").read_text())
+
+
+def zoo_types(task: str, zoo_dir: Path = ZOO_DIR) -> list[str]:
+    """The model types of ``task`` in the stored zoo."""
+    return list(load_index(zoo_dir)["tasks"].get(task, []))
+
+
+def zoo_config_path(model_type: str, zoo_dir: Path = ZOO_DIR) -> Path | None:
+    """The stored config file of ``model_type`` (None: the rule could not make one)."""
+    entry = load_index(zoo_dir)["types"].get(model_type) or {}
+    return zoo_dir / entry["config"] if entry.get("config") else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m optimem.estimators.zoo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(ZOO_DIR), help="where to write the zoo (default: the bundled one)")
+    p.add_argument("--check", action="store_true", help="only compare the stored zoo's transformers version")
+    args = p.parse_args(argv)
+    import transformers
+
+    if args.check:
+        made = load_index(Path(args.out))["transformers"]
+        print(f"zoo made for transformers {made}; installed {transformers.__version__}")
+        return 0 if made == transformers.__version__ else 1
+    index = generate(Path(args.out))
+    n_ok = sum(1 for e in index["types"].values() if e["config"])
+    print(f"{n_ok} of {len(index['types'])} types have a tiny config (transformers {index['transformers']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
