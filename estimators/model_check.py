@@ -25,8 +25,8 @@ from .errors import UserError
 
 SIZES: dict[str, tuple[str, ...]] = {
     "hidden_size": ("hidden_size", "n_embd", "d_model"),
-    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
-    "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+    "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers"),
     "vocab_size": ("vocab_size",),
 }
 """Sizes every model has (the names transformers' config classes give them; the first present wins)."""

@@ -6,7 +6,8 @@
 Each type's config is made by one generic rule, :func:`tiny_config`: transformers' own test rule for a tiny model
 (``tests/causal_lm_tester.py``: ``CausalLMModelTester.get_config`` passes the tester's sizes -- :data:`TESTER_SIZES`
 -- to every config ``__init__`` argument of the same name and keeps the class's defaults for the rest), applied to
-the config class and to each of its sub-configs (``text_config``, ``vision_config``, ...). It is a rule, not a
+the config class and to each of its sub-configs (``text_config``, ``vision_config``, ...), with the same sizes under
+the class's other names (:data:`ALIASES`, ``attribute_map``) and one alignment (:data:`ALIGNED`). It is a rule, not a
 per-type tester: the per-type ``ModelTester`` subclasses override some sizes (MLA ranks, expert counts) that this
 rule leaves at the class default; a type whose rule-made config transformers refuses to build keeps its build
 error in the index (``index.json``: ``types[type]["build"][task]``).
@@ -43,6 +44,10 @@ TESTER_SIZES = dict(
     mamba_expand=2, mamba_chunk_size=16, expert_interval=1, is_decoder=False)
 """``CausalLMModelTester.__init__``'s defaults in huggingface/transformers ``tests/causal_lm_tester.py`` (the
 attributes its ``get_config`` passes by name; ``head_dim`` is its ``hidden_size // num_attention_heads``)."""
+ALIGNED = {"intermediate_size": 40}
+"""Where the rule departs from the tester: its odd ``intermediate_size`` 37 rounded up to a multiple of 8, since
+torch's ``grouped_mm`` (the routed experts of most MoE types) needs 16-byte row strides on the CPU -- 37 fp32 values
+are 148 bytes, and such a model fails on its own in the first forward."""
 FORCED = ("pad_token_id",)
 """``CausalLMModelTester.forced_config_args``: passed even where the config's signature does not name them."""
 
@@ -86,17 +91,54 @@ def tiny_config(model_type: str) -> dict:
     for k in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
         out.pop(k, None)
     causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    if causal:
+    import transformers
+
+    causal_cls = getattr(transformers, causal, None) if causal else None
+    if causal_cls is not None and getattr(causal_cls, "config_class", None) is cls:  # else the Auto class picks
         out["architectures"] = [causal]
     return out
 
 
+ALIASES = {
+    "hidden_size": ("d_model", "n_embd"),
+    "num_hidden_layers": ("encoder_layers", "decoder_layers", "num_decoder_layers", "num_layers", "n_layer", "n_layers"),
+    "num_attention_heads": ("encoder_attention_heads", "decoder_attention_heads", "num_heads", "n_head", "n_heads"),
+    "intermediate_size": ("encoder_ffn_dim", "decoder_ffn_dim", "ffn_dim", "d_ff", "n_inner"),
+    "max_position_embeddings": ("n_positions", "max_seq_len"),
+}
+"""The tester's sizes under the other names config classes give them (GPT-2-style ``n_embd``/``n_layer``, an
+encoder-decoder's per-side ``encoder_layers``/``decoder_layers``), used where the class's ``attribute_map`` does not
+already point the standard name at its own field."""
+MAX_ZOO_PARAMS = 25_000_000
+"""A rule-made config with more parameters than this is not trained in the zoo run (the class keeps a large size
+under a name the rule does not know; its fp32 AdamW step would not fit the shared CPU machine)."""
+
+
 def _tiny_kwargs(cls) -> dict:
     fields = _config_fields(cls)
-    kwargs = {k: v for k, v in TESTER_SIZES.items() if k in fields or k in FORCED}
-    for name, sub in (getattr(cls, "sub_configs", None) or {}).items():
+    amap = dict(getattr(cls, "attribute_map", None) or {})
+    kwargs = {}
+    for k, v in {**TESTER_SIZES, **ALIGNED}.items():
+        target = amap.get(k, k)
+        if target in fields or k in FORCED:
+            kwargs[target] = v
+        for alias in ALIASES.get(k, ()):
+            if alias in fields and alias not in kwargs:
+                kwargs[alias] = v
+    subs = getattr(cls, "sub_configs", None) or {}
+    base = None
+    if any(getattr(sub, "__name__", "") == "AutoConfig" for sub in subs.values()):
+        try:  # an AutoConfig sub-config: its class is the one the composite's defaults hold
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                base = cls()
+        except Exception:  # noqa: BLE001
+            base = None
+    for name, sub in subs.items():
         sub_cls = sub if isinstance(sub, type) else None
-        if sub_cls is None or not hasattr(sub_cls, "model_type") or name not in fields:
+        if getattr(sub_cls, "__name__", "") == "AutoConfig":
+            sub_cls = type(getattr(base, name)) if getattr(base, name, None) is not None else None
+        if sub_cls is None or not getattr(sub_cls, "model_type", None) or name not in fields:
             continue
         try:
             with warnings.catch_warnings():
@@ -115,17 +157,21 @@ def registered_types(task: str) -> list[str]:
 
 
 def _build_error(path: Path, task: str) -> str | None:
-    """None when the model of ``task`` builds on the meta device from the config at ``path``, else why not."""
+    """None when the model of ``task`` builds on the meta device from the config at ``path`` with at most
+    :data:`MAX_ZOO_PARAMS` parameters, else why not."""
     from .catalog import resolve
     from .errors import UserError
     from .inventory import instantiate
 
     try:
-        instantiate(resolve(str(path)), device="meta", task=None if task == "causal-lm" else task)
+        model = instantiate(resolve(str(path)), device="meta", task=None if task == "causal-lm" else task)
     except UserError as exc:
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - one line per type, never a traceback
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    n = sum(p.numel() for p in model.parameters())
+    if n > MAX_ZOO_PARAMS:
+        return f"the rule's config has {n:,} parameters (over {MAX_ZOO_PARAMS:,}: a size it leaves at the class default)"
     return None
 
 

@@ -209,7 +209,7 @@ def zoo_cases(tasks, optims, gcs) -> list[tuple]:
 
 def render(rows: dict[str, dict], facts: dict, command: str, tasks) -> tuple[str, dict]:
     """The Markdown table and JSON of the zoo log: per task, how many types in each class, then every type."""
-    from optimem.estimators.zoo import load_index
+    from optimem.estimators.zoo import ZOO_DIR, load_index
 
     index = load_index()
     by_type: dict = {}
@@ -231,7 +231,7 @@ def render(rows: dict[str, dict], facts: dict, command: str, tasks) -> tuple[str
              "estimate that raised something else: a bug). Only the combinations listed were run; a type with no "
              "row for a task was not run.", ""]
     summary: dict = {}
-    lines += ["| task | registered types | run | " + " | ".join(CLASSES) + " | within 1% of run |",
+    lines += ["| task | registered types | run | " + " | ".join(CLASSES) + " | within 1% (of registered) |",
               "| --- | ---: | ---: | " + " | ".join("---:" for _ in CLASSES) + " | ---: |"]
     for task in tasks:
         types = index["tasks"].get(task, [])
@@ -247,7 +247,7 @@ def render(rows: dict[str, dict], facts: dict, command: str, tasks) -> tuple[str
         good = cls["exact"] + cls["within 1%"]
         summary[task] = {"registered": len(types), "run": ran, **cls}
         lines.append(f"| {task} | {len(types)} | {ran} | " + " | ".join(str(cls[c]) for c in CLASSES)
-                     + f" | {good / ran:.0%} |" if ran else f"| {task} | {len(types)} | 0 | "
+                     + f" | {good / len(types):.1%} |" if ran else f"| {task} | {len(types)} | 0 | "
                      + " | ".join("-" for _ in CLASSES) + " | - |")
     lines += ["", "A type's class is its worst case's. Figures: peak error = (predicted - measured) / measured.", ""]
     for task in tasks:
@@ -261,7 +261,7 @@ def render(rows: dict[str, dict], facts: dict, command: str, tasks) -> tuple[str
                 err = r.get("peak_error")
                 why = r.get("estimate_error") or r.get("reason") or (
                     r.get("measured_reason") if r.get("measured_status") not in (None, "ok") else "") or ""
-                why = why.replace("|", "/")[:220]
+                why = why.replace(f"{ZOO_DIR}/", "zoo/").replace("|", "/")[:220]
                 wp = f"{r['worst_phase']} {r['worst_phase_error'] * 100:+.3f}%" if r.get("worst_phase") else ""
                 lines.append(f"| {t} | {r['optim']} | {'on' if r['gc'] else 'off'} | {r['class']} | "
                              f"{r.get('measured_peak', ''):{','}} | " if isinstance(r.get("measured_peak"), int) else
