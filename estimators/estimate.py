@@ -282,6 +282,17 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
     phase_model = _phase_model(inv, source, spec.name, args_key, targets, setting, setup.grad_accum, device, total, host,
                                resident)
     mem = evaluate(phase_model, setup.batch_size, setup.seq_len)
+    idle = () if setup.peft or spec.state_for_frozen else \
+        phase_model.gradless(max(setup.batch_size, 1), max(setup.seq_len, 1))
+    if idle:  # no gradient, so no optimizer state: estimated as the optimizer sees them, frozen
+        gone = set(idle)
+        inv2 = replace(inv, rows=tuple(replace(r, trainable=r.trainable and r.name not in gone) for r in inv.rows),
+                       _cache={})
+        est = estimate_setup(replace(setup, freeze=None), gpu=gpu, inventory=inv2)
+        est.setup = replace(est.setup, freeze=setup.freeze)
+        est.notes.insert(0, f"{len(idle)} trainable parameter(s) get no gradient in a training step (e.g. {idle[0]}): "
+                            "no gradient and no optimizer state are counted for them")
+        return est
     notes.extend(n for n in (phase_model.step.note, *phase_model.notes()) if n)
     cuda = None
     if device == "cuda":

@@ -75,6 +75,21 @@ class PhaseModel:
         on-disk key of a region's phases; None: not cached on disk)."""
         self.trace = None  # the StepTrace (optimem.estimators.trace.run), once a region was asked for
 
+    def gradless(self, b: int, s: int) -> tuple[str, ...]:
+        """Names of the trainable parameters that the traced step at ``(b, s)`` gives no gradient (a cross-attention
+        no encoder output reaches, a module run under ``no_grad``): their ``.grad`` stays None, so torch's optimizers
+        (``if p.grad is None: continue``) never make their state. Call after :meth:`at` of that shape."""
+        from .trace.events import GRAD
+
+        tr = self.trace
+        region = tr.region(b, s) if tr is not None else None
+        if region is None:
+            return ()
+        log = region.first
+        got = {int(i) for i in log.a[log.kind == GRAD]}
+        trainable = {r.name for r in self.inv.rows if r.trainable}
+        return tuple(n for i, n in enumerate(tr.params) if n in trainable and i not in got)
+
     @property
     def inside(self) -> bool:
         return self.step.grad_mode in ("fused", "layerwise")

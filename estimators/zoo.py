@@ -44,10 +44,11 @@ TESTER_SIZES = dict(
     mamba_expand=2, mamba_chunk_size=16, expert_interval=1, is_decoder=False)
 """``CausalLMModelTester.__init__``'s defaults in huggingface/transformers ``tests/causal_lm_tester.py`` (the
 attributes its ``get_config`` passes by name; ``head_dim`` is its ``hidden_size // num_attention_heads``)."""
-ALIGNED = {"intermediate_size": 40}
+ALIGNED = {"intermediate_size": 40, "rotary_dim": 4}
 """Where the rule departs from the tester: its odd ``intermediate_size`` 37 rounded up to a multiple of 8, since
 torch's ``grouped_mm`` (the routed experts of most MoE types) needs 16-byte row strides on the CPU -- 37 fp32 values
-are 148 bytes, and such a model fails on its own in the first forward."""
+are 148 bytes, and such a model fails on its own in the first forward -- and ``rotary_dim`` 4, the per-type testers'
+value for the types that name it (CodeGen, GPT-J: the class default 64 is more than a tiny head has)."""
 FORCED = ("pad_token_id",)
 """``CausalLMModelTester.forced_config_args``: passed even where the config's signature does not name them."""
 

@@ -112,7 +112,9 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
     n_samples = cfg.batch_size * cfg.grad_accum * max(cfg.steps, 1)
     tokens = data_tokens(cfg.data) if cfg.data else None
     classify = cfg.task == "sequence-classification"
-    data = SyntheticTokens(n_samples, cfg.seq_len, model.config.vocab_size, cfg.seed,
+    config = model.config
+    vocab = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size  # a composite (VLM) config
+    data = SyntheticTokens(n_samples, cfg.seq_len, vocab, cfg.seed,
                            bool(getattr(model.config, "is_encoder_decoder", False)), tokens,
                            num_labels=int(model.config.num_labels) if classify else None)
     lr = 1e-4

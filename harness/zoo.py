@@ -159,8 +159,9 @@ def read_log(log: Path = LOG) -> dict[str, dict]:
     return out
 
 
-def run_zoo(cases: list[tuple], jobs: int = 1, log: Path = LOG) -> None:
-    """Run every case not in ``log`` yet, ``jobs`` processes at a time, appending each row as it finishes."""
+def run_zoo(cases: list[tuple], jobs: int = 1, log: Path = LOG, again: bool = False) -> None:
+    """Run every case not in ``log`` yet (``again``: every case; a later row of a case replaces the earlier one),
+    ``jobs`` processes at a time, appending each row as it finishes."""
     import signal
 
     import optimem.estimators.trace.run  # noqa: F401 - imported once here, not in every forked case
@@ -168,7 +169,7 @@ def run_zoo(cases: list[tuple], jobs: int = 1, log: Path = LOG) -> None:
     import transformers.trainer  # noqa: F401
 
     done = read_log(log)
-    todo = [c for c in cases if case_key(*c) not in done]
+    todo = [c for c in cases if again or case_key(*c) not in done]
     print(f"zoo: {len(cases)} cases, {len(cases) - len(todo)} already in {log}, {len(todo)} to run", file=sys.stderr)
     log.parent.mkdir(parents=True, exist_ok=True)
     running: dict[int, tuple] = {}
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="cases run at once (one process each)")
     p.add_argument("--log", default=str(LOG), help="the resumable log (JSON lines)")
     p.add_argument("--render", action="store_true", help="only write the tables from the log")
+    p.add_argument("--again", action="store_true", help="run the selected cases even if the log holds them")
     p.add_argument("--out", default=None, help="Markdown table (default results/zoo_cpu.md; JSON beside it)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             cases = [c for c in cases if c[0] in args.type]
         if args.limit:
             cases = cases[: args.limit]
-        run_zoo(cases, jobs=args.jobs, log=log)
+        run_zoo(cases, jobs=args.jobs, log=log, again=args.again)
     rows = read_log(log)
     command = "python -m optimem.harness.validate --zoo" + "".join(f" --task {t}" for t in (args.task or [])) + \
         "".join(f" --optim {o}" for o in (args.optim or [])) + (f" --gc {args.gc}" if args.gc != "off" else "")

@@ -66,6 +66,12 @@ def _bnb_param(p, memo: dict) -> torch.Tensor:
     return new
 
 
+def _on_meta(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the meta device: a parameter the modeling code made on the CPU even under ``torch.device("meta")``
+    (``torch.normal(mean, std, size=...)``, as DiffLlama's lambdas are) becomes a meta tensor of its shape."""
+    return t if t.device.type == "meta" else t.to("meta")
+
+
 def _as_trace_tensors(model: torch.nn.Module) -> None:
     memo: dict[int, torch.Tensor] = {}
     for mod in model.modules():
@@ -74,7 +80,7 @@ def _as_trace_tensors(model: torch.nn.Module) -> None:
                 continue
             if id(p) not in memo:
                 memo[id(p)] = _bnb_param(p, memo) if type(p).__name__ in BNB_PARAMS else \
-                    torch.nn.Parameter(from_meta(p.data), requires_grad=p.requires_grad)
+                    torch.nn.Parameter(from_meta(_on_meta(p.data)), requires_grad=p.requires_grad)
             mod._parameters[name] = memo[id(p)]
         for key, value in list(vars(mod).items()):
             if type(value).__name__ in BNB_STATES:

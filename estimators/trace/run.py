@@ -345,6 +345,11 @@ def step_trace(source: ModelSource, setting: TraceSetting, batch: int, seq: int,
         from .diagnose import explain
 
         raise explain(source, setting, str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - the model's code raised on trace tensors: tell whose error it is
+        from .diagnose import explain
+
+        text = " ".join(str(exc).split())[:200]
+        raise explain(source, setting, f"cannot trace {source.name}: {type(exc).__name__}: {text}") from None
     if st is None:
         facts = tracer.facts
         names = tuple(n for n, _ in tracer.model.named_parameters())
