@@ -89,6 +89,8 @@ def tiny_config(model_type: str) -> dict:
             kwargs.pop(max(named, key=len) if named else list(kwargs)[-1])
     out = config.to_dict()
     out["model_type"] = model_type
+    if out.get("is_encoder_decoder") and out.get("decoder_start_token_id") is None:
+        out["decoder_start_token_id"] = TESTER_SIZES["pad_token_id"]  # as the encoder-decoder testers pass (T5's: 0)
     for k in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
         out.pop(k, None)
     causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)

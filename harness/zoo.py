@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     """``validate --zoo``: run (unless ``--render``) and write ``results/zoo_cpu.md`` and ``.json``."""
     import argparse
 
+    global CASE_TIMEOUT_S
+
     p = argparse.ArgumentParser(prog="python -m optimem.harness.validate --zoo", description=__doc__.split("\n\n")[0])
     p.add_argument("--task", action="append", choices=TASKS, help="only these tasks (repeatable; default: all)")
     p.add_argument("--optim", action="append", help="optimizers (repeatable; default: adamw_torch)")
@@ -289,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", default=str(LOG), help="the resumable log (JSON lines)")
     p.add_argument("--render", action="store_true", help="only write the tables from the log")
     p.add_argument("--again", action="store_true", help="run the selected cases even if the log holds them")
+    p.add_argument("--timeout", type=float, default=CASE_TIMEOUT_S, help="seconds one case may take")
     p.add_argument("--out", default=None, help="Markdown table (default results/zoo_cpu.md; JSON beside it)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -299,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     optims = tuple(args.optim) if args.optim else ("adamw_torch",)
     gcs = {"off": (False,), "on": (True,), "both": (False, True)}[args.gc]
     log = Path(args.log)
+    CASE_TIMEOUT_S = args.timeout
     if not args.render:
         cases = zoo_cases(tasks, optims, gcs)
         if args.type:
