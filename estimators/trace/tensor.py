@@ -85,6 +85,14 @@ class TraceTensor(torch.Tensor):
     def __repr__(self) -> str:  # never touches data
         return f"TraceTensor(shape={tuple(self.shape)}, dtype={self.dtype})"
 
+    def tolist(self):
+        """The values as Python numbers, from the shadow (``Tensor.tolist`` refuses tensor subclasses; JetMoE's
+        router counts tokens per expert so): a tensor without a shadow -- computed from the weights -- is refused
+        as the tracer refuses any op whose output depends on such values."""
+        if self._v is None:
+            raise TraceError("Tensor.tolist", "its output depends on the values of a tensor computed from the weights")
+        return self._v.tolist()
+
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         return _dispatch(func, args, kwargs or {})
