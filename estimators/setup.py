@@ -248,7 +248,7 @@ class TrainingSetup:
         ``inventory``: the model's, when the caller has it (else it is built, or read from the cache)."""
         with _field("model"):
             sizes = check_model_config(self.source)
-            inv = inventory if inventory is not None else build_inventory(self.source)
+            inv = inventory if inventory is not None else build_inventory(self.source, task=self.task)
         with _field("seq_len"):
             check_sequence_length(inv, self.seq_len, max_positions=sizes.get("max_position_embeddings"))
         spec = get_spec(self.optim)
