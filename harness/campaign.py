@@ -65,23 +65,27 @@ def job_work(num_params: int, cfg: Any) -> float:
 class CostModel:
     """Seconds per run = ``overhead`` + ``per_work`` x work. ``overhead``: the shortest run measured (fork, model
     build, trackers); ``per_work``: the largest (seconds - overhead) / work measured. Before the first run nothing
-    is predicted (that run is measured); after one, half of it is taken as overhead."""
+    is predicted (that run is measured); after one, half of it is taken as overhead. From the third run on, the
+    first is left out: it pays what only a first run pays (imports, lazy kernel loading, the first trace)."""
 
     samples: list[tuple[float, float]] = field(default_factory=list)
 
     def observe(self, work: float, seconds: float) -> None:
         self.samples.append((max(work, 1.0), max(seconds, 0.0)))
 
+    def _used(self) -> list[tuple[float, float]]:
+        return self.samples[1:] if len(self.samples) >= 3 else self.samples
+
     def overhead(self) -> float | None:
         if not self.samples:
             return None
         if len(self.samples) == 1:
             return self.samples[0][1] / 2
-        return min(s for _, s in self.samples)
+        return min(s for _, s in self._used())
 
     def per_work(self) -> float:
         a = self.overhead() or 0.0
-        return max(((s - a) / w for w, s in self.samples), default=0.0)
+        return max(((s - a) / w for w, s in self._used()), default=0.0)
 
     def predict(self, work: float) -> float | None:
         a = self.overhead()
