@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import re
 import shlex
@@ -306,6 +307,15 @@ def extra_wheels() -> list[str]:
     return [f"{d}=={v}" for d in GPU_EXTRA_DISTS if (v := package_version(d))]
 
 
+def wheels_script() -> str:
+    """The shared ``shared/gpu/wheels.sh`` of the nearest folder above the repository that has one (the project's
+    ``../shared/gpu/wheels.sh`` from a main checkout)."""
+    for folder in REPO_ROOT.parents:
+        if (folder / "shared" / "gpu" / "wheels.sh").is_file():
+            return str(folder / "shared" / "gpu" / "wheels.sh")
+    return "../shared/gpu/wheels.sh"
+
+
 def device_command(budget_s: float) -> dict[str, Any]:
     """What to do here and what to send: the wheels step, the one device command (install line, environment,
     campaign) and the device tool's arguments (carry, timeout), within :data:`DEVICE_LIMITS`."""
@@ -316,7 +326,7 @@ def device_command(budget_s: float) -> dict[str, Any]:
                "export PYTHONPATH=/tmp/site:/tmp/pkg OPTIMEM_CACHE_DIR=/tmp/optimem-cache "
                f"PYTORCH_CUDA_ALLOC_CONF={ALLOC_CONF} OMP_NUM_THREADS=8 || exit 1; "
                f"python3 -m optimem.harness.campaign --budget {int(budget_s)} --out \"$OUT\"")
-    return {"here_first": f"EXTRA_WHEELS=\"{' '.join(extra_wheels())}\" bash /work/shared/gpu/wheels.sh  "
+    return {"here_first": f"EXTRA_WHEELS=\"{' '.join(extra_wheels())}\" bash {wheels_script()}  "
                           "# from the repository root; .whl/ must stay under the 64 MiB carried with the tree",
             "device_command": command, "carry": [".whl"], "timeout_s": timeout, "limits": DEVICE_LIMITS,
             "notes": ["the GPU machine runs Python 3.12, torch 2.11, transformers 5.17 and has no optimizer "
@@ -335,19 +345,21 @@ def _positive(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (e.g. 480)") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds (e.g. 480)")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive, finite number of seconds (e.g. 480)")
     return v
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors as one line and exit 2 (the project's bad-input rule)."""
+
     def error(self, message: str):  # one line, exit 2 (the project's bad-input rule)
         print(f"{self.prog}: {message}", file=sys.stderr)
         raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="python -m optimem.harness.campaign",
+    p = OneLineParser(prog="python -m optimem.harness.campaign",
                 description="Run the GPU campaign's priority list within a time budget (or rehearse it on CPU).")
     p.add_argument("--budget", type=_positive, required=True, help="seconds the whole campaign may take")
     p.add_argument("--out", help="folder for the records, campaign.json and the CUDA tests' log")
@@ -384,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["ALLOC_CONF", "DEVICE_LIMITS", "Campaign", "CostModel", "device_command", "estimate_section", "gpu_facts",
+__all__ = ["ALLOC_CONF", "DEVICE_LIMITS", "Campaign", "CostModel", "OneLineParser", "device_command", "estimate_section", "gpu_facts",
            "job_work", "preflight", "main", "machine_slug"]
 
 if __name__ == "__main__":

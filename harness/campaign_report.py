@@ -21,7 +21,6 @@ temporaries), so the achieved figure is a lower bound. The goal (issue 26): peak
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import statistics
@@ -229,9 +228,10 @@ def render_markdown(result: dict[str, Any], sources: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from optimem.harness.campaign import OneLineParser
     from optimem.harness.record import read_records
 
-    p = argparse.ArgumentParser(prog="python -m optimem.harness.campaign_report",
+    p = OneLineParser(prog="python -m optimem.harness.campaign_report",
                                 description="Fit the CUDA terms on half of the GPU records, judge the other half.")
     p.add_argument("records", nargs="+", help="JSONL files of GPU records (a campaign's, bench run's, bench sweep's)")
     p.add_argument("--markdown", help="write the tables here (else printed)")
