@@ -12,7 +12,7 @@ from optimem.estimators.errors import UserError
 from optimem.estimators.setup import CLI, TrainingSetup
 from optimem.estimators.user_objects import from_training_arguments
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _imports(path: Path) -> set[str]:

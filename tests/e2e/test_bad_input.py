@@ -16,7 +16,7 @@ import pytest
 
 from optimem.harness.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECORDS = ROOT / "results" / "cpu-amd-epyc-2026-11-23.jsonl"
 TINY_LLAMA = ROOT / "estimators" / "configs" / "tiny-llama.json"
 _DEL = object()

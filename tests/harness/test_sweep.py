@@ -22,7 +22,7 @@ from optimem.harness.max_batch import OVER_LIMIT, max_batch_path
 from optimem.harness.record import validate
 from optimem.harness.sweep import Sweep, SweepOptions
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 OPTIMS = ["adamw_torch", "adafactor", "sgd", "adagrad", "rmsprop", "schedule_free_adamw"]
 SHAPES = ["1x16", "2x32"]
