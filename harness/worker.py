@@ -144,7 +144,7 @@ class MeasuredRun:
         self.state_before: int | None = None
         self.state_after_step: list[int] = []
         self.grads_at_step: list[int] = []
-        from optimem.harness.distributed import RankView, is_distributed
+        from optimem.harness.distributed.rank import RankView, is_distributed
 
         self.shard = RankView(cfg) if is_distributed(cfg) else None
         self.device_index = self.shard.local_rank if self.shard is not None else 0
