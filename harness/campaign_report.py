@@ -104,7 +104,7 @@ def step_bytes_rule(est) -> int:
 
 def hbm_bandwidth(device_name: str | None) -> float | None:
     """The catalog GPU's memory bandwidth in bytes/s (None when the device is not in the catalog)."""
-    from optimem.estimators.planner import load_gpus, match_gpu
+    from optimem.estimators.gpus import load_gpus, match_gpu
 
     gpu = match_gpu(device_name or "", load_gpus()) if device_name else None
     return gpu.bandwidth_gbs * 1e9 if gpu is not None and gpu.bandwidth_gbs else None
