@@ -48,7 +48,7 @@ ALLOC_CONF = "expandable_segments:False"
 SAFETY = 1.25
 """A run starts only if SAFETY x its predicted seconds fit the time left."""
 MIN_TIMEOUT_S = 60.0
-PYTEST_SHARE = 0.25
+PYTEST_SHARE = 0.3
 """Tier 1 (the CUDA tests) may take at most this share of the budget."""
 GPU_EXTRA_DISTS = ("peft", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py", "attrs", "rich",
                    "markdown-it-py", "mdurl", "platformdirs")
@@ -241,8 +241,11 @@ class Campaign:
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
         last = lines[-1] if lines else ""
         outcome = "ok" if code == 0 else ("cut-off" if code is None else "failed")
+        tally = {w.lower(): sum(f" {w}" in ln for ln in lines if "::" in ln) for w in ("PASSED", "FAILED", "SKIPPED",
+                                                                                     "ERROR")}
         self.log(f"campaign: tier 1 CUDA tests: {outcome}: {last}")
-        return {"outcome": outcome, "returncode": code, "reason": how or last, "seconds": round(self.clock() - t, 2),
+        return {"outcome": outcome, "returncode": code, "reason": how or last, "tests": tally,
+                "seconds": round(self.clock() - t, 2),
                 "log": log.name, "command": shlex.join(["python", *job.argv])}
 
     def _run(self, job: Job, zygote) -> dict[str, Any]:

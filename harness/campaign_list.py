@@ -80,9 +80,10 @@ PUBLISHED_FALLBACK: tuple[dict[str, Any], ...] = (
 """The published setups when ``results/published_gpu.json`` is absent: the same rows, no published figure (the
 figures are issue 22's, in results/published_gpu.md)."""
 
-PYTEST_FILES = ("test_gpu_state_exact.py", "test_harness_trackers.py")
+PYTEST_FILES = ("test_harness_trackers.py", "test_gpu_state_exact.py")
 PYTEST_SELECT = "test_gpu_state_exact or cuda or nvml"
-"""Tier 1: these test files (found anywhere under tests/, wherever the suite's folders put them), ``-k`` this
+"""Tier 1: these test files, in this order (the tracker file's three CUDA tests are quick; the state exactness file
+trains every GPU-only optimizer) found anywhere under tests/, ``-k`` this
 selection (pytest matches the module's name too: test_gpu_state_exact.py runs whole, the tracker file its CUDA and
 NVML tests)."""
 
@@ -236,7 +237,8 @@ def _pytest_job() -> Job:
     found = [sorted(tests.rglob(name)) for name in PYTEST_FILES]
     missing = [n for n, f in zip(PYTEST_FILES, found) if not f]
     files = [str(f[0].relative_to(REPO_ROOT)) for f in found if f]
-    argv = ("-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", PYTEST_SELECT, *files) if files else ()
+    # -v: one line per test as it ends, so a run cut off by the budget still says which tests passed
+    argv = ("-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", "-k", PYTEST_SELECT, *files) if files else ()
     return Job(1, "t1/cuda-tests", "pytest", argv=argv,
                unresolved=f"test files not found under tests/: {', '.join(missing)}" if missing else None)
 
