@@ -111,7 +111,7 @@ def gpu_facts() -> dict[str, Any]:
 
 def machine_slug(facts: dict[str, Any], rehearse: bool) -> str:
     """``gpu-nvidia-h100-80gb-hbm3-2026-12-06`` (one records file per machine and date)."""
-    name = "cpu-rehearsal" if rehearse or not facts else "gpu-" + facts["device_name"]
+    name = "cpu-rehearsal" if rehearse else ("gpu-" + facts["device_name"] if facts else "no-gpu")
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     return f"{slug}-{_dt.datetime.now(_dt.timezone.utc).date().isoformat()}"
 
@@ -399,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["ALLOC_CONF", "DEVICE_LIMITS", "Campaign", "CostModel", "OneLineParser", "device_command", "estimate_section", "gpu_facts",
-           "job_work", "preflight", "main", "machine_slug"]
+__all__ = ["ALLOC_CONF", "DEVICE_LIMITS", "Campaign", "CostModel", "OneLineParser", "device_command",
+           "estimate_section", "gpu_facts", "job_work", "machine_slug", "main", "preflight", "wheels_script"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,8 @@ until its budget is spent); each job is a ``bench run``-equivalent :class:`~opti
 
 1. the CUDA-only tests (``test_gpu_state_exact.py`` and the CUDA tracker tests);
 2. every registered optimizer x a ~0.5B model x one shape, fp32 weights + bf16 autocast, then pure bf16
-   (one optimizer per family first, then the rest of the registry);
+   (one optimizer per family in both precisions first, then the rest of the registry likewise: a short campaign
+   still covers every family);
 3. the optimizer families x a ~1.5B model x two shapes, checkpointing on/off, ``--fp16`` once, eager attention once;
 4. LoRA and QLoRA (nf4, double quant) on the ~1.5B model;
 5. the published setups (BERT-large rows of the transformers single-GPU guide, peft's MetaMathQA LoRA rows):
@@ -41,7 +42,7 @@ REHEARSAL_MODEL = {SMALL: "tiny-qwen2", MID: "tiny-qwen3", BIG: "tiny-llama", "b
 SHAPES = {2: [(4, 512)], 3: [(4, 512), (8, 1024)], 4: [(4, 512)], 6: [(4, 512)]}
 """(batch, sequence) per tier on the GPU."""
 REHEARSAL_SHAPE = (2, 32)
-GPU_STEPS, GPU_WARMUP = 4, 2
+GPU_STEPS, GPU_WARMUP = 3, 1
 REHEARSAL_STEPS, REHEARSAL_WARMUP = 2, 1
 
 PUBLISHED_JSON = REPO_ROOT / "results" / "published_gpu.json"
@@ -196,9 +197,11 @@ _SETUP_KEYS = ("task", "dtype", "mixed_precision", "batch_size", "seq_len", "gra
 def campaign_jobs(rehearse: bool = False, *, published_path: Path = PUBLISHED_JSON) -> list[Job]:
     """The whole list, in priority order (tier, then the order within the tier); see the module docstring."""
     jobs: list[Job] = [_pytest_job()]
-    optims = cuda_optimizers()
     families = family_representatives()
-    for precision, dtype, mixed in (("bf16-autocast", "fp32", "bf16"), ("bf16", "bf16", None)):
+    rest = [o for o in cuda_optimizers() if o not in families]
+    precisions = (("bf16-autocast", "fp32", "bf16"), ("bf16", "bf16", None))
+    passes = [(group, *p) for group in (families, rest) for p in precisions]
+    for optims, precision, dtype, mixed in passes:  # every family in both precisions first, then the rest
         for b, s in SHAPES[2]:
             for o in optims:
                 jobs.append(_run(2, f"t2/{o}/{precision}/{b}x{s}", rehearse, model=SMALL, dtype=dtype,

@@ -196,9 +196,9 @@ def render_markdown(result: dict[str, Any], sources: list[str]) -> str:
     if result["synthetic"]:
         lines += ["**SYNTHETIC TEST DATA: made up by a test, not a measurement. Never publish these figures.**", ""]
     gpus = sorted({r["gpu"] for r in result["rows"]})
-    lines += [f"Records: {', '.join(sources)}; GPU: {', '.join(gpus)}; CUDA constants fitted on {result['fit_records']} "
-              f"runs, judged on the other {result['judged_records']} (split by optimizer family; "
-              "`python -m optimem.harness.campaign_report`).", "",
+    lines += [f"Records: {', '.join(sources)}; GPU: {', '.join(gpus)}; CUDA constants fitted on "
+              f"{result['fit_records']} runs, judged on the other {result['judged_records']} (split by optimizer "
+              "family; `python -m optimem.harness.campaign_report`).", "",
               "| family | cases | peak allocated, median / worst (before) | after calibration | reserved (before) | "
               "after | device total (before) | after | goal met |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
