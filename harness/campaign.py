@@ -323,6 +323,8 @@ def device_command(budget_s: float) -> dict[str, Any]:
     """What to do here and what to send: the wheels step, the one device command (install line, environment,
     campaign) and the device tool's arguments (carry, timeout), within :data:`DEVICE_LIMITS`."""
     timeout = int(min(DEVICE_LIMITS["seconds_per_command"], budget_s + 90))
+    wheels = REPO_ROOT / ".whl"
+    whl_bytes = sum(f.stat().st_size for f in wheels.glob("*.whl")) if wheels.is_dir() else None
     install = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "
                "/tmp/site .whl/*.whl")
     command = (f"{install} && mkdir -p /tmp/pkg && ln -sfn \"$PWD\" /tmp/pkg/optimem && "
@@ -332,6 +334,8 @@ def device_command(budget_s: float) -> dict[str, Any]:
     return {"here_first": f"EXTRA_WHEELS=\"{' '.join(extra_wheels())}\" bash {wheels_script()}  "
                           "# from the repository root; .whl/ must stay under the 64 MiB carried with the tree",
             "device_command": command, "carry": [".whl"], "timeout_s": timeout, "limits": DEVICE_LIMITS,
+            "wheels_bytes": whl_bytes, "wheels_fit": None if whl_bytes is None else
+            whl_bytes < DEVICE_LIMITS["carried_bytes"],
             "notes": ["the GPU machine runs Python 3.12, torch 2.11, transformers 5.17 and has no optimizer "
                       "packages and no index: everything comes from .whl/",
                       "one command, then give the machine back: start-up, idle and every try count against the "
