@@ -200,13 +200,15 @@ class Campaign:
         from optimem.harness.zygote import Zygote
 
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
-        zygote = Zygote() if self.isolate and self.executor is None else None
-        if zygote is not None:  # imports in the background while the preflight and the CUDA tests run
-            threading.Thread(target=zygote.start, args=(worker_env(), os.getcwd()), name="campaign-zygote",
-                             daemon=True).start()
         self.preflight = preflight(self.jobs)
         for line in self.preflight["problems"]:
             self.log(f"campaign: preflight: {line}")
+        # started after the preflight, whose imports may set environment variables (a zygote refuses runs whose
+        # environment differs from its own); it imports in the background while the CUDA tests run
+        zygote = Zygote() if self.isolate and self.executor is None else None
+        if zygote is not None:
+            threading.Thread(target=zygote.start, args=(worker_env(), os.getcwd()), name="campaign-zygote",
+                             daemon=True).start()
         try:
             for job in self.jobs:
                 self.outcomes.append(self._one(job, zygote))
@@ -275,6 +277,8 @@ class Campaign:
         run = self.executor or execute
         record = run(cfg, timeout_s=timeout, zygote=zygote) if self.isolate else run(cfg, isolate=False)
         seconds = self.clock() - t
+        if zygote is not None and zygote.refusal and record["run"].get("launch") == "subprocess":
+            self.log(f"campaign: this run started as a fresh process: {zygote.refusal}")
         if record["status"] != "skipped":  # a skipped run starts no worker: it says nothing of a run's cost
             self.cost.observe(work, seconds)
         record["run"]["campaign"] = {
