@@ -182,6 +182,26 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+def published_rows(records: Iterable[dict]) -> list[dict[str, Any]]:
+    """The campaign's published setups (tier 5) as measured: peak allocated, reserved and NVML's peak used (what
+    ``nvidia-smi`` shows, the figure such guides publish; bytes), the estimate's device total, and the published
+    row's own figure as it is written there (``published``; None in the module's fallback table)."""
+    out = []
+    for r in records:
+        camp = (r.get("run") or {}).get("campaign") or {}
+        row = camp.get("published")
+        if not row:
+            continue
+        peaks = ((r.get("measured") or {}).get("peaks")) or {}
+        out.append({"id": row.get("id") or r["config"]["model"], "status": r.get("status"),
+                    "max_memory_allocated": peaks.get("max_memory_allocated"),
+                    "max_memory_reserved": peaks.get("max_memory_reserved"),
+                    "nvml_peak_used": (peaks.get("nvml") or {}).get("peak_used_bytes"),
+                    "estimate_device": (camp.get("estimate") or {}).get("peak_device"),
+                    "published": row.get("published"), "source": row.get("source")})
+    return out
+
+
 def _pct(x: float | None) -> str:
     return "" if x is None else f"{x * 100:+.2f}%"
 
@@ -217,9 +237,18 @@ def render_markdown(result: dict[str, Any], sources: list[str]) -> str:
     for fam, s in result["families"].items():
         t, bw, share = s["optimizer_step_s_median"], s["achieved_bytes_per_s_median"], s["share_of_hbm_median"]
         lines.append(f"| {fam} | {'' if t is None else f'{t * 1e3:.2f} ms'} | "
-                     f"{'' if bw is None else f'{bw / 1e9:.1f} GB/s'} | {'' if share is None else f'{share:.0%}'} |")
+                     f"{'' if bw is None else f'{bw / 1e9:.1f} GB/s'} | {'' if share is None else f'{share * 100:.3g}%'} |")
     lines += ["", "Bytes moved by an optimizer step are a rule (read parameters, gradients and state, write parameters "
               "and state once, from the estimate), not a measurement: the achieved bandwidth is a lower bound."]
+    if result.get("published"):
+        lines += ["", "Published setups measured on this GPU (MiB; the published figure as its source writes it):", "",
+                  "| setup | status | max allocated | max reserved | NVML peak used | our estimate (device) | "
+                  "published |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+        for p in result["published"]:
+            mib = [("" if p[k] is None else f"{p[k] / 2**20:,.0f}") for k in
+                   ("max_memory_allocated", "max_memory_reserved", "nvml_peak_used", "estimate_device")]
+            lines.append(f"| {p['id']} | {p['status']} | " + " | ".join(mib) +
+                         f" | {'' if p['published'] is None else p['published']} |")
     fits = result["fit"]
     for gpu, f in fits.items():
         lines.append(f"\nFitted on {f['runs']} runs of {gpu}: cuBLAS workspace {f['cublas_workspace_bytes']} B, "
@@ -244,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"{path}: no such file (give the JSONL records a GPU campaign wrote)")
             records += list(read_records(path))
         result = analyse(records)
+        result["published"] = published_rows(records)
     except UserError as exc:
         print(f"campaign_report: {exc}", file=sys.stderr)
         return 2
@@ -258,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["GOAL_MEDIAN", "GOAL_WORST", "SYNTHETIC_KEY", "analyse", "cuda_records", "main", "predicted_totals",
-           "render_markdown", "split_halves", "step_bytes_rule", "summarize"]
+           "published_rows", "render_markdown", "split_halves", "step_bytes_rule", "summarize"]
 
 if __name__ == "__main__":
     sys.exit(main())

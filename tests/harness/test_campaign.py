@@ -154,8 +154,12 @@ def _synthetic_records():
                             "throughput": {"warmup_steps": 1, "measured_steps": 1, "samples_per_s": None,
                                            "tokens_per_s": None, "step_time_s": timing,
                                            "optimizer_step_time_s": timing, "mfu": None}}
+                run = {cr.SYNTHETIC_KEY: True}
+                if i == 1:  # as the campaign's tier 5 writes it
+                    run["campaign"] = {"published": {"id": "synthetic-row", "published": "1234 MB (made up)"},
+                                       "estimate": {"peak_device": alloc}}
                 out.append(build_record(config=cfg.to_dict(), status="ok", reason="", measured=measured,
-                                        predicted=None, env=env, run={cr.SYNTHETIC_KEY: True}))
+                                        predicted=None, env=env, run=run))
     return out
 
 
@@ -179,6 +183,7 @@ def test_the_report_fits_on_one_half_and_judges_the_other(tmp_path, capsys):
     assert abs(every["allocated_after"]["worst"]) < 0.01  # the scatter, and the workspace fitted within it
     assert abs(every["device_after"]["worst"]) < abs(every["device_before"]["worst"])
     assert every["meets_goal"] and every["share_of_hbm_median"] > 0  # H100 in the name: the catalog's bandwidth
+    assert "| synthetic-row | ok |" in text and "1234 MB (made up)" in text
     for fam in ("adam", "adafactor", "sgd", "all"):
         assert f"| {fam} | 4 |" in text or f"| {fam} | 12 |" in text
 
