@@ -237,7 +237,8 @@ def render_markdown(result: dict[str, Any], sources: list[str]) -> str:
     for fam, s in result["families"].items():
         t, bw, share = s["optimizer_step_s_median"], s["achieved_bytes_per_s_median"], s["share_of_hbm_median"]
         lines.append(f"| {fam} | {'' if t is None else f'{t * 1e3:.2f} ms'} | "
-                     f"{'' if bw is None else f'{bw / 1e9:.1f} GB/s'} | {'' if share is None else f'{share * 100:.3g}%'} |")
+                     f"{'' if bw is None else f'{bw / 1e9:.1f} GB/s'} | "
+                     f"{'' if share is None else f'{share * 100:.3g}%'} |")
     lines += ["", "Bytes moved by an optimizer step are a rule (read parameters, gradients and state, write parameters "
               "and state once, from the estimate), not a measurement: the achieved bandwidth is a lower bound."]
     if result.get("published"):
