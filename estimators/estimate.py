@@ -15,6 +15,7 @@ from .inventory import build_inventory
 from .optimizers import OptimizerSpec, ParamCtx, get_spec, parse_optim_args
 from .optimizers.spec import LAYERWISE_DUMMY_BYTES
 from .params import Inventory
+from .offload import split as offload_split
 from .peak import PhaseModel, evaluate
 from .peft_model import adapter_inventory, peak_limit, resident_bytes, trace_fields
 from .setup import TrainingSetup
@@ -59,6 +60,7 @@ class Estimate:
     phases: dict[str, dict[str, int]] = field(default_factory=dict)
     peak_phase: str = ""
     cuda: dict[str, Any] | None = None
+    offload: dict[str, Any] | None = None
 
     def __getattr__(self, name: str):
         # The setup's fields read as the estimate's own (est.optim, est.seq_len...).
@@ -242,7 +244,8 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         inv = (inventory if inventory is not None else build_inventory(source, task=setup.task))
         inv = inv.with_dtype(setup.dtype).with_frozen(setup.freeze)
     setup = replace(setup, model=inv.model, device=device)
-    if setup.sharding != "none":
+    offloaded = setup.offload_optimizer != "none" or setup.offload_param != "none"
+    if setup.sharding != "none" and not offloaded:
         notes.append(f"one process, unsharded: for the per-GPU figures under {setup.sharding} on "
                      f"{setup.num_processes} process(es) see optimem.estimators.planner.step_memory(setup, batch) or bench plan")
     args = spec.resolve_args(parse_optim_args(setup.optim_args))
@@ -260,6 +263,8 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         gradients = inv.trainable_bytes
     host = total if spec.state_location == "host" else \
         sum(breakdown.get(k, 0) for k in spec.host_keys) + breakdown.get(LAYERWISE_DUMMY_KEY, 0)
+    if offloaded and setup.offload_optimizer != "none":
+        host = total  # the optimizer state and step live on the host (or NVMe: see the offload split)
     if spec.cpu_note:
         notes.append(spec.cpu_note)
     model_bytes = {"weights": inv.weight_bytes, "weights_trainable": inv.trainable_bytes,
@@ -286,11 +291,16 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
     cuda = None
     if device == "cuda":
         cuda = cuda_terms(mem, inv, _state_sizes(inv, spec.name, args_key, targets), gpu)
+    off = None
+    if offloaded:
+        parts = offload_split(setup, inv, total, mem.phases)
+        notes.extend(parts.notes)
+        off = parts.to_dict()
     return Estimate(
         setup=setup, num_params=inv.num_params, trainable_params=inv.trainable_params,
         bytes={**model_bytes, "activations": mem.activations, "peak": mem.peak},
         state_breakdown=dict(sorted(breakdown.items())), optim_args=dict(args), targeted_params=n_targeted,
-        family=spec.family, notes=notes, phases=mem.phases, peak_phase=mem.peak_phase, cuda=cuda)
+        family=spec.family, notes=notes, phases=mem.phases, peak_phase=mem.peak_phase, cuda=cuda, offload=off)
 
 
 @functools.lru_cache(maxsize=512)

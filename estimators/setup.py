@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -21,6 +22,7 @@ from .catalog import DEFAULT_MODEL, ModelSource, resolve
 from .errors import UserError
 from .inventory import build_inventory
 from .model_check import check_model_config, check_sequence_length
+from .offload_config import OFFLOAD_DEVICES, read_deepspeed, read_fsdp
 from .optimizers import get_spec, parse_optim_args
 from .params import TASK_CLASSES, normalize_dtype
 
@@ -78,9 +80,22 @@ CLI: dict[str, Flag] = {
     "optim_target_modules": Flag(("--optim-target-modules",), "GaLore/APOLLO targets: names, regexes or "
                                  "all-linear (default for those: all-linear)", metavar="REGEX", listed=True),
     "freeze": Flag(("--freeze",), "freeze the parameters whose name matches this regex", metavar="REGEX"),
-    "num_processes": Flag(("--nproc", "--num-gpus"), "training processes / GPUs (data parallel)", int, metavar="N"),
+    "num_processes": Flag(("--nproc", "--num-gpus"), "training processes / GPUs in all (data parallel; the "
+                          "Trainer's world size)", int, metavar="N"),
+    "num_nodes": Flag(("--nnodes",), "machines the processes are spread over (evenly: --nproc / --nnodes per node); "
+                      "host RAM is reported per node", int, metavar="M"),
     "sharding": Flag(("--sharding",), "none (one process), ddp, zero1, zero2, zero3 (DeepSpeed), fsdp "
                      "(FSDP2 full shard)", choices=SHARDINGS),
+    "deepspeed": Flag(("--deepspeed",), "the DeepSpeed config JSON you pass to the Trainer "
+                      "(TrainingArguments(deepspeed=...)): ZeRO stage, offload_optimizer / offload_param to cpu or "
+                      "nvme, pin_memory, bucket sizes; 'auto' resolved as the Trainer does", metavar="CONFIG.json"),
+    "fsdp": Flag(("--fsdp",), "the Trainer's fsdp option string, e.g. 'full_shard auto_wrap' or "
+                 "'full_shard offload auto_wrap' (FSDP2; offload: CPUOffloadPolicy)", metavar="OPTIONS"),
+    "fsdp_config": Flag(("--fsdp-config",), "the Trainer's fsdp_config (JSON file or text)", metavar="JSON"),
+    "offload_optimizer": Flag(("--offload-optimizer",), "where the optimizer state and step live (set by --deepspeed "
+                              "/ --fsdp; direct use: the planner's offers): none, cpu, nvme", choices=OFFLOAD_DEVICES),
+    "offload_param": Flag(("--offload-param",), "where ZeRO-3 / FSDP keep the sharded parameters (set by "
+                          "--deepspeed / --fsdp): none, cpu, nvme", choices=OFFLOAD_DEVICES),
     "device": Flag(("--device",), "training device: auto (CUDA if present), cuda or cpu", choices=DEVICES),
     "lora": Flag(("--lora",), "train a peft LoRA adapter instead of the whole model: peft's LoraConfig as "
                  "'r=16,alpha=32,dropout=0.05,target=all-linear' (target: all-linear, a regex fully matching module "
@@ -115,7 +130,11 @@ class TrainingSetup:
     ``optim`` / ``optim_args`` / ``optim_target_modules``: as ``TrainingArguments`` takes them (the name is
     canonicalised; ``optim_args`` is checked against what the optimizer reads). ``freeze``: a regex of
     parameter names that get no gradient. ``num_processes`` / ``sharding``: data-parallel processes and
-    how model states are split over them. ``device``: ``auto``, ``cuda`` or ``cpu``.
+    how model states are split over them. ``device``: ``auto``, ``cuda`` or ``cpu``. ``num_nodes``: machines the
+    processes are spread over evenly. ``deepspeed``: the DeepSpeed config the Trainer takes (a path or JSON text;
+    it sets ``sharding`` and the offload fields), ``fsdp`` / ``fsdp_config``: the Trainer's FSDP options (FSDP2
+    full shard; ``offload``: CPU offload). ``offload_optimizer`` / ``offload_param``: ``none``, ``cpu`` or
+    ``nvme`` (see :mod:`optimem.estimators.offload_config`).
     ``lora``: a peft LoRA adapter (:class:`~optimem.estimators.adapters.LoraSpec`; None trains the whole model).
     ``quantize``: the base model loaded by bitsandbytes as ``nf4``/``fp4``/``int8`` (None: not quantized), with
     ``double_quant`` (4-bit absmax quantized again), ``quant_compute_dtype`` (4-bit matmul dtype; None: fp32)
@@ -139,6 +158,12 @@ class TrainingSetup:
     num_processes: int = 1
     sharding: str = "none"
     device: str = "auto"
+    num_nodes: int = 1
+    deepspeed: str | None = None
+    fsdp: str | None = None
+    fsdp_config: str | None = None
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
     lora: LoraSpec | None = None
     quantize: str | None = None
     double_quant: bool = False
@@ -160,7 +185,7 @@ class TrainingSetup:
             put("dtype", normalize_dtype(self.dtype))
         with _field("mixed_precision"):
             put("mixed_precision", _mixed_precision(self.mixed_precision))
-        for name in ("batch_size", "seq_len", "grad_accum", "num_processes"):
+        for name in ("batch_size", "seq_len", "grad_accum", "num_processes", "num_nodes"):
             with _field(name):
                 _positive_int(name, getattr(self, name))
         with _field("gradient_checkpointing"):
@@ -187,12 +212,68 @@ class TrainingSetup:
                 put("freeze", _regex("freeze", self.freeze) or None)
         with _field("sharding"):
             put("sharding", _choice("sharding", self.sharding, SHARDINGS))
+        self._check_parallel(put)
+        with _field("sharding"):
             if self.sharding == "none" and self.num_processes > 1:
                 raise UserError(f"{self.num_processes} processes (--nproc {self.num_processes}) need a sharding "
                                 "scheme: ddp, zero1, zero2, zero3 or fsdp")
         with _field("device"):
             put("device", _choice("device", self.device, DEVICES))
         self._check_adapters(put)
+
+    def _check_parallel(self, put) -> None:
+        """``num_nodes``, the DeepSpeed config / FSDP options (which set ``sharding`` and the offload fields) and
+        the offload fields' combinations."""
+        with _field("num_nodes"):
+            if self.num_processes % self.num_nodes:
+                raise UserError(f"{self.num_processes} processes do not spread evenly over {self.num_nodes} nodes: "
+                                "--nproc counts every process (the world size), a multiple of --nnodes")
+        for name in ("offload_optimizer", "offload_param"):
+            with _field(name):
+                put(name, _choice(name, self.offload_optimizer if name == "offload_optimizer" else
+                                  self.offload_param, OFFLOAD_DEVICES))
+        if self.deepspeed is not None:
+            with _field("deepspeed"):
+                if isinstance(self.deepspeed, Mapping):
+                    put("deepspeed", json.dumps(dict(self.deepspeed), sort_keys=True))
+                if self.fsdp:
+                    raise UserError("deepspeed and fsdp are both set: the Trainer takes one of them")
+                ds = read_deepspeed(self.deepspeed, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                                    mixed_precision=self.mixed_precision)
+                self._derive(put, ds.sharding, ds.offload_optimizer, ds.offload_param, "--deepspeed")
+        elif self.fsdp not in (None, ""):
+            with _field("fsdp"):
+                fs = read_fsdp(self.fsdp, self.fsdp_config)
+                device = "cpu" if fs.offload else "none"
+                self._derive(put, "fsdp", device, device, "--fsdp")
+        else:
+            with _field("fsdp_config"):
+                if self.fsdp_config not in (None, ""):
+                    raise UserError("fsdp_config without fsdp: give --fsdp 'full_shard auto_wrap' too")
+            with _field("offload_optimizer"):
+                if self.offload_optimizer != "none" and self.sharding not in ("zero1", "zero2", "zero3", "fsdp"):
+                    raise UserError(f"offload_optimizer {self.offload_optimizer} needs DeepSpeed ZeRO (zero1-3) or "
+                                    "fsdp sharding")
+                if self.offload_optimizer == "nvme" and self.sharding != "zero3":
+                    raise UserError("offload_optimizer nvme (ZeRO-Infinity) needs zero3")
+            with _field("offload_param"):
+                if self.offload_param != "none" and self.sharding not in ("zero3", "fsdp"):
+                    raise UserError(f"offload_param {self.offload_param} needs zero3 or fsdp sharding")
+                if self.sharding == "fsdp" and (self.offload_param, self.offload_optimizer) not in \
+                        (("none", "none"), ("cpu", "cpu")):
+                    raise UserError("FSDP offloads parameters, gradients and the optimizer step together: "
+                                    "offload_param and offload_optimizer both cpu, or both none")
+
+    def _derive(self, put, sharding: str, optimizer: str, param: str, flag: str) -> None:
+        """Sharding and offload as ``flag``'s config says (a different explicit value is refused)."""
+        if self.sharding not in ("none", sharding):
+            raise UserError(f"--sharding {self.sharding} contradicts {flag}, which means {sharding}: leave "
+                            "--sharding out")
+        for name, value in (("offload_optimizer", optimizer), ("offload_param", param)):
+            if getattr(self, name) not in ("none", value):
+                raise UserError(f"{name} {getattr(self, name)} contradicts {flag}, which says {value}")
+            put(name, value)
+        put("sharding", sharding)
 
     def _check_adapters(self, put) -> None:
         """The LoRA and quantization fields (values and the combinations that mean nothing)."""

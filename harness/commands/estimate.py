@@ -21,7 +21,7 @@ def register(sub) -> None:
                                    "parameter shapes and architecture: optimizer state, weights, gradients, "
                                    "activations and the whole step's peak, phase by phase. No GPU, no download.")
     add_setup_arguments(p, defaults={**field_defaults(), "device": "cuda", "optim": None}, multi=("optim",),
-                        exclude=("num_processes", "sharding"), required=("optim",),
+                        required=("optim",),
                         help_suffix={"optim": "(repeatable, comma-separated, or 'all')",
                                      "device": "(cuda: foreach optimizer paths and CUDA overhead terms)"})
     p.add_argument("--gpu", default=None, metavar="NAME",
@@ -172,6 +172,7 @@ def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> 
                      + (", bitsandbytes' dequantization in forward and backward" if setup.quantize else "") + ").")
         limits = {e.notes[-1] for e in results if e.bytes["peak"] is None and e.notes}
         lines.extend(n[0].upper() + n[1:] + "." for n in sorted(limits))
+    lines.extend(_offload_lines(results))
     lines.append("Bytes in binary units (1 GiB = 2^30 B). peak: the whole training step's largest live tensor bytes "
                  "(weights, gradients, optimizer state, activations and logits, backward and optimizer-step "
                  "transients), at the phase named in 'at'; activations: what the forward leaves for the backward.")
@@ -181,6 +182,37 @@ def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> 
         lines.append("on device: peak + CUDA-only terms (512 B block rounding, cuBLAS workspace, caching-allocator "
                      f"reserve, CUDA context; {cal}: see estimators/cuda_overhead.py).")
     return "\n".join(lines)
+
+
+def _offload_lines(results) -> list[str]:
+    """Per rank: device / host / NVMe bytes under CPU or NVMe offload, and the host RAM per node."""
+    out = []
+    for e in results:
+        o = e.offload
+        if not o:
+            continue
+        s = e.setup
+
+        def terms(d: dict) -> str:
+            return ", ".join(f"{k.replace('_', ' ')} {human_bytes(v)}" for k, v in d.items()) or "-"
+
+        out.append(f"{e.optim} under {o['scheme']}, {s.num_processes} rank(s) on {s.num_nodes} node(s), per rank:")
+        out.append(f"  on the GPU: {human_bytes(o['device_total'])} of model states ({terms(o['device'])}); no "
+                   "optimizer state" if not any("optimizer_state" in k for k in o["device"]) else
+                   f"  on the GPU: {human_bytes(o['device_total'])} of model states ({terms(o['device'])})")
+        if o["device_peak"] is not None:
+            out.append(f"  GPU peak with activations: {human_bytes(o['device_peak'])}")
+        out.append(f"  host RAM: {human_bytes(o['host_per_rank'])} ({terms(o['host'])}), "
+                   f"{human_bytes(o['pinned_per_rank'])} of it pinned")
+        if o["nvme_per_rank"]:
+            out.append(f"  NVMe: {human_bytes(o['nvme_per_rank'])} ({terms(o['nvme'])})")
+        out.append(f"  host RAM per node ({o['ranks_per_node']} ranks): {human_bytes(o['host_per_node'])}"
+                   + (f"; NVMe per node {human_bytes(o['nvme_per_node'])}" if o["nvme_per_node"] else "")
+                   + " (model states and offload buffers; add the processes' own memory)")
+    if out:
+        out.append("Offload figures are rules from the engines' source (DeepSpeed stage_1_and_2.py / stage3.py, "
+                   "torch fully_shard), not measured; the table above is one unsharded process.")
+    return out
 
 
 def _adapter_text(setup: TrainingSetup, est) -> str:
