@@ -27,10 +27,11 @@ AUTO_HIDDEN_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3
 ZERO_DEFAULTS = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
                  "stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000,
                  "stage3_max_live_parameters": 1_000_000_000, "sub_group_size": 1_000_000_000}
-"""DeepSpeed's defaults (elements) for the zero_optimization keys that size buffers."""
-OFFLOAD_OPTIMIZER_DEFAULTS = {"buffer_count": 4, "pin_memory": False}
+"""DeepSpeed's defaults (elements) for the zero_optimization keys that size buffers (pin_memory defaults to
+true since DeepSpeed 0.19)."""
+OFFLOAD_OPTIMIZER_DEFAULTS = {"buffer_count": 4, "pin_memory": True}
 OFFLOAD_PARAM_DEFAULTS = {"buffer_count": 5, "buffer_size": 100_000_000, "max_in_cpu": 1_000_000_000,
-                          "pin_memory": False}
+                          "pin_memory": True}
 CPU_OPTIMIZERS = {"adam": 8, "adamw": 8, "lion": 4}
 """DeepSpeed optimizer sections the offloaded step runs as DeepSpeedCPUAdam / DeepSpeedCPULion: fp32 state bytes
 per trainable parameter (exp_avg + exp_avg_sq; Lion: exp_avg)."""
@@ -50,8 +51,8 @@ class DeepSpeedSettings:
     stage: int
     offload_optimizer: str = "none"
     offload_param: str = "none"
-    optimizer_pin_memory: bool = False
-    param_pin_memory: bool = False
+    optimizer_pin_memory: bool = True
+    param_pin_memory: bool = True
     optimizer_buffer_count: int = 4
     param_buffer_count: int = 5
     param_buffer_size: int = 100_000_000

@@ -156,14 +156,14 @@ class TrainingSetup:
     optim_target_modules: str | tuple[str, ...] | None = None
     freeze: str | None = None
     num_processes: int = 1
-    sharding: str = "none"
-    device: str = "auto"
     num_nodes: int = 1
+    sharding: str = "none"
     deepspeed: str | None = None
     fsdp: str | None = None
     fsdp_config: str | None = None
     offload_optimizer: str = "none"
     offload_param: str = "none"
+    device: str = "auto"
     lora: LoraSpec | None = None
     quantize: str | None = None
     double_quant: bool = False

@@ -50,6 +50,11 @@ class RunConfig(TrainingSetup):
         from optimem.estimators.model_check import check_model_config
 
         super().check_trainable(inventory)
+        for name in ("deepspeed", "fsdp", "offload_optimizer", "offload_param"):
+            if getattr(self, name) not in (None, "", "none"):
+                raise SetupError(f"a measured run trains --sharding zero1-3/fsdp with optimem's own DeepSpeed / FSDP "
+                                 f"config, without offload: {name} is estimated (bench estimate, bench plan), not run "
+                                 "yet", name)
         if self.warmup >= self.steps:
             raise SetupError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps}): throughput is "
                              "measured over the steps after warmup", "warmup")

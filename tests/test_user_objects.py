@@ -121,12 +121,16 @@ def test_training_arguments_parallelism():
     assert shard(world_size=4, deepspeed={"zero_optimization": {"stage": 2}}) == ("zero2", 4)
     assert shard(world_size=4, deepspeed={"zero_optimization": {"stage": 3}}) == ("zero3", 4)
     assert shard(world_size=2, deepspeed={"train_batch_size": "auto"}) == ("ddp", 2)
-    for bad, needle in [(dict(fsdp=True, fsdp_config={"cpu_offload": True}), "CPU offload is not modelled"),
-                        (dict(fsdp=True, fsdp_config={"reshard_after_forward": False}), "not modelled"),
+    off = from_training_arguments(ns(world_size=8, fsdp=True, fsdp_config={"cpu_offload": True}), model="tiny-llama")
+    assert (off.sharding, off.offload_optimizer, off.offload_param) == ("fsdp", "cpu", "cpu")
+    z3 = from_training_arguments(ns(world_size=4, deepspeed={"zero_optimization": {"stage": 3, "offload_optimizer": {
+        "device": "cpu"}}, "optimizer": {"type": "AdamW"}, "bf16": {"enabled": "auto"}}), model="tiny-llama")
+    assert (z3.sharding, z3.offload_optimizer, z3.offload_param) == ("zero3", "cpu", "none")
+    for bad, needle in [(dict(fsdp=True, fsdp_config={"reshard_after_forward": False}), "not modelled"),
                         (dict(fsdp=True, fsdp_config={"version": 1}), "FSDP1"),
                         (dict(deepspeed={"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}),
-                         "offload_optimizer to cpu is not modelled"),
-                        (dict(deepspeed="/no/such/ds_config.json"), "cannot read the DeepSpeed config")]:
+                         "DeepSpeed raises ZeRORuntimeException"),
+                        (dict(deepspeed="/no/such/ds_config.json"), "no such file")]:
         with pytest.raises(UserError, match=needle) as err:
             shard(**bad)
         assert "\n" not in str(err.value)
