@@ -272,6 +272,7 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
                    "optimizer_state": total, "optimizer_state_host": host, "optimizer_state_device": total - host}
     setting = TraceSetting(dtype=setup.dtype, mixed=setup.mixed_precision, attn=setup.attn_implementation,
                            gc=setup.gradient_checkpointing, task=inv.task, device=device,
+                           liger=(setup.liger_kernel_config or "{}") if setup.use_liger_kernel else None,
                            **_trained_set(setup, source, inv))
     resident = 0
     if setup.quantize:
@@ -288,6 +289,10 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
                                resident)
     mem = evaluate(phase_model, setup.batch_size, setup.seq_len)
     notes.extend(n for n in (phase_model.step.note, *phase_model.notes()) if n)
+    if setup.use_liger_kernel:
+        notes.append("Liger kernels: the model patched as the Trainer patches it (_apply_liger_kernel_to_instance), "
+                     "its Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) traced as rules from "
+                     "liger-kernel's source, not measured (Triton does not run here)")
     cuda = None
     if device == "cuda":
         cuda = cuda_terms(mem, inv, _state_sizes(inv, spec.name, args_key, targets), gpu)

@@ -39,6 +39,11 @@ ALL_LINEAR = "all-linear"
 DEFAULT_TARGETS = ALL_LINEAR
 """What GaLore/APOLLO project when no ``optim_target_modules`` are given by a command that fills a default."""
 
+LIGER_OPTIONS = ("rope", "rms_norm", "swiglu", "fused_linear_cross_entropy", "cross_entropy")
+"""The ``liger_kernel_config`` keys (the ``apply_liger_kernel_to_<model>`` switches optimem reads)."""
+LIGER_MODELLED = ("llama", "mistral", "qwen2", "qwen3")
+"""Model types whose Liger patch uses only the kernels :mod:`optimem.estimators.trace.liger_rules` rules."""
+
 _OFF = ("", "none", "no", "off", "false", "fp32", "float32")
 
 
@@ -96,6 +101,12 @@ CLI: dict[str, Flag] = {
                               "/ --fsdp; direct use: the planner's offers): none, cpu, nvme", choices=OFFLOAD_DEVICES),
     "offload_param": Flag(("--offload-param",), "where ZeRO-3 / FSDP keep the sharded parameters (set by "
                           "--deepspeed / --fsdp): none, cpu, nvme", choices=OFFLOAD_DEVICES),
+    "use_liger_kernel": Flag(("--use-liger-kernel",), "TrainingArguments(use_liger_kernel=True): liger-kernel's "
+                             "RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (Llama-family models; the Triton "
+                             "kernels are rules from liger's source, not measured)", switch=True),
+    "liger_kernel_config": Flag(("--liger-kernel-config",), "TrainingArguments(liger_kernel_config=...) as JSON, e.g. "
+                                "'{\"rope\": false}' (keys: rope, rms_norm, swiglu, fused_linear_cross_entropy)",
+                                metavar="JSON"),
     "device": Flag(("--device",), "training device: auto (CUDA if present), cuda or cpu", choices=DEVICES),
     "lora": Flag(("--lora",), "train a peft LoRA adapter instead of the whole model: peft's LoraConfig as "
                  "'r=16,alpha=32,dropout=0.05,target=all-linear' (target: all-linear, a regex fully matching module "
@@ -134,7 +145,8 @@ class TrainingSetup:
     processes are spread over evenly. ``deepspeed``: the DeepSpeed config the Trainer takes (a path or JSON text;
     it sets ``sharding`` and the offload fields), ``fsdp`` / ``fsdp_config``: the Trainer's FSDP options (FSDP2
     full shard; ``offload``: CPU offload). ``offload_optimizer`` / ``offload_param``: ``none``, ``cpu`` or
-    ``nvme`` (see :mod:`optimem.estimators.offload_config`).
+    ``nvme`` (see :mod:`optimem.estimators.offload_config`). ``use_liger_kernel`` / ``liger_kernel_config``: the
+    Trainer's Liger patch and its keywords (JSON text).
     ``lora``: a peft LoRA adapter (:class:`~optimem.estimators.adapters.LoraSpec`; None trains the whole model).
     ``quantize``: the base model loaded by bitsandbytes as ``nf4``/``fp4``/``int8`` (None: not quantized), with
     ``double_quant`` (4-bit absmax quantized again), ``quant_compute_dtype`` (4-bit matmul dtype; None: fp32)
@@ -163,6 +175,8 @@ class TrainingSetup:
     fsdp_config: str | None = None
     offload_optimizer: str = "none"
     offload_param: str = "none"
+    use_liger_kernel: bool = False
+    liger_kernel_config: str | None = None
     device: str = "auto"
     lora: LoraSpec | None = None
     quantize: str | None = None
@@ -219,6 +233,7 @@ class TrainingSetup:
                                 "scheme: ddp, zero1, zero2, zero3 or fsdp")
         with _field("device"):
             put("device", _choice("device", self.device, DEVICES))
+        self._check_liger(put)
         self._check_adapters(put)
 
     def _check_parallel(self, put) -> None:
@@ -274,6 +289,35 @@ class TrainingSetup:
                 raise UserError(f"{name} {getattr(self, name)} contradicts {flag}, which says {value}")
             put(name, value)
         put("sharding", sharding)
+
+    def _check_liger(self, put) -> None:
+        """``use_liger_kernel`` (a bool) and ``liger_kernel_config`` (JSON object of liger's option switches)."""
+        with _field("use_liger_kernel"):
+            if not isinstance(self.use_liger_kernel, bool):
+                raise UserError(f"use_liger_kernel must be true or false, got {self.use_liger_kernel!r}")
+        with _field("liger_kernel_config"):
+            cfg = self.liger_kernel_config
+            if cfg in (None, "", {}):
+                put("liger_kernel_config", None)
+                return
+            if not self.use_liger_kernel:
+                raise UserError("liger_kernel_config configures the Liger patch: it needs use_liger_kernel")
+            if isinstance(cfg, str):
+                try:
+                    cfg = json.loads(cfg)
+                except ValueError as exc:
+                    raise UserError(f"liger_kernel_config {self.liger_kernel_config!r} is not JSON ({exc}); give an "
+                                    "object like '{\"rope\": false}'") from None
+            if not isinstance(cfg, Mapping) or not all(isinstance(v, bool) for v in cfg.values()):
+                raise UserError(f"liger_kernel_config must be an object of true/false switches, got {cfg!r}")
+            unknown = sorted(set(cfg) - set(LIGER_OPTIONS))
+            if unknown:
+                raise UserError(f"liger_kernel_config key {unknown[0]!r} is not an option of liger's patch: use "
+                                f"{', '.join(LIGER_OPTIONS)}")
+            if cfg.get("cross_entropy"):
+                raise UserError("liger's unfused cross_entropy is not modelled (it swaps torch's cross_entropy "
+                                "process-wide): use fused_linear_cross_entropy, liger's default")
+            put("liger_kernel_config", json.dumps(dict(cfg), sort_keys=True))
 
     def _check_adapters(self, put) -> None:
         """The LoRA and quantization fields (values and the combinations that mean nothing)."""
@@ -345,6 +389,9 @@ class TrainingSetup:
             with _field("grad_accum"):
                 raise UserError(f"{spec.name} does not support gradient accumulation (the Trainer raises "
                                 "'Layerwise ... does not support gradient accumulation!')")
+        if self.use_liger_kernel:
+            with _field("use_liger_kernel"):
+                check_liger_model(self.source.load().get("model_type"))
         if self.quantize is not None and self.lora is None:
             with _field("quantize"):
                 raise UserError("a quantized model trains only through an adapter: add --lora (the Trainer raises "
@@ -437,6 +484,20 @@ class TrainingSetup:
 
 
 # ---------------------------------------------------------------------------------------------- checks
+def check_liger_model(model_type: str | None) -> None:
+    """UserError (one line) unless liger-kernel patches ``model_type`` and optimem rules every kernel it uses."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        raise UserError("use_liger_kernel needs liger-kernel: pip install 'optimem[liger]' (or liger-kernel)") from None
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise UserError(f"liger-kernel does not patch model type {model_type!r} (the Trainer would train it "
+                        f"unpatched): it patches {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN)[:12])}, ...")
+    if model_type not in LIGER_MODELLED:
+        raise UserError(f"Liger's patch of {model_type!r} uses kernels optimem has no rules for yet: modelled are "
+                        f"{', '.join(LIGER_MODELLED)}")
+
+
 class SetupError(UserError):
     """A setup field with a bad value: ``field`` names it (the command line names its flag instead)."""
 
@@ -509,5 +570,5 @@ def _targets(value: Any) -> str | tuple[str, ...] | None:
     return items[0] if len(items) == 1 else tuple(items)
 
 
-__all__ = ["ALL_LINEAR", "ATTN_IMPLEMENTATIONS", "CLI", "DEFAULT_TARGETS", "DEVICES", "Flag", "MIXED_PRECISIONS",
+__all__ = ["ALL_LINEAR", "ATTN_IMPLEMENTATIONS", "CLI", "LIGER_MODELLED", "LIGER_OPTIONS", "check_liger_model", "DEFAULT_TARGETS", "DEVICES", "Flag", "MIXED_PRECISIONS",
            "SHARDINGS", "SetupError", "TASKS", "TrainingSetup"]

@@ -240,6 +240,11 @@ CASES: list[tuple[str, int, str]] = [
     (f"{E} --nproc 3 --nnodes 2 --sharding ddp", 2, "--nnodes"),
     (f"{E} --nnodes 0", 2, "--nnodes"),
     (f"{R} --nproc 2 --deepspeed {{d}}/ds_ok.json", 2, "--deepspeed"),
+    (f"{E} --model gpt2 --use-liger-kernel", 2, "--use-liger-kernel"),
+    (f"{E} --model tiny-gemma2 --use-liger-kernel", 2, "--use-liger-kernel"),
+    (f"{E} --use-liger-kernel --liger-kernel-config '{{\"bogus\": true}}'", 2, "--liger-kernel-config"),
+    (f"{E} --use-liger-kernel --liger-kernel-config 'rope=false'", 2, "--liger-kernel-config"),
+    (f"{E} --liger-kernel-config '{{\"rope\": false}}'", 2, "--liger-kernel-config"),
     # --- estimate: model configs (the file, as data, before transformers sees it)
     (f"{E} --model nosuch", 2, "--model"),
     (f"{E} --model {{d}}/missing.json", 2, "{d}/missing.json"),
