@@ -273,6 +273,7 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
     setting = TraceSetting(dtype=setup.dtype, mixed=setup.mixed_precision, attn=setup.attn_implementation,
                            gc=setup.gradient_checkpointing, task=inv.task, device=device,
                            liger=(setup.liger_kernel_config or "{}") if setup.use_liger_kernel else None,
+                           packed=setup.padding_free,
                            **_trained_set(setup, source, inv))
     resident = 0
     if setup.quantize:
@@ -287,7 +288,12 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         resident = resident_bytes(setup)
     phase_model = _phase_model(inv, source, spec.name, args_key, targets, setting, setup.grad_accum, device, total, host,
                                resident)
-    mem = evaluate(phase_model, setup.batch_size, setup.seq_len)
+    # padding-free packing: the micro-batch is one row of its batch x seq tokens
+    b, s = (1, setup.batch_size * setup.seq_len) if setup.padding_free else (setup.batch_size, setup.seq_len)
+    mem = evaluate(phase_model, b, s)
+    if setup.padding_free:
+        notes.append(f"padding-free packing: one row of {b * s} tokens per micro-batch (DataCollatorWithFlattening), "
+                     "the model's own packed-sequence handling traced")
     notes.extend(n for n in (phase_model.step.note, *phase_model.notes()) if n)
     if setup.use_liger_kernel:
         notes.append("Liger kernels: the model patched as the Trainer patches it (_apply_liger_kernel_to_instance), "

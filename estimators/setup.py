@@ -107,6 +107,9 @@ CLI: dict[str, Flag] = {
     "liger_kernel_config": Flag(("--liger-kernel-config",), "TrainingArguments(liger_kernel_config=...) as JSON, e.g. "
                                 "'{\"rope\": false}' (keys: rope, rms_norm, swiglu, fused_linear_cross_entropy)",
                                 metavar="JSON"),
+    "padding_free": Flag(("--padding-free", "--packing"), "padding-free packing (DataCollatorWithFlattening): each "
+                         "micro-batch is one row of its samples' tokens with position_ids restarting per sample; "
+                         "tokens per micro-batch = batch x seq, or the worst micro-batch of --data", switch=True),
     "device": Flag(("--device",), "training device: auto (CUDA if present), cuda or cpu", choices=DEVICES),
     "lora": Flag(("--lora",), "train a peft LoRA adapter instead of the whole model: peft's LoraConfig as "
                  "'r=16,alpha=32,dropout=0.05,target=all-linear' (target: all-linear, a regex fully matching module "
@@ -146,7 +149,8 @@ class TrainingSetup:
     it sets ``sharding`` and the offload fields), ``fsdp`` / ``fsdp_config``: the Trainer's FSDP options (FSDP2
     full shard; ``offload``: CPU offload). ``offload_optimizer`` / ``offload_param``: ``none``, ``cpu`` or
     ``nvme`` (see :mod:`optimem.estimators.offload_config`). ``use_liger_kernel`` / ``liger_kernel_config``: the
-    Trainer's Liger patch and its keywords (JSON text).
+    Trainer's Liger patch and its keywords (JSON text). ``padding_free``: ``DataCollatorWithFlattening`` packs each
+    micro-batch's samples (``batch_size`` of ``seq_len`` tokens) into one row.
     ``lora``: a peft LoRA adapter (:class:`~optimem.estimators.adapters.LoraSpec`; None trains the whole model).
     ``quantize``: the base model loaded by bitsandbytes as ``nf4``/``fp4``/``int8`` (None: not quantized), with
     ``double_quant`` (4-bit absmax quantized again), ``quant_compute_dtype`` (4-bit matmul dtype; None: fp32)
@@ -177,6 +181,7 @@ class TrainingSetup:
     offload_param: str = "none"
     use_liger_kernel: bool = False
     liger_kernel_config: str | None = None
+    padding_free: bool = False
     device: str = "auto"
     lora: LoraSpec | None = None
     quantize: str | None = None
@@ -234,6 +239,11 @@ class TrainingSetup:
         with _field("device"):
             put("device", _choice("device", self.device, DEVICES))
         self._check_liger(put)
+        with _field("padding_free"):
+            if not isinstance(self.padding_free, bool):
+                raise UserError(f"padding_free must be true or false, got {self.padding_free!r}")
+            if self.padding_free and self.task != "causal-lm":
+                raise UserError(f"padding-free packing (DataCollatorWithFlattening) trains causal LMs, not {self.task}")
         self._check_adapters(put)
 
     def _check_parallel(self, put) -> None:
@@ -389,6 +399,10 @@ class TrainingSetup:
             with _field("grad_accum"):
                 raise UserError(f"{spec.name} does not support gradient accumulation (the Trainer raises "
                                 "'Layerwise ... does not support gradient accumulation!')")
+        if self.padding_free and self.source.load().get("is_encoder_decoder"):
+            with _field("padding_free"):
+                raise UserError("padding-free packing (DataCollatorWithFlattening) packs decoder-only inputs: this "
+                                "model is an encoder-decoder")
         if self.use_liger_kernel:
             with _field("use_liger_kernel"):
                 check_liger_model(self.source.load().get("model_type"))

@@ -245,6 +245,12 @@ CASES: list[tuple[str, int, str]] = [
     (f"{E} --use-liger-kernel --liger-kernel-config '{{\"bogus\": true}}'", 2, "--liger-kernel-config"),
     (f"{E} --use-liger-kernel --liger-kernel-config 'rope=false'", 2, "--liger-kernel-config"),
     (f"{E} --liger-kernel-config '{{\"rope\": false}}'", 2, "--liger-kernel-config"),
+    (f"{R} --padding-free", 2, "--padding-free"),
+    (f"{E} --padding-free --task masked-lm --model tiny-bert", 2, "--padding-free"),
+    (f"{E} --padding-free --model tiny-t5", 2, "--padding-free"),
+    (f"{E} --data {{d}}/bad.jsonl --padding-free", 2, "{d}/bad.jsonl"),
+    (f"{E} --data {{d}}/bin.dat --padding-free", 2, "{d}/bin.dat"),
+    (f"{E} --data {{d}}/bad.jsonl", 2, "--data"),
     # --- estimate: model configs (the file, as data, before transformers sees it)
     (f"{E} --model nosuch", 2, "--model"),
     (f"{E} --model {{d}}/missing.json", 2, "{d}/missing.json"),

@@ -179,7 +179,7 @@ class _Tracer:
     def run(self, b: int, s: int, accum: bool) -> tuple[list, list | None]:
         """Raw events of a first micro-step (and of an accumulating one) at batch ``b`` x seq ``s``."""
         facts = self.facts
-        batch = make_batch(facts, b, s, self.setting.task)
+        batch = make_batch(facts, b, s, self.setting.task, packed=self.setting.packed)
         with TraceMode():
             items = num_items(facts, [batch])
             tr_loss = from_real(torch.tensor(0.0))

@@ -27,6 +27,10 @@ def register(sub) -> None:
     p.add_argument("--gpu", default=None, metavar="NAME",
                    help="use this GPU's calibrated CUDA constants (torch.cuda.get_device_name(); see "
                         "'python -m optimem.harness.calibrate show')")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="with --padding-free: the data file bench run --data would train on (.jsonl, one {\"text\": "
+                        "...} per line, or text, one sample per line); the estimate is for the worst micro-batch its "
+                        "samples can make, packed")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per optimizer")
     add_no_cache(p)
     p.set_defaults(func=main)
@@ -77,6 +81,21 @@ def main(args: argparse.Namespace) -> int:
     optims = expand_optims(args.optim)
     _check_gpu(args.gpu)
     base = TrainingSetup(**setup_kwargs(args, exclude=("optim", "optim_args", "optim_target_modules")))
+    packed_note = None
+    if args.data is not None:
+        if not base.padding_free:
+            raise UserError("--data: without --padding-free bench run cuts the file into samples of --seq-len "
+                            "tokens, which the estimate already assumes; add --padding-free to estimate packing")
+        from dataclasses import replace
+
+        from optimem.estimators.packing import packed_seq_len, samples, worst_micro_batch
+
+        lengths = [len(x) for x in samples(args.data, base.seq_len)]
+        worst = worst_micro_batch(lengths, base.batch_size)
+        base = replace(base, seq_len=packed_seq_len(worst, base.batch_size))
+        packed_note = (f"--data {args.data}: {len(lengths)} samples of {min(lengths)}-{max(lengths)} tokens (cut at "
+                       f"--seq-len); the worst micro-batch of {base.batch_size} packs {worst} tokens, estimated as "
+                       f"{base.batch_size} x {base.seq_len}")
     base.check_trainable()  # the model config and the sequence length, once, before any optimizer
     targets = setup_kwargs(args).get("optim_target_modules")
     inv = build_inventory(base.model)
@@ -97,6 +116,8 @@ def main(args: argparse.Namespace) -> int:
             continue
         if spec.needs_target_modules and not args.optim_target_modules:
             est.notes.append(f"optim_target_modules not given: assumed '{DEFAULT_TARGETS}'")
+        if packed_note:
+            est.notes.append(packed_note)
         results.append(est)
     if args.json:
         out = []
@@ -173,6 +194,7 @@ def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> 
         limits = {e.notes[-1] for e in results if e.bytes["peak"] is None and e.notes}
         lines.extend(n[0].upper() + n[1:] + "." for n in sorted(limits))
     lines.extend(_offload_lines(results))
+    lines.extend(n for n in (results[0].notes if results else []) if n.startswith(("--data", "padding-free")))
     lines.append("Bytes in binary units (1 GiB = 2^30 B). peak: the whole training step's largest live tensor bytes "
                  "(weights, gradients, optimizer state, activations and logits, backward and optimizer-step "
                  "transients), at the phase named in 'at'; activations: what the forward leaves for the backward.")
@@ -243,6 +265,10 @@ def _settings_line(setup: TrainingSetup) -> str:
     parts.append(f"{setup.attn_implementation} attention")
     if setup.freeze:
         parts.append(f"frozen /{setup.freeze}/")
+    if setup.padding_free:
+        parts.append(f"padding-free: {setup.batch_size * setup.seq_len} tokens packed per micro-batch")
+    if setup.use_liger_kernel:
+        parts.append("Liger kernels")
     if setup.prepare_kbit:
         parts.append("prepare_model_for_kbit_training")
     parts.append(f"on {setup.estimate_device}")
