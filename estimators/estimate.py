@@ -304,7 +304,15 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         cuda = cuda_terms(mem, inv, _state_sizes(inv, spec.name, args_key, targets), gpu)
     off = None
     if offloaded:
-        parts = offload_split(setup, inv, total, mem.phases)
+        phases = mem.phases
+        if setup.mixed_precision and setup.dtype != setup.mixed_precision and not setup.peft:
+            # DeepSpeed's 16-bit engine and FSDP2's MixedPrecisionPolicy compute with 16-bit parameters, without
+            # autocast's cached 16-bit copies: the activations are the 16-bit model's
+            plain = estimate_setup(replace(setup, dtype=setup.mixed_precision, mixed_precision=None, sharding="none",
+                                           num_processes=1, num_nodes=1, deepspeed=None, fsdp=None, fsdp_config=None,
+                                           offload_optimizer="none", offload_param="none"), gpu=gpu)
+            phases = plain.phases
+        parts = offload_split(setup, inv, total, phases)
         notes.extend(parts.notes)
         off = parts.to_dict()
     return Estimate(

@@ -105,3 +105,25 @@ def test_estimate_has_no_optimizer_state_on_the_gpu():
     assert off["host_per_node"] == 2 * off["host_per_rank"] and off["device_peak"] > off["device_total"]
     assert not any("optimizer_state" in k for k in off["device"])
     assert any("rule from source, not measured" in n for n in est.notes)
+
+
+def test_plan_offers_the_least_offload_that_fits():
+    """bench plan's offer: the optimizer state on the host first, the parameters too only when that is not enough,
+    nothing when even the activations do not fit."""
+    from dataclasses import replace
+
+    from optimem.estimators.offload_plan import offload_offer
+
+    base = TrainingSetup(model="tiny-llama", optim="adamw_torch", mixed_precision="bf16", seq_len=32)
+
+    def peak(opt: str, par: str) -> int:
+        s = replace(base, sharding="zero3", num_processes=8, offload_optimizer=opt, offload_param=par)
+        return estimate(s).offload["device_peak"]
+
+    opt_only, both = peak("cpu", "none"), peak("cpu", "cpu")
+    assert both < opt_only
+    first = offload_offer(base, opt_only)
+    assert (first.offload_optimizer, first.offload_param, first.num_gpus) == ("cpu", "none", 8)
+    assert first.host_per_node > 0 and '"offload_optimizer": {"device": "cpu"}' in first.config_hint()
+    assert offload_offer(base, opt_only - 1).offload_param == "cpu"
+    assert offload_offer(base, both - 1) is None

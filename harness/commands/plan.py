@@ -127,6 +127,9 @@ def build_plan(args) -> dict:
     if args.max_seq:
         kw["seq_len"] = 1  # the search sets it (up to the model's position limit)
     base = TrainingSetup(**kw)
+    if base.offload_optimizer != "none" or base.offload_param != "none":
+        raise UserError("bench plan does not search a given offload yet: bench estimate --deepspeed/--fsdp gives its "
+                        "per-rank device and host figures, and bench plan offers offload itself when nothing fits")
     base.check_trainable()  # the model config and the sequence length, once, before any optimizer is planned
     base = replace(base, model=resolve(base.model).name)
     model, mp, sharding = base.model, base.mixed_precision, base.sharding
@@ -169,9 +172,11 @@ def build_plan(args) -> dict:
         raise UserError("nothing to plan: " + "; ".join(f"{s['optim']}: {s['reason']}" for s in skipped))
     planned = [o for o in optims if any(r.optim == o for r in rows)]
     hints = {} if args.max_seq else {o: _to_fit(args, base, o, gpus, rows) for o in planned}
+    offers = {} if args.max_seq else _offload_offers(args, base, planned, gpus, rows)
     return {"model": model, "architecture": inv.architecture, "facts": facts, "gpus": gpus, "optims": planned,
             "search": "seq" if args.max_seq else "batch", "batch_size": batch,
-            "rows": rows, "skipped": skipped, "hints": hints, "dtype": base.dtype, "mixed_precision": mp,
+            "rows": rows, "skipped": skipped, "hints": hints, "offload": offers, "dtype": base.dtype,
+            "mixed_precision": mp,
             "sharding": sharding, "num_gpus": base.num_processes, "seq_len": base.seq_len,
             "checkpointing": args.gradient_checkpointing, "headroom": args.headroom, "mfu": args.mfu,
             "calibration": calibration, "calibration_files": [str(f) for f in files], "base": base,
@@ -211,6 +216,28 @@ def _to_fit(args, base: TrainingSetup, optim: str, gpus: list[P.GPU], rows: list
         for sh in ("fsdp", "zero3"):
             hint[sh] = P.min_gpus_to_fit(s, g, sharding=sh, headroom=args.headroom)
         out[g.id] = hint
+    return out
+
+
+def _offload_offers(args, base: TrainingSetup, optims: list[str], gpus: list[P.GPU], rows: list[P.PlanRow]) -> dict:
+    """For each optimizer that fits no listed GPU: the least CPU offload (DeepSpeed ZeRO-3, one node of
+    ``max(--nproc, 8)`` GPUs of the largest listed kind) under which micro-batch 1 fits, with the host RAM it needs
+    (:func:`optimem.estimators.offload_plan.offload_offer`); ``{optim: offer dict}``."""
+    from dataclasses import asdict
+
+    from optimem.estimators.offload_plan import offload_offer
+
+    out: dict = {}
+    biggest = max(gpus, key=lambda g: g.budget(args.headroom))
+    for o in optims:
+        if any(r.optim == o and r.status == "fits" for r in rows) or not P.sharding_support(o, "zero3", 8)[0]:
+            continue
+        setup = replace(_setup_for(args, o, base), batch_size=1,
+                        gradient_checkpointing=args.gradient_checkpointing != "off")
+        offer = offload_offer(setup, biggest.budget(args.headroom))
+        if offer is not None:
+            out[o] = {**asdict(offer), "gpu": biggest.id, "gradient_checkpointing": setup.gradient_checkpointing,
+                      "deepspeed": "{" + offer.config_hint() + "}"}
     return out
 
 
@@ -416,6 +443,12 @@ def render(plan) -> str:
             if cannot:
                 txt += f" ({'/'.join(cannot)}: {P.sharding_support(o, cannot[0], 2)[1]})"
             lines.append(txt)
+    for o, off in (plan.get("offload") or {}).items():
+        lines.append(f"  with CPU offload: {o} fits {off['num_gpus']}x {off['gpu']} at micro-batch 1"
+                     f"{' with gradient checkpointing' if off['gradient_checkpointing'] else ''} under "
+                     f"{off['scheme']}: {_gib(off['device_peak'])} GiB per GPU, host RAM "
+                     f"{_gib(off['host_per_node'])} GiB per node (--deepspeed with {off['deepspeed']}; rule from "
+                     "DeepSpeed's source, not measured)")
     for g in gpus:
         if any(by.get((o, g.id)) and by[(o, g.id)].status == "fits" for o in optims):
             continue
@@ -475,7 +508,8 @@ def to_json(plan) -> dict:
         "gpus": [{**asdict(g), "usable_bytes": g.usable_bytes, "budget_bytes": g.budget(plan["headroom"])}
                  for g in plan["gpus"]],
         "rows": [r.to_dict() for r in plan["rows"]],
-        "to_fit": plan["hints"], "recommendation": plan["recommendation"], "skipped": plan["skipped"],
+        "to_fit": plan["hints"], "offload": plan.get("offload") or {}, "recommendation": plan["recommendation"],
+        "skipped": plan["skipped"],
         "calibration": [asdict(c) for c in plan["calibration"].values()],
         "calibration_files": plan["calibration_files"],
     }
