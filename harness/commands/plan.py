@@ -123,7 +123,8 @@ def build_plan(args) -> dict:
     optims = expand_optims(args.optim)
     kw = setup_kwargs(args, exclude=("optim", "optim_args", "optim_target_modules", "gradient_checkpointing",
                                      "batch_size"))
-    kw["sharding"] = args.sharding or ("none" if args.num_processes == 1 else "ddp")
+    kw["sharding"] = args.sharding or ("none" if args.num_processes == 1 or kw.get("deepspeed") or kw.get("fsdp")
+                                       else "ddp")
     if args.max_seq:
         kw["seq_len"] = 1  # the search sets it (up to the model's position limit)
     base = TrainingSetup(**kw)
