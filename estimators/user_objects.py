@@ -190,8 +190,8 @@ def from_training_arguments(args, *, model: Any = None, seq_len: int | None = No
     gradient checkpointing, the device (``use_cpu``), the processes (``args.world_size`` where the launcher
     set one) and how they shard the model states: ``fsdp`` / ``fsdp_config`` (FSDP2 full shard, CPU offload
     included) and ``deepspeed`` (its ZeRO stage and offload, ``auto`` resolved; see :func:`parallelism_of`);
-    several processes without either are DDP. What optimem does not model (FSDP's shard_grad_op/hybrid, FSDP1)
-    is a UserError. ``model``: a model name (catalog, config.json, Hub id) or the user's own object (a
+    several processes without either are DDP; ``use_liger_kernel`` / ``liger_kernel_config``, and TRL's
+    ``padding_free``. What optimem does not model (FSDP's shard_grad_op/hybrid, FSDP1) is a UserError. ``model``: a model name (catalog, config.json, Hub id) or the user's own object (a
     ``PretrainedConfig``, ``PreTrainedModel`` or PEFT model; see the module doc), which
     also gives the storage dtype and whether checkpointing is already on."""
     optim = getattr(args.optim, "value", args.optim)
@@ -203,6 +203,13 @@ def from_training_arguments(args, *, model: Any = None, seq_len: int | None = No
         mixed_precision=mp, gradient_checkpointing=_checkpointing_of(args),
         device="cpu" if getattr(args, "use_cpu", False) else "auto")
     kw.update(parallelism_of(args))
+    if getattr(args, "use_liger_kernel", False) is True:
+        kw["use_liger_kernel"] = True
+        config = getattr(args, "liger_kernel_config", None)
+        if config:
+            kw["liger_kernel_config"] = json.dumps(dict(config), sort_keys=True)
+    if getattr(args, "padding_free", False) is True:  # TRL's SFTConfig(padding_free=True)
+        kw["padding_free"] = True
     if model is not None and not isinstance(model, str):
         found = fields_from_model(model)
         found["gradient_checkpointing"] = found.get("gradient_checkpointing", False) or kw["gradient_checkpointing"]

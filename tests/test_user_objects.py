@@ -143,3 +143,13 @@ def test_not_a_transformers_model_is_one_line():
         estimate(torch.nn.Linear(4, 4), "sgd")
     with pytest.raises(UserError, match="optimizer name .* or a transformers TrainingArguments"):
         estimate(_config())
+
+
+def test_training_arguments_liger_and_packing():
+    """use_liger_kernel / liger_kernel_config (TrainingArguments) and padding_free (TRL's SFTConfig) are read."""
+    args = SimpleNamespace(optim="adamw_torch", optim_args=None, optim_target_modules=None, per_device_train_batch_size=2,
+                           gradient_accumulation_steps=1, bf16=False, fp16=False, gradient_checkpointing=False,
+                           use_cpu=False, world_size=1, fsdp=False, fsdp_config=None, deepspeed=None,
+                           use_liger_kernel=True, liger_kernel_config={"rope": False}, padding_free=True)
+    s = from_training_arguments(args, model="tiny-llama", seq_len=64)
+    assert (s.use_liger_kernel, s.liger_kernel_config, s.padding_free) == (True, '{"rope": false}', True)

@@ -194,7 +194,8 @@ def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> 
         limits = {e.notes[-1] for e in results if e.bytes["peak"] is None and e.notes}
         lines.extend(n[0].upper() + n[1:] + "." for n in sorted(limits))
     lines.extend(_offload_lines(results))
-    lines.extend(n for n in (results[0].notes if results else []) if n.startswith(("--data", "padding-free")))
+    lines.extend(n for n in (results[0].notes if results else [])
+                 if n.startswith(("--data", "padding-free", "Liger kernels")))
     lines.append("Bytes in binary units (1 GiB = 2^30 B). peak: the whole training step's largest live tensor bytes "
                  "(weights, gradients, optimizer state, activations and logits, backward and optimizer-step "
                  "transients), at the phase named in 'at'; activations: what the forward leaves for the backward.")
