@@ -8,10 +8,12 @@ source (bytes), not measured; the CUDA context and allocator terms are the budge
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 
 from .estimate import estimate_setup
 from .setup import TrainingSetup
+from .sharding import sharding_support
 
 STEPS = (("cpu", "none"), ("cpu", "cpu"))
 """(offload_optimizer, offload_param), least offload first."""
@@ -52,4 +54,21 @@ def offload_offer(setup: TrainingSetup, budget: int, gpus_per_node: int = 8) -> 
     return None
 
 
-__all__ = ["OffloadOffer", "STEPS", "offload_offer"]
+def offload_offers(plan, for_optim: Callable[[str], TrainingSetup]) -> dict[str, dict]:
+    """For each optimizer of ``plan`` (a :class:`optimem.estimators.planner.Plan`) that fits no listed GPU and runs
+    under ZeRO-3: the :func:`offload_offer` on the largest listed GPU at micro-batch 1 (with checkpointing unless
+    the plan turns it off), as a plain dict with ``gpu``, ``gradient_checkpointing`` and a ``deepspeed`` snippet."""
+    out: dict[str, dict] = {}
+    biggest = max(plan.gpus, key=lambda g: g.budget(plan.headroom))
+    for o in plan.optims:
+        if any(r.optim == o and r.status == "fits" for r in plan.rows) or not sharding_support(o, "zero3", 8)[0]:
+            continue
+        setup = replace(for_optim(o), batch_size=1, gradient_checkpointing=plan.checkpointing != "off")
+        offer = offload_offer(setup, biggest.budget(plan.headroom))
+        if offer is not None:
+            out[o] = {**asdict(offer), "gpu": biggest.id, "gradient_checkpointing": setup.gradient_checkpointing,
+                      "deepspeed": "{" + offer.config_hint() + "}"}
+    return out
+
+
+__all__ = ["OffloadOffer", "STEPS", "offload_offer", "offload_offers"]
