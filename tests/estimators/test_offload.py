@@ -127,3 +127,22 @@ def test_plan_offers_the_least_offload_that_fits():
     assert first.host_per_node > 0 and '"offload_optimizer": {"device": "cpu"}' in first.config_hint()
     assert offload_offer(base, opt_only - 1).offload_param == "cpu"
     assert offload_offer(base, both - 1) is None
+
+
+def test_plan_offers_offload_when_nothing_else_fits():
+    """A GPU too small for micro-batch 1 however many of them shard it, large enough once the optimizer state is
+    on the host: the plan's rows do not fit, sharding offers nothing, the offload offer names the host RAM."""
+    from dataclasses import replace
+
+    from optimem.estimators import planner as P
+    from optimem.estimators.gpus import GPU
+
+    base = TrainingSetup(model="tiny-llama", optim="adamw_torch", mixed_precision="bf16", seq_len=32)
+    need = estimate(replace(base, sharding="zero3", num_processes=8, offload_optimizer="cpu",
+                            gradient_checkpointing=True)).offload["device_peak"]
+    gpu = GPU("tiny", "Tiny GPU", "test", 0.0, need + 1000, 0, {"bf16": 1.0, "fp32": 1.0}, None)
+    plan = P.plan(base, ["adamw_torch"], [gpu], headroom=0.0)
+    assert plan.rows[0].status == "no_fit" and not any(plan.to_fit["adamw_torch"]["tiny"].values())
+    offer = plan.offload["adamw_torch"]
+    assert (offer["offload_optimizer"], offer["offload_param"], offer["device_peak"]) == ("cpu", "none", need)
+    assert offer["host_per_node"] > 0 and plan.to_dict()["offload"] == plan.offload
