@@ -120,7 +120,8 @@ def _offload(section: Any, key: str) -> dict:
     return {**dict(section), "device": device}
 
 
-def _enabled(data: Mapping, key: str, setup_precision: str | None) -> bool | None:
+def _enabled(data: Mapping, key: str) -> bool | None:
+    """``<key>.enabled`` of a DeepSpeed config: True/False, or None for ``auto`` or absent."""
     value = (data.get(key) or {}).get("enabled") if isinstance(data.get(key), Mapping) else None
     if value == "auto" or value is None:
         return None
@@ -192,7 +193,7 @@ def read_deepspeed(value: Any, *, batch_size: int | None = None, grad_accum: int
                             "to auto or give the same value")
     precision = None
     for name in ("bf16", "fp16"):
-        on = _enabled(data, name, mixed_precision)
+        on = _enabled(data, name)
         if on is True:
             precision = name
         if on is not None and mixed_precision is not None and on != (mixed_precision == name):
