@@ -68,6 +68,10 @@ def predict(cfg: RunConfig) -> dict[str, Any] | None:
 
         worst = worst_micro_batch([len(x) for x in samples(cfg.data, cfg.seq_len)], cfg.batch_size)
         cfg = replace(cfg, seq_len=packed_seq_len(worst, cfg.batch_size))
+        out = estimate(replace(cfg, device=resolve_device(cfg))).to_dict()
+        out["notes"].append(f"padding-free: predicted for the worst micro-batch of {cfg.data}, {worst} tokens "
+                            f"({cfg.batch_size} x {cfg.seq_len} packed)")
+        return out
     return estimate(replace(cfg, device=resolve_device(cfg))).to_dict()
 
 

@@ -55,6 +55,9 @@ class RunConfig(TrainingSetup):
                 raise SetupError(f"a measured run trains --sharding zero1-3/fsdp with optimem's own DeepSpeed / FSDP "
                                  f"config, without offload: {name} is estimated (bench estimate, bench plan), not run "
                                  "yet", name)
+        if self.use_liger_kernel and self.resolved_device() == "cpu":
+            raise SetupError("Liger's kernels are Triton GPU kernels: a CPU run cannot use them (bench estimate "
+                             "--use-liger-kernel predicts a CUDA run from liger's source)", "use_liger_kernel")
         if self.padding_free and self.data is None:
             raise SetupError("padding-free packing packs a data file's samples: give --data FILE (a .jsonl with one "
                              "{\"text\": ...} per line, or a text file, one sample per line)", "padding_free")

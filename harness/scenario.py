@@ -153,6 +153,10 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
         use_cpu=device == "cpu", gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=cfg.mixed_precision == "bf16", fp16=cfg.mixed_precision == "fp16",
     )
+    if cfg.use_liger_kernel:  # the Trainer patches the model with liger-kernel (its Triton kernels: CUDA only)
+        import json
+
+        kwargs.update(use_liger_kernel=True, liger_kernel_config=json.loads(cfg.liger_kernel_config or "{}"))
     from optimem.harness.distributed.rank import rank_training_arguments
 
     kwargs.update(rank_training_arguments(cfg, model))
