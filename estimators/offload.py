@@ -13,8 +13,8 @@ beside DeepSpeed's own estimators):
 * DeepSpeed ZeRO-3 (``runtime/zero/stage3.py``, ``partition_parameters.py``, ``partitioned_param_coordinator.py``):
   each rank's 16-bit parameter partition lives on the device, the host (``offload_param`` cpu) or NVMe (then the
   host holds ``buffer_count x buffer_size`` swap buffers); parameters under ``stage3_param_persistence_threshold``
-  elements stay whole on every device; forward and backward gather the running module plus the prefetch bucket
-  (at most ``stage3_max_live_parameters``); gradients pass through the ``reduce_bucket_size`` buffer into the
+  elements stay whole on every device; forward and backward gather parameters and keep them up to
+  ``stage3_max_live_parameters`` (1e9 elements by default; a smaller model stays gathered whole); gradients pass through the ``reduce_bucket_size`` buffer into the
   fp32 gradient partition, which lives with the optimizer (device, host, or host for NVMe sub-groups swapped in
   ``buffer_count`` at a time, each at most ``sub_group_size`` elements with its state).
 * FSDP2 ``CPUOffloadPolicy`` (``torch/distributed/fsdp/_fully_shard/_fsdp_param.py``): the sharded parameters and
@@ -163,7 +163,12 @@ def split(setup: TrainingSetup, inv: Inventory, optimizer_state: int, phases: di
             live = ds.bucket("stage3_max_live_parameters", hidden)
             persistent = sum(r.numel for r in inv.rows if r.numel < threshold)
             dev["persistent_params"] = persistent * eb
-            dev["gathered_params"] = min(largest_module_params(inv) + prefetch, live) * eb
+            # the parameter coordinator keeps what it gathered while the model's reuse distance is under
+            # stage3_max_reuse_distance (1e9 by default), up to stage3_max_live_parameters: the rule sharding.py
+            # uses for ZeRO-3 without offload (measured there on CPU); never less than the running module plus
+            # the prefetch bucket
+            rest = sum(r.numel for r in inv.rows if r.numel >= threshold)
+            dev["gathered_params"] = min(rest, max(live, largest_module_params(inv) + prefetch)) * eb
             dev["grad_bucket"] = min(bucket, P) * eb
             part16 = _ceil(N, n) * eb
             if ds.offload_param == "none":

@@ -78,12 +78,13 @@ def compare(model: str, config: str, ranks: int, nodes: int) -> Row:
                "buffer")
     elif config == "zero3_offload":
         why = ("GPU: DeepSpeed takes 4 B x the largest layer (its 16-bit parameters and gradients); optimem counts "
-               "the gathered module plus the prefetch bucket, the persistent small parameters and the reduce bucket. "
+               "the parameters ZeRO-3 keeps gathered (up to stage3_max_live_parameters, 1e9 elements: 2 GB in "
+               "16-bit), the persistent small parameters and the reduce bucket. "
                "Host: both count 18 B/param per node (16-bit partition, fp32 master, gradient, Adam); DeepSpeed "
                "multiplies by its 1.5 allowance")
     else:
         why = ("GPU: DeepSpeed takes the largest layer's 4 B plus 2 B/param / GPUs; optimem the same partition plus "
-               "the gathered module, prefetch and reduce buckets. Host: 16 B/param per node in both; DeepSpeed x 1.5")
+               "the gathered parameters (up to stage3_max_live_parameters) and the reduce bucket. Host: 16 B/param per node in both; DeepSpeed x 1.5")
     return Row(model, config, ranks, nodes, ours_gpu, ds_gpu, parts.host_per_node, ds_cpu, why)
 
 

@@ -65,7 +65,8 @@ def test_zero3_offload_matches_deepspeeds_estimator(n, nodes):
     largest = largest_module_params(inv)
     cpu, gpu, _ = stage3.estimate_zero3_model_states_mem_needs(inv.num_params, largest, n // nodes, nodes)
     assert cpu / parts.host_per_node == pytest.approx(1.5, rel=1e-4)
-    assert parts.device["gathered_params"] == 2 * (largest + int(0.9 * 576 * 576))  # 16-bit: DS counts 2 B + 2 B
+    big = sum(r.numel for r in inv.rows if r.numel >= 10 * 576)  # below 1e9 live elements: all stay gathered
+    assert parts.device["gathered_params"] == 2 * big  # 16-bit; DeepSpeed counts 2 B + 2 B of the largest layer
     assert gpu == 4 * largest
     assert not parts.nvme and "optimizer_state" in parts.host and "optimizer_state" not in parts.device
 
@@ -130,8 +131,8 @@ def test_plan_offers_the_least_offload_that_fits():
 
 
 def test_plan_offers_offload_when_nothing_else_fits():
-    """A GPU too small for micro-batch 1 however many of them shard it, large enough once the optimizer state is
-    on the host: the plan's rows do not fit, sharding offers nothing, the offload offer names the host RAM."""
+    """A GPU too small for micro-batch 1, large enough once the optimizer state is on the host: the plan's row
+    does not fit, and beside the sharding it would take, the offload offer names the host RAM per node."""
     from dataclasses import replace
 
     from optimem.estimators import planner as P
@@ -142,7 +143,9 @@ def test_plan_offers_offload_when_nothing_else_fits():
                             gradient_checkpointing=True)).offload["device_peak"]
     gpu = GPU("tiny", "Tiny GPU", "test", 0.0, need + 1000, 0, {"bf16": 1.0, "fp32": 1.0}, None)
     plan = P.plan(base, ["adamw_torch"], [gpu], headroom=0.0)
-    assert plan.rows[0].status == "no_fit" and not any(plan.to_fit["adamw_torch"]["tiny"].values())
+    assert plan.rows[0].status == "no_fit"
     offer = plan.offload["adamw_torch"]
+    zero3 = plan.to_fit["adamw_torch"]["tiny"]["zero3"]
+    assert zero3 is None or zero3 > offer["num_gpus"]  # offload fits on fewer GPUs than ZeRO-3 without it
     assert (offer["offload_optimizer"], offer["offload_param"], offer["device_peak"]) == ("cpu", "none", need)
     assert offer["host_per_node"] > 0 and plan.to_dict()["offload"] == plan.offload
