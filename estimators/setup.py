@@ -305,6 +305,8 @@ class TrainingSetup:
         with _field("use_liger_kernel"):
             if not isinstance(self.use_liger_kernel, bool):
                 raise UserError(f"use_liger_kernel must be true or false, got {self.use_liger_kernel!r}")
+            if self.use_liger_kernel and self.device == "cpu":
+                raise UserError("Liger's kernels are Triton GPU kernels: no CPU run uses them (estimate for cuda)")
         with _field("liger_kernel_config"):
             cfg = self.liger_kernel_config
             if cfg in (None, "", {}):

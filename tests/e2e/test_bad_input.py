@@ -247,6 +247,7 @@ CASES: list[tuple[str, int, str]] = [
     (f"{E} --liger-kernel-config '{{\"rope\": false}}'", 2, "--liger-kernel-config"),
     (f"{R} --padding-free", 2, "--padding-free"),
     (f"{R} --use-liger-kernel --device cpu", 2, "--use-liger-kernel"),
+    (f"{E} --use-liger-kernel --device cpu", 2, "--use-liger-kernel"),
     (f"{P} --nproc 8 --deepspeed {{d}}/ds_ok.json", 2, "offload"),
     (f"{E} --padding-free --task masked-lm --model tiny-bert", 2, "--padding-free"),
     (f"{E} --padding-free --model tiny-t5", 2, "--padding-free"),

@@ -39,7 +39,7 @@ def test_liger_drops_at_least_the_fp32_logits(llama3_two_layers):
 
 
 def test_liger_config_switches_kernels_off():
-    kw = dict(seq_len=64, batch_size=2, device="cpu")
+    kw = dict(seq_len=64, batch_size=2)
     full = estimate("tiny-llama", "adamw_torch", use_liger_kernel=True, **kw)
     no_flce = estimate("tiny-llama", "adamw_torch", use_liger_kernel=True,
                        liger_kernel_config='{"fused_linear_cross_entropy": false}', **kw)
@@ -52,6 +52,7 @@ def test_liger_config_switches_kernels_off():
     (dict(model="tiny-gemma2"), "no rules for yet"),
     (dict(liger_kernel_config='{"bogus": true}'), "not an option"),
     (dict(liger_kernel_config='{"cross_entropy": true, "fused_linear_cross_entropy": false}'), "not modelled"),
+    (dict(device="cpu"), "Triton GPU kernels"),
 ])
 def test_liger_refusals_are_one_line(fields, needle):
     with pytest.raises(UserError, match=needle) as err:
