@@ -147,7 +147,8 @@ def split(setup: TrainingSetup, inv: Inventory, optimizer_state: int, phases: di
         master, grads32 = 4 * _ceil(P, n), 4 * _ceil(P, n)
         largest = max((r.numel for r in inv.rows if r.trainable), default=0)
         if ds.stage in (1, 2):
-            dev["params_16bit"] = N * eb
+            # the engine casts the model to its 16-bit dtype; a quantized (frozen) weight keeps its packed storage
+            dev["params_16bit"] = sum(r.nbytes if r.quant else r.numel * eb for r in inv.rows)
             if ds.stage == 1:
                 dev["gradients"] = P * eb
             else:
