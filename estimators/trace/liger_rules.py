@@ -106,7 +106,6 @@ class _FusedLinearCE(torch.autograd.Function):
         x, w = a["_input"], a["weight"]
         ctx.n_inputs = len(a) - 1
         BT, H = x.shape
-        V = w.shape[0]
         budget = int(a.get("chunk_mem_const") or _CHUNK_MEM_CONST)
         grad_input = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
         grad_weight = torch.zeros(w.shape, dtype=a.get("accum_dtype") or w.dtype, device=w.device) \
