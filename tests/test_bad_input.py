@@ -193,6 +193,9 @@ CASES: list[tuple[str, int, str]] = [
     (f"{E} --freeze '(('", 2, "--freeze"),
     (f"{E} --freeze '['", 2, "--freeze"),
     ("estimate --optim galore_adamw_layerwise --grad-accum 2", 2, "--grad-accum"),
+    ("estimate --optim sgd --cuda-alloc-conf max_split_size_mb:4", 2, "--cuda-alloc-conf"),
+    ("estimate --optim sgd --cuda-alloc-conf expandable_segments:maybe", 2, "--cuda-alloc-conf"),
+    ("estimate --optim sgd --cuda-alloc-conf 'roundup_power2_divisions:[256:3]'", 2, "--cuda-alloc-conf"),
     # --- estimate: model configs (the file, as data, before transformers sees it)
     (f"{E} --model nosuch", 2, "--model"),
     (f"{E} --model {{d}}/missing.json", 2, "{d}/missing.json"),
