@@ -21,7 +21,7 @@ from optimem.harness.zygote import Zygote, preload_modules
 
 pytestmark = pytest.mark.slow  # real Trainer runs or processes throughout: the inner loop (-m 'not slow') skips this file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _descendants() -> set[int]:

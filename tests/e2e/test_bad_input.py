@@ -16,7 +16,7 @@ import pytest
 
 from optimem.harness.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECORDS = ROOT / "results" / "cpu-amd-epyc-2026-11-23.jsonl"
 TINY_LLAMA = ROOT / "estimators" / "configs" / "tiny-llama.json"
 _DEL = object()
@@ -532,10 +532,10 @@ def test_a_finished_run_is_kept_when_its_out_fails(tmp_path, capsys, monkeypatch
 
 
 def test_a_sweep_keeps_its_records_when_its_out_fails(tmp_path, capsys, monkeypatch):
-    import optimem.harness.record as record
+    import optimem.harness.sweep as sweep
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(record, "append_record", lambda *a, **k: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    monkeypatch.setattr(sweep, "append_record", lambda *a, **k: (_ for _ in ()).throw(OSError(5, "I/O error")))
     rc = _bench(["sweep", "--optim", "adalomo", "--device", "cpu", "--shape", "1x8", "2x8", "--progress", "none",
                  "--out", str(tmp_path / "runs.jsonl")])
     err = capsys.readouterr().err
