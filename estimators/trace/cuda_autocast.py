@@ -23,7 +23,7 @@ Ops with only an AutocastCPU kernel fall through, as on CUDA: a composite op (``
 decomposed so that the ops it is made of meet autocast themselves; ops with neither kernel are untouched. CPU estimates never enter this (their traces keep
 torch's CPU autocast, and stay exact against CPU runs). fp16's GradScaler (a scaled loss, ``_unscale_grads_``'s
 inf checks: a few scalars per device) is left out. No GPU was available to validate the result; the policy
-itself is torch's (``tests/test_cuda_autocast.py`` holds every traced op's output dtype against the fake-CUDA
+itself is torch's (``tests/estimators/test_cuda_autocast.py`` holds every traced op's output dtype against the fake-CUDA
 kernels).
 """
 from __future__ import annotations
