@@ -252,6 +252,10 @@ class CachingAllocator:
         self._next_seg = 0
         self._live: dict[int, _Block] = {}
         self._expand: dict[bool, _Block | None] = {True: None, False: None}  # expandable: the segment's last block
+        self._divisions = any(d > 1 for d in config.roundup_power2_divisions)
+        self._limit = config.split_limit
+        self._gc = self.allowed is not None and config.garbage_collection_threshold > 0
+        self._split_any = config.expandable_segments
 
     # ------------------------------------------------------------------------------------ pools
     def _insert(self, b: _Block) -> None:
@@ -264,23 +268,6 @@ class CachingAllocator:
         if i >= len(lst) or lst[i][2] is not b:
             raise AssertionError("allocator replay: a free block is missing from its pool")
         del lst[i]
-
-    def _get_free_block(self, size: int, small: bool) -> _Block | None:
-        lst = self._free[small]
-        if self.allowed is not None and self.config.garbage_collection_threshold > 0:
-            for entry in lst:
-                entry[2].age += 1
-        i = bisect.bisect_left(lst, (size, -1))
-        if i >= len(lst):
-            return None
-        b = lst[i][2]
-        limit = self.config.split_limit
-        if size < limit and b.size >= limit:
-            return None
-        if size >= limit and b.size >= size + K_LARGE_BUFFER:
-            return None
-        del lst[i]
-        return b
 
     # ------------------------------------------------------------------------------------ segments
     def _cuda_malloc(self, nbytes: int) -> bool:
@@ -305,7 +292,7 @@ class CachingAllocator:
 
     def _release_available(self, size: int, small: bool) -> bool:
         """``release_available_cached_blocks``: with ``max_split_size``, free oversize cached blocks."""
-        limit = self.config.split_limit
+        limit = self._limit
         if limit == NO_LIMIT:
             return False
         lst = [e[2] for e in self._free[small] if e[2].size >= limit and not e[2].is_split()]
@@ -406,11 +393,24 @@ class CachingAllocator:
         """Allocate ``nbytes`` for ``handle`` (a tensor storage's id)."""
         if nbytes <= 0:
             return
-        size = round_size(nbytes, self.config)
+        size = round_size(nbytes, self.config) if self._divisions else -(-nbytes // K_MIN_BLOCK) * K_MIN_BLOCK
         small = size <= K_SMALL_SIZE
-        block = self._get_free_block(size, small)
+        # get_free_block (inlined: this runs once per allocation)
+        lst = self._free[small]
+        if self._gc:
+            for entry in lst:
+                entry[2].age += 1
+        i = bisect.bisect_left(lst, (size, -1))
+        block = None
+        if i < len(lst):
+            block = lst[i][2]
+            limit = self._limit
+            if (size < limit <= block.size) or (size >= limit and block.size >= size + K_LARGE_BUFFER):
+                block = None
+            else:
+                del lst[i]
         if block is None:
-            if self.allowed is not None and self.config.garbage_collection_threshold > 0:
+            if self._gc:
                 self._garbage_collect()
             block = self._alloc_block(size, small, False) \
                 or (self._release_available(size, small) and self._alloc_block(size, small, False)) \
@@ -418,25 +418,28 @@ class CachingAllocator:
             if block is None:
                 raise OutOfMemory(f"tried to allocate {size} bytes with {self.stats.reserved} reserved")
         rest = block.size - size
-        if small or self.config.expandable_segments:
+        if small or self._split_any:
             split = rest >= K_MIN_BLOCK
         else:
-            split = size < self.config.split_limit and rest > K_SMALL_SIZE
+            split = size < self._limit and rest > K_SMALL_SIZE
         if split:
             new = _Block(block.addr, size, small, block.seg)
-            new.prev, new.next = block.prev, block
-            if block.prev is not None:
-                block.prev.next = new
+            prev = block.prev
+            new.prev, new.next = prev, block
+            if prev is not None:
+                prev.next = new
             block.prev = new
             block.addr += size
             block.size = rest
-            self._insert(block)
+            block.age = 0
+            bisect.insort(lst, (rest, block.addr, block))
             block = new
         block.allocated = True
         self._live[handle] = block
         st = self.stats
         st.allocated += block.size
-        st.max_allocated = max(st.max_allocated, st.allocated)
+        if st.allocated > st.max_allocated:
+            st.max_allocated = st.allocated
 
     def _alloc_block(self, size: int, small: bool, retry: bool) -> _Block | None:
         if retry:
@@ -455,10 +458,14 @@ class CachingAllocator:
             return
         block.allocated = False
         self.stats.allocated -= block.size
+        lst = self._free[block.small]
         for other in (block.prev, block.next):
             if other is None or other.allocated:
                 continue
-            self._remove(other)
+            i = bisect.bisect_left(lst, (other.size, other.addr))  # _remove, inlined
+            if i >= len(lst) or lst[i][2] is not other:
+                raise AssertionError("allocator replay: a free block is missing from its pool")
+            del lst[i]
             if other is block.prev:
                 block.addr = other.addr
                 block.prev = other.prev
@@ -471,7 +478,8 @@ class CachingAllocator:
             if self._expand[block.small] is other:
                 self._expand[block.small] = block
             block.size += other.size
-        self._insert(block)
+        block.age = 0
+        bisect.insort(lst, (block.size, block.addr, block))
 
     def empty_cache(self) -> None:
         """``torch.cuda.empty_cache()``: every unsplit cached segment goes back to the driver."""
@@ -508,9 +516,27 @@ def replay(tape, config: AllocatorConfig = AllocatorConfig(), capacity: int | No
             alloc.free(ev[1])
         elif k == "e":
             alloc.empty_cache()
+    return _result(alloc)
+
+
+def replay_arrays(handles: list[int], is_free: list[bool], sizes: list[int],
+                  config: AllocatorConfig = AllocatorConfig(), capacity: int | None = None) -> Replay:
+    """:func:`replay` of a sequence given as parallel lists (``sizes``: one per allocation, in order)."""
+    alloc = CachingAllocator(config, capacity)
+    malloc, free = alloc.malloc, alloc.free
+    n = iter(sizes)
+    for h, f in zip(handles, is_free):
+        if f:
+            free(h)
+        else:
+            malloc(h, next(n))
+    return _result(alloc)
+
+
+def _result(alloc: CachingAllocator) -> Replay:
     st = alloc.stats
     return Replay(st.max_allocated, st.max_reserved, st.reserved, st.segments, st.alloc_retries)
 
 
 __all__ = ["AllocatorConfig", "CachingAllocator", "OutOfMemory", "Replay", "allocation_size", "replay",
-           "round_size"]
+           "replay_arrays", "round_size"]

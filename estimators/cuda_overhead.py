@@ -45,7 +45,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .allocator import K_MIN_BLOCK as BLOCK
-from .allocator import AllocatorConfig, replay
+from .allocator import AllocatorConfig, replay_arrays
 
 CALIBRATION = Path(__file__).with_name("calibration") / "cuda.json"
 
@@ -90,12 +90,36 @@ def alloc_config(alloc_conf: str | None = None) -> AllocatorConfig:
 
 
 @lru_cache(maxsize=4096)
-def replayed(model, b: int, s: int, workspace: int, config: AllocatorConfig):
+def replayed(model, b: int, s: int, workspace: int, config: AllocatorConfig, capacity: int | None = None):
     """The allocator replay (:class:`~optimem.estimators.allocator.Replay`) of ``model``'s step at ``(b, s)``
-    (a :class:`~optimem.estimators.peak.PhaseModel`; cached per shape and options)."""
-    from .alloc_tape import step_tape
+    (a :class:`~optimem.estimators.peak.PhaseModel`; cached per shape and options). ``capacity``: the bytes the
+    driver can give (None: unlimited); past it the allocator frees its cache and retries, then
+    :class:`~optimem.estimators.allocator.OutOfMemory`."""
+    from .alloc_tape import region_tape
 
-    return replay(step_tape(model, b, s, workspace), config)
+    tape = region_tape(model, b, s, workspace)
+    return replay_arrays(tape.handles, tape.is_free, tape.sizes_at(b, s), config, capacity)
+
+
+def reserve_within(mem, model, b: int, s: int, capacity: int, gpu: str | None = None,
+                   alloc_conf: str | None = None) -> int | None:
+    """The most the caching allocator reserves when the step runs within ``capacity`` bytes (a GPU's memory less
+    its CUDA context), or None when it cannot: its unlimited replay's reserve when that fits, else the replay
+    with that capacity, where the allocator frees its cache and retries (``malloc``'s ``release_cached_blocks``
+    path) before it runs out of memory."""
+    from .allocator import OutOfMemory
+
+    c = constants(gpu)
+    config = alloc_config(alloc_conf)
+    r = replayed(model, b, s, c.cublas_workspace_bytes, config)
+    if r.max_reserved <= capacity:
+        return r.max_reserved
+    if r.max_allocated > capacity:
+        return None
+    try:
+        return replayed(model, b, s, c.cublas_workspace_bytes, config, capacity).max_reserved
+    except OutOfMemory:
+        return None
 
 
 def cuda_terms(mem, model, b: int, s: int, gpu: str | None = None, alloc_conf: str | None = None) -> dict:
@@ -119,4 +143,4 @@ def cuda_terms(mem, model, b: int, s: int, gpu: str | None = None, alloc_conf: s
 
 
 __all__ = ["BLOCK", "CALIBRATION", "CudaConstants", "alloc_config", "calibrated_gpus", "constants", "cuda_terms",
-           "replayed"]
+           "replayed", "reserve_within"]

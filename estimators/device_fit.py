@@ -2,9 +2,10 @@
 context against the memory the GPU reports (bytes).
 
 For one process on a CUDA device the estimate replays the step's allocations through the caching allocator
-(``estimators/allocator.py``): its ``max_memory_reserved`` (cuBLAS workspace included) is what must fit in the
-GPU's reported memory less its CUDA context (the GPU catalog's ``context_gib``). No headroom fraction is
-assumed there. The replay models one process: sharded setups (DDP, ZeRO, FSDP) keep the tensor-peak budget with
+(``estimators/allocator.py``): the step fits when its ``max_memory_reserved`` (cuBLAS workspace included) fits
+the GPU's reported memory less its CUDA context (the GPU catalog's ``context_gib``), or, replayed with that
+capacity, the allocator's cache flushes and retries get every allocation through, as the allocator does before
+it raises out-of-memory. No headroom fraction is assumed there. The replay models one process: sharded setups (DDP, ZeRO, FSDP) keep the tensor-peak budget with
 its headroom (:meth:`~optimem.estimators.gpus.GPU.budget`).
 
 The searches use the cheap tensor-peak search first: reserved memory is never below the tensor peak, so the
@@ -28,24 +29,19 @@ def by_reserve(setup: TrainingSetup) -> bool:
 
 
 @functools.lru_cache(maxsize=65536)
-def reserved_at(setup: TrainingSetup, batch: int) -> int | None:
-    """The replayed ``max_memory_reserved`` of ``setup`` at micro-batch ``batch`` (bytes; None where not
-    :func:`by_reserve` or the estimate has no CUDA terms)."""
-    if not by_reserve(setup):
-        return None
-    est = estimate(setup, batch_size=batch, device="cuda")
-    if est.bytes["peak"] is None or est.cuda is None:
-        return None
-    return int(est.cuda["peak_reserved"])
+def reserved_on(setup: TrainingSetup, batch: int, capacity: int) -> int | None:
+    """The caching allocator's most reserved bytes for micro-batch ``batch`` of ``setup`` within ``capacity`` bytes
+    (:meth:`~optimem.estimators.estimate.Estimate.reserve_within`; None: it runs out of memory there)."""
+    return estimate(setup, batch_size=batch, device="cuda").reserve_within(capacity)
 
 
 def fits_on(setup: TrainingSetup, batch: int, gpu: GPU, headroom: float) -> bool:
-    """Whether micro-batch ``batch`` of ``setup`` fits ``gpu``: reserve + context <= reported memory, or (sharded)
-    the per-GPU tensor peak within the headroom budget."""
-    reserved = reserved_at(setup, batch)
-    if reserved is None:
-        return step_memory(setup, batch).peak <= gpu.budget(headroom)
-    return reserved <= gpu.usable_bytes
+    """Whether micro-batch ``batch`` of ``setup`` fits ``gpu``: one process on CUDA, the caching allocator's
+    replay runs within the reported memory less the context; sharded, the per-GPU tensor peak within the
+    headroom budget."""
+    if by_reserve(setup):
+        return reserved_on(setup, batch, gpu.usable_bytes) is not None
+    return step_memory(setup, batch).peak <= gpu.budget(headroom)
 
 
 def budget_of(setup: TrainingSetup, gpu: GPU, headroom: float) -> int:
@@ -96,4 +92,4 @@ def max_seq_len_on(setup: TrainingSetup, batch: int, gpu: GPU, headroom: float, 
     return _walk_down(lambda n: fits_on(replace(setup, seq_len=n), batch, gpu, headroom), bound)
 
 
-__all__ = ["budget_of", "by_reserve", "fits_on", "max_micro_batch_on", "max_seq_len_on", "reserved_at"]
+__all__ = ["budget_of", "by_reserve", "fits_on", "max_micro_batch_on", "max_seq_len_on", "reserved_on"]

@@ -9,7 +9,7 @@ from typing import Any
 from .steps import build as build_step
 from .cache import key as cache_key, memo
 from .catalog import ModelSource
-from .cuda_overhead import alloc_config, cuda_terms
+from .cuda_overhead import alloc_config, cuda_terms, reserve_within
 from .errors import UserError
 from .inventory import build_inventory
 from .optimizers import OptimizerSpec, ParamCtx, get_spec, parse_optim_args
@@ -69,6 +69,15 @@ class Estimate:
         if name != "setup" and name in _SETUP_FIELDS:
             return getattr(self.setup, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def reserve_within(self, capacity: int) -> int | None:
+        """The caching allocator's most reserved bytes when this CUDA step runs within ``capacity`` bytes of device
+        memory (the GPU's less its context; its cache flushes and retries included), None when it cannot run
+        there. Raises ValueError for an estimate that is not a CUDA one."""
+        check = self.__dict__.get("_reserve_within")
+        if check is None:
+            raise ValueError("reserve_within: not a CUDA estimate (device='cuda', a traced step)")
+        return check(capacity)
 
     @property
     def state_bytes_per_param(self) -> float:
@@ -302,6 +311,8 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         del est.__dict__["cuda"]
         est.__dict__["_cuda_thunk"] = functools.partial(cuda_terms, mem, phase_model, setup.batch_size,
                                                         setup.seq_len, gpu, alloc_conf)
+        est.__dict__["_reserve_within"] = functools.partial(reserve_within, mem, phase_model, setup.batch_size,
+                                                            setup.seq_len, gpu=gpu, alloc_conf=alloc_conf)
     return est
 
 

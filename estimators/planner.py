@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .catalog import canonical_name, resolve
-from .device_fit import budget_of, by_reserve, max_micro_batch_on, max_seq_len_on, reserved_at
+from .device_fit import budget_of, by_reserve, max_micro_batch_on, max_seq_len_on, reserved_on
 from .errors import UserError
 from .estimate import estimate
 from .gpus import DEFAULT_HEADROOM, GIB, GPU, load_gpus, select_gpus
@@ -62,7 +62,8 @@ class PlanRow:
     notes: list[str] = field(default_factory=list)
     max_seq_len: int | None = None
     reserved: int | None = None
-    """One GPU: the replayed caching allocator's ``max_memory_reserved`` at the answer (None: sharded)."""
+    """One GPU: the replayed caching allocator's ``max_memory_reserved`` at the answer, within the GPU's usable
+    memory (None: sharded)."""
     device_total: int | None = None
     """``reserved`` + the GPU's CUDA context: what nvidia-smi would show."""
     """With a sequence search (:func:`plan_seq`): the longest sequence that fits at ``batch_size``."""
@@ -162,7 +163,7 @@ def _fits(row: PlanRow, s: TrainingSetup, batch: int, gpu: GPU,
     """``row`` filled for the fitting setup ``s`` at micro-batch ``batch``: breakdown at the peak, MFU
     (measured where a recorded run calibrates it) and tokens/s."""
     mem = step_memory(s, batch)
-    row.reserved = reserved_at(s, batch)
+    row.reserved = reserved_on(s, batch, gpu.usable_bytes) if by_reserve(s) else None
     row.device_total = row.reserved + gpu.context_bytes if row.reserved is not None else None
     row.status = "fits"
     row.gradient_checkpointing = s.gradient_checkpointing
@@ -186,10 +187,9 @@ def _fits(row: PlanRow, s: TrainingSetup, batch: int, gpu: GPU,
 
 def _no_fit(setup: TrainingSetup, batch: int, row: PlanRow, what: str) -> str:
     """Why not even ``what`` fits: the reserve against usable memory (one GPU), else the peak against the budget."""
-    reserved = reserved_at(setup, batch) if by_reserve(setup) else None
-    if reserved is not None:
-        return (f"{what} needs {reserved / GIB:.1f} GiB reserved by the caching allocator, usable "
-                f"{row.budget / GIB:.1f} GiB")
+    if by_reserve(setup):
+        return (f"{what} runs out of memory in the caching allocator's replay within the usable "
+                f"{row.budget / GIB:.1f} GiB (tensor peak {row.peak_at_batch1 / GIB:.1f} GiB)")
     return f"{what} needs {row.peak_at_batch1 / GIB:.1f} GiB per GPU, budget {row.budget / GIB:.1f} GiB"
 
 

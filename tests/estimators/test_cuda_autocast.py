@@ -9,8 +9,7 @@ from optimem.estimators.trace import cuda_autocast as ca
 from optimem.estimators.trace.run import _Tracer
 from optimem.estimators.trace.setting import TraceSetting
 
-CASES = [("tiny-bert", "masked-lm", "eager"), ("tiny-gpt2", None, "eager"), ("tiny-t5", None, "sdpa"),
-         ("tiny-llama", None, "sdpa")]
+CASES = [("tiny-bert", "masked-lm", "eager"), ("tiny-gpt2", None, "eager"), ("tiny-t5", None, "sdpa")]
 
 
 def _trace(model, task, attn, mixed, device):
