@@ -188,8 +188,8 @@ def _fits(row: PlanRow, s: TrainingSetup, batch: int, gpu: GPU,
 def _no_fit(setup: TrainingSetup, batch: int, row: PlanRow, what: str) -> str:
     """Why not even ``what`` fits: the reserve against usable memory (one GPU), else the peak against the budget."""
     if by_reserve(setup):
-        return (f"{what} runs out of memory in the caching allocator's replay within the usable "
-                f"{row.budget / GIB:.1f} GiB (tensor peak {row.peak_at_batch1 / GIB:.1f} GiB)")
+        return (f"{what} needs more than the usable {row.budget / GIB:.1f} GiB in the caching allocator's replay "
+                f"(tensor peak {row.peak_at_batch1 / GIB:.1f} GiB)")
     return f"{what} needs {row.peak_at_batch1 / GIB:.1f} GiB per GPU, budget {row.budget / GIB:.1f} GiB"
 
 
