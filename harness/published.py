@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -215,6 +216,24 @@ def table(before: dict[str, dict] | None) -> tuple[str, list[dict]]:
     return "\n".join(lines), recs
 
 
+def setups(recs: list[dict]) -> list[dict]:
+    """The distinct published setups, one each, as a run would be configured (``model`` -- the published model
+    id --, the setup's fields, ``source``, ``published``: the first figure measured on it, ``figures``: every
+    figure by metric, bytes): what ``harness/campaign_list.py`` measures on a GPU beside the published figures."""
+    out: dict[str, dict] = {}
+    for r in recs:
+        kw = dict(r["estimate"])
+        model = kw.pop("model", "bert-large-uncased")
+        key = json.dumps([model, kw], sort_keys=True)
+        metric = r["metric"].split(":", 1)[0] if r["id"].startswith("peft") else "nvidia_smi_used"
+        if key not in out:
+            label = r["id"].rsplit(": accelerator_memory", 1)[0]
+            out[key] = {"id": re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"), "model": model, **kw,
+                        "source": r["source"], "published": r["published"], "context": r["context"], "figures": {}}
+        out[key]["figures"][metric] = r["published"]
+    return list(out.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m optimem.harness.published", description=__doc__.splitlines()[0])
     p.add_argument("--estimates-only", metavar="JSON", help="write only this code's estimates to JSON and stop")
@@ -230,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         before = {e["id"]: e for e in json.loads(Path(args.before).read_text())}
     md, recs = table(before)
     Path(args.out).write_text(md)
-    Path(args.json).write_text(json.dumps(recs, indent=1) + "\n")
+    Path(args.json).write_text(json.dumps({"about": __doc__.splitlines()[0], "setups": setups(recs), "figures": recs},
+                                          indent=1) + "\n")
     print(md)
     return 0
 
