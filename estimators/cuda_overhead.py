@@ -104,20 +104,14 @@ def replayed(model, b: int, s: int, workspace: int, config: AllocatorConfig, cap
 def reserve_within(mem, model, b: int, s: int, capacity: int, gpu: str | None = None,
                    alloc_conf: str | None = None) -> int | None:
     """The most the caching allocator reserves when the step runs within ``capacity`` bytes (a GPU's memory less
-    its CUDA context), or None when it cannot: its unlimited replay's reserve when that fits, else the replay
-    with that capacity, where the allocator frees its cache and retries (``malloc``'s ``release_cached_blocks``
-    path) before it runs out of memory."""
+    its CUDA context), or None when it cannot: the replay with that capacity, where a ``cudaMalloc`` past it makes
+    the allocator free its cache and retry (``malloc``'s ``release_cached_blocks`` path) before it runs out of
+    memory. While no ``cudaMalloc`` goes past the capacity the replay is the unlimited one, step for step."""
     from .allocator import OutOfMemory
 
     c = constants(gpu)
-    config = alloc_config(alloc_conf)
-    r = replayed(model, b, s, c.cublas_workspace_bytes, config)
-    if r.max_reserved <= capacity:
-        return r.max_reserved
-    if r.max_allocated > capacity:
-        return None
     try:
-        return replayed(model, b, s, c.cublas_workspace_bytes, config, capacity).max_reserved
+        return replayed(model, b, s, c.cublas_workspace_bytes, alloc_config(alloc_conf), capacity).max_reserved
     except OutOfMemory:
         return None
 
