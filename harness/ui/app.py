@@ -25,8 +25,9 @@ INTRO = ("Pick a model and optimizers: the tables, the chart and the plan follow
          "measurement) and `bench plan`'s; the commands below reproduce them on the command line.")
 
 
-def _inputs(gr) -> dict:
-    """The planning tab's input components by field name (plus ``gpus`` and ``config``)."""
+def _inputs(gr, start: dict, start_gpus: list[str]) -> dict:
+    """The planning tab's input components by field name (plus ``gpus`` and ``config``), showing ``start``."""
+    DEFAULTS = start  # noqa: N806 - the page's opening values
     info = {f: CLI[f].help for f in FORM_FIELDS}
     c: dict = {}
     with gr.Row():
@@ -52,7 +53,7 @@ def _inputs(gr) -> dict:
     c["optim"] = gr.Dropdown(names(include_unavailable=False), value=DEFAULTS["optim"], multiselect=True,
                              label=label("optim"), elem_id="optim")
     with gr.Row():
-        c["gpus"] = gr.Dropdown(sorted(P.load_gpus()), value=DEFAULT_GPUS, multiselect=True, label=label("gpus"),
+        c["gpus"] = gr.Dropdown(sorted(P.load_gpus()), value=start_gpus, multiselect=True, label=label("gpus"),
                                 elem_id="gpus", scale=3)
         c["num_processes"] = gr.Number(DEFAULTS["num_processes"], label=label("num_processes"), precision=0,
                                        elem_id="num_gpus")
@@ -69,8 +70,9 @@ def _form(keys: list[str], values: tuple) -> Form:
     return Form(got, gpus=list(gpus), config=path, config_name=Path(path).name if path else None)
 
 
-def build():
-    """The page (a ``gr.Blocks``), not yet served."""
+def build(start: dict | None = None, gpus: list[str] | None = None):
+    """The page (a ``gr.Blocks``), not yet served; ``start`` changes the opening values of :data:`DEFAULTS`,
+    ``gpus`` the GPUs first chosen."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
     import pandas as pd
@@ -81,7 +83,7 @@ def build():
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"## {TITLE}\n{INTRO}")
         with gr.Tab("Plan", id="plan"):
-            c = _inputs(gr)
+            c = _inputs(gr, {**DEFAULTS, **(start or {})}, list(gpus or DEFAULT_GPUS))
             error = gr.Markdown("", elem_id="form-error")
             gr.Markdown("### Estimate per optimizer (`bench estimate`)")
             est_table = gr.Dataframe(headers=ESTIMATE_COLUMNS, interactive=False, elem_id="estimate-table",
@@ -146,10 +148,11 @@ def build():
     return demo
 
 
-def launch(host: str = "127.0.0.1", port: int = 7860, *, block: bool = True):
-    """Serve the page on ``host:port``. ``block``: serve until interrupted (else return the running
-    ``gr.Blocks``; ``.close()`` stops it)."""
-    demo = build()
+def launch(host: str = "127.0.0.1", port: int = 7860, *, block: bool = True, start: dict | None = None,
+           gpus: list[str] | None = None):
+    """Serve the page on ``host:port`` (``start``, ``gpus``: see :func:`build`). ``block``: serve until
+    interrupted (else return the running ``gr.Blocks``; ``.close()`` stops it)."""
+    demo = build(start, gpus)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, max_file_size=MAX_RESULTS_BYTES, share=False,
                 prevent_thread_lock=not block, quiet=True, show_error=False, footer_links=[],

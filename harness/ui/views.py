@@ -128,6 +128,16 @@ def _recommendation(plan: dict) -> str:
             f"**Fastest:** {line(rec['fastest'])}.")
 
 
+def _checkpointing_name() -> str:
+    """``activation_checkpointing`` from transformers 5 on (``gradient_checkpointing`` is its deprecated name)."""
+    from importlib.metadata import version
+
+    return "activation_checkpointing" if int(version("transformers").split(".")[0]) >= 5 else "gradient_checkpointing"
+
+
+_CHECKPOINTING = _checkpointing_name()
+
+
 @functools.lru_cache(maxsize=64)
 def _model_class(model: str):
     from optimem.harness.distributed import model_class
@@ -146,7 +156,7 @@ def training_arguments_snippet(setup: TrainingSetup) -> str:
     if setup.mixed_precision:
         kw[setup.mixed_precision] = True
     if setup.gradient_checkpointing:
-        kw["gradient_checkpointing"] = True
+        kw[_CHECKPOINTING] = True
     lines = []
     if spec.trainer_name:
         kw["optim"] = spec.name
