@@ -197,15 +197,27 @@ def answer(form: Form) -> Answer:
         return Answer(error=str(err), error_field=getattr(err, "field", None))
 
 
-def _answer(form: Form) -> Answer:
-    est_argv = estimate_argv(form)
+@functools.lru_cache(maxsize=256)
+def _estimates(argv: tuple[str, ...]):
+    """``bench estimate ARGV``'s estimates, kept per command line (an upload's path names its content)."""
     from optimem.harness.commands.estimate import run_estimates
+
+    return run_estimates(parse("estimate", list(argv)))
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(argv: tuple[str, ...]) -> dict:
+    """``bench plan ARGV``'s plan, kept per command line (``--no-calibrate``: nothing else feeds it). Moving the
+    micro-batch leaves the largest-micro-batch plan as it was: only the sequence search runs again."""
     from optimem.harness.commands.plan import build_plan
 
+    return build_plan(parse("plan", list(argv)))
+
+
+def _answer(form: Form) -> Answer:
     try:
-        base, _inv, results, skipped = run_estimates(parse("estimate", est_argv))
-        plan_args, seq_args = parse("plan", plan_argv(form)), parse("plan", plan_argv(form, max_seq=True))
-        plan, seq_plan = build_plan(plan_args), build_plan(seq_args)
+        base, _inv, results, skipped = _estimates(tuple(estimate_argv(form)))
+        plan, seq_plan = _plan(tuple(plan_argv(form))), _plan(tuple(plan_argv(form, max_seq=True)))
     except UserError as exc:
         raise field_error(exc) from None
     ans = Answer(estimates=results)
