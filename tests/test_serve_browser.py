@@ -58,7 +58,9 @@ def test_type_a_model_pick_optimizers_and_read_the_figures(page):
     from optimem import estimate
 
     page.wait_for_selector('#form-error:has-text("Model (--model)")')  # no model yet: the inline message
-    page.locator("#model textarea").first.fill("tiny-llama")
+    model = page.locator("#model textarea").first
+    model.fill("tiny-llama")
+    model.press("Enter")
     page.wait_for_selector("#memory-chart rect.segment", state="attached")
     box = page.locator("#optim input").first
     for name in ("adafactor", "adamw_bnb_8bit"):

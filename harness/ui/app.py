@@ -94,7 +94,7 @@ def build(start: dict | None = None, gpus: list[str] | None = None):
             rec = gr.Markdown(elem_id="recommendation")
             notes = gr.Markdown(elem_id="notes")
             commands = gr.Code(language="shell", label="the same on the command line", elem_id="commands")
-            snippet = gr.Code(language="python", label="TrainingArguments for this setup", elem_id="snippet")
+            snippet = gr.Code(language="python", label="TrainingArguments (the first optimizer picked)", elem_id="snippet")
         keys = list(c)
         outputs = [error, est_table, chart, plan_table, rec, notes, commands, snippet]
 
@@ -112,7 +112,9 @@ def build(start: dict | None = None, gpus: list[str] | None = None):
                     pd.DataFrame(ans.plan_rows, columns=PLAN_COLUMNS), ans.recommendation,
                     "\n".join(f"- {n}" for n in ans.notes), ans.commands, ans.snippet]
 
-        gr.on([comp.change for comp in c.values()], update, inputs=list(c.values()), outputs=outputs,
+        # the model box answers when typing ends (Enter or leaving it), not on every keystroke of a name
+        triggers = [c["model"].submit, c["model"].blur] + [comp.change for k, comp in c.items() if k != "model"]
+        gr.on(triggers, update, inputs=list(c.values()), outputs=outputs,
               trigger_mode="always_last", concurrency_limit=1, concurrency_id="estimate")
         demo.load(update, inputs=list(c.values()), outputs=outputs, concurrency_limit=1, concurrency_id="estimate")
 
