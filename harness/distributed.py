@@ -367,7 +367,7 @@ def unsupported_reason(cfg) -> str | None:
     planner's :func:`optimem.estimators.planner.sharding_support`), or why this machine cannot launch it."""
     if not is_distributed(cfg):
         return None
-    from optimem.estimators.planner import sharding_support
+    from optimem.estimators.sharding import sharding_support
 
     ok, why = sharding_support(cfg.optim, cfg.sharding, cfg.num_processes)
     if not ok:
@@ -505,7 +505,8 @@ def predict_per_rank(cfg, device: str) -> dict[str, Any]:
     from dataclasses import replace
 
     from optimem.estimators.errors import UserError
-    from optimem.estimators.planner import sharding_support, step_memory
+    from optimem.estimators.sharding import sharding_support
+    from optimem.estimators.step_memory import step_memory
 
     ok, why = sharding_support(cfg.optim, cfg.sharding, cfg.num_processes)
     if not ok:
@@ -531,7 +532,7 @@ def setup_for(cfg, device: str):
 
 def rank_gradients(setup) -> list[int]:
     """The planner's gradient storage at the optimizer step for each rank (bytes)."""
-    from optimem.estimators.planner import model_state_terms
+    from optimem.estimators.step_memory import model_state_terms
 
     return [model_state_terms(setup, rank=r)["gradients"] for r in range(setup.num_processes)]
 

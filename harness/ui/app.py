@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from optimem.estimators import names
-from optimem.estimators import planner as P
+from optimem.estimators.gpus import load_gpus
 from optimem.estimators.setup import CLI, SHARDINGS, TASKS
 from optimem.harness.ui.form import FORM_FIELDS, Form, label
 from optimem.harness.ui.results_view import MAX_RESULTS_BYTES, PHASE_COLUMNS
@@ -53,7 +53,7 @@ def _inputs(gr, start: dict, start_gpus: list[str]) -> dict:
     c["optim"] = gr.Dropdown(names(include_unavailable=False), value=DEFAULTS["optim"], multiselect=True,
                              label=label("optim"), elem_id="optim")
     with gr.Row():
-        c["gpus"] = gr.Dropdown(sorted(P.load_gpus()), value=start_gpus, multiselect=True, label=label("gpus"),
+        c["gpus"] = gr.Dropdown(sorted(load_gpus()), value=start_gpus, multiselect=True, label=label("gpus"),
                                 elem_id="gpus", scale=3)
         c["num_processes"] = gr.Number(DEFAULTS["num_processes"], label=label("num_processes"), precision=0,
                                        elem_id="num_gpus")

@@ -12,6 +12,7 @@ import pprint
 from dataclasses import dataclass, field, replace
 
 from optimem.estimators import planner as P
+from optimem.estimators.step_memory import step_memory
 from optimem.estimators.categories import Category
 from optimem.estimators.errors import UserError
 from optimem.estimators.setup import TrainingSetup
@@ -67,7 +68,7 @@ def bar_of(est, sharded: TrainingSetup | None, batch: int) -> chart.Bar | None:
     """One optimizer's bar: the estimate's peak phase split by category plus its CUDA terms (one GPU), or the
     planner's per-GPU split (``sharded``: the setup with its GPUs and scheme; CUDA terms left out)."""
     if sharded is not None:
-        mem = P.step_memory(sharded, batch)
+        mem = step_memory(sharded, batch)
         return chart.Bar(est.optim, {k: int(v) for k, v in mem.breakdown.items()})
     if est.bytes["peak"] is None or not est.peak_phase:
         return None
@@ -78,10 +79,10 @@ def bar_of(est, sharded: TrainingSetup | None, batch: int) -> chart.Bar | None:
     return chart.Bar(est.optim, parts)
 
 
-def _plan_rows(plan: dict, seq_plan: dict, batch: int) -> list[list]:
-    by_seq = {(r.optim, r.gpu): r for r in seq_plan["rows"]}
+def _plan_rows(plan: P.Plan, seq_plan: P.Plan, batch: int) -> list[list]:
+    by_seq = {(r.optim, r.gpu): r for r in seq_plan.rows}
     out = []
-    for r in plan["rows"]:
+    for r in plan.rows:
         s = by_seq.get((r.optim, r.gpu))
         if r.status == "unsupported":
             out.append([r.optim, r.gpu_name, "n/a", "-", human_bytes(r.budget), "-", "-", "-", r.reason])
@@ -98,23 +99,21 @@ def _plan_rows(plan: dict, seq_plan: dict, batch: int) -> list[list]:
     return out
 
 
-def _peak_at(plan: dict, r, batch: int) -> int | None:
+def _peak_at(plan: P.Plan, r, batch: int) -> int | None:
     """The per-GPU peak of a plan row's setup (the plan's base, the row's optimizer and checkpointing) at
     ``batch`` (None where the estimator has none)."""
-    base: TrainingSetup = plan["base"]
+    base = plan.base
     try:
         s = base.with_optimizer(r.optim, base.optim_args, base.optim_target_modules)
-        return P.step_memory(replace(s, gradient_checkpointing=bool(r.gradient_checkpointing)), batch).peak
+        return step_memory(replace(s, gradient_checkpointing=bool(r.gradient_checkpointing)), batch).peak
     except UserError:
         return None
 
 
-def _recommendation(plan: dict) -> str:
-    from optimem.harness.commands.plan import _cheapest_hints
-
-    rec = plan["recommendation"]
+def _recommendation(plan: P.Plan) -> str:
+    rec = plan.recommendation
     if not rec:
-        hints = {o: _cheapest_hints(plan, o) for o in plan["optims"]}
+        hints = {o: P.cheapest_to_fit(plan, o) for o in plan.optims}
         shown = "; ".join(f"{o}: {', '.join(h)}" for o, h in hints.items() if h)
         return ("**Nothing fits one of the chosen GPUs at micro-batch 1.**" +
                 (f" Sharded, the fewest GPUs that fit: {shown}." if shown else ""))
@@ -206,7 +205,7 @@ def _estimates(argv: tuple[str, ...]):
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(argv: tuple[str, ...]) -> dict:
+def _plan(argv: tuple[str, ...]) -> P.Plan:
     """``bench plan ARGV``'s plan, kept per command line (``--no-calibrate``: nothing else feeds it). Moving the
     micro-batch leaves the largest-micro-batch plan as it was: only the sequence search runs again."""
     from optimem.harness.commands.plan import build_plan
@@ -222,7 +221,7 @@ def _answer(form: Form) -> Answer:
         raise field_error(exc) from None
     ans = Answer(estimates=results)
     ans.estimate_rows = [_estimate_row(e) for e in results]
-    n, scheme = plan["num_gpus"], plan["sharding"]
+    n, scheme = plan.base.num_processes, plan.base.sharding
     for e in results:
         sharded = replace(e.setup, num_processes=n, sharding=scheme) if n > 1 else None
         try:
@@ -231,13 +230,13 @@ def _answer(form: Form) -> Answer:
             bar = None
         if bar is not None:
             ans.bars.append(bar)
-    lines = [chart.Line(f"{g.name}: {human_bytes(g.usable_bytes)} usable", g.usable_bytes) for g in plan["gpus"]]
+    lines = [chart.Line(f"{g.name}: {human_bytes(g.usable_bytes)} usable", g.usable_bytes) for g in plan.gpus]
     where = f"per GPU, {n} GPUs, {scheme}" if n > 1 else "one GPU"
     ans.chart_svg = chart.svg(ans.bars, lines, f"{base.model}: memory at the peak, micro-batch {base.batch_size} x "
                                                f"{base.seq_len} tokens ({where})")
     ans.plan_rows = _plan_rows(plan, seq_plan, base.batch_size)
     ans.recommendation = _recommendation(plan)
-    ans.notes = [f"{s['optim']}: {s['reason']}" for s in skipped + plan["skipped"]]
+    ans.notes = [f"{s['optim']}: {s['reason']}" for s in skipped + plan.skipped]
     ans.commands = "\n".join([command_line("estimate", estimate_argv(form, shown=True)),
                               command_line("plan", plan_argv(form, shown=True)),
                               command_line("plan", plan_argv(form, max_seq=True, shown=True))])
