@@ -159,3 +159,29 @@ def test_serve_refuses_a_port_in_use(capsys):
         assert main(["serve", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"--port {port}: cannot listen there" in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_says_when_it_serves_every_network(monkeypatch, capsys):
+    import optimem.harness.ui.app as app
+    from optimem.harness.cli import main
+
+    served = []
+    monkeypatch.setattr(app, "launch", lambda host, port, block=True: served.append((host, port, block)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["serve", "--host", "0.0.0.0", "--port", str(port)]) == 0
+    assert served == [("0.0.0.0", port, True)]
+    out, err = capsys.readouterr()
+    assert "every network" in err and f"http://127.0.0.1:{port}" in out
+
+
+def test_serve_without_gradio_says_how_to_install_it(monkeypatch, capsys):
+    import importlib.util
+
+    from optimem.harness.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert main(["serve"]) == 2
+    assert "pip install 'optimem[ui]'" in capsys.readouterr().err
