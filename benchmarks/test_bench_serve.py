@@ -9,6 +9,7 @@ Then the whole round trip through Gradio (HTTP, queue, pre- and post-processing)
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 
 import pytest
@@ -20,6 +21,14 @@ from optimem.harness.ui.views import answer
 
 def _form(**changes) -> Form:
     return Form({**DEFAULTS, **changes}, gpus=list(DEFAULT_GPUS))
+
+
+@pytest.fixture(autouse=True)
+def _load(benchmark):
+    """The machine's 1-minute load average before and after (the CI-class machine is shared: a fact of the run)."""
+    before = os.getloadavg()[0]
+    yield
+    benchmark.extra_info["load_average_1m"] = [round(before, 2), round(os.getloadavg()[0], 2)]
 
 
 @pytest.fixture(scope="module")
