@@ -185,3 +185,43 @@ def test_serve_without_gradio_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
     assert main(["serve"]) == 2
     assert "pip install 'optimem[ui]'" in capsys.readouterr().err
+
+
+def test_bench_serve_serves_the_page(tmp_path):
+    """The real command in its own process: the page answers on 127.0.0.1 within seconds, and Ctrl-C stops it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("gradio")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out_file, err_file = open(tmp_path / "out.txt", "w+"), open(tmp_path / "err.txt", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "optimem.harness.cli", "serve", "--port", str(port)],
+                            stdout=out_file, stderr=err_file, text=True, cwd=tmp_path,
+                            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    try:
+        deadline, page = time.monotonic() + 120, ""
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert "optimem" in page, (tmp_path / "err.txt").read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        out_file.close()
+        err_file.close()
+    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert f"bench serve: http://127.0.0.1:{port}" in out
+    assert "Traceback" not in err
