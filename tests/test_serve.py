@@ -93,6 +93,20 @@ def test_a_bad_value_is_a_message_naming_the_field(changes, field, needle):
     assert "Traceback" not in ans.error and "\n" not in ans.error
 
 
+def test_an_internal_error_is_one_line_and_the_next_answer_works(monkeypatch, capsys):
+    import optimem.harness.ui.views as views
+
+    def broken(argv):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(views, "_estimates", broken)
+    ans = answer(_form(batch_size=5))
+    assert ans.error == "internal error: RuntimeError: boom (the server's log has the traceback)"
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert not answer(_form(batch_size=5)).error
+
+
 def test_an_uploaded_config_is_the_model(tmp_path):
     from optimem.estimators.catalog import resolve
 

@@ -27,7 +27,7 @@ LABELS = {"model": "Model", "task": "Task", "dtype": "Weights dtype", "mixed_pre
           "batch_size": "Micro-batch", "seq_len": "Sequence length", "grad_accum": "Gradient accumulation",
           "gradient_checkpointing": "Gradient checkpointing", "lora": "LoRA", "quantize": "Quantize base",
           "optim": "Optimizers", "num_processes": "GPUs", "sharding": "Sharding",
-          "gpus": "GPU types", "config": "config.json upload"}
+          "gpus": "GPU types (--gpus)", "config": "config.json upload"}
 """What the page calls each input (the flag is shown beside it: :func:`label`)."""
 NUMBERS = ("batch_size", "seq_len", "grad_accum", "num_processes")
 MAX_CONFIG_BYTES = 1 << 20

@@ -194,6 +194,13 @@ def answer(form: Form) -> Answer:
     except UserError as exc:
         err = field_error(exc)
         return Answer(error=str(err), error_field=getattr(err, "field", None))
+    except Exception as exc:  # noqa: BLE001 - a bug is one line on the page (its traceback on the server's stderr)
+        import sys
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        return Answer(error=f"internal error: {type(exc).__name__}: {first} (the server's log has the traceback)")
 
 
 @functools.lru_cache(maxsize=256)
