@@ -12,10 +12,11 @@ import pprint
 from dataclasses import dataclass, field, replace
 
 from optimem.estimators import planner as P
-from optimem.estimators.step_memory import step_memory
 from optimem.estimators.categories import Category
 from optimem.estimators.errors import UserError
 from optimem.estimators.setup import TrainingSetup
+from optimem.estimators.step_memory import step_memory
+from optimem.harness.commands.estimate import _phase_label
 from optimem.harness.ui import chart
 from optimem.harness.ui.form import Form, FormError, command_line, estimate_argv, field_error, parse, plan_argv
 from optimem.harness.units import human_bytes
@@ -48,20 +49,13 @@ class Answer:
     bars: list[chart.Bar] = field(default_factory=list)
 
 
-def _phase(name: str | None) -> str:
-    if not name:
-        return "-"
-    step, kind = name.split(".", 1)
-    return kind.replace("_", " ") + (" (step 0)" if step == "step0" else "")
-
-
 def _estimate_row(est) -> list:
     b = est.bytes
     on_device = human_bytes(est.cuda["peak_device"]) if est.cuda else "-"
     notes = "; ".join(est.notes[-2:]) if est.notes else ""
     return [est.optim, human_bytes(b["weights"]), human_bytes(b["gradients"]), human_bytes(b["optimizer_state"]),
             human_bytes(b["activations"]), human_bytes(b["peak"]),
-            "-" if b["peak"] is None else f"{b['peak']:,}", _phase(est.peak_phase), on_device, notes]
+            "-" if b["peak"] is None else f"{b['peak']:,}", _phase_label(est.peak_phase), on_device, notes]
 
 
 def bar_of(est, sharded: TrainingSetup | None, batch: int) -> chart.Bar | None:
