@@ -34,10 +34,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def page():
-    pytest.importorskip("gradio", reason="bench serve needs the [ui] extra (gradio)")
-    sync = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (the dev extra)")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no chromium at {CHROMIUM}: apt-get install -y chromium (or set OPTIMEM_CHROMIUM)")
+    pytest.importorskip("gradio", reason="bench serve needs the [ui] extra (gradio)")
+    sync = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (the dev extra)")
     from optimem.harness.ui.app import launch
 
     port = _free_port()
