@@ -16,6 +16,7 @@ from .errors import UserError
 from .estimate import estimate
 from .gpus import DEFAULT_HEADROOM, GIB, GPU, load_gpus, select_gpus
 from .model_sizes import ModelSizes
+from .search import largest
 from .optimizers import get_spec
 from .setup import SHARDINGS, TrainingSetup
 from .sharding import ZERO, sharding_support
@@ -206,7 +207,7 @@ def plan_seq(setup: TrainingSetup, gpu: GPU, *, batch: int = 1, headroom: float 
 def min_gpus_to_fit(setup: TrainingSetup, gpu: GPU, *, sharding: str = "fsdp", headroom: float = DEFAULT_HEADROOM,
                     max_gpus: int = 1024) -> int | None:
     """The fewest GPUs (2..``max_gpus``) on which micro-batch 1 of ``setup`` fits under ``sharding`` (None: not
-    even ``max_gpus``, or the optimizer cannot run so). The per-GPU peak falls as GPUs are added: bisection."""
+    even ``max_gpus``, or the optimizer cannot run so). The per-GPU peak falls as GPUs are added: a search."""
     if not sharding_support(setup.optim, sharding, 2)[0]:
         return None
     budget = gpu.budget(headroom)
@@ -216,16 +217,7 @@ def min_gpus_to_fit(setup: TrainingSetup, gpu: GPU, *, sharding: str = "fsdp", h
 
     if not ok(max_gpus):
         return None
-    lo, hi = 1, 2  # lo: does not fit (or one GPU), hi: candidate
-    while not ok(hi):
-        lo, hi = hi, min(hi * 2, max_gpus)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return largest(lambda n: n == 1 or not ok(n), max_gpus - 1) + 1  # one past the last count that does not fit
 
 
 def memory_vs_gpus(setup: TrainingSetup, batch: int, counts: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),

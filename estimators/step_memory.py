@@ -20,6 +20,7 @@ from .model_sizes import ModelSizes, model_sizes
 from .optimizers import get_spec
 from .params import DTYPES, Inventory, normalize_dtype
 from .peft_model import adapter_inventory
+from .search import largest
 from .setup import DEFAULT_TARGETS, TrainingSetup
 from .sharding import ZERO, _gathered_copies, sharded_terms, shard_model_states
 from .user_objects import is_training_arguments, setup_for
@@ -205,27 +206,6 @@ def max_micro_batch(setup: TrainingSetup, budget: int, limit: int = MAX_BATCH) -
     return largest(lambda b: fits(setup, b, budget), limit)
 
 
-def largest(ok, limit: int) -> int:
-    """The largest ``n`` in ``1..limit`` with ``ok(n)``, for ``ok`` true up to some point and false after it
-    (0 when ``ok(1)`` is false): doubling, then bisection."""
-    if not ok(1):
-        return 0
-    lo, hi = 1, 2
-    while hi <= limit and ok(hi):
-        lo, hi = hi, hi * 2
-    if hi > limit:
-        if ok(limit):
-            return limit
-        hi = limit
-    while hi - lo > 1:  # invariant: lo fits, hi does not
-        mid = (lo + hi) // 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 MAX_SEQ = 1 << 20
 """Longest sequence the search tries when the model's config names no position limit."""
 
@@ -250,6 +230,6 @@ def max_seq_len(setup: TrainingSetup, batch: int, budget: int, limit: int | None
     return largest(lambda seq: fits(replace(setup, seq_len=seq), batch, budget), limit)
 
 
-__all__ = ["MAX_BATCH", "MAX_SEQ", "PLAN_DEFAULTS", "StepMemory", "fits", "largest", "max_micro_batch",
+__all__ = ["MAX_BATCH", "MAX_SEQ", "PLAN_DEFAULTS", "StepMemory", "fits", "max_micro_batch",
            "max_seq_len", "model_state_terms", "plan_setup", "position_limit", "setup_inventory", "sizes_of",
            "step_memory"]

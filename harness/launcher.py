@@ -29,8 +29,10 @@ from optimem.estimators.errors import UserError
 from optimem.estimators.estimate import estimate
 from optimem.estimators.peft_model import cpu_run_limit
 from optimem.harness.contract import RUN_DIR_ENV, RUN_DIR_PREFIX, WorkerOutcome, read_result, write_job
-from optimem.harness.distributed import is_distributed, section, unsupported_reason
-from optimem.harness.distributed import launch as torchrun_launch
+from optimem.harness.distributed.launch import launch as torchrun_launch
+from optimem.harness.distributed.launch import unsupported_reason
+from optimem.harness.distributed.report import section
+from optimem.harness.distributed.schemes import is_distributed
 from optimem.harness.env_facts import collect_env
 from optimem.harness.process import kill_group, signal_name, spawn, wait, worker_env
 from optimem.harness.process import tail as log_tail
@@ -123,7 +125,7 @@ class SubprocessLauncher:
 
 
 class TorchrunLauncher:
-    """``cfg.num_processes`` ranks under torchrun (:func:`optimem.harness.distributed.launch`)."""
+    """``cfg.num_processes`` ranks under torchrun (:func:`optimem.harness.distributed.launch.launch`)."""
 
     def launch(self, cfg, *, timeout_s=DEFAULT_TIMEOUT_S, fault=None, track_tensors=None,
                on_start=None) -> WorkerOutcome:
@@ -178,11 +180,13 @@ def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault:
             timed_out = wait(proc, timeout_s)
         duration = time.perf_counter() - start
         tail = log_tail(log)
-        if timed_out:
-            payload = {"status": "error", "reason": f"timed out after {timeout_s:g} s (the worker was killed)",
-                       "measured": None, "device_facts": {}, "detail": tail or None}
-            return WorkerOutcome(payload, proc.returncode, duration, tail, launch)
         payload = read_result(result)
+        if timed_out:  # a worker stopped by the SIGTERM writes what it measured until then (worker.CutOff)
+            kept = payload if payload is not None and payload.get("measured") else None
+            payload = {"status": "error", "measured": None, "device_facts": {}, "detail": tail or None, **(kept or {}),
+                       "reason": f"timed out after {timeout_s:g} s (the worker was killed" +
+                                 ("; what it measured until then is kept)" if kept else ")")}
+            return WorkerOutcome(payload, proc.returncode, duration, tail, launch)
         if payload is not None:
             return WorkerOutcome(payload, proc.returncode, duration, tail, launch)
         code = proc.returncode

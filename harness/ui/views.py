@@ -133,7 +133,7 @@ _CHECKPOINTING = _checkpointing_name()
 
 @functools.lru_cache(maxsize=64)
 def _model_class(model: str):
-    from optimem.harness.distributed import model_class
+    from optimem.harness.distributed.schemes import model_class
 
     return model_class(TrainingSetup(model=model))
 
@@ -162,7 +162,7 @@ def training_arguments_snippet(setup: TrainingSetup) -> str:
         lines.append(f"# {spec.name}: not a TrainingArguments optim name; give Trainer(optimizer_cls_and_kwargs="
                      f"({spec.cls}, {{...}})) as `bench run` does")
     if setup.num_processes > 1:
-        from optimem.harness.distributed import training_arguments
+        from optimem.harness.distributed.schemes import training_arguments
 
         kw.update(training_arguments(setup, _model_class(setup.model)))
         kw.pop("use_cpu", None)

@@ -118,7 +118,7 @@ def test_readme_example_script_runs(tmp_path, monkeypatch, capsys):
     directory holding tiny-llama's config.json: AutoConfig.from_pretrained reads it like a Hub id's)."""
     import re
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## In your own training script", 1)[1]
     script = section.split("```python\n", 1)[1].split("```", 1)[0]
     model_dir = tmp_path / "tiny"

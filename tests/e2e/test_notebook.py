@@ -13,7 +13,7 @@ from conftest import COMMITTED_RESULTS
 
 pytestmark = pytest.mark.slow  # the inner loop (-m 'not slow') skips this file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_results_notebook_executes(monkeypatch):

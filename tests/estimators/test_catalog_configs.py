@@ -10,7 +10,7 @@ import pytest
 
 from optimem.estimators import build_inventory, catalog, estimate
 
-SOURCES = json.loads((Path(__file__).resolve().parents[1] / "estimators/configs/sources.json").read_text())
+SOURCES = json.loads((Path(__file__).resolve().parents[2] / "estimators/configs/sources.json").read_text())
 MODELS = [name for name in SOURCES if not name.startswith("_")]
 UNITS = {"K": 1e3, "M": 1e6, "B": 1e9}
 
@@ -31,7 +31,7 @@ def test_every_new_config_is_in_the_catalog_with_its_sources():
         entry = SOURCES[name]
         assert name in catalog() and entry["config"] and entry["params_source"] and entry["match"] in (
             "exact", "stated", "nominal")
-    families = {json.loads((Path(__file__).resolve().parents[1] / "estimators/configs" / catalog()[n]).read_text())
+    families = {json.loads((Path(__file__).resolve().parents[2] / "estimators/configs" / catalog()[n]).read_text())
                 ["model_type"] for n in MODELS}
     assert {"llama", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "mistral", "mixtral", "phi3", "deepseek_v2",
             "olmo2"} <= families

@@ -1,7 +1,7 @@
 """``bench serve``'s answers without a browser: the page's figures are ``estimate()``'s, the commands it shows give
 the same figures, bad values are inline messages naming the field, the ``TrainingArguments`` snippet describes the
 same setup, and the results tab reads, plots and compares a results file. (The page in a real browser:
-tests/test_serve_browser.py.)"""
+tests/e2e/test_serve_browser.py.)"""
 from __future__ import annotations
 
 import shlex

@@ -1,7 +1,7 @@
 """bench plan, the parts that need no whole-step peak: the GPU catalog, sharding arithmetic against hand-computed
 values, FLOPs/throughput, MFU calibration from records, the batch search, and failing loudly without the peak.
 
-The tests that pin the planner to the real peak estimator are in tests/test_plan_peak.py."""
+The tests that pin the planner to the real peak estimator are in tests/estimators/test_plan_peak.py."""
 from __future__ import annotations
 
 import json
@@ -113,7 +113,7 @@ def _terms(optim: str, sharding: str, n: int = 8, **kw) -> dict[str, int]:
 def test_sharded_adamw_matches_deepspeed_and_fsdp_by_hand():
     """Llama-3-8B, fp32 weights + bf16 autocast, AdamW, 8 GPUs. P = 8,030,261,248 (every dimension divides by
     8: no padding); per GPU, as the engines cut the parameter list (measured on CPU ranks in fp32:
-    tests/test_distributed.py):
+    tests/harness/test_distributed.py):
     DDP: 4P weights + 4P grads + 8P state + 4P gradient buckets = 20P.
     ZeRO-1/2 (DeepSpeed bf16): 2P bf16 flat weights + 4P/8 fp32 master + 8P/8 state + the bf16 gradient
     partition (views of whole gradients: a parameter across a partition edge is held whole) + its 4P/8 fp32 copy
@@ -223,7 +223,7 @@ def test_mfu_calibration_from_records():
 
 # ---------------------------------------------------------------------------------------------- search and the peak contract
 def test_max_micro_batch_search_is_exact(monkeypatch):
-    """The search itself, on a synthetic monotone peak (the real estimator: tests/test_plan_peak.py)."""
+    """The search itself, on a synthetic monotone peak (the real estimator: tests/estimators/test_plan_peak.py)."""
     def fake(setup, batch):
         return SM.StepMemory(batch, 1000 + 37 * batch + (batch // 5) * 11, {}, 0, 0, 0)
 

@@ -64,7 +64,7 @@ def test_bench_run_records_exact_weights_gradients_and_state():
     """``bench run``'s record of a QLoRA run (the launcher in this process): measured weights (with the
     quantization state), the gradients held at the optimizer step and the optimizer state equal the
     prediction beside them; the predicted whole-step peak is within 1% of the tensor accountant's (the exact
-    comparison, phase by phase, is optimem.harness.validate's LoRA/QLoRA matrix and tests/test_lora_peak.py)."""
+    comparison, phase by phase, is optimem.harness.validate's LoRA/QLoRA matrix and tests/estimators/test_lora_peak.py)."""
     from optimem.harness.launcher import execute
 
     cfg = RunConfig(model="tiny-qwen2", optim="adamw_torch", lora="r=8,alpha=16,target=all-linear",

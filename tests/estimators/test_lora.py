@@ -144,7 +144,7 @@ def _peft_counts(model: str, r: int, target, dora: bool) -> tuple[int, int]:
 @pytest.mark.parametrize("model", ARCHS)
 def test_trainable_parameters_equal_peft_count(model):
     """Every adapter setting's inventory counts what peft counts; one estimate per architecture then holds
-    the adapters' gradients and AdamW moments, and a traced peak (its figures: tests/test_lora_peak.py)."""
+    the adapters' gradients and AdamW moments, and a traced peak (its figures: tests/estimators/test_lora_peak.py)."""
     for r, which, dora in itertools.product((8, 64), ("all-linear", "attention"), (False, True)):
         target = "all-linear" if which == "all-linear" else ATTENTION[model]
         trainable, total = _peft_counts(model, r, target, dora)
@@ -218,7 +218,7 @@ def test_skip_modules_stay_unquantized():
 # ----------------------------------------------------------------------------------- an 8B QLoRA, by formula
 def test_llama_3_1_8b_qlora_by_bitsandbytes_layout():
     """The inventory of an 8B QLoRA setup (the model is built on meta; its peak is traced by bench plan, see
-    tests/test_lora_peak.py)."""
+    tests/estimators/test_lora_peak.py)."""
     inv = adapter_inventory(TrainingSetup(model="meta-llama/Llama-3.1-8B", optim="adamw_bnb_8bit", dtype="bf16",
                                           mixed_precision="bf16", lora="r=32,target=all-linear", quantize="nf4",
                                           double_quant=True))

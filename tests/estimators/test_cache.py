@@ -17,7 +17,7 @@ from optimem.estimators.estimate import _matched, _phase_model
 from optimem.estimators.peak import forget_traces
 from optimem.estimators.inventory import _inventory_cached, build_inventory
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()

@@ -18,7 +18,7 @@ from optimem.harness.launcher import run_isolated
 from optimem.harness.record import read_records, validate
 from optimem.harness.scenario import RunConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def bench(capsys, *argv):

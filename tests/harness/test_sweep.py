@@ -18,10 +18,11 @@ from optimem.estimators.errors import UserError
 from optimem.harness.cli import main
 from optimem.harness.grid import (config_key, config_label, grid_from_mapping, parse_shape, parse_size, record_key,
                           select_optimizers)
+from optimem.harness.max_batch import OVER_LIMIT, max_batch_path
 from optimem.harness.record import validate
-from optimem.harness.sweep import OVER_LIMIT, Sweep, SweepOptions, max_batch_path
+from optimem.harness.sweep import Sweep, SweepOptions
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 OPTIMS = ["adamw_torch", "adafactor", "sgd", "adagrad", "rmsprop", "schedule_free_adamw"]
 SHAPES = ["1x16", "2x32"]

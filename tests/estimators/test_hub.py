@@ -17,7 +17,7 @@ from optimem.estimators.catalog import resolve
 from optimem.estimators.errors import UserError
 from hub_fake import FakeHub, lay_out_cache
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = json.loads((ROOT / "estimators/configs/tiny-llama.json").read_text())
 WIDER = {**TINY, "hidden_size": TINY["hidden_size"] * 2}
 HUB_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_TOKEN", "HF_HUB_ETAG_TIMEOUT",

@@ -16,11 +16,11 @@ import os
 import pytest
 
 from optimem.estimators import model_sizes as MS
-
 from optimem.estimators import sharding as SH
-
 from optimem.estimators import step_memory as SM
-from optimem.harness import distributed as D
+from optimem.harness.distributed import launch as DL
+from optimem.harness.distributed import report as DR
+from optimem.harness.distributed import schemes as DS
 from optimem.harness.launcher import execute
 from optimem.harness.record import validate
 from optimem.harness.run_config import RunConfig
@@ -46,12 +46,12 @@ def _check_ranks(record: dict) -> list[dict]:
     assert record["status"] == "ok", record["reason"]
     d = record["distributed"]
     assert d["world_size"] == 2 and d["backend"] == "gloo" and len(d["ranks"]) == 2
-    rows = D.rank_rows(record)
+    rows = DR.rank_rows(record)
     for r in rows:
         assert r["status"] == "ok"
-        assert abs(r["optimizer_state_error"]) <= D.STATE_TOLERANCE, r
-        assert abs(r["gradients_error"]) <= D.STATE_TOLERANCE, r
-        assert abs(r["peak_error"]) <= D.PEAK_TOLERANCE, r
+        assert abs(r["optimizer_state_error"]) <= DR.STATE_TOLERANCE, r
+        assert abs(r["gradients_error"]) <= DR.STATE_TOLERANCE, r
+        assert abs(r["peak_error"]) <= DR.PEAK_TOLERANCE, r
     # the top-level measurement is the rank with the highest peak
     assert record["measured"]["peak_bytes"] == max(r["peak"] for r in rows)
     return rows
@@ -131,28 +131,28 @@ def test_unsupported_combinations_are_skipped_runs_with_the_reason():
 def test_combine_maps_rank_outcomes_to_one_status():
     ok = {"status": "ok", "reason": "", "measured": {"peak_bytes": 10}, "device_facts": {}}
     big = {**ok, "measured": {"peak_bytes": 20}}
-    got = D.combine([ok, big], returncode=0, timed_out=False, timeout_s=9)
+    got = DL.combine([ok, big], returncode=0, timed_out=False, timeout_s=9)
     assert got["status"] == "ok" and got["measured"]["peak_bytes"] == 20 and got["distributed"]["measured_rank"] == 1
     oom = {"status": "oom", "reason": "out of memory in step0.forward: x", "measured": {"peak_bytes": 5}}
-    got = D.combine([ok, oom], returncode=1, timed_out=False, timeout_s=9)
+    got = DL.combine([ok, oom], returncode=1, timed_out=False, timeout_s=9)
     assert got["status"] == "oom" and got["reason"].startswith("rank 1: out of memory")
-    got = D.combine([ok, None], returncode=-9, timed_out=False, timeout_s=9, log_tail="Killed")
+    got = DL.combine([ok, None], returncode=-9, timed_out=False, timeout_s=9, log_tail="Killed")
     assert got["status"] == "oom" and "died without a result" in got["reason"]
-    got = D.combine([None, None], returncode=None, timed_out=True, timeout_s=9)
+    got = DL.combine([None, None], returncode=None, timed_out=True, timeout_s=9)
     assert got["status"] == "error" and got["reason"].startswith("timed out after 9 s")
-    assert D.rank_faults("1:crash@step0.forward", 2) == {"1": "crash@step0.forward"}
-    assert D.rank_faults("oom@setup", 2) == {"0": "oom@setup", "1": "oom@setup"}
+    assert DL.rank_faults("1:crash@step0.forward", 2) == {"1": "crash@step0.forward"}
+    assert DL.rank_faults("oom@setup", 2) == {"0": "oom@setup", "1": "oom@setup"}
 
 
 def test_generated_trainer_arguments():
-    z = D.training_arguments(_cfg(sharding="zero2", batch_size=3, grad_accum=2), D.model_class(_cfg()), 77)
+    z = DS.training_arguments(_cfg(sharding="zero2", batch_size=3, grad_accum=2), DS.model_class(_cfg()), 77)
     ds = z["deepspeed"]
     assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": "auto"}
     assert ds["train_batch_size"] == 3 * 2 * 2 and ds["zero_allow_untested_optimizer"] and z["ddp_timeout"] == 77
-    f = D.training_arguments(_cfg(sharding="fsdp"), D.model_class(_cfg()))
+    f = DS.training_arguments(_cfg(sharding="fsdp"), DS.model_class(_cfg()))
     assert f["fsdp_config"] == {"version": 2, "reshard_after_forward": True,
                                 "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
-    assert D.training_arguments(_cfg(sharding="ddp"), None) == {}
+    assert DS.training_arguments(_cfg(sharding="ddp"), None) == {}
 
 
 def test_zero_partition_edges_keep_whole_gradients():

@@ -2,7 +2,7 @@
 ``.ci/run``) driven by playwright (no browser download). One server on a free 127.0.0.1 port for the module,
 stopped after. The test types a model, picks optimizers and reads the rendered figures back against
 ``estimate()``; a bad value shows its inline message and the page keeps answering; a results upload draws its
-plot. ``python tests/test_serve_browser.py --screenshot results/serve.png`` writes the README's screenshot."""
+plot. ``python tests/e2e/test_serve_browser.py --screenshot results/serve.png`` writes the README's screenshot."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = os.environ.get("OPTIMEM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results" / "cpu-amd-epyc-2026-11-23.jsonl"
 START = {"model": "", "dtype": "fp32", "mixed_precision": "none", "batch_size": 2, "seq_len": 64,
          "optim": ["adamw_torch"]}

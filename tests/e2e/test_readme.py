@@ -1,7 +1,7 @@
 """The README opens with the two set-up commands, and CI runs the second one verbatim."""
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def setup_commands() -> list[str]:

@@ -17,7 +17,7 @@ from optimem.harness.env_facts import collect_env
 from optimem.harness.record import SCHEMA_VERSION, append_record, build_record, read_records, validate
 from optimem.harness.scenario import RunConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def skipped_record(**over) -> dict:
