@@ -232,7 +232,7 @@ def _answer(form: Form) -> Answer:
         if bar is not None:
             ans.bars.append(bar)
     lines = [chart.Line(f"{g.name}: {human_bytes(g.usable_bytes)} usable", g.usable_bytes) for g in plan.gpus]
-    where = f"per GPU, {n} GPUs, {scheme}: the planner's per-rank model, CUDA terms not drawn" if n > 1 else "one GPU"
+    where = f"per GPU of {n}, {scheme}; CUDA terms not drawn" if n > 1 else "one GPU"
     ans.chart_svg = chart.svg(ans.bars, lines, f"{base.model}: memory at the peak, micro-batch {base.batch_size} x "
                                                f"{base.seq_len} tokens ({where})")
     ans.plan_rows = _plan_rows(plan, seq_plan, base.batch_size)
