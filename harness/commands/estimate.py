@@ -76,7 +76,10 @@ def _check_gpu(name: str | None) -> None:
                         "--write")
 
 
-def main(args: argparse.Namespace) -> int:
+def run_estimates(args: argparse.Namespace):
+    """The estimates ``bench estimate`` prints for parsed arguments: ``(base setup, inventory, estimates,
+    skipped)``, ``skipped`` holding ``{"optim", "status", "reason"}`` per optimizer not estimated (``bench serve``
+    answers its page with this too)."""
     optims = expand_optims(args.optim)
     _check_gpu(args.gpu)
     if args.alloc_conf is not None:
@@ -108,6 +111,11 @@ def main(args: argparse.Namespace) -> int:
         if spec.needs_target_modules and not args.optim_target_modules:
             est.notes.append(f"optim_target_modules not given: assumed '{DEFAULT_TARGETS}'")
         results.append(est)
+    return base, inv, results, skipped
+
+
+def main(args: argparse.Namespace) -> int:
+    base, inv, results, skipped = run_estimates(args)
     if args.json:
         out = []
         for est in results:

@@ -431,6 +431,11 @@ CASES: list[tuple[str, int, str]] = [
     (f"compare {G} {G} --markdown {{d}}/adir", 2, "--markdown"),
     (f"compare {G} {G} --markdown {{d}}/bin.dat", 2, "--markdown"),
     (f"compare {G} {G} --markdown ''", 2, "--markdown"),
+    # --- serve (nothing is served: each case is refused before the page is built)
+    ("serve --port 0", 2, "--port"),
+    ("serve --port 70000", 2, "--port"),
+    ("serve --port abc", 2, "--port"),
+    ("serve --host 203.0.113.7 --port 7860", 2, "--host"),
 ]
 
 
