@@ -265,7 +265,7 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
     offloaded = setup.offload_optimizer != "none" or setup.offload_param != "none"
     if setup.sharding != "none" and not offloaded:
         notes.append(f"one process, unsharded: for the per-GPU figures under {setup.sharding} on "
-                     f"{setup.num_processes} process(es) see optimem.estimators.planner.step_memory(setup, batch) or bench plan")
+                     f"{setup.num_processes} process(es) see optimem.estimators.step_memory.step_memory(setup, batch) or bench plan")
     args = spec.resolve_args(parse_optim_args(setup.optim_args))
     targets = _targets_key(setup.optim_target_modules) if spec.needs_target_modules else None
     args_key = tuple(sorted(args.items(), key=str))
