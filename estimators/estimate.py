@@ -9,12 +9,13 @@ from typing import Any
 from .steps import build as build_step
 from .cache import key as cache_key, memo
 from .catalog import ModelSource
-from .cuda_overhead import cuda_terms
+from .cuda_overhead import alloc_config, cuda_terms, reserve_within
 from .errors import UserError
 from .inventory import build_inventory
 from .optimizers import OptimizerSpec, ParamCtx, get_spec, parse_optim_args
 from .optimizers.spec import LAYERWISE_DUMMY_BYTES
 from .params import Inventory
+from .offload import split as offload_split
 from .peak import PhaseModel, evaluate
 from .peft_model import adapter_inventory, peak_limit, resident_bytes, trace_fields
 from .setup import TrainingSetup
@@ -58,13 +59,27 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     phases: dict[str, dict[str, int]] = field(default_factory=dict)
     peak_phase: str = ""
-    cuda: dict[str, Any] | None = None
+    cuda: dict[str, Any] | None = field(default_factory=lambda: None)  # no class attribute: see __getattr__
+    offload: dict[str, Any] | None = None
 
     def __getattr__(self, name: str):
+        if name == "cuda":  # computed when first read (the caching allocator's replay costs more than the rest)
+            thunk = self.__dict__.pop("_cuda_thunk", None)
+            self.__dict__["cuda"] = value = thunk() if thunk is not None else None
+            return value
         # The setup's fields read as the estimate's own (est.optim, est.seq_len...).
         if name != "setup" and name in _SETUP_FIELDS:
             return getattr(self.setup, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def reserve_within(self, capacity: int) -> int | None:
+        """The caching allocator's most reserved bytes when this CUDA step runs within ``capacity`` bytes of device
+        memory (the GPU's less its context; its cache flushes and retries included), None when it cannot run
+        there. Raises ValueError for an estimate that is not a CUDA one."""
+        check = self.__dict__.get("_reserve_within")
+        if check is None:
+            raise ValueError("reserve_within: not a CUDA estimate (device='cuda', a traced step)")
+        return check(capacity)
 
     @property
     def state_bytes_per_param(self) -> float:
@@ -175,7 +190,8 @@ def _check_available(spec: OptimizerSpec) -> None:
         raise UserError(spec.reason)
 
 
-def estimate(model: Any, optim: Any = None, *, gpu: str | None = None, **setup_fields: Any) -> Estimate:
+def estimate(model: Any, optim: Any = None, *, gpu: str | None = None, alloc_conf: str | None = None,
+             **setup_fields: Any) -> Estimate:
     """Predict the bytes a Trainer run holds.
 
     ``model``: a :class:`~optimem.estimators.setup.TrainingSetup` (then ``setup_fields`` override its fields), or
@@ -193,7 +209,8 @@ def estimate(model: Any, optim: Any = None, *, gpu: str | None = None, **setup_f
     :class:`~optimem.estimators.setup.TrainingSetup` for their meaning). The
     estimator's defaults are the setup's (batch 1 x 512 tokens, fp32, no autocast, CUDA).
     ``gpu``: a ``torch.cuda.get_device_name()`` whose calibrated CUDA constants to use
-    (``estimators/calibration/cuda.json``; the defaults otherwise).
+    (``estimators/calibration/cuda.json``; the defaults otherwise); ``alloc_conf``: a ``PYTORCH_CUDA_ALLOC_CONF``
+    string for the replayed caching allocator (default: the environment's).
     """
     inv = None
     if isinstance(model, TrainingSetup):
@@ -210,7 +227,7 @@ def estimate(model: Any, optim: Any = None, *, gpu: str | None = None, **setup_f
         if optim is None:
             raise UserError("estimate() needs an optimizer name (optim=...), as TrainingArguments(optim=...) takes it")
         setup = TrainingSetup(model=model, optim=optim, **setup_fields)
-    return estimate_setup(setup, gpu=gpu, inventory=inv)
+    return estimate_setup(setup, gpu=gpu, inventory=inv, alloc_conf=alloc_conf)
 
 
 def _trained_set(setup: TrainingSetup, source: ModelSource, inv: Inventory) -> dict[str, Any]:
@@ -223,8 +240,11 @@ def _trained_set(setup: TrainingSetup, source: ModelSource, inv: Inventory) -> d
     return {"frozen": tuple(r.name for r in inv.rows if not r.trainable)}
 
 
-def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: Inventory | None = None) -> Estimate:
-    """:func:`estimate` for a validated setup (``inventory``: the model's, when the caller has it)."""
+def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: Inventory | None = None,
+                   alloc_conf: str | None = None) -> Estimate:
+    """:func:`estimate` for a validated setup (``inventory``: the model's, when the caller has it;
+    ``alloc_conf``: the ``PYTORCH_CUDA_ALLOC_CONF`` the caching allocator is replayed with, default the
+    environment's)."""
     spec = get_spec(setup.optim)
     _check_available(spec)
     setup.check_trainable(inventory=inventory)
@@ -242,9 +262,10 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         inv = (inventory if inventory is not None else build_inventory(source, task=setup.task))
         inv = inv.with_dtype(setup.dtype).with_frozen(setup.freeze)
     setup = replace(setup, model=inv.model, device=device)
-    if setup.sharding != "none":
+    offloaded = setup.offload_optimizer != "none" or setup.offload_param != "none"
+    if setup.sharding != "none" and not offloaded:
         notes.append(f"one process, unsharded: for the per-GPU figures under {setup.sharding} on "
-                     f"{setup.num_processes} process(es) see optimem.estimators.planner.step_memory(setup, batch) or bench plan")
+                     f"{setup.num_processes} process(es) see optimem.estimators.step_memory.step_memory(setup, batch) or bench plan")
     args = spec.resolve_args(parse_optim_args(setup.optim_args))
     targets = _targets_key(setup.optim_target_modules) if spec.needs_target_modules else None
     args_key = tuple(sorted(args.items(), key=str))
@@ -260,6 +281,8 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         gradients = inv.trainable_bytes
     host = total if spec.state_location == "host" else \
         sum(breakdown.get(k, 0) for k in spec.host_keys) + breakdown.get(LAYERWISE_DUMMY_KEY, 0)
+    if offloaded and setup.offload_optimizer != "none":
+        host = total  # the optimizer state and step live on the host (or NVMe: see the offload split)
     if spec.cpu_note:
         notes.append(spec.cpu_note)
     model_bytes = {"weights": inv.weight_bytes, "weights_trainable": inv.trainable_bytes,
@@ -267,6 +290,8 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
                    "optimizer_state": total, "optimizer_state_host": host, "optimizer_state_device": total - host}
     setting = TraceSetting(dtype=setup.dtype, mixed=setup.mixed_precision, attn=setup.attn_implementation,
                            gc=setup.gradient_checkpointing, task=inv.task, device=device,
+                           liger=(setup.liger_kernel_config or "{}") if setup.use_liger_kernel else None,
+                           packed=setup.padding_free,
                            **_trained_set(setup, source, inv))
     resident = 0
     if setup.quantize:
@@ -281,9 +306,10 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         resident = resident_bytes(setup)
     phase_model = _phase_model(inv, source, spec.name, args_key, targets, setting, setup.grad_accum, device, total, host,
                                resident)
-    mem = evaluate(phase_model, setup.batch_size, setup.seq_len)
-    idle = () if setup.peft or spec.state_for_frozen else \
-        phase_model.gradless(max(setup.batch_size, 1), max(setup.seq_len, 1))
+    # padding-free packing: the micro-batch is one row of its batch x seq tokens
+    b, s = (1, setup.batch_size * setup.seq_len) if setup.padding_free else (setup.batch_size, setup.seq_len)
+    mem = evaluate(phase_model, b, s)
+    idle = () if setup.peft or spec.state_for_frozen else phase_model.gradless(max(b, 1), max(s, 1))
     if idle:  # no gradient, so no optimizer state: estimated as the optimizer sees them, frozen
         gone = set(idle)
         inv2 = replace(inv, rows=tuple(replace(r, trainable=r.trainable and r.name not in gone) for r in inv.rows),
@@ -293,28 +319,40 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         est.notes.insert(0, f"{len(idle)} trainable parameter(s) get no gradient in a training step (e.g. {idle[0]}): "
                             "no gradient and no optimizer state are counted for them")
         return est
+    if setup.padding_free:
+        notes.append(f"padding-free packing: one row of {b * s} tokens per micro-batch (DataCollatorWithFlattening), "
+                     "the model's own packed-sequence handling traced")
     notes.extend(n for n in (phase_model.step.note, *phase_model.notes()) if n)
-    cuda = None
-    if device == "cuda":
-        cuda = cuda_terms(mem, inv, _state_sizes(inv, spec.name, args_key, targets), gpu)
-    return Estimate(
+    if setup.use_liger_kernel:
+        notes.append("Liger kernels: the model patched as the Trainer patches it (_apply_liger_kernel_to_instance), "
+                     "its Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) traced as rules from "
+                     "liger-kernel's source, not measured (Triton does not run here)")
+    off = None
+    if offloaded:
+        phases = mem.phases
+        if setup.mixed_precision and setup.dtype != setup.mixed_precision and not setup.peft:
+            # DeepSpeed's 16-bit engine and FSDP2's MixedPrecisionPolicy compute with 16-bit parameters, without
+            # autocast's cached 16-bit copies: the activations are the 16-bit model's
+            plain = estimate_setup(replace(setup, dtype=setup.mixed_precision, mixed_precision=None, sharding="none",
+                                           num_processes=1, num_nodes=1, deepspeed=None, fsdp=None, fsdp_config=None,
+                                           offload_optimizer="none", offload_param="none"), gpu=gpu)
+            phases = plain.phases
+        parts = offload_split(setup, inv, total, phases)
+        notes.extend(parts.notes)
+        off = parts.to_dict()
+    est = Estimate(
         setup=setup, num_params=inv.num_params, trainable_params=inv.trainable_params,
         bytes={**model_bytes, "activations": mem.activations, "peak": mem.peak},
         state_breakdown=dict(sorted(breakdown.items())), optim_args=dict(args), targeted_params=n_targeted,
-        family=spec.family, notes=notes, phases=mem.phases, peak_phase=mem.peak_phase, cuda=cuda)
-
-
-@functools.lru_cache(maxsize=512)
-def _state_sizes(inv: Inventory, name: str, args_key: tuple, targets) -> tuple:
-    """Every optimizer-state tensor's bytes (for the CUDA allocator's rounding)."""
-    spec = get_spec(name)
-    args = dict(args_key)
-    targeted = targeted_names(inv, targets) if spec.needs_target_modules else frozenset()
-    out = []
-    for row in inv.rows:
-        if row.trainable or spec.state_for_frozen:
-            out.extend(spec.param_state(ParamCtx(row, args, row.name in targeted)).values())
-    return tuple(out)
+        family=spec.family, notes=notes, phases=mem.phases, peak_phase=mem.peak_phase, cuda=None,
+        offload=off)
+    if device == "cuda":  # est.cuda: the allocator's replay, run when first read
+        alloc_config(alloc_conf)  # a malformed PYTORCH_CUDA_ALLOC_CONF is refused now, not on first read
+        del est.__dict__["cuda"]
+        est.__dict__["_cuda_thunk"] = functools.partial(cuda_terms, mem, phase_model, b, s, gpu, alloc_conf)
+        est.__dict__["_reserve_within"] = functools.partial(reserve_within, mem, phase_model, b, s, gpu=gpu,
+                                                            alloc_conf=alloc_conf)
+    return est
 
 
 @functools.lru_cache(maxsize=512)

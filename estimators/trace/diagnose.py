@@ -61,7 +61,7 @@ def real_step_error(source: ModelSource, setting: TraceSetting) -> str | None:
     vocab = getattr(cfg, "vocab_size", None) or getattr(text, "vocab_size", 0)
     facts = ModelFacts(False, False, bool(getattr(cfg, "is_encoder_decoder", False)), int(vocab or 0), "",
                        int(getattr(cfg, "num_labels", 2) or 2), getattr(model, "main_input_name", "input_ids"))
-    batch = real_batch(facts, BATCH, SEQ, setting.task)
+    batch = real_batch(facts, BATCH, SEQ, setting.task, packed=bool(getattr(setting, "packed", False)))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -38,20 +38,32 @@ def wrap_autocast(model: torch.nn.Module, mixed: str | None) -> None:
     model.forward = MethodType(convert_outputs_to_fp32(model.forward.__func__), model)
 
 
-def real_batch(facts: ModelFacts, batch: int, seq: int, task: str | None, seed: int = 0) -> dict[str, torch.Tensor]:
+def real_batch(facts: ModelFacts, batch: int, seq: int, task: str | None, seed: int = 0,
+               packed: bool = False) -> dict[str, torch.Tensor]:
     """The collated batch the harness's synthetic dataset gives (``input_ids`` random in [3, vocab),
     ``attention_mask`` ones, ``labels`` a copy of the ids, or one class per sample for sequence
-    classification), as real CPU tensors."""
+    classification), as real CPU tensors. ``packed``: what ``DataCollatorWithFlattening``
+    makes of a micro-batch of ``batch x seq`` tokens -- rows of packed samples, here two per row (the split changes
+    values, not sizes: the model's packed-sequence mask is ``seq x seq`` whatever the count), ``position_ids``
+    restarting at each sample, each sample's first label -100, no attention mask."""
     g = torch.Generator().manual_seed(seed)
+    if packed:
+        ids = torch.randint(3, max(facts.vocab_size, 4), (batch, seq), generator=g)
+        half = max(seq // 2, 1)
+        pos = torch.cat([torch.arange(half), torch.arange(seq - half)]).repeat(batch, 1)
+        labels = ids.clone()
+        labels[pos == 0] = -100
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
     ids = torch.randint(3, max(facts.vocab_size, 4), (batch, seq), generator=g)
     labels = torch.randint(0, facts.num_labels, (batch,), generator=g) if task == "sequence-classification" \
         else ids.clone()
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def make_batch(facts: ModelFacts, batch: int, seq: int, task: str | None, seed: int = 0) -> dict[str, TraceTensor]:
+def make_batch(facts: ModelFacts, batch: int, seq: int, task: str | None, seed: int = 0,
+               packed: bool = False) -> dict[str, TraceTensor]:
     """:func:`real_batch` as trace tensors that keep their values."""
-    return {k: from_real(v) for k, v in real_batch(facts, batch, seq, task, seed).items()}
+    return {k: from_real(v) for k, v in real_batch(facts, batch, seq, task, seed, packed).items()}
 
 
 def num_items(facts: ModelFacts, batches: list[dict]) -> TraceTensor | None:
@@ -88,15 +100,16 @@ class StepHooks:
 
 def micro_step(model: torch.nn.Module, facts: ModelFacts, batch: dict, items, grad_accum: int, tr_loss,
                rec: Recorder, device: str = "cpu") -> list[tuple]:
-    """Run one micro-step (forward, loss, backward) with ``device``'s kernels (``estimators/trace/cuda_rules``)
-    and return its event log."""
+    """Run one micro-step (forward, loss, backward) with ``device``'s kernels (``estimators/trace/cuda_rules``) and,
+    for ``cuda``, CUDA's autocast policy (``estimators/trace/cuda_autocast``), and return its event log."""
+    from .cuda_autocast import cuda_autocast
     from .cuda_rules import kernels_of
 
     old = set_recorder(rec)
     rec.events = []
     rec.active = True
     try:
-        with cpp_meta_kernels(), TraceMode(), kernels_of(device):
+        with cpp_meta_kernels(), TraceMode(), kernels_of(device), cuda_autocast(device == "cuda"):
             _training_step(model, facts, batch, items, grad_accum, tr_loss, rec)
     finally:
         rec.active = False

@@ -124,12 +124,17 @@ def build_plan(args) -> P.Plan:
     _check_args(args)
     kw = setup_kwargs(args, exclude=("optim", "optim_args", "optim_target_modules", "gradient_checkpointing",
                                      "batch_size"))
-    kw["sharding"] = args.sharding or ("none" if args.num_processes == 1 else "ddp")
+    kw["sharding"] = args.sharding or ("none" if args.num_processes == 1 or kw.get("deepspeed") or kw.get("fsdp")
+                                       else "ddp")
+    base = TrainingSetup(**kw)
+    if base.offload_optimizer != "none" or base.offload_param != "none":
+        raise UserError("bench plan does not search a given offload yet: bench estimate --deepspeed/--fsdp gives its "
+                        "per-rank device and host figures, and bench plan offers offload itself when nothing fits")
     targets = setup_kwargs(args).get("optim_target_modules")
     files = [] if args.no_calibrate else (args.results or [str(p) for p in default_result_files()])
     records = _result_records(files, given=bool(args.results)) if files else []
     single = len(args.optim or []) == 1 and "all" not in ",".join(args.optim).lower()
-    return P.plan(TrainingSetup(**kw), expand_optims(args.optim), args.gpus, gpu_files=args.gpu_file,
+    return P.plan(base, expand_optims(args.optim), args.gpus, gpu_files=args.gpu_file,
                   search="seq" if args.max_seq else "batch", batch_size=args.batch_size or 1,
                   checkpointing=args.gradient_checkpointing, headroom=args.headroom, mfu=args.mfu,
                   records=records, calibration_files=[str(f) for f in files], strict=single,
@@ -206,7 +211,11 @@ def _header(plan) -> list[str]:
     mfu_txt = (f"MFU {plan.mfu:.2f} assumed" + (f", measured on {', '.join(g for g, _ in used)}" if used else
                                                   (" (no recorded run of this model on these GPUs)"
                                                    if plan.calibration_files else " (no recorded runs)")))
-    lines.append(f"Fit: predicted per-GPU peak <= usable memory - {plan.headroom:.0%} allocator headroom. "
+    fit = (f"predicted per-GPU peak <= usable memory - {plan.headroom:.0%} allocator headroom"
+           if plan.base is not None and plan.base.sharding != "none" else
+           "the step's allocations replayed through the CUDA caching allocator's rules (estimators/allocator.py; "
+           "a rule from its source, not a measurement): reserved <= usable memory (reported - CUDA context)")
+    lines.append(f"Fit: {fit}. "
                  f"Tokens/s = MFU x dense peak / {fpt / 1e9:.1f} GFLOP per token (6N + 12LdS), x3/4 with "
                  f"checkpointing; {mfu_txt}.")
     return lines
@@ -248,7 +257,7 @@ def render(plan) -> str:
                     else "cannot run here (see Notes)"
             else:
                 what = "fits no listed GPU, and no sharding of them fits micro-batch 1"
-            detail.append([o] + ["-"] * (14 if sharded else 13) + [what])
+            detail.append([o] + ["-"] * (16 if sharded else 15) + [what])
             continue
         r = min(fit, key=lambda r: (size[r.gpu], -(r.tokens_per_s or 0)))
         b = r.breakdown
@@ -264,13 +273,16 @@ def render(plan) -> str:
                        _gib(b["optimizer_state"]), _gib(b["activations"]),
                        _gib(b["temporaries"] + b["other"]), *([_gib(b["sharding_overhead"])] if sharded else []),
                        _phase(r.peak_phase),
-                       f"{_gib(r.peak)}/{_gib(r.budget)}", _tps(r.tokens_per_s), f"{r.mfu:.2f}", fast,
+                       f"{_gib(r.peak)}/{_gib(r.budget)}",
+                       _gib(r.reserved) if r.reserved is not None else "-",
+                       _gib(r.device_total) if r.device_total is not None else "-",
+                       _tps(r.tokens_per_s), f"{r.mfu:.2f}", fast,
                        "; ".join(note)])
     lines.append(format_table(["optimizer", "GPU", "seq" if plan.search == "seq" else "batch", "ckpt",
                                "weights", "grads", "state", "activ", "temp",
-                               *(["shard+"] if sharded else []), "peak at", "peak/budget", "tok/s", "MFU",
-                               "fastest (tok/s)", "notes"],
-                              detail, align="llrlrrrrr" + ("r" if sharded else "") + "lrrrll"))
+                               *(["shard+"] if sharded else []), "peak at", "peak/budget", "reserved",
+                               "device total", "tok/s", "MFU", "fastest (tok/s)", "notes"],
+                              detail, align="llrlrrrrr" + ("r" if sharded else "") + "lrrrrrll"))
     rec = plan.recommendation
     lines += ["", "Recommendation"]
     if rec:
@@ -299,6 +311,12 @@ def render(plan) -> str:
             if cannot:
                 txt += f" ({'/'.join(cannot)}: {sharding_support(o, cannot[0], 2)[1]})"
             lines.append(txt)
+    for o, off in plan.offload.items():
+        lines.append(f"  with CPU offload: {o} fits {off['num_gpus']}x {off['gpu']} at micro-batch 1"
+                     f"{' with gradient checkpointing' if off['gradient_checkpointing'] else ''} under "
+                     f"{off['scheme']}: {_gib(off['device_peak'])} GiB per GPU, host RAM "
+                     f"{_gib(off['host_per_node'])} GiB per node (--deepspeed with {off['deepspeed']}; rule from "
+                     "DeepSpeed's source, not measured)")
     for g in gpus:
         if any(by.get((o, g.id)) and by[(o, g.id)].status == "fits" for o in optims):
             continue
