@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 DEFAULT_MODEL = "tiny-llama"
@@ -129,8 +129,7 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"model config {path} is not a JSON text file (byte {exc.start} is not UTF-8); give a "
                         "transformers config.json") from None
     except (ValueError, RecursionError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"model config {path} is not valid JSON ({msg}); give a transformers config.json") from None
+        raise UserError(f"model config {path} is not valid JSON ({one_line(exc, 10**6)}); give a transformers config.json") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a transformers config (a JSON object with a 'model_type'); "
                         "give a transformers config.json")

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 CONFIG_FILE = "config.json"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
@@ -143,16 +143,16 @@ def explain(exc: BaseException, repo_id: str, revision: str | None, *, endpoint:
         return (f"timed out reaching {endpoint} for {where} (HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} s) "
                 f"and it is not in the Hugging Face cache ({cache_dir}): retry, raise HF_HUB_ETAG_TIMEOUT, {local}")
     if found(hub_errors.LocalEntryNotFoundError):
-        reason = _first_line(chain[-1]) if len(chain) > 1 else "no connection"
+        reason = one_line(chain[-1], 160) if len(chain) > 1 else "no connection"
         return (f"cannot reach {endpoint} for {where} ({reason}) and it is not in the Hugging Face cache "
                 f"({cache_dir}): check the network or HF_ENDPOINT, set HF_HUB_OFFLINE=1 to use only the cache, "
                 f"{local}")
     if found(hub_errors.HFValidationError):
-        return f"'{where}' is not a valid Hub model id ({_first_line(exc)}): give org/name[@revision], {local}"
+        return f"'{where}' is not a valid Hub model id ({one_line(exc, 160)}): give org/name[@revision], {local}"
     if isinstance(exc, PermissionError) or getattr(exc, "errno", None) == 30:
-        return (f"cannot write the Hugging Face cache ({cache_dir}) for {where}: {_first_line(exc)}; set "
+        return (f"cannot write the Hugging Face cache ({cache_dir}) for {where}: {one_line(exc, 160)}; set "
                 f"HF_HUB_CACHE (or HF_HOME) to a writable directory")
-    return f"cannot get {where}'s config.json from {endpoint}: {type(exc).__name__}: {_first_line(exc)}"
+    return f"cannot get {where}'s config.json from {endpoint}: {one_line(exc, 160 + len(type(exc).__name__) + 2, kind=True)}"
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -166,12 +166,6 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 def _is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, TimeoutError) or "timeout" in type(exc).__name__.lower() or "timed out" in str(exc).lower()
-
-
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 __all__ = ["CONFIG_FILE", "HubConfig", "clear_cache", "explain", "fetch_config", "hub_name", "parse_hub_id",

@@ -15,7 +15,9 @@ import importlib
 import os
 import re
 import sys
-import warnings
+
+from optimem.estimators.errors import UserError, one_line
+from optimem.harness.process import quiet_libraries
 
 COMMANDS = ("estimate", "optims", "run", "sweep", "plan", "plot", "compare")
 DEBUG_ENV = "OPTIMEM_DEBUG"
@@ -33,17 +35,6 @@ class _Parser(argparse.ArgumentParser):
         if "expected one argument" in message or "expected at least one argument" in message:
             message += " (a value that starts with '-' goes as --flag=VALUE)"
         self.exit(EXIT_USAGE, f"bench: error: {message} (see '{self.prog} --help')\n")
-
-
-def _quiet() -> None:
-    """Keep library chatter (torchao's missing CUDA kernels, deprecation notes) off the user's screen."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore")
-    import logging
-
-    for name in ("torchao", "torch._dynamo", "torch.utils._pytree", "transformers", "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _named_command(argv: list[str]) -> str | None:
@@ -81,16 +72,8 @@ def _flagged(exc: Exception) -> str:
     return str(exc)
 
 
-def _one_line(exc: BaseException, limit: int = 400) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def main(argv: list[str] | None = None) -> int:
-    _quiet()
-    from optimem.estimators.errors import UserError
-
+    quiet_libraries()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
@@ -123,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         hint = "" if debug else f" (run with --debug or {DEBUG_ENV}=1 for the traceback)"
-        print(f"bench {args.command}: internal error: {_one_line(exc)}{hint}", file=sys.stderr)
+        print(f"bench {args.command}: internal error: {one_line(exc, 400, kind=True)}{hint}", file=sys.stderr)
         return EXIT_ERROR
 
 

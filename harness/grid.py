@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optimem.estimators.errors import UserError
+from optimem.estimators.errors import UserError, one_line
 from optimem.estimators.setup import CLI, DEFAULT_TARGETS, SetupError
 
 KEY_FIELDS: tuple[str, ...] = ("model", "optim", "dtype", "mixed_precision", "batch_size", "seq_len", "grad_accum",
@@ -532,7 +532,7 @@ def load_yaml(path: str | Path) -> dict:
     except OSError as exc:
         raise UserError(f"cannot read sweep file {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"sweep file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"sweep file {path} is not valid YAML: {one_line(exc, 10**6)}") from None
     if not isinstance(data, dict):
         raise UserError(f"sweep file {path} must hold a mapping (optim: ..., model: ..., batch_size: ...)")
     return data

@@ -2,9 +2,11 @@
 session, waiting with a timeout (seconds), killing the whole process group, a log's tail, library quieting."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
+import warnings
 from pathlib import Path
 
 from optimem.harness.env_facts import REPO_ROOT
@@ -19,15 +21,17 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def quiet_libraries() -> None:
-    """Keep the libraries' warnings and log lines out of a run's output."""
-    import logging
-    import warnings
+QUIETED_LOGGERS = ("torchao", "torch._dynamo", "torch._inductor", "torch.utils._pytree", "transformers",
+                   "bitsandbytes", "accelerate")
 
+
+def quiet_libraries(*more: str) -> None:
+    """Keep the libraries' warnings and log lines (torchao's missing CUDA kernels, deprecation notes) out of the
+    user's screen and a run's output; ``more``: further logger names."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")
-    for name in ("torchao", "torch._dynamo", "torch._inductor", "transformers", "bitsandbytes", "accelerate"):
+    for name in (*QUIETED_LOGGERS, *more):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

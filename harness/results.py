@@ -14,6 +14,7 @@ from optimem.estimators.errors import UserError
 from optimem.estimators.optimizers import REGISTRY
 from optimem.harness.grid import config_label, precision_label, record_key, shape_label
 from optimem.harness.record import ReadReport, read_records
+from optimem.harness.units import pct_error
 
 
 def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, reports: list | None = None) -> list[dict]:
@@ -160,13 +161,6 @@ def step_times(record: dict) -> list[float]:
     if isinstance(samples, list) and samples:
         return [float(x) for x in samples[int(tp.get("warmup_steps") or 0):]]
     return []
-
-
-def pct_error(predicted: float | None, measured: float | None) -> float | None:
-    """(predicted - measured) / measured in percent (None when either is missing or measured is 0)."""
-    if predicted is None or measured in (None, 0):
-        return None
-    return (predicted - measured) / measured * 100.0
 
 
 # ---------------------------------------------------------------------------------------- table

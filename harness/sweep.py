@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from optimem.estimators import get_spec
-from optimem.estimators.errors import UserError
+from optimem.estimators.errors import UserError, one_line
 from optimem.harness import max_batch
 from optimem.harness.env_facts import collect_env
 from optimem.harness.grid import config_key, config_label, record_key
@@ -211,7 +211,7 @@ class Sweep:
         except UserError as exc:
             record = self._error_record(cfg, str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug in one run must not end the sweep
-            record = self._error_record(cfg, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            record = self._error_record(cfg, one_line(exc, 10**6, kind=True),
                                         traceback.format_exc()[-4000:])
         finally:
             with self._lock:

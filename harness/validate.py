@@ -32,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from optimem.harness.process import quiet_libraries
+
 MODELS = ("tiny-llama", "tiny-gpt2", "tiny-t5")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "adamw_bnb_8bit", "galore_adamw", "apollo_adamw",
               "lomo", "grokadamw", "schedule_free_adamw", "galore_adamw_layerwise")
@@ -462,18 +464,6 @@ def main(argv: list[str] | None = None) -> int:
                                 "predicted_peak": r.predicted_peak, "phases": r.phases, "reason": r.reason}
                                for r in results]})
     return 0 if all(r.ok() for r in results) else 1
-
-
-def quiet_libraries(*more: str) -> None:
-    """Keep the libraries' warnings and log lines out of a validation run's progress lines."""
-    import logging
-    import os
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
-    for name in ("torchao", "torch.utils._pytree", "transformers", "bitsandbytes", *more):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def write_outputs(args, table: str, data: dict) -> None:

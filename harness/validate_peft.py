@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from optimem.harness.validate import machine_facts, quiet_libraries, write_outputs
+from optimem.estimators.errors import one_line
+from optimem.harness.process import quiet_libraries
+from optimem.harness.validate import machine_facts, write_outputs
 
 MODELS = ("tiny-llama", "tiny-gpt2", "tiny-t5", "tiny-qwen2")
 OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit", "adafactor", "lomo")
@@ -125,7 +125,7 @@ def run_case(case: Case) -> Result:
         measured = {"trainable_params": int(model.get_nb_trainable_parameters()[0]),
                     "weights": weight_storage_bytes(model), "optimizer_state": int(state.total)}
     except Exception as exc:  # noqa: BLE001 - a failed case is a row of the table
-        return Result(case, "error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+        return Result(case, "error", reason=one_line(exc, 200 + len(type(exc).__name__) + 2, kind=True),
                       seconds=time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)

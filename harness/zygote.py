@@ -37,7 +37,6 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 from optimem.harness.contract import FAULT_ENV, RUN_DIR_ENV
 from optimem.harness.process import quiet_libraries

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..catalog import ModelSource
-from ..errors import UserError
+from ..errors import UserError, one_line
 from .tensor import from_meta, named_trace_tensor
 
 
@@ -103,7 +103,7 @@ def _with_peft(model, source: ModelSource):
             warnings.simplefilter("ignore")
             return get_peft_model(model, PeftConfig.from_peft_type(**data))
     except (ValueError, TypeError, KeyError) as exc:
-        raise UserError(f"{source.name}: cannot rebuild its PEFT wrapping ({str(exc).splitlines()[0][:200]})") from None
+        raise UserError(f"{source.name}: cannot rebuild its PEFT wrapping ({one_line(exc, 200)})") from None
 
 
 def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, attn: str, gc: bool,
@@ -135,7 +135,7 @@ def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, att
         except (ValueError, ImportError, AttributeError) as exc:
             if attn != "sdpa":
                 raise UserError(f"{source.name}: cannot use attn_implementation={attn!r} "
-                                f"({str(exc).splitlines()[0][:200]})") from None
+                                f"({one_line(exc, 200)})") from None
     attn_used = getattr(model.config, "_attn_implementation", None) or "eager"
     if frozen:
         names = set(frozen)
@@ -152,7 +152,7 @@ def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, att
                 else:
                     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             except ValueError as exc:
-                raise UserError(f"{source.name}: {str(exc).splitlines()[0]}") from None
+                raise UserError(f"{source.name}: {one_line(exc, 10**6)}") from None
     cfg.use_cache = False  # Trainer.__init__: model.config.use_cache = args.use_cache (False by default)
     model.train()
     import inspect

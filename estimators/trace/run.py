@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..catalog import ModelSource
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..memsim import NB, basis
 from .cpu_rules import install as install_cpu_rules
 from .data import S_MIN, Region, StepTrace
@@ -134,7 +134,7 @@ class _Tracer:
                                                         attn=setting.attn, gc=setting.gc, frozen=setting.frozen,
                                                         peft=setting.peft)
         except (TraceError, RuntimeError, NotImplementedError) as exc:
-            raise UserError(f"cannot trace {source.name}: {str(exc).splitlines()[0][:200]}") from None
+            raise UserError(f"cannot trace {source.name}: {one_line(exc, 200)}") from None
         wrap_autocast(self.model, setting.mixed)
         self.rec = Recorder()
         self.hooks = StepHooks(self.model, self.rec)

@@ -18,7 +18,7 @@ from optimem.harness.commands.argtypes import DEFAULT_OUT, add_no_cache, non_neg
 from optimem.harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
 from optimem.harness.paths import check_output_file, rescue_record
 from optimem.harness.run_config import RunConfig
-from optimem.harness.units import human_bytes
+from optimem.harness.units import error_text, human_bytes, rel_error
 
 DEFAULT_STEPS = 6
 DEFAULT_WARMUP = 2
@@ -121,12 +121,7 @@ def main(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- table
 def _pct(measured: int | None, predicted: int | None) -> str:
-    if measured is None or predicted is None:
-        return ""
-    if measured == 0:
-        return "exact" if predicted == 0 else "n/a"
-    diff = (predicted - measured) / measured
-    return "exact" if predicted == measured else f"{diff:+.2%}"
+    return error_text(rel_error(predicted, measured))
 
 
 def _seconds_text(s: float | None) -> str:

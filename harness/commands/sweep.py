@@ -388,7 +388,7 @@ def _json_summary(outcome) -> dict:
 
 def render_summary(outcome) -> str:
     """The end-of-sweep table: one row per configuration (or per max-batch search)."""
-    from optimem.harness.results import pct_error
+    from optimem.harness.units import pct_error
 
     lines = []
     if outcome.max_batch:
