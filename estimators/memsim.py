@@ -46,10 +46,6 @@ def vsub(a: Vec, b: Vec) -> Vec:
     return (a[0] - b[0], a[1] - b[1], a[2] - b[2], a[3] - b[3], a[4] - b[4], a[5] - b[5])
 
 
-def vmul(a: Vec, k: int) -> Vec:
-    return (a[0] * k, a[1] * k, a[2] * k, a[3] * k, a[4] * k, a[5] * k)
-
-
 def basis(b: int, s: int) -> Vec:
     return (1, b, s, b * s, s * s, b * s * s)
 
@@ -291,9 +287,6 @@ class Sim:
                 self.decref(p.grad)
                 p.grad = None
 
-    def cat_vec(self, cat: str) -> Vec:
-        return tuple(self.live_cat[cat])
-
 
 __all__ = ["BASIS", "CATS", "CandBlock", "NB", "Param", "PhaseResult", "Sim", "St", "Var", "ZERO", "basis", "vadd", "veval",
-           "vec", "vmul", "vsub"]
+           "vec", "vsub"]

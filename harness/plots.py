@@ -211,7 +211,7 @@ def predicted_vs_measured_figure(df):
     axes = fig.subplots(1, 2)
     complete = bool(rows["predicted_peak_complete"].all())
     title = "peak memory" if complete else ("peak memory (predicted = weights + gradients + optimizer state:\n"
-                                             "the estimate has no activation figure)")
+                                             "records whose estimate has no activation figure)")
     _scatter_panel(axes[0], rows.dropna(subset=["predicted_peak"]), "measured_peak", "predicted_peak", title,
                    "peak memory", max_labels=MAX_LABELS if complete else MAX_LABELS // 2)
     state = rows.dropna(subset=["measured_optimizer_state_total", "predicted_optimizer_state_total"])
@@ -287,7 +287,7 @@ def memory_breakdown_figure(df):
                 Patch(facecolor="white", edgecolor="black", hatch="///", label="predicted"),
                 Patch(facecolor="black", label="— measured peak")]
     fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
-    note = " (predicted activations: not estimated yet)" if any_missing_pred else ""
+    note = " (predicted activations: not in these records)" if any_missing_pred else ""
     fig.suptitle(f"memory at the peak by category, measured vs predicted{note}", fontsize=11)
     return fig
 
@@ -449,8 +449,8 @@ def report_markdown(df, images: dict[str, str], sources: list[str], summaries: l
         exact = int((state_ok["optimizer_state_error_pct"].abs() <= 0.5).sum())
         lines += ["", f"- peak memory predicted within ±{BAND:.0%}: {within} of {len(ok)} runs"
                   + ("" if ok["predicted_peak_complete"].all() else
-                     " (predicted peak = weights + gradients + optimizer state, marked *: the estimate has no "
-                     "activation figure yet)"),
+                     " (predicted peak = weights + gradients + optimizer state, marked *: records whose estimate "
+                     "has no activation figure)"),
                   f"- optimizer state predicted within ±0.5%: {exact} of {len(state_ok)} runs"]
     titles = {"predicted_vs_measured": "Predicted vs measured", "memory_breakdown": "Memory breakdown at the peak",
               "throughput_vs_memory": "Throughput vs peak memory", "max_batch": "Largest batch that fits"}

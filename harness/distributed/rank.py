@@ -101,7 +101,6 @@ class RankView:
         self.trainer = None
         self.params: list = []
         self.engine_step = False
-        self.at_step: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------- wiring
     def attach(self, trainer, model, on_step: Callable[[str], None],
