@@ -73,14 +73,14 @@ def fetch_config(repo_id: str, revision: str | None = None) -> HubConfig:
     """The Hub repo's ``config.json`` in the local Hugging Face cache, downloaded if needed (see the module doc).
 
     Resolved once per process for the same repo, revision, endpoint, cache and offline mode."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # lazy: pulls in huggingface_hub, which importing this module does not
 
     return _fetch(repo_id, revision, constants.ENDPOINT, str(constants.HF_HUB_CACHE), constants.is_offline_mode())
 
 
 @functools.lru_cache(maxsize=128)
 def _fetch(repo_id: str, revision: str | None, endpoint: str, cache_dir: str, offline: bool) -> HubConfig:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # lazy: pulls in huggingface_hub, which importing this module does not
 
     try:
         path = Path(hf_hub_download(repo_id, CONFIG_FILE, revision=revision, library_name="optimem"))
@@ -101,6 +101,7 @@ def explain(exc: BaseException, repo_id: str, revision: str | None, *, endpoint:
     """One line for a huggingface_hub failure to get ``repo_id``'s config.json: what went wrong and what to do
     (the exception and those it was raised from are all looked at: huggingface_hub wraps a failed check in a
     cache miss)."""
+    # lazy: pulls in huggingface_hub, which importing this module does not
     from huggingface_hub import errors as hub_errors
 
     chain = _chain(exc)
@@ -138,7 +139,7 @@ def explain(exc: BaseException, repo_id: str, revision: str | None, *, endpoint:
                 f"download its config.json (or `hf download {repo_id} config.json` on a machine with network, into "
                 f"this cache), {local}")
     if any(_is_timeout(e) for e in chain):
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # lazy: pulls in huggingface_hub, which importing this module does not
 
         return (f"timed out reaching {endpoint} for {where} (HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} s) "
                 f"and it is not in the Hugging Face cache ({cache_dir}): retry, raise HF_HUB_ETAG_TIMEOUT, {local}")

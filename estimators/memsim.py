@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 NB = 6
 CATS = ("weights", "state", "grad", "act", "tmp", "other")
 """Categories of live bytes: parameters and buffers, optimizer state, parameter gradients, tensors born in
@@ -111,8 +113,6 @@ class PhaseResult:
     __slots__ = ("tot", "cats", "count", "end", "_cmax", "_obj")
 
     def __init__(self, candidates: list, end: tuple):
-        import numpy as np
-
         snaps = [c for c in candidates if not isinstance(c, CandBlock)]
         blocks = [c for c in candidates if isinstance(c, CandBlock)]
         tot = np.array([c[0] for c in snaps], dtype=np.int64).reshape(-1, NB)
@@ -140,8 +140,6 @@ class PhaseResult:
     def _exact(self, x):
         """``(tot, cats, x)`` as arrays whose dot products are exact: int64 while no product or sum can pass
         2**63, else Python integers (dtype object; slower, for shapes like a batch of 10**12)."""
-        import numpy as np
-
         xs = [int(v) for v in x]
         if not hasattr(self, "_cmax"):
             self._cmax = max(int(np.abs(self.tot).max(initial=0)), int(np.abs(self.cats).max(initial=0)))
@@ -166,8 +164,6 @@ class PhaseResult:
 def _prune(tot, cats, count):
     """Drop duplicates and candidates dominated component-wise by one of the largest ones (sizes are never
     negative, so a dominated candidate is never the peak for any batch shape)."""
-    import numpy as np
-
     if len(tot) <= 1:
         return tot, cats, count
     tot, idx = np.unique(tot, axis=0, return_index=True)

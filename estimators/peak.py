@@ -14,6 +14,7 @@ optimizer step) and ``other``.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 
 from .memsim import CATS, PhaseResult, veval
@@ -95,7 +96,7 @@ class PhaseModel:
             tr = self.trace = _disk_trace(self._disk_key())
             region = tr.region(b, s, accum) if tr is not None else None
         if region is None:
-            from .trace.run import step_trace
+            from .trace.run import step_trace  # lazy: pulls in torch, which importing this module does not
 
             tr = self.trace = step_trace(self.source, self.setting, b, s, accum, known=tr)
             region = tr.region(b, s, accum)
@@ -165,8 +166,6 @@ def _disk_trace(k):
 def forget_traces() -> None:
     """Drop every trace and simulation held in this process's memory (the on-disk cache stays): the next
     estimate reads the disk, or traces."""
-    import sys
-
     _LOADED.clear()
     _FB_CACHE.clear()
     _step_sim.cache_clear()

@@ -15,8 +15,11 @@ import importlib
 import os
 import re
 import sys
+import traceback
 
+from optimem.estimators import cache
 from optimem.estimators.errors import UserError, one_line
+from optimem.harness.commands.setup_args import apply_revision, flagged
 from optimem.harness.process import quiet_libraries
 
 COMMANDS = ("estimate", "optims", "run", "sweep", "plan", "plot", "compare")
@@ -62,16 +65,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _flagged(exc: Exception) -> str:
-    """A bad setup field's message, led by the flag that sets it (``--batch-size: ...``)."""
-    from optimem.estimators.setup import CLI, SetupError
-
-    if isinstance(exc, SetupError):
-        names = CLI[exc.field].names if exc.field in CLI else (f"--{exc.field.replace('_', '-')}",)
-        return f"{'/'.join(names)}: {exc}"
-    return str(exc)
-
-
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -80,20 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "").strip().lower() not in (
         "", "0", "no", "false", "off")
     if getattr(args, "no_cache", False):
-        from optimem.estimators import cache
-
         cache.disable()
     try:
-        from optimem.harness.commands.setup_args import apply_revision
-
         apply_revision(args)
         return int(args.func(args) or 0)
     except UserError as exc:
         if debug:
-            import traceback
-
             traceback.print_exc()
-        print(f"bench {args.command}: error: {_flagged(exc)}", file=sys.stderr)
+        print(f"bench {args.command}: error: {flagged(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"bench {args.command}: interrupted", file=sys.stderr)
@@ -102,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a traceback
         if debug:
-            import traceback
-
             traceback.print_exc()
         hint = "" if debug else f" (run with --debug or {DEBUG_ENV}=1 for the traceback)"
         print(f"bench {args.command}: internal error: {one_line(exc, 400, kind=True)}{hint}", file=sys.stderr)

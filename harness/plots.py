@@ -50,6 +50,7 @@ class _BinaryLocator:
     """Ticks at round numbers of one binary unit (KiB, MiB, GiB) for a linear byte axis."""
 
     def __new__(cls):
+        # lazy: pulls in matplotlib, which importing this module does not
         from matplotlib.ticker import Locator, MaxNLocator
 
         class Loc(Locator):
@@ -67,6 +68,7 @@ class _BinaryLocator:
 
 
 def _byte_axis(axis, log: bool) -> None:
+    # lazy: pulls in matplotlib, which importing this module does not
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     if log:
@@ -108,7 +110,7 @@ def _label_points(ax, xs: list[float], ys: list[float], texts: list[str], *, gap
 
 
 def _new_figure(width: float, height: float):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: pulls in matplotlib, which importing this module does not
 
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
@@ -280,7 +282,7 @@ def memory_breakdown_figure(df):
         ax.set_axisbelow(True)
     for ax in axes[n:]:
         ax.set_visible(False)
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch  # lazy: pulls in matplotlib, which importing this module does not
 
     handles = [Patch(facecolor=CATEGORY_COLORS[c], label=LABELS[c]) for c in BREAKDOWN]
     handles += [Patch(facecolor="white", edgecolor="black", label="measured"),
@@ -350,7 +352,7 @@ def throughput_vs_memory_figure(df):
                       x_offset=0.03)
     for ax in axes[n:]:
         ax.set_visible(False)
-    from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D  # lazy: pulls in matplotlib, which importing this module does not
 
     handles = list(seen.values()) + [Line2D([], [], color="black", linewidth=1, label="Pareto front")]
     fig.legend(handles=handles, loc="outside right center", fontsize=8, title="optimizer family",
@@ -479,6 +481,7 @@ def report_markdown(df, images: dict[str, str], sources: list[str], summaries: l
 def write_all(df, out_dir: str | os.PathLike, *, sources: list[str], summaries: list[dict] | None = None,
               report: bool = True) -> dict[str, Path]:
     """Save every figure as ``<out_dir>/<name>.png`` and the Markdown report; returns name -> path."""
+    # lazy: pulls in matplotlib, which importing this module does not
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     out = Path(out_dir)

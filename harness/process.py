@@ -2,6 +2,7 @@
 session, waiting with a timeout (seconds), killing the whole process group, a log's tail, library quieting."""
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -83,8 +84,6 @@ def kill_group(proc, grace_s: float = 3.0) -> None:
 def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """``preexec_fn``: the child gets SIGKILL when this process dies (PR_SET_PDEATHSIG)."""
     try:
-        import ctypes
-
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)
     except Exception:
         pass

@@ -214,7 +214,7 @@ def record_row(rec: dict) -> dict[str, Any]:
 def to_frame(records_or_paths: Any, *, latest: bool = True):
     """A pandas DataFrame, one row per record (see :func:`record_row`); ``latest`` keeps only the last
     record of each configuration."""
-    import pandas as pd
+    import pandas as pd  # lazy: pulls in pandas, which importing this module does not
 
     if isinstance(records_or_paths, (str, os.PathLike)) or (
             isinstance(records_or_paths, (list, tuple)) and records_or_paths

@@ -3,10 +3,10 @@
 Every configuration goes through :func:`optimem.harness.launcher.execute` (checks, prediction, a worker process
 with a timeout, forked from a zygote that imported torch, transformers and the optimizer packages once:
 :mod:`optimem.harness.zygote`; a fresh ``python -m optimem.harness.worker`` when it cannot be); the record comes
-back to the sweep's main thread, which appends it whole (:func:`optimem.harness.record.append_record`), so a sweep that is killed at any moment
-leaves only whole lines, and ``--resume`` picks up from the configurations already recorded (matched by
-:func:`optimem.harness.grid.config_key`). A run that fails, runs out of memory or times out is recorded as such
-and the sweep goes on.
+back to the sweep's main thread, which appends it whole (:func:`optimem.harness.record.append_record`), so a
+sweep that is killed at any moment leaves only whole lines, and ``--resume`` picks up from the configurations
+already recorded (matched by :func:`optimem.harness.grid.config_key`). A run that fails, runs out of memory or
+times out is recorded as such and the sweep goes on.
 
 ``--jobs N`` runs N workers at once (threads that each wait on one worker process). Memory figures are
 per process and unaffected; throughput figures are, as the runs share the CPU: keep ``--jobs 1`` for
@@ -41,7 +41,8 @@ from optimem.harness.launcher import execute, predict, resolve_device
 from optimem.harness.max_batch import DEFAULT_MAX_BATCH_CAP, OVER_LIMIT, group_key, max_batch_path, read_max_batch
 from optimem.harness.paths import rescue_record
 from optimem.harness.process import worker_env
-from optimem.harness.record import append_record, build_record, read_records, validate
+from optimem.harness import record as record_file  # record_file.append_record: looked up per call (tests replace it)
+from optimem.harness.record import build_record, read_records, validate
 from optimem.harness.sweep_progress import Reporter, max_batch_line, run_line
 from optimem.harness.units import human_bytes
 from optimem.harness.zygote import Zygote
@@ -339,7 +340,7 @@ class Sweep:
         sweep), write it to a fallback file instead (:func:`optimem.harness.paths.rescue_record`) and go on: a
         measurement is never lost. ``rescued`` / ``write_error`` / ``write_failures`` say what happened."""
         try:
-            append_record(path, record, **kw)
+            record_file.append_record(path, record, **kw)
         except OSError as exc:
             self.write_failures += 1
             self.write_error = f"{exc.strerror or exc}"

@@ -25,14 +25,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
+import os
+import platform
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from optimem.estimators import estimate, get_spec
+from optimem.harness.env_facts import cpu_name, git_commit, package_version
+from optimem.harness.launcher import run_in_process
 from optimem.harness.process import quiet_libraries
+from optimem.harness.run_config import RunConfig
 
 MODELS = ("tiny-llama", "tiny-gpt2", "tiny-t5")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "adamw_bnb_8bit", "galore_adamw", "apollo_adamw",
@@ -105,8 +112,6 @@ class Case:
     def config(self):
         """The harness run this case is: a :class:`~optimem.harness.run_config.RunConfig` on the CPU, :data:`STEPS`
         steps (the one setup type the estimator and the harness both take)."""
-        from optimem.harness.run_config import RunConfig
-
         return RunConfig(model=self.model, optim=self.optim, dtype=self.dtype, mixed_precision=self.mixed_precision,
                          batch_size=self.batch_size, seq_len=self.seq_len, grad_accum=self.grad_accum,
                          gradient_checkpointing=self.gradient_checkpointing, attn_implementation=self.attn,
@@ -199,20 +204,18 @@ def settings_matrix(models=MODELS) -> list[Case]:
     autocast, eager attention, gradient accumulation, frozen parameters; with and without checkpointing."""
     out = []
     for m in models:
-        for gc in (False, True):
-            out += [Case(m, "adamw_torch", 2, 64, gc, dtype="bf16"),
-                    Case(m, "adafactor", 2, 64, gc, dtype="bf16"),
-                    Case(m, "adamw_torch", 2, 64, gc, mixed_precision="bf16"),
-                    Case(m, "adamw_torch", 2, 64, gc, attn="eager"),
-                    Case(m, "adamw_torch", 2, 64, gc, grad_accum=2),
-                    Case(m, "adamw_torch", 2, 64, gc, freeze=FREEZE[m])]
+        for ckpt in (False, True):
+            out += [Case(m, "adamw_torch", 2, 64, ckpt, dtype="bf16"),
+                    Case(m, "adafactor", 2, 64, ckpt, dtype="bf16"),
+                    Case(m, "adamw_torch", 2, 64, ckpt, mixed_precision="bf16"),
+                    Case(m, "adamw_torch", 2, 64, ckpt, attn="eager"),
+                    Case(m, "adamw_torch", 2, 64, ckpt, grad_accum=2),
+                    Case(m, "adamw_torch", 2, 64, ckpt, freeze=FREEZE[m])]
         out += [Case(m, o, 2, 64, False, dtype="bf16") for o in ("lomo", "galore_adamw", "grokadamw")]
     return out
 
 
 def _targets(optim: str):
-    from optimem.estimators import get_spec
-
     return "all-linear" if get_spec(optim).needs_target_modules else None
 
 
@@ -225,8 +228,6 @@ def harness_bytes(case: Case) -> int:
 
 
 def predict(case: Case) -> tuple[int, dict[str, int]]:
-    from optimem.estimators import estimate
-
     est = estimate(case.config())
     extra = harness_bytes(case)
     phases = {k: v["peak"] + extra for k, v in est.phases.items()}
@@ -235,7 +236,7 @@ def predict(case: Case) -> tuple[int, dict[str, int]]:
 
 @contextlib.contextmanager
 def _one_thread():
-    import torch
+    import torch  # lazy: pulls in torch, which importing this module does not
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -249,10 +250,8 @@ def measure(case: Case) -> dict:
     """One harness run (in this process); the worker's payload. bitsandbytes' module cache of quantization
     codes is emptied first, as a fresh process (``bench run``'s worker) has it: the code double quantization
     creates is then born in this run, as in every real one."""
-    from optimem.harness.launcher import run_in_process
-
     if case.quantize:
-        from bitsandbytes import functional
+        from bitsandbytes import functional  # lazy: bitsandbytes is optional
 
         functional.name2qmap.clear()
     with _one_thread(), _frozen_gc():
@@ -263,8 +262,6 @@ def measure(case: Case) -> dict:
 def _frozen_gc():
     """accelerate's ``free_memory()`` runs ``gc.collect()`` when training ends (after the tracked steps); with
     the objects that exist before the run frozen, that collection only walks the run's own objects."""
-    import gc
-
     gc.freeze()
     try:
         yield
@@ -310,11 +307,6 @@ def _pct(x, digits: int = 3) -> str:
 
 def machine_facts() -> dict:
     """The machine and package versions a validation table was measured with (its header line)."""
-    import os
-    import platform
-
-    from optimem.harness.env_facts import cpu_name, git_commit, package_version
-
     commit, dirty = git_commit()
     return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "git_commit": commit, "git_dirty": dirty,

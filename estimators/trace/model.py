@@ -8,6 +8,8 @@ attention implementation, frozen parameters, the Trainer's non-reentrant activat
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -44,8 +46,6 @@ BNB_STATES = ("QuantState", "MatmulLtState")
 def _traced(value, memo: dict):
     """``value`` with every meta tensor in it a trace tensor (a bitsandbytes state object copied, its tensors
     converted; tensors seen before map to the same trace tensor)."""
-    import copy
-
     if isinstance(value, torch.Tensor):
         if id(value) not in memo:
             memo[id(value)] = from_meta(value)
@@ -91,7 +91,7 @@ def _with_peft(model, source: ModelSource):
     """The PEFT model the user's object is: ``get_peft_model`` with its config, on the meta model (before the
     trace tensors: PEFT swaps modules, which works on meta parameters)."""
     try:
-        from peft import PeftConfig, get_peft_model
+        from peft import PeftConfig, get_peft_model  # lazy: peft is optional
     except ImportError:
         raise UserError(f"{source.name} is a PEFT model: install peft to trace it") from None
     data = dict(source.peft)
@@ -113,6 +113,7 @@ def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, att
     ``peft``: a LoRA / QLoRA setup's fields (:func:`optimem.estimators.peft_model.trace_fields`): the model is then
     :func:`optimem.estimators.peft_model.build_training_model`'s, on meta (quantized layers, prepared for k-bit
     training, the adapter added), as the Trainer gets it."""
+    # lazy: pulls in transformers, which importing this module does not
     from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
     from ..inventory import instantiate
@@ -155,8 +156,6 @@ def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, att
                 raise UserError(f"{source.name}: {one_line(exc, 10**6)}") from None
     cfg.use_cache = False  # Trainer.__init__: model.config.use_cache = args.use_cache (False by default)
     model.train()
-    import inspect
-
     if hasattr(model, "accepts_loss_kwargs"):
         accepts = bool(model.accepts_loss_kwargs)
     else:

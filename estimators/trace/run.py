@@ -23,13 +23,13 @@ import numpy as np
 import torch
 
 from ..catalog import ModelSource
-from ..errors import UserError, one_line
-from ..memsim import NB, basis
 from .cpu_rules import install as install_cpu_rules
 from .data import S_MIN, Region, StepTrace
+from ..errors import UserError, one_line
 from .events import EventLog, FitError, SequenceMismatch, fit_logs, from_events
-from .setting import TraceSetting
+from ..memsim import NB, basis
 from .model import build_traced_model
+from .setting import TraceSetting
 from .step import StepHooks, make_batch, micro_step, num_items, wrap_autocast
 from .tensor import Recorder, TraceError, TraceMode, from_real
 
@@ -44,7 +44,7 @@ WINDOW_KEYS = ("sliding_window", "attention_chunk_size", "local_attention", "sli
 
 def trace_key(source: ModelSource, setting: TraceSetting) -> str:
     """The cache key of a trace: config content, torch and transformers versions, setting."""
-    import transformers
+    import transformers  # lazy: pulls in transformers, which importing this module does not
 
     blob = json.dumps({"config": source.load(), "peft": getattr(source, "peft", None), "torch": torch.__version__,
                        "transformers": transformers.__version__, "setting": asdict(setting), "format": 1},

@@ -31,6 +31,7 @@ def wrap_autocast(model: torch.nn.Module, mixed: str | None) -> None:
     16-bit outputs are converted to fp32."""
     if not mixed:
         return
+    # lazy: pulls in accelerate, psutil, yaml, which importing this module does not
     from accelerate.utils import convert_outputs_to_fp32
 
     ctx = torch.autocast(device_type="cpu", dtype=AUTOCAST[mixed])
