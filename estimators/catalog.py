@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError, one_line
+from .hub import fetch_config, hub_name
+from .hub import parse_hub_id
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 DEFAULT_MODEL = "tiny-llama"
@@ -161,8 +163,6 @@ def resolve(model: str) -> ModelSource:
         return ModelSource(str(path), path)
     if path.is_file():
         return ModelSource(str(path), path)
-    from .hub import parse_hub_id
-
     hub_id = parse_hub_id(model)
     canonical = _aliases().get(model.strip().lower())
     if canonical is not None:
@@ -200,7 +200,5 @@ def canonical_name(model: str) -> str:
 
 
 def _hub_source(repo_id: str, revision: str | None) -> ModelSource:
-    from .hub import fetch_config, hub_name
-
     got = fetch_config(repo_id, revision)
     return ModelSource(hub_name(repo_id, revision), got.path, origin="hub", revision=revision, commit=got.commit)

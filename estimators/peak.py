@@ -18,6 +18,9 @@ import sys
 from dataclasses import dataclass
 
 from .memsim import CATS, PhaseResult, veval
+from .memsim import basis
+from .phase_cache import cached
+from .phase_cache import inventory_fingerprint
 from .phases import PHASES, Run, simulate, simulate_step
 from .steps import StepModel
 from .trace import data as trace_data
@@ -104,15 +107,11 @@ class PhaseModel:
         key = (region.b_lo, region.s_lo, region.s_hi)
         hit = self._by_region.get(key)
         if hit is None or hit[0] is not region:
-            from .phase_cache import cached
-
             hit = self._by_region[key] = (region, cached(self._phase_key(region, accum),
                                                          lambda: self._simulate(tr, region)))
         return hit[1]
 
     def _phase_key(self, region, accum: bool) -> dict | None:
-        from .phase_cache import inventory_fingerprint
-
         trace_key = self._disk_key()
         fp = inventory_fingerprint(self.inv)
         if self.cache_parts is None or trace_key is None or fp is None:
@@ -206,8 +205,6 @@ def _forward_backward(run: Run, region) -> dict[str, PhaseResult]:
 
 
 def evaluate(model: PhaseModel, b: int, s: int) -> StepMemory:
-    from .memsim import basis
-
     results, offsets = model.at(b, s)
     x = basis(b, s)  # Python ints: PhaseResult evaluates exactly, in int64 only where that cannot wrap
     phases: dict = {}

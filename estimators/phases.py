@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from .memsim import CATS, NB, Param, PhaseResult, Sim, Var, vadd, vec, veval, vsub
 from .steps import Frame, StepModel
+from .trace.events import BWD_END, FWD_END
+from .trace.replay import replay
 
 I64 = 8
 
@@ -89,9 +91,6 @@ def simulate(run: Run, step: StepModel | None = None, device: str = "cpu") -> di
     step are added by :func:`simulate_step`); with a LOMO / layer-wise ``step`` the optimizer runs inside
     the backward. Returns ``{phase: PhaseResult}`` for the forward and backward phases (and the optimizer
     phases when ``step`` is given), plus ``forward_end`` (live bytes at the end of step 0's last forward)."""
-    from .trace.replay import replay
-    from .trace.events import BWD_END, FWD_END
-
     sim = Sim()
     sim.phase("setup")
     sim.alloc(vec(run.weights_bytes), "weights")

@@ -17,6 +17,8 @@ import torch
 
 from ..catalog import ModelSource
 from ..errors import UserError, one_line
+from ..inventory import instantiate
+from ..peft_model import traced_training_model
 from .tensor import from_meta, named_trace_tensor
 
 
@@ -116,11 +118,7 @@ def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, att
     # lazy: pulls in transformers, which importing this module does not
     from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
-    from ..inventory import instantiate
-
     if peft:
-        from ..peft_model import traced_training_model
-
         model = traced_training_model(source, peft, dtype=dtype, gradient_checkpointing=gc)
     else:
         model = instantiate(source, device="meta", dtype=dtype, task=task)

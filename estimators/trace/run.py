@@ -27,7 +27,9 @@ from .cpu_rules import install as install_cpu_rules
 from .data import S_MIN, Region, StepTrace
 from ..errors import UserError, one_line
 from .events import EventLog, FitError, SequenceMismatch, fit_logs, from_events
+from .events import fit_shapes
 from ..memsim import NB, basis
+from .meta_kernels import cpp_meta_kernels
 from .model import build_traced_model
 from .setting import TraceSetting
 from .step import StepHooks, make_batch, micro_step, num_items, wrap_autocast
@@ -144,8 +146,6 @@ class _Tracer:
             # their compute type and cast their bias to it -- prepare_kbit upcast it to fp32 --, LLM.int8 layers
             # move their weight's row scales into their state): warmed up before any traced step, every region's
             # traces are of the steps after it, as the Trainer's steps after step 0 are.
-            from .meta_kernels import cpp_meta_kernels
-
             try:
                 with cpp_meta_kernels():
                     self.warm_up(2, FIRST_S, False)
@@ -193,8 +193,6 @@ def trace_region(source: ModelSource, setting: TraceSetting, b: int, s: int, acc
     """Trace and fit the region holding ``(b, s)`` (see :class:`_Plan`). ``wider``: for batch 1, the fitted
     region of batches from 2 at the same sequence lengths -- then one trace at batch 1 usually suffices
     (:func:`_derive_batch_one`)."""
-    from .meta_kernels import cpp_meta_kernels
-
     tracer = tracer or _Tracer(source, setting)
     wins = windows(tracer.model.config)
     b_lo, b_hi, s_lo, s_hi = _region_bounds(wins, b, s)
@@ -296,8 +294,6 @@ def _parsed(raw: list) -> tuple:
 def _fit(traced: dict, plan: _Plan, which: int, trace) -> EventLog:
     """The fitted log of the first (``which`` 0) or accumulating (1) micro-step: by shapes from the few points
     of the plan if that reproduces the check point, else by sizes from more points."""
-    from .events import fit_shapes
-
     check = traced[plan.check][which]
     pts = list(plan.shape_points)
     logs = [traced[p][which] for p in pts]

@@ -17,6 +17,7 @@ from types import MethodType
 
 import torch
 
+from .cuda_rules import kernels_of
 from .events import BWD_END, FWD_END, PRE_ACC  # marker codes; a gradient is ("g", parameter index, storage id)
 from .meta_kernels import cpp_meta_kernels
 from .model import ModelFacts
@@ -86,8 +87,6 @@ def micro_step(model: torch.nn.Module, facts: ModelFacts, batch: dict, items, gr
                rec: Recorder, device: str = "cpu") -> list[tuple]:
     """Run one micro-step (forward, loss, backward) with ``device``'s kernels (``estimators/trace/cuda_rules``)
     and return its event log."""
-    from .cuda_rules import kernels_of
-
     old = set_recorder(rec)
     rec.events = []
     rec.active = True
