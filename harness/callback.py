@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 
 from optimem.estimators.errors import UserError, one_line
 from optimem.estimators.estimate import estimate
-from optimem.estimators.planner import step_memory
+from optimem.estimators.step_memory import step_memory
 from optimem.estimators.user_objects import from_training_arguments
 from optimem.harness.env_facts import collect_env, cpu_name
 from optimem.harness.record import append_record, build_record, validate

@@ -41,8 +41,7 @@ from optimem.harness.launcher import execute, predict, resolve_device
 from optimem.harness.max_batch import DEFAULT_MAX_BATCH_CAP, OVER_LIMIT, group_key, max_batch_path, read_max_batch
 from optimem.harness.paths import rescue_record
 from optimem.harness.process import worker_env
-from optimem.harness import record as record_file  # record_file.append_record: looked up per call (tests replace it)
-from optimem.harness.record import build_record, read_records, validate
+from optimem.harness.record import append_record, build_record, read_records, validate
 from optimem.harness.sweep_progress import Reporter, max_batch_line, run_line
 from optimem.harness.units import human_bytes
 from optimem.harness.zygote import Zygote
@@ -340,7 +339,7 @@ class Sweep:
         sweep), write it to a fallback file instead (:func:`optimem.harness.paths.rescue_record`) and go on: a
         measurement is never lost. ``rescued`` / ``write_error`` / ``write_failures`` say what happened."""
         try:
-            record_file.append_record(path, record, **kw)
+            append_record(path, record, **kw)
         except OSError as exc:
             self.write_failures += 1
             self.write_error = f"{exc.strerror or exc}"

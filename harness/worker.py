@@ -25,12 +25,14 @@ from typing import Any
 from optimem.estimators import get_spec
 from optimem.estimators.bnb_layout import model_storage_tensors
 from optimem.estimators.errors import one_line
+from optimem.estimators.gpus import device_peak_flops
+from optimem.estimators.throughput import flops_per_token
 from optimem.harness.contract import FAULT_ENV, RUN_DIR_PREFIX, rank_info, rank_result_path, read_job, write_result
 from optimem.harness.env_facts import cpu_name
 from optimem.harness.process import quiet_libraries
 from optimem.harness.trackers.nvml import NvmlSampler
 from optimem.harness.trackers.rss import RssTracker
-from optimem.harness.trackers.throughput import ThroughputTracker, peak_flops, training_flops_per_token
+from optimem.harness.trackers.throughput import ThroughputTracker
 
 STEP_COMPILED_PACKAGES = frozenset({"torchao", "flashoptim"})
 """Optimizers whose ``step()`` runs ``torch.compile(fullgraph=True)``, which refuses to trace under a
@@ -369,14 +371,14 @@ class MeasuredRun:
         if self.model is not None:
             shape = _model_shape(self.model)
             if shape["non_embedding_params"] and shape["layers"] and shape["hidden"]:
-                per_token = training_flops_per_token(shape["non_embedding_params"], shape["layers"],
-                                                     shape["hidden"], cfg.seq_len)
+                per_token = flops_per_token(shape["non_embedding_params"], shape["layers"], shape["hidden"],
+                                            cfg.seq_len)
                 flops = per_token * cfg.batch_size * cfg.grad_accum * cfg.seq_len
         if self.device == "cuda":
             name = torch.cuda.get_device_name(0)
             compute = cfg.mixed_precision or (cfg.dtype if cfg.dtype != "fp32" else
                                              ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"))
-            peak = peak_flops(name, compute)
+            peak = device_peak_flops(name, compute)
             if peak is None:
                 mfu_note = f"no peak-FLOPs entry for {name} in {compute}"
         else:
@@ -442,6 +444,20 @@ class MeasuredRun:
         return {"rank": self.shard.rank, "world_size": self.shard.world_size, "model_states": states}
 
 
+class CutOff(BaseException):
+    """Raised in a single-process worker by SIGTERM (the launcher's timeout, then SIGKILL after a grace period): the
+    run stops where it is, as an error whose measurement until then is kept (a BaseException, so no library's
+    ``except Exception`` swallows it)."""
+
+
+def _cut_off_on_sigterm() -> None:
+    def stop(*_) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise CutOff("stopped by SIGTERM (the launcher's timeout); what was measured until then is kept")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 PARENT_DEATH_SIGNAL = signal.SIGUSR2
 """What the kernel sends the worker when the thread that launched it dies (PR_SET_PDEATHSIG): a signal the
 launcher never sends itself (its timeout kill is SIGTERM, then SIGKILL), so the worker knows what it means."""
@@ -500,6 +516,7 @@ def main(argv: list[str] | None = None, *, parent_pid: int | None = None) -> int
             run_dir = os.path.dirname(os.path.abspath(config_path))
             _watch_parent(int(parent), run_dir if os.path.basename(run_dir).startswith(RUN_DIR_PREFIX) else None)
         fault = job.get("fault")
+        _cut_off_on_sigterm()
     # lazy: torch and transformers; the worker watches its parent first
     from optimem.harness.scenario import RunConfig
 
@@ -508,6 +525,9 @@ def main(argv: list[str] | None = None, *, parent_pid: int | None = None) -> int
     write_result(result_path, result)
     sys.stdout.flush()
     sys.stderr.flush()
+    if str(result.get("reason", "")).startswith(CutOff.__name__):  # end as the SIGTERM would have ended it
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
     # Skip interpreter teardown (compile workers, CUDA, NVML threads): the result is on disk.
     os._exit(0)
 

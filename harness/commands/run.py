@@ -19,8 +19,8 @@ from optimem.harness.commands.argtypes import (DEFAULT_OUT, add_no_cache, non_ne
 from optimem.harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
 from optimem.harness.distributed.report import rank_rows
 from optimem.harness.launcher import check_config, execute
+from optimem.harness.record import append_record
 from optimem.harness.paths import check_output_file, rescue_record
-from optimem.harness import record as record_file  # record_file.append_record: looked up per call (tests replace it)
 from optimem.harness.run_config import RunConfig
 from optimem.harness.units import error_text, human_bytes, rel_error
 
@@ -97,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
         saved = None
         if not args.no_save:
             try:
-                saved = record_file.append_record(args.out, record)
+                saved = append_record(args.out, record)
             except OSError as exc:  # the measurement is done: keep it somewhere, say where
                 failed = (exc, rescue_record(record, args.out, exc))
     finally:

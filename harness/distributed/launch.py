@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from optimem.estimators.planner import sharding_support
+from optimem.estimators.sharding import sharding_support
 from optimem.harness.contract import (FAULT_ENV, TIMEOUT_ENV, WorkerOutcome, rank_result_path, read_result,
                                       write_job)
 from optimem.harness.distributed.schemes import ZERO_STAGES, is_distributed
@@ -24,7 +24,7 @@ from optimem.harness.process import tail as log_tail
 
 def unsupported_reason(cfg) -> str | None:
     """Why the Trainer cannot run ``cfg``'s optimizer under its sharding scheme (None if it can; the
-    planner's :func:`optimem.estimators.planner.sharding_support`), or why this machine cannot launch it."""
+    planner's :func:`optimem.estimators.sharding.sharding_support`), or why this machine cannot launch it."""
     if not is_distributed(cfg):
         return None
     ok, why = sharding_support(cfg.optim, cfg.sharding, cfg.num_processes)

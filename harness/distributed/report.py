@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from optimem.estimators.errors import UserError
-from optimem.estimators.planner import model_state_terms, sharding_support, step_memory
+from optimem.estimators.sharding import sharding_support
+from optimem.estimators.step_memory import model_state_terms, step_memory
 from optimem.harness.distributed.schemes import SCHEMES, is_distributed, model_class, training_arguments
 from optimem.harness.results import load_records
 from optimem.harness.units import error_text, human_bytes, rel_error
@@ -18,8 +19,8 @@ from optimem.harness.units import error_text, human_bytes, rel_error
 # --------------------------------------------------------------------------------------- the record
 def predict_per_rank(cfg, device: str) -> dict[str, Any]:
     """The planner's per-rank figures for ``cfg`` on ``device`` (bytes): its sharding terms
-    (:func:`optimem.estimators.planner.shard_model_states`), the whole-step peak and its parts
-    (:func:`optimem.estimators.planner.step_memory`), and the three figures a run is checked on: ``weights_bytes``
+    (:func:`optimem.estimators.sharding.shard_model_states`), the whole-step peak and its parts
+    (:func:`optimem.estimators.step_memory.step_memory`), and the three figures a run is checked on: ``weights_bytes``
     (local weights and master partitions), ``gradients_bytes`` (the gradient storage at the optimizer step,
     buckets excluded) and ``optimizer_state_bytes``."""
 

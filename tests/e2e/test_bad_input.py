@@ -509,6 +509,7 @@ def _skipped_run_args(out: Path) -> list[str]:
 
 
 def test_a_finished_run_is_kept_when_its_out_fails(tmp_path, capsys, monkeypatch):
+    import optimem.harness.commands.run as run_command
     import optimem.harness.record as record
 
     monkeypatch.chdir(tmp_path)
@@ -516,7 +517,7 @@ def test_a_finished_run_is_kept_when_its_out_fails(tmp_path, capsys, monkeypatch
     def disk_full(path, rec, **kw):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(record, "append_record", disk_full)
+    monkeypatch.setattr(run_command, "append_record", disk_full)  # where bench run appends
     rc = _bench(_skipped_run_args(tmp_path / "runs.jsonl") + ["--json"])
     out, err = capsys.readouterr()
     assert rc == 1 and "Traceback" not in err
@@ -529,10 +530,10 @@ def test_a_finished_run_is_kept_when_its_out_fails(tmp_path, capsys, monkeypatch
 
 
 def test_a_sweep_keeps_its_records_when_its_out_fails(tmp_path, capsys, monkeypatch):
-    import optimem.harness.record as record
+    import optimem.harness.sweep as sweep
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(record, "append_record", lambda *a, **k: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    monkeypatch.setattr(sweep, "append_record", lambda *a, **k: (_ for _ in ()).throw(OSError(5, "I/O error")))
     rc = _bench(["sweep", "--optim", "adalomo", "--device", "cpu", "--shape", "1x8", "2x8", "--progress", "none",
                  "--out", str(tmp_path / "runs.jsonl")])
     err = capsys.readouterr().err
@@ -647,3 +648,32 @@ p.wait()
         assert gone()  # and it does not train on as an orphan
     finally:
         parent.kill()
+
+
+# ------------------------------------------------------------------ the GPU campaign's commands (python -m ...)
+CAMPAIGN_CASES: list[tuple[str, str, str]] = [
+    ("campaign", "--budget -5 --out {d}/o", "positive, finite number of seconds"),
+    ("campaign", "--budget abc --list", "is not a number of seconds"),
+    ("campaign", "--budget inf --list", "positive, finite number of seconds"),
+    ("campaign", "--out {d}/o", "--budget"),
+    ("campaign", "--budget 10", "--out is required"),
+    ("campaign", "--budget 10 --out {d}/file", "exists and is not a folder"),
+    ("campaign", "--budget 10 --out /proc/optimem-nope", "cannot write there"),
+    ("campaign_report", "{d}/missing.jsonl", "no such file"),
+    ("campaign_report", "", "records"),
+]
+
+
+@pytest.mark.parametrize("module,argv,needle", CAMPAIGN_CASES, ids=[f"{m} {a}" for m, a, _ in CAMPAIGN_CASES])
+def test_bad_campaign_invocation(tmp_path, capsys, module, argv, needle):
+    import importlib
+
+    (tmp_path / "file").write_text("")
+    mod = importlib.import_module(f"optimem.harness.{module}")
+    try:
+        code = mod.main(shlex.split(argv.format(d=tmp_path)))
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
+    assert not list(tmp_path.glob("o/*"))  # nothing ran

@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
 from optimem.estimators import estimate  # noqa: E402
-from optimem.estimators import planner as P  # noqa: E402
+from optimem.estimators import step_memory as SM
 from optimem.harness.cli import main  # noqa: E402
 from optimem.harness.validate import PEFT_LORA, Case, run_case  # noqa: E402
 
@@ -116,9 +116,9 @@ def test_bench_plan_refuses_int8_on_cuda_in_one_line(capsys):
 
 
 def test_longest_qlora_sequence_fits_and_one_more_token_does_not():
-    setup = P.plan_setup("tiny-llama", "adamw_torch", lora="r=16,target=all-linear", quantize="nf4",
+    setup = SM.plan_setup("tiny-llama", "adamw_torch", lora="r=16,target=all-linear", quantize="nf4",
                          gradient_checkpointing=True)
-    budget = P.step_memory(replace(setup, seq_len=300), 1).peak
-    n = P.max_seq_len(setup, 1, budget)
+    budget = SM.step_memory(replace(setup, seq_len=300), 1).peak
+    n = SM.max_seq_len(setup, 1, budget)
     assert 300 <= n < 512
-    assert P.fits(replace(setup, seq_len=n), 1, budget) and not P.fits(replace(setup, seq_len=n + 1), 1, budget)
+    assert SM.fits(replace(setup, seq_len=n), 1, budget) and not SM.fits(replace(setup, seq_len=n + 1), 1, budget)

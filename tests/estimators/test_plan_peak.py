@@ -10,16 +10,24 @@ import pytest
 
 from optimem.estimators import planner as P
 
+from optimem.estimators import gpus as G
+
+from optimem.estimators import sharding as SH
+
+from optimem.estimators import step_memory as SM
+
+from optimem.estimators import throughput as TP
+
 LLAMA3 = "meta-llama/Meta-Llama-3-8B"
-GPUS = P.load_gpus()
+GPUS = G.load_gpus()
 
 
 def _setup(optim: str, **kw):
-    return P.plan_setup(kw.pop("model", LLAMA3), optim, **kw)
+    return SM.plan_setup(kw.pop("model", LLAMA3), optim, **kw)
 
 
 def _max(optim: str, gpu: str, **kw) -> int:
-    return P.max_micro_batch(_setup(optim, **kw), GPUS[gpu].budget())
+    return SM.max_micro_batch(_setup(optim, **kw), GPUS[gpu].budget())
 
 
 @pytest.mark.parametrize("optim, gpu, kw", [
@@ -35,18 +43,18 @@ def _max(optim: str, gpu: str, **kw) -> int:
 @pytest.mark.slow
 def test_reported_batch_fits_and_one_more_does_not(optim, gpu, kw):
     s, budget = _setup(optim, **kw), GPUS[gpu].budget()
-    b = P.max_micro_batch(s, budget)
-    assert 1 <= b < P.MAX_BATCH, (optim, gpu, b)
-    assert P.step_memory(s, b).peak <= budget < P.step_memory(s, b + 1).peak
+    b = SM.max_micro_batch(s, budget)
+    assert 1 <= b < SM.MAX_BATCH, (optim, gpu, b)
+    assert SM.step_memory(s, b).peak <= budget < SM.step_memory(s, b + 1).peak
     row = P.plan_one(s, GPUS[gpu], checkpointing="on" if s.gradient_checkpointing else "off")
-    assert row.status == "fits" and row.max_micro_batch == b and row.peak == P.step_memory(s, b).peak
+    assert row.status == "fits" and row.max_micro_batch == b and row.peak == SM.step_memory(s, b).peak
 
 
 def test_peak_is_the_estimators_and_splits_into_its_parts():
     for optim in ("adamw_torch", "adamw_bnb_8bit", "lomo"):
         s = _setup(optim, gradient_checkpointing=True)
-        m1, m2 = P.step_memory(s, 1), P.step_memory(s, 2)
-        est = P._estimate(s, 1)
+        m1, m2 = SM.step_memory(s, 1), SM.step_memory(s, 2)
+        est = SM._estimate(s, 1)
         assert m1.peak == m1.single_gpu_peak == est.bytes["peak"] and m1.peak_phase == est.peak_phase
         assert sum(m1.breakdown.values()) == m1.peak and m2.peak > m1.peak
         assert m1.breakdown["weights"] == est.bytes["weights"] + est.phases[est.peak_phase]["weights"] - est.bytes["weights"]
@@ -82,23 +90,23 @@ def test_8bit_and_factored_optimizers_fit_more_than_adamw(gpu, kw, lean):
 
 def test_sharding_lowers_the_per_gpu_peak_by_its_terms():
     base = _setup("adamw_torch", gradient_checkpointing=True)
-    one = P.step_memory(base, 1)
+    one = SM.step_memory(base, 1)
     for sh in ("zero1", "zero2", "zero3", "fsdp"):
         prev = None
         for n in (2, 4, 8, 16):
             s = replace(base, sharding=sh, num_processes=n)
-            m = P.step_memory(s, 1)
-            assert m.terms == P.model_state_terms(s)
+            m = SM.step_memory(s, 1)
+            assert m.terms == SM.model_state_terms(s)
             assert sum(m.breakdown.values()) == m.peak
             assert m.peak < one.peak and (prev is None or m.peak < prev), (sh, n)
             prev = m.peak
             if m.peak_phase.startswith("steady"):  # the state is whole there: exactly the sharded term
                 assert m.breakdown["optimizer_state"] == m.terms["optimizer_state"]
             if not m.peak_phase.endswith("optimizer_step"):  # ZeRO-3's bucket + the gathered copies of the phase
-                copies = P._gathered_copies(sh, m.peak_phase, 1 if m.breakdown["gradients"] else 0)
+                copies = SH._gathered_copies(sh, m.peak_phase, 1 if m.breakdown["gradients"] else 0)
                 assert m.breakdown["sharding_overhead"] == (m.terms["grad_buckets"]
                                                             + copies * m.terms["gathered_working_set"])
-    ddp = P.step_memory(replace(base, sharding="ddp", num_processes=8), 1)
+    ddp = SM.step_memory(replace(base, sharding="ddp", num_processes=8), 1)
     assert ddp.peak == one.peak + ddp.terms["ddp_buckets"]  # DDP replicates everything and adds buckets
     # ZeRO-3 / FSDP on 8 x 80 GB fit full AdamW where one GPU cannot.
     assert _max("adamw_torch", "h100-sxm") == 0
@@ -121,13 +129,12 @@ def test_measured_mfu_replaces_the_assumed_one(tmp_path):
                                       "gradient_checkpointing": False},
            "env": {"device_name": "NVIDIA H200"},
            "measured": {"device": "cuda", "throughput": {"mfu": 0.55, "peak_flops": 989e12}}}
-    (tmp_path / "r.jsonl").write_text(json.dumps(rec) + "\n")
-    cal = P.calibrate([tmp_path / "r.jsonl"], GPUS)
+    cal = TP.calibrate([rec], GPUS)
     s = _setup("adafactor")
     got = P.plan_one(s, GPUS["h200"], calibration=cal)
     assumed = P.plan_one(s, GPUS["h100-sxm"], calibration=cal)
     assert got.mfu == pytest.approx(0.55) and got.mfu_source.startswith("measured")
-    assert assumed.mfu == P.DEFAULT_MFU and assumed.mfu_source == "assumed"
+    assert assumed.mfu == TP.DEFAULT_MFU and assumed.mfu_source == "assumed"
 
 
 @pytest.mark.slow
@@ -163,7 +170,7 @@ def test_fewest_gpus_is_exact():
         n = P.min_gpus_to_fit(s, GPUS[gpu], sharding=sh)
         budget = GPUS[gpu].budget()
         assert n is not None and n >= 2
-        assert P.fits(replace(s, sharding=sh, num_processes=n), 1, budget)
-        assert n == 2 or not P.fits(replace(s, sharding=sh, num_processes=n - 1), 1, budget)
+        assert SM.fits(replace(s, sharding=sh, num_processes=n), 1, budget)
+        assert n == 2 or not SM.fits(replace(s, sharding=sh, num_processes=n - 1), 1, budget)
     assert P.min_gpus_to_fit(_setup("lomo"), GPUS["l4"], sharding="fsdp") is None  # cannot run so
     assert P.min_gpus_to_fit(bnb, GPUS["l4"], sharding="fsdp") is None  # bitsandbytes cannot step DTensors

@@ -6,24 +6,28 @@ from dataclasses import replace
 import pytest
 
 from optimem.estimators import planner as P
+
+from optimem.estimators import gpus as G
+
+from optimem.estimators import step_memory as SM
 from optimem.harness.cli import main
 
 
 def test_longest_sequence_fits_and_one_more_token_does_not():
-    setup = P.plan_setup("tiny-llama", "adafactor", dtype="bf16", gradient_checkpointing=True)
-    budget = P.step_memory(replace(setup, seq_len=300), 1).peak
-    n = P.max_seq_len(setup, 1, budget)
-    assert 300 <= n < P.position_limit(setup) == 512
-    assert P.fits(replace(setup, seq_len=n), 1, budget) and not P.fits(replace(setup, seq_len=n + 1), 1, budget)
-    assert P.max_seq_len(setup, 2, budget) < n  # twice the samples: a shorter sequence
-    assert P.max_seq_len(setup, 1, 1000) == 0  # not even one token
-    assert P.position_limit(P.plan_setup("meta-llama/Llama-3.1-8B", "adafactor")) == 131072
-    assert P.position_limit(P.plan_setup("tiny-t5", "adafactor")) == P.MAX_SEQ  # relative positions: no limit
+    setup = SM.plan_setup("tiny-llama", "adafactor", dtype="bf16", gradient_checkpointing=True)
+    budget = SM.step_memory(replace(setup, seq_len=300), 1).peak
+    n = SM.max_seq_len(setup, 1, budget)
+    assert 300 <= n < SM.position_limit(setup) == 512
+    assert SM.fits(replace(setup, seq_len=n), 1, budget) and not SM.fits(replace(setup, seq_len=n + 1), 1, budget)
+    assert SM.max_seq_len(setup, 2, budget) < n  # twice the samples: a shorter sequence
+    assert SM.max_seq_len(setup, 1, 1000) == 0  # not even one token
+    assert SM.position_limit(SM.plan_setup("meta-llama/Llama-3.1-8B", "adafactor")) == 131072
+    assert SM.position_limit(SM.plan_setup("tiny-t5", "adafactor")) == SM.MAX_SEQ  # relative positions: no limit
 
 
 def test_tiny_model_reaches_its_position_limit():
-    gpu = P.load_gpus()["h100-sxm"]
-    row = P.plan_seq(P.plan_setup("tiny-llama", "adamw_torch"), gpu, batch=1, checkpointing="off")
+    gpu = G.load_gpus()["h100-sxm"]
+    row = P.plan_seq(SM.plan_setup("tiny-llama", "adamw_torch"), gpu, batch=1, checkpointing="off")
     assert row.max_seq_len == row.seq_limit == 512 and row.at_cap
 
 

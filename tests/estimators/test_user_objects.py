@@ -11,7 +11,7 @@ import torch
 from optimem.estimators import estimate
 from optimem.estimators.catalog import resolve
 from optimem.estimators.errors import UserError
-from optimem.estimators.planner import plan_setup
+from optimem.estimators.step_memory import plan_setup
 from optimem.estimators.setup import TrainingSetup
 from optimem.estimators.user_objects import from_training_arguments
 from optimem.harness.cli import main

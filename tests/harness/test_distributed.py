@@ -15,7 +15,9 @@ import os
 
 import pytest
 
-from optimem.estimators import planner as P
+from optimem.estimators import model_sizes as MS
+from optimem.estimators import sharding as SH
+from optimem.estimators import step_memory as SM
 from optimem.harness.distributed import launch as DL
 from optimem.harness.distributed import report as DR
 from optimem.harness.distributed import schemes as DS
@@ -60,7 +62,7 @@ def test_ddp_two_cpu_ranks_match_the_per_rank_prediction():
     rec = execute(_cfg("adamw_torch", "tiny-llama", "ddp"), timeout_s=300)
     rows = _check_ranks(rec)
     # DDP replicates: each rank holds the whole AdamW state (2 x 4 B/param) and whole fp32 gradients
-    inv = P._inventory("tiny-llama", "fp32")
+    inv = SM._inventory("tiny-llama", "fp32")
     assert rows[0]["gradients"] == 4 * inv.trainable_params
     assert rec["distributed"]["predicted"]["terms"]["ddp_buckets"] == 4 * inv.trainable_params
 
@@ -70,7 +72,7 @@ def test_fsdp2_two_cpu_ranks_shard_state_and_gradients():
     rows = _check_ranks(rec)
     args = rec["distributed"]["training_arguments"]
     assert args["fsdp"] == "full_shard auto_wrap" and args["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["GPT2Block"]
-    inv = P._inventory("tiny-gpt2", "fp32")
+    inv = SM._inventory("tiny-gpt2", "fp32")
     assert rows[0]["gradients"] == 4 * inv.trainable_params // 2  # dim-0 shards of every parameter
 
 
@@ -157,11 +159,11 @@ def test_zero_partition_edges_keep_whole_gradients():
     """DeepSpeed ZeRO-1/2 cut each padded flat group into N partitions of views of the parameters' gradients:
     a parameter across an edge keeps its whole gradient alive on both ranks. tiny-gpt2 on 2 ranks, measured
     (fp32): rank 0 holds 439,808 B of gradient storage, rank 1 396,800 B; an even split would be 393,728 B."""
-    inv = P._inventory("tiny-gpt2", "fp32")
-    lay = P.shard_layout(inv, P.model_facts(inv), "zero2", 2)
+    inv = SM._inventory("tiny-gpt2", "fp32")
+    lay = SH.shard_layout(inv, MS.model_sizes(inv), "zero2", 2)
     assert [4 * g for g in lay.grad_storage] == [439_808, 396_800]
     assert 4 * lay.local_trainable == 4 * inv.trainable_params // 2
-    z3 = P.shard_layout(inv, P.model_facts(inv), "zero3", 2)
+    z3 = SH.shard_layout(inv, MS.model_sizes(inv), "zero3", 2)
     assert z3.persistent == sum(r.numel for r in inv.rows if r.numel < 10 * 64)  # norms, small biases: whole
 
 
@@ -172,10 +174,10 @@ def test_fsdp2_state_of_galore_follows_dtensor_placements():
     from dataclasses import replace
 
     s = replace(_cfg("galore_adamw", "tiny-llama", "fsdp").setup(), device="cpu")
-    assert P._fsdp_state(s, P._inventory("tiny-llama", "fp32"), 2) == 1_189_120
-    ok, why = P.sharding_support("adafactor", "fsdp", 2)
+    assert SH._fsdp_state(s, SM._inventory("tiny-llama", "fp32"), 2) == 1_189_120
+    ok, why = SH.sharding_support("adafactor", "fsdp", 2)
     assert not ok and "mixed torch.Tensor and DTensor" in why
-    assert not P.sharding_support("adamw_bnb_8bit", "fsdp", 2)[0]
+    assert not SH.sharding_support("adamw_bnb_8bit", "fsdp", 2)[0]
 
 
 # ------------------------------------------------------------------------------------ DeepSpeed's estimator
@@ -191,15 +193,15 @@ def test_zero_model_states_against_deepspeeds_estimator(n=8):
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     model = "meta-llama/Meta-Llama-3-8B"
-    inv = P._inventory(model, "fp32")
+    inv = SM._inventory(model, "fp32")
     p = inv.num_params
-    facts = P.model_facts(inv)
-    setup = P.plan_setup(model=model, optim="adamw_torch", num_processes=n, sharding="zero2")
+    facts = MS.model_sizes(inv)
+    setup = SM.plan_setup(model=model, optim="adamw_torch", num_processes=n, sharding="zero2")
     _, ds2 = estimate_zero2_model_states_mem_needs(p, num_gpus_per_node=n, cpu_offload=False,
                                                    additional_buffer_factor=1.0)
     from dataclasses import replace
 
-    t2 = P.model_state_terms(replace(setup, sharding="zero2"))
+    t2 = SM.model_state_terms(replace(setup, sharding="zero2"))
     ours2 = (t2["weights"] + t2["master_weights"] + t2["gradients"] + t2["grad_partition_fp32"]
              + t2["optimizer_state"])
     assert ds2 == 2 * p + int(18 * p / n)
@@ -207,10 +209,10 @@ def test_zero_model_states_against_deepspeeds_estimator(n=8):
     _, ds3, largest = estimate_zero3_model_states_mem_needs(
         p, facts.largest_module_params, num_gpus_per_node=n, cpu_offload=False, cpu_offload_params=False,
         additional_buffer_factor=1.0)
-    t3 = P.model_state_terms(replace(setup, sharding="zero3"))
+    t3 = SM.model_state_terms(replace(setup, sharding="zero3"))
     sharded = t3["weights"] + t3["master_weights"] + t3["gradients"] + t3["optimizer_state"]
     assert sharded == pytest.approx(16 * p / n, rel=2e-3)  # DeepSpeed: 18P/N (a whole fp32 gradient partition)
-    assert t3["gathered_working_set"] == 2 * min(p, P.ZERO3_MAX_LIVE)
+    assert t3["gathered_working_set"] == 2 * min(p, SH.ZERO3_MAX_LIVE)
     # DeepSpeed's working set is 4 B x the largest layer (here the 525M-element embedding: 2.1 GB); ours is
     # the live gathered parameters (2 GB here; the whole model below 1e9 parameters, as measured on CPU)
     assert math.isclose(largest, 4 * facts.largest_module_params)

@@ -10,7 +10,9 @@ import torch
 from optimem.harness.trackers.phases import PhaseRecorder
 from optimem.harness.trackers.rss import RssTracker
 from optimem.harness.trackers.tensor_accounting import CATEGORIES, TensorAccountant
-from optimem.harness.trackers.throughput import ThroughputTracker, peak_flops, summarize, training_flops_per_token
+from optimem.estimators.gpus import device_peak_flops as peak_flops
+from optimem.estimators.throughput import flops_per_token
+from optimem.harness.trackers.throughput import ThroughputTracker, summarize
 
 KB = 4096  # bytes of 1024 fp32 elements
 
@@ -173,12 +175,13 @@ def test_throughput_excludes_warmup():
 
 
 def test_peak_flops_table():
+    """The harness's MFU peak comes from the one GPU catalog, by device name."""
     assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
     assert peak_flops("NVIDIA A100-SXM4-80GB", "tf32") == 156e12
     assert peak_flops("Tesla V100-SXM2-16GB", "bf16") is None
     assert peak_flops("Some Future GPU", "bf16") is None
-    assert training_flops_per_token(1000, 2, 64, 128) == 6000 + 12 * 2 * 64 * 128
+    assert flops_per_token(1000, 2, 64, 128) == 6000 + 12 * 2 * 64 * 128
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
