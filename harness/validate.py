@@ -5,21 +5,13 @@
     python -m optimem.harness.validate --families         # only the architecture-family matrix
     python -m optimem.harness.validate --peft             # only the LoRA / QLoRA matrix
 
-Two matrices: the original one (Llama, GPT-2, T5: 10 optimizers x 2 shapes x checkpointing, plus bf16
-parameters, bf16 autocast, eager attention, accumulation, frozen parameters; 165 cases) and the
-architecture families (:data:`FAMILIES`: 14 models/heads x 10 optimizers x checkpointing x bf16 autocast),
-and LoRA / QLoRA (:func:`peft_matrix`: peft adapters on plain, 4-bit and 8-bit bitsandbytes bases, which
-bitsandbytes' CPU backend trains).
-
-Every case is a real ``transformers.Trainer`` run of the harness (``optimem.harness.launcher.run_in_process``:
-the model, ``TrainingArguments(optim=...)``, the tensor accountant and the phase marks of ``bench run``),
-on the CPU, with one compute thread. The measured figure is the accountant's exact live-tensor peak per
-phase; the prediction is :func:`optimem.estimators.estimate` for the same configuration (``device="cpu"``),
-plus the one term that belongs to the harness rather than to training: its synthetic dataset, held in
-memory as one ``(samples, seq_len)`` int64 tensor (``harness_bytes``).
-
-Runs use 3 optimizer steps so that the tracked steady step (step 1) has the next batch prefetched, as
-every step but the last of a real run does.
+The matrices: :func:`matrix` and :func:`settings_matrix` (Llama, GPT-2, T5 x optimizers x shapes x
+checkpointing, and the settings), :data:`FAMILIES` (the architecture families) and :func:`peft_matrix`
+(LoRA / QLoRA on plain, 4-bit and 8-bit bases). Every case is a real ``transformers.Trainer`` run of the
+harness on the CPU (:func:`optimem.harness.launcher.run_in_process`, one compute thread, 3 optimizer steps so
+the steady step has the next batch prefetched); measured: the tensor accountant's live-tensor peak per phase
+(bytes); predicted: :func:`optimem.estimators.estimate` (``device="cpu"``) plus the harness's synthetic
+dataset (``harness_bytes``). The figures are in results/peak_error_cpu.md.
 """
 from __future__ import annotations
 
