@@ -22,7 +22,7 @@ from optimem.estimators.errors import UserError, one_line
 from optimem.harness.commands.setup_args import apply_revision, flagged
 from optimem.harness.process import quiet_libraries
 
-COMMANDS = ("estimate", "optims", "run", "sweep", "plan", "plot", "compare")
+COMMANDS = ("estimate", "optims", "run", "sweep", "plan", "plot", "compare", "serve")
 DEBUG_ENV = "OPTIMEM_DEBUG"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
