@@ -28,6 +28,7 @@ nothing is read or written. ``python -m optimem.estimators.cache`` shows the dir
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import json
@@ -38,6 +39,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
+
+import numpy as np
 
 T = TypeVar("T")
 
@@ -66,7 +69,7 @@ def cache_dir() -> Path:
     override = os.environ.get(ENV_DIR, "").strip()
     if override:
         return Path(override).expanduser()
-    import platformdirs
+    import platformdirs  # lazy: pulls in platformdirs, which importing this module does not
 
     return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
 
@@ -164,8 +167,6 @@ def get_arrays(k: Key) -> dict[str, Any] | None:
     """The numpy arrays stored under ``k`` by :func:`put_arrays`, or None (as :func:`get`)."""
     if not enabled():
         return None
-    import numpy as np
-
     try:
         with np.load(k.path(".npz"), allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
@@ -215,8 +216,6 @@ def put_arrays(k: Key, arrays: Mapping[str, Any]) -> bool:
     """Store numpy arrays (no object arrays) under ``k`` as an ``.npz`` holding the key document too."""
     if not enabled():
         return False
-    import numpy as np
-
     members = {str(n): np.asarray(a) for n, a in arrays.items()}
     if "__key__" in members or "__format__" in members or any(a.dtype.hasobject for a in members.values()):
         raise ValueError("put_arrays takes plain numeric/string arrays, not named __key__/__format__")
@@ -288,8 +287,6 @@ def clear(namespace: str | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m optimem.estimators.cache [--clear] [--namespace NS]``: where the cache is and what it holds."""
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m optimem.estimators.cache", description=main.__doc__)
     ap.add_argument("--clear", action="store_true", help="remove the entries")
     ap.add_argument("--namespace", default=None, help="only this namespace (inventory, trace, ...)")

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, one_line
+from .hub import fetch_config, hub_name
+from .hub import parse_hub_id
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 DEFAULT_MODEL = "tiny-llama"
@@ -129,8 +131,7 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"model config {path} is not a JSON text file (byte {exc.start} is not UTF-8); give a "
                         "transformers config.json") from None
     except (ValueError, RecursionError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"model config {path} is not valid JSON ({msg}); give a transformers config.json") from None
+        raise UserError(f"model config {path} is not valid JSON ({one_line(exc, 10**6)}); give a transformers config.json") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a transformers config (a JSON object with a 'model_type'); "
                         "give a transformers config.json")
@@ -162,8 +163,6 @@ def resolve(model: str) -> ModelSource:
         return ModelSource(str(path), path)
     if path.is_file():
         return ModelSource(str(path), path)
-    from .hub import parse_hub_id
-
     hub_id = parse_hub_id(model)
     canonical = _aliases().get(model.strip().lower())
     if canonical is not None:
@@ -201,7 +200,5 @@ def canonical_name(model: str) -> str:
 
 
 def _hub_source(repo_id: str, revision: str | None) -> ModelSource:
-    from .hub import fetch_config, hub_name
-
     got = fetch_config(repo_id, revision)
     return ModelSource(hub_name(repo_id, revision), got.path, origin="hub", revision=revision, commit=got.commit)

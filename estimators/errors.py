@@ -19,3 +19,15 @@ class TraceFailure(UserError):
     def __init__(self, message: str, kind: str = "unchecked"):
         super().__init__(message)
         self.kind = kind
+
+
+def one_line(exc: BaseException, limit: int = 300, *, kind: bool = False) -> str:
+    """The first non-blank line of ``exc``'s message (its type name when it has none), cut to ``limit``
+    characters with ``...``; ``kind``: prefixed with the type name (``ValueError: ...``)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if kind:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    elif not text:
+        text = type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 CONFIG_FILE = "config.json"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
@@ -73,14 +73,14 @@ def fetch_config(repo_id: str, revision: str | None = None) -> HubConfig:
     """The Hub repo's ``config.json`` in the local Hugging Face cache, downloaded if needed (see the module doc).
 
     Resolved once per process for the same repo, revision, endpoint, cache and offline mode."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # lazy: pulls in huggingface_hub, which importing this module does not
 
     return _fetch(repo_id, revision, constants.ENDPOINT, str(constants.HF_HUB_CACHE), constants.is_offline_mode())
 
 
 @functools.lru_cache(maxsize=128)
 def _fetch(repo_id: str, revision: str | None, endpoint: str, cache_dir: str, offline: bool) -> HubConfig:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # lazy: pulls in huggingface_hub, which importing this module does not
 
     try:
         path = Path(hf_hub_download(repo_id, CONFIG_FILE, revision=revision, library_name="optimem"))
@@ -101,6 +101,7 @@ def explain(exc: BaseException, repo_id: str, revision: str | None, *, endpoint:
     """One line for a huggingface_hub failure to get ``repo_id``'s config.json: what went wrong and what to do
     (the exception and those it was raised from are all looked at: huggingface_hub wraps a failed check in a
     cache miss)."""
+    # lazy: pulls in huggingface_hub, which importing this module does not
     from huggingface_hub import errors as hub_errors
 
     chain = _chain(exc)
@@ -138,21 +139,21 @@ def explain(exc: BaseException, repo_id: str, revision: str | None, *, endpoint:
                 f"download its config.json (or `hf download {repo_id} config.json` on a machine with network, into "
                 f"this cache), {local}")
     if any(_is_timeout(e) for e in chain):
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # lazy: pulls in huggingface_hub, which importing this module does not
 
         return (f"timed out reaching {endpoint} for {where} (HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} s) "
                 f"and it is not in the Hugging Face cache ({cache_dir}): retry, raise HF_HUB_ETAG_TIMEOUT, {local}")
     if found(hub_errors.LocalEntryNotFoundError):
-        reason = _first_line(chain[-1]) if len(chain) > 1 else "no connection"
+        reason = one_line(chain[-1], 160) if len(chain) > 1 else "no connection"
         return (f"cannot reach {endpoint} for {where} ({reason}) and it is not in the Hugging Face cache "
                 f"({cache_dir}): check the network or HF_ENDPOINT, set HF_HUB_OFFLINE=1 to use only the cache, "
                 f"{local}")
     if found(hub_errors.HFValidationError):
-        return f"'{where}' is not a valid Hub model id ({_first_line(exc)}): give org/name[@revision], {local}"
+        return f"'{where}' is not a valid Hub model id ({one_line(exc, 160)}): give org/name[@revision], {local}"
     if isinstance(exc, PermissionError) or getattr(exc, "errno", None) == 30:
-        return (f"cannot write the Hugging Face cache ({cache_dir}) for {where}: {_first_line(exc)}; set "
+        return (f"cannot write the Hugging Face cache ({cache_dir}) for {where}: {one_line(exc, 160)}; set "
                 f"HF_HUB_CACHE (or HF_HOME) to a writable directory")
-    return f"cannot get {where}'s config.json from {endpoint}: {type(exc).__name__}: {_first_line(exc)}"
+    return f"cannot get {where}'s config.json from {endpoint}: {one_line(exc, 160 + len(type(exc).__name__) + 2, kind=True)}"
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -166,12 +167,6 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 def _is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, TimeoutError) or "timeout" in type(exc).__name__.lower() or "timed out" in str(exc).lower()
-
-
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 __all__ = ["CONFIG_FILE", "HubConfig", "clear_cache", "explain", "fetch_config", "hub_name", "parse_hub_id",

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 NB = 6
 CATS = ("weights", "state", "grad", "act", "tmp", "other")
 """Categories of live bytes: parameters and buffers, optimizer state, parameter gradients, tensors born in
@@ -44,10 +46,6 @@ def vadd(a: Vec, b: Vec) -> Vec:
 
 def vsub(a: Vec, b: Vec) -> Vec:
     return (a[0] - b[0], a[1] - b[1], a[2] - b[2], a[3] - b[3], a[4] - b[4], a[5] - b[5])
-
-
-def vmul(a: Vec, k: int) -> Vec:
-    return (a[0] * k, a[1] * k, a[2] * k, a[3] * k, a[4] * k, a[5] * k)
 
 
 def basis(b: int, s: int) -> Vec:
@@ -115,8 +113,6 @@ class PhaseResult:
     __slots__ = ("tot", "cats", "count", "end", "_cmax", "_obj")
 
     def __init__(self, candidates: list, end: tuple):
-        import numpy as np
-
         snaps = [c for c in candidates if not isinstance(c, CandBlock)]
         blocks = [c for c in candidates if isinstance(c, CandBlock)]
         tot = np.array([c[0] for c in snaps], dtype=np.int64).reshape(-1, NB)
@@ -144,8 +140,6 @@ class PhaseResult:
     def _exact(self, x):
         """``(tot, cats, x)`` as arrays whose dot products are exact: int64 while no product or sum can pass
         2**63, else Python integers (dtype object; slower, for shapes like a batch of 10**12)."""
-        import numpy as np
-
         xs = [int(v) for v in x]
         if not hasattr(self, "_cmax"):
             self._cmax = max(int(np.abs(self.tot).max(initial=0)), int(np.abs(self.cats).max(initial=0)))
@@ -170,8 +164,6 @@ class PhaseResult:
 def _prune(tot, cats, count):
     """Drop duplicates and candidates dominated component-wise by one of the largest ones (sizes are never
     negative, so a dominated candidate is never the peak for any batch shape)."""
-    import numpy as np
-
     if len(tot) <= 1:
         return tot, cats, count
     tot, idx = np.unique(tot, axis=0, return_index=True)
@@ -291,9 +283,6 @@ class Sim:
                 self.decref(p.grad)
                 p.grad = None
 
-    def cat_vec(self, cat: str) -> Vec:
-        return tuple(self.live_cat[cat])
-
 
 __all__ = ["BASIS", "CATS", "CandBlock", "NB", "Param", "PhaseResult", "Sim", "St", "Var", "ZERO", "basis", "vadd", "veval",
-           "vec", "vmul", "vsub"]
+           "vec", "vsub"]

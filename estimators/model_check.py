@@ -59,7 +59,7 @@ def _find(data: dict, names: tuple[str, ...]) -> tuple[str | None, Any]:
 def _class_defaults(model_type: str) -> dict[str, Any]:
     """The defaults of a model type's transformers config class (its configuration module only), by the
     canonical names of :data:`SIZES`."""
-    from transformers import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING  # lazy: pulls in torch, transformers, which importing this module does not
 
     try:
         cfg = CONFIG_MAPPING[model_type]()

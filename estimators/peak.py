@@ -14,9 +14,13 @@ optimizer step) and ``other``.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 
 from .memsim import CATS, PhaseResult, veval
+from .memsim import basis
+from .phase_cache import cached
+from .phase_cache import inventory_fingerprint
 from .phases import PHASES, Run, simulate, simulate_step
 from .steps import StepModel
 from .trace import data as trace_data
@@ -110,7 +114,7 @@ class PhaseModel:
             tr = self.trace = _disk_trace(self._disk_key())
             region = tr.region(b, s, accum) if tr is not None else None
         if region is None:
-            from .trace.run import step_trace
+            from .trace.run import step_trace  # lazy: pulls in torch, which importing this module does not
 
             tr = self.trace = step_trace(self.source, self.setting, b, s, accum, known=tr)
             region = tr.region(b, s, accum)
@@ -118,15 +122,11 @@ class PhaseModel:
         key = (region.b_lo, region.s_lo, region.s_hi)
         hit = self._by_region.get(key)
         if hit is None or hit[0] is not region:
-            from .phase_cache import cached
-
             hit = self._by_region[key] = (region, cached(self._phase_key(region, accum),
                                                          lambda: self._simulate(tr, region)))
         return hit[1]
 
     def _phase_key(self, region, accum: bool) -> dict | None:
-        from .phase_cache import inventory_fingerprint
-
         trace_key = self._disk_key()
         fp = inventory_fingerprint(self.inv)
         if self.cache_parts is None or trace_key is None or fp is None:
@@ -190,8 +190,6 @@ def _disk_trace(k):
 def forget_traces() -> None:
     """Drop every trace and simulation held in this process's memory (the on-disk cache stays): the next
     estimate reads the disk, or traces."""
-    import sys
-
     _LOADED.clear()
     _FB_CACHE.clear()
     _step_sim.cache_clear()
@@ -232,8 +230,6 @@ def _forward_backward(run: Run, region) -> dict[str, PhaseResult]:
 
 
 def evaluate(model: PhaseModel, b: int, s: int) -> StepMemory:
-    from .memsim import basis
-
     results, offsets = model.at(b, s)
     x = basis(b, s)  # Python ints: PhaseResult evaluates exactly, in int64 only where that cannot wrap
     phases: dict = {}

@@ -38,7 +38,7 @@ import warnings
 
 from .adapters import bnb_config_kwargs
 from .cache import key as cache_key, library_versions, memo
-from .errors import UserError
+from .errors import UserError, one_line
 from .inventory import INVENTORY_CACHE_VERSION, config_digest, instantiate, inventory_from_model, \
     inventory_from_payload, inventory_payload
 from .params import torch_dtype
@@ -161,7 +161,7 @@ def quantized_model(setup, base, device: str):
                                        device_map={"": device}, attn_implementation=setup.attn_implementation)
         except (ImportError, ValueError, RuntimeError) as exc:
             raise UserError(f"cannot load {setup.model} quantized as {setup.quantize} on {device}: "
-                            f"{str(exc).splitlines()[0][:300]}") from None
+                            f"{one_line(exc)}") from None
 
 
 def lora_config(setup, model):
@@ -172,7 +172,7 @@ def lora_config(setup, model):
     try:
         return LoraConfig(**setup.lora.lora_config_kwargs(TASK_TYPES[enc_dec]))
     except (ValueError, TypeError) as exc:
-        raise UserError(f"lora {setup.lora}: peft refuses it: {str(exc).splitlines()[0][:300]}") from None
+        raise UserError(f"lora {setup.lora}: peft refuses it: {one_line(exc)}") from None
 
 
 @contextlib.contextmanager
@@ -220,7 +220,7 @@ def peft_wrap(model, setup):
         with _quiet(), (_meta_params4bit_copy() if meta_qdora else contextlib.nullcontext()):
             return get_peft_model(model, config)
     except ValueError as exc:
-        msg = str(exc).splitlines()[0][:300]
+        msg = one_line(exc)
         hint = ""
         if isinstance(setup.lora.target, str) and setup.lora.target != "all-linear":
             hint = (" (a target string is a regex that must match a module's whole qualified name, as peft "

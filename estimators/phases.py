@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from .memsim import CATS, NB, Param, PhaseResult, Sim, Var, vadd, vec, veval, vsub
 from .steps import Frame, StepModel
+from .trace.events import BWD_END, FWD_END
+from .trace.replay import replay
 
 I64 = 8
 
@@ -92,9 +94,6 @@ def simulate(run: Run, step: StepModel | None = None, device: str = "cpu", sim: 
     phases when ``step`` is given), plus ``forward_end`` (live bytes at the end of step 0's last forward).
     ``sim``: the simulator to run on (a fresh :class:`Sim` by default; one with ``per_parameter`` set gets each
     parameter as its own storage); ``both_steps``: simulate the steady step too, not only step 0."""
-    from .trace.replay import replay
-    from .trace.events import BWD_END, FWD_END
-
     sim = sim if sim is not None else Sim()
     sim.phase("setup")
     if getattr(sim, "per_parameter", False):  # model.to(device): one storage per parameter

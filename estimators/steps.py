@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from .memsim import Sim, St, vec
 from .optimizers import OptimizerSpec, ParamCtx
+from .optimizers.lowrank import projection_side
 
 FP32 = 4
 _DECAY_FORBIDDEN = [re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)",
@@ -288,8 +289,6 @@ def _proj_dims(r: PRow, rank: int, side: str, capped: bool) -> tuple[int, int]:
 def lowrank(kind: str, args: dict):
     """GaLore (``kind="galore"``, SVD projector, rank capped at min(m, n)) and APOLLO (``"apollo"``,
     seeded Gaussian projector, rank not capped) AdamW: see the module docstring."""
-    from .optimizers.lowrank import projection_side
-
     rank = int(args.get("rank", 128))
     proj_type = str(args.get("proj_type", "std"))
 

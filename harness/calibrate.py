@@ -22,6 +22,7 @@ from dataclasses import replace
 
 from optimem.estimators import cuda_overhead as co
 from optimem.estimators.estimate import estimate
+from optimem.harness.record import read_records
 from optimem.harness.run_config import RunConfig
 
 
@@ -66,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "show":
         print(json.dumps(co._table(), indent=2))
         return 0
-    from optimem.harness.record import read_records
-
     records = [r for path in args.records for r in read_records(path)]
     fit = calibrate(records)
     if not fit:

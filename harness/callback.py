@@ -30,7 +30,22 @@ import warnings
 from dataclasses import replace
 from typing import Any, Callable
 
+import psutil
+import torch
 from transformers import TrainerCallback
+
+from optimem.estimators.errors import UserError, one_line
+from optimem.estimators.estimate import estimate
+from optimem.estimators.step_memory import step_memory
+from optimem.estimators.user_objects import from_training_arguments
+from optimem.harness.env_facts import collect_env, cpu_name
+from optimem.harness.record import append_record, build_record, validate
+from optimem.harness.run_config import RunConfig
+from optimem.harness.trackers.cuda import device_facts
+from optimem.harness.trackers.nvml import NvmlSampler
+from optimem.harness.trackers.phases import PhaseCallback, attach_model_hooks
+from optimem.harness.units import human_bytes, human_count
+from optimem.harness.worker import MeasuredRun
 
 DEFAULT_STEPS = 3
 RECORD_FILE = "optimem.jsonl"
@@ -53,8 +68,6 @@ class MemoryCallback(TrainerCallback):
     def __init__(self, seq_len: int, *, steps: int = DEFAULT_STEPS, out: str | os.PathLike | None = None,
                  save: bool = True, track_tensors: bool = False, gpu: str | None = None,
                  log: Callable[[str], Any] = print):
-        from optimem.estimators.errors import UserError
-
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise UserError(f"MemoryCallback: seq_len must be a positive integer (tokens per sample), got {seq_len!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
@@ -87,7 +100,7 @@ class MemoryCallback(TrainerCallback):
         try:
             self._start(args, state, control, model, optimizer)
         except Exception as exc:  # noqa: BLE001 - optimem never stops the user's training
-            self._say(f"not measuring this run: {_one_line(exc)}")
+            self._say(f"not measuring this run: {one_line(exc, kind=True)}")
             self._teardown()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -111,12 +124,6 @@ class MemoryCallback(TrainerCallback):
 
     # --------------------------------------------------------------------------------------- predict
     def _start(self, args, state, control, model, optimizer) -> None:
-        from optimem.estimators.estimate import estimate
-        from optimem.estimators.user_objects import from_training_arguments
-        from optimem.harness.run_config import RunConfig
-        from optimem.harness.trackers.phases import PhaseCallback, attach_model_hooks
-        from optimem.harness.worker import MeasuredRun
-
         device = getattr(getattr(args, "device", None), "type", None) or "cpu"
         if device not in ("cuda", "cpu"):
             raise RuntimeError(f"training on {device}: optimem measures CUDA and CPU runs")
@@ -126,7 +133,7 @@ class MemoryCallback(TrainerCallback):
         try:
             self.estimate = estimate(self.setup, gpu=self.gpu or self._device_name(device))
         except Exception as exc:  # noqa: BLE001 - measure anyway
-            self._say(f"cannot estimate this run ({_one_line(exc)}); measuring it anyway")
+            self._say(f"cannot estimate this run ({one_line(exc, kind=True)}); measuring it anyway")
         else:
             self._report_prediction(device)
 
@@ -137,8 +144,6 @@ class MemoryCallback(TrainerCallback):
         run.facts.update(self._device_facts(device))
         if device == "cuda":
             with contextlib.suppress(Exception):
-                from optimem.harness.trackers.nvml import NvmlSampler
-
                 run.nvml = NvmlSampler(getattr(args.device, "index", None) or 0)
                 run.nvml.start()
         run._build_trackers()
@@ -154,8 +159,6 @@ class MemoryCallback(TrainerCallback):
         self._phases.on_train_begin(args, state, control)
 
     def _report_prediction(self, device: str) -> None:
-        from optimem.harness.units import human_bytes, human_count
-
         est, s = self.estimate, self.setup
         b = est.bytes
         shape = f"batch {s.batch_size} x seq {s.seq_len}" + (f" x accum {s.grad_accum}" if s.grad_accum > 1 else "")
@@ -180,8 +183,6 @@ class MemoryCallback(TrainerCallback):
     def _per_device_need(self, device: str) -> tuple[int | None, str]:
         est, s = self.estimate, self.setup
         if s.sharding != "none" and s.num_processes > 1:
-            from optimem.estimators.step_memory import step_memory
-
             return step_memory(s, s.batch_size).peak, f"per-GPU peak under {s.sharding} on {s.num_processes}"
         if device == "cuda" and est.cuda:
             return int(est.cuda["peak_device"]), "device peak"
@@ -191,11 +192,7 @@ class MemoryCallback(TrainerCallback):
     def _device_total(device: str) -> int | None:
         try:
             if device == "cuda":
-                import torch
-
                 return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
-            import psutil
-
             return int(psutil.virtual_memory().total)
         except Exception:  # noqa: BLE001
             return None
@@ -205,8 +202,6 @@ class MemoryCallback(TrainerCallback):
         if device != "cuda":
             return None
         with contextlib.suppress(Exception):
-            import torch
-
             return torch.cuda.get_device_name(torch.cuda.current_device())
         return None
 
@@ -214,14 +209,8 @@ class MemoryCallback(TrainerCallback):
     def _device_facts(device: str) -> dict:
         if device == "cuda":
             with contextlib.suppress(Exception):
-                import torch
-
-                from optimem.harness.trackers.cuda import device_facts
-
                 return device_facts(torch.cuda.current_device())
             return {}
-        from optimem.harness.env_facts import cpu_name
-
         return {"device_name": cpu_name()}
 
     # --------------------------------------------------------------------------------------- measure
@@ -238,16 +227,11 @@ class MemoryCallback(TrainerCallback):
         try:
             self._record(run, complete)
         except Exception as exc:  # noqa: BLE001 - optimem never stops the user's training
-            self._say(f"could not record the measurement: {_one_line(exc)}")
+            self._say(f"could not record the measurement: {one_line(exc, kind=True)}")
         finally:
             self._teardown()
 
     def _record(self, run, complete: bool) -> None:
-        from optimem.estimators.estimate import estimate
-        from optimem.harness.env_facts import collect_env
-        from optimem.harness.record import append_record, build_record, validate
-        from optimem.harness.units import human_bytes
-
         wall = time.perf_counter() - self._t0
         run.recorder.end()  # the next step's forward, opened at the last step's end, saw no forward: dropped
         for handle in self._handles:
@@ -342,11 +326,6 @@ class _OptimizerHolder:
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 __all__ = ["DEFAULT_STEPS", "MemoryCallback", "RECORD_FILE"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib
 import json
 import math
 import os
@@ -35,9 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optimem.estimators import get_spec
 from optimem.estimators.errors import UserError
+from optimem.estimators.estimate import estimate
 from optimem.harness.campaign_list import Job, campaign_jobs
 from optimem.harness.env_facts import REPO_ROOT, package_version
+from optimem.harness.launcher import check_config, execute, predict
+from optimem.harness.process import worker_env
+from optimem.harness.record import append_record
+from optimem.harness.zygote import Zygote
 
 DEVICE_LIMITS = {"device_seconds_total": 900, "seconds_per_command": 600, "files_back": 8,
                  "bytes_per_file": 16 * 2**20, "folders_deep": 2, "carried_bytes": 64 * 2**20}
@@ -98,7 +105,7 @@ def gpu_facts() -> dict[str, Any]:
     """Name and total memory (bytes) of GPU 0 through NVML (no CUDA context in this process: runs are forked from
     a zygote that must not have one, and NVML's device figures would count it); {} without NVML or a GPU."""
     try:
-        import pynvml
+        import pynvml  # lazy: pynvml is optional
 
         pynvml.nvmlInit()
         h = pynvml.nvmlDeviceGetHandleByIndex(0)
@@ -134,11 +141,6 @@ def preflight(jobs: list[Job]) -> dict[str, Any]:
     """What can fail before any run, checked for every job at once: each configuration passes the checks ``bench
     run`` makes (:func:`optimem.harness.launcher.check_config`) and every optimizer class of the list imports from
     its package. Returns ``{"configs": n, "optimizers": {name: "ok" | why}, "problems": [line, ...]}``."""
-    import importlib
-
-    from optimem.estimators import get_spec
-    from optimem.harness.launcher import check_config
-
     problems: list[str] = []
     optimizers: dict[str, str] = {}
     n = 0
@@ -196,9 +198,6 @@ class Campaign:
         return self.budget_s - (self.clock() - self._t0)
 
     def run(self) -> dict[str, Any]:
-        from optimem.harness.process import worker_env
-        from optimem.harness.zygote import Zygote
-
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
         self.preflight = preflight(self.jobs)
         for line in self.preflight["problems"]:
@@ -251,10 +250,6 @@ class Campaign:
                 "log": log.name, "command": shlex.join(["python", *job.argv])}
 
     def _run(self, job: Job, zygote) -> dict[str, Any]:
-        from optimem.harness.launcher import execute, predict
-        from optimem.harness.record import append_record
-        from optimem.estimators.estimate import estimate
-
         cfg = job.config
         try:
             est = estimate(cfg)

@@ -31,8 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from optimem.estimators import cuda_overhead as co
+from optimem.estimators import get_spec
 from optimem.estimators.errors import UserError
+from optimem.estimators.estimate import estimate
+from optimem.estimators.gpus import load_gpus, match_gpu
 from optimem.harness.calibrate import calibrate
+from optimem.harness.campaign import OneLineParser
+from optimem.harness.record import read_records
+from optimem.harness.run_config import RunConfig
 
 GOAL_MEDIAN, GOAL_WORST = 0.02, 0.05
 """Issue 26's goal for the peak allocated: median absolute error <= 2%, worst <= 5%."""
@@ -51,8 +57,6 @@ def cuda_records(records: Iterable[dict]) -> list[dict]:
 
 
 def family_of(record: dict) -> str:
-    from optimem.estimators import get_spec
-
     try:
         return get_spec(record["config"]["optim"]).family
     except (KeyError, UserError):
@@ -73,9 +77,6 @@ def split_halves(records: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def _estimate(record: dict):
-    from optimem.estimators.estimate import estimate
-    from optimem.harness.run_config import RunConfig
-
     return estimate(replace(RunConfig.from_dict(record["config"]), device="cuda"))
 
 
@@ -105,8 +106,6 @@ def step_bytes_rule(est) -> int:
 
 def hbm_bandwidth(device_name: str | None) -> float | None:
     """The catalog GPU's memory bandwidth in bytes/s (None when the device is not in the catalog)."""
-    from optimem.estimators.gpus import load_gpus, match_gpu
-
     gpu = match_gpu(device_name or "", load_gpus()) if device_name else None
     return gpu.bandwidth_gbs * 1e9 if gpu is not None and gpu.bandwidth_gbs else None
 
@@ -260,9 +259,6 @@ def render_markdown(result: dict[str, Any], sources: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from optimem.harness.campaign import OneLineParser
-    from optimem.harness.record import read_records
-
     p = OneLineParser(prog="python -m optimem.harness.campaign_report",
                                 description="Fit the CUDA terms on half of the GPU records, judge the other half.")
     p.add_argument("records", nargs="+", help="JSONL files of GPU records (a campaign's, bench run's, bench sweep's)")

@@ -15,7 +15,12 @@ import importlib
 import os
 import re
 import sys
-import warnings
+import traceback
+
+from optimem.estimators import cache
+from optimem.estimators.errors import UserError, one_line
+from optimem.harness.commands.setup_args import apply_revision, flagged
+from optimem.harness.process import quiet_libraries
 
 COMMANDS = ("estimate", "optims", "run", "sweep", "plan", "plot", "compare", "serve")
 DEBUG_ENV = "OPTIMEM_DEBUG"
@@ -33,17 +38,6 @@ class _Parser(argparse.ArgumentParser):
         if "expected one argument" in message or "expected at least one argument" in message:
             message += " (a value that starts with '-' goes as --flag=VALUE)"
         self.exit(EXIT_USAGE, f"bench: error: {message} (see '{self.prog} --help')\n")
-
-
-def _quiet() -> None:
-    """Keep library chatter (torchao's missing CUDA kernels, deprecation notes) off the user's screen."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore")
-    import logging
-
-    for name in ("torchao", "torch._dynamo", "torch.utils._pytree", "transformers", "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _named_command(argv: list[str]) -> str | None:
@@ -71,46 +65,22 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _flagged(exc: Exception) -> str:
-    """A bad setup field's message, led by the flag that sets it (``--batch-size: ...``)."""
-    from optimem.estimators.setup import CLI, SetupError
-
-    if isinstance(exc, SetupError):
-        names = CLI[exc.field].names if exc.field in CLI else (f"--{exc.field.replace('_', '-')}",)
-        return f"{'/'.join(names)}: {exc}"
-    return str(exc)
-
-
-def _one_line(exc: BaseException, limit: int = 400) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def main(argv: list[str] | None = None) -> int:
-    _quiet()
-    from optimem.estimators.errors import UserError
-
+    quiet_libraries()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "").strip().lower() not in (
         "", "0", "no", "false", "off")
     if getattr(args, "no_cache", False):
-        from optimem.estimators import cache
-
         cache.disable()
     try:
-        from optimem.harness.commands.setup_args import apply_revision
-
         apply_revision(args)
         return int(args.func(args) or 0)
     except UserError as exc:
         if debug:
-            import traceback
-
             traceback.print_exc()
-        print(f"bench {args.command}: error: {_flagged(exc)}", file=sys.stderr)
+        print(f"bench {args.command}: error: {flagged(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"bench {args.command}: interrupted", file=sys.stderr)
@@ -119,11 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a traceback
         if debug:
-            import traceback
-
             traceback.print_exc()
         hint = "" if debug else f" (run with --debug or {DEBUG_ENV}=1 for the traceback)"
-        print(f"bench {args.command}: internal error: {_one_line(exc)}{hint}", file=sys.stderr)
+        print(f"bench {args.command}: internal error: {one_line(exc, 400, kind=True)}{hint}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from optimem.harness.grid import config_label, record_key
-from optimem.harness.results import pct_error, step_times
+from optimem.harness.results import step_times
+from optimem.harness.units import pct_error
 from optimem.harness.units import format_table, human_bytes, md_table
 
 ENV_FIELDS: tuple[str, ...] = ("device", "device_name", "torch", "transformers", "optimizer_package")

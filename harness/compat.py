@@ -54,7 +54,7 @@ def set_optimi_triton(allowed: bool) -> bool | None:
     global _OPTIMI_HAS_TRITON
     if importlib.util.find_spec("optimi") is None:
         return None
-    import optimi.utils
+    import optimi.utils  # lazy: optimi is optional
 
     if _OPTIMI_HAS_TRITON is None:
         _OPTIMI_HAS_TRITON = bool(optimi.utils.HAS_TRITON)

@@ -14,6 +14,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from optimem.harness.trackers.nvml import driver_facts
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -75,8 +77,8 @@ def cpu_name() -> str | None:
 
 def collect_env(device: str, spec=None) -> dict[str, Any]:
     """``env`` for a run on ``device`` (``cpu`` or ``cuda``) of optimizer ``spec``."""
-    import psutil
-    import torch
+    import psutil  # lazy: pulls in psutil, which importing this module does not
+    import torch  # lazy: pulls in torch, which importing this module does not
 
     commit, dirty = git_commit()
     env: dict[str, Any] = {
@@ -93,8 +95,6 @@ def collect_env(device: str, spec=None) -> dict[str, Any]:
         dist = optimizer_distribution(spec)
         env["optimizer_package"] = {"name": dist, "version": package_version(dist)}
     if device == "cuda":
-        from optimem.harness.trackers.nvml import driver_facts
-
         env.update(driver_facts(0))
     else:
         env["device_name"] = env["cpu"]

@@ -18,11 +18,18 @@ import itertools
 import json
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from optimem.estimators.errors import UserError
+from optimem.estimators import get_spec
+from optimem.estimators.catalog import canonical_name, resolve
+from optimem.estimators.errors import UserError, one_line
+from optimem.estimators.optimizers import REGISTRY, names, parse_optim_args
 from optimem.estimators.setup import CLI, DEFAULT_TARGETS, SetupError
+from optimem.harness.commands.setup_args import field_defaults
+from optimem.harness.run_config import RunConfig
+from optimem.harness.units import human_bytes
 
 KEY_FIELDS: tuple[str, ...] = ("model", "optim", "dtype", "mixed_precision", "batch_size", "seq_len", "grad_accum",
                                "gradient_checkpointing", "optim_args", "optim_target_modules", "steps", "warmup",
@@ -33,8 +40,6 @@ KEY_FIELDS: tuple[str, ...] = ("model", "optim", "dtype", "mixed_precision", "ba
 
 # ----------------------------------------------------------------------------------------------- keys
 def _canonical_optim(name: Any) -> Any:
-    from optimem.estimators import get_spec
-
     try:
         return get_spec(str(name)).name
     except UserError:
@@ -42,8 +47,6 @@ def _canonical_optim(name: Any) -> Any:
 
 
 def _canonical_model(name: Any) -> Any:
-    from optimem.estimators.catalog import canonical_name
-
     return canonical_name(name)  # never fetches: a Hub id stays as given
 
 
@@ -53,8 +56,6 @@ def _canonical_optim_args(text: Any) -> Any:
     if isinstance(text, dict):
         pairs = {str(k): str(v) for k, v in text.items()}
     else:
-        from optimem.estimators.optimizers import parse_optim_args
-
         try:
             pairs = parse_optim_args(str(text))
         except UserError:
@@ -105,9 +106,6 @@ def canonical_config(config: dict, resolved_device: str | None = None) -> dict:
 
 
 def _field_defaults() -> dict[str, Any]:
-    from optimem.harness.commands.setup_args import field_defaults
-    from optimem.harness.run_config import RunConfig
-
     return field_defaults(RunConfig)
 
 
@@ -156,8 +154,6 @@ def config_label(config: dict, *, with_optim: bool = True) -> str:
             parts.append(f"{k}={v}")
     extra = config.get("extra") or {}
     if extra.get("memory_limit_bytes"):
-        from optimem.harness.units import human_bytes
-
         parts.append(f"limit {human_bytes(extra['memory_limit_bytes'])}")
     return " ".join(parts)
 
@@ -170,8 +166,6 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2
 def parse_size(text: Any) -> int:
     """'4GiB', '512 MB', '1.5g', '123456' -> bytes (decimal units for kB/MB/GB, binary for KiB/MiB/GiB); exact
     (no float rounding), positive."""
-    from fractions import Fraction
-
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         if not 0 < text < float("inf"):
             raise UserError(f"memory size must be a positive number of bytes, got {text!r}")
@@ -254,8 +248,6 @@ def _axis_values(field: str, values: Any) -> list:
 # ------------------------------------------------------------------------------------- optimizers
 def families() -> dict[str, list[str]]:
     """Family -> the names in it that optimem can estimate and run (registry order)."""
-    from optimem.estimators.optimizers import REGISTRY
-
     out: dict[str, list[str]] = {}
     for name, spec in REGISTRY.items():
         if spec.availability == "ok":
@@ -268,9 +260,6 @@ def select_optimizers(tokens: Any, named: set[str] | None = None) -> list[str]:
     name), optimizer names, in any mix and comma-separated; duplicates dropped, order kept.
     ``all`` is every name optimem can estimate (removed and unsupported ones are left out). ``named``
     collects the names given one by one (not through a family or ``all``)."""
-    from optimem.estimators import get_spec
-    from optimem.estimators.optimizers import REGISTRY, names
-
     fams = families()
     out: list[str] = []
     for token in _flatten(tokens):
@@ -326,8 +315,6 @@ class Grid:
     them is an error; for the others, that optimizer is left out of the sweep with a note."""
 
     def args_for(self, optim: str) -> str | None:
-        from optimem.estimators import get_spec
-
         spec = get_spec(optim)
         for k in (spec.name, f"family:{spec.family}", spec.family, "*"):
             if k in self.optim_args:
@@ -335,8 +322,6 @@ class Grid:
         return None
 
     def targets_for(self, optim: str) -> Any:
-        from optimem.estimators import get_spec
-
         if not get_spec(optim).needs_target_modules:
             return None
         return _canonical_targets(self.optim_target_modules) or DEFAULT_TARGETS
@@ -351,8 +336,6 @@ class Grid:
         """Every :class:`RunConfig` (each validated as it is built: a bad value is a UserError naming
         ``source``), in axis order, then shape, then optimizer; duplicates (values that normalise alike)
         once."""
-        from optimem.harness.run_config import RunConfig
-
         names = [f for f in AXES if f in self.axes]
         out, seen = [], set()
         for combo in itertools.product(*(self.axes[f] for f in names), self.shapes, self.optims):
@@ -488,8 +471,6 @@ def _grid_from_mapping(data: dict, source: str) -> Grid:
 def _check_optim_args_targets(grid: Grid) -> None:
     """Every ``NAME:ARGS`` of ``optim_args`` names an optimizer or a family of the sweep (else the args would
     be silently ignored)."""
-    from optimem.estimators import get_spec
-
     fams = families()
     specs = [get_spec(o) for o in grid.optims]
     for target in grid.optim_args:
@@ -513,14 +494,12 @@ def _check_optim_args_targets(grid: Grid) -> None:
 
 
 def _canonical_check_model(model: str) -> None:
-    from optimem.estimators.catalog import resolve
-
     resolve(model)  # UserError for an unknown model, before anything runs
 
 
 def load_yaml(path: str | Path) -> dict:
     """A sweep file: a YAML mapping of grid keys and sweep settings."""
-    import yaml
+    import yaml  # lazy: pulls in yaml, which importing this module does not
 
     p = Path(path)
     try:
@@ -532,7 +511,7 @@ def load_yaml(path: str | Path) -> dict:
     except OSError as exc:
         raise UserError(f"cannot read sweep file {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"sweep file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"sweep file {path} is not valid YAML: {one_line(exc, 10**6)}") from None
     if not isinstance(data, dict):
         raise UserError(f"sweep file {path} must hold a mapping (optim: ..., model: ..., batch_size: ...)")
     return data

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from optimem.estimators.errors import UserError
+from optimem.harness.record import to_line
 
 RESCUE_PREFIX = "optimem-unsaved-"
 
@@ -129,8 +130,6 @@ def rescue_record(record: dict, failed: str | os.PathLike, error: BaseException,
     ``./optimem-unsaved-<name or run id>.jsonl``, else the same name in the temp folder (appended: a sweep
     keeps all its rescued records in one). Returns the path (None when neither could be written: the caller
     still prints the record)."""
-    from optimem.harness.record import to_line
-
     name = f"{RESCUE_PREFIX}{name or record.get('run_id') or 'record'}.jsonl"
     for folder in (Path.cwd(), Path(tempfile.gettempdir())):
         target = folder / name

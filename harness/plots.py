@@ -50,6 +50,7 @@ class _BinaryLocator:
     """Ticks at round numbers of one binary unit (KiB, MiB, GiB) for a linear byte axis."""
 
     def __new__(cls):
+        # lazy: pulls in matplotlib, which importing this module does not
         from matplotlib.ticker import Locator, MaxNLocator
 
         class Loc(Locator):
@@ -67,6 +68,7 @@ class _BinaryLocator:
 
 
 def _byte_axis(axis, log: bool) -> None:
+    # lazy: pulls in matplotlib, which importing this module does not
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     if log:
@@ -108,7 +110,7 @@ def _label_points(ax, xs: list[float], ys: list[float], texts: list[str], *, gap
 
 
 def _new_figure(width: float, height: float):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: pulls in matplotlib, which importing this module does not
 
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
@@ -211,7 +213,7 @@ def predicted_vs_measured_figure(df):
     axes = fig.subplots(1, 2)
     complete = bool(rows["predicted_peak_complete"].all())
     title = "peak memory" if complete else ("peak memory (predicted = weights + gradients + optimizer state:\n"
-                                             "the estimate has no activation figure)")
+                                             "records whose estimate has no activation figure)")
     _scatter_panel(axes[0], rows.dropna(subset=["predicted_peak"]), "measured_peak", "predicted_peak", title,
                    "peak memory", max_labels=MAX_LABELS if complete else MAX_LABELS // 2)
     state = rows.dropna(subset=["measured_optimizer_state_total", "predicted_optimizer_state_total"])
@@ -280,14 +282,14 @@ def memory_breakdown_figure(df):
         ax.set_axisbelow(True)
     for ax in axes[n:]:
         ax.set_visible(False)
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch  # lazy: pulls in matplotlib, which importing this module does not
 
     handles = [Patch(facecolor=CATEGORY_COLORS[c], label=LABELS[c]) for c in BREAKDOWN]
     handles += [Patch(facecolor="white", edgecolor="black", label="measured"),
                 Patch(facecolor="white", edgecolor="black", hatch="///", label="predicted"),
                 Patch(facecolor="black", label="— measured peak")]
     fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
-    note = " (predicted activations: not estimated yet)" if any_missing_pred else ""
+    note = " (predicted activations: not in these records)" if any_missing_pred else ""
     fig.suptitle(f"memory at the peak by category, measured vs predicted{note}", fontsize=11)
     return fig
 
@@ -350,7 +352,7 @@ def throughput_vs_memory_figure(df):
                       x_offset=0.03)
     for ax in axes[n:]:
         ax.set_visible(False)
-    from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D  # lazy: pulls in matplotlib, which importing this module does not
 
     handles = list(seen.values()) + [Line2D([], [], color="black", linewidth=1, label="Pareto front")]
     fig.legend(handles=handles, loc="outside right center", fontsize=8, title="optimizer family",
@@ -449,8 +451,8 @@ def report_markdown(df, images: dict[str, str], sources: list[str], summaries: l
         exact = int((state_ok["optimizer_state_error_pct"].abs() <= 0.5).sum())
         lines += ["", f"- peak memory predicted within ±{BAND:.0%}: {within} of {len(ok)} runs"
                   + ("" if ok["predicted_peak_complete"].all() else
-                     " (predicted peak = weights + gradients + optimizer state, marked *: the estimate has no "
-                     "activation figure yet)"),
+                     " (predicted peak = weights + gradients + optimizer state, marked *: records whose estimate "
+                     "has no activation figure)"),
                   f"- optimizer state predicted within ±0.5%: {exact} of {len(state_ok)} runs"]
     titles = {"predicted_vs_measured": "Predicted vs measured", "memory_breakdown": "Memory breakdown at the peak",
               "throughput_vs_memory": "Throughput vs peak memory", "max_batch": "Largest batch that fits"}
@@ -479,6 +481,7 @@ def report_markdown(df, images: dict[str, str], sources: list[str], summaries: l
 def write_all(df, out_dir: str | os.PathLike, *, sources: list[str], summaries: list[dict] | None = None,
               report: bool = True) -> dict[str, Path]:
     """Save every figure as ``<out_dir>/<name>.png`` and the Markdown report; returns name -> path."""
+    # lazy: pulls in matplotlib, which importing this module does not
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     out = Path(out_dir)

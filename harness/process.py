@@ -2,9 +2,12 @@
 session, waiting with a timeout (seconds), killing the whole process group, a log's tail, library quieting."""
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import signal
 import subprocess
+import warnings
 from pathlib import Path
 
 from optimem.harness.env_facts import REPO_ROOT
@@ -19,15 +22,17 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def quiet_libraries() -> None:
-    """Keep the libraries' warnings and log lines out of a run's output."""
-    import logging
-    import warnings
+QUIETED_LOGGERS = ("torchao", "torch._dynamo", "torch._inductor", "torch.utils._pytree", "transformers",
+                   "bitsandbytes", "accelerate")
 
+
+def quiet_libraries(*more: str) -> None:
+    """Keep the libraries' warnings and log lines (torchao's missing CUDA kernels, deprecation notes) out of the
+    user's screen and a run's output; ``more``: further logger names."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")
-    for name in ("torchao", "torch._dynamo", "torch._inductor", "transformers", "bitsandbytes", "accelerate"):
+    for name in (*QUIETED_LOGGERS, *more):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -79,8 +84,6 @@ def kill_group(proc, grace_s: float = 3.0) -> None:
 def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """``preexec_fn``: the child gets SIGKILL when this process dies (PR_SET_PDEATHSIG)."""
     try:
-        import ctypes
-
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)
     except Exception:
         pass

@@ -20,12 +20,8 @@ import functools
 import hashlib
 import json
 import os
-
-try:
-    import fcntl
-except ImportError:  # not on Windows
-    fcntl = None
 import signal
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -33,8 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optimem.estimators import cache
+from optimem.estimators.errors import UserError
 from optimem.estimators.inventory import DTYPES
 from optimem.estimators.setup import ATTN_IMPLEMENTATIONS, DEVICES, MIXED_PRECISIONS, SHARDINGS, TASKS
+
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
 
 SCHEMA_VERSION = 2
 """2: the config holds the whole training setup (task, attention implementation, freeze, processes,
@@ -310,8 +313,6 @@ def lock_results(path: str | os.PathLike, holder: str = "bench sweep"):
     The lock is on ``<path>.lock`` beside the file (the appends' own per-line lock is on the file itself:
     ``bench run`` can still append while a sweep runs); the lock file is removed on exit, and a lock left by a
     killed sweep is released by the kernel with its process."""
-    from optimem.estimators.errors import UserError
-
     if fcntl is None:  # no advisory locks here (Windows): nothing to hold
         yield None
         return
@@ -365,7 +366,7 @@ MAX_BATCH_SCHEMA: dict[str, Any] = {
 
 @functools.cache
 def _validator(kind: str | None):
-    import jsonschema
+    import jsonschema  # lazy: pulls in jsonschema, which importing this module does not
 
     return jsonschema.Draft202012Validator(MAX_BATCH_SCHEMA if kind == "max_batch" else SCHEMA)
 
@@ -435,8 +436,6 @@ _REPORTED: set[tuple] = set()
 def _report(report: ReadReport, key: tuple) -> None:
     """Print the report's summary on stderr, once per file state (a command that reads a file twice says it
     once)."""
-    import sys
-
     line = report.summary()
     if line and key not in _REPORTED:
         _REPORTED.add(key)
@@ -450,8 +449,6 @@ def read_records(path: str | os.PathLike, *, report: ReadReport | None = None, q
     :data:`MAX_BATCH_SCHEMA`, records of a newer schema version). What was skipped is counted in ``report``
     and, unless ``quiet``, said in one line on stderr when the file has been read to its end. Lines of other
     ``kind`` s pass unchecked. UserError for a file that cannot be read or is not text at all."""
-    from optimem.estimators.errors import UserError
-
     path = Path(path)
     report = report if report is not None else ReadReport(str(path))
     try:
@@ -499,8 +496,6 @@ def read_records(path: str | os.PathLike, *, report: ReadReport | None = None, q
         report.records += 1
         yield obj
     if checked_key is not None and known is None:
-        from optimem.estimators import cache
-
         cache.put(checked_key, invalid)
     if not quiet:
         _report(report, (str(path.resolve()), st.st_size, st.st_mtime_ns))
@@ -514,8 +509,6 @@ def _schemas_digest() -> str:
 def _checked_key(data: bytes):
     """The on-disk cache key of a results file's schema check: its content and the schemas (a file read
     before is not validated again; validating is most of the time of reading one)."""
-    from optimem.estimators import cache
-
     return cache.key("records_checked", 1, content=hashlib.sha256(data).hexdigest(), schemas=_schemas_digest())
 
 
@@ -524,8 +517,6 @@ def _known_invalid(k) -> dict[str, str] | None:
     not checked before, or the cache is off)."""
     if k is None:
         return None
-    from optimem.estimators import cache
-
     got = cache.get(k)
     if not isinstance(got, dict) or not all(isinstance(v, str) for v in got.values()):
         return None

@@ -14,6 +14,7 @@ from optimem.estimators.errors import UserError
 from optimem.estimators.optimizers import REGISTRY
 from optimem.harness.grid import config_label, precision_label, record_key, shape_label
 from optimem.harness.record import ReadReport, read_records
+from optimem.harness.units import pct_error
 
 
 def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, reports: list | None = None) -> list[dict]:
@@ -162,13 +163,6 @@ def step_times(record: dict) -> list[float]:
     return []
 
 
-def pct_error(predicted: float | None, measured: float | None) -> float | None:
-    """(predicted - measured) / measured in percent (None when either is missing or measured is 0)."""
-    if predicted is None or measured in (None, 0):
-        return None
-    return (predicted - measured) / measured * 100.0
-
-
 # ---------------------------------------------------------------------------------------- table
 def record_row(rec: dict) -> dict[str, Any]:
     """One flat row of figures for a record (the columns of :func:`to_frame`)."""
@@ -220,7 +214,7 @@ def record_row(rec: dict) -> dict[str, Any]:
 def to_frame(records_or_paths: Any, *, latest: bool = True):
     """A pandas DataFrame, one row per record (see :func:`record_row`); ``latest`` keeps only the last
     record of each configuration."""
-    import pandas as pd
+    import pandas as pd  # lazy: pulls in pandas, which importing this module does not
 
     if isinstance(records_or_paths, (str, os.PathLike)) or (
             isinstance(records_or_paths, (list, tuple)) and records_or_paths

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from optimem.estimators.errors import UserError
+from optimem.estimators.model_check import check_model_config
 from optimem.estimators.setup import SetupError, TrainingSetup
 
 
@@ -47,8 +49,6 @@ class RunConfig(TrainingSetup):
         """The setup's checks (:meth:`TrainingSetup.check_trainable`), then what a measured run needs besides:
         warmup steps shorter than the run, a ``data`` file with text in it, and a vocabulary with room for
         the synthetic token ids (:data:`FIRST_SYNTHETIC_ID` up)."""
-        from optimem.estimators.model_check import check_model_config
-
         super().check_trainable(inventory)
         for name in ("deepspeed", "fsdp", "offload_optimizer", "offload_param"):
             if getattr(self, name) not in (None, "", "none"):
@@ -86,7 +86,7 @@ class RunConfig(TrainingSetup):
     def resolved_device(self) -> str:
         """``cuda`` or ``cpu``: ``auto`` is CUDA when torch sees a device."""
         if self.device == "auto":
-            import torch
+            import torch  # lazy: pulls in torch, which importing this module does not
 
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
@@ -99,8 +99,6 @@ most vocabularies)."""
 
 @functools.lru_cache(maxsize=8)
 def _tokens(path: str, mtime_ns: int, size: int) -> tuple[int, ...]:
-    import json
-
     try:
         with open(path, "rb") as fh:
             raw = fh.read()

@@ -7,9 +7,12 @@ synthetic token ids (or a local text/JSONL file); the optimizer is chosen exactl
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
+import shutil
 import tempfile
+import weakref
 from typing import Any
 
 import torch
@@ -18,6 +21,8 @@ from optimem.estimators import get_spec
 from optimem.estimators.catalog import resolve
 from optimem.estimators.inventory import TORCH_DTYPE_NAMES, instantiate
 from optimem.estimators.optimizers import parse_optim_args
+from optimem.estimators.peft_model import build_training_model
+from optimem.harness.compat import prepare_run
 from optimem.harness.contract import RUN_DIR_ENV
 from optimem.harness.run_config import FIRST_SYNTHETIC_ID, RunConfig, data_tokens
 
@@ -76,13 +81,12 @@ def apply_optimizer_compat(cfg: RunConfig, spec) -> None:
     importable, which fails on a CPU-only run; bitsandbytes' process-wide override manager, which would
     leak one Trainer's embedding overrides into the next run in the same process). See harness/compat.py.
     """
-    from optimem.harness.compat import prepare_run
-
     prepare_run(cfg.optim, cfg.resolved_device())
 
 
 def remove_printer_callback(trainer) -> None:
     """Drop the Trainer's stdout printer (``disable_tqdm=True`` adds it): a measured run prints nothing."""
+    # lazy: pulls in transformers, which importing this module does not
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
@@ -106,8 +110,6 @@ def build_model(cfg: RunConfig):
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     if cfg.peft:
-        from optimem.estimators.peft_model import build_training_model
-
         model = build_training_model(cfg, device=device, base=model)
         if cfg.quantize:
             return model  # loaded onto the device by bitsandbytes (the Trainer does not move it either)
@@ -116,6 +118,7 @@ def build_model(cfg: RunConfig):
 
 def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, callbacks=None):
     """A ready ``Trainer`` for ``cfg`` (not yet trained)."""
+    # lazy: pulls in transformers, which importing this module does not
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     spec = get_spec(cfg.optim)
@@ -156,9 +159,8 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
         bf16=cfg.mixed_precision == "bf16", fp16=cfg.mixed_precision == "fp16",
     )
     if cfg.use_liger_kernel:  # the Trainer patches the model with liger-kernel (its Triton kernels: CUDA only)
-        import json
-
         kwargs.update(use_liger_kernel=True, liger_kernel_config=json.loads(cfg.liger_kernel_config or "{}"))
+    # lazy: pulls in accelerate, psutil, yaml, which importing this module does not
     from optimem.harness.distributed.rank import rank_training_arguments
 
     kwargs.update(rank_training_arguments(cfg, model))
@@ -175,9 +177,6 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
                       optimizer_cls_and_kwargs=optimizer_cls_and_kwargs, callbacks=callbacks)
     if owned is not None:
-        import shutil
-        import weakref
-
         weakref.finalize(trainer, shutil.rmtree, owned, True)
     return trainer
 

@@ -1,14 +1,14 @@
-"""Run one real Trainer step and compare the measured optimizer state with the estimate.
-
-Used by the exactness tests and by ``bench run``: the same path a user's run takes.
-"""
+"""One real Trainer run's optimizer state (bytes, walked by :mod:`optimem.harness.state_walker`) beside the
+estimate of the same configuration: the exactness tests' check and ``python -m optimem.harness.validate_peft``'s."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from optimem.estimators import estimate
+from optimem.estimators.bnb_layout import model_storage_tensors
 from optimem.harness.scenario import RunConfig, build_trainer, unwrap_optimizer
-from optimem.harness.state_walker import StateMeasure, measure_optimizer_state
+from optimem.harness.state_walker import StateMeasure, measure_optimizer_state, storage_bytes
+from optimem.harness.units import rel_error
 
 
 @dataclass
@@ -23,10 +23,7 @@ class StateComparison:
     @property
     def rel_error(self) -> float:
         """(predicted - measured) / measured; 0 when both are 0."""
-        m, p = self.measured.total, self.predicted["optimizer_state"]
-        if m == 0:
-            return 0.0 if p == 0 else float("inf")
-        return (p - m) / m
+        return rel_error(self.predicted["optimizer_state"], self.measured.total)
 
     def describe(self) -> str:
         return (f"{self.config.optim} on {self.config.model} {self.config.dtype} args={self.config.optim_args!r}: "
@@ -46,10 +43,7 @@ def adapter_fields(cfg) -> dict:
 def weight_storage_bytes(model) -> int:
     """Unique storage bytes of what holds a model's weights: its parameters and, for a bitsandbytes-quantized
     model, the quantization state beside them (``optimem.estimators.bnb_layout.model_storage_tensors``)."""
-    from optimem.estimators.bnb_layout import model_storage_tensors
-    from optimem.harness.worker import _unique_storage_bytes
-
-    return _unique_storage_bytes(model_storage_tensors(model))
+    return storage_bytes(model_storage_tensors(model))
 
 
 def compare_state(cfg: RunConfig) -> StateComparison:

@@ -29,8 +29,8 @@ class StateMeasure:
                 "by_key": dict(sorted(self.by_key.items()))}
 
 
-def _plain_tensors(t: torch.Tensor):
-    """The plain tensors behind ``t`` (opening wrapper subclasses)."""
+def plain_tensors(t: torch.Tensor):
+    """The plain tensors behind ``t`` (opening wrapper subclasses: torchao's quantized states, DTensors)."""
     if type(t) in (torch.Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
         yield t
         return
@@ -38,7 +38,27 @@ def _plain_tensors(t: torch.Tensor):
     for name in names:
         inner = getattr(t, name)
         if isinstance(inner, torch.Tensor):
-            yield from _plain_tensors(inner)
+            yield from plain_tensors(inner)
+
+
+def storage_bytes(tensors, seen: set | None = None) -> int:
+    """Bytes of the unique storages behind ``tensors`` (wrapper subclasses opened; None, non-tensors, meta and
+    empty storages skipped); ``seen``: storage keys already counted, updated (to count several sets once)."""
+    seen = set() if seen is None else seen
+    total = 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        for pt in plain_tensors(t):
+            if pt.device.type == "meta":
+                continue
+            st = pt.untyped_storage()
+            key = _storage_key(pt)
+            if key in seen or st.nbytes() == 0:
+                continue
+            seen.add(key)
+            total += st.nbytes()
+    return total
 
 
 def measure_optimizer_state(optimizer, exclude: list[torch.Tensor] | None = None,
@@ -58,7 +78,7 @@ def measure_optimizer_state(optimizer, exclude: list[torch.Tensor] | None = None
         for t in (p, p.grad):
             if isinstance(t, torch.Tensor):
                 skip_ids.add(id(t))
-                for pt in _plain_tensors(t):
+                for pt in plain_tensors(t):
                     skip_storages.add(_storage_key(pt))
     seen_objs: set[int] = set()
     seen_storages: set[tuple] = set()
@@ -68,7 +88,7 @@ def measure_optimizer_state(optimizer, exclude: list[torch.Tensor] | None = None
     def add(t: torch.Tensor, key: str) -> None:
         if id(t) in skip_ids:
             return
-        for pt in _plain_tensors(t):
+        for pt in plain_tensors(t):
             if pt.device.type == "meta":
                 continue
             sk = _storage_key(pt)

@@ -3,10 +3,10 @@
 Every configuration goes through :func:`optimem.harness.launcher.execute` (checks, prediction, a worker process
 with a timeout, forked from a zygote that imported torch, transformers and the optimizer packages once:
 :mod:`optimem.harness.zygote`; a fresh ``python -m optimem.harness.worker`` when it cannot be); the record comes
-back to the sweep's main thread, which appends it whole (:func:`optimem.harness.record.append_record`), so a sweep that is killed at any moment
-leaves only whole lines, and ``--resume`` picks up from the configurations already recorded (matched by
-:func:`optimem.harness.grid.config_key`). A run that fails, runs out of memory or times out is recorded as such
-and the sweep goes on.
+back to the sweep's main thread, which appends it whole (:func:`optimem.harness.record.append_record`), so a
+sweep that is killed at any moment leaves only whole lines, and ``--resume`` picks up from the configurations
+already recorded (matched by :func:`optimem.harness.grid.config_key`). A run that fails, runs out of memory or
+times out is recorded as such and the sweep goes on.
 
 ``--jobs N`` runs N workers at once (threads that each wait on one worker process). Memory figures are
 per process and unaffected; throughput figures are, as the runs share the CPU: keep ``--jobs 1`` for
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from optimem.estimators import get_spec
-from optimem.estimators.errors import UserError
+from optimem.estimators.errors import UserError, one_line
 from optimem.harness import max_batch
 from optimem.harness.env_facts import collect_env
 from optimem.harness.grid import config_key, config_label, record_key
@@ -211,7 +211,7 @@ class Sweep:
         except UserError as exc:
             record = self._error_record(cfg, str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug in one run must not end the sweep
-            record = self._error_record(cfg, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            record = self._error_record(cfg, one_line(exc, 10**6, kind=True),
                                         traceback.format_exc()[-4000:])
         finally:
             with self._lock:

@@ -11,7 +11,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeRemainingColumn)
 
 from optimem.harness.grid import config_label
-from optimem.harness.results import pct_error, predicted_peak
+from optimem.harness.results import predicted_peak
+from optimem.harness.units import pct_error
 from optimem.harness.units import human_bytes
 
 

@@ -41,3 +41,28 @@ def md_table(headers: list[str], rows: list[list], text_cols: frozenset[str] | N
     rule = ["---" if text_cols is None or h in text_cols else "---:" for h in headers]
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join(rule) + "|"]
     return "\n".join(out + ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows])
+
+
+def rel_error(predicted: float | None, measured: float | None) -> float | None:
+    """``(predicted - measured) / measured``, a fraction; None when either is missing, 0 when both are 0, inf
+    when only the measurement is 0."""
+    if predicted is None or measured is None:
+        return None
+    if measured == 0:
+        return 0.0 if predicted == 0 else float("inf")
+    return (predicted - measured) / measured
+
+
+def pct_error(predicted: float | None, measured: float | None) -> float | None:
+    """:func:`rel_error` in percent (None also when the measurement is 0)."""
+    return None if measured == 0 else (None if (e := rel_error(predicted, measured)) is None else e * 100.0)
+
+
+def error_text(error: float | None) -> str:
+    """A relative error (a fraction) for a table: ``""`` when missing, ``exact``, ``n/a`` (nothing measured),
+    else ``+1.23%``."""
+    if error is None:
+        return ""
+    if error == 0:
+        return "exact"
+    return "n/a" if error == float("inf") else f"{error:+.2%}"

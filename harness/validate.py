@@ -6,32 +6,33 @@
     python -m optimem.harness.validate --peft             # only the LoRA / QLoRA matrix
     python -m optimem.harness.validate --zoo              # the transformers zoo (optimem.harness.zoo; --help there)
 
-Two matrices: the original one (Llama, GPT-2, T5: 10 optimizers x 2 shapes x checkpointing, plus bf16
-parameters, bf16 autocast, eager attention, accumulation, frozen parameters; 165 cases) and the
-architecture families (:data:`FAMILIES`: 14 models/heads x 10 optimizers x checkpointing x bf16 autocast),
-and LoRA / QLoRA (:func:`peft_matrix`: peft adapters on plain, 4-bit and 8-bit bitsandbytes bases, which
-bitsandbytes' CPU backend trains).
-
-Every case is a real ``transformers.Trainer`` run of the harness (``optimem.harness.launcher.run_in_process``:
-the model, ``TrainingArguments(optim=...)``, the tensor accountant and the phase marks of ``bench run``),
-on the CPU, with one compute thread. The measured figure is the accountant's exact live-tensor peak per
-phase; the prediction is :func:`optimem.estimators.estimate` for the same configuration (``device="cpu"``),
-plus the one term that belongs to the harness rather than to training: its synthetic dataset, held in
-memory as one ``(samples, seq_len)`` int64 tensor (``harness_bytes``).
-
-Runs use 3 optimizer steps so that the tracked steady step (step 1) has the next batch prefetched, as
-every step but the last of a real run does.
+The matrices: :func:`matrix` and :func:`settings_matrix` (Llama, GPT-2, T5 x optimizers x shapes x
+checkpointing, and the settings), :data:`FAMILIES` (the architecture families) and :func:`peft_matrix`
+(LoRA / QLoRA on plain, 4-bit and 8-bit bases). Every case is a real ``transformers.Trainer`` run of the
+harness on the CPU (:func:`optimem.harness.launcher.run_in_process`, one compute thread, 3 optimizer steps so
+the steady step has the next batch prefetched); measured: the tensor accountant's live-tensor peak per phase
+(bytes); predicted: :func:`optimem.estimators.estimate` (``device="cpu"``) plus the harness's synthetic
+dataset (``harness_bytes``). The figures are in results/peak_error_cpu.md.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
+import os
+import platform
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from optimem.estimators import estimate, get_spec
+from optimem.harness.env_facts import cpu_name, git_commit, package_version
+from optimem.harness.launcher import run_in_process
+from optimem.harness.process import quiet_libraries
+from optimem.harness.run_config import RunConfig
 
 MODELS = ("tiny-llama", "tiny-gpt2", "tiny-t5")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "adamw_bnb_8bit", "galore_adamw", "apollo_adamw",
@@ -104,8 +105,6 @@ class Case:
     def config(self):
         """The harness run this case is: a :class:`~optimem.harness.run_config.RunConfig` on the CPU, :data:`STEPS`
         steps (the one setup type the estimator and the harness both take)."""
-        from optimem.harness.run_config import RunConfig
-
         return RunConfig(model=self.model, optim=self.optim, dtype=self.dtype, mixed_precision=self.mixed_precision,
                          batch_size=self.batch_size, seq_len=self.seq_len, grad_accum=self.grad_accum,
                          gradient_checkpointing=self.gradient_checkpointing, attn_implementation=self.attn,
@@ -198,20 +197,18 @@ def settings_matrix(models=MODELS) -> list[Case]:
     autocast, eager attention, gradient accumulation, frozen parameters; with and without checkpointing."""
     out = []
     for m in models:
-        for gc in (False, True):
-            out += [Case(m, "adamw_torch", 2, 64, gc, dtype="bf16"),
-                    Case(m, "adafactor", 2, 64, gc, dtype="bf16"),
-                    Case(m, "adamw_torch", 2, 64, gc, mixed_precision="bf16"),
-                    Case(m, "adamw_torch", 2, 64, gc, attn="eager"),
-                    Case(m, "adamw_torch", 2, 64, gc, grad_accum=2),
-                    Case(m, "adamw_torch", 2, 64, gc, freeze=FREEZE[m])]
+        for ckpt in (False, True):
+            out += [Case(m, "adamw_torch", 2, 64, ckpt, dtype="bf16"),
+                    Case(m, "adafactor", 2, 64, ckpt, dtype="bf16"),
+                    Case(m, "adamw_torch", 2, 64, ckpt, mixed_precision="bf16"),
+                    Case(m, "adamw_torch", 2, 64, ckpt, attn="eager"),
+                    Case(m, "adamw_torch", 2, 64, ckpt, grad_accum=2),
+                    Case(m, "adamw_torch", 2, 64, ckpt, freeze=FREEZE[m])]
         out += [Case(m, o, 2, 64, False, dtype="bf16") for o in ("lomo", "galore_adamw", "grokadamw")]
     return out
 
 
 def _targets(optim: str):
-    from optimem.estimators import get_spec
-
     return "all-linear" if get_spec(optim).needs_target_modules else None
 
 
@@ -224,8 +221,6 @@ def harness_bytes(case: Case) -> int:
 
 
 def predict(case: Case) -> tuple[int, dict[str, int]]:
-    from optimem.estimators import estimate
-
     est = estimate(case.config())
     extra = harness_bytes(case)
     phases = {k: v["peak"] + extra for k, v in est.phases.items()}
@@ -234,7 +229,7 @@ def predict(case: Case) -> tuple[int, dict[str, int]]:
 
 @contextlib.contextmanager
 def _one_thread():
-    import torch
+    import torch  # lazy: pulls in torch, which importing this module does not
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -248,10 +243,8 @@ def measure(case: Case) -> dict:
     """One harness run (in this process); the worker's payload. bitsandbytes' module cache of quantization
     codes is emptied first, as a fresh process (``bench run``'s worker) has it: the code double quantization
     creates is then born in this run, as in every real one."""
-    from optimem.harness.launcher import run_in_process
-
     if case.quantize:
-        from bitsandbytes import functional
+        from bitsandbytes import functional  # lazy: bitsandbytes is optional
 
         functional.name2qmap.clear()
     with _one_thread(), _frozen_gc():
@@ -262,8 +255,6 @@ def measure(case: Case) -> dict:
 def _frozen_gc():
     """accelerate's ``free_memory()`` runs ``gc.collect()`` when training ends (after the tracked steps); with
     the objects that exist before the run frozen, that collection only walks the run's own objects."""
-    import gc
-
     gc.freeze()
     try:
         yield
@@ -309,11 +300,6 @@ def _pct(x, digits: int = 3) -> str:
 
 def machine_facts() -> dict:
     """The machine and package versions a validation table was measured with (its header line)."""
-    import os
-    import platform
-
-    from optimem.harness.env_facts import cpu_name, git_commit, package_version
-
     commit, dirty = git_commit()
     return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "git_commit": commit, "git_dirty": dirty,
@@ -463,18 +449,6 @@ def main(argv: list[str] | None = None) -> int:
                                 "predicted_peak": r.predicted_peak, "phases": r.phases, "reason": r.reason}
                                for r in results]})
     return 0 if all(r.ok() for r in results) else 1
-
-
-def quiet_libraries(*more: str) -> None:
-    """Keep the libraries' warnings and log lines out of a validation run's progress lines."""
-    import logging
-    import os
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
-    for name in ("torchao", "torch.utils._pytree", "transformers", "bitsandbytes", *more):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def write_outputs(args, table: str, data: dict) -> None:

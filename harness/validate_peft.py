@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from optimem.harness.validate import machine_facts, quiet_libraries, write_outputs
+from optimem.estimators import estimate
+from optimem.estimators.errors import one_line
+from optimem.harness.compat import prepare_run
+from optimem.harness.launcher import skip_reason
+from optimem.harness.process import quiet_libraries
+from optimem.harness.run_config import RunConfig
+from optimem.harness.validate import machine_facts, write_outputs
 
 MODELS = ("tiny-llama", "tiny-gpt2", "tiny-t5", "tiny-qwen2")
 OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit", "adafactor", "lomo")
@@ -61,8 +65,6 @@ class Case:
         return f"{self.model} {self.optim} r{self.r} {self.target}{' dora' if self.dora else ''}{q}"
 
     def config(self):
-        from optimem.harness.run_config import RunConfig
-
         return RunConfig(model=self.model, optim=self.optim, lora=self.lora, quantize=self.quantize,
                          double_quant=self.quantize in ("nf4", "fp4"), batch_size=2, seq_len=16, steps=STEPS,
                          warmup=1, device="cpu")
@@ -99,13 +101,13 @@ def matrix(models=MODELS, optimizers=OPTIMIZERS, quick: bool = False) -> list[Ca
 
 def run_case(case: Case) -> Result:
     """Train the case, measure, estimate."""
-    import torch
+    import torch  # lazy: pulls in torch, which importing this module does not
 
-    from optimem.estimators import estimate
-    from optimem.harness.compat import prepare_run
-    from optimem.harness.launcher import skip_reason
+    # lazy: pulls in torch, which importing this module does not
     from optimem.harness.scenario import build_trainer, remove_printer_callback, unwrap_optimizer
+    # lazy: pulls in torch, which importing this module does not
     from optimem.harness.state_check import adapter_fields, weight_storage_bytes
+    # lazy: pulls in torch, which importing this module does not
     from optimem.harness.state_walker import measure_optimizer_state
 
     t0 = time.perf_counter()
@@ -125,7 +127,7 @@ def run_case(case: Case) -> Result:
         measured = {"trainable_params": int(model.get_nb_trainable_parameters()[0]),
                     "weights": weight_storage_bytes(model), "optimizer_state": int(state.total)}
     except Exception as exc:  # noqa: BLE001 - a failed case is a row of the table
-        return Result(case, "error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+        return Result(case, "error", reason=one_line(exc, 200 + len(type(exc).__name__) + 2, kind=True),
                       seconds=time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)

@@ -22,9 +22,17 @@ import time
 import traceback
 from typing import Any
 
-from optimem.harness.contract import (FAULT_ENV, RUN_DIR_PREFIX, rank_info, rank_result_path, read_job,
-                                      write_result)
+from optimem.estimators import get_spec
+from optimem.estimators.bnb_layout import model_storage_tensors
+from optimem.estimators.errors import one_line
+from optimem.estimators.gpus import device_peak_flops
+from optimem.estimators.throughput import flops_per_token
+from optimem.harness.contract import FAULT_ENV, RUN_DIR_PREFIX, rank_info, rank_result_path, read_job, write_result
+from optimem.harness.env_facts import cpu_name
 from optimem.harness.process import quiet_libraries
+from optimem.harness.trackers.nvml import NvmlSampler
+from optimem.harness.trackers.rss import RssTracker
+from optimem.harness.trackers.throughput import ThroughputTracker
 
 STEP_COMPILED_PACKAGES = frozenset({"torchao", "flashoptim"})
 """Optimizers whose ``step()`` runs ``torch.compile(fullgraph=True)``, which refuses to trace under a
@@ -33,6 +41,7 @@ Python dispatch mode: the tensor accountant is paused around their step."""
 
 def is_oom(exc: BaseException) -> bool:
     """Whether ``exc`` is an out-of-memory error (CUDA's ``OutOfMemoryError`` or the CPU allocator's)."""
+    # lazy: torch; the worker watches its parent before its first torch import
     import torch
 
     if isinstance(exc, torch.OutOfMemoryError):
@@ -42,18 +51,13 @@ def is_oom(exc: BaseException) -> bool:
         isinstance(exc, MemoryError) or "can't allocate memory" in msg or "out of memory" in msg.lower())
 
 
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def _inject(fault: str | None, label: str) -> None:
     if not fault or "@" not in fault:
         return
     kind, where = fault.split("@", 1)
     if where != label:
         return
+    # lazy: torch; the worker watches its parent before its first torch import
     import torch
 
     if kind == "oom":
@@ -65,20 +69,6 @@ def _inject(fault: str | None, label: str) -> None:
             time.sleep(3600)
     if kind == "crash":
         os.kill(os.getpid(), signal.SIGSEGV)
-
-
-def _unique_storage_bytes(tensors) -> int:
-    seen: set[int] = set()
-    total = 0
-    for t in tensors:
-        if t is None:
-            continue
-        st = t.untyped_storage()
-        if st.data_ptr() in seen:
-            continue
-        seen.add(st.data_ptr())
-        total += st.nbytes()
-    return total
 
 
 def _model_shape(model) -> dict[str, int | None]:
@@ -117,8 +107,6 @@ class MeasuredRun:
     """One measured Trainer job: trackers, phase boundaries, and the figures they produce."""
 
     def __init__(self, cfg, *, fault: str | None, track_tensors: bool | None):
-        from optimem.estimators import get_spec
-
         self.cfg = cfg
         self.fault = fault
         self.spec = get_spec(cfg.optim)
@@ -144,6 +132,7 @@ class MeasuredRun:
         self.state_before: int | None = None
         self.state_after_step: list[int] = []
         self.grads_at_step: list[int] = []
+        # lazy: torch and accelerate, only for multi-process runs
         from optimem.harness.distributed.rank import RankView, is_distributed
 
         self.shard = RankView(cfg) if is_distributed(cfg) else None
@@ -153,15 +142,15 @@ class MeasuredRun:
     # --------------------------------------------------------------------------------------- setup
     def _init_cuda(self) -> str | None:
         """NVML baseline (before CUDA exists), then the CUDA context; an error message if CUDA fails."""
+        # lazy: torch; the worker watches its parent before its first torch import
         import torch
 
         try:
-            from optimem.harness.trackers.nvml import NvmlSampler
-
             self.nvml = NvmlSampler(self.device_index)  # idle baseline, read before CUDA is initialised
         except Exception as exc:
-            self.notes.append(f"NVML unavailable ({_first_line(exc, 120)}): no driver-level memory figures")
+            self.notes.append(f"NVML unavailable ({one_line(exc, 120)}): no driver-level memory figures")
         try:
+            # lazy: imports torch; the worker watches its parent first
             from optimem.harness.trackers.cuda import device_facts
 
             torch.cuda.init()
@@ -172,21 +161,20 @@ class MeasuredRun:
         except Exception as exc:
             if self.nvml is not None:
                 self.nvml.stop()
-            return _first_line(exc)
+            return one_line(exc)
         if self.nvml is not None:
             self.nvml.record_context(torch.cuda.memory_reserved())
             self.nvml.start()
         return None
 
     def _build_trackers(self) -> None:
+        # lazy: torch; the worker watches its parent before its first torch import
         import torch
 
+        # lazy: imports torch; the worker watches its parent first
         from optimem.harness.trackers.cuda import CudaAllocatorTracker
         from optimem.harness.trackers.phases import PhaseRecorder
-        from optimem.harness.trackers.rss import RssTracker
         from optimem.harness.trackers.tensor_accounting import TensorAccountant
-        from optimem.harness.trackers.throughput import ThroughputTracker
-
         cfg = self.cfg
         self.rss = RssTracker()
         self.rss.start()
@@ -215,6 +203,7 @@ class MeasuredRun:
 
     # ------------------------------------------------------------------------------ during the run
     def _optimizer(self):
+        # lazy: torch and transformers; the worker watches its parent first
         from optimem.harness.scenario import unwrap_optimizer
 
         opt = getattr(self.trainer, "optimizer", None) if self.trainer is not None else None
@@ -225,6 +214,7 @@ class MeasuredRun:
         """For the accountant at each phase end: parameters, buffers, gradients, optimizer state. The
         optimizer is walked except after a forward (which creates no optimizer state); the walk is kept
         for ``step_end``."""
+        # lazy: imports torch; the worker watches its parent first
         from optimem.harness.state_walker import measure_optimizer_state
 
         if self.model is None:
@@ -249,13 +239,12 @@ class MeasuredRun:
         if not self.cfg.quantize or self.model is None:
             return self.params
         if self._weights is None:
-            from optimem.estimators.bnb_layout import model_storage_tensors
-
             self._weights = model_storage_tensors(self.model)
         return self._weights
 
     def measure_state(self, reuse_phase: str | None = None):
         """The walker's measure of the optimizer now (reusing the classifier's walk of ``reuse_phase``)."""
+        # lazy: imports torch; the worker watches its parent first
         from optimem.harness.state_walker import measure_optimizer_state
 
         opt = self._optimizer()
@@ -300,7 +289,9 @@ class MeasuredRun:
                 self.model_states_at_step.append(self.shard.model_states(None))
                 self.grads_at_step.append(self.model_states_at_step[-1]["gradients"])
             else:
-                self.grads_at_step.append(_unique_storage_bytes(p.grad for p in self.params))
+                from optimem.harness.state_walker import storage_bytes  # lazy: torch; see measure_state
+
+                self.grads_at_step.append(storage_bytes(p.grad for p in self.params))
             self.timer.pre_optimizer_step()
             if self.pause_for_step:
                 self.acct.pause()
@@ -320,6 +311,7 @@ class MeasuredRun:
 
     # ------------------------------------------------------------------------------------- the run
     def execute(self) -> dict[str, Any]:
+        # lazy: imports torch; the worker watches its parent first
         from optimem.harness.scenario import build_model, build_trainer, remove_printer_callback
         from optimem.harness.trackers.phases import PhaseCallback, attach_model_hooks
 
@@ -329,8 +321,6 @@ class MeasuredRun:
                 return {"status": "error", "reason": f"CUDA could not be initialised: {failure}", "measured": None,
                         "device_facts": self.facts, "detail": None}
         else:
-            from optimem.harness.env_facts import cpu_name
-
             self.facts["device_name"] = cpu_name()
         self._build_trackers()
         recorder, acct = self.recorder, self.acct
@@ -357,9 +347,9 @@ class MeasuredRun:
             with contextlib.suppress(Exception):
                 recorder.end(interrupted=True)
             if is_oom(exc):
-                status, reason = "oom", f"out of memory in {where}: {_first_line(exc)}"
+                status, reason = "oom", f"out of memory in {where}: {one_line(exc)}"
             else:
-                status, reason = "error", f"{type(exc).__name__} in {where}: {_first_line(exc)}"
+                status, reason = "error", f"{type(exc).__name__} in {where}: {one_line(exc)}"
                 detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:]
         wall = time.perf_counter() - t_start
         if acct is not None and not acct.stopped:
@@ -372,10 +362,8 @@ class MeasuredRun:
 
     # ------------------------------------------------------------------------------------- figures
     def _throughput(self) -> dict[str, Any]:
+        # lazy: torch; the worker watches its parent before its first torch import
         import torch
-
-        from optimem.estimators.gpus import device_peak_flops
-        from optimem.estimators.throughput import flops_per_token
 
         cfg = self.cfg
         flops = peak = None
@@ -383,8 +371,8 @@ class MeasuredRun:
         if self.model is not None:
             shape = _model_shape(self.model)
             if shape["non_embedding_params"] and shape["layers"] and shape["hidden"]:
-                per_token = flops_per_token(shape["non_embedding_params"], shape["layers"],
-                                                     shape["hidden"], cfg.seq_len)
+                per_token = flops_per_token(shape["non_embedding_params"], shape["layers"], shape["hidden"],
+                                            cfg.seq_len)
                 flops = per_token * cfg.batch_size * cfg.grad_accum * cfg.seq_len
         if self.device == "cuda":
             name = torch.cuda.get_device_name(0)
@@ -416,6 +404,9 @@ class MeasuredRun:
             peak_bytes = int(peaks["max_memory_allocated"])
         else:
             peak_bytes = int(rss.peak_bytes)
+        # lazy: imports torch; the worker watches its parent first
+        from optimem.harness.state_walker import storage_bytes
+
         grads = max(self.grads_at_step, default=0)
         if acct is not None and self.shard is None:
             grads = max(grads, int(acct.category_peaks.get("gradients", 0)))
@@ -425,9 +416,9 @@ class MeasuredRun:
             "peak_bytes": peak_bytes,
             "peaks": peaks,
             "phases": self.recorder.phases(),
-            "parameters_bytes": (_unique_storage_bytes(self.weights) if self.shard is None else
+            "parameters_bytes": (storage_bytes(self.weights) if self.shard is None else
                                  self.shard.parameter_bytes()),
-            "buffers_bytes": _unique_storage_bytes(self.buffers),
+            "buffers_bytes": storage_bytes(self.buffers),
             "gradients_bytes": int(grads),
             "optimizer_state_bytes": int(state.total) if state is not None else None,
             "optimizer_state": state.to_dict() if state is not None else None,
@@ -477,7 +468,7 @@ def _watch_parent(parent: int, run_dir: str | None = None) -> None:
     run's temporary folder ``run_dir``: a launcher killed with SIGKILL cannot remove it itself. The kernel
     sends :data:`PARENT_DEATH_SIGNAL` when the launching thread dies; a thread also checks the parent every
     0.5 s (the signal waits while the main thread is inside a long C call)."""
-    import shutil  # imported before the handler exists: a handler that imports can deadlock an import under way
+    import shutil  # lazy: imported before the handler exists (a handler that imports can deadlock an import)
 
     once = threading.RLock()  # the watch thread and the signal handler never remove the folder at the same time
 
@@ -488,6 +479,7 @@ def _watch_parent(parent: int, run_dir: str | None = None) -> None:
             os._exit(3)
 
     with contextlib.suppress(Exception):
+        # lazy: only where prctl is reached
         import ctypes
 
         libc = ctypes.CDLL(None)
@@ -525,6 +517,7 @@ def main(argv: list[str] | None = None, *, parent_pid: int | None = None) -> int
             _watch_parent(int(parent), run_dir if os.path.basename(run_dir).startswith(RUN_DIR_PREFIX) else None)
         fault = job.get("fault")
         _cut_off_on_sigterm()
+    # lazy: torch and transformers; the worker watches its parent first
     from optimem.harness.scenario import RunConfig
 
     cfg = RunConfig.from_dict(job["config"])

@@ -27,19 +27,24 @@ launcher's handle on it, whose :meth:`Zygote.spawn` returns a :class:`ForkedRun`
 """
 from __future__ import annotations
 
+import ctypes
+import importlib
 import json
 import os
 import selectors
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
+from optimem.estimators import REGISTRY, cache
+from optimem.estimators.catalog import catalog, resolve
 from optimem.harness.contract import FAULT_ENV, RUN_DIR_ENV
+from optimem.harness.env_facts import package_versions
 from optimem.harness.process import quiet_libraries
 
 RUNTIME_ENV = frozenset({FAULT_ENV, RUN_DIR_ENV})
@@ -58,9 +63,6 @@ def preload_modules() -> list[str]:
     trackers; the model classes of the catalog's configs; every installed optimizer's module (from the
     registry: the module of each spec's class). ``pkg:Name`` means ``getattr(import(pkg), Name)`` (transformers'
     lazily imported model classes)."""
-    from optimem.estimators import REGISTRY
-    from optimem.estimators.catalog import catalog, resolve
-
     mods = ["torch", "transformers", "transformers.trainer", "accelerate", "optimem.harness.worker", "optimem.harness.scenario",
             "optimem.harness.state_walker", "optimem.harness.trackers.phases", "optimem.harness.trackers.rss", "optimem.harness.trackers.cuda",
             "optimem.harness.trackers.tensor_accounting", "optimem.harness.trackers.throughput", "optimem.harness.trackers.nvml"]
@@ -76,8 +78,6 @@ def preload_modules() -> list[str]:
 
 
 def _import(name: str) -> None:
-    import importlib
-
     if ":" in name:
         module, attr = name.split(":", 1)
         getattr(importlib.import_module(module), attr)
@@ -102,8 +102,6 @@ def _child(req: dict, ready_w: int, close_fds: list[int], zygote_pid: int) -> No
     try:
         os.setsid()
         try:
-            import ctypes
-
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the zygote
         except Exception:  # noqa: BLE001 - not Linux: the worker's parent watch still runs
             pass
@@ -130,7 +128,7 @@ def _child(req: dict, ready_w: int, close_fds: list[int], zygote_pid: int) -> No
         os.environ.clear()
         os.environ.update(req["env"])
         sys.argv = ["optimem.harness.worker", *req["argv"]]
-        from optimem.harness import worker
+        from optimem.harness import worker  # lazy: torch; the launcher imports this module too
 
         code = worker.main(list(req["argv"]), parent_pid=zygote_pid) or 0  # os._exit()s once the result is written
     except SystemExit as exc:
@@ -327,21 +325,14 @@ class Zygote:
 
     # ------------------------------------------------------------------------------------ starting
     def _exclusions_key(self, env: dict[str, str]):
-        from optimem.estimators import cache
-        from optimem.harness.env_facts import package_versions
-
         return cache.key("zygote", ZYGOTE_CACHE_VERSION, python=sys.version, executable=sys.executable,
                          packages=package_versions(), cuda_visible=env.get("CUDA_VISIBLE_DEVICES"),
                          nvidia=os.path.exists("/dev/nvidiactl"))
 
     def _start(self, env: dict[str, str], cwd: str) -> bool:
-        from optimem.estimators import cache
-
         ck = self._exclusions_key(env)
         excluded = list(cache.get(ck) or [])
         if self.log_path is None:
-            import tempfile
-
             fd, name = tempfile.mkstemp(prefix="optimem-zygote-", suffix=".log")
             os.close(fd)
             self.log_path, self._own_log = Path(name), True

@@ -34,8 +34,6 @@ from .spec import FP32, OptimizerSpec, ParamCtx, blocks
 MIN_8BIT_SIZE = 4096
 BLOCK = 256
 QMAP_BYTES = 256 * FP32
-PAGED_MIN_NUMEL = 100_000
-"""bitsandbytes pages a state buffer only for parameters with at least this many elements."""
 
 
 def rejected_arg(name: str, reason: str):

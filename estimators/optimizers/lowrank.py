@@ -118,11 +118,6 @@ def galore_projection(ctx: ParamCtx, grad_size: int | None = None,
     return _low_rank_shape(m, n, r, side), _svd_projector_bytes(m, n, r, side, gs)
 
 
-def projected_shape(ctx: ParamCtx) -> tuple[int, int]:
-    """The low-rank gradient (and moment) shape of a targeted weight under GaLore's SVD projector."""
-    return galore_projection(ctx)[0]
-
-
 def _plain_adam(ctx: ParamCtx) -> dict[str, int]:
     return {"exp_avg": ctx.n * ctx.s, "exp_avg_sq": ctx.n * ctx.s}
 

@@ -6,6 +6,7 @@ allocates them (a view counts the whole storage it keeps alive); 0-dim tensors c
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -97,8 +98,6 @@ class OptimizerSpec:
 
     def installed(self) -> bool:
         """Whether the package holding the optimizer class can be imported here."""
-        import importlib.util
-
         return importlib.util.find_spec(self.import_name) is not None
 
     def install_line(self) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .cuda_rules import device
+from .meta_kernels import python_metas
 from .tensor import META, register_rule
 
 aten = torch.ops.aten
@@ -19,9 +21,6 @@ def _layer_norm(func, args, kwargs):
     ``param_scalar_type``: fp32 when the input is 16-bit and a weight or bias is not (mixed type), else the
     input's dtype (the meta function always uses fp32 for 16-bit inputs, CUDA's choice); their shape is the
     input's with the normalized dimensions set to 1."""
-    from .cuda_rules import device
-    from .meta_kernels import python_metas
-
     x, normalized_shape, weight, bias = (list(args) + [None, None])[:4]
     weight = kwargs.get("weight", weight)
     bias = kwargs.get("bias", bias)
@@ -76,8 +75,6 @@ def _unsafe_view(func, args, kwargs):
     try:
         return aten.view.default(*args, **kwargs)
     except RuntimeError:
-        from .meta_kernels import python_metas
-
         return python_metas()[func](*args, **kwargs)
 
 

@@ -31,6 +31,7 @@ These rules follow the kernels' source; no GPU was available to validate them (s
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 
@@ -125,8 +126,6 @@ class _OpPacket:
 
 @contextlib.contextmanager
 def _bnb_ops_of(dev: str):
-    import sys
-
     if dev != "cuda" or "bitsandbytes" not in sys.modules:
         yield
         return

@@ -14,11 +14,12 @@ import contextlib
 import functools
 
 import torch
+import torch._meta_registrations as mr
+from torch._decomp import decomposition_table, global_decomposition_table
+from torch._ops import OpOverload
 
 
 def _library():
-    import torch._meta_registrations as mr
-
     return mr._meta_lib_dont_use_me_use_register_meta
 
 
@@ -26,9 +27,6 @@ def _library():
 def python_metas() -> dict:
     """OpOverload -> the Python meta function torch registered for it on the Meta key (as ``activate_meta``
     picks them: meta table first, then post- and pre-autograd decompositions)."""
-    from torch._decomp import global_decomposition_table
-    from torch._ops import OpOverload
-
     lib = _library()
     keys = lib._op_impls
     out: dict = {}
@@ -95,8 +93,6 @@ class _Kernel:
         self.func = func
         fb = python_metas().get(func)
         if fb is None:
-            from torch._decomp import decomposition_table
-
             fb = decomposition_table.get(func)
         self.fallback = fb
         self.use_fallback = False

@@ -8,13 +8,17 @@ attention implementation, frozen parameters, the Trainer's non-reentrant activat
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 from ..catalog import ModelSource
-from ..errors import UserError
+from ..errors import UserError, one_line
+from ..inventory import instantiate
+from ..peft_model import traced_training_model
 from .tensor import from_meta, named_trace_tensor
 
 
@@ -44,8 +48,6 @@ BNB_STATES = ("QuantState", "MatmulLtState")
 def _traced(value, memo: dict):
     """``value`` with every meta tensor in it a trace tensor (a bitsandbytes state object copied, its tensors
     converted; tensors seen before map to the same trace tensor)."""
-    import copy
-
     if isinstance(value, torch.Tensor):
         if id(value) not in memo:
             memo[id(value)] = from_meta(value)
@@ -97,7 +99,7 @@ def _with_peft(model, source: ModelSource):
     """The PEFT model the user's object is: ``get_peft_model`` with its config, on the meta model (before the
     trace tensors: PEFT swaps modules, which works on meta parameters)."""
     try:
-        from peft import PeftConfig, get_peft_model
+        from peft import PeftConfig, get_peft_model  # lazy: peft is optional
     except ImportError:
         raise UserError(f"{source.name} is a PEFT model: install peft to trace it") from None
     data = dict(source.peft)
@@ -109,7 +111,7 @@ def _with_peft(model, source: ModelSource):
             warnings.simplefilter("ignore")
             return get_peft_model(model, PeftConfig.from_peft_type(**data))
     except (ValueError, TypeError, KeyError) as exc:
-        raise UserError(f"{source.name}: cannot rebuild its PEFT wrapping ({str(exc).splitlines()[0][:200]})") from None
+        raise UserError(f"{source.name}: cannot rebuild its PEFT wrapping ({one_line(exc, 200)})") from None
 
 
 def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, attn: str, gc: bool,
@@ -119,13 +121,10 @@ def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, att
     ``peft``: a LoRA / QLoRA setup's fields (:func:`optimem.estimators.peft_model.trace_fields`): the model is then
     :func:`optimem.estimators.peft_model.build_training_model`'s, on meta (quantized layers, prepared for k-bit
     training, the adapter added), as the Trainer gets it."""
+    # lazy: pulls in transformers, which importing this module does not
     from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
-    from ..inventory import instantiate
-
     if peft:
-        from ..peft_model import traced_training_model
-
         model = traced_training_model(source, peft, dtype=dtype, gradient_checkpointing=gc)
     else:
         model = instantiate(source, device="meta", dtype=dtype, task=task)
@@ -141,7 +140,7 @@ def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, att
         except (ValueError, ImportError, AttributeError) as exc:
             if attn != "sdpa":
                 raise UserError(f"{source.name}: cannot use attn_implementation={attn!r} "
-                                f"({str(exc).splitlines()[0][:200]})") from None
+                                f"({one_line(exc, 200)})") from None
     attn_used = getattr(model.config, "_attn_implementation", None) or "eager"
     if frozen:
         names = set(frozen)
@@ -158,11 +157,9 @@ def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, att
                 else:
                     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             except ValueError as exc:
-                raise UserError(f"{source.name}: {str(exc).splitlines()[0]}") from None
+                raise UserError(f"{source.name}: {one_line(exc, 10**6)}") from None
     cfg.use_cache = False  # Trainer.__init__: model.config.use_cache = args.use_cache (False by default)
     model.train()
-    import inspect
-
     if hasattr(model, "accepts_loss_kwargs"):
         accepts = bool(model.accepts_loss_kwargs)
     else:

@@ -23,13 +23,15 @@ import numpy as np
 import torch
 
 from ..catalog import ModelSource
-from ..errors import TraceFailure, UserError
-from ..memsim import NB, basis
 from .cpu_rules import install as install_cpu_rules
 from .data import S_MIN, Region, StepTrace
+from ..errors import TraceFailure, UserError, one_line
 from .events import EventLog, FitError, SequenceMismatch, fit_logs, from_events
-from .setting import TraceSetting
+from .events import fit_shapes
+from ..memsim import NB, basis
+from .meta_kernels import cpp_meta_kernels
 from .model import build_traced_model
+from .setting import TraceSetting
 from .step import StepHooks, make_batch, micro_step, num_items, wrap_autocast
 from .tensor import Recorder, TraceError, TraceMode, from_real
 
@@ -44,7 +46,7 @@ WINDOW_KEYS = ("sliding_window", "attention_chunk_size", "local_attention", "sli
 
 def trace_key(source: ModelSource, setting: TraceSetting) -> str:
     """The cache key of a trace: config content, torch and transformers versions, setting."""
-    import transformers
+    import transformers  # lazy: pulls in transformers, which importing this module does not
 
     blob = json.dumps({"config": source.load(), "peft": getattr(source, "peft", None), "torch": torch.__version__,
                        "transformers": transformers.__version__, "setting": asdict(setting), "format": 1},
@@ -134,10 +136,10 @@ class _Tracer:
                                                         attn=setting.attn, gc=setting.gc, frozen=setting.frozen,
                                                         peft=setting.peft)
         except (TraceError, RuntimeError, NotImplementedError) as exc:
-            raise UserError(f"cannot trace {source.name}: {str(exc).splitlines()[0][:200]}") from None
+            raise UserError(f"cannot trace {source.name}: {one_line(exc, 200)}") from None
         self.liger = None
         if setting.liger is not None:
-            from .liger_rules import patch
+            from .liger_rules import patch  # lazy: liger-kernel rules, only for --use-liger-kernel traces
 
             self.liger = patch(self.model, setting.liger)
         wrap_autocast(self.model, setting.mixed)
@@ -149,8 +151,6 @@ class _Tracer:
             # their compute type and cast their bias to it -- prepare_kbit upcast it to fp32 --, LLM.int8 layers
             # move their weight's row scales into their state): warmed up before any traced step, every region's
             # traces are of the steps after it, as the Trainer's steps after step 0 are.
-            from .meta_kernels import cpp_meta_kernels
-
             try:
                 with cpp_meta_kernels():
                     self.warm_up(2, FIRST_S, False)
@@ -201,8 +201,6 @@ def trace_region(source: ModelSource, setting: TraceSetting, b: int, s: int, acc
     """Trace and fit the region holding ``(b, s)`` (see :class:`_Plan`). ``wider``: for batch 1, the fitted
     region of batches from 2 at the same sequence lengths -- then one trace at batch 1 usually suffices
     (:func:`_derive_batch_one`)."""
-    from .meta_kernels import cpp_meta_kernels
-
     tracer = tracer or _Tracer(source, setting)
     wins = windows(tracer.model.config)
     b_lo, b_hi, s_lo, s_hi = _region_bounds(wins, b, s)
@@ -304,8 +302,6 @@ def _parsed(raw: list) -> tuple:
 def _fit(traced: dict, plan: _Plan, which: int, trace) -> EventLog:
     """The fitted log of the first (``which`` 0) or accumulating (1) micro-step: by shapes from the few points
     of the plan if that reproduces the check point, else by sizes from more points."""
-    from .events import fit_shapes
-
     check = traced[plan.check][which]
     pts = list(plan.shape_points)
     logs = [traced[p][which] for p in pts]

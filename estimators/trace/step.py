@@ -17,6 +17,8 @@ from types import MethodType
 
 import torch
 
+from .cuda_autocast import cuda_autocast
+from .cuda_rules import kernels_of
 from .events import BWD_END, FWD_END, PRE_ACC  # marker codes; a gradient is ("g", parameter index, storage id)
 from .meta_kernels import cpp_meta_kernels
 from .model import ModelFacts
@@ -31,6 +33,7 @@ def wrap_autocast(model: torch.nn.Module, mixed: str | None) -> None:
     16-bit outputs are converted to fp32."""
     if not mixed:
         return
+    # lazy: pulls in accelerate, psutil, yaml, which importing this module does not
     from accelerate.utils import convert_outputs_to_fp32
 
     ctx = torch.autocast(device_type="cpu", dtype=AUTOCAST[mixed])
@@ -102,9 +105,6 @@ def micro_step(model: torch.nn.Module, facts: ModelFacts, batch: dict, items, gr
                rec: Recorder, device: str = "cpu") -> list[tuple]:
     """Run one micro-step (forward, loss, backward) with ``device``'s kernels (``estimators/trace/cuda_rules``) and,
     for ``cuda``, CUDA's autocast policy (``estimators/trace/cuda_autocast``), and return its event log."""
-    from .cuda_autocast import cuda_autocast
-    from .cuda_rules import kernels_of
-
     old = set_recorder(rec)
     rec.events = []
     rec.active = True

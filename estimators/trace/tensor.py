@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .meta_kernels import meta_kernel
+
 CPU = torch.device("cpu")
 META = torch.device("meta")
 DATA_DEPENDENT = frozenset({"aten.nonzero.default", "aten.masked_select.default", "aten._local_scalar_dense.default",
@@ -214,8 +216,6 @@ class _OpInfo:
         if rule is not None:
             self.kernel = lambda a, k, _f=func, _r=rule: _r(_f, a, k)
         else:
-            from .meta_kernels import meta_kernel
-
             self.kernel = meta_kernel(func)
 
 

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from optimem.estimators.errors import UserError
 from optimem.harness.commands.argtypes import positive_int
+from optimem.harness.compare import Tolerances, compare_records, markdown_report, text_report
+from optimem.harness.paths import check_output_file
+from optimem.harness.results import load_records, none_read
 
 
 def _pct(text: str) -> float:
@@ -65,19 +69,10 @@ def register(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import os
-
-    from optimem.harness.compare import Tolerances, compare_records, markdown_report, text_report
-    from optimem.harness.results import load_records
-
     if args.markdown is not None and args.markdown != "-":
-        from optimem.harness.paths import check_output_file
-
         check_output_file(args.markdown, "--markdown", what="Markdown file", example="report.md")
     tol = Tolerances(memory_pct=args.memory_tolerance, throughput_pct=args.throughput_tolerance, alpha=args.alpha,
                      min_samples=args.min_samples)
-    from optimem.harness.results import none_read
-
     sides = {}
     for label, path in (("BASELINE", args.baseline), ("CURRENT", args.current)):
         reports: list = []

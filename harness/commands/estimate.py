@@ -5,6 +5,8 @@ import argparse
 import json
 
 from optimem.estimators import UserError, estimate, get_spec, names
+from optimem.estimators.catalog import resolve
+from optimem.estimators.cuda_overhead import calibrated_gpus
 from optimem.estimators.inventory import build_inventory
 from optimem.estimators.setup import DEFAULT_TARGETS, TrainingSetup
 from optimem.harness.commands.argtypes import add_no_cache
@@ -70,8 +72,6 @@ def _check_gpu(name: str | None) -> None:
     """``--gpu`` names a GPU with calibrated CUDA constants (else the defaults would be used without a word)."""
     if name is None:
         return
-    from optimem.estimators.cuda_overhead import calibrated_gpus
-
     known = calibrated_gpus()
     if name not in known:
         have = ", ".join(known) if known else "none yet"
@@ -192,8 +192,6 @@ def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> 
             "activations", "peak", "at"] + (["reserved", "device total"] if cuda else []) + ["notes"]
     table = format_table(cols, rows, align="lrrrrrrrrl" + ("rr" if cuda else "") + "l")
     lines = [head, _settings_line(setup), "", table]
-    from optimem.estimators.catalog import resolve
-
     source = resolve(inv.model)  # resolved once per process already: no second Hub request
     if source.origin == "hub":
         lines.insert(1, source.describe())

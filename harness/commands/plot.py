@@ -11,6 +11,11 @@ import json
 from pathlib import Path
 
 from optimem.estimators.errors import UserError
+from optimem.harness.max_batch import max_batch_path
+from optimem.harness.paths import check_output_dir
+from optimem.harness.plots import ok_rows, write_all
+from optimem.harness.record import read_records
+from optimem.harness.results import load_records, none_read, to_frame
 
 
 def register(sub) -> None:
@@ -34,12 +39,6 @@ def register(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from optimem.harness.paths import check_output_dir
-    from optimem.harness.plots import ok_rows, write_all
-    from optimem.harness.record import read_records
-    from optimem.harness.results import load_records, to_frame
-    from optimem.harness.max_batch import max_batch_path
-
     reports: list = []
     records = load_records(args.results, reports=reports)
     given = args.out is not None
@@ -54,8 +53,6 @@ def main(args: argparse.Namespace) -> int:
         elif args.max_batch:
             raise UserError(f"--max-batch {f}: no such max-batch file")
     if not records and not summaries:
-        from optimem.harness.results import none_read
-
         raise UserError(none_read(args.results, reports))
     df = to_frame(records, latest=not args.all_records)
     paths = write_all(df, out, sources=[str(Path(s)) for s in args.results], summaries=summaries,

@@ -14,11 +14,15 @@ import threading
 from optimem.estimators import get_spec
 from optimem.estimators.errors import UserError
 from optimem.estimators.setup import DEFAULT_TARGETS
-from optimem.harness.commands.argtypes import DEFAULT_OUT, add_no_cache, non_negative_int, positive_int, positive_seconds
+from optimem.harness.commands.argtypes import (DEFAULT_OUT, add_no_cache, non_negative_int, positive_int,
+                                               positive_seconds)
 from optimem.harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
+from optimem.harness.distributed.report import rank_rows
+from optimem.harness.launcher import check_config, execute
+from optimem.harness.record import append_record
 from optimem.harness.paths import check_output_file, rescue_record
 from optimem.harness.run_config import RunConfig
-from optimem.harness.units import human_bytes
+from optimem.harness.units import error_text, human_bytes, rel_error
 
 DEFAULT_STEPS = 6
 DEFAULT_WARMUP = 2
@@ -57,8 +61,6 @@ def register(sub) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """The :class:`RunConfig` the arguments describe (validated; UserError for bad values)."""
-    from optimem.harness.launcher import check_config
-
     if args.steps < 2:
         raise UserError(f"--steps must be at least 2 (got {args.steps}): step 0 has no optimizer state yet, the "
                         "steady state starts at step 1")
@@ -79,9 +81,6 @@ class _Terminated(KeyboardInterrupt):
 
 
 def main(args: argparse.Namespace) -> int:
-    from optimem.harness.launcher import execute
-    from optimem.harness.record import append_record
-
     cfg = config_from_args(args)
     if not args.no_save:
         check_output_file(args.out, "--out", what="results file (.jsonl)")
@@ -121,12 +120,7 @@ def main(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- table
 def _pct(measured: int | None, predicted: int | None) -> str:
-    if measured is None or predicted is None:
-        return ""
-    if measured == 0:
-        return "exact" if predicted == 0 else "n/a"
-    diff = (predicted - measured) / measured
-    return "exact" if predicted == measured else f"{diff:+.2%}"
+    return error_text(rel_error(predicted, measured))
 
 
 def _seconds_text(s: float | None) -> str:
@@ -163,7 +157,7 @@ def _header(record: dict) -> list[str]:
 
 def render(record: dict, saved: str | None = None) -> str:
     """The short human summary of a record: measured vs predicted, phase peaks, throughput."""
-    from rich.console import Console
+    from rich.console import Console  # lazy: pulls in rich, which importing this module does not
 
     console = Console(width=100, force_terminal=False, color_system=None, highlight=False, soft_wrap=True)
     m, pred = record.get("measured"), record.get("predicted")
@@ -199,8 +193,8 @@ def render(record: dict, saved: str | None = None) -> str:
 
 
 def _table(*columns: str):
-    from rich import box
-    from rich.table import Table
+    from rich import box  # lazy: pulls in rich, which importing this module does not
+    from rich.table import Table  # lazy: pulls in rich, which importing this module does not
 
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 2, 0, 0))
     for i, col in enumerate(columns):
@@ -221,8 +215,6 @@ def _memory_table(m: dict, pb: dict):
 
 def _rank_table(record: dict):
     """Per rank: measured against the planner's per-rank prediction."""
-    from optimem.harness.distributed.report import rank_rows
-
     d = record["distributed"]
     t = _table(f"  per rank ({d.get('backend')})", "peak", "predicted", "error",
                "gradients", "predicted", "opt. state", "predicted")

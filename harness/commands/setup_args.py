@@ -13,7 +13,8 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from optimem.estimators.setup import CLI, TrainingSetup
+from optimem.estimators.hub import pin_revision
+from optimem.estimators.setup import CLI, SetupError, TrainingSetup
 
 SWITCH_VALUES = ("off", "on", "both")
 
@@ -78,14 +79,20 @@ def add_setup_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
                                 help=f"short for --mixed-precision {name} (TrainingArguments({name}=True))")
 
 
+def flagged(exc: Exception) -> str:
+    """A bad setup field's message, led by the flag that sets it (``--batch-size: ...``)."""
+    if isinstance(exc, SetupError):
+        names = CLI[exc.field].names if exc.field in CLI else (f"--{exc.field.replace('_', '-')}",)
+        return f"{'/'.join(names)}: {exc}"
+    return str(exc)
+
+
 def apply_revision(args: argparse.Namespace) -> None:
     """Fold ``--revision REV`` into the model name(s): ``org/name`` becomes ``org/name@REV``, the one form the
     setup, the estimator and the records know (UserError for a model that is not a Hub id)."""
     revision = getattr(args, "revision", None)
     if revision is None:
         return
-    from optimem.estimators.hub import pin_revision
-
     model = getattr(args, "model", None)
     if isinstance(model, list):
         args.model = [pin_revision(m, revision) for m in model]

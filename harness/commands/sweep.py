@@ -19,9 +19,14 @@ from pathlib import Path
 from optimem.estimators.errors import UserError
 from optimem.estimators.setup import CLI
 from optimem.harness.commands.argtypes import DEFAULT_OUT, add_no_cache, positive_int, positive_seconds
-from optimem.harness.commands.setup_args import add_setup_arguments
-from optimem.harness.grid import AXES
-from optimem.harness.units import format_table, human_bytes
+from optimem.harness.commands.setup_args import add_setup_arguments, flagged
+from optimem.harness.grid import AXES, config_key, config_label, grid_from_mapping, load_yaml, parse_size
+from optimem.harness.launcher import check_config, resolve_device
+from optimem.harness.max_batch import DEFAULT_MAX_BATCH_CAP, group_key, max_batch_path
+from optimem.harness.paths import check_output_file
+from optimem.harness.record import lock_results
+from optimem.harness.results import predicted_peak, rank_prediction
+from optimem.harness.units import format_table, human_bytes, pct_error
 
 
 def register(sub) -> None:
@@ -87,8 +92,6 @@ def register(sub) -> None:
 
 # ------------------------------------------------------------------------------------------ setup
 def _mapping(args: argparse.Namespace) -> dict:
-    from optimem.harness.grid import load_yaml
-
     data = load_yaml(args.config) if args.config else {}
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     cli = {field: getattr(args, field, None) for field in CLI if field != "optim_args"}
@@ -114,8 +117,7 @@ def _mapping(args: argparse.Namespace) -> dict:
 
 
 def _settings(data: dict, args: argparse.Namespace):
-    from optimem.harness.max_batch import DEFAULT_MAX_BATCH_CAP
-    from optimem.harness.sweep import SweepOptions
+    from optimem.harness.sweep import SweepOptions  # lazy: pulls in rich, which importing this module does not
 
     def where(name: str) -> str:
         """The flag, or the sweep file's key, that gave a setting."""
@@ -161,8 +163,6 @@ def _settings(data: dict, args: argparse.Namespace):
 
 
 def _memory_limit(value, where: str) -> int | None:
-    from optimem.harness.grid import parse_size
-
     if value is None:
         return None
     try:
@@ -177,10 +177,6 @@ class _Terminated(KeyboardInterrupt):
 
 # ------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> int:
-    from optimem.harness.grid import config_key, config_label, grid_from_mapping
-    from optimem.harness.launcher import check_config, resolve_device
-    from optimem.harness.max_batch import group_key
-
     data = _mapping(args)
     if not data.get("optim"):
         raise UserError("no optimizers: give --optim NAME (repeatable; a family; or all), or a --config file")
@@ -213,13 +209,8 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(args, opts, configs, bases, config_key, config_label, resolve_device)
 
-    from optimem.harness.paths import check_output_file
-    from optimem.harness.record import lock_results
-
     check_output_file(opts.out, "--out", what="results file (.jsonl)")
     if opts.find_max_batch:
-        from optimem.harness.max_batch import max_batch_path
-
         check_output_file(max_batch_path(opts.out), "--out (its max-batch file)", what="results file (.jsonl)")
     with lock_results(opts.out, "bench sweep"):
         return _run(args, opts, configs, bases, starts)
@@ -227,8 +218,8 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, opts, configs: list, bases: list, starts: list[int]) -> int:
     """The sweep proper (the results file locked for this sweep)."""
-    from optimem.harness.sweep import Sweep
-    from optimem.harness.sweep_progress import Reporter
+    from optimem.harness.sweep import Sweep  # lazy: pulls in rich, which importing this module does not
+    from optimem.harness.sweep_progress import Reporter  # lazy: pulls in rich, which importing this module does not
 
     total = len(bases) if opts.find_max_batch else len(configs) * opts.repeat
     threads_env = _thread_env(opts)
@@ -298,9 +289,7 @@ def _runnable(grid, configs: list, check_config) -> list:
             continue
         out.append(cfg)
     for optim, exc in left_out.items():
-        from optimem.harness.cli import _flagged
-
-        print(f"bench sweep: note: leaving out {optim} (from a family or 'all'): {_flagged(exc)}", file=sys.stderr)
+        print(f"bench sweep: note: leaving out {optim} (from a family or 'all'): {flagged(exc)}", file=sys.stderr)
     if not out:
         raise UserError("nothing to run: every configuration was left out (see the notes above)")
     return out
@@ -329,7 +318,7 @@ def _restore_env(saved: dict) -> None:
 
 
 def _dry_run(args, opts, configs, bases, config_key, config_label, resolve_device) -> int:
-    from optimem.harness.max_batch import group_key
+    # lazy: pulls in rich, which importing this module does not
     from optimem.harness.sweep import existing_counts, read_existing
 
     existing = read_existing(opts.out) if opts.resume else {}
@@ -359,12 +348,8 @@ def _dry_run(args, opts, configs, bases, config_key, config_label, resolve_devic
 
 # ---------------------------------------------------------------------------------------- output
 def _run_summary(result) -> dict:
-    from optimem.harness.results import predicted_peak, rank_prediction
-
     rec = result.record
     c = result.config.to_dict()
-    from optimem.harness.grid import config_key, config_label
-
     if rec is None:
         return {"key": config_key(c), "label": config_label(c), "status": None, "reused": False}
     m = rec.get("measured") or {}
@@ -388,8 +373,6 @@ def _json_summary(outcome) -> dict:
 
 def render_summary(outcome) -> str:
     """The end-of-sweep table: one row per configuration (or per max-batch search)."""
-    from optimem.harness.results import pct_error
-
     lines = []
     if outcome.max_batch:
         rows = []

@@ -14,7 +14,7 @@ from accelerate.utils import DistributedType
 
 from optimem.harness.contract import TIMEOUT_ENV, rank_info
 from optimem.harness.distributed.schemes import ZERO_STAGES, is_distributed, training_arguments
-from optimem.harness.state_walker import _plain_tensors, measure_optimizer_state
+from optimem.harness.state_walker import measure_optimizer_state, storage_bytes
 
 MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
 """Where DeepSpeed's ZeRO optimizers keep the fp32 master partitions (stage 1/2, stage 3)."""
@@ -81,25 +81,6 @@ def skip_deepspeed_shm_op() -> None:
 
 
 # ------------------------------------------------------------------------------------- inside a rank
-def _storage_bytes(tensors, seen: set | None = None) -> int:
-    """Unique storage bytes of the plain tensors behind ``tensors`` (DTensors opened; meta skipped)."""
-    seen = set() if seen is None else seen
-    total = 0
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            continue
-        for pt in _plain_tensors(t):
-            if pt.device.type == "meta":
-                continue
-            st = pt.untyped_storage()
-            key = (str(pt.device), st.data_ptr())
-            if key in seen or st.nbytes() == 0:
-                continue
-            seen.add(key)
-            total += st.nbytes()
-    return total
-
-
 class RankView:
     """What one rank of a sharded run holds, as the engine that shards it arranges it.
 
@@ -120,7 +101,6 @@ class RankView:
         self.trainer = None
         self.params: list = []
         self.engine_step = False
-        self.at_step: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------- wiring
     def attach(self, trainer, model, on_step: Callable[[str], None],
@@ -204,7 +184,7 @@ class RankView:
 
     def parameter_bytes(self) -> int:
         """Local parameter storage and master partitions, bytes."""
-        return _storage_bytes(self.weights() + self.master_weights())
+        return storage_bytes(self.weights() + self.master_weights())
 
     def categories(self) -> dict[str, list]:
         """For the tensor accountant: parameters (local shards and master partitions) and gradients."""
@@ -214,9 +194,9 @@ class RankView:
         """Per-rank model-state bytes now: ``weights``, ``master_weights``, ``gradients`` (without the
         reduction buckets), ``gradient_buckets`` (DeepSpeed's ``ipg`` buckets), ``optimizer_state``."""
         seen: set = set()
-        w = _storage_bytes(self.weights(), seen)
-        master = _storage_bytes(self.master_weights(), seen)
-        grads = _storage_bytes([p.grad for p in self.params] + [p.grad for p in self.master_weights()], seen)
+        w = storage_bytes(self.weights(), seen)
+        master = storage_bytes(self.master_weights(), seen)
+        grads = storage_bytes([p.grad for p in self.params] + [p.grad for p in self.master_weights()], seen)
         buckets = 0
         if self.zero is not None:
             _, by_key = self._engine_buffers()

@@ -13,7 +13,7 @@ from optimem.estimators.sharding import sharding_support
 from optimem.estimators.step_memory import model_state_terms, step_memory
 from optimem.harness.distributed.schemes import SCHEMES, is_distributed, model_class, training_arguments
 from optimem.harness.results import load_records
-from optimem.harness.units import human_bytes
+from optimem.harness.units import error_text, human_bytes, rel_error
 
 
 # --------------------------------------------------------------------------------------- the record
@@ -74,14 +74,6 @@ STATE_TOLERANCE = 0.01
 the gradients within 1%."""
 
 
-def _err(predicted: int | None, measured: int | None) -> float | None:
-    if predicted is None or measured is None:
-        return None
-    if measured == 0:
-        return 0.0 if predicted == 0 else float("inf")
-    return (predicted - measured) / measured
-
-
 def rank_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per rank of a multi-process record: measured against predicted peak, gradients and optimizer
     state (bytes) and the relative errors (``(predicted - measured) / measured``)."""
@@ -105,7 +97,7 @@ def rank_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
                "weights": (ms.get("weights") or 0) + (ms.get("master_weights") or 0) if ms else None,
                "weights_predicted": pred.get("weights_bytes")}
         for k in ("peak", "gradients", "optimizer_state", "weights"):
-            row[f"{k}_error"] = _err(row[f"{k}_predicted"], row[k]) if e.get("status") == "ok" else None
+            row[f"{k}_error"] = rel_error(row[f"{k}_predicted"], row[k]) if e.get("status") == "ok" else None
         row["within"] = (e.get("status") == "ok" and row["peak_error"] is not None
                          and abs(row["peak_error"]) <= PEAK_TOLERANCE
                          and abs(row["gradients_error"]) <= STATE_TOLERANCE
@@ -117,9 +109,6 @@ def rank_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
 def markdown(records) -> str:
     """A Markdown table of every rank of every multi-process record (skipped and failed runs listed with
     their reason)."""
-    def pct(x):
-        return "" if x is None else ("exact" if x == 0 else f"{x:+.2%}")
-
     head = ("| optimizer | model | scheme | rank | peak measured | predicted | error | gradients | error "
             "| optimizer state | error | within |\n| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
             "| ---: | --- |")
@@ -137,9 +126,9 @@ def markdown(records) -> str:
             continue
         for r in rows:
             lines.append(f"| {r['optim']} | {r['model']} | {r['scheme']} | {r['rank']} | {human_bytes(r['peak'])} "
-                         f"| {human_bytes(r['peak_predicted'])} | {pct(r['peak_error'])} | {human_bytes(r['gradients'])} "
-                         f"| {pct(r['gradients_error'])} | {human_bytes(r['optimizer_state'])} "
-                         f"| {pct(r['optimizer_state_error'])} | {'yes' if r['within'] else 'NO'} |")
+                         f"| {human_bytes(r['peak_predicted'])} | {error_text(r['peak_error'])} | {human_bytes(r['gradients'])} "
+                         f"| {error_text(r['gradients_error'])} | {human_bytes(r['optimizer_state'])} "
+                         f"| {error_text(r['optimizer_state_error'])} | {'yes' if r['within'] else 'NO'} |")
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from optimem.estimators.inventory import instantiate
+
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 SCHEMES = ("ddp", "fsdp", *ZERO_STAGES)
 
@@ -54,8 +56,6 @@ def model_class(cfg):
     """The transformers class ``cfg`` trains (for its ``_no_split_modules``), built on the meta device."""
     # lazy: builds a model (torch, transformers); the flags alone do not need it
     from optimem.estimators.catalog import resolve
-    from optimem.estimators.inventory import instantiate
-
     return type(instantiate(resolve(cfg.model), device="meta"))
 
 

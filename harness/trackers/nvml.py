@@ -17,7 +17,7 @@ import time
 
 def nvml_available() -> bool:
     try:
-        import pynvml
+        import pynvml  # lazy: pynvml is optional
 
         pynvml.nvmlInit()
         return True
@@ -27,7 +27,7 @@ def nvml_available() -> bool:
 
 def visible_device_handle(index: int = 0):
     """The NVML handle of CUDA device ``index`` as this process sees it (honours CUDA_VISIBLE_DEVICES)."""
-    import pynvml
+    import pynvml  # lazy: pynvml is optional
 
     pynvml.nvmlInit()
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
@@ -41,7 +41,7 @@ def visible_device_handle(index: int = 0):
 
 def memory_info(handle) -> dict[str, int]:
     """``{"used", "total", "reserved"}`` bytes (v2 memory info where the driver has it)."""
-    import pynvml
+    import pynvml  # lazy: pynvml is optional
 
     try:
         info = pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2)
@@ -55,7 +55,7 @@ def memory_info(handle) -> dict[str, int]:
 def driver_facts(index: int = 0) -> dict:
     """Device name, driver version and total memory without initialising CUDA (empty if NVML is absent)."""
     try:
-        import pynvml
+        import pynvml  # lazy: pynvml is optional
 
         handle = visible_device_handle(index)
         name = pynvml.nvmlDeviceGetName(handle)

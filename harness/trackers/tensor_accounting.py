@@ -320,10 +320,6 @@ class TensorAccountant(TorchDispatchMode):
         self._stopped = True
 
     @property
-    def paused(self) -> bool:
-        return self._paused
-
-    @property
     def stopped(self) -> bool:
         return self._stopped
 

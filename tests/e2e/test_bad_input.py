@@ -582,6 +582,7 @@ def _skipped_run_args(out: Path) -> list[str]:
 
 
 def test_a_finished_run_is_kept_when_its_out_fails(tmp_path, capsys, monkeypatch):
+    import optimem.harness.commands.run as run_command
     import optimem.harness.record as record
 
     monkeypatch.chdir(tmp_path)
@@ -589,7 +590,7 @@ def test_a_finished_run_is_kept_when_its_out_fails(tmp_path, capsys, monkeypatch
     def disk_full(path, rec, **kw):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(record, "append_record", disk_full)
+    monkeypatch.setattr(run_command, "append_record", disk_full)  # where bench run appends
     rc = _bench(_skipped_run_args(tmp_path / "runs.jsonl") + ["--json"])
     out, err = capsys.readouterr()
     assert rc == 1 and "Traceback" not in err

@@ -26,6 +26,7 @@ def test_pyproject_lists_every_package_of_the_tree():
     assert set(setuptools["packages"]) == _tree_packages()
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers (~10-30 s here)
 def test_one_import_name_from_any_directory(tmp_path):
     """`from optimem import estimate` works outside the repository; no top-level `harness`/`estimators`."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
