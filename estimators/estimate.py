@@ -223,8 +223,11 @@ def _trained_set(setup: TrainingSetup, source: ModelSource, inv: Inventory) -> d
     return {"frozen": tuple(r.name for r in inv.rows if not r.trainable)}
 
 
-def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: Inventory | None = None) -> Estimate:
-    """:func:`estimate` for a validated setup (``inventory``: the model's, when the caller has it)."""
+def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: Inventory | None = None,
+                   states_only: bool = False) -> Estimate:
+    """:func:`estimate` for a validated setup (``inventory``: the model's, when the caller has it).
+    ``states_only``: weights, gradients and optimizer state only, without tracing the step (``activations``
+    and ``peak`` None): a lower bound of the peak, in milliseconds once the model's inventory is cached."""
     spec = get_spec(setup.optim)
     _check_available(spec)
     setup.check_trainable(inventory=inventory)
@@ -265,6 +268,11 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
     model_bytes = {"weights": inv.weight_bytes, "weights_trainable": inv.trainable_bytes,
                    "weights_frozen": inv.weight_bytes - inv.trainable_bytes, "gradients": gradients,
                    "optimizer_state": total, "optimizer_state_host": host, "optimizer_state_device": total - host}
+    if states_only:
+        return Estimate(setup=setup, num_params=inv.num_params, trainable_params=inv.trainable_params,
+                        bytes={**model_bytes, "activations": None, "peak": None},
+                        state_breakdown=dict(sorted(breakdown.items())), optim_args=dict(args),
+                        targeted_params=n_targeted, family=spec.family, notes=notes)
     setting = TraceSetting(dtype=setup.dtype, mixed=setup.mixed_precision, attn=setup.attn_implementation,
                            gc=setup.gradient_checkpointing, task=inv.task, device=device,
                            **_trained_set(setup, source, inv))

@@ -72,6 +72,9 @@ class SweepOptions:
     progress: str = "auto"
     """``bar`` (rich progress bar), ``lines`` (a line per finished run on stderr), ``none``, or ``auto``
     (bar on a terminal, else lines)."""
+    force: bool = False
+    """Run configurations the estimate says cannot fit the device's free memory (else each is recorded
+    ``oom-predicted`` without running: :mod:`optimem.harness.fit`)."""
     fork: bool = True
     """Fork each run from a :class:`optimem.harness.zygote.Zygote` (imports paid once per sweep); False: a fresh
     ``python -m optimem.harness.worker`` per run, as ``bench run`` does."""
@@ -301,6 +304,8 @@ class Sweep:
         self.write_failures = 0
         self.zygote = None
         self._fallback_noted = False
+        self._refusals: dict[str, Any] = {}
+        """config key -> :class:`optimem.harness.fit.Refusal` found by :meth:`prejudge`."""
 
     # --------------------------------------------------------------------------------- one run
     def _on_start(self, proc) -> None:
@@ -348,8 +353,10 @@ class Sweep:
         if self.reporter:
             self.reporter.started(label or config_label(cfg.to_dict()))
         try:
-            record = execute(cfg, timeout_s=self.opts.timeout_s, track_tensors=self.opts.track_tensors,
-                             fault=self.opts.faults.get(cfg.optim), on_start=self._on_start, zygote=self.zygote)
+            record = None if self.opts.force else self.refused(cfg)
+            if record is None:
+                record = execute(cfg, timeout_s=self.opts.timeout_s, track_tensors=self.opts.track_tensors,
+                                 fault=self.opts.faults.get(cfg.optim), on_start=self._on_start, zygote=self.zygote)
             zygote = self.zygote
             if (zygote is not None and zygote.refusal and record["run"].get("launch") == "subprocess"
                     and not self._fallback_noted and self.reporter):
@@ -375,6 +382,47 @@ class Sweep:
 
         validate(record)
         return record
+
+    def prejudge(self, configs: list) -> int:
+        """Judge ``configs`` on their model states alone (no trace; this thread, before any zygote starts): the
+        refused are kept for :meth:`refused` and are neither predicted nor forked for. Returns how many."""
+        from optimem.harness.fit import check
+        from optimem.harness.launcher import resolve_device, skip_reason
+
+        if self.opts.force:
+            return 0
+        for cfg in configs:
+            device = resolve_device(cfg)
+            try:
+                refusal = None if skip_reason(cfg, device) is not None else check(cfg, device)
+            except Exception:  # noqa: BLE001 - the run itself will report it
+                continue
+            if refusal is not None:
+                self._refusals[config_key(cfg.to_dict(), device)] = refusal
+        return len(self._refusals)
+
+    def refused(self, cfg) -> dict | None:
+        """The ``oom-predicted`` record of ``cfg`` when the estimate says it cannot fit the memory its device
+        has now (:func:`optimem.harness.fit.check`), else None (run it)."""
+        from optimem.estimators import get_spec
+        from optimem.harness.env_facts import collect_env
+        from optimem.harness.fit import OOM_PREDICTED, check
+        from optimem.harness.launcher import predict, resolve_device, skip_reason
+        from optimem.harness.record import build_record
+
+        device = resolve_device(cfg)
+        refusal = self._refusals.get(config_key(cfg.to_dict(), device))
+        if refusal is None:
+            if skip_reason(cfg, device) is not None:
+                return None  # recorded as skipped by the run itself
+            refusal = check(cfg, device) or check(cfg, device, predicted=predict(cfg))
+        if refusal is None:
+            return None
+        fit = {"needed_bytes": refusal.needed, "available_bytes": refusal.available, "available_from": refusal.source,
+               "needed": refusal.what}
+        return build_record(config=cfg.to_dict(), status=OOM_PREDICTED, reason=refusal.text(), measured=None,
+                            predicted=refusal.predicted, env=collect_env(device, get_spec(cfg.optim)),
+                            run={"resolved_device": device, "duration_s": 0.0, "fit": fit})
 
     def apply_memory_limit(self, record: dict) -> None:
         """Turn an ``ok`` record whose measured peak is over ``--memory-limit`` into ``oom``."""
@@ -535,8 +583,10 @@ class Sweep:
         tasks = reused + runs  # earlier records first (instant), then the runs in grid order
         if self.reporter:
             self.reporter.set_total(len(tasks))
-        with self.forking(len(runs)):
-            self.prewarm([r.config for r in self.outcome.results if not r.reused])
+        pending = [r.config for r in self.outcome.results if not r.reused]
+        refused = self.prejudge(pending)
+        with self.forking(len(runs) - refused):
+            self.prewarm([c for c in pending if config_key(c.to_dict(), resolve_device(c)) not in self._refusals])
             self._drive(tasks)
         return self.outcome
 
@@ -548,6 +598,10 @@ class Sweep:
         from optimem.harness.results import predicted_peak
 
         limit = self.opts.memory_limit
+        if limit is None and device == "cuda":  # no limit on a GPU: the search's boundary is its free memory
+            from optimem.harness.fit import available_memory
+
+            limit = available_memory(device)[0]
         if limit is None:
             return None
 
@@ -615,7 +669,7 @@ class Sweep:
             rec = cache[b]
             if rec["status"] == "ok":
                 return True
-            if rec["status"] == "oom":
+            if rec["status"] in ("oom", "oom-predicted"):
                 return False
             failure = rec
             raise _Failed

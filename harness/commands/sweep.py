@@ -67,6 +67,9 @@ def register(sub) -> None:
     r.add_argument("--no-fork", action="store_true",
                    help="start every run as a fresh 'python -m optimem.harness.worker' (as bench run) instead of forking "
                         "it from a process that imported torch, transformers and the optimizer packages once")
+    r.add_argument("--force", action="store_true",
+                   help="run configurations the estimate says cannot fit the device's free memory (by default "
+                        "each is recorded oom-predicted without running)")
     r.add_argument("--find-max-batch", action="store_true",
                    help="search each optimizer's largest batch size that fits, instead of running the batch sizes")
     r.add_argument("--memory-limit", metavar="SIZE",
@@ -156,7 +159,8 @@ def _settings(data: dict, args: argparse.Namespace):
         jobs=num("jobs", int, 1), threads=num("threads", int, None), track_tensors=track,
         memory_limit=_memory_limit(data.get("memory_limit"), where("memory_limit")),
         find_max_batch=bool(data.get("find_max_batch")), max_batch_cap=num("max_batch_cap", int, DEFAULT_MAX_BATCH_CAP),
-        repeat=num("repeat", int, 1), faults=faults, progress=args.progress, fork=not args.no_fork)
+        repeat=num("repeat", int, 1), faults=faults, progress=args.progress, fork=not args.no_fork,
+        force=bool(getattr(args, "force", False)))
 
 
 def _memory_limit(value, where: str) -> int | None:
