@@ -148,4 +148,32 @@ def check(cfg, device: str, *, predicted: dict | None = None,
     return None
 
 
-__all__ = ["OOM_PREDICTED", "Refusal", "available_memory", "check"]
+def judge(cfg, device: str, *, available: tuple[int | None, str] | None = None) -> Refusal | None:
+    """:func:`check` with both stages (the whole-step prediction computed only when the states fit); None for
+    a configuration the run itself will record as skipped."""
+    from optimem.harness.launcher import predict, skip_reason
+
+    if skip_reason(cfg, device) is not None:
+        return None
+    return check(cfg, device, available=available) or check(cfg, device, predicted=predict(cfg), available=available)
+
+
+def refusal_record(cfg, device: str, *, refusal: Refusal | None = None,
+                   available: tuple[int | None, str] | None = None) -> dict | None:
+    """The ``oom-predicted`` record of ``cfg`` (``refusal``: already found; else :func:`judge` is asked), or
+    None when it may fit."""
+    from optimem.estimators import get_spec
+    from optimem.harness.env_facts import collect_env
+    from optimem.harness.record import build_record
+
+    refusal = refusal or judge(cfg, device, available=available)
+    if refusal is None:
+        return None
+    fit = {"needed_bytes": refusal.needed, "available_bytes": refusal.available, "available_from": refusal.source,
+           "needed": refusal.what}
+    return build_record(config=cfg.to_dict(), status=OOM_PREDICTED, reason=refusal.text(), measured=None,
+                        predicted=refusal.predicted, env=collect_env(device, get_spec(cfg.optim)),
+                        run={"resolved_device": device, "duration_s": 0.0, "fit": fit})
+
+
+__all__ = ["OOM_PREDICTED", "Refusal", "available_memory", "check", "judge", "refusal_record"]

@@ -288,8 +288,12 @@ class Reporter:
 class Sweep:
     """Runs configurations (plain sweep) or max-batch searches; see the module doc."""
 
-    def __init__(self, opts: SweepOptions, reporter: Reporter | None = None):
+    def __init__(self, opts: SweepOptions, reporter: Reporter | None = None, executor=None):
+        from optimem.harness.executors import LocalExecutor
+
         self.opts = opts
+        self.executor = executor if executor is not None else LocalExecutor()
+        """Where runs execute (:mod:`optimem.harness.executors`)."""
         self.out = Path(opts.out)
         self.reporter = reporter
         self.stop = threading.Event()
@@ -328,6 +332,11 @@ class Sweep:
             procs = list(self._procs.values())
         for proc in procs:
             self._kill(proc)
+        self.executor.cancel_all()
+
+    def fault_for(self, cfg) -> str | None:
+        """The test hook's fault for ``cfg``: keyed ``OPTIM:BxS`` (one configuration) or ``OPTIM``."""
+        return self.opts.faults.get(f"{cfg.optim}:{cfg.batch_size}x{cfg.seq_len}") or self.opts.faults.get(cfg.optim)
 
     def _error_record(self, cfg, reason: str, detail: str | None = None) -> dict:
         from optimem.estimators import get_spec
@@ -346,7 +355,7 @@ class Sweep:
 
     def run_one(self, cfg, *, label: str | None = None, repeat: int = 0) -> dict:
         """Execute one configuration in a worker process; the annotated record (raises _Stopped)."""
-        from optimem.harness.launcher import execute, resolve_device
+        from optimem.harness.launcher import resolve_device
 
         if self.stop.is_set():
             raise _Stopped
@@ -355,8 +364,8 @@ class Sweep:
         try:
             record = None if self.opts.force else self.refused(cfg)
             if record is None:
-                record = execute(cfg, timeout_s=self.opts.timeout_s, track_tensors=self.opts.track_tensors,
-                                 fault=self.opts.faults.get(cfg.optim), on_start=self._on_start, zygote=self.zygote)
+                record = self.executor.run(cfg, timeout_s=self.opts.timeout_s, track_tensors=self.opts.track_tensors,
+                                           fault=self.fault_for(cfg), on_start=self._on_start, zygote=self.zygote)
             zygote = self.zygote
             if (zygote is not None and zygote.refusal and record["run"].get("launch") == "subprocess"
                     and not self._fallback_noted and self.reporter):
@@ -394,7 +403,8 @@ class Sweep:
         for cfg in configs:
             device = resolve_device(cfg)
             try:
-                refusal = None if skip_reason(cfg, device) is not None else check(cfg, device)
+                room = self.executor.available(device)
+                refusal = None if skip_reason(cfg, device) is not None else check(cfg, device, available=room)
             except Exception:  # noqa: BLE001 - the run itself will report it
                 continue
             if refusal is not None:
@@ -403,26 +413,13 @@ class Sweep:
 
     def refused(self, cfg) -> dict | None:
         """The ``oom-predicted`` record of ``cfg`` when the estimate says it cannot fit the memory its device
-        has now (:func:`optimem.harness.fit.check`), else None (run it)."""
-        from optimem.estimators import get_spec
-        from optimem.harness.env_facts import collect_env
-        from optimem.harness.fit import OOM_PREDICTED, check
-        from optimem.harness.launcher import predict, resolve_device, skip_reason
-        from optimem.harness.record import build_record
+        has (:func:`optimem.harness.fit.check`; what the executor says a run gets), else None (run it)."""
+        from optimem.harness.fit import refusal_record
+        from optimem.harness.launcher import resolve_device
 
         device = resolve_device(cfg)
-        refusal = self._refusals.get(config_key(cfg.to_dict(), device))
-        if refusal is None:
-            if skip_reason(cfg, device) is not None:
-                return None  # recorded as skipped by the run itself
-            refusal = check(cfg, device) or check(cfg, device, predicted=predict(cfg))
-        if refusal is None:
-            return None
-        fit = {"needed_bytes": refusal.needed, "available_bytes": refusal.available, "available_from": refusal.source,
-               "needed": refusal.what}
-        return build_record(config=cfg.to_dict(), status=OOM_PREDICTED, reason=refusal.text(), measured=None,
-                            predicted=refusal.predicted, env=collect_env(device, get_spec(cfg.optim)),
-                            run={"resolved_device": device, "duration_s": 0.0, "fit": fit})
+        return refusal_record(cfg, device, refusal=self._refusals.get(config_key(cfg.to_dict(), device)),
+                              available=self.executor.available(device))
 
     def apply_memory_limit(self, record: dict) -> None:
         """Turn an ``ok`` record whose measured peak is over ``--memory-limit`` into ``oom``."""
@@ -444,7 +441,7 @@ class Sweep:
     def forking(self, runs: int):
         """A zygote for the ``runs`` to come, started in the background while the sweep prepares (with the
         environment its workers get) and stopped afterwards. None for a single run: nothing to share."""
-        if not self.opts.fork or runs < 2:
+        if not self.opts.fork or runs < 2 or not self.executor.forks:
             yield
             return
         from optimem.harness.process import worker_env

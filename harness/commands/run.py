@@ -79,13 +79,10 @@ def config_from_args(args: argparse.Namespace):
 def refuse_if_cannot_fit(cfg) -> None:
     """UserError (exit 2, one line with the figures) when the estimate says ``cfg`` cannot fit the memory its
     device has now (:func:`optimem.harness.fit.check`): the model states first (no trace), then the whole step."""
-    from optimem.harness.fit import check
-    from optimem.harness.launcher import predict, resolve_device, skip_reason
+    from optimem.harness.fit import judge
+    from optimem.harness.launcher import resolve_device
 
-    device = resolve_device(cfg)
-    if skip_reason(cfg, device) is not None:
-        return  # recorded as skipped, with its reason, by the run itself
-    refusal = check(cfg, device) or check(cfg, device, predicted=predict(cfg))
+    refusal = judge(cfg, resolve_device(cfg))  # None too for a run recorded as skipped, with its reason
     if refusal is not None:
         raise UserError(f"{refusal.text()}; give --force to start it anyway")
 
