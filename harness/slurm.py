@@ -228,9 +228,32 @@ class SlurmExecutor:
             record = self.failed_record(cfg, job, exc)
             self._set_state(job, record["env"]["slurm"]["state"], label, record["env"]["slurm"]["node"])
             return record
-        self._set_state(job, "COMPLETED", label, (record.get("env") or {}).get("slurm", {}).get("node"))
+        node = (record.get("env") or {}).get("slurm", {}).get("node")
+        if record.get("status") == "error":
+            # scancel / preemption signal every process of the job: the worker dies, the job returns its error
+            # record before Slurm's SIGKILL; say that it was the job's end, not the run's
+            state = self._final_state(job)
+            if state and _bucket(state) == "failed":
+                record["reason"] = (f"Slurm job {job.job_id} ended {state}" + (f" on {node}" if node else "") +
+                                    f" while the run was going: {record.get('reason', '')}")
+                record["env"].setdefault("slurm", {})["state"] = state
+        self._set_state(job, "COMPLETED" if record.get("status") != "error" else "FAILED", label, node)
         record.setdefault("run", {})["slurm"] = {"job_id": str(job.job_id), "log": str(job.paths.stdout)}
         return record
+
+    @staticmethod
+    def _final_state(job, wait_s: float = 5.0) -> str | None:
+        """The job's state once it has left PENDING/RUNNING (sacct can lag a moment), or None."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                info = dict(job.get_info(mode="force") or {})
+            except Exception:  # noqa: BLE001
+                return None
+            state = info.get("State") or info.get("jobState")
+            if "jobState" in info or (state and _bucket(state) in ("done", "failed")) or time.monotonic() > deadline:
+                return state
+            time.sleep(0.5)
 
     def failed_record(self, cfg, job, exc: BaseException) -> dict:
         """The one record of a job that ended without returning one (cancelled, killed, node failure)."""

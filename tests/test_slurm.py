@@ -102,7 +102,7 @@ def test_slurm_sweep_writes_the_local_records_a_cancelled_job_one_record_and_res
     assert len(slurm_ok) == 4 and len({r["env"]["slurm"]["job_id"] for r in slurm_ok.values()}) == 4
     # the same grid on the local executor: the same records, less the Slurm facts
     local = tmp_path / "local.jsonl"
-    assert main(["sweep", *GRID, "--out", str(local)]) == 0
+    assert main(["sweep", *GRID, "--out", str(local), "--jobs", "2"]) == 0
     local_ok = {r["run"]["config_key"]: r for r in _records(local)}
     assert set(local_ok) == set(slurm_ok)
     for key, lr in local_ok.items():
@@ -114,6 +114,31 @@ def test_slurm_sweep_writes_the_local_records_a_cancelled_job_one_record_and_res
             assert sr["measured"][field] == lr["measured"][field], field
         assert set(sr["env"]) - set(lr["env"]) == {"slurm"}
         assert "slurm" in sr["run"] and "slurm" not in lr["run"]
+
+
+def test_ctrl_c_cancels_the_jobs_the_sweep_submitted(slurm, tmp_path):
+    out = tmp_path / "int.jsonl"
+    cmd = [sys.executable, "-c", "import sys; from optimem.harness.cli import main; sys.exit(main())", "sweep",
+           "--optim", "sgd", "--model", "tiny-llama", "--shape", "1x8", "--steps", "2", "--warmup", "1",
+           "--device", "cpu", "--executor", "slurm", "--out", str(out), "--fault", "sgd=hang@step0.forward"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        job = None
+        while job is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.3)
+            job = _job_named(f"sgd tiny-llama b1xs8 fp32")
+        assert job is not None, proc.stderr.read() if proc.poll() is not None else "no job in squeue"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 30
+    while _job_named("sgd tiny-llama b1xs8 fp32") is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _job_named("sgd tiny-llama b1xs8 fp32") is None  # cancelled, not left running
+    assert _records(out) == []  # an interrupted job is no outcome: nothing recorded
 
 
 def _slow_record(cfg, *, mark: str, **_kw) -> dict:

@@ -298,7 +298,7 @@ def _run(args: argparse.Namespace, opts, configs: list, bases: list, starts: lis
         with reporter:
             if opts.resume:
                 reporter.note(f"bench sweep: resuming {opts.out} ({len(sweep.existing)} configurations recorded)")
-            if opts.jobs > 1:
+            if opts.jobs > 1 and settings is None:
                 n = opts.threads or os.environ.get("OMP_NUM_THREADS")
                 reporter.note(f"bench sweep: {opts.jobs} runs at once, {n} thread{'' if str(n) == '1' else 's'} "
                               "each: timings are not comparable with --jobs 1 runs")
