@@ -69,12 +69,12 @@ def _plan_args(model: str):
 def plan_catalog(model: str, cold: bool = True) -> dict:
     """What ``bench plan --model MODEL --gpus all --no-calibrate`` computes (its default optimizers,
     checkpointing searched on and off, every catalog GPU), with the trace caches emptied first when ``cold``."""
-    from optimem.estimators import planner as P
+    from optimem.estimators import step_memory as SM
     from optimem.harness.commands.plan import build_plan
 
     if cold:
         _forget_traces()
-        P._step_memory_cached.cache_clear()
+        SM._step_memory_cached.cache_clear()
     return build_plan(_plan_args(model))
 
 

@@ -1,6 +1,6 @@
 """optimem estimators: GPU-free predictions of training memory per optimizer.
 
->>> from estimators import estimate
+>>> from optimem.estimators import estimate
 >>> estimate("gpt2", "adamw_bnb_8bit", dtype="bf16").bytes["optimizer_state"]  # doctest: +SKIP
 """
 from .catalog import DEFAULT_MODEL, catalog, resolve

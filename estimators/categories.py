@@ -36,6 +36,11 @@ BREAKDOWN: tuple[Category, ...] = (C.WEIGHTS, C.GRADIENTS, C.OPTIMIZER_STATE, C.
 """What results and plots stack: weights = parameters + buffers, other = temporaries + other (+ sharding
 overhead)."""
 
+PER_GPU: tuple[Category, ...] = (C.WEIGHTS, C.GRADIENTS, C.OPTIMIZER_STATE, C.ACTIVATIONS, C.TEMPORARIES, C.OTHER,
+                                 C.SHARDING_OVERHEAD)
+"""The planner's per-GPU peak parts (``estimators/step_memory``): weights include ZeRO's fp32 master partition,
+gradients its fp32 gradient copy, sharding overhead the gathered unit and DDP's buckets."""
+
 LABELS: dict[Category, str] = {c: c.value.replace("_", " ") for c in Category}
 
 
@@ -47,4 +52,4 @@ def to_breakdown(parts: dict) -> dict[Category, int]:
             C.OTHER: get(C.TEMPORARIES, C.OTHER, C.SHARDING_OVERHEAD)}
 
 
-__all__ = ["BREAKDOWN", "Category", "LABELS", "SIM_CODES", "TRACKED", "to_breakdown"]
+__all__ = ["BREAKDOWN", "Category", "LABELS", "PER_GPU", "SIM_CODES", "TRACKED", "to_breakdown"]

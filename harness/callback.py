@@ -180,7 +180,7 @@ class MemoryCallback(TrainerCallback):
     def _per_device_need(self, device: str) -> tuple[int | None, str]:
         est, s = self.estimate, self.setup
         if s.sharding != "none" and s.num_processes > 1:
-            from optimem.estimators.planner import step_memory
+            from optimem.estimators.step_memory import step_memory
 
             return step_memory(s, s.batch_size).peak, f"per-GPU peak under {s.sharding} on {s.num_processes}"
         if device == "cuda" and est.cuda:

@@ -29,8 +29,10 @@ from optimem.estimators.errors import UserError
 from optimem.estimators.estimate import estimate
 from optimem.estimators.peft_model import cpu_run_limit
 from optimem.harness.contract import RUN_DIR_ENV, RUN_DIR_PREFIX, WorkerOutcome, read_result, write_job
-from optimem.harness.distributed import is_distributed, section, unsupported_reason
-from optimem.harness.distributed import launch as torchrun_launch
+from optimem.harness.distributed.launch import launch as torchrun_launch
+from optimem.harness.distributed.launch import unsupported_reason
+from optimem.harness.distributed.report import section
+from optimem.harness.distributed.schemes import is_distributed
 from optimem.harness.env_facts import collect_env
 from optimem.harness.process import kill_group, signal_name, spawn, wait, worker_env
 from optimem.harness.process import tail as log_tail
@@ -123,7 +125,7 @@ class SubprocessLauncher:
 
 
 class TorchrunLauncher:
-    """``cfg.num_processes`` ranks under torchrun (:func:`optimem.harness.distributed.launch`)."""
+    """``cfg.num_processes`` ranks under torchrun (:func:`optimem.harness.distributed.launch.launch`)."""
 
     def launch(self, cfg, *, timeout_s=DEFAULT_TIMEOUT_S, fault=None, track_tensors=None,
                on_start=None) -> WorkerOutcome:

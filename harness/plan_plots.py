@@ -7,9 +7,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from optimem.estimators import planner as P
+from optimem.estimators.step_memory import MAX_BATCH, step_memory
 from optimem.estimators.setup import TrainingSetup
 
-GIB = 1 << 30
+from optimem.estimators.gpus import GIB
 COUNTS = (1, 2, 4, 8, 16, 32, 64)
 STYLE = {"ddp": ("tab:gray", "o"), "zero1": ("tab:blue", "s"), "zero2": ("tab:green", "^"),
          "zero3": ("tab:red", "v"), "fsdp": ("tab:purple", "D")}
@@ -23,20 +24,20 @@ def cell_text(r: P.PlanRow) -> str:
         return "-"
     by = r.max_micro_batch_by_checkpointing
     if not r.gradient_checkpointing and by.get("on", 0) > r.max_micro_batch:
-        return f"{r.max_micro_batch}/{by['on']}{'+' if by['on'] >= P.MAX_BATCH else ''}c"
+        return f"{r.max_micro_batch}/{by['on']}{'+' if by['on'] >= MAX_BATCH else ''}c"
     return f"{r.max_micro_batch}{'+' if r.at_cap else ''}{'c' if r.gradient_checkpointing else ''}"
 
 
 def _curves_optims(plan) -> list[str]:
     """The optimizers the memory-vs-GPUs panels show: the first two planned."""
-    return list(plan["optims"][:2])
+    return list(plan.optims[:2])
 
 
 def memory_curves(plan, optim: str, counts=COUNTS) -> tuple[TrainingSetup, dict[str, list[int | None]]]:
     """Per-GPU peak at micro-batch 1 for each sharding and GPU count (gradient checkpointing as planned:
     'auto' counts as on, the leanest setting)."""
-    base = replace(plan["base"].with_optimizer(optim), num_processes=1, sharding="none",
-                   gradient_checkpointing=plan["checkpointing"] != "off")
+    base = replace(plan.base.with_optimizer(optim), num_processes=1, sharding="none",
+                   gradient_checkpointing=plan.checkpointing != "off")
     return base, P.memory_vs_gpus(base, 1, counts)
 
 
@@ -48,8 +49,8 @@ def plot_plan(plan, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    gpus, optims = plan["gpus"], plan["optims"]
-    by = {(r.optim, r.gpu): r for r in plan["rows"]}
+    gpus, optims = plan.gpus, plan.optims
+    by = {(r.optim, r.gpu): r for r in plan.rows}
     curves = _curves_optims(plan)
     fig = plt.figure(figsize=(max(12, 0.75 * len(gpus) + 9), max(5.5, 0.42 * len(optims) + 2.5)),
                      constrained_layout=True)
@@ -80,10 +81,10 @@ def plot_plan(plan, path: str | Path) -> Path:
             ax.text(j, i, txt, ha="center", va="center", fontsize=7.5, color="white" if dark else "black")
     ax.set_xticks(range(len(gpus)), [g.id for g in gpus], rotation=45, ha="right")
     ax.set_yticks(range(len(optims)), optims)
-    n, sh = plan["num_gpus"], plan["sharding"]
+    n, sh = plan.base.num_processes, plan.base.sharding
     where = "1 GPU" if n == 1 and sh == "none" else f"{n} GPUs, {sh}"
-    mp = plan["mixed_precision"]
-    ax.set_title(f"{plan['model']}: largest micro-batch per GPU\nseq {plan['seq_len']}, {plan['dtype']} weights"
+    mp = plan.base.mixed_precision
+    ax.set_title(f"{plan.model}: largest micro-batch per GPU\nseq {plan.base.seq_len}, {plan.base.dtype} weights"
                  f"{' + ' + mp + ' autocast' if mp else ''}, {where} (a/bc: a without, b with gradient "
                  "checkpointing; red -: does not fit; grey: cannot run)", fontsize=10)
     cb = fig.colorbar(im, ax=ax, shrink=0.8)
@@ -93,11 +94,11 @@ def plot_plan(plan, path: str | Path) -> Path:
 
     budgets: dict[int, list[str]] = {}
     for g in gpus:
-        budgets.setdefault(round(g.budget(plan["headroom"]) / GIB), []).append(g.id)
+        budgets.setdefault(round(g.budget(plan.headroom) / GIB), []).append(g.id)
     for k, optim in enumerate(curves):
         axm = fig.add_subplot(grid[k, 1])
         base, mem = memory_curves(plan, optim)
-        single = P.step_memory(base, 1).peak / GIB
+        single = step_memory(base, 1).peak / GIB
         axm.axhline(single, color="black", lw=1, ls=":", label=f"1 GPU: {single:.0f} GiB")
         for sh, vals in mem.items():
             xs = [c for c, v in zip(COUNTS, vals) if v is not None]

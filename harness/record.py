@@ -173,7 +173,7 @@ DISTRIBUTED_SCHEMA: dict[str, Any] = {
     },
 }
 """A multi-process run's ``distributed`` section (absent from single-process records): one entry per rank
-(its status and measurement) and the planner's per-rank prediction (``optimem.harness.distributed.section``)."""
+(its status and measurement) and the planner's per-rank prediction (``optimem.harness.distributed.report.section``)."""
 
 SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",

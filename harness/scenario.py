@@ -131,7 +131,7 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
         use_cpu=device == "cpu", gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=cfg.mixed_precision == "bf16", fp16=cfg.mixed_precision == "fp16",
     )
-    from optimem.harness.distributed import rank_training_arguments
+    from optimem.harness.distributed.rank import rank_training_arguments
 
     kwargs.update(rank_training_arguments(cfg, model))
     optimizer_cls_and_kwargs = None

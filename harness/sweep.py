@@ -2,9 +2,8 @@
 
 Every configuration goes through :func:`optimem.harness.launcher.execute` (checks, prediction, a worker process
 with a timeout, forked from a zygote that imported torch, transformers and the optimizer packages once:
-:mod:`optimem.harness.zygote`; a fresh ``python -m optimem.harness.worker`` when it cannot be); the record comes back to the
-sweep's main thread,
-which appends it whole (:func:`optimem.harness.record.append_record`), so a sweep that is killed at any moment
+:mod:`optimem.harness.zygote`; a fresh ``python -m optimem.harness.worker`` when it cannot be); the record comes
+back to the sweep's main thread, which appends it whole (:func:`optimem.harness.record.append_record`), so a sweep that is killed at any moment
 leaves only whole lines, and ``--resume`` picks up from the configurations already recorded (matched by
 :func:`optimem.harness.grid.config_key`). A run that fails, runs out of memory or times out is recorded as such
 and the sweep goes on.
@@ -13,15 +12,10 @@ and the sweep goes on.
 per process and unaffected; throughput figures are, as the runs share the CPU: keep ``--jobs 1`` for
 timings you mean to compare.
 
-Memory limit. With ``--memory-limit`` every run's measured peak (``measured.peak_bytes``: on CPU the
-tensor accountant's exact live-tensor peak, on CUDA ``max_memory_allocated``) is checked against the limit
-after the run; a run over it is recorded with status ``oom`` (and its measurements kept). The limit is
-part of the configuration (``config.extra.memory_limit_bytes``), so runs under different limits never
-share a key. ``--find-max-batch`` uses it to search, per optimizer, for the largest batch size that fits:
-galloping from a start batch (the estimator's guess when it predicts whole-job peaks, else the grid's
-batch size), then bisection. On CUDA without a limit the boundary is the device's real out-of-memory
-error. Each probe is an ordinary record in the results file; each search's outcome is one line in
-``<results>.max-batch.jsonl``.
+Memory limit. With ``--memory-limit`` every run's measured peak (``measured.peak_bytes``, bytes) is checked
+against the limit after the run; a run over it is recorded with status ``oom`` (its measurements kept). The
+limit is part of the configuration, so runs under different limits never share a key. ``--find-max-batch``
+searches the largest batch that fits (:mod:`optimem.harness.max_batch`); progress: :mod:`optimem.harness.sweep_progress`.
 """
 from __future__ import annotations
 
@@ -30,24 +24,28 @@ import datetime as _dt
 import os
 import queue
 import signal
-import sys
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optimem.estimators import get_spec
 from optimem.estimators.errors import UserError
+from optimem.harness import max_batch
+from optimem.harness.env_facts import collect_env
 from optimem.harness.grid import config_key, config_label, record_key
+from optimem.harness.launcher import execute, predict, resolve_device
+from optimem.harness.max_batch import DEFAULT_MAX_BATCH_CAP, OVER_LIMIT, group_key, max_batch_path, read_max_batch
+from optimem.harness.paths import rescue_record
+from optimem.harness.process import worker_env
+from optimem.harness.record import append_record, build_record, read_records, validate
+from optimem.harness.sweep_progress import Reporter, max_batch_line, run_line
 from optimem.harness.units import human_bytes
+from optimem.harness.zygote import Zygote
 
-MAX_BATCH_SUFFIX = ".max-batch.jsonl"
-DEFAULT_MAX_BATCH_CAP = 4096
-OVER_LIMIT = "over the memory limit"
-"""How the reason of a run recorded ``oom`` by the ``--memory-limit`` check (not by a real OOM) starts."""
 
 
 @dataclass
@@ -114,17 +112,9 @@ class _Stopped(Exception):
     """The sweep is stopping (interrupted): a task gives up quietly."""
 
 
-def max_batch_path(out: str | os.PathLike) -> Path:
-    """``results/x.jsonl`` -> ``results/x.max-batch.jsonl``: where max-batch searches are recorded."""
-    p = Path(out)
-    stem = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.name
-    return p.with_name(stem + MAX_BATCH_SUFFIX)
-
 
 def read_existing(path: Path) -> dict[str, dict]:
     """``{config key: last record}`` of a results file (empty if there is none)."""
-    from optimem.harness.record import read_records
-
     if not path.is_file():
         return {}
     out: dict[str, dict] = {}
@@ -140,8 +130,6 @@ def read_existing(path: Path) -> dict[str, dict]:
 
 def existing_counts(path: Path, *, skip_errors: bool = False) -> dict[str, int]:
     """``{config key: how many records}`` of a results file (``skip_errors``: not counting ``error`` ones)."""
-    from optimem.harness.record import read_records
-
     out: dict[str, int] = {}
     if not path.is_file():
         return out
@@ -155,134 +143,6 @@ def existing_counts(path: Path, *, skip_errors: bool = False) -> dict[str, int]:
         out[key] = out.get(key, 0) + 1
     return out
 
-
-def read_max_batch(path: Path) -> dict[str, dict]:
-    from optimem.harness.record import read_records
-
-    if not path.is_file():
-        return {}
-    return {r["group_key"]: r for r in read_records(path) if r.get("kind") == "max_batch" and r.get("group_key")}
-
-
-def _fmt_duration(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = max(int(round(s)), 0)
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
-
-
-def run_line(record: dict, *, reused: bool = False) -> str:
-    """A one-line result of a run: status, label, peak vs prediction, throughput, duration."""
-    from optimem.harness.results import pct_error, predicted_peak
-
-    c, m = record["config"], record.get("measured") or {}
-    status = record["status"]
-    text = f"{status:<7} {config_label(c)}"
-    if m.get("peak_bytes") is not None and status in ("ok", "oom"):
-        text += f"  peak {human_bytes(m['peak_bytes'])}"
-        pred, complete = predicted_peak(record)
-        if pred is not None and status == "ok" and complete:
-            err = pct_error(pred, m["peak_bytes"])
-            text += f" (predicted {human_bytes(pred)}, {err:+.1f}%)"
-        tp = (m.get("throughput") or {}).get("tokens_per_s")
-        if tp and status == "ok":
-            text += f"  {tp:,.0f} tok/s"
-    if status != "ok":
-        text += f"  - {record.get('reason', '')[:160]}"
-    dur = (record.get("run") or {}).get("duration_s")
-    if reused:
-        text += "  (recorded earlier)"
-    elif dur:
-        text += f"  {dur:.1f} s"
-    return text
-
-
-class Reporter:
-    """Progress on stderr: a rich progress bar with ETA on a terminal, or one line per finished run."""
-
-    def __init__(self, total: int, mode: str = "auto", title: str = "sweep", stream=None):
-        self.stream = stream or sys.stderr
-        if mode == "auto":
-            mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "lines"
-        self.mode = mode
-        self.total = total
-        self.done = 0
-        self.title = title
-        self.t0 = time.perf_counter()
-        self._progress = None
-        self._task = None
-        self._lock = threading.Lock()
-        self._running: dict[int, str] = {}
-
-    def __enter__(self):
-        if self.mode == "bar":
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
-
-            console = Console(file=self.stream)
-            self._progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                                      MofNCompleteColumn(), TextColumn("elapsed"), TimeElapsedColumn(),
-                                      TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[now]}"),
-                                      console=console, transient=False)
-            self._progress.start()
-            self._task = self._progress.add_task(self.title, total=self.total, now="")
-        return self
-
-    def __exit__(self, *exc):
-        if self._progress is not None:
-            self._progress.stop()
-        return False
-
-    def eta(self) -> float | None:
-        if not self.done:
-            return None
-        return (time.perf_counter() - self.t0) / self.done * max(self.total - self.done, 0)
-
-    def set_total(self, total: int) -> None:
-        self.total = total
-        if self._progress is not None:
-            self._progress.update(self._task, total=total)
-
-    def started(self, label: str) -> None:
-        with self._lock:
-            self._running[threading.get_ident()] = label
-            self._refresh()
-
-    def finished_thread(self) -> None:
-        with self._lock:
-            self._running.pop(threading.get_ident(), None)
-            self._refresh()
-
-    def _refresh(self) -> None:
-        if self._progress is not None:
-            now = "; ".join(self._running.values())
-            self._progress.update(self._task, now=(now[:70] + "...") if len(now) > 73 else now)
-
-    def line(self, text: str, advance: int = 0) -> None:
-        self.done += advance
-        if self.mode == "none":
-            return
-        if self._progress is not None:
-            self._progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
-            if advance:
-                self._progress.advance(self._task, advance)
-            return
-        width = len(str(self.total))
-        eta = self.eta()
-        prefix = f"[{self.done:>{width}}/{self.total}]" if advance else " " * (2 * width + 3)
-        suffix = f"  ETA {_fmt_duration(eta)}" if advance and eta is not None and self.done < self.total else ""
-        print(f"{prefix} {text}{suffix}", file=self.stream, flush=True)
-
-    def note(self, text: str) -> None:
-        if self.mode == "none":
-            return
-        if self._progress is not None:
-            self._progress.console.print(text, markup=False, highlight=False)
-        else:
-            print(text, file=self.stream, flush=True)
 
 
 class Sweep:
@@ -339,11 +199,6 @@ class Sweep:
         return self.opts.faults.get(f"{cfg.optim}:{cfg.batch_size}x{cfg.seq_len}") or self.opts.faults.get(cfg.optim)
 
     def _error_record(self, cfg, reason: str, detail: str | None = None) -> dict:
-        from optimem.estimators import get_spec
-        from optimem.harness.env_facts import collect_env
-        from optimem.harness.launcher import resolve_device
-        from optimem.harness.record import build_record
-
         try:
             spec = get_spec(cfg.optim)
         except UserError:
@@ -355,8 +210,6 @@ class Sweep:
 
     def run_one(self, cfg, *, label: str | None = None, repeat: int = 0) -> dict:
         """Execute one configuration in a worker process; the annotated record (raises _Stopped)."""
-        from optimem.harness.launcher import resolve_device
-
         if self.stop.is_set():
             raise _Stopped
         if self.reporter:
@@ -387,8 +240,6 @@ class Sweep:
         run = record.setdefault("run", {})
         run["config_key"] = config_key(record["config"], run.get("resolved_device") or resolve_device(cfg))
         run["sweep"] = {"id": self.sweep_id, "jobs": self.opts.jobs, "threads": self.opts.threads, "repeat": repeat}
-        from optimem.harness.record import validate
-
         validate(record)
         return record
 
@@ -444,9 +295,6 @@ class Sweep:
         if not self.opts.fork or runs < 2 or not self.executor.forks:
             yield
             return
-        from optimem.harness.process import worker_env
-        from optimem.harness.zygote import Zygote
-
         self.zygote = Zygote()
         threading.Thread(target=self.zygote.start, args=(worker_env(), os.getcwd()), name="optimem-zygote-start",
                          daemon=True).start()
@@ -460,8 +308,6 @@ class Sweep:
         """Predict every configuration in this thread first: whatever a prediction still has to build (an
         inventory, a simulated phase model: transformers' lazy imports) is not safe to build from several
         threads at once. With the on-disk cache warm this costs milliseconds per configuration."""
-        from optimem.harness.launcher import predict
-
         for cfg in configs:
             try:
                 predict(cfg)
@@ -537,9 +383,6 @@ class Sweep:
         """Append a finished record; when its file cannot be written (a full disk, a file removed under the
         sweep), write it to a fallback file instead (:func:`optimem.harness.paths.rescue_record`) and go on: a
         measurement is never lost. ``rescued`` / ``write_error`` / ``write_failures`` say what happened."""
-        from optimem.harness.paths import rescue_record
-        from optimem.harness.record import append_record
-
         try:
             append_record(path, record, **kw)
         except OSError as exc:
@@ -563,8 +406,6 @@ class Sweep:
         return rec
 
     def run_configs(self, configs: list) -> SweepOutcome:
-        from optimem.harness.launcher import resolve_device
-
         reused, runs = [], []
         for cfg in configs:
             key = config_key(cfg.to_dict(), resolve_device(cfg))
@@ -588,171 +429,11 @@ class Sweep:
         return self.outcome
 
     # --------------------------------------------------------------------------------- max batch
-    def guess_start(self, base, device: str) -> int | None:
-        """The largest batch the estimator says fits under the limit (None when it cannot say: no limit,
-        or no whole-job peak prediction)."""
-        from optimem.harness.launcher import predict
-        from optimem.harness.results import predicted_peak
-
-        limit = self.opts.memory_limit
-        if limit is None and device == "cuda":  # no limit on a GPU: the search's boundary is its free memory
-            from optimem.harness.fit import available_memory
-
-            limit = available_memory(device)[0]
-        if limit is None:
-            return None
-
-        def peak(b: int) -> int | None:
-            try:
-                pred = predict(replace(base, batch_size=b))
-            except Exception:  # noqa: BLE001
-                return None
-            value, complete = predicted_peak({"predicted": pred, "run": {"resolved_device": device}})
-            return value if complete else None
-
-        p1 = peak(1)
-        if p1 is None:
-            return None
-        if p1 > limit:
-            return 1
-        lo, hi = 1, 2
-        while hi <= self.opts.max_batch_cap:
-            v = peak(hi)
-            if v is None:
-                return None
-            if v > limit:
-                break
-            lo, hi = hi, hi * 2
-        hi = min(hi, self.opts.max_batch_cap + 1)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            v = peak(mid)
-            if v is None:
-                return None
-            lo, hi = (mid, hi) if v <= limit else (lo, mid)
-        return lo
-
     def search(self, base, start: int, emit) -> dict:
-        """Find the largest batch size of ``base`` that fits; emits probe records; returns the summary."""
-        from optimem.harness.launcher import resolve_device
-
-        device = resolve_device(base)
-        cap = self.opts.max_batch_cap
-        group = group_key(base, device)
-        label = config_label({**base.to_dict(), "batch_size": "?"})
-        guess = self.guess_start(base, device)
-        probes: list[dict] = []
-        cache: dict[int, dict] = {}
-        failure: dict | None = None
-
-        class _Failed(Exception):
-            pass
-
-        def fits(b: int) -> bool:
-            nonlocal failure
-            if b not in cache:
-                cfg = replace(base, batch_size=b, extra=dict(base.extra))
-                key = config_key(cfg.to_dict(), device)
-                earlier = self.should_skip(key)
-                rec = earlier if earlier is not None and earlier.get("status") in ("ok", "oom") else None
-                if rec is None:
-                    rec = self.run_one(cfg, label=f"{label} probe b={b}")
-                    rec["run"]["max_batch_probe"] = {"group_key": group, "batch_size": b}
-                    emit(("record", rec, 0, None))
-                cache[b] = rec
-                m = rec.get("measured") or {}
-                probes.append({"batch_size": b, "status": rec["status"], "peak_bytes": m.get("peak_bytes"),
-                               "run_id": rec.get("run_id"), "reused": rec is earlier, "reason": rec.get("reason")})
-            rec = cache[b]
-            if rec["status"] == "ok":
-                return True
-            if rec["status"] in ("oom", "oom-predicted"):
-                return False
-            failure = rec
-            raise _Failed
-
-        lo, hi, capped = 0, None, False
-        first = min(max(guess or start, 1), cap)
-        try:
-            b, step, interpolated = first, 1, 0
-            while True:
-                if fits(b):
-                    lo = max(lo, b)
-                else:
-                    hi = b if hi is None else min(hi, b)
-                if hi is not None and hi - lo <= 1:
-                    break
-                if hi is None and lo >= cap:
-                    capped = True
-                    break
-                b, step, interpolated = self._next_probe(lo, hi, step, interpolated, cache, cap)
-            reason = ""
-            complete = True
-        except _Failed:
-            complete = False
-            reason = (f"search stopped: batch {failure['config']['batch_size']} ended with status "
-                      f"{failure['status']}: {failure.get('reason', '')}")
-        ok_peaks = {p["batch_size"]: p["peak_bytes"] for p in probes if p["status"] == "ok"}
-        env = (cache[first].get("env") if first in cache else {}) or {}
-        summary = {
-            "schema_version": 1, "kind": "max_batch", "group_key": group, "label": label,
-            "config": {**base.to_dict(), "batch_size": None}, "device": device,
-            "memory_limit_bytes": self.opts.memory_limit, "max_batch_size": lo if complete or lo else None,
-            "first_failing_batch": hi, "capped": capped, "complete": complete, "reason": reason,
-            "peak_bytes_at_max": ok_peaks.get(lo), "start_batch": first, "estimator_guess": guess,
-            "probes": sorted(probes, key=lambda p: p["batch_size"]),
-            "runs": sum(1 for p in probes if not p["reused"]),
-            "env": {k: env.get(k) for k in ("device", "device_name", "torch", "transformers", "optimizer_package")},
-            "sweep_id": self.sweep_id, "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        return summary
-
-    def _next_probe(self, lo: int, hi: int | None, step: int, interpolated: int, cache: dict[int, dict],
-                    cap: int) -> tuple[int, int, int]:
-        """The next batch size to try, given the largest that fit (``lo``, 0 for none) and the smallest that
-        did not (``hi``, None for none yet). Peak memory is close to affine in the batch size, so under a
-        memory limit the measured peaks predict the boundary (secant / false position); without enough
-        points, or after three predictions in a row that did not close the gap, it gallops (1, 2, 4, ...
-        past the last fit, or below the first failure) and bisects. Returns (batch, step, interpolated)."""
-        limit = self.opts.memory_limit
-
-        def peak(b: int | None) -> int | None:
-            if b is None or b not in cache:
-                return None
-            return (cache[b].get("measured") or {}).get("peak_bytes")
-
-        oks = sorted(b for b, r in cache.items() if r["status"] == "ok" and peak(b) is not None)
-        fails = sorted(b for b, r in cache.items() if r["status"] == "oom" and peak(b) is not None
-                       and str(r.get("reason", "")).startswith(OVER_LIMIT))  # measured to the end, not a real OOM
-        guess = None
-        if limit is not None and interpolated < 3:
-            if hi is not None and lo and hi in fails and peak(hi) > peak(lo):
-                slope = (peak(hi) - peak(lo)) / (hi - lo)
-                guess = lo + int((limit - peak(lo)) // slope)
-            elif hi is None and len(oks) >= 2 and peak(oks[-1]) > peak(oks[-2]):
-                slope = (peak(oks[-1]) - peak(oks[-2])) / (oks[-1] - oks[-2])
-                guess = lo + int((limit - peak(lo)) // slope)
-            elif not lo and len(fails) >= 2 and peak(fails[1]) > peak(fails[0]):
-                slope = (peak(fails[1]) - peak(fails[0])) / (fails[1] - fails[0])
-                guess = hi - max(1, -int((limit - peak(hi)) // slope))
-        upper = (hi - 1) if hi is not None else cap
-        if guess is not None:
-            # peaks are only piecewise affine (at small batches the optimizer step's peak can dominate, and
-            # it does not grow with the batch): never jump more than 4x past the last fit, or below a
-            # quarter of the first failure
-            if hi is None:
-                upper = min(upper, max(4 * lo, lo + 1))
-            lower = max(lo + 1, 1, (hi // 4) if hi is not None and not lo else 1)
-            return min(max(guess, lower), upper), step, interpolated + 1
-        if hi is None:
-            return min(lo + step, cap), step * 2, 0
-        if not lo:
-            return max(hi - step, 1), step * 2, 0
-        return (lo + hi) // 2, step, 0
+        """Find the largest batch size of ``base`` that fits (:func:`optimem.harness.max_batch.search`)."""
+        return max_batch.search(self, base, start, emit)
 
     def run_max_batch(self, bases: list, starts: list[int]) -> SweepOutcome:
-        from optimem.harness.launcher import resolve_device
-
         self.outcome.max_batch_out = max_batch_path(self.out)
         earlier = read_max_batch(self.outcome.max_batch_out) if self.opts.resume else {}
         tasks = []
@@ -769,28 +450,4 @@ class Sweep:
         return self.outcome
 
 
-def group_key(base, device: str) -> str:
-    """The key of a configuration with its batch size left open (a max-batch search)."""
-    return config_key({**base.to_dict(), "batch_size": None}, device)
-
-
-def max_batch_line(summary: dict) -> str:
-    limit = summary.get("memory_limit_bytes")
-    where = f"under {human_bytes(limit)}" if limit else f"on {summary.get('device')}"
-    if summary.get("max_batch_size") is None:
-        return f"max-batch {summary['label']}: {summary.get('reason')}"
-    mb = summary["max_batch_size"]
-    text = f"max-batch {summary['label']}: {'>=' if summary.get('capped') else ''}{mb} {where}"
-    if summary.get("peak_bytes_at_max"):
-        text += f" (peak {human_bytes(summary['peak_bytes_at_max'])})"
-    if summary.get("first_failing_batch"):
-        text += f"; {summary['first_failing_batch']} does not fit"
-    text += f"; {summary.get('runs', 0)} runs"
-    if not summary.get("complete", True):
-        text += f"; {summary.get('reason')}"
-    return text
-
-
-__all__ = ["DEFAULT_MAX_BATCH_CAP", "MAX_BATCH_SUFFIX", "Reporter", "RunResult", "Sweep", "SweepOptions",
-           "SweepOutcome", "group_key", "max_batch_line", "max_batch_path", "read_existing", "read_max_batch",
-           "run_line"]
+__all__ = ["RunResult", "Sweep", "SweepOptions", "SweepOutcome", "existing_counts", "read_existing"]

@@ -144,7 +144,7 @@ class MeasuredRun:
         self.state_before: int | None = None
         self.state_after_step: list[int] = []
         self.grads_at_step: list[int] = []
-        from optimem.harness.distributed import RankView, is_distributed
+        from optimem.harness.distributed.rank import RankView, is_distributed
 
         self.shard = RankView(cfg) if is_distributed(cfg) else None
         self.device_index = self.shard.local_rank if self.shard is not None else 0
@@ -374,7 +374,8 @@ class MeasuredRun:
     def _throughput(self) -> dict[str, Any]:
         import torch
 
-        from optimem.harness.trackers.throughput import peak_flops, training_flops_per_token
+        from optimem.estimators.gpus import device_peak_flops
+        from optimem.estimators.throughput import flops_per_token
 
         cfg = self.cfg
         flops = peak = None
@@ -382,14 +383,14 @@ class MeasuredRun:
         if self.model is not None:
             shape = _model_shape(self.model)
             if shape["non_embedding_params"] and shape["layers"] and shape["hidden"]:
-                per_token = training_flops_per_token(shape["non_embedding_params"], shape["layers"],
+                per_token = flops_per_token(shape["non_embedding_params"], shape["layers"],
                                                      shape["hidden"], cfg.seq_len)
                 flops = per_token * cfg.batch_size * cfg.grad_accum * cfg.seq_len
         if self.device == "cuda":
             name = torch.cuda.get_device_name(0)
             compute = cfg.mixed_precision or (cfg.dtype if cfg.dtype != "fp32" else
                                              ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"))
-            peak = peak_flops(name, compute)
+            peak = device_peak_flops(name, compute)
             if peak is None:
                 mfu_note = f"no peak-FLOPs entry for {name} in {compute}"
         else:

@@ -3,7 +3,7 @@
 Read from bitsandbytes 0.50.2 (``optim/optimizer.py``, ``optim/ademamix.py``, ``optim/lion.py``,
 ``optim/rmsprop.py``) and transformers 5.23 (``trainer_optimizer._get_bitsandbytes_optimizer``,
 ``Trainer.create_optimizer``); exact through a real ``Trainer`` on CPU for every name, tiny-llama /
-tiny-gpt2 / tiny-t5, fp32 and bf16 (tests/test_state_exact_core.py).
+tiny-gpt2 / tiny-t5, fp32 and bf16 (tests/estimators/test_state_exact_core.py).
 
 * The Trainer passes ``optim_bits=8`` when "8bit" is in the name, else 32, and ``is_paged`` for
   ``paged_*`` (not for RMSprop, which has no paged variant). ``min_8bit_size`` stays 4096.

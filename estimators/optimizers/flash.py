@@ -1,7 +1,7 @@
 """FlashOptim optimizers (``flash_*``, flashoptim 0.1.4): not Trainer names; optimem passes them through
 ``optimizer_cls_and_kwargs`` (``optimem.harness.scenario.flash_optimizer_cls_and_kwargs``).
 
-Layout, read from ``flashoptim/optimizers.py`` (0.1.4) and checked on CPU by ``tests/test_flash_formulas.py``
+Layout, read from ``flashoptim/optimizers.py`` (0.1.4) and checked on CPU by ``tests/estimators/test_flash_formulas.py``
 (the real state-creation code run with the Triton launches stubbed out):
 
 * Every quantized state (``FlashOptimizer._ensure_state_initialized`` -> ``_MaybeQuantizedTensor`` ->

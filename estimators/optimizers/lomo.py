@@ -1,6 +1,6 @@
 """LOMO and AdaLomo (lomo-optim 0.1.1): updates fused into backward, no stored gradients.
 
-Read from lomo_optim and checked against the real optimizers (tests/test_state_exact_lowrank.py):
+Read from lomo_optim and checked against the real optimizers (tests/estimators/test_state_exact_lowrank.py):
 
 * ``Lomo`` keeps no tensor at all: each gradient is consumed in a hook (upcast to an fp32 temporary for
   16-bit parameters, then freed). The Trainer never calls ``grad_norm()`` (no ``clip_grad_norm``), so

@@ -1,7 +1,7 @@
 """GaLore and APOLLO (low-rank projected states), plain and layer-wise, as the Trainer builds them.
 
 Read from galore-torch 1.0 and apollo-torch 1.0.3 and checked against the real optimizers (see
-tests/test_state_exact_lowrank.py). The Trainer projects only ``nn.Linear`` weights whose module name
+tests/estimators/test_state_exact_lowrank.py). The Trainer projects only ``nn.Linear`` weights whose module name
 matches ``optim_target_modules`` (the parameter-group with ``rank``); every other parameter gets the base
 optimizer's plain state. For a targeted (m, n) weight, k = min(m, n):
 

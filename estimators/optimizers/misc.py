@@ -2,7 +2,7 @@
 
 Read from grokadamw 0.1.2, schedulefree 1.4.1, torch-optimi 0.3.3 (``optimi/stableadamw.py``,
 ``optimi/utils.py``) and transformers 5.23 (``trainer_optimizer.py``); exact through a real ``Trainer`` on CPU
-for tiny-llama / tiny-gpt2 / tiny-t5, fp32 and bf16 (tests/test_state_exact_core.py). All figures in bytes.
+for tiny-llama / tiny-gpt2 / tiny-t5, fp32 and bf16 (tests/estimators/test_state_exact_core.py). All figures in bytes.
 """
 from __future__ import annotations
 

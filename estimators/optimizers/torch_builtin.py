@@ -3,7 +3,7 @@
 Every state function returns ``{state tensor name: bytes}`` for one parameter (bytes = storage bytes).
 Verified against torch 2.13 (``torch/optim/{adam,sgd,adagrad,rmsprop}.py``) and transformers 5.23
 (``trainer_optimizer.py``, ``optimization.Adafactor``): exact on tiny-llama / tiny-gpt2 / tiny-t5, fp32 and
-bf16, through a real ``Trainer`` on CPU (tests/test_state_exact_core.py).
+bf16, through a real ``Trainer`` on CPU (tests/estimators/test_state_exact_core.py).
 """
 from __future__ import annotations
 

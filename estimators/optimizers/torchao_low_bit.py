@@ -2,7 +2,7 @@
 
 Read from torchao 0.18 (``torchao/optim/adam.py``, ``subclass_8bit.py``, ``subclass_4bit.py``) and
 transformers 5.23 (``_get_torchao_optimizer``); exact through a real ``Trainer`` on CPU for tiny-llama /
-tiny-gpt2 / tiny-t5, fp32 and bf16 (tests/test_state_exact_core.py).
+tiny-gpt2 / tiny-t5, fp32 and bf16 (tests/estimators/test_state_exact_core.py).
 
 Per parameter (bytes):
 

@@ -10,7 +10,7 @@ would have kept it.
 
 Between two events that need Python -- a marker, a hook point when that hook is set -- the live bytes after
 every event are one cumulative sum, and the local maxima the simulator would record one by one are picked
-from it: the same candidates and end state as replaying event by event (``tests/test_trace.py`` checks it).
+from it: the same candidates and end state as replaying event by event (``tests/estimators/test_trace.py`` checks it).
 """
 from __future__ import annotations
 

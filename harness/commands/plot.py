@@ -38,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
     from optimem.harness.plots import ok_rows, write_all
     from optimem.harness.record import read_records
     from optimem.harness.results import load_records, to_frame
-    from optimem.harness.sweep import max_batch_path
+    from optimem.harness.max_batch import max_batch_path
 
     reports: list = []
     records = load_records(args.results, reports=reports)

@@ -234,7 +234,7 @@ def _memory_table(m: dict, pb: dict):
 
 def _rank_table(record: dict):
     """Per rank: measured against the planner's per-rank prediction."""
-    from optimem.harness.distributed import rank_rows
+    from optimem.harness.distributed.report import rank_rows
 
     d = record["distributed"]
     t = _table(f"  per rank ({d.get('backend')})", "peak", "predicted", "error",

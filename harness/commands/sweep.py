@@ -132,7 +132,8 @@ def _mapping(args: argparse.Namespace) -> dict:
 
 
 def _settings(data: dict, args: argparse.Namespace):
-    from optimem.harness.sweep import DEFAULT_MAX_BATCH_CAP, SweepOptions
+    from optimem.harness.max_batch import DEFAULT_MAX_BATCH_CAP
+    from optimem.harness.sweep import SweepOptions
 
     def where(name: str) -> str:
         """The flag, or the sweep file's key, that gave a setting."""
@@ -197,7 +198,7 @@ class _Terminated(KeyboardInterrupt):
 def main(args: argparse.Namespace) -> int:
     from optimem.harness.grid import config_key, config_label, grid_from_mapping
     from optimem.harness.launcher import check_config, resolve_device
-    from optimem.harness.sweep import group_key
+    from optimem.harness.max_batch import group_key
 
     data = _mapping(args)
     if not data.get("optim"):
@@ -237,7 +238,7 @@ def main(args: argparse.Namespace) -> int:
 
     check_output_file(opts.out, "--out", what="results file (.jsonl)")
     if opts.find_max_batch:
-        from optimem.harness.sweep import max_batch_path
+        from optimem.harness.max_batch import max_batch_path
 
         check_output_file(max_batch_path(opts.out), "--out (its max-batch file)", what="results file (.jsonl)")
     with lock_results(opts.out, "bench sweep"):
@@ -274,7 +275,8 @@ def _slurm_settings(args: argparse.Namespace, opts, runs: int):
 
 def _run(args: argparse.Namespace, opts, configs: list, bases: list, starts: list[int], settings=None) -> int:
     """The sweep proper (the results file locked for this sweep)."""
-    from optimem.harness.sweep import Reporter, Sweep
+    from optimem.harness.sweep import Sweep
+    from optimem.harness.sweep_progress import Reporter
 
     total = len(bases) if opts.find_max_batch else len(configs) * opts.repeat
     threads_env = _thread_env(opts, local=settings is None)
@@ -380,7 +382,8 @@ def _restore_env(saved: dict) -> None:
 
 
 def _dry_run(args, opts, configs, bases, config_key, config_label, resolve_device) -> int:
-    from optimem.harness.sweep import existing_counts, group_key, read_existing
+    from optimem.harness.max_batch import group_key
+    from optimem.harness.sweep import existing_counts, read_existing
 
     existing = read_existing(opts.out) if opts.resume else {}
     counts = existing_counts(opts.out, skip_errors=opts.retry_failed) if opts.resume else {}

@@ -1,4 +1,4 @@
-"""Step timing and throughput with warmup excluded; model FLOPs utilisation (MFU) on known GPUs.
+"""Step timing and throughput with warmup excluded; model FLOPs utilisation (MFU) from the FLOPs and peak given.
 
 A step runs from the end of the previous step (so the batch fetch is inside it) to ``on_step_end``;
 the optimizer step from ``on_pre_optimizer_step`` to ``on_optimizer_step``. On CUDA the clock is read
@@ -11,37 +11,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-# Dense peak TFLOP/s by device-name fragment (first match wins), from the vendors' datasheets:
-# 16-bit tensor cores (bf16/fp16), TF32 tensor cores, plain fp32. None: the format has no fast path.
-PEAK_TFLOPS: tuple[tuple[str, dict[str, float | None]], ...] = (
-    ("H200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}),
-    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
-    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0}),
-    ("H100", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}),
-    ("GH200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}),
-    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
-    ("L40S", {"bf16": 362.0, "fp16": 362.0, "tf32": 183.0, "fp32": 91.6}),
-    ("L4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
-    ("A10G", {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 31.2}),
-    ("V100", {"bf16": None, "fp16": 125.0, "tf32": None, "fp32": 15.7}),
-    ("T4", {"bf16": None, "fp16": 65.0, "tf32": None, "fp32": 8.1}),
-)
-
-
-def peak_flops(device_name: str, compute_dtype: str) -> float | None:
-    """Dense peak FLOP/s of ``device_name`` for matmuls in ``compute_dtype`` (bf16, fp16, tf32, fp32)."""
-    for fragment, table in PEAK_TFLOPS:
-        if fragment.lower() in device_name.lower():
-            tflops = table.get(compute_dtype)
-            return tflops * 1e12 if tflops else None
-    return None
-
-
-def training_flops_per_token(n_params_no_embedding: int, n_layers: int, hidden: int, seq_len: int) -> float:
-    """Model FLOPs per trained token: 6·N for the matmuls of forward and backward plus 12·L·d·S for
-    attention scores (PaLM, appendix B). Recomputation by gradient checkpointing is not counted (MFU)."""
-    return 6.0 * n_params_no_embedding + 12.0 * n_layers * hidden * seq_len
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -116,4 +85,4 @@ class ThroughputTracker:
         return out
 
 
-__all__ = ["PEAK_TFLOPS", "ThroughputTracker", "peak_flops", "summarize", "training_flops_per_token"]
+__all__ = ["ThroughputTracker", "summarize"]
