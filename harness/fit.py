@@ -96,7 +96,7 @@ def _cuda_free() -> tuple[int | None, str]:
 
         if torch.cuda.is_available():
             return int(torch.cuda.mem_get_info()[0]), "torch.cuda.mem_get_info free"
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - no CUDA to ask
         pass
     return None, ""
 

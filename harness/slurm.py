@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-
 from optimem.estimators.errors import UserError
 
 QUEUED = ("PENDING", "REQUEUED", "CONFIGURING", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "UNKNOWN")
@@ -168,12 +167,15 @@ class SlurmExecutor:
         self._jobs: dict[str, Any] = {}
         self._states: dict[str, str] = {}
         self._stopping = threading.Event()
+        self._node_memory: tuple[int | None, str] | None = None
 
     def available(self, device: str) -> tuple[int | None, str]:
         """What a job's node offers for the check before submission: a CPU run against the partition's
         smallest node memory; a GPU's memory is only known on the node (the job checks it there)."""
         if device == "cpu" and isinstance(self.engine, submitit.SlurmExecutor):
-            return node_memory(self.settings.partition)
+            if self._node_memory is None:
+                self._node_memory = node_memory(self.settings.partition)
+            return self._node_memory
         return None, ""
 
     def counts(self) -> dict[str, int]:
@@ -248,7 +250,7 @@ class SlurmExecutor:
         while True:
             try:
                 info = dict(job.get_info(mode="force") or {})
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - sacct unreachable: the state stays unknown
                 return None
             state = info.get("State") or info.get("jobState")
             if "jobState" in info or (state and _bucket(state) in ("done", "failed")) or time.monotonic() > deadline:
@@ -266,7 +268,7 @@ class SlurmExecutor:
         for _ in range(10):  # sacct can lag behind the end of the job by a moment
             try:
                 info = dict(job.get_info(mode="force") or {})
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - no sacct (the local stand-in): its own state
                 info = {}
             info.setdefault("State", info.get("jobState") or job.state)  # the local stand-in: its own state
             if _bucket(info["State"]) == "failed" or "jobState" in info:

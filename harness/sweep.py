@@ -37,7 +37,9 @@ from optimem.estimators.errors import UserError
 from optimem.harness import max_batch
 from optimem.harness.env_facts import collect_env
 from optimem.harness.grid import config_key, config_label, record_key
-from optimem.harness.launcher import execute, predict, resolve_device
+from optimem.harness.executors import LocalExecutor
+from optimem.harness.fit import check, refusal_record
+from optimem.harness.launcher import predict, resolve_device, skip_reason
 from optimem.harness.max_batch import DEFAULT_MAX_BATCH_CAP, OVER_LIMIT, group_key, max_batch_path, read_max_batch
 from optimem.harness.paths import rescue_record
 from optimem.harness.process import worker_env
@@ -149,8 +151,6 @@ class Sweep:
     """Runs configurations (plain sweep) or max-batch searches; see the module doc."""
 
     def __init__(self, opts: SweepOptions, reporter: Reporter | None = None, executor=None):
-        from optimem.harness.executors import LocalExecutor
-
         self.opts = opts
         self.executor = executor if executor is not None else LocalExecutor()
         """Where runs execute (:mod:`optimem.harness.executors`)."""
@@ -246,9 +246,6 @@ class Sweep:
     def prejudge(self, configs: list) -> int:
         """Judge ``configs`` on their model states alone (no trace; this thread, before any zygote starts): the
         refused are kept for :meth:`refused` and are neither predicted nor forked for. Returns how many."""
-        from optimem.harness.fit import check
-        from optimem.harness.launcher import resolve_device, skip_reason
-
         if self.opts.force:
             return 0
         for cfg in configs:
@@ -265,9 +262,6 @@ class Sweep:
     def refused(self, cfg) -> dict | None:
         """The ``oom-predicted`` record of ``cfg`` when the estimate says it cannot fit the memory its device
         has (:func:`optimem.harness.fit.check`; what the executor says a run gets), else None (run it)."""
-        from optimem.harness.fit import refusal_record
-        from optimem.harness.launcher import resolve_device
-
         device = resolve_device(cfg)
         return refusal_record(cfg, device, refusal=self._refusals.get(config_key(cfg.to_dict(), device)),
                               available=self.executor.available(device))

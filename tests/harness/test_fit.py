@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from optimem.harness import fit
 from optimem.harness.cli import main
 from optimem.harness.launcher import predict
@@ -57,7 +56,7 @@ def test_bench_run_refuses_in_one_line_fast(capsys, tmp_path, big):
     t0 = time.perf_counter()
     assert main(argv) == 2
     took = time.perf_counter() - t0
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "predicted out of memory" in lines[0] and "--force" in lines[0]
     assert "GiB" in lines[0] and "available" in lines[0]

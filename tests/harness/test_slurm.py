@@ -18,11 +18,10 @@ import pytest
 
 submitit = pytest.importorskip("submitit", reason="submitit is not installed (pip install 'optimem[slurm]')")
 
-from optimem.harness.cli import main  # noqa: E402
-from optimem.harness.grid import config_key  # noqa: E402
-from optimem.harness.record import validate  # noqa: E402
-from optimem.harness.run_config import RunConfig  # noqa: E402
-from optimem.harness.slurm import SlurmExecutor, SlurmSettings, parse_extra  # noqa: E402
+from optimem.harness.cli import main
+from optimem.harness.record import validate
+from optimem.harness.run_config import RunConfig
+from optimem.harness.slurm import SlurmExecutor, SlurmSettings, parse_extra
 
 ROOT = Path(__file__).resolve().parents[2]
 UP = ROOT.parent / "shared" / "slurm" / "up.sh"
@@ -127,7 +126,7 @@ def test_ctrl_c_cancels_the_jobs_the_sweep_submitted(slurm, tmp_path):
         job = None
         while job is None and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.3)
-            job = _job_named(f"sgd tiny-llama b1xs8 fp32")
+            job = _job_named("sgd tiny-llama b1xs8 fp32")
         assert job is not None, proc.stderr.read() if proc.poll() is not None else "no job in squeue"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130
@@ -212,8 +211,3 @@ def test_settings_become_submitit_parameters():
                                             "qos": "high", "additional_parameters": {"mem": "64G",
                                                                                       "constraint": "h100"}}
     assert SlurmSettings(folder=Path("x"), time_min=7).parameters(60)["time"] == 7
-
-
-def test_config_keys_do_not_depend_on_the_executor():
-    cfg = RunConfig(model="tiny-llama", optim="sgd", device="cpu", batch_size=2, seq_len=8, steps=2, warmup=1)
-    assert config_key(cfg.to_dict(), "cpu") == config_key(RunConfig(**{**cfg.__dict__}).to_dict(), "cpu")
