@@ -130,6 +130,22 @@ def node_memory(partition: str | None) -> tuple[int | None, str]:
     return min(mbs) * 2**20, f"sinfo RealMemory of {'partition ' + partition if partition else 'the nodes'}"
 
 
+def check_partition(partition: str | None) -> None:
+    """UserError naming the partitions there are when ``partition`` is not one of them (nothing when ``sinfo``
+    cannot say)."""
+    if partition is None:
+        return
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=20,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return
+    names = sorted(set(out.split()))
+    if names and partition not in names:
+        raise UserError(f"--slurm-partition: no partition {partition!r} on this cluster (sinfo lists: "
+                        f"{', '.join(names)})")
+
+
 def _bucket(state: str) -> str:
     word = (state or "UNKNOWN").split()[0].upper()
     if word in DONE:
@@ -305,4 +321,5 @@ class SlurmExecutor:
                     pass
 
 
-__all__ = ["SlurmExecutor", "SlurmRun", "SlurmSettings", "node_memory", "parse_extra", "slurm_facts"]
+__all__ = ["SlurmExecutor", "SlurmRun", "SlurmSettings", "check_partition", "node_memory", "parse_extra",
+           "slurm_facts"]

@@ -257,12 +257,14 @@ def _slurm_settings(args: argparse.Namespace, opts, runs: int):
     import shutil
 
     try:
-        from optimem.harness.slurm import SlurmSettings, parse_extra
+        from optimem.harness.slurm import SlurmSettings, check_partition, parse_extra
     except ImportError:
         raise UserError("--executor slurm needs the package 'submitit': pip install 'optimem[slurm]'") from None
     extra = parse_extra(args.slurm_extra)
     if shutil.which("sbatch") is None and not args.dry_run:
         raise UserError("--executor slurm: no 'sbatch' on PATH: run bench sweep on a Slurm login node")
+    if not args.dry_run:
+        check_partition(args.slurm_partition)
     folder = Path(args.slurm_folder) if args.slurm_folder else \
         opts.out.with_name(opts.out.name.removesuffix(".jsonl") + ".slurm")
     settings = SlurmSettings(folder=folder, partition=args.slurm_partition, gpus_per_node=args.slurm_gpus_per_node,

@@ -140,6 +140,15 @@ def test_ctrl_c_cancels_the_jobs_the_sweep_submitted(slurm, tmp_path):
     assert _records(out) == []  # an interrupted job is no outcome: nothing recorded
 
 
+def test_an_unknown_partition_is_refused_before_anything_is_submitted(slurm, tmp_path, capsys):
+    out = tmp_path / "p.jsonl"
+    assert main(["sweep", "--optim", "sgd", "--executor", "slurm", "--slurm-partition", "nosuch",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--slurm-partition: no partition 'nosuch'" in err[0] and "sinfo lists" in err[0]
+    assert not out.exists()
+
+
 def _slow_record(cfg, *, mark: str, **_kw) -> dict:
     """Stands in for a real run inside the job: the first attempt says it started (``mark``) and takes long,
     a later one returns at once."""
