@@ -146,6 +146,48 @@ def check_partition(partition: str | None) -> None:
                         f"{', '.join(names)})")
 
 
+def finished_records(folder: Path) -> list[tuple[Path, dict]]:
+    """``(result file, record)`` for every record a job under ``folder`` (submitit's) returned, oldest first."""
+    out = []
+    for pkl in sorted(Path(folder).glob("*/*_result.pkl"), key=lambda p: p.stat().st_mtime):
+        try:
+            outcome, value = submitit.core.utils.pickle_load(pkl)
+        except Exception:  # noqa: BLE001 - a result file cut short or of another tool: not a record
+            continue
+        if outcome == "success" and isinstance(value, dict) and "config" in value and "status" in value:
+            out.append((pkl, value))
+    return out
+
+
+def recover_records(sweep, folder: Path) -> int:
+    """``--resume`` after a sweep that died while its jobs ran on: append every record a job returned that the
+    results file does not hold yet (the sweep's own annotations added, ``run.slurm.recovered_from`` naming the
+    job's result file), so a finished measurement is never run again nor lost. Returns how many."""
+    from optimem.harness.grid import record_key
+    from optimem.harness.record import validate
+
+    n = 0
+    for pkl, record in finished_records(folder):
+        key = record_key(record)
+        if key in sweep.existing:
+            continue
+        sweep.apply_memory_limit(record)
+        run = record.setdefault("run", {})
+        run["config_key"] = key
+        run["sweep"] = {"id": sweep.sweep_id, "jobs": sweep.opts.jobs, "threads": sweep.opts.threads, "repeat": 0}
+        run["slurm"] = {"job_id": str((record.get("env") or {}).get("slurm", {}).get("job_id")),
+                        "recovered_from": str(pkl)}
+        try:
+            validate(record)
+        except Exception:  # noqa: BLE001 - not a record this version writes: leave it
+            continue
+        sweep._append(sweep.out, record)
+        sweep.existing[key] = record
+        sweep.done[key] = sweep.done.get(key, 0) + 1
+        n += 1
+    return n
+
+
 def _bucket(state: str) -> str:
     word = (state or "UNKNOWN").split()[0].upper()
     if word in DONE:
@@ -321,5 +363,5 @@ class SlurmExecutor:
                     pass
 
 
-__all__ = ["SlurmExecutor", "SlurmRun", "SlurmSettings", "check_partition", "node_memory", "parse_extra",
-           "slurm_facts"]
+__all__ = ["SlurmExecutor", "SlurmRun", "SlurmSettings", "check_partition", "finished_records", "node_memory",
+           "parse_extra", "recover_records", "slurm_facts"]

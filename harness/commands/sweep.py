@@ -302,6 +302,13 @@ def _run(args: argparse.Namespace, opts, configs: list, bases: list, starts: lis
         with reporter:
             if opts.resume:
                 reporter.note(f"bench sweep: resuming {opts.out} ({len(sweep.existing)} configurations recorded)")
+            if opts.resume and settings is not None:
+                from optimem.harness.slurm import recover_records
+
+                found = recover_records(sweep, settings.folder)
+                if found:
+                    reporter.note(f"bench sweep: {found} record(s) that Slurm jobs returned after the last sweep "
+                                  f"stopped were appended from {settings.folder}")
             if opts.jobs > 1 and settings is None:
                 n = opts.threads or os.environ.get("OMP_NUM_THREADS")
                 reporter.note(f"bench sweep: {opts.jobs} runs at once, {n} thread{'' if str(n) == '1' else 's'} "

@@ -93,10 +93,16 @@ def test_slurm_sweep_writes_the_local_records_a_cancelled_job_one_record_and_res
     for r in recs:
         validate(r)
         assert r["env"]["slurm"]["job_id"] and r["env"]["slurm"]["node"]
+    # a sweep that died after a job returned but before it appended the record: --resume appends it from the
+    # job's result file instead of running it again
+    lost = next(r for r in recs if r["status"] == "ok")
+    out.write_text("".join(json.dumps(r) + "\n" for r in recs if r is not lost))
     # --resume (with --retry-failed: the cancelled one is recorded as an error) runs only what is left
     assert main(["sweep", *GRID, "--executor", "slurm", "--out", str(out), "--resume", "--retry-failed"]) == 0
     recs = _records(out)
     assert len(recs) == 5 and recs[-1]["status"] == "ok" and recs[-1]["config"] == failed[0]["config"]
+    recovered = [r for r in recs if "recovered_from" in r["run"].get("slurm", {})]
+    assert [r["run_id"] for r in recovered] == [lost["run_id"]]  # the very record, not a new run
     slurm_ok = {r["run"]["config_key"]: r for r in recs if r["status"] == "ok"}
     assert len(slurm_ok) == 4 and len({r["env"]["slurm"]["job_id"] for r in slurm_ok.values()}) == 4
     # the same grid on the local executor: the same records, less the Slurm facts
