@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -30,9 +31,12 @@ from typing import Any
 import submitit
 from optimem.estimators.errors import UserError
 
-QUEUED = ("PENDING", "REQUEUED", "CONFIGURING", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "UNKNOWN")
+QUEUED = ("PENDING", "REQUEUED", "CONFIGURING", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "UNKNOWN",
+          "PREEMPTED")
 RUNNING = ("RUNNING", "COMPLETING", "STAGE_OUT")
 DONE = ("COMPLETED", "FINISHED")
+KILL_WAIT_S = 600.0
+"""How long a job told to stop (SIGTERM) waits for Slurm's SIGKILL before it returns its record anyway."""
 
 
 @dataclass
@@ -100,6 +104,12 @@ class SlurmRun(submitit.helpers.Checkpointable):
         from optimem.harness.launcher import execute, resolve_device
 
         facts = {**slurm_facts(), "attempt": self.attempt}
+        # scancel and preemption send SIGTERM to every process of the job (submitit's own process ignores it):
+        # the worker dies of it, and its error record would read as the run's outcome. Noted here; such a job
+        # then waits for Slurm's SIGKILL (or its requeue) and returns nothing (KILL_WAIT_S at most).
+        terminated = threading.Event()
+        if os.environ.get("SLURM_JOB_ID") and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: terminated.set())
         record = None
         if not self.force and self.runner is None:
             from optimem.harness.fit import refusal_record
@@ -108,6 +118,8 @@ class SlurmRun(submitit.helpers.Checkpointable):
         if record is None:
             run = self.runner or execute
             record = run(self.cfg, timeout_s=self.timeout_s, track_tensors=self.track_tensors, fault=self.fault)
+        if record.get("status") != "ok" and terminated.wait(timeout=1.0):
+            time.sleep(KILL_WAIT_S)  # a finished measurement is returned whatever comes; a killed one is not
         record["env"]["slurm"] = facts
         return record
 
