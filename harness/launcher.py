@@ -180,11 +180,13 @@ def run_isolated(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, fault:
             timed_out = wait(proc, timeout_s)
         duration = time.perf_counter() - start
         tail = log_tail(log)
-        if timed_out:
-            payload = {"status": "error", "reason": f"timed out after {timeout_s:g} s (the worker was killed)",
-                       "measured": None, "device_facts": {}, "detail": tail or None}
-            return WorkerOutcome(payload, proc.returncode, duration, tail, launch)
         payload = read_result(result)
+        if timed_out:  # a worker stopped by the SIGTERM writes what it measured until then (worker.CutOff)
+            kept = payload if payload is not None and payload.get("measured") else None
+            payload = {"status": "error", "measured": None, "device_facts": {}, "detail": tail or None, **(kept or {}),
+                       "reason": f"timed out after {timeout_s:g} s (the worker was killed" +
+                                 ("; what it measured until then is kept)" if kept else ")")}
+            return WorkerOutcome(payload, proc.returncode, duration, tail, launch)
         if payload is not None:
             return WorkerOutcome(payload, proc.returncode, duration, tail, launch)
         code = proc.returncode

@@ -453,6 +453,20 @@ class MeasuredRun:
         return {"rank": self.shard.rank, "world_size": self.shard.world_size, "model_states": states}
 
 
+class CutOff(BaseException):
+    """Raised in a single-process worker by SIGTERM (the launcher's timeout, then SIGKILL after a grace period): the
+    run stops where it is, as an error whose measurement until then is kept (a BaseException, so no library's
+    ``except Exception`` swallows it)."""
+
+
+def _cut_off_on_sigterm() -> None:
+    def stop(*_) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise CutOff("stopped by SIGTERM (the launcher's timeout); what was measured until then is kept")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 PARENT_DEATH_SIGNAL = signal.SIGUSR2
 """What the kernel sends the worker when the thread that launched it dies (PR_SET_PDEATHSIG): a signal the
 launcher never sends itself (its timeout kill is SIGTERM, then SIGKILL), so the worker knows what it means."""
@@ -510,6 +524,7 @@ def main(argv: list[str] | None = None, *, parent_pid: int | None = None) -> int
             run_dir = os.path.dirname(os.path.abspath(config_path))
             _watch_parent(int(parent), run_dir if os.path.basename(run_dir).startswith(RUN_DIR_PREFIX) else None)
         fault = job.get("fault")
+        _cut_off_on_sigterm()
     from optimem.harness.scenario import RunConfig
 
     cfg = RunConfig.from_dict(job["config"])
@@ -517,6 +532,9 @@ def main(argv: list[str] | None = None, *, parent_pid: int | None = None) -> int
     write_result(result_path, result)
     sys.stdout.flush()
     sys.stderr.flush()
+    if str(result.get("reason", "")).startswith(CutOff.__name__):  # end as the SIGTERM would have ended it
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
     # Skip interpreter teardown (compile workers, CUDA, NVML threads): the result is on disk.
     os._exit(0)
 

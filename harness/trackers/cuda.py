@@ -47,11 +47,13 @@ class CudaAllocatorTracker:
         return out
 
     def totals(self) -> dict[str, int]:
-        """Run-wide figures: peaks over all phases and the allocator's cumulative counters."""
+        """Run-wide figures: peaks over all phases, the allocator's cumulative counters and its whole
+        ``memory_stats()`` at the end of the run (numbers only; the ``.peak`` entries are since the last phase's reset)."""
         stats = self._stats()
         return {"max_memory_allocated": self.peak_allocated_bytes, "max_memory_reserved": self.peak_reserved_bytes,
                 "active_peak_bytes": self.peak_active_bytes,
-                "alloc_retries": int(stats.get("num_alloc_retries", 0)), "ooms": int(stats.get("num_ooms", 0))}
+                "alloc_retries": int(stats.get("num_alloc_retries", 0)), "ooms": int(stats.get("num_ooms", 0)),
+                "memory_stats": {k: v for k, v in stats.items() if isinstance(v, (int, float))}}
 
 
 def device_facts(device: int | str | torch.device = 0) -> dict:

@@ -654,3 +654,32 @@ p.wait()
         assert gone()  # and it does not train on as an orphan
     finally:
         parent.kill()
+
+
+# ------------------------------------------------------------------ the GPU campaign's commands (python -m ...)
+CAMPAIGN_CASES: list[tuple[str, str, str]] = [
+    ("campaign", "--budget -5 --out {d}/o", "positive, finite number of seconds"),
+    ("campaign", "--budget abc --list", "is not a number of seconds"),
+    ("campaign", "--budget inf --list", "positive, finite number of seconds"),
+    ("campaign", "--out {d}/o", "--budget"),
+    ("campaign", "--budget 10", "--out is required"),
+    ("campaign", "--budget 10 --out {d}/file", "exists and is not a folder"),
+    ("campaign", "--budget 10 --out /proc/optimem-nope", "cannot write there"),
+    ("campaign_report", "{d}/missing.jsonl", "no such file"),
+    ("campaign_report", "", "records"),
+]
+
+
+@pytest.mark.parametrize("module,argv,needle", CAMPAIGN_CASES, ids=[f"{m} {a}" for m, a, _ in CAMPAIGN_CASES])
+def test_bad_campaign_invocation(tmp_path, capsys, module, argv, needle):
+    import importlib
+
+    (tmp_path / "file").write_text("")
+    mod = importlib.import_module(f"optimem.harness.{module}")
+    try:
+        code = mod.main(shlex.split(argv.format(d=tmp_path)))
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
+    assert not list(tmp_path.glob("o/*"))  # nothing ran

@@ -85,6 +85,7 @@ def test_a_module_that_initialises_cuda_is_left_to_the_run(tmp_path, monkeypatch
         assert time.perf_counter() - t0 < 20
     assert hung.launch == "zygote" and hung.payload["status"] == "error"
     assert hung.payload["reason"].startswith("timed out after 3 s") and hung.returncode == -15
+    assert "model_load" in hung.payload["measured"]["phases"]  # a cut-off run keeps what it measured
     assert _gone({started[0].pid}, timeout=5)
     assert outcome.launch == "zygote" and outcome.payload["status"] == "ok", outcome.payload
     assert outcome.payload["measured"]["optimizer_state"]["total"] > 0  # bitsandbytes imported by the run itself
