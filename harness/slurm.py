@@ -248,6 +248,18 @@ class SlurmExecutor:
             return self._node_memory
         return None, ""
 
+    def per_job(self, cfg) -> dict[str, Any]:
+        """What one configuration's job asks for beyond the sweep's settings: a core per process of a
+        multi-process run (its ranks on one node), and on CUDA a GPU per process unless
+        ``--slurm-gpus-per-node`` says otherwise. A value given by ``--slurm-extra`` wins."""
+        n = max(1, int(cfg.num_processes))
+        out: dict[str, Any] = {}
+        if "cpus_per_task" not in self.settings.extra:
+            out["cpus_per_task"] = n
+        if cfg.device == "cuda" and self.settings.gpus_per_node is None and "gpus_per_node" not in self.settings.extra:
+            out["gpus_per_node"] = n
+        return out
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             out = {"queued": 0, "running": 0, "done": 0, "failed": 0}
@@ -277,7 +289,7 @@ class SlurmExecutor:
             if self._stopping.is_set():
                 raise RuntimeError("the sweep is stopping: not submitted")
             if isinstance(self.engine, submitit.SlurmExecutor):
-                self.engine.update_parameters(job_name=f"optimem {label}")
+                self.engine.update_parameters(job_name=f"optimem {label}", **self.per_job(cfg))
             job = self.engine.submit(task)
             self._jobs[job.job_id] = job
         self._set_state(job, "PENDING", label)

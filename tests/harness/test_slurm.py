@@ -226,3 +226,8 @@ def test_settings_become_submitit_parameters():
                                             "qos": "high", "additional_parameters": {"mem": "64G",
                                                                                       "constraint": "h100"}}
     assert SlurmSettings(folder=Path("x"), time_min=7).parameters(60)["time"] == 7
+    ex = SlurmExecutor(s, timeout_s=60, engine=object())
+    two = RunConfig(model="tiny-llama", optim="sgd", device="cuda", num_processes=2, sharding="ddp")
+    assert ex.per_job(two) == {"cpus_per_task": 2}  # --slurm-gpus-per-node 8 given: kept
+    mine = SlurmExecutor(SlurmSettings(folder=Path("x")), timeout_s=60, engine=object())
+    assert mine.per_job(two) == {"cpus_per_task": 2, "gpus_per_node": 2}
