@@ -34,3 +34,12 @@ def test_the_batch_script_gives_every_node_the_first_node_as_endpoint(tmp_path):
     args = out.stdout.splitlines()
     assert "--rdzv-endpoint=node7:29500" in args and "--rdzv-id=4242" in args
     assert args[-2:] == ["/tmp/j son.json", "/tmp/r.json"]
+
+
+def test_each_rank_entry_names_its_node():
+    from optimem.harness.distributed.launch import combine
+
+    ranks = [{"status": "error", "reason": "x", "measured": None, "node": "node7"},
+             {"status": "error", "reason": "y", "measured": None, "node": "node8"}]
+    out = combine(ranks, returncode=1, timed_out=False, timeout_s=10)
+    assert [r["node"] for r in out["distributed"]["ranks"]] == ["node7", "node8"]
