@@ -30,6 +30,9 @@ TARGETS = [
     ("first estimate of a new config, trace + fit (70B, batch 1)", "test_first_estimate[1-70b]", 20.0),
     ("warm estimate, any shape (8B, traced)", "test_warm_estimate_any_shape", 1e-3),
     ("bench plan, 8B x GPU catalog x default optimizers, traces cold", "test_plan_gpu_catalog", None),
+    ("`bench serve` warm request, same form (8B, 3 optimizers x 3 GPUs)", "test_answer_same_form", 0.1),
+    ("`bench serve` warm request, new micro-batch (sequence search reruns)", "test_answer_new_batch", 0.1),
+    ("`bench serve` HTTP round trip through Gradio (gradio_client, 127.0.0.1)", "test_http_round_trip", None),
 ]
 RATIO_TARGETS = [
     # (label, benchmark name, target ratio): the benchmark's median over its interleaved import-torch baseline's

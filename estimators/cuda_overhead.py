@@ -6,11 +6,9 @@ more terms decide whether a run fits; they are reported separately (``Estimate.c
 ``bytes["peak"]``:
 
 ``rounding``
-    PyTorch's caching allocator rounds every block up to a multiple of 512 bytes (``kMinBlockSize``).
-    Exact for parameters, gradients and optimizer state (their sizes are known); for activations and
-    transients the simulator counts the live allocations at the peak and charges half a block each (the
-    expected waste when sizes are not multiples of 512; large activations usually are, so this leans
-    high).
+    PyTorch's caching allocator rounds every block up to a multiple of 512 bytes (``kMinBlockSize``) and hands
+    out a whole cached block when the rest would be too small to split: what the replayed blocks (below) hold
+    beyond the tensor bytes.
 ``cublas_workspace``
     cuBLAS and cuBLASLt allocate their workspaces through the caching allocator on the first matmul of a
     stream, so they appear in ``max_memory_allocated``. Their size depends on the torch version and the
@@ -18,34 +16,38 @@ more terms decide whether a run fits; they are reported separately (``Estimate.c
 ``context``
     The CUDA context (driver state, loaded kernels): memory ``nvidia-smi`` shows but the allocator does
     not. Depends on the GPU, driver, CUDA version and lazy module loading: machine-dependent.
-``reserved`` (a model of the caching allocator's segments)
-    The allocator keeps freed blocks cached in segments it got from the driver; ``max_memory_reserved``
-    exceeds ``max_memory_allocated`` by the segments' rounding (2 MiB for large blocks, 2 MiB small-pool
-    segments, 20 MiB segments for 1-10 MiB blocks) and fragmentation. Modelled as ``reserved_fraction``
-    of the allocated peak: machine- and workload-dependent.
+``reserved`` (the caching allocator, replayed)
+    The allocator keeps freed blocks cached in segments it got from the driver; ``max_memory_reserved`` is a
+    deterministic function of the sequence of allocations and frees. :func:`cuda_terms` replays the step's
+    sequence (``estimators/alloc_tape.py``: model load, optimizer ``__init__`` state, step 0 and a steady step)
+    through the allocator's algorithm (``estimators/allocator.py``, written from
+    ``c10/cuda/CUDACachingAllocator.cpp``; ``PYTORCH_CUDA_ALLOC_CONF``'s ``max_split_size_mb``,
+    ``roundup_power2_divisions``, ``expandable_segments`` and ``garbage_collection_threshold`` are read from
+    ``alloc_conf`` or the environment). Its peak allocated bytes replace the rounding estimate above when the
+    replay runs (``rounding`` is then what the replayed blocks add over the tensor peak and the workspace).
 
-The machine-dependent constants (``cublas_workspace_bytes``, ``context_bytes``, ``reserved_fraction``)
-live in ``estimators/calibration/cuda.json``: a ``default`` entry (PyTorch's documented defaults and
-typical values, marked uncalibrated) and per-GPU entries fitted from recorded ``bench run`` records by
+The machine-dependent constants (``cublas_workspace_bytes``, ``context_bytes``) live in
+``estimators/calibration/cuda.json``: a ``default`` entry (PyTorch's documented defaults and typical values,
+marked uncalibrated) and per-GPU entries fitted from recorded ``bench run`` records by
 
     python -m optimem.harness.calibrate cuda results/runs.jsonl [--write]
 
-which, for every successful CUDA record, recomputes the tensor peak the phase model predicts for its
-configuration and fits: workspace = median(max_memory_allocated - predicted tensor peak - rounding);
-reserved_fraction = median(max_memory_reserved / max_memory_allocated - 1); context = median of the
-NVML-measured context bytes. All figures are bytes.
+which, for every successful CUDA record, recomputes the estimate for its configuration and fits:
+workspace = median(max_memory_allocated - predicted tensor peak - rounding); context = median of the
+NVML-measured context bytes. Nothing is fitted to reserved memory: that is the replay's. All figures are bytes.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
-from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
+from .allocator import K_MIN_BLOCK as BLOCK
+from .allocator import AllocatorConfig, replay_arrays
+
 CALIBRATION = Path(__file__).with_name("calibration") / "cuda.json"
-BLOCK = 512
-"""PyTorch CUDACachingAllocator's ``kMinBlockSize``: every allocation is rounded up to a multiple."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,6 @@ class CudaConstants:
 
     cublas_workspace_bytes: int
     context_bytes: int
-    reserved_fraction: float
     calibrated: bool = False
     runs: int = 0
     source: str = ""
@@ -78,42 +79,62 @@ def constants(gpu: str | None = None, path: Path | str = CALIBRATION) -> CudaCon
     entry = table.get("gpus", {}).get(gpu) if gpu else None
     data = entry if entry is not None else table["default"]
     return CudaConstants(int(data["cublas_workspace_bytes"]), int(data["context_bytes"]),
-                         float(data["reserved_fraction"]), bool(data.get("calibrated", False)),
+                         bool(data.get("calibrated", False)),
                          int(data.get("runs", 0)), str(data.get("source", "")))
 
 
-def round_up(n: int, block: int = BLOCK) -> int:
-    return -(-n // block) * block
+def alloc_config(alloc_conf: str | None = None) -> AllocatorConfig:
+    """The allocator options: ``alloc_conf`` (a ``PYTORCH_CUDA_ALLOC_CONF`` string), else the environment's."""
+    text = alloc_conf if alloc_conf is not None else os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    return AllocatorConfig.parse(text)
 
 
-@lru_cache(maxsize=64)
-def persistent_rounding(inv, state_sizes: tuple) -> dict[str, int]:
-    """Exact rounding waste of parameters, gradients (trainable parameters) and optimizer state tensors."""
-    weights = sum(round_up(r.nbytes) - r.nbytes for r in inv.rows)
-    grads = sum(round_up(r.nbytes) - r.nbytes for r in inv.rows if r.trainable)
-    state = sum(round_up(n) - n for n in state_sizes)
-    return {"weights": weights, "gradients": grads, "optimizer_state": state}
+@lru_cache(maxsize=4096)
+def replayed(model, b: int, s: int, workspace: int, config: AllocatorConfig, capacity: int | None = None):
+    """The allocator replay (:class:`~optimem.estimators.allocator.Replay`) of ``model``'s step at ``(b, s)``
+    (a :class:`~optimem.estimators.peak.PhaseModel`; cached per shape and options). ``capacity``: the bytes the
+    driver can give (None: unlimited); past it the allocator frees its cache and retries, then
+    :class:`~optimem.estimators.allocator.OutOfMemory`."""
+    from .alloc_tape import region_tape
+
+    tape = region_tape(model, b, s, workspace)
+    return replay_arrays(tape.handles, tape.is_free, tape.sizes_at(b, s), config, capacity)
 
 
-def cuda_terms(mem, inv, state_sizes: tuple, gpu: str | None = None) -> dict:
-    """The CUDA-only terms for a :class:`~optimem.estimators.peak.StepMemory` (bytes), at its peak phase:
-    ``rounding``, ``cublas_workspace``, ``peak_allocated`` (tensor peak + both), ``reserved_overhead``,
-    ``peak_reserved``, ``context`` and ``peak_device`` (reserved + context: what ``nvidia-smi`` would
-    show), plus the constants' provenance."""
+def reserve_within(mem, model, b: int, s: int, capacity: int, gpu: str | None = None,
+                   alloc_conf: str | None = None) -> int | None:
+    """The most the caching allocator reserves when the step runs within ``capacity`` bytes (a GPU's memory less
+    its CUDA context), or None when it cannot: the replay with that capacity, where a ``cudaMalloc`` past it makes
+    the allocator free its cache and retry (``malloc``'s ``release_cached_blocks`` path) before it runs out of
+    memory. While no ``cudaMalloc`` goes past the capacity the replay is the unlimited one, step for step."""
+    from .allocator import OutOfMemory
+
     c = constants(gpu)
-    ph = mem.phases[mem.peak_phase]
-    pr = persistent_rounding(inv, state_sizes)
-    rounding = pr["weights"] + (pr["gradients"] if ph["gradients"] else 0) + \
-        (pr["optimizer_state"] if ph["optimizer_state"] else 0) + (mem.allocations or {}).get(mem.peak_phase, 0) * BLOCK // 2
-    allocated = mem.peak + rounding + c.cublas_workspace_bytes
-    # a float product is exact enough below 2**53 bytes; above, Fraction keeps every digit of a huge shape's figure
-    reserved_over = int(allocated * c.reserved_fraction) if allocated < 1 << 53 else \
-        int(allocated * Fraction(c.reserved_fraction))
-    reserved = allocated + reserved_over
-    return {"rounding": rounding, "cublas_workspace": c.cublas_workspace_bytes, "peak_allocated": allocated,
-            "reserved_overhead": reserved_over, "peak_reserved": reserved, "context": c.context_bytes,
-            "peak_device": reserved + c.context_bytes, "gpu": gpu, "calibrated": c.calibrated,
+    try:
+        return replayed(model, b, s, c.cublas_workspace_bytes, alloc_config(alloc_conf), capacity).max_reserved
+    except OutOfMemory:
+        return None
+
+
+def cuda_terms(mem, model, b: int, s: int, gpu: str | None = None, alloc_conf: str | None = None) -> dict:
+    """The CUDA-only terms for a :class:`~optimem.estimators.peak.StepMemory` of ``model`` at ``(b, s)``
+    (bytes): ``cublas_workspace``, ``peak_allocated`` (the replayed allocator's ``max_memory_allocated``:
+    blocks as rounded and split), ``rounding`` (what that adds over the tensor peak and the workspace),
+    ``reserved_overhead`` and ``peak_reserved`` (its ``max_memory_reserved``), ``context`` and ``peak_device``
+    (reserved + context: what ``nvidia-smi`` would show), ``segments`` and ``alloc_retries`` at the end,
+    ``alloc_conf`` (the ``PYTORCH_CUDA_ALLOC_CONF`` text replayed) and the constants' provenance."""
+    c = constants(gpu)
+    text = alloc_conf if alloc_conf is not None else os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    config = alloc_config(text)
+    r = replayed(model, b, s, c.cublas_workspace_bytes, config)
+    allocated = r.max_allocated
+    reserved = r.max_reserved
+    return {"rounding": allocated - mem.peak - c.cublas_workspace_bytes, "cublas_workspace": c.cublas_workspace_bytes,
+            "peak_allocated": allocated, "reserved_overhead": reserved - allocated, "peak_reserved": reserved,
+            "context": c.context_bytes, "peak_device": reserved + c.context_bytes, "segments": r.segments,
+            "alloc_retries": r.alloc_retries, "alloc_conf": text or "", "gpu": gpu, "calibrated": c.calibrated,
             "calibration_runs": c.runs, "source": c.source}
 
 
-__all__ = ["BLOCK", "CALIBRATION", "CudaConstants", "calibrated_gpus", "constants", "cuda_terms", "persistent_rounding", "round_up"]
+__all__ = ["BLOCK", "CALIBRATION", "CudaConstants", "alloc_config", "calibrated_gpus", "constants", "cuda_terms",
+           "replayed", "reserve_within"]

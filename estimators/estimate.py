@@ -9,7 +9,7 @@ from typing import Any
 from .steps import build as build_step
 from .cache import key as cache_key, memo
 from .catalog import ModelSource
-from .cuda_overhead import cuda_terms
+from .cuda_overhead import alloc_config, cuda_terms, reserve_within
 from .errors import UserError
 from .inventory import build_inventory
 from .optimizers import OptimizerSpec, ParamCtx, get_spec, parse_optim_args
@@ -58,13 +58,26 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     phases: dict[str, dict[str, int]] = field(default_factory=dict)
     peak_phase: str = ""
-    cuda: dict[str, Any] | None = None
+    cuda: dict[str, Any] | None = field(default_factory=lambda: None)  # no class attribute: see __getattr__
 
     def __getattr__(self, name: str):
+        if name == "cuda":  # computed when first read (the caching allocator's replay costs more than the rest)
+            thunk = self.__dict__.pop("_cuda_thunk", None)
+            self.__dict__["cuda"] = value = thunk() if thunk is not None else None
+            return value
         # The setup's fields read as the estimate's own (est.optim, est.seq_len...).
         if name != "setup" and name in _SETUP_FIELDS:
             return getattr(self.setup, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def reserve_within(self, capacity: int) -> int | None:
+        """The caching allocator's most reserved bytes when this CUDA step runs within ``capacity`` bytes of device
+        memory (the GPU's less its context; its cache flushes and retries included), None when it cannot run
+        there. Raises ValueError for an estimate that is not a CUDA one."""
+        check = self.__dict__.get("_reserve_within")
+        if check is None:
+            raise ValueError("reserve_within: not a CUDA estimate (device='cuda', a traced step)")
+        return check(capacity)
 
     @property
     def state_bytes_per_param(self) -> float:
@@ -175,7 +188,8 @@ def _check_available(spec: OptimizerSpec) -> None:
         raise UserError(spec.reason)
 
 
-def estimate(model: Any, optim: Any = None, *, gpu: str | None = None, **setup_fields: Any) -> Estimate:
+def estimate(model: Any, optim: Any = None, *, gpu: str | None = None, alloc_conf: str | None = None,
+             **setup_fields: Any) -> Estimate:
     """Predict the bytes a Trainer run holds.
 
     ``model``: a :class:`~optimem.estimators.setup.TrainingSetup` (then ``setup_fields`` override its fields), or
@@ -193,7 +207,8 @@ def estimate(model: Any, optim: Any = None, *, gpu: str | None = None, **setup_f
     :class:`~optimem.estimators.setup.TrainingSetup` for their meaning). The
     estimator's defaults are the setup's (batch 1 x 512 tokens, fp32, no autocast, CUDA).
     ``gpu``: a ``torch.cuda.get_device_name()`` whose calibrated CUDA constants to use
-    (``estimators/calibration/cuda.json``; the defaults otherwise).
+    (``estimators/calibration/cuda.json``; the defaults otherwise); ``alloc_conf``: a ``PYTORCH_CUDA_ALLOC_CONF``
+    string for the replayed caching allocator (default: the environment's).
     """
     inv = None
     if isinstance(model, TrainingSetup):
@@ -210,7 +225,7 @@ def estimate(model: Any, optim: Any = None, *, gpu: str | None = None, **setup_f
         if optim is None:
             raise UserError("estimate() needs an optimizer name (optim=...), as TrainingArguments(optim=...) takes it")
         setup = TrainingSetup(model=model, optim=optim, **setup_fields)
-    return estimate_setup(setup, gpu=gpu, inventory=inv)
+    return estimate_setup(setup, gpu=gpu, inventory=inv, alloc_conf=alloc_conf)
 
 
 def _trained_set(setup: TrainingSetup, source: ModelSource, inv: Inventory) -> dict[str, Any]:
@@ -224,10 +239,11 @@ def _trained_set(setup: TrainingSetup, source: ModelSource, inv: Inventory) -> d
 
 
 def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: Inventory | None = None,
-                   states_only: bool = False) -> Estimate:
-    """:func:`estimate` for a validated setup (``inventory``: the model's, when the caller has it).
-    ``states_only``: weights, gradients and optimizer state only, without tracing the step (``activations``
-    and ``peak`` None): a lower bound of the peak, in milliseconds once the model's inventory is cached."""
+                   alloc_conf: str | None = None, states_only: bool = False) -> Estimate:
+    """:func:`estimate` for a validated setup (``inventory``: the model's, when the caller has it;
+    ``alloc_conf``: the ``PYTORCH_CUDA_ALLOC_CONF`` the caching allocator is replayed with, default the
+    environment's). ``states_only``: weights, gradients and optimizer state only, without tracing the step
+    (``activations`` and ``peak`` None): a lower bound of the peak, in milliseconds once the inventory is cached."""
     spec = get_spec(setup.optim)
     _check_available(spec)
     setup.check_trainable(inventory=inventory)
@@ -291,27 +307,19 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
                                resident)
     mem = evaluate(phase_model, setup.batch_size, setup.seq_len)
     notes.extend(n for n in (phase_model.step.note, *phase_model.notes()) if n)
-    cuda = None
-    if device == "cuda":
-        cuda = cuda_terms(mem, inv, _state_sizes(inv, spec.name, args_key, targets), gpu)
-    return Estimate(
+    est = Estimate(
         setup=setup, num_params=inv.num_params, trainable_params=inv.trainable_params,
         bytes={**model_bytes, "activations": mem.activations, "peak": mem.peak},
         state_breakdown=dict(sorted(breakdown.items())), optim_args=dict(args), targeted_params=n_targeted,
-        family=spec.family, notes=notes, phases=mem.phases, peak_phase=mem.peak_phase, cuda=cuda)
-
-
-@functools.lru_cache(maxsize=512)
-def _state_sizes(inv: Inventory, name: str, args_key: tuple, targets) -> tuple:
-    """Every optimizer-state tensor's bytes (for the CUDA allocator's rounding)."""
-    spec = get_spec(name)
-    args = dict(args_key)
-    targeted = targeted_names(inv, targets) if spec.needs_target_modules else frozenset()
-    out = []
-    for row in inv.rows:
-        if row.trainable or spec.state_for_frozen:
-            out.extend(spec.param_state(ParamCtx(row, args, row.name in targeted)).values())
-    return tuple(out)
+        family=spec.family, notes=notes, phases=mem.phases, peak_phase=mem.peak_phase, cuda=None)
+    if device == "cuda":  # est.cuda: the allocator's replay, run when first read
+        alloc_config(alloc_conf)  # a malformed PYTORCH_CUDA_ALLOC_CONF is refused now, not on first read
+        del est.__dict__["cuda"]
+        est.__dict__["_cuda_thunk"] = functools.partial(cuda_terms, mem, phase_model, setup.batch_size,
+                                                        setup.seq_len, gpu, alloc_conf)
+        est.__dict__["_reserve_within"] = functools.partial(reserve_within, mem, phase_model, setup.batch_size,
+                                                            setup.seq_len, gpu=gpu, alloc_conf=alloc_conf)
+    return est
 
 
 @functools.lru_cache(maxsize=512)

@@ -122,18 +122,28 @@ class PhaseModel:
     def _disk_key(self):
         return trace_data.disk_key(self.inv.config_hash, getattr(self.source, "peft", None), self.setting)
 
-    def _simulate(self, tr, region) -> tuple[dict, dict]:
-        inv, step = self.inv, self.step
+    def run_at(self, b: int, s: int) -> Run:
+        """The :class:`~optimem.estimators.phases.Run` the phases of ``(b, s)`` are simulated from (its region
+        traced when first asked for)."""
+        self.at(b, s)
+        return self._run(self.trace, self.trace.region(b, s, self.grad_accum > 1 and not self.inside))
+
+    def _run(self, tr, region) -> Run:
+        inv = self.inv
         rows = {r.name: r for r in inv.rows}
         params = tr.params
         missing = [n for n in params if n not in rows]
         if missing:
             raise RuntimeError(f"trace and inventory of {inv.model} disagree on parameter {missing[0]}")
-        run = Run(region.first, region.accum if self.grad_accum > 1 else None, params,
-                  tuple(rows[n].nbytes for n in params), tuple(rows[n].element_size for n in params),
-                  tuple(rows[n].trainable for n in params), inv.weight_bytes + tr.settled_bytes, tr.buffers_bytes,
-                  self.grad_accum,
-                  label_shape=tr.label_shape, counts_items=tr.counts_items, shifts_labels=tr.shifts_labels)
+        return Run(region.first, region.accum if self.grad_accum > 1 else None, params,
+                   tuple(rows[n].nbytes for n in params), tuple(rows[n].element_size for n in params),
+                   tuple(rows[n].trainable for n in params), inv.weight_bytes + tr.settled_bytes, tr.buffers_bytes,
+                   self.grad_accum,
+                   label_shape=tr.label_shape, counts_items=tr.counts_items, shifts_labels=tr.shifts_labels)
+
+    def _simulate(self, tr, region) -> tuple[dict, dict]:
+        inv, step = self.inv, self.step
+        run = self._run(tr, region)
         res = simulate(run, step) if self.inside else _forward_backward(run, region)
         out = dict(res)
         if self.inside:  # the simulation itself creates the per-parameter state (inside the step-0 backward)

@@ -84,17 +84,26 @@ def _num_items(sim: Sim, run: Run) -> None:
         sim.tmp(vec(bs=1, b=-1) if run.shifts_labels else vec(bs=1))
 
 
-def simulate(run: Run, step: StepModel | None = None, device: str = "cpu") -> dict[str, PhaseResult]:
+def simulate(run: Run, step: StepModel | None = None, device: str = "cpu", sim: Sim | None = None,
+             both_steps: bool = False) -> dict[str, PhaseResult]:
     """Simulate step 0 and one steady step. With ``step`` None the optimizer is left out (its state and
     step are added by :func:`simulate_step`); with a LOMO / layer-wise ``step`` the optimizer runs inside
     the backward. Returns ``{phase: PhaseResult}`` for the forward and backward phases (and the optimizer
-    phases when ``step`` is given), plus ``forward_end`` (live bytes at the end of step 0's last forward)."""
+    phases when ``step`` is given), plus ``forward_end`` (live bytes at the end of step 0's last forward).
+    ``sim``: the simulator to run on (a fresh :class:`Sim` by default; one with ``per_parameter`` set gets each
+    parameter as its own storage); ``both_steps``: simulate the steady step too, not only step 0."""
     from .trace.replay import replay
     from .trace.events import BWD_END, FWD_END
 
-    sim = Sim()
+    sim = sim if sim is not None else Sim()
     sim.phase("setup")
-    sim.alloc(vec(run.weights_bytes), "weights")
+    if getattr(sim, "per_parameter", False):  # model.to(device): one storage per parameter
+        for nbytes in run.param_bytes:
+            sim.alloc(vec(nbytes), "weights")
+        if run.weights_bytes > sum(run.param_bytes):
+            sim.alloc(vec(run.weights_bytes - sum(run.param_bytes)), "weights")
+    else:
+        sim.alloc(vec(run.weights_bytes), "weights")
     if run.buffers_bytes:
         sim.alloc(vec(run.buffers_bytes), "weights")
     sim.alloc(vec(run.other_bytes), "other")
@@ -140,7 +149,7 @@ def simulate(run: Run, step: StepModel | None = None, device: str = "cpu") -> di
     forward_end = None
     batches: list[list] = []
     prefetched: list = []
-    steps_ = ("step0",) if step is None or mode == "full" else ("step0", "steady")
+    steps_ = ("step0",) if (step is None or mode == "full") and not both_steps else ("step0", "steady")
     for stepname in steps_:
         for micro in range(run.grad_accum):
             sim.phase(f"{stepname}.forward")
@@ -173,7 +182,7 @@ def simulate(run: Run, step: StepModel | None = None, device: str = "cpu") -> di
             step.run(sim, step.groups, stepname == "step0", keep)
         sim.zero_grad()
         close(f"{stepname}.optimizer_step")
-    if step is None or mode == "full":  # the steady forward and backward are step 0's (state aside)
+    if (step is None or mode == "full") and not both_steps:  # the steady forward and backward are step 0's
         for kind in ("forward", "backward"):
             merged[f"steady.{kind}"] = merged[f"step0.{kind}"]
     out = {name: PhaseResult(c, end) for name, (c, end) in merged.items()}

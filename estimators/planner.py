@@ -2,8 +2,10 @@
 which per-GPU breakdown, how fast; the fewest GPUs that would fit otherwise; and the recommendation
 (:func:`plan` -> :class:`Plan`). Pure arithmetic over the step-memory model and the GPU catalog: no GPU needed.
 
-A configuration fits a GPU when its predicted per-GPU peak is at most the GPU's budget: usable memory (reported
-minus the CUDA context) less a headroom fraction for the caching allocator. Bytes per GPU throughout.
+A configuration on one GPU fits when the caching allocator's replayed reserve (``estimators/device_fit.py``) is at
+most the GPU's usable memory (reported minus the CUDA context); a sharded one when its predicted per-GPU peak is
+at most the GPU's budget: usable memory less a headroom fraction for the caching allocator. Bytes per GPU
+throughout.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .catalog import canonical_name, resolve
+from .device_fit import budget_of, by_reserve, max_micro_batch_on, max_seq_len_on, reserved_on
 from .errors import UserError
 from .estimate import estimate
 from .gpus import DEFAULT_HEADROOM, GIB, GPU, load_gpus, select_gpus
@@ -20,7 +23,7 @@ from .search import largest
 from .optimizers import get_spec
 from .setup import SHARDINGS, TrainingSetup
 from .sharding import ZERO, sharding_support
-from .step_memory import MAX_BATCH, fits, max_micro_batch, max_seq_len, plan_setup, position_limit, sizes_of, \
+from .step_memory import MAX_BATCH, fits, plan_setup, position_limit, sizes_of, \
     setup_inventory, step_memory
 from .throughput import DEFAULT_MFU, Calibration, calibrate, throughput
 
@@ -58,6 +61,11 @@ class PlanRow:
     sharding: str = "none"
     notes: list[str] = field(default_factory=list)
     max_seq_len: int | None = None
+    reserved: int | None = None
+    """One GPU: the replayed caching allocator's ``max_memory_reserved`` at the answer, within the GPU's usable
+    memory (None: sharded)."""
+    device_total: int | None = None
+    """``reserved`` + the GPU's CUDA context: what nvidia-smi would show."""
     """With a sequence search (:func:`plan_seq`): the longest sequence that fits at ``batch_size``."""
     max_seq_len_by_checkpointing: dict[str, int] = field(default_factory=dict)
     seq_limit: int | None = None
@@ -104,8 +112,9 @@ def verification_note(setup: TrainingSetup) -> str | None:
 def _row(setup: TrainingSetup, gpu: GPU, headroom: float, **fields) -> PlanRow:
     """A new answer for ``setup`` on ``gpu``: ``no_fit`` until a search fills it, or ``unsupported`` (with the
     reason) where the optimizer cannot run under the setup's sharding; the sharding notes."""
-    row = PlanRow(optim=setup.optim, gpu=gpu.id, gpu_name=gpu.name, status="no_fit", budget=gpu.budget(headroom),
-                  num_gpus=setup.num_processes, sharding=setup.sharding, **fields)
+    row = PlanRow(optim=setup.optim, gpu=gpu.id, gpu_name=gpu.name, status="no_fit",
+                  budget=budget_of(setup, gpu, headroom), num_gpus=setup.num_processes, sharding=setup.sharding,
+                  **fields)
     ok, why = sharding_support(setup.optim, setup.sharding, setup.num_processes)
     if not ok:
         row.status, row.reason = "unsupported", why
@@ -134,7 +143,7 @@ def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADRO
     chosen = None
     for ckpt in modes:
         s = replace(setup, gradient_checkpointing=ckpt)
-        b = max_micro_batch(s, row.budget)
+        b = max_micro_batch_on(s, gpu, headroom)
         row.max_micro_batch_by_checkpointing["on" if ckpt else "off"] = b
         if b >= 1 and chosen is None:
             chosen = (s, b)
@@ -142,8 +151,7 @@ def plan_one(setup: TrainingSetup, gpu: GPU, *, headroom: float = DEFAULT_HEADRO
     row.peak_at_batch1 = step_memory(last, 1).peak
     if chosen is None:
         row.gradient_checkpointing = modes[-1]
-        row.reason = (f"micro-batch 1 needs {row.peak_at_batch1 / GIB:.1f} GiB per GPU, budget "
-                      f"{row.budget / GIB:.1f} GiB")
+        row.reason = _no_fit(last, 1, row, "micro-batch 1")
         return row
     s, b = chosen
     row.max_micro_batch, row.at_cap = b, b >= MAX_BATCH
@@ -155,6 +163,8 @@ def _fits(row: PlanRow, s: TrainingSetup, batch: int, gpu: GPU,
     """``row`` filled for the fitting setup ``s`` at micro-batch ``batch``: breakdown at the peak, MFU
     (measured where a recorded run calibrates it) and tokens/s."""
     mem = step_memory(s, batch)
+    row.reserved = reserved_on(s, batch, gpu.usable_bytes) if by_reserve(s) else None
+    row.device_total = row.reserved + gpu.context_bytes if row.reserved is not None else None
     row.status = "fits"
     row.gradient_checkpointing = s.gradient_checkpointing
     row.peak, row.host_state = mem.peak, mem.host_state
@@ -175,6 +185,14 @@ def _fits(row: PlanRow, s: TrainingSetup, batch: int, gpu: GPU,
     return row
 
 
+def _no_fit(setup: TrainingSetup, batch: int, row: PlanRow, what: str) -> str:
+    """Why not even ``what`` fits: the reserve against usable memory (one GPU), else the peak against the budget."""
+    if by_reserve(setup):
+        return (f"{what} needs more than the usable {row.budget / GIB:.1f} GiB in the caching allocator's replay "
+                f"(tensor peak {row.peak_at_batch1 / GIB:.1f} GiB)")
+    return f"{what} needs {row.peak_at_batch1 / GIB:.1f} GiB per GPU, budget {row.budget / GIB:.1f} GiB"
+
+
 def plan_seq(setup: TrainingSetup, gpu: GPU, *, batch: int = 1, headroom: float = DEFAULT_HEADROOM,
              checkpointing: str = "auto", calibration: Mapping[tuple[str, str, str], Calibration] | None = None,
              mfu: float = DEFAULT_MFU) -> PlanRow:
@@ -188,7 +206,7 @@ def plan_seq(setup: TrainingSetup, gpu: GPU, *, batch: int = 1, headroom: float 
     best = None
     for ckpt in modes:
         s = replace(setup, gradient_checkpointing=ckpt)
-        n = max_seq_len(s, batch, row.budget, row.seq_limit)
+        n = max_seq_len_on(s, batch, gpu, headroom, row.seq_limit)
         row.max_seq_len_by_checkpointing["on" if ckpt else "off"] = n
         if n >= 1 and (best is None or n > best[1]):
             best = (s, n)
@@ -196,8 +214,7 @@ def plan_seq(setup: TrainingSetup, gpu: GPU, *, batch: int = 1, headroom: float 
         last = replace(setup, gradient_checkpointing=modes[-1], seq_len=1)
         row.gradient_checkpointing = modes[-1]
         row.peak_at_batch1 = step_memory(last, batch).peak
-        row.reason = (f"micro-batch {batch} of 1 token needs {row.peak_at_batch1 / GIB:.1f} GiB per GPU, budget "
-                      f"{row.budget / GIB:.1f} GiB")
+        row.reason = _no_fit(last, batch, row, f"micro-batch {batch} of 1 token")
         return row
     s, n = best
     row.max_seq_len, row.max_micro_batch, row.at_cap = n, batch, n >= row.seq_limit

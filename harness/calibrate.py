@@ -7,9 +7,9 @@ The constants and what they mean live in :mod:`optimem.estimators.cuda_overhead`
 ``estimators/calibration/cuda.json``); fitting them needs recorded runs, which are the harness's, so the fit
 lives here. For every successful CUDA record the estimate of its configuration (the record's ``config``,
 read back as a :class:`~optimem.harness.run_config.RunConfig`) gives the tensor peak, and per GPU:
-workspace = median(max_memory_allocated - predicted tensor peak - rounding); reserved_fraction =
-median(max_memory_reserved / max_memory_allocated - 1); context = median of the NVML-measured context
-bytes. All figures are bytes.
+workspace = median(max_memory_allocated - predicted tensor peak - rounding); context = median of the
+NVML-measured context bytes. Reserved memory is not fitted: the estimate replays the caching allocator
+(``estimators/allocator.py``). All figures are bytes.
 """
 from __future__ import annotations
 
@@ -34,15 +34,13 @@ def calibrate(records: Iterable[dict]) -> dict[str, dict]:
         if rec.get("status") != "ok" or m.get("device") != "cuda":
             continue
         peaks = m.get("peaks", {})
-        alloc, reserved = peaks.get("max_memory_allocated"), peaks.get("max_memory_reserved")
+        alloc = peaks.get("max_memory_allocated")
         if not alloc:
             continue
         gpu = (rec.get("env") or {}).get("device_name") or "unknown"
         est = estimate(replace(RunConfig.from_dict(rec["config"]), device="cuda"))
-        d = per.setdefault(gpu, {"workspace": [], "reserved": [], "context": []})
+        d = per.setdefault(gpu, {"workspace": [], "context": []})
         d["workspace"].append(alloc - est.bytes["peak"] - est.cuda["rounding"])
-        if reserved:
-            d["reserved"].append(reserved / alloc - 1.0)
         ctx = (peaks.get("nvml") or {}).get("cuda_context_bytes")
         if ctx:
             d["context"].append(ctx)
@@ -51,8 +49,6 @@ def calibrate(records: Iterable[dict]) -> dict[str, dict]:
     for gpu, d in per.items():
         out[gpu] = {"cublas_workspace_bytes": int(max(0, statistics.median(d["workspace"]))),
                     "context_bytes": int(statistics.median(d["context"])) if d["context"] else default.context_bytes,
-                    "reserved_fraction": round(max(0.0, statistics.median(d["reserved"])), 4) if d["reserved"]
-                    else default.reserved_fraction,
                     "calibrated": True, "runs": len(d["workspace"]),
                     "source": "fitted by python -m optimem.harness.calibrate cuda"}
     return out

@@ -241,7 +241,7 @@ def _pytest_job() -> Job:
     missing = [n for n, f in zip(PYTEST_FILES, found) if not f]
     files = [str(f[0].relative_to(REPO_ROOT)) for f in found if f]
     # -v: one line per test as it ends, so a run cut off by the budget still says which tests passed
-    argv = ("-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", "-k", PYTEST_SELECT, *files) if files else ()
+    argv = ("-m", "pytest", "-o", "addopts=", "-v", "-rs", "-p", "no:cacheprovider", "-k", PYTEST_SELECT, *files) if files else ()
     return Job(1, "t1/cuda-tests", "pytest", argv=argv,
                unresolved=f"test files not found under tests/: {', '.join(missing)}" if missing else None)
 

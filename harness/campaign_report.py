@@ -81,10 +81,11 @@ def _estimate(record: dict):
 
 def predicted_totals(est, c: co.CudaConstants) -> dict[str, int]:
     """Allocated, reserved and device peaks (bytes) for an estimate under constants ``c``: the same sums as
-    :func:`optimem.estimators.cuda_overhead.cuda_terms` (tensor peak + rounding + workspace; x (1 + reserved
-    fraction); + context), with other constants than the ones the estimate was made with."""
+    :func:`optimem.estimators.cuda_overhead.cuda_terms` (tensor peak + rounding + workspace; + the replayed caching
+    allocator's reserve over allocated; + context), with other constants than the ones the estimate was made with
+    (the replay's reserve over allocated is the estimate's: made with its own workspace)."""
     allocated = est.bytes["peak"] + est.cuda["rounding"] + c.cublas_workspace_bytes
-    reserved = allocated + int(allocated * c.reserved_fraction)
+    reserved = allocated + est.cuda["reserved_overhead"]
     return {"allocated": allocated, "reserved": reserved, "device": reserved + c.context_bytes}
 
 
@@ -111,8 +112,8 @@ def hbm_bandwidth(device_name: str | None) -> float | None:
 
 
 def _constants_from_fit(fit: dict) -> co.CudaConstants:
-    return co.CudaConstants(int(fit["cublas_workspace_bytes"]), int(fit["context_bytes"]),
-                            float(fit["reserved_fraction"]), True, int(fit.get("runs", 0)), str(fit.get("source", "")))
+    return co.CudaConstants(int(fit["cublas_workspace_bytes"]), int(fit["context_bytes"]), True,
+                            int(fit.get("runs", 0)), str(fit.get("source", "")))
 
 
 def analyse(records: Iterable[dict]) -> dict[str, Any]:
@@ -253,7 +254,8 @@ def render_markdown(result: dict[str, Any], sources: list[str]) -> str:
     fits = result["fit"]
     for gpu, f in fits.items():
         lines.append(f"\nFitted on {f['runs']} runs of {gpu}: cuBLAS workspace {f['cublas_workspace_bytes']} B, "
-                     f"context {f['context_bytes']} B, reserved fraction {f['reserved_fraction']}.")
+                     f"context {f['context_bytes']} B (reserved memory is the caching allocator's replay, not "
+                     "fitted).")
     return "\n".join(lines) + "\n"
 
 

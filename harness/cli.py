@@ -17,7 +17,7 @@ import re
 import sys
 import warnings
 
-COMMANDS = ("estimate", "optims", "run", "sweep", "plan", "plot", "compare")
+COMMANDS = ("estimate", "optims", "run", "sweep", "plan", "plot", "compare", "serve")
 DEBUG_ENV = "OPTIMEM_DEBUG"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

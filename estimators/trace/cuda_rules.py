@@ -21,8 +21,9 @@ swapped, at the ``torch.nn.functional`` level, for what CUDA would run:
   some GPUs run a fused kernel instead, which allocates only the output: there the rule is an upper bound of
   the weight's dequantized size.
 
-Under ``--bf16``/``--fp16`` the trace runs CPU autocast, whose op lists differ from CUDA's; the rule above
-applies CUDA's to attention (its inputs are cast to the lower precision), the other ops keep CPU's lists.
+Under ``--bf16``/``--fp16`` every other op follows CUDA's autocast policy, asked of torch's AutocastCUDA kernels
+(``estimators/trace/cuda_autocast.py``); the attention rule above casts its inputs to the lower precision itself
+(CUDA's policy for ``scaled_dot_product_attention``), then runs without autocast.
 
 These rules follow the kernels' source; no GPU was available to validate them (see the CUDA terms in
 ``estimators/cuda_overhead.py`` for what the allocator adds on top).

@@ -27,6 +27,9 @@ _ACT, _TMP = CATS.index("act"), CATS.index("tmp")
 def replay(sim: Sim, log: EventLog, params: list[Param | None], on_mark: Callable[[int, int], None]) -> None:
     """Replay ``log`` on ``sim``. ``params``: the simulator's parameter for each parameter index of the trace
     (None for frozen ones); ``on_mark(code, arg)`` is called at each marker (phase ends)."""
+    if getattr(sim, "event_by_event", False):  # a simulator that follows every storage (the allocator's tape)
+        replay_events(sim, log, params, on_mark)
+        return
     kind, A, Bv, sizes = log.kind, log.a, log.b, log.sizes
     st_row = np.zeros(log.n_alloc, dtype=np.int64)  # storage id -> its row in ``sizes``
     st_cat = np.zeros(log.n_alloc, dtype=np.int64)
@@ -158,6 +161,37 @@ def _segment_loop(sim: Sim, kind: list, A: list, Bv: list, sizes, st_row, st_cat
             _param(params, a).grad = St(tuple(row), "grad")
 
 
+def replay_events(sim: Sim, log: EventLog, params: list[Param | None], on_mark: Callable[[int, int], None]) -> None:
+    """:func:`replay` one event at a time through :meth:`Sim.alloc` / :meth:`Sim.decref` (slower; every storage
+    is its own simulator storage, for a simulator that records the sequence): a gradient's storage becomes
+    ``param.grad`` (replacing an earlier one, which is released), hooks and markers as in :func:`replay`."""
+    pre, post = sim.hooks.get("pre_accumulate"), sim.hooks.get("post_accumulate")
+    sizes = log.sizes.tolist()
+    live: dict[int, St] = {}
+    row = 0
+    for k, a, b in zip(log.kind.tolist(), log.a.tolist(), log.b.tolist()):
+        if k == ALLOC:
+            live[a] = sim.alloc(tuple(sizes[row]))
+            row += 1
+        elif k == FREE:
+            sim.decref(live.pop(a, None))
+        elif k == GRAD:
+            p = _param(params, a)
+            if b >= 0:
+                st = live.pop(b)
+                if p.grad is not None and p.grad is not st:
+                    sim.decref(p.grad)
+                sim.recat(st, "grad")
+                p.grad = st
+            if post is not None:
+                post(sim, p)
+        elif a == PRE_ACC:
+            if pre is not None and params[b] is not None:
+                pre(sim, params[b])
+        else:
+            on_mark(a, b)
+
+
 def _param(params: list[Param | None], i: int) -> Param:
     p = params[i]
     if p is None:
@@ -165,4 +199,4 @@ def _param(params: list[Param | None], i: int) -> Param:
     return p
 
 
-__all__ = ["replay"]
+__all__ = ["replay", "replay_events"]

@@ -83,15 +83,16 @@ class StepHooks:
 
 def micro_step(model: torch.nn.Module, facts: ModelFacts, batch: dict, items, grad_accum: int, tr_loss,
                rec: Recorder, device: str = "cpu") -> list[tuple]:
-    """Run one micro-step (forward, loss, backward) with ``device``'s kernels (``estimators/trace/cuda_rules``)
-    and return its event log."""
+    """Run one micro-step (forward, loss, backward) with ``device``'s kernels (``estimators/trace/cuda_rules``) and,
+    for ``cuda``, CUDA's autocast policy (``estimators/trace/cuda_autocast``), and return its event log."""
+    from .cuda_autocast import cuda_autocast
     from .cuda_rules import kernels_of
 
     old = set_recorder(rec)
     rec.events = []
     rec.active = True
     try:
-        with cpp_meta_kernels(), TraceMode(), kernels_of(device):
+        with cpp_meta_kernels(), TraceMode(), kernels_of(device), cuda_autocast(device == "cuda"):
             _training_step(model, facts, batch, items, grad_accum, tr_loss, rec)
     finally:
         rec.active = False

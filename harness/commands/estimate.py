@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--gpu", default=None, metavar="NAME",
                    help="use this GPU's calibrated CUDA constants (torch.cuda.get_device_name(); see "
                         "'python -m optimem.harness.calibrate show')")
+    p.add_argument("--cuda-alloc-conf", dest="alloc_conf", default=None, metavar="CONF",
+                   help="PYTORCH_CUDA_ALLOC_CONF for the replayed caching allocator, e.g. expandable_segments:True "
+                        "(default: the environment's)")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per optimizer")
     add_no_cache(p)
     p.set_defaults(func=main)
@@ -73,9 +76,19 @@ def _check_gpu(name: str | None) -> None:
                         "--write")
 
 
-def main(args: argparse.Namespace) -> int:
+def run_estimates(args: argparse.Namespace):
+    """The estimates ``bench estimate`` prints for parsed arguments: ``(base setup, inventory, estimates,
+    skipped)``, ``skipped`` holding ``{"optim", "status", "reason"}`` per optimizer not estimated (``bench serve``
+    answers its page with this too)."""
     optims = expand_optims(args.optim)
     _check_gpu(args.gpu)
+    if args.alloc_conf is not None:
+        from optimem.estimators.cuda_overhead import alloc_config
+
+        try:
+            alloc_config(args.alloc_conf)
+        except UserError as exc:
+            raise UserError(f"--cuda-alloc-conf: {str(exc).removeprefix('PYTORCH_CUDA_ALLOC_CONF: ')}") from None
     base = TrainingSetup(**setup_kwargs(args, exclude=("optim", "optim_args", "optim_target_modules")))
     base.check_trainable()  # the model config and the sequence length, once, before any optimizer
     targets = setup_kwargs(args).get("optim_target_modules")
@@ -89,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             # optim_args apply only to the optimizers that read them when several are asked for.
             setup = base.with_optimizer(name, args.optim_args, targets, only_args_read=len(optims) > 1)
-            est = estimate(setup, gpu=args.gpu)
+            est = estimate(setup, gpu=args.gpu, alloc_conf=args.alloc_conf)
         except UserError as exc:
             if len(optims) == 1:
                 raise
@@ -98,6 +111,11 @@ def main(args: argparse.Namespace) -> int:
         if spec.needs_target_modules and not args.optim_target_modules:
             est.notes.append(f"optim_target_modules not given: assumed '{DEFAULT_TARGETS}'")
         results.append(est)
+    return base, inv, results, skipped
+
+
+def main(args: argparse.Namespace) -> int:
+    base, inv, results, skipped = run_estimates(args)
     if args.json:
         out = []
         for est in results:
@@ -147,11 +165,11 @@ def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> 
                human_bytes(b["weights"]), human_bytes(b["gradients"]), human_bytes(total),
                human_bytes(b["activations"]), human_bytes(b["peak"]), _phase_label(e.peak_phase)]
         if cuda:
-            row.append(human_bytes(e.cuda["peak_device"]))
+            row += [human_bytes(e.cuda["peak_reserved"]), human_bytes(e.cuda["peak_device"])]
         rows.append(row + [_flags(e)])
     cols = ["optimizer", "state", "B/param", "of it host", "weights", "gradients", "weights+grads+state",
-            "activations", "peak", "at"] + (["on device"] if cuda else []) + ["notes"]
-    table = format_table(cols, rows, align="lrrrrrrrrl" + ("r" if cuda else "") + "l")
+            "activations", "peak", "at"] + (["reserved", "device total"] if cuda else []) + ["notes"]
+    table = format_table(cols, rows, align="lrrrrrrrrl" + ("rr" if cuda else "") + "l")
     lines = [head, _settings_line(setup), "", table]
     from optimem.estimators.catalog import resolve
 
@@ -178,8 +196,11 @@ def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> 
     if cuda:
         first = results[0] if results else None
         cal = "calibrated" if first is not None and first.cuda["calibrated"] else "uncalibrated defaults"
-        lines.append("on device: peak + CUDA-only terms (512 B block rounding, cuBLAS workspace, caching-allocator "
-                     f"reserve, CUDA context; {cal}: see estimators/cuda_overhead.py).")
+        conf = first.cuda["alloc_conf"] if first is not None else ""
+        lines.append("reserved: max_memory_reserved from the step's allocations replayed through the CUDA caching "
+                     f"allocator's rules (PYTORCH_CUDA_ALLOC_CONF {conf or 'unset'}; cuBLAS workspace included; "
+                     "estimators/allocator.py: a rule from its source, not a measurement); device total: reserved "
+                     f"+ the CUDA context, what nvidia-smi shows ({cal} constants: see estimators/cuda_overhead.py).")
     return "\n".join(lines)
 
 

@@ -206,7 +206,11 @@ def _header(plan) -> list[str]:
     mfu_txt = (f"MFU {plan.mfu:.2f} assumed" + (f", measured on {', '.join(g for g, _ in used)}" if used else
                                                   (" (no recorded run of this model on these GPUs)"
                                                    if plan.calibration_files else " (no recorded runs)")))
-    lines.append(f"Fit: predicted per-GPU peak <= usable memory - {plan.headroom:.0%} allocator headroom. "
+    fit = (f"predicted per-GPU peak <= usable memory - {plan.headroom:.0%} allocator headroom"
+           if plan.base is not None and plan.base.sharding != "none" else
+           "the step's allocations replayed through the CUDA caching allocator's rules (estimators/allocator.py; "
+           "a rule from its source, not a measurement): reserved <= usable memory (reported - CUDA context)")
+    lines.append(f"Fit: {fit}. "
                  f"Tokens/s = MFU x dense peak / {fpt / 1e9:.1f} GFLOP per token (6N + 12LdS), x3/4 with "
                  f"checkpointing; {mfu_txt}.")
     return lines
@@ -248,7 +252,7 @@ def render(plan) -> str:
                     else "cannot run here (see Notes)"
             else:
                 what = "fits no listed GPU, and no sharding of them fits micro-batch 1"
-            detail.append([o] + ["-"] * (14 if sharded else 13) + [what])
+            detail.append([o] + ["-"] * (16 if sharded else 15) + [what])
             continue
         r = min(fit, key=lambda r: (size[r.gpu], -(r.tokens_per_s or 0)))
         b = r.breakdown
@@ -264,13 +268,16 @@ def render(plan) -> str:
                        _gib(b["optimizer_state"]), _gib(b["activations"]),
                        _gib(b["temporaries"] + b["other"]), *([_gib(b["sharding_overhead"])] if sharded else []),
                        _phase(r.peak_phase),
-                       f"{_gib(r.peak)}/{_gib(r.budget)}", _tps(r.tokens_per_s), f"{r.mfu:.2f}", fast,
+                       f"{_gib(r.peak)}/{_gib(r.budget)}",
+                       _gib(r.reserved) if r.reserved is not None else "-",
+                       _gib(r.device_total) if r.device_total is not None else "-",
+                       _tps(r.tokens_per_s), f"{r.mfu:.2f}", fast,
                        "; ".join(note)])
     lines.append(format_table(["optimizer", "GPU", "seq" if plan.search == "seq" else "batch", "ckpt",
                                "weights", "grads", "state", "activ", "temp",
-                               *(["shard+"] if sharded else []), "peak at", "peak/budget", "tok/s", "MFU",
-                               "fastest (tok/s)", "notes"],
-                              detail, align="llrlrrrrr" + ("r" if sharded else "") + "lrrrll"))
+                               *(["shard+"] if sharded else []), "peak at", "peak/budget", "reserved",
+                               "device total", "tok/s", "MFU", "fastest (tok/s)", "notes"],
+                              detail, align="llrlrrrrr" + ("r" if sharded else "") + "lrrrrrll"))
     rec = plan.recommendation
     lines += ["", "Recommendation"]
     if rec:

@@ -194,6 +194,9 @@ CASES: list[tuple[str, int, str]] = [
     (f"{E} --freeze '(('", 2, "--freeze"),
     (f"{E} --freeze '['", 2, "--freeze"),
     ("estimate --optim galore_adamw_layerwise --grad-accum 2", 2, "--grad-accum"),
+    ("estimate --optim sgd --cuda-alloc-conf max_split_size_mb:4", 2, "--cuda-alloc-conf"),
+    ("estimate --optim sgd --cuda-alloc-conf expandable_segments:maybe", 2, "--cuda-alloc-conf"),
+    ("estimate --optim sgd --cuda-alloc-conf 'roundup_power2_divisions:[256:3]'", 2, "--cuda-alloc-conf"),
     # --- estimate: model configs (the file, as data, before transformers sees it)
     (f"{E} --model nosuch", 2, "--model"),
     (f"{E} --model {{d}}/missing.json", 2, "{d}/missing.json"),
@@ -435,6 +438,11 @@ CASES: list[tuple[str, int, str]] = [
     (f"compare {G} {G} --markdown {{d}}/adir", 2, "--markdown"),
     (f"compare {G} {G} --markdown {{d}}/bin.dat", 2, "--markdown"),
     (f"compare {G} {G} --markdown ''", 2, "--markdown"),
+    # --- serve (nothing is served: each case is refused before the page is built)
+    ("serve --port 0", 2, "--port"),
+    ("serve --port 70000", 2, "--port"),
+    ("serve --port abc", 2, "--port"),
+    ("serve --host 203.0.113.7 --port 7860", 2, "--host"),
 ]
 
 

@@ -42,12 +42,23 @@ def _max(optim: str, gpu: str, **kw) -> int:
 ])
 @pytest.mark.slow
 def test_reported_batch_fits_and_one_more_does_not(optim, gpu, kw):
-    s, budget = _setup(optim, **kw), GPUS[gpu].budget()
-    b = SM.max_micro_batch(s, budget)
-    assert 1 <= b < SM.MAX_BATCH, (optim, gpu, b)
-    assert SM.step_memory(s, b).peak <= budget < SM.step_memory(s, b + 1).peak
-    row = P.plan_one(s, GPUS[gpu], checkpointing="on" if s.gradient_checkpointing else "off")
-    assert row.status == "fits" and row.max_micro_batch == b and row.peak == SM.step_memory(s, b).peak
+    from optimem.estimators import device_fit as DF
+
+    s, g = _setup(optim, **kw), GPUS[gpu]
+    row = P.plan_one(s, g, checkpointing="on" if s.gradient_checkpointing else "off")
+    b = row.max_micro_batch
+    assert row.status == "fits" and 1 <= b < SM.MAX_BATCH, (optim, gpu, b)
+    assert row.peak == SM.step_memory(s, b).peak
+    if s.sharding == "none":  # one GPU: the caching allocator's replay runs within usable memory, one more does not
+        reserved = DF.reserved_on(s, b, g.usable_bytes)
+        assert row.reserved == reserved <= g.usable_bytes and DF.reserved_on(s, b + 1, g.usable_bytes) is None
+        assert row.device_total == reserved + g.context_bytes and row.budget == g.usable_bytes
+        assert SM.step_memory(s, b).peak < reserved  # the tensor peak alone would allow at least as much
+        assert b <= SM.max_micro_batch(s, g.usable_bytes)
+    else:  # sharded: the per-GPU tensor peak within the headroom budget
+        budget = g.budget()
+        assert b == SM.max_micro_batch(s, budget) and row.reserved is None
+        assert SM.step_memory(s, b).peak <= budget < SM.step_memory(s, b + 1).peak
 
 
 def test_peak_is_the_estimators_and_splits_into_its_parts():

@@ -122,9 +122,10 @@ def test_slurm_sweep_writes_the_local_records_a_cancelled_job_one_record_and_res
 
 
 def test_ctrl_c_cancels_the_jobs_the_sweep_submitted(slurm, tmp_path):
+    # a shape no other test submits: its job is found by name in squeue while other tests' jobs run
     out = tmp_path / "int.jsonl"
     cmd = [sys.executable, "-c", "import sys; from optimem.harness.cli import main; sys.exit(main())", "sweep",
-           "--optim", "sgd", "--model", "tiny-llama", "--shape", "1x8", "--steps", "2", "--warmup", "1",
+           "--optim", "sgd", "--model", "tiny-llama", "--shape", "1x4", "--steps", "2", "--warmup", "1",
            "--device", "cpu", "--executor", "slurm", "--out", str(out), "--fault", "sgd=hang@step0.forward"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -132,7 +133,7 @@ def test_ctrl_c_cancels_the_jobs_the_sweep_submitted(slurm, tmp_path):
         job = None
         while job is None and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.3)
-            job = _job_named("sgd tiny-llama b1xs8 fp32")
+            job = _job_named("sgd tiny-llama b1xs4 fp32")
         assert job is not None, proc.stderr.read() if proc.poll() is not None else "no job in squeue"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130
@@ -140,9 +141,9 @@ def test_ctrl_c_cancels_the_jobs_the_sweep_submitted(slurm, tmp_path):
         if proc.poll() is None:
             proc.kill()
     deadline = time.monotonic() + 30
-    while _job_named("sgd tiny-llama b1xs8 fp32") is not None and time.monotonic() < deadline:
+    while _job_named("sgd tiny-llama b1xs4 fp32") is not None and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _job_named("sgd tiny-llama b1xs8 fp32") is None  # cancelled, not left running
+    assert _job_named("sgd tiny-llama b1xs4 fp32") is None  # cancelled, not left running
     assert _records(out) == []  # an interrupted job is no outcome: nothing recorded
 
 
