@@ -17,11 +17,15 @@ from pathlib import Path
 import pytest
 
 submitit = pytest.importorskip("submitit", reason="submitit is not installed (pip install 'optimem[slurm]')")
+import cloudpickle  # noqa: E402 - submitit's own dependency
 
 from optimem.harness.cli import main
 from optimem.harness.record import validate
 from optimem.harness.run_config import RunConfig
 from optimem.harness.slurm import SlurmExecutor, SlurmSettings, parse_extra
+
+# the stand-in runners below travel to submitit's job process by value (that process cannot import this file)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 ROOT = Path(__file__).resolve().parents[2]
 UP = ROOT.parent / "shared" / "slurm" / "up.sh"
@@ -180,9 +184,6 @@ def _started(mark: Path, deadline: float) -> None:
 
 
 def test_a_preempted_job_is_requeued_and_returns_one_whole_record(tmp_path):
-    import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     engine = submitit.LocalExecutor(folder=str(tmp_path / "jobs"))
     engine.update_parameters(timeout_min=5)
     mark = tmp_path / "started"
