@@ -76,16 +76,18 @@ class Tape:
         self.sizes = np.array([size for _, size in ops if size is not None], dtype=np.int64).reshape(-1, NB)
 
     def sizes_at(self, b: int, s: int) -> list[int]:
-        """Every allocation's bytes at ``(b, s)``, in order."""
+        """Every allocation's bytes at ``(b, s)``, in order (exact: Python integers where int64 could overflow)."""
         import numpy as np
 
-        return (self.sizes @ np.array(basis(b, s), dtype=np.int64)).tolist()
+        vec = basis(b, s)
+        top = int(np.abs(self.sizes).max()) if self.sizes.size else 0
+        if top * max(map(abs, vec), default=0) * NB < 1 << 62:
+            return (self.sizes @ np.array(vec, dtype=np.int64)).tolist()
+        return (self.sizes.astype(object) @ np.array(vec, dtype=object)).tolist()
 
     def at(self, b: int, s: int) -> list[tuple]:
         """The sequence at ``(b, s)``: ``("a", handle, bytes)`` / ``("f", handle)``."""
-        import numpy as np
-
-        n = iter((self.sizes @ np.array(basis(b, s), dtype=np.int64)).tolist())
+        n = iter(self.sizes_at(b, s))
         return [("f", h) if free else ("a", h, next(n)) for h, free in zip(self.handles, self.is_free)]
 
 

@@ -15,6 +15,7 @@ from .inventory import build_inventory
 from .optimizers import OptimizerSpec, ParamCtx, get_spec, parse_optim_args
 from .optimizers.spec import LAYERWISE_DUMMY_BYTES
 from .params import Inventory
+from .offload import split as offload_split
 from .peak import PhaseModel, evaluate
 from .peft_model import adapter_inventory, peak_limit, resident_bytes, trace_fields
 from .setup import TrainingSetup
@@ -59,6 +60,7 @@ class Estimate:
     phases: dict[str, dict[str, int]] = field(default_factory=dict)
     peak_phase: str = ""
     cuda: dict[str, Any] | None = field(default_factory=lambda: None)  # no class attribute: see __getattr__
+    offload: dict[str, Any] | None = None
 
     def __getattr__(self, name: str):
         if name == "cuda":  # computed when first read (the caching allocator's replay costs more than the rest)
@@ -261,9 +263,10 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         inv = (inventory if inventory is not None else build_inventory(source, task=setup.task))
         inv = inv.with_dtype(setup.dtype).with_frozen(setup.freeze)
     setup = replace(setup, model=inv.model, device=device)
-    if setup.sharding != "none":
+    offloaded = setup.offload_optimizer != "none" or setup.offload_param != "none"
+    if setup.sharding != "none" and not offloaded:
         notes.append(f"one process, unsharded: for the per-GPU figures under {setup.sharding} on "
-                     f"{setup.num_processes} process(es) see optimem.estimators.planner.step_memory(setup, batch) or bench plan")
+                     f"{setup.num_processes} process(es) see optimem.estimators.step_memory.step_memory(setup, batch) or bench plan")
     args = spec.resolve_args(parse_optim_args(setup.optim_args))
     targets = _targets_key(setup.optim_target_modules) if spec.needs_target_modules else None
     args_key = tuple(sorted(args.items(), key=str))
@@ -279,6 +282,8 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         gradients = inv.trainable_bytes
     host = total if spec.state_location == "host" else \
         sum(breakdown.get(k, 0) for k in spec.host_keys) + breakdown.get(LAYERWISE_DUMMY_KEY, 0)
+    if offloaded and setup.offload_optimizer != "none":
+        host = total  # the optimizer state and step live on the host (or NVMe: see the offload split)
     if spec.cpu_note:
         notes.append(spec.cpu_note)
     model_bytes = {"weights": inv.weight_bytes, "weights_trainable": inv.trainable_bytes,
@@ -291,6 +296,8 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
                         targeted_params=n_targeted, family=spec.family, notes=notes)
     setting = TraceSetting(dtype=setup.dtype, mixed=setup.mixed_precision, attn=setup.attn_implementation,
                            gc=setup.gradient_checkpointing, task=inv.task, device=device,
+                           liger=(setup.liger_kernel_config or "{}") if setup.use_liger_kernel else None,
+                           packed=setup.padding_free,
                            **_trained_set(setup, source, inv))
     resident = 0
     if setup.quantize:
@@ -305,20 +312,42 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         resident = resident_bytes(setup)
     phase_model = _phase_model(inv, source, spec.name, args_key, targets, setting, setup.grad_accum, device, total, host,
                                resident)
-    mem = evaluate(phase_model, setup.batch_size, setup.seq_len)
+    # padding-free packing: the micro-batch is one row of its batch x seq tokens
+    b, s = (1, setup.batch_size * setup.seq_len) if setup.padding_free else (setup.batch_size, setup.seq_len)
+    mem = evaluate(phase_model, b, s)
+    if setup.padding_free:
+        notes.append(f"padding-free packing: one row of {b * s} tokens per micro-batch (DataCollatorWithFlattening), "
+                     "the model's own packed-sequence handling traced")
     notes.extend(n for n in (phase_model.step.note, *phase_model.notes()) if n)
+    if setup.use_liger_kernel:
+        notes.append("Liger kernels: the model patched as the Trainer patches it (_apply_liger_kernel_to_instance), "
+                     "its Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) traced as rules from "
+                     "liger-kernel's source, not measured (Triton does not run here)")
+    off = None
+    if offloaded:
+        phases = mem.phases
+        if setup.mixed_precision and setup.dtype != setup.mixed_precision and not setup.peft:
+            # DeepSpeed's 16-bit engine and FSDP2's MixedPrecisionPolicy compute with 16-bit parameters, without
+            # autocast's cached 16-bit copies: the activations are the 16-bit model's
+            plain = estimate_setup(replace(setup, dtype=setup.mixed_precision, mixed_precision=None, sharding="none",
+                                           num_processes=1, num_nodes=1, deepspeed=None, fsdp=None, fsdp_config=None,
+                                           offload_optimizer="none", offload_param="none"), gpu=gpu)
+            phases = plain.phases
+        parts = offload_split(setup, inv, total, phases)
+        notes.extend(parts.notes)
+        off = parts.to_dict()
     est = Estimate(
         setup=setup, num_params=inv.num_params, trainable_params=inv.trainable_params,
         bytes={**model_bytes, "activations": mem.activations, "peak": mem.peak},
         state_breakdown=dict(sorted(breakdown.items())), optim_args=dict(args), targeted_params=n_targeted,
-        family=spec.family, notes=notes, phases=mem.phases, peak_phase=mem.peak_phase, cuda=None)
+        family=spec.family, notes=notes, phases=mem.phases, peak_phase=mem.peak_phase, cuda=None,
+        offload=off)
     if device == "cuda":  # est.cuda: the allocator's replay, run when first read
         alloc_config(alloc_conf)  # a malformed PYTORCH_CUDA_ALLOC_CONF is refused now, not on first read
         del est.__dict__["cuda"]
-        est.__dict__["_cuda_thunk"] = functools.partial(cuda_terms, mem, phase_model, setup.batch_size,
-                                                        setup.seq_len, gpu, alloc_conf)
-        est.__dict__["_reserve_within"] = functools.partial(reserve_within, mem, phase_model, setup.batch_size,
-                                                            setup.seq_len, gpu=gpu, alloc_conf=alloc_conf)
+        est.__dict__["_cuda_thunk"] = functools.partial(cuda_terms, mem, phase_model, b, s, gpu, alloc_conf)
+        est.__dict__["_reserve_within"] = functools.partial(reserve_within, mem, phase_model, b, s, gpu=gpu,
+                                                            alloc_conf=alloc_conf)
     return est
 
 

@@ -19,6 +19,7 @@ from .errors import UserError
 from .estimate import estimate
 from .gpus import DEFAULT_HEADROOM, GIB, GPU, load_gpus, select_gpus
 from .model_sizes import ModelSizes
+from .offload_plan import offload_offers
 from .search import largest
 from .optimizers import get_spec
 from .setup import SHARDINGS, TrainingSetup
@@ -275,6 +276,9 @@ class Plan:
     to_fit: dict[str, dict[str, dict]] = field(default_factory=dict)
     """``{optim: {gpu id: {fsdp: n | None, zero3: n | None[, with_checkpointing: bool]}}}`` where it did not fit."""
     recommendation: dict = field(default_factory=dict)
+    offload: dict[str, dict] = field(default_factory=dict)
+    """``{optim: offer}`` for an optimizer that fits no listed GPU: the least CPU offload under which micro-batch 1
+    fits the largest of them (:func:`optimem.estimators.offload_plan.offload_offers`)."""
     calibration: dict[tuple[str, str, str], Calibration] = field(default_factory=dict)
     calibration_files: list[str] = field(default_factory=list)
 
@@ -302,7 +306,7 @@ class Plan:
             "flops_per_token": self.flops_per_token,
             "gpus": [{**asdict(g), "usable_bytes": g.usable_bytes, "budget_bytes": g.budget(self.headroom)}
                      for g in self.gpus],
-            "rows": [r.to_dict() for r in self.rows], "to_fit": self.to_fit,
+            "rows": [r.to_dict() for r in self.rows], "to_fit": self.to_fit, "offload": self.offload,
             "recommendation": self.recommendation, "skipped": self.skipped,
             "calibration": [asdict(c) for c in self.calibration.values()],
             "calibration_files": self.calibration_files,
@@ -390,6 +394,7 @@ def plan(base: TrainingSetup | Any, optims: Sequence[str] | None = None, gpus: s
     if search == "batch":
         out.to_fit = {o: _to_fit(out, for_optim(o))
                       for o in planned}
+        out.offload = offload_offers(out, for_optim)
     out.recommendation = recommend(out)
     return out
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -21,6 +22,7 @@ from .catalog import DEFAULT_MODEL, ModelSource, resolve
 from .errors import UserError
 from .inventory import build_inventory
 from .model_check import check_model_config, check_sequence_length
+from .offload_config import OFFLOAD_DEVICES, read_deepspeed, read_fsdp
 from .optimizers import get_spec, parse_optim_args
 from .params import TASK_CLASSES, normalize_dtype
 
@@ -36,6 +38,11 @@ MIXED_PRECISIONS = (None, "bf16", "fp16")
 ALL_LINEAR = "all-linear"
 DEFAULT_TARGETS = ALL_LINEAR
 """What GaLore/APOLLO project when no ``optim_target_modules`` are given by a command that fills a default."""
+
+LIGER_OPTIONS = ("rope", "rms_norm", "swiglu", "fused_linear_cross_entropy", "cross_entropy")
+"""The ``liger_kernel_config`` keys (the ``apply_liger_kernel_to_<model>`` switches optimem reads)."""
+LIGER_MODELLED = ("llama", "mistral", "qwen2", "qwen3")
+"""Model types whose Liger patch uses only the kernels :mod:`optimem.estimators.trace.liger_rules` rules."""
 
 _OFF = ("", "none", "no", "off", "false", "fp32", "float32")
 
@@ -78,9 +85,31 @@ CLI: dict[str, Flag] = {
     "optim_target_modules": Flag(("--optim-target-modules",), "GaLore/APOLLO targets: names, regexes or "
                                  "all-linear (default for those: all-linear)", metavar="REGEX", listed=True),
     "freeze": Flag(("--freeze",), "freeze the parameters whose name matches this regex", metavar="REGEX"),
-    "num_processes": Flag(("--nproc", "--num-gpus"), "training processes / GPUs (data parallel)", int, metavar="N"),
+    "num_processes": Flag(("--nproc", "--num-gpus"), "training processes / GPUs in all (data parallel; the "
+                          "Trainer's world size)", int, metavar="N"),
+    "num_nodes": Flag(("--nnodes",), "machines the processes are spread over (evenly: --nproc / --nnodes per node); "
+                      "host RAM is reported per node", int, metavar="M"),
     "sharding": Flag(("--sharding",), "none (one process), ddp, zero1, zero2, zero3 (DeepSpeed), fsdp "
                      "(FSDP2 full shard)", choices=SHARDINGS),
+    "deepspeed": Flag(("--deepspeed",), "the DeepSpeed config JSON you pass to the Trainer "
+                      "(TrainingArguments(deepspeed=...)): ZeRO stage, offload_optimizer / offload_param to cpu or "
+                      "nvme, pin_memory, bucket sizes; 'auto' resolved as the Trainer does", metavar="CONFIG.json"),
+    "fsdp": Flag(("--fsdp",), "the Trainer's fsdp option string, e.g. 'full_shard auto_wrap' or "
+                 "'full_shard offload auto_wrap' (FSDP2; offload: CPUOffloadPolicy)", metavar="OPTIONS"),
+    "fsdp_config": Flag(("--fsdp-config",), "the Trainer's fsdp_config (JSON file or text)", metavar="JSON"),
+    "offload_optimizer": Flag(("--offload-optimizer",), "where the optimizer state and step live (set by --deepspeed "
+                              "/ --fsdp; direct use: the planner's offers): none, cpu, nvme", choices=OFFLOAD_DEVICES),
+    "offload_param": Flag(("--offload-param",), "where ZeRO-3 / FSDP keep the sharded parameters (set by "
+                          "--deepspeed / --fsdp): none, cpu, nvme", choices=OFFLOAD_DEVICES),
+    "use_liger_kernel": Flag(("--use-liger-kernel",), "TrainingArguments(use_liger_kernel=True): liger-kernel's "
+                             "RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (Llama-family models; the Triton "
+                             "kernels are rules from liger's source, not measured)", switch=True),
+    "liger_kernel_config": Flag(("--liger-kernel-config",), "TrainingArguments(liger_kernel_config=...) as JSON, e.g. "
+                                "'{\"rope\": false}' (keys: rope, rms_norm, swiglu, fused_linear_cross_entropy)",
+                                metavar="JSON"),
+    "padding_free": Flag(("--padding-free", "--packing"), "padding-free packing (DataCollatorWithFlattening): each "
+                         "micro-batch is one row of its samples' tokens with position_ids restarting per sample; "
+                         "tokens per micro-batch = batch x seq, or the worst micro-batch of --data", switch=True),
     "device": Flag(("--device",), "training device: auto (CUDA if present), cuda or cpu", choices=DEVICES),
     "lora": Flag(("--lora",), "train a peft LoRA adapter instead of the whole model: peft's LoraConfig as "
                  "'r=16,alpha=32,dropout=0.05,target=all-linear' (target: all-linear, a regex fully matching module "
@@ -115,7 +144,13 @@ class TrainingSetup:
     ``optim`` / ``optim_args`` / ``optim_target_modules``: as ``TrainingArguments`` takes them (the name is
     canonicalised; ``optim_args`` is checked against what the optimizer reads). ``freeze``: a regex of
     parameter names that get no gradient. ``num_processes`` / ``sharding``: data-parallel processes and
-    how model states are split over them. ``device``: ``auto``, ``cuda`` or ``cpu``.
+    how model states are split over them. ``device``: ``auto``, ``cuda`` or ``cpu``. ``num_nodes``: machines the
+    processes are spread over evenly. ``deepspeed``: the DeepSpeed config the Trainer takes (a path or JSON text;
+    it sets ``sharding`` and the offload fields), ``fsdp`` / ``fsdp_config``: the Trainer's FSDP options (FSDP2
+    full shard; ``offload``: CPU offload). ``offload_optimizer`` / ``offload_param``: ``none``, ``cpu`` or
+    ``nvme`` (see :mod:`optimem.estimators.offload_config`). ``use_liger_kernel`` / ``liger_kernel_config``: the
+    Trainer's Liger patch and its keywords (JSON text). ``padding_free``: ``DataCollatorWithFlattening`` packs each
+    micro-batch's samples (``batch_size`` of ``seq_len`` tokens) into one row.
     ``lora``: a peft LoRA adapter (:class:`~optimem.estimators.adapters.LoraSpec`; None trains the whole model).
     ``quantize``: the base model loaded by bitsandbytes as ``nf4``/``fp4``/``int8`` (None: not quantized), with
     ``double_quant`` (4-bit absmax quantized again), ``quant_compute_dtype`` (4-bit matmul dtype; None: fp32)
@@ -137,7 +172,16 @@ class TrainingSetup:
     optim_target_modules: str | tuple[str, ...] | None = None
     freeze: str | None = None
     num_processes: int = 1
+    num_nodes: int = 1
     sharding: str = "none"
+    deepspeed: str | None = None
+    fsdp: str | None = None
+    fsdp_config: str | None = None
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+    use_liger_kernel: bool = False
+    liger_kernel_config: str | None = None
+    padding_free: bool = False
     device: str = "auto"
     lora: LoraSpec | None = None
     quantize: str | None = None
@@ -160,7 +204,7 @@ class TrainingSetup:
             put("dtype", normalize_dtype(self.dtype))
         with _field("mixed_precision"):
             put("mixed_precision", _mixed_precision(self.mixed_precision))
-        for name in ("batch_size", "seq_len", "grad_accum", "num_processes"):
+        for name in ("batch_size", "seq_len", "grad_accum", "num_processes", "num_nodes"):
             with _field(name):
                 _positive_int(name, getattr(self, name))
         with _field("gradient_checkpointing"):
@@ -187,12 +231,105 @@ class TrainingSetup:
                 put("freeze", _regex("freeze", self.freeze) or None)
         with _field("sharding"):
             put("sharding", _choice("sharding", self.sharding, SHARDINGS))
+        self._check_parallel(put)
+        with _field("sharding"):
             if self.sharding == "none" and self.num_processes > 1:
                 raise UserError(f"{self.num_processes} processes (--nproc {self.num_processes}) need a sharding "
                                 "scheme: ddp, zero1, zero2, zero3 or fsdp")
         with _field("device"):
             put("device", _choice("device", self.device, DEVICES))
+        self._check_liger(put)
+        with _field("padding_free"):
+            if not isinstance(self.padding_free, bool):
+                raise UserError(f"padding_free must be true or false, got {self.padding_free!r}")
+            if self.padding_free and self.task != "causal-lm":
+                raise UserError(f"padding-free packing (DataCollatorWithFlattening) trains causal LMs, not {self.task}")
         self._check_adapters(put)
+
+    def _check_parallel(self, put) -> None:
+        """``num_nodes``, the DeepSpeed config / FSDP options (which set ``sharding`` and the offload fields) and
+        the offload fields' combinations."""
+        with _field("num_nodes"):
+            if self.num_processes % self.num_nodes:
+                raise UserError(f"{self.num_processes} processes do not spread evenly over {self.num_nodes} nodes: "
+                                "--nproc counts every process (the world size), a multiple of --nnodes")
+        for name in ("offload_optimizer", "offload_param"):
+            with _field(name):
+                put(name, _choice(name, self.offload_optimizer if name == "offload_optimizer" else
+                                  self.offload_param, OFFLOAD_DEVICES))
+        if self.deepspeed is not None:
+            with _field("deepspeed"):
+                if isinstance(self.deepspeed, Mapping):
+                    put("deepspeed", json.dumps(dict(self.deepspeed), sort_keys=True))
+                if self.fsdp:
+                    raise UserError("deepspeed and fsdp are both set: the Trainer takes one of them")
+                ds = read_deepspeed(self.deepspeed, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                                    mixed_precision=self.mixed_precision)
+                self._derive(put, ds.sharding, ds.offload_optimizer, ds.offload_param, "--deepspeed")
+        elif self.fsdp not in (None, ""):
+            with _field("fsdp"):
+                fs = read_fsdp(self.fsdp, self.fsdp_config)
+                device = "cpu" if fs.offload else "none"
+                self._derive(put, "fsdp", device, device, "--fsdp")
+        else:
+            with _field("fsdp_config"):
+                if self.fsdp_config not in (None, ""):
+                    raise UserError("fsdp_config without fsdp: give --fsdp 'full_shard auto_wrap' too")
+            with _field("offload_optimizer"):
+                if self.offload_optimizer != "none" and self.sharding not in ("zero1", "zero2", "zero3", "fsdp"):
+                    raise UserError(f"offload_optimizer {self.offload_optimizer} needs DeepSpeed ZeRO (zero1-3) or "
+                                    "fsdp sharding")
+                if self.offload_optimizer == "nvme" and self.sharding != "zero3":
+                    raise UserError("offload_optimizer nvme (ZeRO-Infinity) needs zero3")
+            with _field("offload_param"):
+                if self.offload_param != "none" and self.sharding not in ("zero3", "fsdp"):
+                    raise UserError(f"offload_param {self.offload_param} needs zero3 or fsdp sharding")
+                if self.sharding == "fsdp" and (self.offload_param, self.offload_optimizer) not in \
+                        (("none", "none"), ("cpu", "cpu")):
+                    raise UserError("FSDP offloads parameters, gradients and the optimizer step together: "
+                                    "offload_param and offload_optimizer both cpu, or both none")
+
+    def _derive(self, put, sharding: str, optimizer: str, param: str, flag: str) -> None:
+        """Sharding and offload as ``flag``'s config says (a different explicit value is refused)."""
+        if self.sharding not in ("none", sharding):
+            raise UserError(f"--sharding {self.sharding} contradicts {flag}, which means {sharding}: leave "
+                            "--sharding out")
+        for name, value in (("offload_optimizer", optimizer), ("offload_param", param)):
+            if getattr(self, name) not in ("none", value):
+                raise UserError(f"{name} {getattr(self, name)} contradicts {flag}, which says {value}")
+            put(name, value)
+        put("sharding", sharding)
+
+    def _check_liger(self, put) -> None:
+        """``use_liger_kernel`` (a bool) and ``liger_kernel_config`` (JSON object of liger's option switches)."""
+        with _field("use_liger_kernel"):
+            if not isinstance(self.use_liger_kernel, bool):
+                raise UserError(f"use_liger_kernel must be true or false, got {self.use_liger_kernel!r}")
+            if self.use_liger_kernel and self.device == "cpu":
+                raise UserError("Liger's kernels are Triton GPU kernels: no CPU run uses them (estimate for cuda)")
+        with _field("liger_kernel_config"):
+            cfg = self.liger_kernel_config
+            if cfg in (None, "", {}):
+                put("liger_kernel_config", None)
+                return
+            if not self.use_liger_kernel:
+                raise UserError("liger_kernel_config configures the Liger patch: it needs use_liger_kernel")
+            if isinstance(cfg, str):
+                try:
+                    cfg = json.loads(cfg)
+                except ValueError as exc:
+                    raise UserError(f"liger_kernel_config {self.liger_kernel_config!r} is not JSON ({exc}); give an "
+                                    "object like '{\"rope\": false}'") from None
+            if not isinstance(cfg, Mapping) or not all(isinstance(v, bool) for v in cfg.values()):
+                raise UserError(f"liger_kernel_config must be an object of true/false switches, got {cfg!r}")
+            unknown = sorted(set(cfg) - set(LIGER_OPTIONS))
+            if unknown:
+                raise UserError(f"liger_kernel_config key {unknown[0]!r} is not an option of liger's patch: use "
+                                f"{', '.join(LIGER_OPTIONS)}")
+            if cfg.get("cross_entropy"):
+                raise UserError("liger's unfused cross_entropy is not modelled (it swaps torch's cross_entropy "
+                                "process-wide): use fused_linear_cross_entropy, liger's default")
+            put("liger_kernel_config", json.dumps(dict(cfg), sort_keys=True))
 
     def _check_adapters(self, put) -> None:
         """The LoRA and quantization fields (values and the combinations that mean nothing)."""
@@ -264,6 +401,13 @@ class TrainingSetup:
             with _field("grad_accum"):
                 raise UserError(f"{spec.name} does not support gradient accumulation (the Trainer raises "
                                 "'Layerwise ... does not support gradient accumulation!')")
+        if self.padding_free and self.source.load().get("is_encoder_decoder"):
+            with _field("padding_free"):
+                raise UserError("padding-free packing (DataCollatorWithFlattening) packs decoder-only inputs: this "
+                                "model is an encoder-decoder")
+        if self.use_liger_kernel:
+            with _field("use_liger_kernel"):
+                check_liger_model(self.source.load().get("model_type"))
         if self.quantize is not None and self.lora is None:
             with _field("quantize"):
                 raise UserError("a quantized model trains only through an adapter: add --lora (the Trainer raises "
@@ -356,6 +500,20 @@ class TrainingSetup:
 
 
 # ---------------------------------------------------------------------------------------------- checks
+def check_liger_model(model_type: str | None) -> None:
+    """UserError (one line) unless liger-kernel patches ``model_type`` and optimem rules every kernel it uses."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        raise UserError("use_liger_kernel needs liger-kernel: pip install 'optimem[liger]' (or liger-kernel)") from None
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise UserError(f"liger-kernel does not patch model type {model_type!r} (the Trainer would train it "
+                        f"unpatched): it patches {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN)[:12])}, ...")
+    if model_type not in LIGER_MODELLED:
+        raise UserError(f"Liger's patch of {model_type!r} uses kernels optimem has no rules for yet: modelled are "
+                        f"{', '.join(LIGER_MODELLED)}")
+
+
 class SetupError(UserError):
     """A setup field with a bad value: ``field`` names it (the command line names its flag instead)."""
 
@@ -428,5 +586,5 @@ def _targets(value: Any) -> str | tuple[str, ...] | None:
     return items[0] if len(items) == 1 else tuple(items)
 
 
-__all__ = ["ALL_LINEAR", "ATTN_IMPLEMENTATIONS", "CLI", "DEFAULT_TARGETS", "DEVICES", "Flag", "MIXED_PRECISIONS",
+__all__ = ["ALL_LINEAR", "ATTN_IMPLEMENTATIONS", "CLI", "LIGER_MODELLED", "LIGER_OPTIONS", "check_liger_model", "DEFAULT_TARGETS", "DEVICES", "Flag", "MIXED_PRECISIONS",
            "SHARDINGS", "SetupError", "TASKS", "TrainingSetup"]

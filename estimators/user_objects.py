@@ -188,10 +188,10 @@ def from_training_arguments(args, *, model: Any = None, seq_len: int | None = No
 
     From ``args``: optim, optim_args, optim_target_modules, per-device batch, accumulation, bf16/fp16,
     gradient checkpointing, the device (``use_cpu``), the processes (``args.world_size`` where the launcher
-    set one) and how they shard the model states: ``fsdp`` (FSDP2 full shard: ``fsdp``) and ``deepspeed``
-    (ZeRO stage 0-3: ``ddp``/``zero1``/``zero2``/``zero3``); several processes without either are DDP.
-    Schemes optimem does not model (CPU offload, FSDP's shard_grad_op/hybrid/FSDP1, ZeRO offload) are a
-    UserError. ``model``: a model name (catalog, config.json, Hub id) or the user's own object (a
+    set one) and how they shard the model states: ``fsdp`` / ``fsdp_config`` (FSDP2 full shard, CPU offload
+    included) and ``deepspeed`` (its ZeRO stage and offload, ``auto`` resolved; see :func:`parallelism_of`);
+    several processes without either are DDP; ``use_liger_kernel`` / ``liger_kernel_config``, and TRL's
+    ``padding_free``. What optimem does not model (FSDP's shard_grad_op/hybrid, FSDP1) is a UserError. ``model``: a model name (catalog, config.json, Hub id) or the user's own object (a
     ``PretrainedConfig``, ``PreTrainedModel`` or PEFT model; see the module doc), which
     also gives the storage dtype and whether checkpointing is already on."""
     optim = getattr(args.optim, "value", args.optim)
@@ -202,8 +202,14 @@ def from_training_arguments(args, *, model: Any = None, seq_len: int | None = No
         batch_size=int(args.per_device_train_batch_size), grad_accum=int(args.gradient_accumulation_steps),
         mixed_precision=mp, gradient_checkpointing=_checkpointing_of(args),
         device="cpu" if getattr(args, "use_cpu", False) else "auto")
-    sharding, processes = parallelism_of(args)
-    kw.update(sharding=sharding, num_processes=processes)
+    kw.update(parallelism_of(args))
+    if getattr(args, "use_liger_kernel", False) is True:
+        kw["use_liger_kernel"] = True
+        config = getattr(args, "liger_kernel_config", None)
+        if config:
+            kw["liger_kernel_config"] = json.dumps(dict(config), sort_keys=True)
+    if getattr(args, "padding_free", False) is True:  # TRL's SFTConfig(padding_free=True)
+        kw["padding_free"] = True
     if model is not None and not isinstance(model, str):
         found = fields_from_model(model)
         found["gradient_checkpointing"] = found.get("gradient_checkpointing", False) or kw["gradient_checkpointing"]
@@ -234,21 +240,31 @@ def _checkpointing_of(args) -> bool:
     return bool(on)
 
 
-def parallelism_of(args) -> tuple[str, int]:
-    """``(sharding, num_processes)`` of a ``TrainingArguments`` (see
-    :func:`from_training_arguments`); UserError for a scheme optimem does not model."""
+def parallelism_of(args) -> dict[str, Any]:
+    """The setup fields of a ``TrainingArguments``' parallelism: ``num_processes`` (``args.world_size``),
+    ``deepspeed`` (its config as JSON text, ``auto`` values and all: the setup resolves them as the Trainer does)
+    or ``fsdp`` / ``fsdp_config``; several processes without either are ``ddp``. UserError (one line) for what
+    :mod:`optimem.estimators.offload_config` refuses."""
     processes = _world_size(args)
-    sharding = "none"
-    if getattr(args, "fsdp", None):
-        sharding = _fsdp_sharding(args.fsdp, getattr(args, "fsdp_config", None) or {})
+    out: dict[str, Any] = {"num_processes": processes}
+    fsdp = getattr(args, "fsdp", None)
     ds = getattr(args, "deepspeed", None)
-    if ds:
-        if sharding != "none":
-            raise UserError("TrainingArguments set both fsdp and deepspeed: the Trainer takes one of them")
-        sharding = _deepspeed_sharding(args, ds)
-    if sharding == "none" and processes > 1:
-        sharding = "ddp"
-    return sharding, processes
+    if fsdp and ds:
+        raise UserError("TrainingArguments set both fsdp and deepspeed: the Trainer takes one of them")
+    if fsdp:
+        items = fsdp.split() if isinstance(fsdp, str) else [str(getattr(i, "value", i)) for i in fsdp] \
+            if isinstance(fsdp, (list, tuple)) else ["full_shard"]
+        config = getattr(args, "fsdp_config", None) or {}
+        out.update(fsdp=" ".join(items) or "full_shard",
+                   fsdp_config=json.dumps(dict(config), default=str) if config else None)
+    elif ds:
+        hf = getattr(args, "hf_deepspeed_config", None)
+        config = getattr(hf, "config", None)
+        out["deepspeed"] = json.dumps(dict(config if isinstance(config, Mapping) else ds), default=str) \
+            if isinstance(config, Mapping) or isinstance(ds, Mapping) else str(ds)
+    elif processes > 1:
+        out["sharding"] = "ddp"
+    return out
 
 
 def _world_size(args) -> int:
@@ -257,50 +273,6 @@ def _world_size(args) -> int:
     except Exception:  # noqa: BLE001 - a partial stand-in for TrainingArguments: one process
         n = 1
     return max(n, 1)
-
-
-def _fsdp_sharding(fsdp: Any, config: Mapping) -> str:
-    """``fsdp`` for FSDP2 full shard, the only FSDP the estimator models (``fsdp`` as the Trainer holds it after
-    its checks -- True plus ``fsdp_config`` -- or the legacy option string / list)."""
-    config = {(k[5:] if k.startswith("fsdp_") else k): v for k, v in dict(config).items()}
-    items = fsdp.split() if isinstance(fsdp, str) else [getattr(i, "value", i) for i in fsdp] \
-        if isinstance(fsdp, (list, tuple)) else []
-    hint = "optimem models FSDP2 full_shard (sharding 'fsdp') and DeepSpeed ZeRO 1-3"
-    if "offload" in items or str(config.get("cpu_offload", False)).lower() in ("true", "1"):
-        raise UserError(f"FSDP CPU offload is not modelled: {hint}, without offload")
-    if int(config.get("version", 2)) != 2:
-        raise UserError(f"FSDP1 (fsdp_config version 1) is not modelled: {hint}")
-    strategies = [i for i in items if i not in ("auto_wrap", "offload")]
-    reshard = str(config.get("reshard_after_forward", True)).lower()
-    if any(i != "full_shard" for i in strategies) or reshard in ("false", "0", "shard_grad_op"):
-        raise UserError(f"FSDP {' '.join(strategies) or 'reshard_after_forward=False'} is not modelled: {hint}")
-    return "fsdp"
-
-
-def _deepspeed_sharding(args, ds: Any) -> str:
-    """``ddp``/``zero1``/``zero2``/``zero3`` from the DeepSpeed config's ZeRO stage."""
-    hf = getattr(args, "hf_deepspeed_config", None)
-    config = getattr(hf, "config", None)
-    if not isinstance(config, Mapping):
-        if isinstance(ds, Mapping):
-            config = ds
-        else:
-            try:
-                with open(str(ds), encoding="utf-8") as fh:
-                    config = json.load(fh)
-            except (OSError, ValueError) as exc:
-                raise UserError(f"cannot read the DeepSpeed config {ds!r}: {exc}; give a ds_config JSON file "
-                                "or dict") from None
-    zero = config.get("zero_optimization") or {}
-    stage = zero.get("stage", 0)
-    for key in ("offload_optimizer", "offload_param"):
-        device = (zero.get(key) or {}).get("device", "none")
-        if str(device).lower() not in ("none", ""):
-            raise UserError(f"DeepSpeed ZeRO {key} to {device} is not modelled: optimem models ZeRO stages 0-3 "
-                            "without offload")
-    if stage not in (0, 1, 2, 3):
-        raise UserError(f"DeepSpeed zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    return "ddp" if stage == 0 else f"zero{stage}"
 
 
 __all__ = ["base_model", "fields_from_model", "from_training_arguments", "is_config", "is_model", "is_peft_model",

@@ -62,6 +62,16 @@ def predict(cfg: RunConfig) -> dict[str, Any] | None:
         return None
     # The whole setup goes to the estimator (checkpointing, mixed precision, accumulation, the device the
     # run resolves to), so the record's prediction is for the very run it sits beside.
+    if cfg.padding_free and cfg.data:
+        # the worst micro-batch the file's samples can make, packed (optimem.estimators.packing)
+        from optimem.estimators.packing import packed_seq_len, samples, worst_micro_batch
+
+        worst = worst_micro_batch([len(x) for x in samples(cfg.data, cfg.seq_len)], cfg.batch_size)
+        cfg = replace(cfg, seq_len=packed_seq_len(worst, cfg.batch_size))
+        out = estimate(replace(cfg, device=resolve_device(cfg))).to_dict()
+        out["notes"].append(f"padding-free: predicted for the worst micro-batch of {cfg.data}, {worst} tokens "
+                            f"({cfg.batch_size} x {cfg.seq_len} packed)")
+        return out
     return estimate(replace(cfg, device=resolve_device(cfg))).to_dict()
 
 

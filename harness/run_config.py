@@ -50,11 +50,26 @@ class RunConfig(TrainingSetup):
         from optimem.estimators.model_check import check_model_config
 
         super().check_trainable(inventory)
+        for name in ("deepspeed", "fsdp", "offload_optimizer", "offload_param"):
+            if getattr(self, name) not in (None, "", "none"):
+                raise SetupError(f"a measured run trains --sharding zero1-3/fsdp with optimem's own DeepSpeed / FSDP "
+                                 f"config, without offload: {name} is estimated (bench estimate, bench plan), not run "
+                                 "yet", name)
+        if self.use_liger_kernel and self.resolved_device() == "cpu":
+            raise SetupError("Liger's kernels are Triton GPU kernels: a CPU run cannot use them (bench estimate "
+                             "--use-liger-kernel predicts a CUDA run from liger's source)", "use_liger_kernel")
+        if self.padding_free and self.data is None:
+            raise SetupError("padding-free packing packs a data file's samples: give --data FILE (a .jsonl with one "
+                             "{\"text\": ...} per line, or a text file, one sample per line)", "padding_free")
         if self.warmup >= self.steps:
             raise SetupError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps}): throughput is "
                              "measured over the steps after warmup", "warmup")
         if self.data is not None:
             try:
+                if self.padding_free:
+                    from optimem.estimators.packing import samples
+
+                    samples(self.data, self.seq_len)
                 data_tokens(self.data)
             except UserError as exc:
                 raise SetupError(str(exc), "data") from None

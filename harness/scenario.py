@@ -37,11 +37,24 @@ class SyntheticTokens(torch.utils.data.Dataset):
             self.ids = torch.randint(FIRST_SYNTHETIC_ID, vocab_size, (n, seq_len), generator=g)
         self.encoder_decoder = encoder_decoder
         self.labels = torch.randint(0, num_labels, (n,), generator=g) if num_labels else None
+        self.samples = None
+
+    @classmethod
+    def packed(cls, samples: list[list[int]], n: int, vocab_size: int) -> SyntheticTokens:
+        """``n`` samples of a padding-free run: the data file's samples (:mod:`optimem.estimators.packing`) in
+        turn, ids modulo the vocabulary, one sample per item for ``DataCollatorWithFlattening``."""
+        self = cls.__new__(cls)
+        self.ids, self.labels, self.encoder_decoder = None, None, False
+        self.samples = [torch.tensor(samples[i % len(samples)], dtype=torch.long) % vocab_size for i in range(n)]
+        return self
 
     def __len__(self) -> int:
-        return self.ids.shape[0]
+        return len(self.samples) if self.samples is not None else self.ids.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self.samples is not None:
+            ids = self.samples[i]
+            return {"input_ids": ids, "labels": ids.clone()}
         ids = self.ids[i]
         labels = self.labels[i] if self.labels is not None else ids.clone()
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
@@ -110,11 +123,20 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
     model = model if model is not None else build_model(cfg)
     device = cfg.resolved_device()
     n_samples = cfg.batch_size * cfg.grad_accum * max(cfg.steps, 1)
-    tokens = data_tokens(cfg.data) if cfg.data else None
     classify = cfg.task == "sequence-classification"
-    data = SyntheticTokens(n_samples, cfg.seq_len, model.config.vocab_size, cfg.seed,
-                           bool(getattr(model.config, "is_encoder_decoder", False)), tokens,
-                           num_labels=int(model.config.num_labels) if classify else None)
+    collator = default_data_collator
+    if cfg.padding_free:
+        from transformers import DataCollatorWithFlattening
+
+        from optimem.estimators.packing import samples
+
+        data = SyntheticTokens.packed(samples(cfg.data, cfg.seq_len), n_samples, model.config.vocab_size)
+        collator = DataCollatorWithFlattening()
+    else:
+        tokens = data_tokens(cfg.data) if cfg.data else None
+        data = SyntheticTokens(n_samples, cfg.seq_len, model.config.vocab_size, cfg.seed,
+                               bool(getattr(model.config, "is_encoder_decoder", False)), tokens,
+                               num_labels=int(model.config.num_labels) if classify else None)
     lr = 1e-4
     owned = None
     if output_dir is None:
@@ -131,6 +153,10 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
         use_cpu=device == "cpu", gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=cfg.mixed_precision == "bf16", fp16=cfg.mixed_precision == "fp16",
     )
+    if cfg.use_liger_kernel:  # the Trainer patches the model with liger-kernel (its Triton kernels: CUDA only)
+        import json
+
+        kwargs.update(use_liger_kernel=True, liger_kernel_config=json.loads(cfg.liger_kernel_config or "{}"))
     from optimem.harness.distributed.rank import rank_training_arguments
 
     kwargs.update(rank_training_arguments(cfg, model))
@@ -144,7 +170,7 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
         resolved = spec.resolve_args(parse_optim_args(cfg.optim_args))
         optimizer_cls_and_kwargs = flash_optimizer_cls_and_kwargs(spec.name, resolved, lr)
     args = TrainingArguments(**kwargs)
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
                       optimizer_cls_and_kwargs=optimizer_cls_and_kwargs, callbacks=callbacks)
     if owned is not None:
         import shutil

@@ -135,6 +135,11 @@ class _Tracer:
                                                         peft=setting.peft)
         except (TraceError, RuntimeError, NotImplementedError) as exc:
             raise UserError(f"cannot trace {source.name}: {str(exc).splitlines()[0][:200]}") from None
+        self.liger = None
+        if setting.liger is not None:
+            from .liger_rules import patch
+
+            self.liger = patch(self.model, setting.liger)
         wrap_autocast(self.model, setting.mixed)
         self.rec = Recorder()
         self.hooks = StepHooks(self.model, self.rec)
@@ -174,14 +179,17 @@ class _Tracer:
     def run(self, b: int, s: int, accum: bool) -> tuple[list, list | None]:
         """Raw events of a first micro-step (and of an accumulating one) at batch ``b`` x seq ``s``."""
         facts = self.facts
-        batch = make_batch(facts, b, s, self.setting.task)
+        batch = make_batch(facts, b, s, self.setting.task, packed=self.setting.packed)
         with TraceMode():
             items = num_items(facts, [batch])
             tr_loss = from_real(torch.tensor(0.0))
+        from .liger_rules import active
+
         try:
             dev = self.setting.device
-            first = list(micro_step(self.model, facts, batch, items, 1, tr_loss, self.rec, dev))
-            second = list(micro_step(self.model, facts, batch, items, 1, tr_loss, self.rec, dev)) if accum else None
+            with active(self.liger):
+                first = list(micro_step(self.model, facts, batch, items, 1, tr_loss, self.rec, dev))
+                second = list(micro_step(self.model, facts, batch, items, 1, tr_loss, self.rec, dev)) if accum else None
         finally:
             for p in self.model.parameters():
                 p.grad = None

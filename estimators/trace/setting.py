@@ -8,7 +8,8 @@ from dataclasses import dataclass
 class TraceSetting:
     """Everything a trace depends on besides the config and the shape: parameter ``dtype``, ``mixed``
     precision (``bf16``/``fp16`` autocast or None), ``attn`` implementation asked for, gradient checkpointing
-    ``gc``, ``task`` head, ``frozen`` parameter names, ``device`` (``cpu``, or ``cuda`` for CUDA's op rules)."""
+    ``gc``, ``task`` head, ``frozen`` parameter names, ``device`` (``cpu``, or ``cuda`` for CUDA's op rules), ``peft``,
+    ``liger``, ``packed``."""
 
     dtype: str = "fp32"
     mixed: str | None = None
@@ -18,6 +19,10 @@ class TraceSetting:
     frozen: tuple[str, ...] = ()
     device: str = "cpu"
     peft: str | None = None
+    liger: str | None = None
+    """Liger kernels: the ``liger_kernel_config`` as JSON text (``{}``: liger's defaults); None: not patched."""
+    packed: bool = False
+    """Padding-free packing: each micro-batch one row of its samples' tokens (``DataCollatorWithFlattening``)."""
 
 
 __all__ = ["TraceSetting"]

@@ -38,11 +38,22 @@ def wrap_autocast(model: torch.nn.Module, mixed: str | None) -> None:
     model.forward = MethodType(convert_outputs_to_fp32(model.forward.__func__), model)
 
 
-def make_batch(facts: ModelFacts, batch: int, seq: int, task: str | None, seed: int = 0) -> dict[str, TraceTensor]:
+def make_batch(facts: ModelFacts, batch: int, seq: int, task: str | None, seed: int = 0,
+               packed: bool = False) -> dict[str, TraceTensor]:
     """The collated batch the harness's synthetic dataset gives (``input_ids`` random in [3, vocab),
     ``attention_mask`` ones, ``labels`` a copy of the ids, or one class per sample for sequence
-    classification), as trace tensors that keep their values."""
+    classification), as trace tensors that keep their values. ``packed``: what ``DataCollatorWithFlattening``
+    makes of a micro-batch of ``batch x seq`` tokens -- rows of packed samples, here two per row (the split changes
+    values, not sizes: the model's packed-sequence mask is ``seq x seq`` whatever the count), ``position_ids``
+    restarting at each sample, each sample's first label -100, no attention mask."""
     g = torch.Generator().manual_seed(seed)
+    if packed:
+        ids = torch.randint(3, max(facts.vocab_size, 4), (batch, seq), generator=g)
+        half = max(seq // 2, 1)
+        pos = torch.cat([torch.arange(half), torch.arange(seq - half)]).repeat(batch, 1)
+        labels = ids.clone()
+        labels[pos == 0] = -100
+        return {"input_ids": from_real(ids), "labels": from_real(labels), "position_ids": from_real(pos)}
     ids = torch.randint(3, max(facts.vocab_size, 4), (batch, seq), generator=g)
     labels = torch.randint(0, facts.num_labels, (batch,), generator=g) if task == "sequence-classification" \
         else ids.clone()

@@ -21,12 +21,16 @@ def register(sub) -> None:
                                    "parameter shapes and architecture: optimizer state, weights, gradients, "
                                    "activations and the whole step's peak, phase by phase. No GPU, no download.")
     add_setup_arguments(p, defaults={**field_defaults(), "device": "cuda", "optim": None}, multi=("optim",),
-                        exclude=("num_processes", "sharding"), required=("optim",),
+                        required=("optim",),
                         help_suffix={"optim": "(repeatable, comma-separated, or 'all')",
                                      "device": "(cuda: foreach optimizer paths and CUDA overhead terms)"})
     p.add_argument("--gpu", default=None, metavar="NAME",
                    help="use this GPU's calibrated CUDA constants (torch.cuda.get_device_name(); see "
                         "'python -m optimem.harness.calibrate show')")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="with --padding-free: the data file bench run --data would train on (.jsonl, one {\"text\": "
+                        "...} per line, or text, one sample per line); the estimate is for the worst micro-batch its "
+                        "samples can make, packed")
     p.add_argument("--cuda-alloc-conf", dest="alloc_conf", default=None, metavar="CONF",
                    help="PYTORCH_CUDA_ALLOC_CONF for the replayed caching allocator, e.g. expandable_segments:True "
                         "(default: the environment's)")
@@ -90,6 +94,21 @@ def run_estimates(args: argparse.Namespace):
         except UserError as exc:
             raise UserError(f"--cuda-alloc-conf: {str(exc).removeprefix('PYTORCH_CUDA_ALLOC_CONF: ')}") from None
     base = TrainingSetup(**setup_kwargs(args, exclude=("optim", "optim_args", "optim_target_modules")))
+    packed_note = None
+    if args.data is not None:
+        if not base.padding_free:
+            raise UserError("--data: without --padding-free bench run cuts the file into samples of --seq-len "
+                            "tokens, which the estimate already assumes; add --padding-free to estimate packing")
+        from dataclasses import replace
+
+        from optimem.estimators.packing import packed_seq_len, samples, worst_micro_batch
+
+        lengths = [len(x) for x in samples(args.data, base.seq_len)]
+        worst = worst_micro_batch(lengths, base.batch_size)
+        base = replace(base, seq_len=packed_seq_len(worst, base.batch_size))
+        packed_note = (f"--data {args.data}: {len(lengths)} samples of {min(lengths)}-{max(lengths)} tokens (cut at "
+                       f"--seq-len); the worst micro-batch of {base.batch_size} packs {worst} tokens, estimated as "
+                       f"{base.batch_size} x {base.seq_len}")
     base.check_trainable()  # the model config and the sequence length, once, before any optimizer
     targets = setup_kwargs(args).get("optim_target_modules")
     inv = build_inventory(base.model)
@@ -110,6 +129,8 @@ def run_estimates(args: argparse.Namespace):
             continue
         if spec.needs_target_modules and not args.optim_target_modules:
             est.notes.append(f"optim_target_modules not given: assumed '{DEFAULT_TARGETS}'")
+        if packed_note:
+            est.notes.append(packed_note)
         results.append(est)
     return base, inv, results, skipped
 
@@ -190,6 +211,9 @@ def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> 
                      + (", bitsandbytes' dequantization in forward and backward" if setup.quantize else "") + ").")
         limits = {e.notes[-1] for e in results if e.bytes["peak"] is None and e.notes}
         lines.extend(n[0].upper() + n[1:] + "." for n in sorted(limits))
+    lines.extend(_offload_lines(results))
+    lines.extend(n for n in (results[0].notes if results else [])
+                 if n.startswith(("--data", "padding-free", "Liger kernels")))
     lines.append("Bytes in binary units (1 GiB = 2^30 B). peak: the whole training step's largest live tensor bytes "
                  "(weights, gradients, optimizer state, activations and logits, backward and optimizer-step "
                  "transients), at the phase named in 'at'; activations: what the forward leaves for the backward.")
@@ -202,6 +226,37 @@ def _table(inv, results, skipped, setup: TrainingSetup, targets_given: bool) -> 
                      "estimators/allocator.py: a rule from its source, not a measurement); device total: reserved "
                      f"+ the CUDA context, what nvidia-smi shows ({cal} constants: see estimators/cuda_overhead.py).")
     return "\n".join(lines)
+
+
+def _offload_lines(results) -> list[str]:
+    """Per rank: device / host / NVMe bytes under CPU or NVMe offload, and the host RAM per node."""
+    out = []
+    for e in results:
+        o = e.offload
+        if not o:
+            continue
+        s = e.setup
+
+        def terms(d: dict) -> str:
+            return ", ".join(f"{k.replace('_', ' ')} {human_bytes(v)}" for k, v in d.items()) or "-"
+
+        out.append(f"{e.optim} under {o['scheme']}, {s.num_processes} rank(s) on {s.num_nodes} node(s), per rank:")
+        out.append(f"  on the GPU: {human_bytes(o['device_total'])} of model states ({terms(o['device'])}); no "
+                   "optimizer state" if not any("optimizer_state" in k for k in o["device"]) else
+                   f"  on the GPU: {human_bytes(o['device_total'])} of model states ({terms(o['device'])})")
+        if o["device_peak"] is not None:
+            out.append(f"  GPU peak with activations: {human_bytes(o['device_peak'])}")
+        out.append(f"  host RAM: {human_bytes(o['host_per_rank'])} ({terms(o['host'])}), "
+                   f"{human_bytes(o['pinned_per_rank'])} of it pinned")
+        if o["nvme_per_rank"]:
+            out.append(f"  NVMe: {human_bytes(o['nvme_per_rank'])} ({terms(o['nvme'])})")
+        out.append(f"  host RAM per node ({o['ranks_per_node']} ranks): {human_bytes(o['host_per_node'])}"
+                   + (f"; NVMe per node {human_bytes(o['nvme_per_node'])}" if o["nvme_per_node"] else "")
+                   + " (model states and offload buffers; add the processes' own memory)")
+    if out:
+        out.append("Offload figures are rules from the engines' source (DeepSpeed stage_1_and_2.py / stage3.py, "
+                   "torch fully_shard), not measured; the table above is one unsharded process.")
+    return out
 
 
 def _adapter_text(setup: TrainingSetup, est) -> str:
@@ -232,6 +287,10 @@ def _settings_line(setup: TrainingSetup) -> str:
     parts.append(f"{setup.attn_implementation} attention")
     if setup.freeze:
         parts.append(f"frozen /{setup.freeze}/")
+    if setup.padding_free:
+        parts.append(f"padding-free: {setup.batch_size * setup.seq_len} tokens packed per micro-batch")
+    if setup.use_liger_kernel:
+        parts.append("Liger kernels")
     if setup.prepare_kbit:
         parts.append("prepare_model_for_kbit_training")
     parts.append(f"on {setup.estimate_device}")

@@ -124,12 +124,17 @@ def build_plan(args) -> P.Plan:
     _check_args(args)
     kw = setup_kwargs(args, exclude=("optim", "optim_args", "optim_target_modules", "gradient_checkpointing",
                                      "batch_size"))
-    kw["sharding"] = args.sharding or ("none" if args.num_processes == 1 else "ddp")
+    kw["sharding"] = args.sharding or ("none" if args.num_processes == 1 or kw.get("deepspeed") or kw.get("fsdp")
+                                       else "ddp")
+    base = TrainingSetup(**kw)
+    if base.offload_optimizer != "none" or base.offload_param != "none":
+        raise UserError("bench plan does not search a given offload yet: bench estimate --deepspeed/--fsdp gives its "
+                        "per-rank device and host figures, and bench plan offers offload itself when nothing fits")
     targets = setup_kwargs(args).get("optim_target_modules")
     files = [] if args.no_calibrate else (args.results or [str(p) for p in default_result_files()])
     records = _result_records(files, given=bool(args.results)) if files else []
     single = len(args.optim or []) == 1 and "all" not in ",".join(args.optim).lower()
-    return P.plan(TrainingSetup(**kw), expand_optims(args.optim), args.gpus, gpu_files=args.gpu_file,
+    return P.plan(base, expand_optims(args.optim), args.gpus, gpu_files=args.gpu_file,
                   search="seq" if args.max_seq else "batch", batch_size=args.batch_size or 1,
                   checkpointing=args.gradient_checkpointing, headroom=args.headroom, mfu=args.mfu,
                   records=records, calibration_files=[str(f) for f in files], strict=single,
@@ -306,6 +311,12 @@ def render(plan) -> str:
             if cannot:
                 txt += f" ({'/'.join(cannot)}: {sharding_support(o, cannot[0], 2)[1]})"
             lines.append(txt)
+    for o, off in plan.offload.items():
+        lines.append(f"  with CPU offload: {o} fits {off['num_gpus']}x {off['gpu']} at micro-batch 1"
+                     f"{' with gradient checkpointing' if off['gradient_checkpointing'] else ''} under "
+                     f"{off['scheme']}: {_gib(off['device_peak'])} GiB per GPU, host RAM "
+                     f"{_gib(off['host_per_node'])} GiB per node (--deepspeed with {off['deepspeed']}; rule from "
+                     "DeepSpeed's source, not measured)")
     for g in gpus:
         if any(by.get((o, g.id)) and by[(o, g.id)].status == "fits" for o in optims):
             continue

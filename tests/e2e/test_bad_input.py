@@ -95,6 +95,28 @@ def _sweep_files(d: Path) -> None:
         (d / name).write_text(text)
 
 
+def _deepspeed_files(d: Path) -> None:
+    """DeepSpeed configs a user could pass with --deepspeed, each wrong in one way (issue 23)."""
+    adamw = {"optimizer": {"type": "AdamW"}}
+    configs = {
+        "ds_gpu.json": {**adamw, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "gpu"}}},
+        "ds_s2param.json": {**adamw, "zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
+        "ds_s2nvme.json": {**adamw, "zero_optimization": {"stage": 2, "offload_optimizer": {
+            "device": "nvme", "nvme_path": "/nvme"}}},
+        "ds_s0off.json": {**adamw, "zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}},
+        "ds_s2s3key.json": {"zero_optimization": {"stage": 2, "stage3_prefetch_bucket_size": 100}},
+        "ds_stage5.json": {"zero_optimization": {"stage": 5}},
+        "ds_noopt.json": {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}},
+        "ds_nvmepath.json": {**adamw, "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}},
+        "ds_bf16.json": {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}},
+        "ds_mbs.json": {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}},
+        "ds_ok.json": {**adamw, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}},
+    }
+    for name, cfg in configs.items():
+        (d / name).write_text(json.dumps(cfg))
+    (d / "ds_list.json").write_text("[1]")
+
+
 def _results_files(d: Path) -> None:
     recs = [json.loads(line) for line in RECORDS.read_text().splitlines()]
     r = recs[0]
@@ -134,6 +156,7 @@ def fz(tmp_path_factory) -> Path:
     _gpu_files(d)
     _sweep_files(d)
     _results_files(d)
+    _deepspeed_files(d)
     return d
 
 
@@ -194,6 +217,44 @@ CASES: list[tuple[str, int, str]] = [
     (f"{E} --freeze '(('", 2, "--freeze"),
     (f"{E} --freeze '['", 2, "--freeze"),
     ("estimate --optim galore_adamw_layerwise --grad-accum 2", 2, "--grad-accum"),
+    # --- estimate: DeepSpeed configs, FSDP options, nodes (issue 23)
+    (f"{E} --deepspeed {{d}}/ds_gpu.json", 2, "--deepspeed"),
+    (f"{E} --deepspeed {{d}}/ds_s2param.json", 2, "--deepspeed"),
+    (f"{E} --deepspeed {{d}}/ds_s2nvme.json", 2, "--deepspeed"),
+    (f"{E} --deepspeed {{d}}/ds_s0off.json", 2, "--deepspeed"),
+    (f"{E} --deepspeed {{d}}/ds_s2s3key.json", 2, "--deepspeed"),
+    (f"{E} --deepspeed {{d}}/ds_stage5.json", 2, "--deepspeed"),
+    (f"{E} --deepspeed {{d}}/ds_noopt.json", 2, "--deepspeed"),
+    (f"{E} --deepspeed {{d}}/ds_nvmepath.json", 2, "--deepspeed"),
+    (f"{E} --deepspeed {{d}}/ds_bf16.json", 2, "--deepspeed"),
+    (f"{E} --deepspeed {{d}}/ds_mbs.json", 2, "--deepspeed"),
+    (f"{E} --deepspeed {{d}}/ds_list.json", 2, "--deepspeed"),
+    (f"{E} --deepspeed {{d}}/bin.dat", 2, "--deepspeed"),
+    (f"{E} --deepspeed {{d}}/missing.json", 2, "--deepspeed"),
+    (f"{E} --deepspeed {{d}}/ds_ok.json --sharding zero2", 2, "--sharding"),
+    (f"{E} --deepspeed {{d}}/ds_ok.json --fsdp full_shard", 2, "--deepspeed"),
+    (f"{E} --fsdp 'full_shard bogus'", 2, "--fsdp"),
+    (f"{E} --fsdp shard_grad_op", 2, "--fsdp"),
+    (f"{E} --fsdp-config '{{\"version\": 2}}'", 2, "--fsdp-config"),
+    (f"{E} --offload-optimizer cpu", 2, "--offload-optimizer"),
+    (f"{E} --offload-param cpu --nproc 2 --sharding zero2", 2, "--offload-param"),
+    (f"{E} --nproc 3 --nnodes 2 --sharding ddp", 2, "--nnodes"),
+    (f"{E} --nnodes 0", 2, "--nnodes"),
+    (f"{R} --nproc 2 --deepspeed {{d}}/ds_ok.json", 2, "--deepspeed"),
+    (f"{E} --model gpt2 --use-liger-kernel", 2, "--use-liger-kernel"),
+    (f"{E} --model tiny-gemma2 --use-liger-kernel", 2, "--use-liger-kernel"),
+    (f"{E} --use-liger-kernel --liger-kernel-config '{{\"bogus\": true}}'", 2, "--liger-kernel-config"),
+    (f"{E} --use-liger-kernel --liger-kernel-config 'rope=false'", 2, "--liger-kernel-config"),
+    (f"{E} --liger-kernel-config '{{\"rope\": false}}'", 2, "--liger-kernel-config"),
+    (f"{R} --padding-free", 2, "--padding-free"),
+    (f"{R} --use-liger-kernel --device cpu", 2, "--use-liger-kernel"),
+    (f"{E} --use-liger-kernel --device cpu", 2, "--use-liger-kernel"),
+    (f"{P} --nproc 8 --deepspeed {{d}}/ds_ok.json", 2, "offload"),
+    (f"{E} --padding-free --task masked-lm --model tiny-bert", 2, "--padding-free"),
+    (f"{E} --padding-free --model tiny-t5", 2, "--padding-free"),
+    (f"{E} --data {{d}}/bad.jsonl --padding-free", 2, "{d}/bad.jsonl"),
+    (f"{E} --data {{d}}/bin.dat --padding-free", 2, "{d}/bin.dat"),
+    (f"{E} --data {{d}}/bad.jsonl", 2, "--data"),
     ("estimate --optim sgd --cuda-alloc-conf max_split_size_mb:4", 2, "--cuda-alloc-conf"),
     ("estimate --optim sgd --cuda-alloc-conf expandable_segments:maybe", 2, "--cuda-alloc-conf"),
     ("estimate --optim sgd --cuda-alloc-conf 'roundup_power2_divisions:[256:3]'", 2, "--cuda-alloc-conf"),

@@ -121,12 +121,16 @@ def test_training_arguments_parallelism():
     assert shard(world_size=4, deepspeed={"zero_optimization": {"stage": 2}}) == ("zero2", 4)
     assert shard(world_size=4, deepspeed={"zero_optimization": {"stage": 3}}) == ("zero3", 4)
     assert shard(world_size=2, deepspeed={"train_batch_size": "auto"}) == ("ddp", 2)
-    for bad, needle in [(dict(fsdp=True, fsdp_config={"cpu_offload": True}), "CPU offload is not modelled"),
-                        (dict(fsdp=True, fsdp_config={"reshard_after_forward": False}), "not modelled"),
+    off = from_training_arguments(ns(world_size=8, fsdp=True, fsdp_config={"cpu_offload": True}), model="tiny-llama")
+    assert (off.sharding, off.offload_optimizer, off.offload_param) == ("fsdp", "cpu", "cpu")
+    z3 = from_training_arguments(ns(world_size=4, deepspeed={"zero_optimization": {"stage": 3, "offload_optimizer": {
+        "device": "cpu"}}, "optimizer": {"type": "AdamW"}, "bf16": {"enabled": "auto"}}), model="tiny-llama")
+    assert (z3.sharding, z3.offload_optimizer, z3.offload_param) == ("zero3", "cpu", "none")
+    for bad, needle in [(dict(fsdp=True, fsdp_config={"reshard_after_forward": False}), "not modelled"),
                         (dict(fsdp=True, fsdp_config={"version": 1}), "FSDP1"),
                         (dict(deepspeed={"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}),
-                         "offload_optimizer to cpu is not modelled"),
-                        (dict(deepspeed="/no/such/ds_config.json"), "cannot read the DeepSpeed config")]:
+                         "DeepSpeed raises ZeRORuntimeException"),
+                        (dict(deepspeed="/no/such/ds_config.json"), "no such file")]:
         with pytest.raises(UserError, match=needle) as err:
             shard(**bad)
         assert "\n" not in str(err.value)
@@ -139,3 +143,13 @@ def test_not_a_transformers_model_is_one_line():
         estimate(torch.nn.Linear(4, 4), "sgd")
     with pytest.raises(UserError, match="optimizer name .* or a transformers TrainingArguments"):
         estimate(_config())
+
+
+def test_training_arguments_liger_and_packing():
+    """use_liger_kernel / liger_kernel_config (TrainingArguments) and padding_free (TRL's SFTConfig) are read."""
+    args = SimpleNamespace(optim="adamw_torch", optim_args=None, optim_target_modules=None, per_device_train_batch_size=2,
+                           gradient_accumulation_steps=1, bf16=False, fp16=False, gradient_checkpointing=False,
+                           use_cpu=False, world_size=1, fsdp=False, fsdp_config=None, deepspeed=None,
+                           use_liger_kernel=True, liger_kernel_config={"rope": False}, padding_free=True)
+    s = from_training_arguments(args, model="tiny-llama", seq_len=64)
+    assert (s.use_liger_kernel, s.liger_kernel_config, s.padding_free) == (True, '{"rope": false}', True)
