@@ -241,10 +241,11 @@ def _trained_set(setup: TrainingSetup, source: ModelSource, inv: Inventory) -> d
 
 
 def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: Inventory | None = None,
-                   alloc_conf: str | None = None) -> Estimate:
+                   alloc_conf: str | None = None, states_only: bool = False) -> Estimate:
     """:func:`estimate` for a validated setup (``inventory``: the model's, when the caller has it;
     ``alloc_conf``: the ``PYTORCH_CUDA_ALLOC_CONF`` the caching allocator is replayed with, default the
-    environment's)."""
+    environment's). ``states_only``: weights, gradients and optimizer state only, without tracing the step
+    (``activations`` and ``peak`` None): a lower bound of the peak, in milliseconds once the inventory is cached."""
     spec = get_spec(setup.optim)
     _check_available(spec)
     setup.check_trainable(inventory=inventory)
@@ -288,6 +289,11 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
     model_bytes = {"weights": inv.weight_bytes, "weights_trainable": inv.trainable_bytes,
                    "weights_frozen": inv.weight_bytes - inv.trainable_bytes, "gradients": gradients,
                    "optimizer_state": total, "optimizer_state_host": host, "optimizer_state_device": total - host}
+    if states_only:
+        return Estimate(setup=setup, num_params=inv.num_params, trainable_params=inv.trainable_params,
+                        bytes={**model_bytes, "activations": None, "peak": None},
+                        state_breakdown=dict(sorted(breakdown.items())), optim_args=dict(args),
+                        targeted_params=n_targeted, family=spec.family, notes=notes)
     setting = TraceSetting(dtype=setup.dtype, mixed=setup.mixed_precision, attn=setup.attn_implementation,
                            gc=setup.gradient_checkpointing, task=inv.task, device=device,
                            liger=(setup.liger_kernel_config or "{}") if setup.use_liger_kernel else None,

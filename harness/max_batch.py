@@ -76,7 +76,12 @@ def search(sweep, base, start: int, emit) -> dict:
     cap = sweep.opts.max_batch_cap
     group = group_key(base, device)
     label = config_label({**base.to_dict(), "batch_size": "?"})
-    guess = guess_start(base, device, limit=sweep.opts.memory_limit, cap=cap)
+    limit = sweep.opts.memory_limit
+    if limit is None and device == "cuda":  # no limit on a GPU: start from the estimate under its free memory
+        from optimem.harness.fit import available_memory
+
+        limit = available_memory(device)[0]
+    guess = guess_start(base, device, limit=limit, cap=cap)
     probes: list[dict] = []
     cache: dict[int, dict] = {}
     failure: dict | None = None
@@ -102,7 +107,7 @@ def search(sweep, base, start: int, emit) -> dict:
         rec = cache[b]
         if rec["status"] == "ok":
             return True
-        if rec["status"] == "oom":
+        if rec["status"] in ("oom", "oom-predicted"):
             return False
         failure = rec
         raise _Failed

@@ -43,7 +43,9 @@ SCHEMA_VERSION = 2
 """2: the config holds the whole training setup (task, attention implementation, freeze, processes,
 sharding); version-1 records read back with those at their defaults."""
 SCHEMA_VERSIONS = (1, 2)
-STATUSES = ("ok", "oom", "skipped", "error")
+STATUSES = ("ok", "oom", "skipped", "error", "oom-predicted")
+"""``oom-predicted``: refused before it ran, the estimate being larger than the device's free memory
+(:mod:`optimem.harness.fit`)."""
 
 _INT = {"type": "integer", "minimum": 0}
 _INT_OR_NULL = {"type": ["integer", "null"], "minimum": 0}
@@ -207,7 +209,7 @@ SCHEMA: dict[str, Any] = {
         {"if": {"properties": {"status": {"const": "ok"},
                                "run": {"not": {"required": ["source"], "properties": {"source": {"const": "callback"}}}}}},
          "then": {"properties": {"measured": {"properties": {"phases": {"required": ["model_load"]}}}}}},
-        {"if": {"properties": {"status": {"enum": ["oom", "skipped", "error"]}}},
+        {"if": {"properties": {"status": {"enum": ["oom", "skipped", "error", "oom-predicted"]}}},
          "then": {"properties": {"reason": {"type": "string", "minLength": 1}}}},
     ],
 }

@@ -37,7 +37,9 @@ from optimem.estimators.errors import UserError, one_line
 from optimem.harness import max_batch
 from optimem.harness.env_facts import collect_env
 from optimem.harness.grid import config_key, config_label, record_key
-from optimem.harness.launcher import execute, predict, resolve_device
+from optimem.harness.executors import LocalExecutor
+from optimem.harness.fit import check, refusal_record
+from optimem.harness.launcher import predict, resolve_device, skip_reason
 from optimem.harness.max_batch import DEFAULT_MAX_BATCH_CAP, OVER_LIMIT, group_key, max_batch_path, read_max_batch
 from optimem.harness.paths import rescue_record
 from optimem.harness.process import worker_env
@@ -70,6 +72,9 @@ class SweepOptions:
     progress: str = "auto"
     """``bar`` (rich progress bar), ``lines`` (a line per finished run on stderr), ``none``, or ``auto``
     (bar on a terminal, else lines)."""
+    force: bool = False
+    """Run configurations the estimate says cannot fit the device's free memory (else each is recorded
+    ``oom-predicted`` without running: :mod:`optimem.harness.fit`)."""
     fork: bool = True
     """Fork each run from a :class:`optimem.harness.zygote.Zygote` (imports paid once per sweep); False: a fresh
     ``python -m optimem.harness.worker`` per run, as ``bench run`` does."""
@@ -145,8 +150,10 @@ def existing_counts(path: Path, *, skip_errors: bool = False) -> dict[str, int]:
 class Sweep:
     """Runs configurations (plain sweep) or max-batch searches; see the module doc."""
 
-    def __init__(self, opts: SweepOptions, reporter: Reporter | None = None):
+    def __init__(self, opts: SweepOptions, reporter: Reporter | None = None, executor=None):
         self.opts = opts
+        self.executor = executor if executor is not None else LocalExecutor()
+        """Where runs execute (:mod:`optimem.harness.executors`)."""
         self.out = Path(opts.out)
         self.reporter = reporter
         self.stop = threading.Event()
@@ -161,6 +168,8 @@ class Sweep:
         self.write_failures = 0
         self.zygote = None
         self._fallback_noted = False
+        self._refusals: dict[str, Any] = {}
+        """config key -> :class:`optimem.harness.fit.Refusal` found by :meth:`prejudge`."""
 
     # --------------------------------------------------------------------------------- one run
     def _on_start(self, proc) -> None:
@@ -183,6 +192,11 @@ class Sweep:
             procs = list(self._procs.values())
         for proc in procs:
             self._kill(proc)
+        self.executor.cancel_all()
+
+    def fault_for(self, cfg) -> str | None:
+        """The test hook's fault for ``cfg``: keyed ``OPTIM:BxS`` (one configuration) or ``OPTIM``."""
+        return self.opts.faults.get(f"{cfg.optim}:{cfg.batch_size}x{cfg.seq_len}") or self.opts.faults.get(cfg.optim)
 
     def _error_record(self, cfg, reason: str, detail: str | None = None) -> dict:
         try:
@@ -201,8 +215,10 @@ class Sweep:
         if self.reporter:
             self.reporter.started(label or config_label(cfg.to_dict()))
         try:
-            record = execute(cfg, timeout_s=self.opts.timeout_s, track_tensors=self.opts.track_tensors,
-                             fault=self.opts.faults.get(cfg.optim), on_start=self._on_start, zygote=self.zygote)
+            record = None if self.opts.force else self.refused(cfg)
+            if record is None:
+                record = self.executor.run(cfg, timeout_s=self.opts.timeout_s, track_tensors=self.opts.track_tensors,
+                                           fault=self.fault_for(cfg), on_start=self._on_start, zygote=self.zygote)
             zygote = self.zygote
             if (zygote is not None and zygote.refusal and record["run"].get("launch") == "subprocess"
                     and not self._fallback_noted and self.reporter):
@@ -227,6 +243,29 @@ class Sweep:
         validate(record)
         return record
 
+    def prejudge(self, configs: list) -> int:
+        """Judge ``configs`` on their model states alone (no trace; this thread, before any zygote starts): the
+        refused are kept for :meth:`refused` and are neither predicted nor forked for. Returns how many."""
+        if self.opts.force:
+            return 0
+        for cfg in configs:
+            device = resolve_device(cfg)
+            try:
+                room = self.executor.available(device)
+                refusal = None if skip_reason(cfg, device) is not None else check(cfg, device, available=room)
+            except Exception:  # noqa: BLE001 - the run itself will report it
+                continue
+            if refusal is not None:
+                self._refusals[config_key(cfg.to_dict(), device)] = refusal
+        return len(self._refusals)
+
+    def refused(self, cfg) -> dict | None:
+        """The ``oom-predicted`` record of ``cfg`` when the estimate says it cannot fit the memory its device
+        has (:func:`optimem.harness.fit.check`; what the executor says a run gets), else None (run it)."""
+        device = resolve_device(cfg)
+        return refusal_record(cfg, device, refusal=self._refusals.get(config_key(cfg.to_dict(), device)),
+                              available=self.executor.available(device))
+
     def apply_memory_limit(self, record: dict) -> None:
         """Turn an ``ok`` record whose measured peak is over ``--memory-limit`` into ``oom``."""
         limit = self.opts.memory_limit
@@ -247,7 +286,7 @@ class Sweep:
     def forking(self, runs: int):
         """A zygote for the ``runs`` to come, started in the background while the sweep prepares (with the
         environment its workers get) and stopped afterwards. None for a single run: nothing to share."""
-        if not self.opts.fork or runs < 2:
+        if not self.opts.fork or runs < 2 or not self.executor.forks:
             yield
             return
         self.zygote = Zygote()
@@ -376,8 +415,10 @@ class Sweep:
         tasks = reused + runs  # earlier records first (instant), then the runs in grid order
         if self.reporter:
             self.reporter.set_total(len(tasks))
-        with self.forking(len(runs)):
-            self.prewarm([r.config for r in self.outcome.results if not r.reused])
+        pending = [r.config for r in self.outcome.results if not r.reused]
+        refused = self.prejudge(pending)
+        with self.forking(len(runs) - refused):
+            self.prewarm([c for c in pending if config_key(c.to_dict(), resolve_device(c)) not in self._refusals])
             self._drive(tasks)
         return self.outcome
 

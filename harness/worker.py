@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -522,6 +523,8 @@ def main(argv: list[str] | None = None, *, parent_pid: int | None = None) -> int
 
     cfg = RunConfig.from_dict(job["config"])
     result = run_measured(cfg, fault=fault, track_tensors=job.get("track_tensors"))
+    if world > 1:
+        result["node"] = socket.gethostname()  # where this rank ran (several nodes: multi-node runs)
     write_result(result_path, result)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -54,6 +54,8 @@ def register(sub) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, metavar="FILE.jsonl",
                    help=f"append the record to this JSONL file (default {DEFAULT_OUT})")
     p.add_argument("--no-save", action="store_true", help="do not write the record anywhere")
+    p.add_argument("--force", action="store_true",
+                   help="start the run even when the estimate says it cannot fit the device's free memory")
     p.add_argument("--json", action="store_true", help="print the record as JSON instead of the table")
     add_no_cache(p)
     p.set_defaults(func=main)
@@ -76,6 +78,17 @@ def config_from_args(args: argparse.Namespace):
     return cfg
 
 
+def refuse_if_cannot_fit(cfg) -> None:
+    """UserError (exit 2, one line with the figures) when the estimate says ``cfg`` cannot fit the memory its
+    device has now (:func:`optimem.harness.fit.check`): the model states first (no trace), then the whole step."""
+    from optimem.harness.fit import judge
+    from optimem.harness.launcher import resolve_device
+
+    refusal = judge(cfg, resolve_device(cfg))  # None too for a run recorded as skipped, with its reason
+    if refusal is not None:
+        raise UserError(f"{refusal.text()}; give --force to start it anyway")
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: the worker is killed and nothing is written."""
 
@@ -84,6 +97,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if not args.no_save:
         check_output_file(args.out, "--out", what="results file (.jsonl)")
+    if not args.force:
+        refuse_if_cannot_fit(cfg)
     track = {"auto": None, "on": True, "off": False}[args.track_tensors]
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -295,4 +310,4 @@ def _summary(m: dict) -> list[str]:
     return lines
 
 
-__all__ = ["DEFAULT_OUT", "EXIT_CODES", "config_from_args", "main", "register", "render"]
+__all__ = ["DEFAULT_OUT", "EXIT_CODES", "config_from_args", "main", "refuse_if_cannot_fit", "register", "render"]

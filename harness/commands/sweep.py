@@ -72,12 +72,30 @@ def register(sub) -> None:
     r.add_argument("--no-fork", action="store_true",
                    help="start every run as a fresh 'python -m optimem.harness.worker' (as bench run) instead of forking "
                         "it from a process that imported torch, transformers and the optimizer packages once")
+    r.add_argument("--force", action="store_true",
+                   help="run configurations the estimate says cannot fit the device's free memory (by default "
+                        "each is recorded oom-predicted without running)")
     r.add_argument("--find-max-batch", action="store_true",
                    help="search each optimizer's largest batch size that fits, instead of running the batch sizes")
     r.add_argument("--memory-limit", metavar="SIZE",
                    help="e.g. 64MiB, 8GB: a run whose measured peak exceeds it is recorded as oom "
                         "(required for --find-max-batch on CPU)")
     r.add_argument("--max-batch-cap", type=positive_int, metavar="N", help="largest batch a search tries (default 4096)")
+    x = p.add_argument_group("where runs execute")
+    x.add_argument("--executor", choices=["local", "slurm"], default=None,
+                   help="local: worker processes on this machine (default); slurm: one Slurm job per "
+                        "configuration through submitit (same records, lock, --resume and results file)")
+    x.add_argument("--slurm-partition", metavar="NAME", help="the partition jobs go to (default: the cluster's)")
+    x.add_argument("--slurm-gpus-per-node", type=positive_int, metavar="N", help="GPUs each job asks for")
+    x.add_argument("--slurm-time", type=positive_int, metavar="MINUTES",
+                   help="each job's time limit (default: --timeout plus 5 minutes)")
+    x.add_argument("--slurm-account", metavar="NAME", help="the account jobs are charged to")
+    x.add_argument("--slurm-qos", metavar="NAME", help="the quality of service jobs ask for")
+    x.add_argument("--slurm-extra", action="append", metavar="KEY=VALUE",
+                   help="any other sbatch option, without its dashes (mem=8G, constraint=a100, cpus_per_task=4); "
+                        "repeatable")
+    x.add_argument("--slurm-folder", metavar="DIR",
+                   help="submitit's job files and logs (default: RESULTS.slurm/ beside the results file)")
     o = p.add_argument_group("output")
     o.add_argument("--dry-run", action="store_true", help="list the configurations (and what --resume skips); run "
                                                           "nothing")
@@ -159,7 +177,8 @@ def _settings(data: dict, args: argparse.Namespace):
         jobs=num("jobs", int, 1), threads=num("threads", int, None), track_tensors=track,
         memory_limit=_memory_limit(data.get("memory_limit"), where("memory_limit")),
         find_max_batch=bool(data.get("find_max_batch")), max_batch_cap=num("max_batch_cap", int, DEFAULT_MAX_BATCH_CAP),
-        repeat=num("repeat", int, 1), faults=faults, progress=args.progress, fork=not args.no_fork)
+        repeat=num("repeat", int, 1), faults=faults, progress=args.progress, fork=not args.no_fork,
+        force=bool(getattr(args, "force", False)))
 
 
 def _memory_limit(value, where: str) -> int | None:
@@ -187,7 +206,8 @@ def main(args: argparse.Namespace) -> int:
     extra = {"memory_limit_bytes": opts.memory_limit} if opts.memory_limit is not None else {}
     configs = _runnable(grid, grid.configs(extra=extra, source=args.config or "command line"), check_config)
     devices = {resolve_device(c) for c in configs}
-    if opts.jobs > 1 and "cuda" in devices:
+    slurm = _slurm_settings(args, opts, len(configs))
+    if opts.jobs > 1 and "cuda" in devices and slurm is None:
         raise UserError("--jobs above 1 would share the GPU between runs (their out-of-memory points and timings "
                         "would be each other's): use --jobs 1 on a GPU")
     bases: list = []
@@ -213,16 +233,46 @@ def main(args: argparse.Namespace) -> int:
     if opts.find_max_batch:
         check_output_file(max_batch_path(opts.out), "--out (its max-batch file)", what="results file (.jsonl)")
     with lock_results(opts.out, "bench sweep"):
-        return _run(args, opts, configs, bases, starts)
+        return _run(args, opts, configs, bases, starts, slurm)
 
 
-def _run(args: argparse.Namespace, opts, configs: list, bases: list, starts: list[int]) -> int:
+def _slurm_settings(args: argparse.Namespace, opts, runs: int):
+    """None for the local executor; else the :class:`optimem.harness.slurm.SlurmSettings` of the Slurm one
+    (checked: UserError), with every job submitted at once unless --jobs says otherwise."""
+    slurm_flags = [f for f in ("slurm_partition", "slurm_gpus_per_node", "slurm_time", "slurm_account", "slurm_qos",
+                               "slurm_extra", "slurm_folder") if getattr(args, f, None) is not None]
+    if args.executor != "slurm":
+        if slurm_flags:
+            raise UserError(f"--{slurm_flags[0].replace('_', '-')} applies to Slurm jobs: add --executor slurm")
+        return None
+    import shutil
+
+    try:
+        from optimem.harness.slurm import SlurmSettings, check_partition, parse_extra
+    except ImportError:
+        raise UserError("--executor slurm needs the package 'submitit': pip install 'optimem[slurm]'") from None
+    extra = parse_extra(args.slurm_extra)
+    if shutil.which("sbatch") is None and not args.dry_run:
+        raise UserError("--executor slurm: no 'sbatch' on PATH: run bench sweep on a Slurm login node")
+    if not args.dry_run:
+        check_partition(args.slurm_partition)
+    folder = Path(args.slurm_folder) if args.slurm_folder else \
+        opts.out.with_name(opts.out.name.removesuffix(".jsonl") + ".slurm")
+    settings = SlurmSettings(folder=folder, partition=args.slurm_partition, gpus_per_node=args.slurm_gpus_per_node,
+                             time_min=args.slurm_time, account=args.slurm_account, qos=args.slurm_qos, extra=extra)
+    if args.jobs is None:  # every job submitted at once: the cluster's queue decides what runs when
+        opts.jobs = max(1, min(runs * opts.repeat, 512))
+    opts.fork = False
+    return settings
+
+
+def _run(args: argparse.Namespace, opts, configs: list, bases: list, starts: list[int], settings=None) -> int:
     """The sweep proper (the results file locked for this sweep)."""
     from optimem.harness.sweep import Sweep  # lazy: pulls in rich, which importing this module does not
     from optimem.harness.sweep_progress import Reporter  # lazy: pulls in rich, which importing this module does not
 
     total = len(bases) if opts.find_max_batch else len(configs) * opts.repeat
-    threads_env = _thread_env(opts)
+    threads_env = _thread_env(opts, local=settings is None)
     previous = None
     if threading.current_thread() is threading.main_thread():
         def _term(signum, frame):
@@ -232,13 +282,25 @@ def _run(args: argparse.Namespace, opts, configs: list, bases: list, starts: lis
     t0 = time.perf_counter()
     what = "max-batch searches" if opts.find_max_batch else "runs"
     reporter = Reporter(total, opts.progress, title=f"bench sweep ({total} {what})")
-    sweep = Sweep(opts, reporter)
+    executor = None
+    if settings is not None:
+        from optimem.harness.slurm import SlurmExecutor
+
+        executor = SlurmExecutor(settings, timeout_s=opts.timeout_s, force=opts.force, on_state=reporter.note)
+    sweep = Sweep(opts, reporter, executor=executor)
     interrupted = False
     try:
         with reporter:
             if opts.resume:
                 reporter.note(f"bench sweep: resuming {opts.out} ({len(sweep.existing)} configurations recorded)")
-            if opts.jobs > 1:
+            if opts.resume and settings is not None:
+                from optimem.harness.slurm import recover_records
+
+                found = recover_records(sweep, settings.folder)
+                if found:
+                    reporter.note(f"bench sweep: {found} record(s) that Slurm jobs returned after the last sweep "
+                                  f"stopped were appended from {settings.folder}")
+            if opts.jobs > 1 and settings is None:
                 n = opts.threads or os.environ.get("OMP_NUM_THREADS")
                 reporter.note(f"bench sweep: {opts.jobs} runs at once, {n} thread{'' if str(n) == '1' else 's'} "
                               "each: timings are not comparable with --jobs 1 runs")
@@ -295,10 +357,10 @@ def _runnable(grid, configs: list, check_config) -> list:
     return out
 
 
-def _thread_env(opts) -> dict:
+def _thread_env(opts, local: bool = True) -> dict:
     """Set OMP/MKL thread counts for the workers (they inherit the environment); returns what to restore."""
     threads = opts.threads
-    if threads is None and opts.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+    if threads is None and opts.jobs > 1 and "OMP_NUM_THREADS" not in os.environ and local:
         threads = max(1, (os.cpu_count() or 1) // opts.jobs)
     if threads is None:
         return {}

@@ -113,7 +113,7 @@ def combine(ranks: list[dict | None], *, returncode: int | None, timed_out: bool
         else:
             entries.append({"rank": r, "status": p.get("status", "error"), "reason": p.get("reason") or "",
                             "measured": p.get("measured"), "device_facts": p.get("device_facts") or {},
-                            "detail": p.get("detail")})
+                            "detail": p.get("detail"), **({"node": p["node"]} if p.get("node") else {})})
     # the root cause first: the rank that failed earliest (its peers then fail in a collective)
     ended = {r: float((p or {}).get("ended_at") or float("inf")) for r, p in enumerate(ranks)}
     failed = sorted((e for e in entries if e["status"] != "ok"), key=lambda e: ended[e["rank"]])

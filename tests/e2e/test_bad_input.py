@@ -55,6 +55,7 @@ def _configs(d: Path) -> None:
     ds = json.loads((TINY_LLAMA.parent / "tiny-deepseek-v3.json").read_text())
     ds.update(n_routed_experts=6, n_group=4, topk_group=2)  # builds; its router fails on real tensors (issue 27)
     (d / "ds_groups.json").write_text(json.dumps(ds))
+    cfg("huge.json", hidden_size=65536, intermediate_size=262144, num_attention_heads=64, num_key_value_heads=8)
     (d / "nan.json").write_text(json.dumps(base).replace('"hidden_size": 64', '"hidden_size": NaN'))
     (d / "deep.json").write_text("[" * 100000 + "]" * 100000)
     (d / "latin.json").write_bytes(b'\xff\xfe{"model_type": "llama"}\n')
@@ -295,6 +296,12 @@ CASES: list[tuple[str, int, str]] = [
     # --- run: outputs checked before anything runs
     ("run", 2, "--optim"),
     ("run --optim nosuch --no-save", 2, "--optim"),
+    # a run the estimate says cannot fit the device's free memory (issue 25): refused, nothing started
+    ("run --optim adamw_torch --model {d}/huge.json --device cpu --no-save", 2, "--force"),
+    ("sweep --optim adamw_torch --executor nosuch", 2, "--executor"),
+    ("sweep --optim adamw_torch --executor slurm --slurm-extra nokey", 2, "--slurm-extra"),
+    ("sweep --optim adamw_torch --executor slurm --slurm-time 0", 2, "--slurm-time"),
+    ("sweep --optim adamw_torch --slurm-partition debug", 2, "--executor slurm"),
     ("run --optim adamw_torch --out /proc/x.jsonl", 2, "--out"),
     ("run --optim adamw_torch --out {d}/adir", 2, "--out"),
     ("run --optim adamw_torch --out ''", 2, "--out"),
