@@ -274,7 +274,7 @@ class Campaign:
         seconds = self.clock() - t
         if zygote is not None and zygote.refusal and record["run"].get("launch") == "subprocess":
             self.log(f"campaign: this run started as a fresh process: {zygote.refusal}")
-        if record["status"] != "skipped":  # a skipped run starts no worker: it says nothing of a run's cost
+        if record["status"] not in ("skipped", "oom-predicted"):  # no worker started: nothing of a run's cost
             self.cost.observe(work, seconds)
         record["run"]["campaign"] = {
             "job": job.name, "tier": job.tier, "rehearsal": self.rehearse, "budget_s": self.budget_s,
