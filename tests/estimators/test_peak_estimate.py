@@ -152,10 +152,13 @@ def test_warm_estimate_is_fast():
     sizes = itertools.count(1)
     for _ in range(64):  # every batch size once: the phase model is shared, each shape is a few dot products
         estimate(model, "adamw_torch", dtype="bf16", batch_size=next(sizes) % 64 + 1)
-    t = time.perf_counter()
-    for _ in range(200):
-        estimate(model, "adamw_torch", dtype="bf16", batch_size=next(sizes) % 64 + 1)
-    assert (time.perf_counter() - t) / 200 < 2e-3
+    rounds = []  # the best of 5 rounds: another test process may share the cores (pytest-xdist)
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(40):
+            estimate(model, "adamw_torch", dtype="bf16", batch_size=next(sizes) % 64 + 1)
+        rounds.append((time.perf_counter() - t) / 40)
+    assert min(rounds) < 2e-3
 
 
 # ------------------------------------------------------------------------------------------------- CUDA terms
