@@ -154,7 +154,9 @@ def simulate(run: Run, step: StepModel | None = None, device: str = "cpu", sim: 
     scaled = found_inf = None
     batches: list[list] = []
     prefetched: list = []
-    steps_ = ("step0",) if (step is None or mode == "full") and not both_steps else ("step0", "steady")
+    # step 0 stands for the steady step too, unless something created in step 0 outlives it (GradScaler's tensors)
+    once = (step is None or mode == "full") and not both_steps and not use_scaler
+    steps_ = ("step0",) if once else ("step0", "steady")
     for stepname in steps_:
         for micro in range(run.grad_accum):
             sim.phase(f"{stepname}.forward")
@@ -197,7 +199,7 @@ def simulate(run: Run, step: StepModel | None = None, device: str = "cpu", sim: 
             found_inf = None
         sim.zero_grad()
         close(f"{stepname}.optimizer_step")
-    if (step is None or mode == "full") and not both_steps:  # the steady forward and backward are step 0's
+    if once:  # the steady forward and backward are step 0's
         for kind in ("forward", "backward"):
             merged[f"steady.{kind}"] = merged[f"step0.{kind}"]
     out = {name: PhaseResult(c, end) for name, (c, end) in merged.items()}

@@ -39,6 +39,9 @@ def test_fp16_cuda_step_holds_the_scalers_bytes_and_bf16_none():
         gs.SCALE + gs.GROWTH_TRACKER + gs.FOUND_INF
     assert _total(with_["step0.optimizer_step"].end) - _total(without["step0.optimizer_step"].end) == \
         gs.SCALE + gs.GROWTH_TRACKER
+    # a steady step starts with them: its forward holds 8 bytes more than step 0's
+    for ph in ("steady.forward", "steady.backward"):
+        assert peak(with_, ph) - peak(without, ph) == gs.SCALE + gs.GROWTH_TRACKER + (gs.SCALED_LOSS if "back" in ph else 0)
     # the allocator sees, over step 0 and a steady step: _scale and _growth_tracker once, then per step the
     # scaled loss, backward's extra root gradient, double/reciprocal/float of inv_scale and found_inf
     ops = []
