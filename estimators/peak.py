@@ -17,6 +17,7 @@ import functools
 import sys
 from dataclasses import dataclass
 
+from . import grad_scaler
 from .memsim import CATS, PhaseResult, veval
 from .memsim import basis
 from .phase_cache import cached
@@ -98,12 +99,18 @@ class PhaseModel:
     def inside(self) -> bool:
         return self.step.grad_mode in ("fused", "layerwise")
 
+    @property
+    def amp_scaler(self) -> bool:
+        """fp16 on CUDA with the optimizer stepping after the backward: the step runs ``GradScaler``."""
+        return self.setting.device == "cuda" and self.setting.mixed == "fp16" and self.step.grad_mode == "full"
+
     def notes(self) -> list[str]:
         tr = self.trace
+        out = [grad_scaler.NOTE] if self.amp_scaler else []
         if tr is not None and tr.attn_implementation != self.setting.attn:
-            return [f"{self.inv.model} runs {tr.attn_implementation} attention (it has no "
-                    f"{self.setting.attn} implementation)"]
-        return []
+            out.insert(0, f"{self.inv.model} runs {tr.attn_implementation} attention (it has no "
+                          f"{self.setting.attn} implementation)")
+        return out
 
     def at(self, b: int, s: int) -> tuple[dict[str, PhaseResult], dict[str, int]]:
         """(phase results, optimizer state alive in each phase) for the region holding ``(b, s)``."""
@@ -154,7 +161,8 @@ class PhaseModel:
                    tuple(rows[n].nbytes for n in params), tuple(rows[n].element_size for n in params),
                    tuple(rows[n].trainable for n in params), inv.weight_bytes + tr.settled_bytes, tr.buffers_bytes,
                    self.grad_accum,
-                   label_shape=tr.label_shape, counts_items=tr.counts_items, shifts_labels=tr.shifts_labels)
+                   label_shape=tr.label_shape, counts_items=tr.counts_items, shifts_labels=tr.shifts_labels,
+                   amp_scaler=self.amp_scaler)
 
     def _simulate(self, tr, region) -> tuple[dict, dict]:
         inv, step = self.inv, self.step
@@ -218,7 +226,7 @@ def _forward_backward(run: Run, region) -> dict[str, PhaseResult]:
     """The forward/backward phases of ``run`` without the optimizer (shared by every optimizer that steps
     after the backward; cached per region and run)."""
     key = (id(region), run.params, run.param_bytes, run.trainable, run.weights_bytes, run.buffers_bytes,
-           run.grad_accum, run.label_shape, run.counts_items, run.shifts_labels)
+           run.grad_accum, run.label_shape, run.counts_items, run.shifts_labels, run.amp_scaler)
     hit = _FB_CACHE.get(key)
     if hit is not None and hit[0] is region:
         return hit[1]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import grad_scaler
 from .memsim import CATS, NB, Param, PhaseResult, Sim, Var, vadd, vec, veval, vsub
 from .steps import Frame, StepModel
 from .trace.events import BWD_END, FWD_END
@@ -45,7 +46,7 @@ class Run:
     ``weights_bytes`` / ``buffers_bytes``: the model as stored; ``other_bytes``: long-lived odds and ends (the
     Trainer's loss accumulator, 4 B); ``label_shape``: ``"BS"`` or ``"B"`` (one label per sample);
     ``counts_items``: the Trainer counts label tokens (``num_items_in_batch``), from position 1 when
-    ``shifts_labels``.
+    ``shifts_labels``; ``amp_scaler``: fp16 on CUDA, the step runs ``GradScaler`` (``estimators/grad_scaler``).
     """
 
     first: object
@@ -61,6 +62,7 @@ class Run:
     label_shape: str = "BS"
     counts_items: bool = True
     shifts_labels: bool = True
+    amp_scaler: bool = False
 
 
 def _fetch_batch(sim: Sim, label_shape: str = "BS") -> list[Var]:
@@ -146,9 +148,14 @@ def simulate(run: Run, step: StepModel | None = None, device: str = "cpu", sim: 
             merged[name] = [list(res.candidates), res.end]
 
     forward_end = None
+    scaler: list = []  # GradScaler's _scale and _growth_tracker, once created
+    use_scaler = run.amp_scaler and mode == "full"
+    scaled = found_inf = None
     batches: list[list] = []
     prefetched: list = []
-    steps_ = ("step0",) if (step is None or mode == "full") and not both_steps else ("step0", "steady")
+    # step 0 stands for the steady step too, unless something created in step 0 outlives it (GradScaler's tensors)
+    once = (step is None or mode == "full") and not both_steps and not use_scaler
+    steps_ = ("step0",) if once else ("step0", "steady")
     for stepname in steps_:
         for micro in range(run.grad_accum):
             sim.phase(f"{stepname}.forward")
@@ -165,23 +172,33 @@ def simulate(run: Run, step: StepModel | None = None, device: str = "cpu", sim: 
             last = stepname == "step0" and micro == run.grad_accum - 1
 
             def on_mark(code: int, arg: int, _name=stepname, _last=last) -> None:
-                nonlocal forward_end
+                nonlocal forward_end, scaled
                 if code == FWD_END:
                     if _last:
                         forward_end = sim._snap()
                     close(f"{_name}.forward")
                     sim.phase(f"{_name}.backward")
+                    if use_scaler:
+                        scaled = grad_scaler.scale_loss(sim, scaler)
                 elif code == BWD_END and mode == "fused":
                     _lomo_consume(sim, exclude=None)  # fused_backward's final grad_func(0)
 
             replay(sim, log, params, on_mark)
+            if use_scaler:
+                sim.decref(scaled)  # backward() returned
+                scaled = None
+                if micro == run.grad_accum - 1:  # the Trainer's clip: Accelerator.clip_grad_norm_ -> unscale_
+                    found_inf = grad_scaler.unscale(sim)
             close(f"{stepname}.backward")
         sim.phase(f"{stepname}.optimizer_step")
         if step is not None and mode == "full":
             step.run(sim, step.groups, stepname == "step0", keep)
+        if found_inf is not None:  # scaler.update resets the per-optimizer state
+            sim.decref(found_inf)
+            found_inf = None
         sim.zero_grad()
         close(f"{stepname}.optimizer_step")
-    if (step is None or mode == "full") and not both_steps:  # the steady forward and backward are step 0's
+    if once:  # the steady forward and backward are step 0's
         for kind in ("forward", "backward"):
             merged[f"steady.{kind}"] = merged[f"step0.{kind}"]
     out = {name: PhaseResult(c, end) for name, (c, end) in merged.items()}

@@ -148,7 +148,9 @@ def _explain(row: dict, est: dict, largest: int) -> str:
             parts.append("the 2022 Trainer checkpointed with torch's reentrant implementation; the estimate traces "
                          "today's non-reentrant one")
         if kw.get("mixed_precision") == "fp16":
-            parts.append("fp16 follows CUDA's autocast policy; the GradScaler's few scalars are left out")
+            parts.append("fp16 follows CUDA's autocast policy; its GradScaler's tensors (_scale, _growth_tracker, the "
+                         "scaled loss, unscale_'s inv_scale and found_inf) are a rule from source, one 512-byte "
+                         "block each")
         parts.append("the CUDA context is the guide's measured 1343 MiB")
         if gap > 0:
             per = gap / kw["batch_size"] / BERT_LARGE["num_hidden_layers"]
