@@ -6,6 +6,12 @@ tokenizes), cut at ``seq_len`` -- and ``DataCollatorWithFlattening`` packs each 
 into one row. Whatever order the Trainer's sampler draws them in, no micro-batch holds more tokens than the
 ``batch_size`` longest samples together (:func:`worst_micro_batch`): the estimate is made for that micro-batch.
 Counts are tokens, not bytes of memory.
+
+Pad-to-longest (``--group-by-length --data FILE``: each micro-batch padded to its longest sample, the samples drawn
+by transformers' ``LengthGroupedSampler``): the micro-batch that holds the file's longest sample is padded to it, in
+any draw order -- the sampler only moves it to the front (megabatches of up to 50 x batch, each sorted longest
+first, the one holding the longest sample swapped first) -- so the worst micro-batch is ``batch x longest``
+(:func:`padded_worst`).
 """
 from __future__ import annotations
 
@@ -52,9 +58,14 @@ def worst_micro_batch(lengths: list[int], batch_size: int) -> int:
     return sum(sorted(lengths, reverse=True)[:batch_size])
 
 
+def padded_worst(lengths: list[int], batch_size: int) -> tuple[int, int]:
+    """``(rows, seq)`` of the largest pad-to-longest micro-batch: ``min(batch, samples)`` rows of the longest."""
+    return min(batch_size, len(lengths)), max(lengths)
+
+
 def packed_seq_len(tokens: int, batch_size: int) -> int:
     """The per-sample length whose ``batch_size x seq`` packed row covers ``tokens`` (exact when it divides)."""
     return max(math.ceil(tokens / batch_size), 2)
 
 
-__all__ = ["packed_seq_len", "samples", "worst_micro_batch"]
+__all__ = ["packed_seq_len", "padded_worst", "samples", "worst_micro_batch"]

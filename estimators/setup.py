@@ -110,6 +110,10 @@ CLI: dict[str, Flag] = {
     "padding_free": Flag(("--padding-free", "--packing"), "padding-free packing (DataCollatorWithFlattening): each "
                          "micro-batch is one row of its samples' tokens with position_ids restarting per sample; "
                          "tokens per micro-batch = batch x seq, or the worst micro-batch of --data", switch=True),
+    "group_by_length": Flag(("--group-by-length",), "TrainingArguments(train_sampling_strategy='group_by_length'), "
+                            "formerly group_by_length=True: the samples of --data "
+                            "padded to the longest of each micro-batch, drawn by LengthGroupedSampler; the estimate is "
+                            "for the worst micro-batch, batch x the file's longest sample", switch=True),
     "device": Flag(("--device",), "training device: auto (CUDA if present), cuda or cpu", choices=DEVICES),
     "lora": Flag(("--lora",), "train a peft LoRA adapter instead of the whole model: peft's LoraConfig as "
                  "'r=16,alpha=32,dropout=0.05,target=all-linear' (target: all-linear, a regex fully matching module "
@@ -150,7 +154,8 @@ class TrainingSetup:
     full shard; ``offload``: CPU offload). ``offload_optimizer`` / ``offload_param``: ``none``, ``cpu`` or
     ``nvme`` (see :mod:`optimem.estimators.offload_config`). ``use_liger_kernel`` / ``liger_kernel_config``: the
     Trainer's Liger patch and its keywords (JSON text). ``padding_free``: ``DataCollatorWithFlattening`` packs each
-    micro-batch's samples (``batch_size`` of ``seq_len`` tokens) into one row.
+    micro-batch's samples (``batch_size`` of ``seq_len`` tokens) into one row. ``group_by_length``: the Trainer's
+    ``LengthGroupedSampler`` over a data file's samples, each micro-batch padded to its longest (needs ``data``).
     ``lora``: a peft LoRA adapter (:class:`~optimem.estimators.adapters.LoraSpec`; None trains the whole model).
     ``quantize``: the base model loaded by bitsandbytes as ``nf4``/``fp4``/``int8`` (None: not quantized), with
     ``double_quant`` (4-bit absmax quantized again), ``quant_compute_dtype`` (4-bit matmul dtype; None: fp32)
@@ -182,6 +187,7 @@ class TrainingSetup:
     use_liger_kernel: bool = False
     liger_kernel_config: str | None = None
     padding_free: bool = False
+    group_by_length: bool = False
     device: str = "auto"
     lora: LoraSpec | None = None
     quantize: str | None = None
@@ -244,6 +250,11 @@ class TrainingSetup:
                 raise UserError(f"padding_free must be true or false, got {self.padding_free!r}")
             if self.padding_free and self.task != "causal-lm":
                 raise UserError(f"padding-free packing (DataCollatorWithFlattening) trains causal LMs, not {self.task}")
+        with _field("group_by_length"):
+            if not isinstance(self.group_by_length, bool):
+                raise UserError(f"group_by_length must be true or false, got {self.group_by_length!r}")
+            if self.group_by_length and self.task != "causal-lm":
+                raise UserError(f"--group-by-length pads a data file's text samples for causal LMs, not {self.task}")
         self._check_adapters(put)
 
     def _check_parallel(self, put) -> None:

@@ -72,6 +72,16 @@ def predict(cfg: RunConfig) -> dict[str, Any] | None:
         out["notes"].append(f"padding-free: predicted for the worst micro-batch of {cfg.data}, {worst} tokens "
                             f"({cfg.batch_size} x {cfg.seq_len} packed)")
         return out
+    if cfg.group_by_length and cfg.data:
+        # pad to longest: the worst micro-batch is batch x the file's longest sample (optimem.estimators.packing)
+        from optimem.estimators.packing import padded_worst, samples
+
+        rows, seq = padded_worst([len(x) for x in samples(cfg.data, cfg.seq_len)], cfg.batch_size)
+        cfg = replace(cfg, batch_size=rows, seq_len=seq)
+        out = estimate(replace(cfg, device=resolve_device(cfg))).to_dict()
+        out["notes"].append(f"group-by-length: predicted for the worst micro-batch of {cfg.data}, {rows} x {seq} "
+                            "padded to its longest sample")
+        return out
     return estimate(replace(cfg, device=resolve_device(cfg))).to_dict()
 
 

@@ -61,12 +61,16 @@ class RunConfig(TrainingSetup):
         if self.padding_free and self.data is None:
             raise SetupError("padding-free packing packs a data file's samples: give --data FILE (a .jsonl with one "
                              "{\"text\": ...} per line, or a text file, one sample per line)", "padding_free")
+        if self.group_by_length and self.data is None:
+            raise SetupError("--group-by-length draws a data file's samples by length: give --data FILE (a .jsonl "
+                             "with one {\"text\": ...} per line, or a text file, one sample per line)",
+                             "group_by_length")
         if self.warmup >= self.steps:
             raise SetupError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps}): throughput is "
                              "measured over the steps after warmup", "warmup")
         if self.data is not None:
             try:
-                if self.padding_free:
+                if self.padding_free or self.group_by_length:
                     from optimem.estimators.packing import samples
 
                     samples(self.data, self.seq_len)

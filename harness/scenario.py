@@ -65,6 +65,17 @@ class SyntheticTokens(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
+def pad_to_longest(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A micro-batch padded to its longest sample, as ``DataCollatorWithPadding`` + causal-LM labels make it: ids
+    padded with 0, ``attention_mask`` 0 and ``labels`` -100 on the padding (the harness has no tokenizer)."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    ids = [f["input_ids"] for f in features]
+    return {"input_ids": pad_sequence(ids, batch_first=True, padding_value=0),
+            "attention_mask": pad_sequence([torch.ones_like(x) for x in ids], batch_first=True, padding_value=0),
+            "labels": pad_sequence([f["labels"] for f in features], batch_first=True, padding_value=-100)}
+
+
 def flash_optimizer_cls_and_kwargs(name: str, optim_args: dict[str, Any], lr: float):
     """The ``optimizer_cls_and_kwargs`` the harness passes for a FlashOptim name."""
     spec = get_spec(name)
@@ -137,6 +148,11 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
 
         data = SyntheticTokens.packed(samples(cfg.data, cfg.seq_len), n_samples, vocab)
         collator = DataCollatorWithFlattening()
+    elif cfg.group_by_length and cfg.data:
+        from optimem.estimators.packing import samples
+
+        data = SyntheticTokens.packed(samples(cfg.data, cfg.seq_len), n_samples, vocab)
+        collator = pad_to_longest
     else:
         tokens = data_tokens(cfg.data) if cfg.data else None
         data = SyntheticTokens(n_samples, cfg.seq_len, vocab, cfg.seed,
@@ -158,6 +174,8 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
         use_cpu=device == "cpu", gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=cfg.mixed_precision == "bf16", fp16=cfg.mixed_precision == "fp16",
     )
+    if cfg.group_by_length:  # transformers 5's name for the old group_by_length=True: LengthGroupedSampler
+        kwargs["train_sampling_strategy"] = "group_by_length"
     if cfg.use_liger_kernel:  # the Trainer patches the model with liger-kernel (its Triton kernels: CUDA only)
         kwargs.update(use_liger_kernel=True, liger_kernel_config=json.loads(cfg.liger_kernel_config or "{}"))
     # lazy: pulls in accelerate, psutil, yaml, which importing this module does not

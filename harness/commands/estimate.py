@@ -30,7 +30,7 @@ def register(sub) -> None:
                    help="use this GPU's calibrated CUDA constants (torch.cuda.get_device_name(); see "
                         "'python -m optimem.harness.calibrate show')")
     p.add_argument("--data", default=None, metavar="FILE",
-                   help="with --padding-free: the data file bench run --data would train on (.jsonl, one {\"text\": "
+                   help="with --padding-free or --group-by-length: the data file bench run --data would train on (.jsonl, one {\"text\": "
                         "...} per line, or text, one sample per line); the estimate is for the worst micro-batch its "
                         "samples can make, packed")
     p.add_argument("--cuda-alloc-conf", dest="alloc_conf", default=None, metavar="CONF",
@@ -95,10 +95,23 @@ def run_estimates(args: argparse.Namespace):
             raise UserError(f"--cuda-alloc-conf: {str(exc).removeprefix('PYTORCH_CUDA_ALLOC_CONF: ')}") from None
     base = TrainingSetup(**setup_kwargs(args, exclude=("optim", "optim_args", "optim_target_modules")))
     packed_note = None
-    if args.data is not None:
+    if base.group_by_length and args.data is None:
+        raise UserError("--group-by-length draws a data file's samples by length: give --data FILE too")
+    if args.data is not None and base.group_by_length and not base.padding_free:
+        from dataclasses import replace
+
+        from optimem.estimators.packing import padded_worst, samples
+
+        lengths = [len(x) for x in samples(args.data, base.seq_len)]
+        rows, seq = padded_worst(lengths, base.batch_size)
+        base = replace(base, batch_size=rows, seq_len=seq)
+        packed_note = (f"--data {args.data}: {len(lengths)} samples of {min(lengths)}-{max(lengths)} tokens (cut at "
+                       f"--seq-len); padded to the longest of each micro-batch, the worst one is {rows} x {seq}")
+    elif args.data is not None:
         if not base.padding_free:
-            raise UserError("--data: without --padding-free bench run cuts the file into samples of --seq-len "
-                            "tokens, which the estimate already assumes; add --padding-free to estimate packing")
+            raise UserError("--data: without --padding-free or --group-by-length bench run cuts the file into "
+                            "samples of --seq-len tokens, which the estimate already assumes; add --padding-free "
+                            "(packing) or --group-by-length (padded to the longest) to estimate the file's lengths")
         from dataclasses import replace
 
         from optimem.estimators.packing import packed_seq_len, samples, worst_micro_batch

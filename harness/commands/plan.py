@@ -42,6 +42,9 @@ def register(sub) -> None:
                                      "batch_size": "(only with --max-seq, default 1: the micro-batch the sequence "
                                                    "search holds; otherwise the micro-batch is what is searched)",
                                      "seq_len": "(not read with --max-seq)"})
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="with --group-by-length: the data file bench run --data would train on; the micro-batch is "
+                        "searched at the file's longest sample (cut at --seq-len), each micro-batch padded to it")
     p.add_argument("--max-seq", action="store_true",
                    help="search the longest sequence that fits at --batch-size instead of the largest micro-batch "
                         "at --seq-len (up to the model's position limit)")
@@ -127,6 +130,16 @@ def build_plan(args) -> P.Plan:
     kw["sharding"] = args.sharding or ("none" if args.num_processes == 1 or kw.get("deepspeed") or kw.get("fsdp")
                                        else "ddp")
     base = TrainingSetup(**kw)
+    if base.group_by_length != (args.data is not None) or (args.data is not None and args.max_seq):
+        raise UserError("bench plan --data FILE searches the micro-batch at the file's longest sample: give it with "
+                        "--group-by-length (each micro-batch padded to its longest), without --max-seq; --padding-free "
+                        "--data is estimated by bench estimate, not searched yet")
+    if args.data is not None:
+        from dataclasses import replace
+
+        from optimem.estimators.packing import samples
+
+        base = replace(base, seq_len=max(len(x) for x in samples(args.data, base.seq_len)))
     if base.offload_optimizer != "none" or base.offload_param != "none":
         raise UserError("bench plan does not search a given offload yet: bench estimate --deepspeed/--fsdp gives its "
                         "per-rank device and host figures, and bench plan offers offload itself when nothing fits")

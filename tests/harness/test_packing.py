@@ -8,7 +8,7 @@ import json
 import pytest
 
 from optimem.estimators import estimate
-from optimem.estimators.packing import packed_seq_len, samples, worst_micro_batch
+from optimem.estimators.packing import packed_seq_len, padded_worst, samples, worst_micro_batch
 
 
 def test_worst_micro_batch(tmp_path):
@@ -32,3 +32,15 @@ def test_padding_free_run_matches_the_estimate(tmp_path):
     r = run_case(PackCase("tiny-llama", "adamw_torch", 2, 64, False, files["uniform"], "uniform"))
     assert r["status"] == "ok", r.get("reason")
     assert abs(r["predicted"] - r["measured"]) <= 64  # bytes: the estimate is exact up to scalar bookkeeping
+
+
+def test_group_by_length_run_matches_the_estimate(tmp_path):
+    """--group-by-length: the Trainer's LengthGroupedSampler, each micro-batch padded to its longest; the estimate
+    (batch x the file's longest sample) meets the exact tensor peak of a real run whose samples are all that long."""
+    from optimem.harness.validate_packing import PackCase, run_case, write_data
+
+    assert padded_worst([5, 64, 12, 30], 2) == (2, 64) and padded_worst([5, 9], 4) == (2, 9)
+    files = write_data(tmp_path)
+    r = run_case(PackCase("tiny-llama", "adamw_torch", 2, 64, False, files["uniform"], "uniform", "grouped"))
+    assert r["status"] == "ok", r.get("reason")
+    assert r["tokens"] == "2 x 48" and abs(r["predicted"] - r["measured"]) <= 64
