@@ -25,6 +25,7 @@ from .phases import PHASES, Run, simulate, simulate_step
 from .steps import StepModel
 from .trace import data as trace_data
 from .trace.setting import TraceSetting
+from .trace.events import GRAD
 
 CAT_NAMES = {"weights": "weights", "state": "optimizer_state", "grad": "gradients", "act": "activations",
              "tmp": "temporaries", "other": "other"}
@@ -83,7 +84,6 @@ class PhaseModel:
         """Names of the trainable parameters that the traced step at ``(b, s)`` gives no gradient (a cross-attention
         no encoder output reaches, a module run under ``no_grad``): their ``.grad`` stays None, so torch's optimizers
         (``if p.grad is None: continue``) never make their state. Call after :meth:`at` of that shape."""
-        from .trace.events import GRAD
 
         tr = self.trace
         region = tr.region(b, s) if tr is not None else None

@@ -38,6 +38,7 @@ from optimem.harness.process import kill_group, signal_name, spawn, wait, worker
 from optimem.harness.process import tail as log_tail
 from optimem.harness.record import build_record, validate
 from optimem.harness.run_config import RunConfig
+from optimem.estimators.packing import packed_seq_len, samples, worst_micro_batch
 
 if TYPE_CHECKING:
     from optimem.harness.zygote import Zygote
@@ -64,7 +65,6 @@ def predict(cfg: RunConfig) -> dict[str, Any] | None:
     # run resolves to), so the record's prediction is for the very run it sits beside.
     if cfg.padding_free and cfg.data:
         # the worst micro-batch the file's samples can make, packed (optimem.estimators.packing)
-        from optimem.estimators.packing import packed_seq_len, samples, worst_micro_batch
 
         worst = worst_micro_batch([len(x) for x in samples(cfg.data, cfg.seq_len)], cfg.batch_size)
         cfg = replace(cfg, seq_len=packed_seq_len(worst, cfg.batch_size))

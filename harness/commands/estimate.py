@@ -12,6 +12,9 @@ from optimem.estimators.setup import DEFAULT_TARGETS, TrainingSetup
 from optimem.harness.commands.argtypes import add_no_cache
 from optimem.harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
 from optimem.harness.units import format_table, human_bytes, human_count
+from optimem.estimators.cuda_overhead import alloc_config
+from dataclasses import replace
+from optimem.estimators.packing import packed_seq_len, samples, worst_micro_batch
 
 
 
@@ -87,8 +90,6 @@ def run_estimates(args: argparse.Namespace):
     optims = expand_optims(args.optim)
     _check_gpu(args.gpu)
     if args.alloc_conf is not None:
-        from optimem.estimators.cuda_overhead import alloc_config
-
         try:
             alloc_config(args.alloc_conf)
         except UserError as exc:
@@ -99,9 +100,7 @@ def run_estimates(args: argparse.Namespace):
         if not base.padding_free:
             raise UserError("--data: without --padding-free bench run cuts the file into samples of --seq-len "
                             "tokens, which the estimate already assumes; add --padding-free to estimate packing")
-        from dataclasses import replace
 
-        from optimem.estimators.packing import packed_seq_len, samples, worst_micro_batch
 
         lengths = [len(x) for x in samples(args.data, base.seq_len)]
         worst = worst_micro_batch(lengths, base.batch_size)

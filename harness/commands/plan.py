@@ -22,6 +22,11 @@ from optimem.harness.commands.setup_args import add_setup_arguments, field_defau
 from optimem.harness.units import format_table, human_count
 
 from optimem.estimators.gpus import GIB
+from optimem.harness.paths import check_output_file, check_output_suffix
+import sys
+from optimem.harness.record import read_records
+from optimem.harness.plan_plots import cell_text
+from optimem.harness.plan_plots import plot_plan
 
 
 def register(sub) -> None:
@@ -81,8 +86,6 @@ def _check_args(args) -> None:
     if not 0 < args.mfu <= 1:
         raise UserError(f"--mfu is a fraction in (0, 1], got {args.mfu}")
     if args.plot is not None:
-        from optimem.harness.paths import check_output_file, check_output_suffix
-
         check_output_suffix(check_output_file(args.plot, "--plot", what="image file", text=False,
                                               example="plan.png"), "--plot", PLOT_SUFFIXES)
     for f in args.results or []:
@@ -98,9 +101,7 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 def _result_records(files: list[str], *, given: bool) -> list[dict]:
     """The run records of the calibration files (read by the harness's reader, which says what it skipped; a
     default results/*.jsonl file that cannot be read is passed over with a word)."""
-    import sys
 
-    from optimem.harness.record import read_records
 
     out: list[dict] = []
     for f in files:
@@ -164,8 +165,6 @@ def _phase(name: str | None) -> str:
 
 
 def _cell(r: P.PlanRow) -> str:
-    from optimem.harness.plan_plots import cell_text
-
     if r.max_seq_len is not None or r.max_seq_len_by_checkpointing:
         return _seq_cell(r)
     return cell_text(r)
@@ -367,7 +366,6 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(render(plan))
     if args.plot:  # after the plan is printed: a failing write loses nothing computed
-        from optimem.harness.plan_plots import plot_plan
 
         plot_plan(plan, args.plot)
         if not args.json:
