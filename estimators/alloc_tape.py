@@ -77,7 +77,6 @@ class Tape:
 
     def sizes_at(self, b: int, s: int) -> list[int]:
         """Every allocation's bytes at ``(b, s)``, in order (exact: Python integers where int64 could overflow)."""
-
         vec = basis(b, s)
         top = int(np.abs(self.sizes).max()) if self.sizes.size else 0
         if top * max(map(abs, vec), default=0) * NB < 1 << 62:
@@ -97,7 +96,6 @@ def region_tape(model, b: int, s: int, workspace: int = 0) -> Tape:
     """The :class:`Tape` of ``model`` (a :class:`~optimem.estimators.peak.PhaseModel`) for the region holding
     ``(b, s)``: model load, optimizer ``__init__`` state, library residents, step 0 and a steady step (cached per
     model, region and workspace)."""
-
     run = model.run_at(b, s)
     key = (id(model), id(run.first), workspace)
     hit = _TAPES.get(key)

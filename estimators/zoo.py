@@ -21,8 +21,8 @@ import argparse
 import json
 import sys
 import warnings
-from pathlib import Path
 import inspect
+from pathlib import Path
 from .catalog import resolve
 from .errors import UserError
 from .inventory import instantiate
@@ -167,7 +167,6 @@ def registered_types(task: str) -> list[str]:
 def _build_error(path: Path, task: str) -> str | None:
     """None when the model of ``task`` builds on the meta device from the config at ``path`` with at most
     :data:`MAX_ZOO_PARAMS` parameters, else why not."""
-
     try:
         model = instantiate(resolve(str(path)), device="meta", task=None if task == "causal-lm" else task)
     except UserError as exc:

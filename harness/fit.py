@@ -129,7 +129,6 @@ def check(cfg, device: str, *, predicted: dict | None = None,
     a multi-process run, memory that cannot be read). ``predicted``: the whole-step estimate when the caller
     has it (else only the model states are checked); ``available``: ``(bytes, source)`` instead of reading
     the device (tests)."""
-
     if cfg.num_processes > 1 or get_spec(cfg.optim).availability != "ok":
         return None
     room, source = available if available is not None else available_memory(device)
@@ -154,7 +153,6 @@ def check(cfg, device: str, *, predicted: dict | None = None,
 def judge(cfg, device: str, *, available: tuple[int | None, str] | None = None) -> Refusal | None:
     """:func:`check` with both stages (the whole-step prediction computed only when the states fit); None for
     a configuration the run itself will record as skipped."""
-
     if skip_reason(cfg, device) is not None:
         return None
     return check(cfg, device, available=available) or check(cfg, device, predicted=predict(cfg), available=available)
@@ -164,7 +162,6 @@ def refusal_record(cfg, device: str, *, refusal: Refusal | None = None,
                    available: tuple[int | None, str] | None = None) -> dict | None:
     """The ``oom-predicted`` record of ``cfg`` (``refusal``: already found; else :func:`judge` is asked), or
     None when it may fit."""
-
     refusal = refusal or judge(cfg, device, available=available)
     if refusal is None:
         return None

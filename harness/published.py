@@ -105,7 +105,6 @@ def rows() -> list[dict]:
 
 def estimates() -> list[dict]:
     """This code's estimate for every row: the tensor peak, ``peak_allocated`` and ``peak_reserved`` (bytes)."""
-
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "bert-large-uncased" / "config.json"

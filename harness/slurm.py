@@ -30,15 +30,12 @@ from typing import Any
 
 import submitit
 from optimem.estimators.errors import UserError
-from optimem.harness.grid import record_key
-from optimem.harness.record import validate
+from optimem.harness.grid import config_label, record_key
+from optimem.harness.record import build_record, validate
 from optimem.harness.launcher import execute, resolve_device
 from optimem.harness.fit import refusal_record
-from optimem.harness.grid import config_label
 from optimem.estimators import get_spec
 from optimem.harness.env_facts import collect_env
-from optimem.harness.launcher import resolve_device
-from optimem.harness.record import build_record
 
 QUEUED = ("PENDING", "REQUEUED", "CONFIGURING", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "UNKNOWN",
           "PREEMPTED")
@@ -180,7 +177,6 @@ def recover_records(sweep, folder: Path) -> int:
     """``--resume`` after a sweep that died while its jobs ran on: append every record a job returned that the
     results file does not hold yet (the sweep's own annotations added, ``run.slurm.recovered_from`` naming the
     job's result file), so a finished measurement is never run again nor lost. Returns how many."""
-
     n = 0
     for pkl, record in finished_records(folder):
         key = record_key(record)
@@ -342,7 +338,6 @@ class SlurmExecutor:
 
     def failed_record(self, cfg, job, exc: BaseException) -> dict:
         """The one record of a job that ended without returning one (cancelled, killed, node failure)."""
-
         info: dict[str, str] = {}
         for _ in range(10):  # sacct can lag behind the end of the job by a moment
             try:

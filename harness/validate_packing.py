@@ -20,10 +20,8 @@ from pathlib import Path
 
 from optimem.harness.units import human_bytes, md_table
 from optimem.estimators.packing import samples
-from optimem.harness.validate import STEPS
+from optimem.harness.validate import STEPS, _frozen_gc, _one_thread, machine_facts, quiet_libraries
 from optimem.harness.launcher import predict, run_in_process
-from optimem.harness.validate import _frozen_gc, _one_thread
-from optimem.harness.validate import machine_facts, quiet_libraries
 from optimem.harness.run_config import RunConfig
 
 MODELS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3")
@@ -61,7 +59,6 @@ def write_data(folder: Path) -> dict[str, str]:
 
 def harness_bytes(case: PackCase) -> int:
     """The samples the harness holds: ``batch * steps`` of the file's samples in turn, int64 ids."""
-
     got = samples(case.data, case.seq_len)
     return sum(len(got[i % len(got)]) for i in range(case.batch_size * STEPS)) * 8
 

@@ -20,16 +20,13 @@ import os
 import sys
 import time
 import traceback
+import argparse
+import signal
 from pathlib import Path
 
-from optimem.harness.validate import STEPS, Case, harness_bytes, machine_facts, measure, predict
+from optimem.harness.validate import STEPS, Case, machine_facts, measure, predict, quiet_libraries
 from optimem.estimators.errors import TraceFailure, UserError
-from optimem.estimators.zoo import load_index, zoo_config_path
-from optimem.harness.validate import quiet_libraries
-import signal
-from optimem.estimators.zoo import zoo_types
-from optimem.estimators.zoo import ZOO_DIR, load_index
-import argparse
+from optimem.estimators.zoo import ZOO_DIR, load_index, zoo_config_path, zoo_types
 
 EXACT_TOL = 0.001
 WITHIN_TOL = 0.01
@@ -64,7 +61,6 @@ def classify(measured_status: str, measured_reason: str, pred_error: str | None,
 def run_one(model_type: str, task: str, optim: str, gc: bool) -> dict:
     """One case, in this process: the real harness run (:func:`optimem.harness.validate.measure`) and the
     estimate; a plain-data row."""
-
     row = {"type": model_type, "task": task, "optim": optim, "gc": gc, "shape": list(ZOO_SHAPE)}
     entry = load_index()["types"].get(model_type) or {}
     path = zoo_config_path(model_type)
@@ -165,7 +161,6 @@ def read_log(log: Path = LOG) -> dict[str, dict]:
 def run_zoo(cases: list[tuple], jobs: int = 1, log: Path = LOG, again: bool = False) -> None:
     """Run every case not in ``log`` yet (``again``: every case; a later row of a case replaces the earlier one),
     ``jobs`` processes at a time, appending each row as it finishes."""
-
     # lazy: pulls in torch, which importing this module does not
     import optimem.estimators.trace.run  # noqa: F401 - imported once here, not in every forked case
     # lazy: pulls in psutil, which importing this module does not
@@ -213,7 +208,6 @@ def zoo_cases(tasks, optims, gcs) -> list[tuple]:
 
 def render(rows: dict[str, dict], facts: dict, command: str, tasks) -> tuple[str, dict]:
     """The Markdown table and JSON of the zoo log: per task, how many types in each class, then every type."""
-
     index = load_index()
     by_type: dict = {}
     for r in rows.values():
@@ -279,7 +273,6 @@ def render(rows: dict[str, dict], facts: dict, command: str, tasks) -> tuple[str
 
 def main(argv: list[str] | None = None) -> int:
     """``validate --zoo``: run (unless ``--render``) and write ``results/zoo_cpu.md`` and ``.json``."""
-
     global CASE_TIMEOUT_S
 
     p = argparse.ArgumentParser(prog="python -m optimem.harness.validate --zoo", description=__doc__.split("\n\n")[0])

@@ -152,7 +152,6 @@ def options(config: str | None) -> dict:
 def patch(model: torch.nn.Module, config: str | None) -> dict:
     """Patch ``model`` as the Trainer does (see the module doc); returns the module-level swaps the patch made
     (``{(module name, attribute): value}``), already taken back (:func:`active` puts them in place)."""
-
     for name in ("liger_kernel", "transformers"):  # backend probes and deprecation notes of the patched forward
         logging.getLogger(name).setLevel(logging.ERROR)
     # lazy: pulls in transformers, liger_kernel, which importing this module does not

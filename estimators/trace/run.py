@@ -26,8 +26,7 @@ from ..catalog import ModelSource
 from .cpu_rules import install as install_cpu_rules
 from .data import S_MIN, Region, StepTrace
 from ..errors import TraceFailure, UserError, one_line
-from .events import EventLog, FitError, SequenceMismatch, fit_logs, from_events
-from .events import fit_shapes
+from .events import EventLog, FitError, SequenceMismatch, fit_logs, fit_shapes, from_events
 from ..memsim import NB, basis
 from .meta_kernels import cpp_meta_kernels
 from .model import build_traced_model

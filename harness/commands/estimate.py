@@ -6,13 +6,12 @@ import json
 
 from optimem.estimators import UserError, estimate, get_spec, names
 from optimem.estimators.catalog import resolve
-from optimem.estimators.cuda_overhead import calibrated_gpus
+from optimem.estimators.cuda_overhead import alloc_config, calibrated_gpus
 from optimem.estimators.inventory import build_inventory
 from optimem.estimators.setup import DEFAULT_TARGETS, TrainingSetup
 from optimem.harness.commands.argtypes import add_no_cache
 from optimem.harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
 from optimem.harness.units import format_table, human_bytes, human_count
-from optimem.estimators.cuda_overhead import alloc_config
 from dataclasses import replace
 from optimem.estimators.packing import packed_seq_len, samples, worst_micro_batch
 

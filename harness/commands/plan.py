@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from optimem.estimators import UserError, get_spec
-from optimem.estimators import planner as P
-from optimem.estimators.gpus import DEFAULT_HEADROOM
+from optimem.estimators import UserError, get_spec, planner as P
+from optimem.estimators.gpus import DEFAULT_HEADROOM, GIB
 from optimem.estimators.setup import TrainingSetup
 from optimem.estimators.sharding import sharding_support
 from optimem.estimators.step_memory import PLAN_DEFAULTS
@@ -21,12 +21,9 @@ from optimem.harness.commands.estimate import expand_optims as expand_estimate_o
 from optimem.harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
 from optimem.harness.units import format_table, human_count
 
-from optimem.estimators.gpus import GIB
 from optimem.harness.paths import check_output_file, check_output_suffix
-import sys
 from optimem.harness.record import read_records
-from optimem.harness.plan_plots import cell_text
-from optimem.harness.plan_plots import plot_plan
+from optimem.harness.plan_plots import cell_text, plot_plan
 
 
 def register(sub) -> None:
@@ -101,7 +98,6 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 def _result_records(files: list[str], *, given: bool) -> list[dict]:
     """The run records of the calibration files (read by the harness's reader, which says what it skipped; a
     default results/*.jsonl file that cannot be read is passed over with a word)."""
-
 
     out: list[dict] = []
     for f in files:

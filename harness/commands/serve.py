@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import socket
 
 from optimem.estimators import UserError
-import socket
 from optimem.harness.ui.app import launch
 
 EXPOSED = ("0.0.0.0", "::", "")

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import shutil
 from pathlib import Path
 
 from optimem.estimators.errors import UserError
@@ -27,7 +28,6 @@ from optimem.harness.paths import check_output_file
 from optimem.harness.record import lock_results
 from optimem.harness.results import predicted_peak, rank_prediction
 from optimem.harness.units import format_table, human_bytes, pct_error
-import shutil
 
 
 def register(sub) -> None:

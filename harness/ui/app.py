@@ -10,9 +10,8 @@ from optimem.estimators import names
 from optimem.estimators.gpus import load_gpus
 from optimem.estimators.setup import CLI, SHARDINGS, TASKS
 from optimem.harness.ui.form import FORM_FIELDS, Form, label
-from optimem.harness.ui.results_view import MAX_RESULTS_BYTES, PHASE_COLUMNS
+from optimem.harness.ui.results_view import MAX_RESULTS_BYTES, PHASE_COLUMNS, results
 from optimem.harness.ui.views import ESTIMATE_COLUMNS, PLAN_COLUMNS, answer
-from optimem.harness.ui.results_view import results
 from optimem.harness.plots import ERROR_HEADERS
 
 DEFAULTS = {"model": "meta-llama/Meta-Llama-3-8B", "task": "causal-lm", "dtype": "bf16", "mixed_precision": "bf16",

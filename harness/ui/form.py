@@ -122,7 +122,6 @@ def _optims(form: Form) -> list[str]:
 def _setup_args(form: Form, names: tuple[str, ...], shown: bool) -> list[str]:
     """``[--flag, value, ...]`` for the fields ``names`` that differ from the setup defaults (switches as
     bare flags). ``shown``: the model as the shown command spells it."""
-
     defaults = field_defaults()
     out: list[str] = []
     for name in names:
@@ -184,7 +183,6 @@ def command_line(command: str, argv: list[str]) -> str:
 @functools.cache
 def _parser(command: str) -> argparse.ArgumentParser:
     """``bench COMMAND``'s own argparse parser, its errors raised (not printed and exited)."""
-
     parser = build_parser([command])
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
 

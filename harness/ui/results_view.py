@@ -8,11 +8,9 @@ from pathlib import Path
 
 from optimem.estimators.errors import UserError
 from optimem.harness.units import human_bytes
-from optimem.harness.results import load_records, none_read
+from optimem.harness.results import latest_by_key, load_records, none_read, pct_error, to_frame
 from optimem.harness.grid import config_label
-from optimem.harness.results import latest_by_key, pct_error
 from optimem.harness.plots import error_table, memory_breakdown_figure, predicted_vs_measured_figure
-from optimem.harness.results import to_frame
 from optimem.harness.compare import compare_records, markdown_report
 
 MAX_RESULTS_BYTES = 64 << 20
@@ -52,7 +50,6 @@ def _records(path: str | None, what: str) -> list[dict]:
 
 def phase_rows(records: list[dict]) -> list[list]:
     """Measured vs predicted peak per phase, per completed run (the last record of each configuration)."""
-
     out = []
     for rec in latest_by_key(records).values():
         if rec.get("status") != "ok":
@@ -74,7 +71,6 @@ def phase_rows(records: list[dict]) -> list[list]:
 def results(path: str | None, baseline: str | None = None) -> ResultsAnswer:
     """The results tab's answer for an uploaded results file (and, if given, a second one to compare it with:
     ``baseline`` is the older file)."""
-
     try:
         records = _records(path, "results file")
         df = to_frame(records)

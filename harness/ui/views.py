@@ -9,24 +9,21 @@ from __future__ import annotations
 
 import functools
 import pprint
+import sys
+import traceback
 from dataclasses import dataclass, field, replace
 
-from optimem.estimators import planner as P
+from optimem.estimators import get_spec, planner as P
 from optimem.estimators.categories import Category
 from optimem.estimators.errors import UserError
 from optimem.estimators.setup import TrainingSetup
 from optimem.estimators.step_memory import step_memory
-from optimem.harness.commands.estimate import _phase_label
+from optimem.harness.commands.estimate import _phase_label, run_estimates
 from optimem.harness.ui import chart
 from optimem.harness.ui.form import Form, FormError, command_line, estimate_argv, field_error, parse, plan_argv
 from optimem.harness.units import human_bytes
 from importlib.metadata import version
-from optimem.harness.distributed.schemes import model_class
-from optimem.estimators import get_spec
-from optimem.harness.distributed.schemes import training_arguments
-import sys
-import traceback
-from optimem.harness.commands.estimate import run_estimates
+from optimem.harness.distributed.schemes import model_class, training_arguments
 from optimem.harness.commands.plan import build_plan
 
 ESTIMATE_COLUMNS = ["optimizer", "weights", "gradients", "optimizer state", "activations", "peak", "peak (bytes)",
@@ -131,7 +128,6 @@ def _recommendation(plan: P.Plan) -> str:
 
 def _checkpointing_name() -> str:
     """``activation_checkpointing`` from transformers 5 on (``gradient_checkpointing`` is its deprecated name)."""
-
     return "activation_checkpointing" if int(version("transformers").split(".")[0]) >= 5 else "gradient_checkpointing"
 
 
@@ -146,7 +142,6 @@ def _model_class(model: str):
 def training_arguments_snippet(setup: TrainingSetup) -> str:
     """``TrainingArguments(...)`` for ``setup`` as Python source (what the Trainer needs for this memory; the
     model's own loading, LoRA and quantization stay comments)."""
-
     spec = get_spec(setup.optim)
     kw: dict = {"output_dir": "out", "per_device_train_batch_size": setup.batch_size,
                 "gradient_accumulation_steps": setup.grad_accum}
@@ -200,7 +195,6 @@ def answer(form: Form) -> Answer:
 @functools.lru_cache(maxsize=256)
 def _estimates(argv: tuple[str, ...]):
     """``bench estimate ARGV``'s estimates, kept per command line (an upload's path names its content)."""
-
     return run_estimates(parse("estimate", list(argv)))
 
 
@@ -208,7 +202,6 @@ def _estimates(argv: tuple[str, ...]):
 def _plan(argv: tuple[str, ...]) -> P.Plan:
     """``bench plan ARGV``'s plan, kept per command line (``--no-calibrate``: nothing else feeds it). Moving the
     micro-batch leaves the largest-micro-batch plan as it was: only the sequence search runs again."""
-
     return build_plan(parse("plan", list(argv)))
 
 
