@@ -12,6 +12,8 @@ kept. All sizes are bytes.
 from __future__ import annotations
 
 from .memsim import CATS, NB, ZERO, PhaseResult, Sim, St, basis, vec
+from .phases import simulate
+import numpy as np
 
 _ZERO_SNAP = (ZERO, tuple(ZERO for _ in CATS), 0)
 _EMPTY = PhaseResult([], _ZERO_SNAP)
@@ -69,16 +71,12 @@ class Tape:
     and, per allocation, its size as polynomial coefficients (``sizes``, rows in event order)."""
 
     def __init__(self, ops: list[tuple]):
-        import numpy as np
-
         self.handles = [h for h, _ in ops]
         self.is_free = [size is None for _, size in ops]
         self.sizes = np.array([size for _, size in ops if size is not None], dtype=np.int64).reshape(-1, NB)
 
     def sizes_at(self, b: int, s: int) -> list[int]:
         """Every allocation's bytes at ``(b, s)``, in order (exact: Python integers where int64 could overflow)."""
-        import numpy as np
-
         vec = basis(b, s)
         top = int(np.abs(self.sizes).max()) if self.sizes.size else 0
         if top * max(map(abs, vec), default=0) * NB < 1 << 62:
@@ -98,8 +96,6 @@ def region_tape(model, b: int, s: int, workspace: int = 0) -> Tape:
     """The :class:`Tape` of ``model`` (a :class:`~optimem.estimators.peak.PhaseModel`) for the region holding
     ``(b, s)``: model load, optimizer ``__init__`` state, library residents, step 0 and a steady step (cached per
     model, region and workspace)."""
-    from .phases import simulate
-
     run = model.run_at(b, s)
     key = (id(model), id(run.first), workspace)
     hit = _TAPES.get(key)

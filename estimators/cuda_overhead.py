@@ -44,9 +44,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .allocator import K_MIN_BLOCK as BLOCK
-from .allocator import AllocatorConfig, replay_arrays
-
+from .allocator import K_MIN_BLOCK as BLOCK, AllocatorConfig, OutOfMemory, replay_arrays
+from .alloc_tape import region_tape
 CALIBRATION = Path(__file__).with_name("calibration") / "cuda.json"
 
 
@@ -95,8 +94,6 @@ def replayed(model, b: int, s: int, workspace: int, config: AllocatorConfig, cap
     (a :class:`~optimem.estimators.peak.PhaseModel`; cached per shape and options). ``capacity``: the bytes the
     driver can give (None: unlimited); past it the allocator frees its cache and retries, then
     :class:`~optimem.estimators.allocator.OutOfMemory`."""
-    from .alloc_tape import region_tape
-
     tape = region_tape(model, b, s, workspace)
     return replay_arrays(tape.handles, tape.is_free, tape.sizes_at(b, s), config, capacity)
 
@@ -107,8 +104,6 @@ def reserve_within(mem, model, b: int, s: int, capacity: int, gpu: str | None = 
     its CUDA context), or None when it cannot: the replay with that capacity, where a ``cudaMalloc`` past it makes
     the allocator free its cache and retry (``malloc``'s ``release_cached_blocks`` path) before it runs out of
     memory. While no ``cudaMalloc`` goes past the capacity the replay is the unlimited one, step for step."""
-    from .allocator import OutOfMemory
-
     c = constants(gpu)
     try:
         return replayed(model, b, s, c.cublas_workspace_bytes, alloc_config(alloc_conf), capacity).max_reserved

@@ -124,7 +124,7 @@ def _read_gpu_file(path: str | Path) -> list[Mapping[str, Any]]:
         raise UserError(f"cannot read GPU file {path}: {exc.strerror or exc}") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
+            import yaml  # lazy: pulls in yaml, which importing this module does not
 
             data = yaml.safe_load(text)
         else:

@@ -26,6 +26,7 @@ from .params import DTYPES, MODULE_KINDS, STORAGE_DTYPES, TASK_CLASSES, TORCH_DT
 
 def _module_kind(module) -> str:
     from torch import nn  # lazy: torch only when a model is built
+    # lazy: pulls in torch, transformers, which importing this module does not
     from transformers.pytorch_utils import Conv1D
 
     if isinstance(module, nn.Linear):

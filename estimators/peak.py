@@ -18,14 +18,13 @@ import sys
 from dataclasses import dataclass
 
 from . import grad_scaler
-from .memsim import CATS, PhaseResult, veval
-from .memsim import basis
-from .phase_cache import cached
-from .phase_cache import inventory_fingerprint
+from .memsim import CATS, PhaseResult, basis, veval
+from .phase_cache import cached, inventory_fingerprint
 from .phases import PHASES, Run, simulate, simulate_step
 from .steps import StepModel
 from .trace import data as trace_data
 from .trace.setting import TraceSetting
+from .trace.events import GRAD
 
 CAT_NAMES = {"weights": "weights", "state": "optimizer_state", "grad": "gradients", "act": "activations",
              "tmp": "temporaries", "other": "other"}
@@ -84,8 +83,6 @@ class PhaseModel:
         """Names of the trainable parameters that the traced step at ``(b, s)`` gives no gradient (a cross-attention
         no encoder output reaches, a module run under ``no_grad``): their ``.grad`` stays None, so torch's optimizers
         (``if p.grad is None: continue``) never make their state. Call after :meth:`at` of that shape."""
-        from .trace.events import GRAD
-
         tr = self.trace
         region = tr.region(b, s) if tr is not None else None
         if region is None:

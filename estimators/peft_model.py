@@ -4,7 +4,6 @@
 ``lora`` / ``quantize`` into a model: on the ``meta`` device for the estimator (and for a tracer: every
 parameter and quantization-state tensor is a meta tensor of its real shape and dtype), or for real from a
 plain model with random weights (``bench run``). The steps are the user's:
-
 1. the base model: the plain model of the setup (``optimem.estimators.inventory.instantiate``); quantized, it is
    what ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`` returns: transformers'
    bitsandbytes quantizer replaces the ``nn.Linear``/``Conv1D`` layers it converts (all but the output head,
@@ -133,7 +132,7 @@ def _cast_as_loaded(model, dtype) -> None:
 def _quantize_on_meta(model) -> None:
     """bitsandbytes' own quantization of every converted weight, on meta tensors (storage layout only)."""
     import bitsandbytes as bnb  # lazy: bitsandbytes only for a quantized model
-    from bitsandbytes import functional
+    from bitsandbytes import functional  # lazy: pulls in torch, bitsandbytes, which importing this module does not
 
     # bitsandbytes caches its dynamic code (double quantization's) on the device of the first tensor it
     # quantizes: a meta tensor there would break every later real quantization in this process.
@@ -182,7 +181,7 @@ def _meta_params4bit_copy():
     weights the copy is made around the (meta) data, as bitsandbytes' ``from_prequantized`` makes one; real
     weights are copied by bitsandbytes' own code."""
     import torch  # lazy: torch and bitsandbytes only when a model is built
-    from bitsandbytes.nn import Params4bit
+    from bitsandbytes.nn import Params4bit  # lazy: pulls in torch, bitsandbytes, which importing this module does not
 
     original = Params4bit.__deepcopy__
 

@@ -514,6 +514,7 @@ class TrainingSetup:
 def check_liger_model(model_type: str | None) -> None:
     """UserError (one line) unless liger-kernel patches ``model_type`` and optimem rules every kernel it uses."""
     try:
+        # lazy: pulls in torch, transformers, which importing this module does not
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:
         raise UserError("use_liger_kernel needs liger-kernel: pip install 'optimem[liger]' (or liger-kernel)") from None

@@ -21,7 +21,12 @@ import argparse
 import json
 import sys
 import warnings
+import inspect
 from pathlib import Path
+from .catalog import resolve
+from .errors import UserError
+from .inventory import instantiate
+from .params import TASK_CLASSES
 
 ZOO_DIR = Path(__file__).with_name("configs") / "zoo"
 TASK_MAPPINGS = {
@@ -54,8 +59,6 @@ FORCED = ("pad_token_id",)
 
 
 def _config_fields(cls) -> set[str]:
-    import inspect
-
     return {k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "kwargs")}
 
 
@@ -70,7 +73,8 @@ def tiny_config(model_type: str) -> dict:
     back to the class default and the config built again, at most :data:`RETRIES` times; then what the class
     raises is raised. The causal-LM class (``architectures``) is set when the type has one, so that the default
     task (``causal-lm``: the config's architecture) builds it."""
-    from transformers import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING  # lazy: pulls in torch, transformers, which importing this module does not
+    # lazy: pulls in torch, transformers, which importing this module does not
     from transformers.models.auto import modeling_auto
 
     cls = CONFIG_MAPPING[model_type]
@@ -94,7 +98,7 @@ def tiny_config(model_type: str) -> dict:
     for k in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
         out.pop(k, None)
     causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    import transformers
+    import transformers  # lazy: pulls in transformers, yaml, which importing this module does not
 
     causal_cls = getattr(transformers, causal, None) if causal else None
     if causal_cls is not None and getattr(causal_cls, "config_class", None) is cls:  # else the Auto class picks
@@ -154,6 +158,7 @@ def _tiny_kwargs(cls) -> dict:
 
 def registered_types(task: str) -> list[str]:
     """The model types transformers registers for ``task`` (its Auto mapping), sorted."""
+    # lazy: pulls in torch, transformers, which importing this module does not
     from transformers.models.auto import modeling_auto
 
     return sorted(getattr(modeling_auto, TASK_MAPPINGS[task]))
@@ -162,10 +167,6 @@ def registered_types(task: str) -> list[str]:
 def _build_error(path: Path, task: str) -> str | None:
     """None when the model of ``task`` builds on the meta device from the config at ``path`` with at most
     :data:`MAX_ZOO_PARAMS` parameters, else why not."""
-    from .catalog import resolve
-    from .errors import UserError
-    from .inventory import instantiate
-
     try:
         model = instantiate(resolve(str(path)), device="meta", task=None if task == "causal-lm" else task)
     except UserError as exc:
@@ -180,9 +181,8 @@ def _build_error(path: Path, task: str) -> str | None:
 
 def generate(out_dir: Path = ZOO_DIR, tasks=tuple(TASK_MAPPINGS)) -> dict:
     """Write every task's types' configs and ``index.json`` into ``out_dir``; return the index."""
-    import transformers
+    import transformers  # lazy: pulls in transformers, yaml, which importing this module does not
 
-    from .params import TASK_CLASSES
 
     out_dir.mkdir(parents=True, exist_ok=True)
     index: dict = {"transformers": transformers.__version__, "rule": "CausalLMModelTester sizes by name "
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ZOO_DIR), help="where to write the zoo (default: the bundled one)")
     p.add_argument("--check", action="store_true", help="only compare the stored zoo's transformers version")
     args = p.parse_args(argv)
-    import transformers
+    import transformers  # lazy: pulls in transformers, yaml, which importing this module does not
 
     if args.check:
         made = load_index(Path(args.out))["transformers"]

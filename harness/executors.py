@@ -10,6 +10,8 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
+from optimem.harness.launcher import execute
+from optimem.harness.fit import available_memory
 
 if TYPE_CHECKING:
     from optimem.harness.run_config import RunConfig
@@ -42,8 +44,6 @@ class LocalExecutor:
     forks = True
 
     def run(self, cfg, *, timeout_s, track_tensors=None, fault=None, on_start=None, zygote=None) -> dict:
-        from optimem.harness.launcher import execute
-
         return execute(cfg, timeout_s=timeout_s, track_tensors=track_tensors, fault=fault, on_start=on_start,
                        zygote=zygote)
 
@@ -51,8 +51,6 @@ class LocalExecutor:
         """Nothing queued: the sweep kills its own worker processes."""
 
     def available(self, device: str) -> tuple[int | None, str]:
-        from optimem.harness.fit import available_memory
-
         return available_memory(device)
 
 

@@ -22,6 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from optimem.harness.units import human_bytes
+from optimem.estimators import get_spec
+from optimem.estimators.estimate import estimate_setup
+from optimem.harness.launcher import predict, skip_reason
+from optimem.harness.env_facts import collect_env
+from optimem.harness.record import build_record
 
 OOM_PREDICTED = "oom-predicted"
 """The status of a sweep's record for a configuration refused before it ran."""
@@ -68,7 +73,7 @@ def _cgroup_room() -> tuple[int | None, str]:
 
 
 def _host_available() -> tuple[int, str]:
-    import psutil
+    import psutil  # lazy: pulls in psutil, which importing this module does not
 
     avail, source = int(psutil.virtual_memory().available), "MemAvailable"
     room, where = _cgroup_room()
@@ -80,7 +85,7 @@ def _host_available() -> tuple[int, str]:
 def _cuda_free() -> tuple[int | None, str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
     try:
-        import pynvml
+        import pynvml  # lazy: pynvml is optional (the nvml extra)
 
         pynvml.nvmlInit()
         try:
@@ -92,7 +97,7 @@ def _cuda_free() -> tuple[int | None, str]:
     except Exception:  # noqa: BLE001 - no NVML (package or driver): ask torch, which creates a context
         pass
     try:
-        import torch
+        import torch  # lazy: pulls in torch, which importing this module does not
 
         if torch.cuda.is_available():
             return int(torch.cuda.mem_get_info()[0]), "torch.cuda.mem_get_info free"
@@ -124,9 +129,6 @@ def check(cfg, device: str, *, predicted: dict | None = None,
     a multi-process run, memory that cannot be read). ``predicted``: the whole-step estimate when the caller
     has it (else only the model states are checked); ``available``: ``(bytes, source)`` instead of reading
     the device (tests)."""
-    from optimem.estimators import get_spec
-    from optimem.estimators.estimate import estimate_setup
-
     if cfg.num_processes > 1 or get_spec(cfg.optim).availability != "ok":
         return None
     room, source = available if available is not None else available_memory(device)
@@ -151,8 +153,6 @@ def check(cfg, device: str, *, predicted: dict | None = None,
 def judge(cfg, device: str, *, available: tuple[int | None, str] | None = None) -> Refusal | None:
     """:func:`check` with both stages (the whole-step prediction computed only when the states fit); None for
     a configuration the run itself will record as skipped."""
-    from optimem.harness.launcher import predict, skip_reason
-
     if skip_reason(cfg, device) is not None:
         return None
     return check(cfg, device, available=available) or check(cfg, device, predicted=predict(cfg), available=available)
@@ -162,10 +162,6 @@ def refusal_record(cfg, device: str, *, refusal: Refusal | None = None,
                    available: tuple[int | None, str] | None = None) -> dict | None:
     """The ``oom-predicted`` record of ``cfg`` (``refusal``: already found; else :func:`judge` is asked), or
     None when it may fit."""
-    from optimem.estimators import get_spec
-    from optimem.harness.env_facts import collect_env
-    from optimem.harness.record import build_record
-
     refusal = refusal or judge(cfg, device, available=available)
     if refusal is None:
         return None

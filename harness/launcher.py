@@ -29,15 +29,14 @@ from optimem.estimators.errors import TraceFailure, UserError
 from optimem.estimators.estimate import estimate
 from optimem.estimators.peft_model import cpu_run_limit
 from optimem.harness.contract import RUN_DIR_ENV, RUN_DIR_PREFIX, WorkerOutcome, read_result, write_job
-from optimem.harness.distributed.launch import launch as torchrun_launch
-from optimem.harness.distributed.launch import unsupported_reason
+from optimem.harness.distributed.launch import launch as torchrun_launch, unsupported_reason
 from optimem.harness.distributed.report import section
 from optimem.harness.distributed.schemes import is_distributed
 from optimem.harness.env_facts import collect_env
-from optimem.harness.process import kill_group, signal_name, spawn, wait, worker_env
-from optimem.harness.process import tail as log_tail
+from optimem.harness.process import kill_group, signal_name, spawn, tail as log_tail, wait, worker_env
 from optimem.harness.record import build_record, validate
 from optimem.harness.run_config import RunConfig
+from optimem.estimators.packing import packed_seq_len, samples, worst_micro_batch
 
 if TYPE_CHECKING:
     from optimem.harness.zygote import Zygote
@@ -64,7 +63,6 @@ def predict(cfg: RunConfig) -> dict[str, Any] | None:
     # run resolves to), so the record's prediction is for the very run it sits beside.
     if cfg.padding_free and cfg.data:
         # the worst micro-batch the file's samples can make, packed (optimem.estimators.packing)
-        from optimem.estimators.packing import packed_seq_len, samples, worst_micro_batch
 
         worst = worst_micro_batch([len(x) for x in samples(cfg.data, cfg.seq_len)], cfg.batch_size)
         cfg = replace(cfg, seq_len=packed_seq_len(worst, cfg.batch_size))

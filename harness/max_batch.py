@@ -16,6 +16,7 @@ from optimem.harness.grid import config_key, config_label
 from optimem.harness.launcher import predict, resolve_device
 from optimem.harness.record import read_records
 from optimem.harness.results import predicted_peak
+from optimem.harness.fit import available_memory
 
 MAX_BATCH_SUFFIX = ".max-batch.jsonl"
 DEFAULT_MAX_BATCH_CAP = 4096
@@ -78,7 +79,6 @@ def search(sweep, base, start: int, emit) -> dict:
     label = config_label({**base.to_dict(), "batch_size": "?"})
     limit = sweep.opts.memory_limit
     if limit is None and device == "cuda":  # no limit on a GPU: start from the estimate under its free memory
-        from optimem.harness.fit import available_memory
 
         limit = available_memory(device)[0]
     guess = guess_start(base, device, limit=limit, cap=cap)

@@ -11,6 +11,7 @@ from optimem.estimators.step_memory import MAX_BATCH, step_memory
 from optimem.estimators.setup import TrainingSetup
 
 from optimem.estimators.gpus import GIB
+import numpy as np
 COUNTS = (1, 2, 4, 8, 16, 32, 64)
 STYLE = {"ddp": ("tab:gray", "o"), "zero1": ("tab:blue", "s"), "zero2": ("tab:green", "^"),
          "zero3": ("tab:red", "v"), "fsdp": ("tab:purple", "D")}
@@ -43,11 +44,10 @@ def memory_curves(plan, optim: str, counts=COUNTS) -> tuple[TrainingSetup, dict[
 
 def plot_plan(plan, path: str | Path) -> Path:
     """Write the plan's figure to ``path`` (PNG): heatmap on the left, memory vs GPUs on the right."""
-    import matplotlib
+    import matplotlib  # lazy: pulls in matplotlib, which importing this module does not
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # lazy: pulls in matplotlib, which importing this module does not
 
     gpus, optims = plan.gpus, plan.optims
     by = {(r.optim, r.gpu): r for r in plan.rows}

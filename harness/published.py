@@ -21,6 +21,8 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from optimem import estimate
+from optimem.estimators.inventory import build_inventory
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,8 +105,6 @@ def rows() -> list[dict]:
 
 def estimates() -> list[dict]:
     """This code's estimate for every row: the tensor peak, ``peak_allocated`` and ``peak_reserved`` (bytes)."""
-    from optimem import estimate
-
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "bert-large-uncased" / "config.json"
@@ -114,7 +114,6 @@ def estimates() -> list[dict]:
             kw = dict(row["estimate"])
             model = kw.pop("model", str(cfg))
             est = estimate(model, device="cuda", **kw)
-            from optimem.estimators.inventory import build_inventory
 
             largest = build_inventory(model, task=kw.get("task", "causal-lm")).largest_trainable_bytes \
                 if "lora" not in kw else 0

@@ -10,6 +10,7 @@ from typing import Any
 from optimem.estimators.errors import UserError
 from optimem.estimators.model_check import check_model_config
 from optimem.estimators.setup import SetupError, TrainingSetup
+from optimem.estimators.packing import samples
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,6 @@ class RunConfig(TrainingSetup):
         if self.data is not None:
             try:
                 if self.padding_free or self.group_by_length:
-                    from optimem.estimators.packing import samples
-
                     samples(self.data, self.seq_len)
                 data_tokens(self.data)
             except UserError as exc:

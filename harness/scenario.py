@@ -25,6 +25,7 @@ from optimem.estimators.peft_model import build_training_model
 from optimem.harness.compat import prepare_run
 from optimem.harness.contract import RUN_DIR_ENV
 from optimem.harness.run_config import FIRST_SYNTHETIC_ID, RunConfig, data_tokens
+from optimem.estimators.packing import samples
 
 
 class SyntheticTokens(torch.utils.data.Dataset):
@@ -142,9 +143,9 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
     config = model.config
     vocab = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size  # a composite (VLM) config
     if cfg.padding_free:
+        # lazy: pulls in transformers, yaml, which importing this module does not
         from transformers import DataCollatorWithFlattening
 
-        from optimem.estimators.packing import samples
 
         data = SyntheticTokens.packed(samples(cfg.data, cfg.seq_len), n_samples, vocab)
         collator = DataCollatorWithFlattening()

@@ -30,6 +30,12 @@ from typing import Any
 
 import submitit
 from optimem.estimators.errors import UserError
+from optimem.harness.grid import config_label, record_key
+from optimem.harness.record import build_record, validate
+from optimem.harness.launcher import execute, resolve_device
+from optimem.harness.fit import refusal_record
+from optimem.estimators import get_spec
+from optimem.harness.env_facts import collect_env
 
 QUEUED = ("PENDING", "REQUEUED", "CONFIGURING", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "UNKNOWN",
           "PREEMPTED")
@@ -101,8 +107,6 @@ class SlurmRun(submitit.helpers.Checkpointable):
         self.attempt = 1
 
     def __call__(self) -> dict:
-        from optimem.harness.launcher import execute, resolve_device
-
         facts = {**slurm_facts(), "attempt": self.attempt}
         # scancel and preemption send SIGTERM to every process of the job (submitit's own process ignores it):
         # the worker dies of it, and its error record would read as the run's outcome. Noted here; such a job
@@ -112,8 +116,6 @@ class SlurmRun(submitit.helpers.Checkpointable):
             signal.signal(signal.SIGTERM, lambda *_: terminated.set())
         record = None
         if not self.force and self.runner is None:
-            from optimem.harness.fit import refusal_record
-
             record = refusal_record(self.cfg, resolve_device(self.cfg))
         if record is None:
             run = self.runner or execute
@@ -175,9 +177,6 @@ def recover_records(sweep, folder: Path) -> int:
     """``--resume`` after a sweep that died while its jobs ran on: append every record a job returned that the
     results file does not hold yet (the sweep's own annotations added, ``run.slurm.recovered_from`` naming the
     job's result file), so a finished measurement is never run again nor lost. Returns how many."""
-    from optimem.harness.grid import record_key
-    from optimem.harness.record import validate
-
     n = 0
     for pkl, record in finished_records(folder):
         key = record_key(record)
@@ -280,8 +279,6 @@ class SlurmExecutor:
                               f"{c['running']} running, {c['done']} done, {c['failed']} failed")
 
     def run(self, cfg, *, timeout_s=None, track_tensors=None, fault=None, on_start=None, zygote=None) -> dict:
-        from optimem.harness.grid import config_label
-
         label = config_label(cfg.to_dict())
         task = SlurmRun(cfg, timeout_s=timeout_s or self.timeout_s, track_tensors=track_tensors, fault=fault,
                         force=self.force, runner=self.runner)
@@ -341,11 +338,6 @@ class SlurmExecutor:
 
     def failed_record(self, cfg, job, exc: BaseException) -> dict:
         """The one record of a job that ended without returning one (cancelled, killed, node failure)."""
-        from optimem.estimators import get_spec
-        from optimem.harness.env_facts import collect_env
-        from optimem.harness.launcher import resolve_device
-        from optimem.harness.record import build_record
-
         info: dict[str, str] = {}
         for _ in range(10):  # sacct can lag behind the end of the job by a moment
             try:

@@ -21,6 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optimem.harness.units import human_bytes, md_table
+from optimem.estimators.packing import samples
+from optimem.harness.validate import STEPS, _frozen_gc, _one_thread, machine_facts, quiet_libraries
+from optimem.harness.launcher import predict, run_in_process
+from optimem.harness.run_config import RunConfig
 
 MODELS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3")
 OPTIMIZERS = ("adamw_torch", "adafactor")
@@ -39,9 +43,6 @@ class PackCase:
     collator: str = "packed"  # "packed": DataCollatorWithFlattening; "grouped": group_by_length, pad to longest
 
     def config(self):
-        from optimem.harness.run_config import RunConfig
-        from optimem.harness.validate import STEPS
-
         return RunConfig(model=self.model, optim=self.optim, batch_size=self.batch_size, seq_len=self.seq_len,
                          gradient_checkpointing=self.gradient_checkpointing, steps=STEPS, warmup=1, device="cpu",
                          padding_free=self.collator == "packed", group_by_length=self.collator == "grouped",
@@ -62,17 +63,11 @@ def write_data(folder: Path) -> dict[str, str]:
 
 def harness_bytes(case: PackCase) -> int:
     """The samples the harness holds: ``batch * steps`` of the file's samples in turn, int64 ids."""
-    from optimem.estimators.packing import samples
-    from optimem.harness.validate import STEPS
-
     got = samples(case.data, case.seq_len)
     return sum(len(got[i % len(got)]) for i in range(case.batch_size * STEPS)) * 8
 
 
 def run_case(case: PackCase) -> dict:
-    from optimem.harness.launcher import predict, run_in_process
-    from optimem.harness.validate import _frozen_gc, _one_thread
-
     with _one_thread(), _frozen_gc():
         payload = run_in_process(case.config(), track_tensors=True).payload
     if payload.get("status") != "ok":
@@ -90,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the Markdown table here (default: print it)")
     p.add_argument("--quick", action="store_true", help="one model, one optimizer")
     args = p.parse_args(argv)
-    from optimem.harness.validate import machine_facts, quiet_libraries
 
     quiet_libraries()
     with tempfile.TemporaryDirectory() as d:

@@ -20,9 +20,13 @@ import os
 import sys
 import time
 import traceback
+import argparse
+import signal
 from pathlib import Path
 
-from optimem.harness.validate import STEPS, Case, harness_bytes, machine_facts, measure, predict
+from optimem.harness.validate import STEPS, Case, machine_facts, measure, predict, quiet_libraries
+from optimem.estimators.errors import TraceFailure, UserError
+from optimem.estimators.zoo import ZOO_DIR, load_index, zoo_config_path, zoo_types
 
 EXACT_TOL = 0.001
 WITHIN_TOL = 0.01
@@ -57,9 +61,6 @@ def classify(measured_status: str, measured_reason: str, pred_error: str | None,
 def run_one(model_type: str, task: str, optim: str, gc: bool) -> dict:
     """One case, in this process: the real harness run (:func:`optimem.harness.validate.measure`) and the
     estimate; a plain-data row."""
-    from optimem.estimators.errors import TraceFailure, UserError
-    from optimem.estimators.zoo import load_index, zoo_config_path
-
     row = {"type": model_type, "task": task, "optim": optim, "gc": gc, "shape": list(ZOO_SHAPE)}
     entry = load_index()["types"].get(model_type) or {}
     path = zoo_config_path(model_type)
@@ -109,8 +110,6 @@ def run_one(model_type: str, task: str, optim: str, gc: bool) -> dict:
 
 def _child(args: tuple, wfd: int) -> None:
     try:
-        from optimem.harness.validate import quiet_libraries
-
         quiet_libraries()
         row = run_one(*args)
     except BaseException as exc:  # noqa: BLE001
@@ -162,10 +161,11 @@ def read_log(log: Path = LOG) -> dict[str, dict]:
 def run_zoo(cases: list[tuple], jobs: int = 1, log: Path = LOG, again: bool = False) -> None:
     """Run every case not in ``log`` yet (``again``: every case; a later row of a case replaces the earlier one),
     ``jobs`` processes at a time, appending each row as it finishes."""
-    import signal
-
+    # lazy: pulls in torch, which importing this module does not
     import optimem.estimators.trace.run  # noqa: F401 - imported once here, not in every forked case
+    # lazy: pulls in psutil, which importing this module does not
     import optimem.harness.worker  # noqa: F401
+    # lazy: pulls in torch, transformers, which importing this module does not
     import transformers.trainer  # noqa: F401
 
     done = read_log(log)
@@ -203,15 +203,11 @@ def run_zoo(cases: list[tuple], jobs: int = 1, log: Path = LOG, again: bool = Fa
 
 
 def zoo_cases(tasks, optims, gcs) -> list[tuple]:
-    from optimem.estimators.zoo import zoo_types
-
     return [(t, task, o, gc) for task in tasks for t in zoo_types(task) for o in optims for gc in gcs]
 
 
 def render(rows: dict[str, dict], facts: dict, command: str, tasks) -> tuple[str, dict]:
     """The Markdown table and JSON of the zoo log: per task, how many types in each class, then every type."""
-    from optimem.estimators.zoo import ZOO_DIR, load_index
-
     index = load_index()
     by_type: dict = {}
     for r in rows.values():
@@ -277,8 +273,6 @@ def render(rows: dict[str, dict], facts: dict, command: str, tasks) -> tuple[str
 
 def main(argv: list[str] | None = None) -> int:
     """``validate --zoo``: run (unless ``--render``) and write ``results/zoo_cpu.md`` and ``.json``."""
-    import argparse
-
     global CASE_TIMEOUT_S
 
     p = argparse.ArgumentParser(prog="python -m optimem.harness.validate --zoo", description=__doc__.split("\n\n")[0])
@@ -295,7 +289,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="Markdown table (default results/zoo_cpu.md; JSON beside it)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from optimem.harness.validate import quiet_libraries
 
     quiet_libraries()
     tasks = tuple(args.task) if args.task else TASKS

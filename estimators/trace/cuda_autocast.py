@@ -33,7 +33,8 @@ import warnings
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
-
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import _disable_current_modes
 _KEY = torch._C.DispatchKey.AutocastCPU
 _POLICY: dict = {}
 """(op, low dtype, argument signature) -> :class:`Decision`."""
@@ -105,9 +106,6 @@ def decide(op, args: tuple, kwargs: dict, low: torch.dtype) -> Decision:
 
 
 def _probe(op, flat: list, spec, low: torch.dtype) -> Decision:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import _disable_current_modes
-
     with _disable_current_modes():  # the trace's own mode must not see the probe's fake tensors
         mode = FakeTensorMode()
         with mode:

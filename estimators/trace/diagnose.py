@@ -15,6 +15,7 @@ import warnings
 from ..catalog import ModelSource
 from ..errors import TraceFailure, UserError
 from .setting import TraceSetting
+from ..inventory import instantiate
 
 BATCH, SEQ = 2, 16
 MAX_PARAMS = 200_000_000
@@ -30,11 +31,10 @@ def _one_line(exc: BaseException, limit: int = 240) -> str:
 def real_step_error(source: ModelSource, setting: TraceSetting) -> str | None:
     """None when one training micro-step of ``source`` x ``setting`` runs on small real CPU tensors, else the
     model's own error in one line. Raises :class:`LookupError` when the check cannot be made (too large, PEFT)."""
-    import torch
+    import torch  # lazy: pulls in torch, which importing this module does not
 
-    from ..inventory import instantiate
-    from .step import real_batch
-    from .model import ModelFacts
+    from .step import real_batch  # lazy: pulls in torch, which importing this module does not
+    from .model import ModelFacts  # lazy: pulls in torch, which importing this module does not
 
     if setting.peft:
         raise LookupError("a PEFT setting is not checked on real tensors")

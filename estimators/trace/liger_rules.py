@@ -30,7 +30,7 @@ import json
 import sys
 
 import torch
-
+import logging
 F32 = torch.float32
 SM_COUNT = 132
 """Streaming multiprocessors the RMSNorm backward's partial sums are sized by (an H100 SXM's 132; the real figure
@@ -131,9 +131,13 @@ _SIGNATURES: dict[str, inspect.Signature] = {}
 
 
 def _targets():
+    # lazy: pulls in transformers, liger_kernel, which importing this module does not
     from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+    # lazy: pulls in transformers, liger_kernel, which importing this module does not
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    # lazy: pulls in transformers, liger_kernel, which importing this module does not
     from liger_kernel.ops.rope import LigerRopeFunction
+    # lazy: pulls in transformers, liger_kernel, which importing this module does not
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
     return ((LigerRMSNormFunction, _RMSNorm), (LigerSiLUMulFunction, _SiLUMul), (LigerRopeFunction, _Rope),
@@ -148,10 +152,9 @@ def options(config: str | None) -> dict:
 def patch(model: torch.nn.Module, config: str | None) -> dict:
     """Patch ``model`` as the Trainer does (see the module doc); returns the module-level swaps the patch made
     (``{(module name, attribute): value}``), already taken back (:func:`active` puts them in place)."""
-    import logging
-
     for name in ("liger_kernel", "transformers"):  # backend probes and deprecation notes of the patched forward
         logging.getLogger(name).setLevel(logging.ERROR)
+    # lazy: pulls in transformers, liger_kernel, which importing this module does not
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     watched = [sys.modules[type(model).__module__]]
@@ -175,6 +178,7 @@ def active(swaps: dict | None):
     if swaps is None:
         yield
         return
+    # lazy: pulls in transformers, liger_kernel, which importing this module does not
     from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
     _SIGNATURES.setdefault("flce", inspect.signature(LigerFusedLinearCrossEntropyFunction.forward))

@@ -26,14 +26,15 @@ from ..catalog import ModelSource
 from .cpu_rules import install as install_cpu_rules
 from .data import S_MIN, Region, StepTrace
 from ..errors import TraceFailure, UserError, one_line
-from .events import EventLog, FitError, SequenceMismatch, fit_logs, from_events
-from .events import fit_shapes
+from .events import EventLog, FitError, SequenceMismatch, fit_logs, fit_shapes, from_events
 from ..memsim import NB, basis
 from .meta_kernels import cpp_meta_kernels
 from .model import build_traced_model
 from .setting import TraceSetting
 from .step import StepHooks, make_batch, micro_step, num_items, wrap_autocast
 from .tensor import Recorder, TraceError, TraceMode, from_real
+from .diagnose import explain
+from .liger_rules import active
 
 install_cpu_rules()
 
@@ -183,7 +184,6 @@ class _Tracer:
         with TraceMode():
             items = num_items(facts, [batch])
             tr_loss = from_real(torch.tensor(0.0))
-        from .liger_rules import active
 
         try:
             dev = self.setting.device
@@ -346,11 +346,9 @@ def step_trace(source: ModelSource, setting: TraceSetting, batch: int, seq: int,
     except UserError as exc:
         if not str(exc).startswith("cannot trace "):
             raise
-        from .diagnose import explain
 
         raise explain(source, setting, str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - the model's code raised on trace tensors: tell whose error it is
-        from .diagnose import explain
 
         text = " ".join(str(exc).split())[:200]
         raise explain(source, setting, f"cannot trace {source.name}: {type(exc).__name__}: {text}") from None

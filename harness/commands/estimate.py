@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 from optimem.estimators import UserError, estimate, get_spec, names
 from optimem.estimators.catalog import resolve
-from optimem.estimators.cuda_overhead import calibrated_gpus
+from optimem.estimators.cuda_overhead import alloc_config, calibrated_gpus
 from optimem.estimators.inventory import build_inventory
+from optimem.estimators.packing import packed_seq_len, padded_worst, samples, worst_micro_batch
 from optimem.estimators.setup import DEFAULT_TARGETS, TrainingSetup
 from optimem.harness.commands.argtypes import add_no_cache
 from optimem.harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
@@ -87,8 +89,6 @@ def run_estimates(args: argparse.Namespace):
     optims = expand_optims(args.optim)
     _check_gpu(args.gpu)
     if args.alloc_conf is not None:
-        from optimem.estimators.cuda_overhead import alloc_config
-
         try:
             alloc_config(args.alloc_conf)
         except UserError as exc:
@@ -98,10 +98,6 @@ def run_estimates(args: argparse.Namespace):
     if base.group_by_length and args.data is None:
         raise UserError("--group-by-length draws a data file's samples by length: give --data FILE too")
     if args.data is not None and base.group_by_length and not base.padding_free:
-        from dataclasses import replace
-
-        from optimem.estimators.packing import padded_worst, samples
-
         lengths = [len(x) for x in samples(args.data, base.seq_len)]
         rows, seq = padded_worst(lengths, base.batch_size)
         base = replace(base, batch_size=rows, seq_len=seq)
@@ -112,9 +108,7 @@ def run_estimates(args: argparse.Namespace):
             raise UserError("--data: without --padding-free or --group-by-length bench run cuts the file into "
                             "samples of --seq-len tokens, which the estimate already assumes; add --padding-free "
                             "(packing) or --group-by-length (padded to the longest) to estimate the file's lengths")
-        from dataclasses import replace
 
-        from optimem.estimators.packing import packed_seq_len, samples, worst_micro_batch
 
         lengths = [len(x) for x in samples(args.data, base.seq_len)]
         worst = worst_micro_batch(lengths, base.batch_size)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from optimem.estimators import UserError, get_spec
-from optimem.estimators import planner as P
-from optimem.estimators.gpus import DEFAULT_HEADROOM
+from optimem.estimators import UserError, get_spec, planner as P
+from optimem.estimators.gpus import DEFAULT_HEADROOM, GIB
 from optimem.estimators.setup import TrainingSetup
 from optimem.estimators.sharding import sharding_support
 from optimem.estimators.step_memory import PLAN_DEFAULTS
@@ -21,7 +21,9 @@ from optimem.harness.commands.estimate import expand_optims as expand_estimate_o
 from optimem.harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
 from optimem.harness.units import format_table, human_count
 
-from optimem.estimators.gpus import GIB
+from optimem.harness.paths import check_output_file, check_output_suffix
+from optimem.harness.record import read_records
+from optimem.harness.plan_plots import cell_text, plot_plan
 
 
 def register(sub) -> None:
@@ -84,8 +86,6 @@ def _check_args(args) -> None:
     if not 0 < args.mfu <= 1:
         raise UserError(f"--mfu is a fraction in (0, 1], got {args.mfu}")
     if args.plot is not None:
-        from optimem.harness.paths import check_output_file, check_output_suffix
-
         check_output_suffix(check_output_file(args.plot, "--plot", what="image file", text=False,
                                               example="plan.png"), "--plot", PLOT_SUFFIXES)
     for f in args.results or []:
@@ -101,9 +101,6 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 def _result_records(files: list[str], *, given: bool) -> list[dict]:
     """The run records of the calibration files (read by the harness's reader, which says what it skipped; a
     default results/*.jsonl file that cannot be read is passed over with a word)."""
-    import sys
-
-    from optimem.harness.record import read_records
 
     out: list[dict] = []
     for f in files:
@@ -177,8 +174,6 @@ def _phase(name: str | None) -> str:
 
 
 def _cell(r: P.PlanRow) -> str:
-    from optimem.harness.plan_plots import cell_text
-
     if r.max_seq_len is not None or r.max_seq_len_by_checkpointing:
         return _seq_cell(r)
     return cell_text(r)
@@ -380,7 +375,6 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(render(plan))
     if args.plot:  # after the plan is printed: a failing write loses nothing computed
-        from optimem.harness.plan_plots import plot_plan
 
         plot_plan(plan, args.plot)
         if not args.json:

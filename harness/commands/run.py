@@ -18,11 +18,12 @@ from optimem.harness.commands.argtypes import (DEFAULT_OUT, add_no_cache, non_ne
                                                positive_seconds)
 from optimem.harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
 from optimem.harness.distributed.report import rank_rows
-from optimem.harness.launcher import check_config, execute
+from optimem.harness.launcher import check_config, execute, resolve_device
 from optimem.harness.record import append_record
 from optimem.harness.paths import check_output_file, rescue_record
 from optimem.harness.run_config import RunConfig
 from optimem.harness.units import error_text, human_bytes, rel_error
+from optimem.harness.fit import judge
 
 DEFAULT_STEPS = 6
 DEFAULT_WARMUP = 2
@@ -81,9 +82,6 @@ def config_from_args(args: argparse.Namespace):
 def refuse_if_cannot_fit(cfg) -> None:
     """UserError (exit 2, one line with the figures) when the estimate says ``cfg`` cannot fit the memory its
     device has now (:func:`optimem.harness.fit.check`): the model states first (no trace), then the whole step."""
-    from optimem.harness.fit import judge
-    from optimem.harness.launcher import resolve_device
-
     refusal = judge(cfg, resolve_device(cfg))  # None too for a run recorded as skipped, with its reason
     if refusal is not None:
         raise UserError(f"{refusal.text()}; give --force to start it anyway")

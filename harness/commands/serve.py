@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import socket
 
 from optimem.estimators import UserError
+from optimem.harness.ui.app import launch
 
 EXPOSED = ("0.0.0.0", "::", "")
 
@@ -42,8 +44,6 @@ def _port(text: str) -> int:
 
 
 def _check_port(host: str, port: int) -> None:
-    import socket
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         try:
@@ -62,7 +62,6 @@ def main(args: argparse.Namespace) -> int:
               "machine is on, without authentication", file=sys.stderr)
     shown = "127.0.0.1" if args.host in EXPOSED else args.host
     print(f"bench serve: http://{shown}:{args.port} (Ctrl-C stops it)", flush=True)
-    from optimem.harness.ui.app import launch
 
     launch(args.host, args.port, block=True)
     return 0

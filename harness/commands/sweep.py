@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import shutil
 from pathlib import Path
 
 from optimem.estimators.errors import UserError
@@ -245,9 +246,9 @@ def _slurm_settings(args: argparse.Namespace, opts, runs: int):
         if slurm_flags:
             raise UserError(f"--{slurm_flags[0].replace('_', '-')} applies to Slurm jobs: add --executor slurm")
         return None
-    import shutil
 
     try:
+        # lazy: pulls in submitit, which importing this module does not
         from optimem.harness.slurm import SlurmSettings, check_partition, parse_extra
     except ImportError:
         raise UserError("--executor slurm needs the package 'submitit': pip install 'optimem[slurm]'") from None
@@ -284,7 +285,7 @@ def _run(args: argparse.Namespace, opts, configs: list, bases: list, starts: lis
     reporter = Reporter(total, opts.progress, title=f"bench sweep ({total} {what})")
     executor = None
     if settings is not None:
-        from optimem.harness.slurm import SlurmExecutor
+        from optimem.harness.slurm import SlurmExecutor  # lazy: pulls in submitit, which importing this module does not
 
         executor = SlurmExecutor(settings, timeout_s=opts.timeout_s, force=opts.force, on_state=reporter.note)
     sweep = Sweep(opts, reporter, executor=executor)
@@ -294,6 +295,7 @@ def _run(args: argparse.Namespace, opts, configs: list, bases: list, starts: lis
             if opts.resume:
                 reporter.note(f"bench sweep: resuming {opts.out} ({len(sweep.existing)} configurations recorded)")
             if opts.resume and settings is not None:
+                # lazy: pulls in submitit, which importing this module does not
                 from optimem.harness.slurm import recover_records
 
                 found = recover_records(sweep, settings.folder)

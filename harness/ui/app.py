@@ -10,8 +10,9 @@ from optimem.estimators import names
 from optimem.estimators.gpus import load_gpus
 from optimem.estimators.setup import CLI, SHARDINGS, TASKS
 from optimem.harness.ui.form import FORM_FIELDS, Form, label
-from optimem.harness.ui.results_view import MAX_RESULTS_BYTES, PHASE_COLUMNS
+from optimem.harness.ui.results_view import MAX_RESULTS_BYTES, PHASE_COLUMNS, results
 from optimem.harness.ui.views import ESTIMATE_COLUMNS, PLAN_COLUMNS, answer
+from optimem.harness.plots import ERROR_HEADERS
 
 DEFAULTS = {"model": "meta-llama/Meta-Llama-3-8B", "task": "causal-lm", "dtype": "bf16", "mixed_precision": "bf16",
             "batch_size": 1, "seq_len": 2048, "grad_accum": 1, "gradient_checkpointing": False, "lora": "",
@@ -74,10 +75,9 @@ def build(start: dict | None = None, gpus: list[str] | None = None):
     """The page (a ``gr.Blocks``), not yet served; ``start`` changes the opening values of :data:`DEFAULTS`,
     ``gpus`` the GPUs first chosen."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    import gradio as gr
-    import pandas as pd
+    import gradio as gr  # lazy: pulls in gradio, pandas, which importing this module does not
+    import pandas as pd  # lazy: pulls in pandas, which importing this module does not
 
-    from optimem.harness.ui.results_view import results
 
     seen: set[str] = set()
     with gr.Blocks(title=TITLE) as demo:
@@ -129,7 +129,6 @@ def build(start: dict | None = None, gpus: list[str] | None = None):
             summary = gr.Markdown(elem_id="results-summary")
             pvm = gr.Plot(label="predicted vs measured", elem_id="pvm-plot")
             breakdown = gr.Plot(label="memory at the peak by category", elem_id="breakdown-plot")
-            from optimem.harness.plots import ERROR_HEADERS
 
             errors = gr.Dataframe(headers=ERROR_HEADERS, interactive=False, elem_id="error-table")
             phases = gr.Dataframe(headers=PHASE_COLUMNS, interactive=False, elem_id="phase-table")

@@ -19,6 +19,8 @@ from typing import Any
 
 from optimem.estimators.errors import UserError
 from optimem.estimators.setup import CLI, SetupError
+from optimem.harness.commands.setup_args import field_defaults
+from optimem.harness.cli import build_parser
 
 FORM_FIELDS = ("model", "task", "dtype", "mixed_precision", "batch_size", "seq_len", "grad_accum",
                "gradient_checkpointing", "lora", "quantize", "optim", "num_processes", "sharding")
@@ -120,8 +122,6 @@ def _optims(form: Form) -> list[str]:
 def _setup_args(form: Form, names: tuple[str, ...], shown: bool) -> list[str]:
     """``[--flag, value, ...]`` for the fields ``names`` that differ from the setup defaults (switches as
     bare flags). ``shown``: the model as the shown command spells it."""
-    from optimem.harness.commands.setup_args import field_defaults
-
     defaults = field_defaults()
     out: list[str] = []
     for name in names:
@@ -183,8 +183,6 @@ def command_line(command: str, argv: list[str]) -> str:
 @functools.cache
 def _parser(command: str) -> argparse.ArgumentParser:
     """``bench COMMAND``'s own argparse parser, its errors raised (not printed and exited)."""
-    from optimem.harness.cli import build_parser
-
     parser = build_parser([command])
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
 

@@ -8,6 +8,10 @@ from pathlib import Path
 
 from optimem.estimators.errors import UserError
 from optimem.harness.units import human_bytes
+from optimem.harness.results import latest_by_key, load_records, none_read, pct_error, to_frame
+from optimem.harness.grid import config_label
+from optimem.harness.plots import error_table, memory_breakdown_figure, predicted_vs_measured_figure
+from optimem.harness.compare import compare_records, markdown_report
 
 MAX_RESULTS_BYTES = 64 << 20
 """An uploaded results file may hold at most 64 MiB."""
@@ -30,8 +34,6 @@ class ResultsAnswer:
 
 
 def _records(path: str | None, what: str) -> list[dict]:
-    from optimem.harness.results import load_records, none_read
-
     if not path:
         raise UserError(f"{what}: upload a JSONL results file written by 'bench run' or 'bench sweep'")
     p = Path(path)
@@ -48,9 +50,6 @@ def _records(path: str | None, what: str) -> list[dict]:
 
 def phase_rows(records: list[dict]) -> list[list]:
     """Measured vs predicted peak per phase, per completed run (the last record of each configuration)."""
-    from optimem.harness.grid import config_label
-    from optimem.harness.results import latest_by_key, pct_error
-
     out = []
     for rec in latest_by_key(records).values():
         if rec.get("status") != "ok":
@@ -72,9 +71,6 @@ def phase_rows(records: list[dict]) -> list[list]:
 def results(path: str | None, baseline: str | None = None) -> ResultsAnswer:
     """The results tab's answer for an uploaded results file (and, if given, a second one to compare it with:
     ``baseline`` is the older file)."""
-    from optimem.harness.plots import error_table, memory_breakdown_figure, predicted_vs_measured_figure
-    from optimem.harness.results import to_frame
-
     try:
         records = _records(path, "results file")
         df = to_frame(records)
@@ -86,8 +82,6 @@ def results(path: str | None, baseline: str | None = None) -> ResultsAnswer:
         ans.error_rows = error_table(df)
         ans.phase_rows = phase_rows(records)
         if baseline:
-            from optimem.harness.compare import compare_records, markdown_report
-
             base = _records(baseline, "baseline file")
             ans.comparison = markdown_report(compare_records(base, records, baseline_path=Path(baseline).name,
                                                              current_path=Path(path).name))

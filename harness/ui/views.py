@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import functools
 import pprint
+import sys
+import traceback
 from dataclasses import dataclass, field, replace
 
-from optimem.estimators import planner as P
+from optimem.estimators import get_spec, planner as P
 from optimem.estimators.categories import Category
 from optimem.estimators.errors import UserError
 from optimem.estimators.setup import TrainingSetup
 from optimem.estimators.step_memory import step_memory
-from optimem.harness.commands.estimate import _phase_label
+from optimem.harness.commands.estimate import _phase_label, run_estimates
 from optimem.harness.ui import chart
 from optimem.harness.ui.form import Form, FormError, command_line, estimate_argv, field_error, parse, plan_argv
 from optimem.harness.units import human_bytes
+from importlib.metadata import version
+from optimem.harness.distributed.schemes import model_class, training_arguments
+from optimem.harness.commands.plan import build_plan
 
 ESTIMATE_COLUMNS = ["optimizer", "weights", "gradients", "optimizer state", "activations", "peak", "peak (bytes)",
                     "at", "on device (CUDA)", "notes"]
@@ -123,8 +128,6 @@ def _recommendation(plan: P.Plan) -> str:
 
 def _checkpointing_name() -> str:
     """``activation_checkpointing`` from transformers 5 on (``gradient_checkpointing`` is its deprecated name)."""
-    from importlib.metadata import version
-
     return "activation_checkpointing" if int(version("transformers").split(".")[0]) >= 5 else "gradient_checkpointing"
 
 
@@ -133,16 +136,12 @@ _CHECKPOINTING = _checkpointing_name()
 
 @functools.lru_cache(maxsize=64)
 def _model_class(model: str):
-    from optimem.harness.distributed.schemes import model_class
-
     return model_class(TrainingSetup(model=model))
 
 
 def training_arguments_snippet(setup: TrainingSetup) -> str:
     """``TrainingArguments(...)`` for ``setup`` as Python source (what the Trainer needs for this memory; the
     model's own loading, LoRA and quantization stay comments)."""
-    from optimem.estimators import get_spec
-
     spec = get_spec(setup.optim)
     kw: dict = {"output_dir": "out", "per_device_train_batch_size": setup.batch_size,
                 "gradient_accumulation_steps": setup.grad_accum}
@@ -162,8 +161,6 @@ def training_arguments_snippet(setup: TrainingSetup) -> str:
         lines.append(f"# {spec.name}: not a TrainingArguments optim name; give Trainer(optimizer_cls_and_kwargs="
                      f"({spec.cls}, {{...}})) as `bench run` does")
     if setup.num_processes > 1:
-        from optimem.harness.distributed.schemes import training_arguments
-
         kw.update(training_arguments(setup, _model_class(setup.model)))
         kw.pop("use_cpu", None)
         lines.append(f"# launched on {setup.num_processes} GPUs: torchrun --nproc-per-node {setup.num_processes} "
@@ -189,8 +186,6 @@ def answer(form: Form) -> Answer:
         err = field_error(exc)
         return Answer(error=str(err), error_field=getattr(err, "field", None))
     except Exception as exc:  # noqa: BLE001 - a bug is one line on the page (its traceback on the server's stderr)
-        import sys
-        import traceback
 
         traceback.print_exc(file=sys.stderr)
         first = (str(exc).strip().splitlines() or [""])[0][:300]
@@ -200,8 +195,6 @@ def answer(form: Form) -> Answer:
 @functools.lru_cache(maxsize=256)
 def _estimates(argv: tuple[str, ...]):
     """``bench estimate ARGV``'s estimates, kept per command line (an upload's path names its content)."""
-    from optimem.harness.commands.estimate import run_estimates
-
     return run_estimates(parse("estimate", list(argv)))
 
 
@@ -209,8 +202,6 @@ def _estimates(argv: tuple[str, ...]):
 def _plan(argv: tuple[str, ...]) -> P.Plan:
     """``bench plan ARGV``'s plan, kept per command line (``--no-calibrate``: nothing else feeds it). Moving the
     micro-batch leaves the largest-micro-batch plan as it was: only the sequence search runs again."""
-    from optimem.harness.commands.plan import build_plan
-
     return build_plan(parse("plan", list(argv)))
 
 
