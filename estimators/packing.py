@@ -22,16 +22,20 @@ from pathlib import Path
 from .errors import UserError
 
 
-def samples(path: str, seq_len: int) -> list[list[int]]:
-    """The file's samples as byte-level token ids, each cut at ``seq_len`` (UserError, one line, for a file that
-    cannot be read, is not UTF-8, has a bad JSONL line or holds no sample)."""
+def read_text(path: str) -> str:
+    """A data file's text (UserError, one line, for a file that cannot be read or is not UTF-8)."""
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        return Path(path).read_bytes().decode("utf-8")
     except OSError as exc:
         raise UserError(f"{path}: cannot read the data file ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not a text file (byte {exc.start} is not UTF-8); give a UTF-8 text or JSONL "
                         "file") from None
+
+
+def texts(path: str, text: str) -> list[str]:
+    """The samples of a data file: the ``text`` field of each line of a ``.jsonl`` file, else each non-blank line
+    (UserError, one line, for a bad JSONL line)."""
     out = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -45,6 +49,15 @@ def samples(path: str, seq_len: int) -> list[list[int]]:
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise UserError(f"{path}: line {i} has no 'text' string (each line: {{\"text\": \"...\"}})")
             line = obj["text"]
+        out.append(line)
+    return out
+
+
+def samples(path: str, seq_len: int) -> list[list[int]]:
+    """The file's samples as byte-level token ids, each cut at ``seq_len`` (UserError, one line, for a file that
+    cannot be read, is not UTF-8, has a bad JSONL line or holds no sample)."""
+    out = []
+    for line in texts(path, read_text(path)):
         ids = list(line.encode("utf-8"))[:seq_len]
         if len(ids) >= 2:  # a sample of one token has no label to train on
             out.append(ids)
@@ -68,4 +81,4 @@ def packed_seq_len(tokens: int, batch_size: int) -> int:
     return max(math.ceil(tokens / batch_size), 2)
 
 
-__all__ = ["packed_seq_len", "padded_worst", "samples", "worst_micro_batch"]
+__all__ = ["packed_seq_len", "padded_worst", "read_text", "samples", "texts", "worst_micro_batch"]

@@ -36,7 +36,7 @@ from optimem.harness.env_facts import collect_env
 from optimem.harness.process import kill_group, signal_name, spawn, tail as log_tail, wait, worker_env
 from optimem.harness.record import build_record, validate
 from optimem.harness.run_config import RunConfig
-from optimem.estimators.packing import packed_seq_len, samples, worst_micro_batch
+from optimem.estimators.packing import packed_seq_len, padded_worst, samples, worst_micro_batch
 
 if TYPE_CHECKING:
     from optimem.harness.zygote import Zygote
@@ -72,8 +72,6 @@ def predict(cfg: RunConfig) -> dict[str, Any] | None:
         return out
     if cfg.group_by_length and cfg.data:
         # pad to longest: the worst micro-batch is batch x the file's longest sample (optimem.estimators.packing)
-        from optimem.estimators.packing import padded_worst, samples
-
         rows, seq = padded_worst([len(x) for x in samples(cfg.data, cfg.seq_len)], cfg.batch_size)
         cfg = replace(cfg, batch_size=rows, seq_len=seq)
         out = estimate(replace(cfg, device=resolve_device(cfg))).to_dict()

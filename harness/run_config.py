@@ -10,7 +10,7 @@ from typing import Any
 from optimem.estimators.errors import UserError
 from optimem.estimators.model_check import check_model_config
 from optimem.estimators.setup import SetupError, TrainingSetup
-from optimem.estimators.packing import samples
+from optimem.estimators.packing import read_text, samples, texts
 
 
 @dataclass(frozen=True)
@@ -102,30 +102,9 @@ most vocabularies)."""
 
 @functools.lru_cache(maxsize=8)
 def _tokens(path: str, mtime_ns: int, size: int) -> tuple[int, ...]:
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not a text file (byte {exc.start} is not UTF-8); give a UTF-8 text or "
-                        "JSONL file") from None
+    text = read_text(path)
     if path.endswith(".jsonl"):
-        parts = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                raise UserError(f"{path}: line {i} is not JSON (a .jsonl data file holds one JSON object "
-                                "per line, with a 'text' field)") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise UserError(f"{path}: line {i} has no 'text' string (each line: {{\"text\": \"...\"}})")
-            parts.append(obj["text"])
-        text = "\n".join(parts)
+        text = "\n".join(texts(path, text))
     tokens = tuple(text.encode("utf-8"))
     if not tokens:
         raise UserError(f"{path}: holds no text to train on (an empty file); give a file with text, or "

@@ -16,6 +16,7 @@ import weakref
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from optimem.estimators import get_spec
 from optimem.estimators.catalog import resolve
@@ -69,8 +70,6 @@ class SyntheticTokens(torch.utils.data.Dataset):
 def pad_to_longest(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """A micro-batch padded to its longest sample, as ``DataCollatorWithPadding`` + causal-LM labels make it: ids
     padded with 0, ``attention_mask`` 0 and ``labels`` -100 on the padding (the harness has no tokenizer)."""
-    from torch.nn.utils.rnn import pad_sequence
-
     ids = [f["input_ids"] for f in features]
     return {"input_ids": pad_sequence(ids, batch_first=True, padding_value=0),
             "attention_mask": pad_sequence([torch.ones_like(x) for x in ids], batch_first=True, padding_value=0),
@@ -150,8 +149,6 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
         data = SyntheticTokens.packed(samples(cfg.data, cfg.seq_len), n_samples, vocab)
         collator = DataCollatorWithFlattening()
     elif cfg.group_by_length and cfg.data:
-        from optimem.estimators.packing import samples
-
         data = SyntheticTokens.packed(samples(cfg.data, cfg.seq_len), n_samples, vocab)
         collator = pad_to_longest
     else:

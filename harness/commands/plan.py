@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from optimem.estimators import UserError, get_spec, planner as P
 from optimem.estimators.gpus import DEFAULT_HEADROOM, GIB
+from optimem.estimators.packing import samples
 from optimem.estimators.setup import TrainingSetup
 from optimem.estimators.sharding import sharding_support
 from optimem.estimators.step_memory import PLAN_DEFAULTS
@@ -132,10 +134,6 @@ def build_plan(args) -> P.Plan:
                         "--group-by-length (each micro-batch padded to its longest), without --max-seq; --padding-free "
                         "--data is estimated by bench estimate, not searched yet")
     if args.data is not None:
-        from dataclasses import replace
-
-        from optimem.estimators.packing import samples
-
         base = replace(base, seq_len=max(len(x) for x in samples(args.data, base.seq_len)))
     if base.offload_optimizer != "none" or base.offload_param != "none":
         raise UserError("bench plan does not search a given offload yet: bench estimate --deepspeed/--fsdp gives its "
