@@ -19,6 +19,7 @@ from dataclasses import replace
 
 from .estimate import estimate
 from .gpus import GPU
+from .search import bisect
 from .setup import TrainingSetup
 from .step_memory import max_micro_batch, max_seq_len, step_memory
 
@@ -67,13 +68,7 @@ def _walk_down(ok, start: int) -> int:
         if ok(lo):
             break
         hi, step = lo, step * 2
-    while hi - lo > 1:  # ok(lo), not ok(hi)
-        mid = (lo + hi) // 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return bisect(ok, lo, hi)
 
 
 def max_micro_batch_on(setup: TrainingSetup, gpu: GPU, headroom: float) -> int:

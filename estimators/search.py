@@ -18,6 +18,11 @@ def largest(ok: Callable[[int], bool], limit: int) -> int:
         if ok(limit):
             return limit
         hi = limit
+    return bisect(ok, lo, hi)
+
+
+def bisect(ok: Callable[[int], bool], lo: int, hi: int) -> int:
+    """The largest ``n`` in ``lo..hi-1`` with ``ok(n)``, given ``ok(lo)`` and not ``ok(hi)`` (monotone ``ok``)."""
     while hi - lo > 1:  # invariant: ok(lo), not ok(hi)
         mid = (lo + hi) // 2
         if ok(mid):
