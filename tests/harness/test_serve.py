@@ -176,11 +176,11 @@ def test_serve_refuses_a_port_in_use(capsys):
 
 
 def test_serve_says_when_it_serves_every_network(monkeypatch, capsys):
-    import optimem.harness.ui.app as app
+    import optimem.harness.commands.serve as serve
     from optimem.harness.cli import main
 
     served = []
-    monkeypatch.setattr(app, "launch", lambda host, port, block=True: served.append((host, port, block)))
+    monkeypatch.setattr(serve, "launch", lambda host, port, block=True: served.append((host, port, block)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
