@@ -183,9 +183,12 @@ def _started(mark: Path, deadline: float) -> None:
     assert mark.exists()
 
 
-def test_a_preempted_job_is_requeued_and_returns_one_whole_record(tmp_path):
+def _local_run(tmp_path, **params):
+    """A run through submitit's local executor, started in a thread and inside its runner: ``(job, finish)``,
+    ``finish(timeout)`` joins the thread and returns the record."""
     engine = submitit.LocalExecutor(folder=str(tmp_path / "jobs"))
-    engine.update_parameters(timeout_min=5)
+    if params:
+        engine.update_parameters(**params)
     mark = tmp_path / "started"
     ex = SlurmExecutor(SlurmSettings(folder=tmp_path), timeout_s=60, engine=engine,
                        runner=functools.partial(_slow_record, mark=str(mark)))
@@ -194,28 +197,26 @@ def test_a_preempted_job_is_requeued_and_returns_one_whole_record(tmp_path):
     t = threading.Thread(target=lambda: got.update(record=ex.run(cfg)))
     t.start()
     _started(mark, time.monotonic() + 60)  # inside the run: submitit's signal handlers are set before it
-    job = next(iter(ex._jobs.values()))
+
+    def finish(timeout: float) -> dict:
+        t.join(timeout=timeout)
+        return got["record"]
+
+    return next(iter(ex._jobs.values())), finish
+
+
+def test_a_preempted_job_is_requeued_and_returns_one_whole_record(tmp_path):
+    job, finish = _local_run(tmp_path, timeout_min=5)
     _task(job).send_signal(signal.SIGUSR2)  # what Slurm sends a job it preempts (submitit's --signal=USR2@90)
-    t.join(timeout=90)
-    rec = got["record"]
+    rec = finish(90)
     assert rec["status"] == "ok" and rec["env"]["slurm"]["attempt"] == 2  # run again, from the start
     assert rec["env"]["slurm"]["executor"] == "submitit-local"
 
 
 def test_a_job_killed_without_a_record_leaves_one_error_record(tmp_path):
-    engine = submitit.LocalExecutor(folder=str(tmp_path / "jobs"))
-    mark = tmp_path / "started"
-    ex = SlurmExecutor(SlurmSettings(folder=tmp_path), timeout_s=60, engine=engine,
-                       runner=functools.partial(_slow_record, mark=str(mark)))
-    cfg = RunConfig(model="tiny-llama", optim="sgd", device="cpu")
-    got: dict = {}
-    t = threading.Thread(target=lambda: got.update(record=ex.run(cfg)))
-    t.start()
-    _started(mark, time.monotonic() + 60)
-    job = next(iter(ex._jobs.values()))
+    job, finish = _local_run(tmp_path)
     _task(job).kill()  # the node's OOM killer, a node failure
-    t.join(timeout=60)
-    rec = got["record"]
+    rec = finish(60)
     validate(rec)
     assert rec["status"] == "error" and rec["measured"] is None
     assert f"Slurm job {job.job_id} ended" in rec["reason"] and "before it returned a record" in rec["reason"]
