@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .vision import LM_LINEAR
 from .errors import UserError
 from .params import torch_dtype
 
@@ -214,6 +215,8 @@ def _target(value: Any) -> str | tuple[str, ...] | None:
     if isinstance(value, str):
         if value.strip().replace("_", "-").lower() == ALL_LINEAR:
             return ALL_LINEAR
+        if value.strip().lower() == "lm":  # a vision-language model's language model only (estimators/vision.py)
+            return LM_LINEAR
         try:
             re.compile(value)
         except re.error as exc:

@@ -20,6 +20,7 @@ from .peak import PhaseModel, evaluate
 from .peft_model import adapter_inventory, peak_limit, resident_bytes, trace_fields
 from .setup import TrainingSetup
 from .trace.setting import TraceSetting
+from .vision import TASK as IMAGE_TASK
 from .user_objects import setup_for
 
 
@@ -298,6 +299,7 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
                            gc=setup.gradient_checkpointing, task=inv.task, device=device,
                            liger=(setup.liger_kernel_config or "{}") if setup.use_liger_kernel else None,
                            packed=setup.padding_free,
+                           images=(setup.image_size, setup.images_per_sample) if setup.task == IMAGE_TASK else None,
                            **_trained_set(setup, source, inv))
     resident = 0
     if setup.quantize:

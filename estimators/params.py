@@ -177,6 +177,7 @@ TASK_CLASSES: dict[str, str | None] = {
     "masked-lm": "AutoModelForMaskedLM",
     "sequence-classification": "AutoModelForSequenceClassification",
     "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "image-text-to-text": "AutoModelForImageTextToText",
 }
 """Task heads a model can be built with (``--task``), by the transformers Auto class that builds them.
 ``causal-lm`` (the default) builds what the config names in ``architectures`` (``bench run`` always did),

@@ -159,7 +159,7 @@ class PhaseModel:
                    tuple(rows[n].trainable for n in params), inv.weight_bytes + tr.settled_bytes, tr.buffers_bytes,
                    self.grad_accum,
                    label_shape=tr.label_shape, counts_items=tr.counts_items, shifts_labels=tr.shifts_labels,
-                   amp_scaler=self.amp_scaler)
+                   amp_scaler=self.amp_scaler, batch_layout=tuple(getattr(tr, "batch_layout", ())))
 
     def _simulate(self, tr, region) -> tuple[dict, dict]:
         inv, step = self.inv, self.step
@@ -223,7 +223,7 @@ def _forward_backward(run: Run, region) -> dict[str, PhaseResult]:
     """The forward/backward phases of ``run`` without the optimizer (shared by every optimizer that steps
     after the backward; cached per region and run)."""
     key = (id(region), run.params, run.param_bytes, run.trainable, run.weights_bytes, run.buffers_bytes,
-           run.grad_accum, run.label_shape, run.counts_items, run.shifts_labels, run.amp_scaler)
+           run.grad_accum, run.label_shape, run.counts_items, run.shifts_labels, run.amp_scaler, run.batch_layout)
     hit = _FB_CACHE.get(key)
     if hit is not None and hit[0] is region:
         return hit[1]

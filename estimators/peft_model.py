@@ -237,7 +237,7 @@ def build_training_model(setup, *, device: str = "meta", base=None):
             model = quantized_meta_model(setup)
         else:
             with _quiet():
-                model = instantiate(setup.source, device="meta", dtype=setup.dtype)
+                model = instantiate(setup.source, device="meta", dtype=setup.dtype, task=setup.task)
     else:
         if base is None:
             raise ValueError("build_training_model on a real device needs the plain model (base)")
@@ -245,7 +245,7 @@ def build_training_model(setup, *, device: str = "meta", base=None):
     return peft_wrap(model, setup)
 
 
-TRACE_FIELDS = ("lora", "quantize", "double_quant", "quant_compute_dtype", "quant_skip_modules", "prepare_kbit")
+TRACE_FIELDS = ("lora", "quantize", "double_quant", "quant_compute_dtype", "quant_skip_modules", "prepare_kbit", "task")
 """The setup fields that make the model a LoRA / QLoRA one (what a trace of it depends on besides the plain
 model's setting)."""
 
@@ -322,7 +322,7 @@ def require_packages(setup) -> None:
 def inventory_key(setup) -> tuple:
     """What the inventory of a peft setup depends on (checkpointing and the optimizer do not change it)."""
     return (setup.model, setup.dtype, str(setup.lora) if setup.lora else None, setup.quantize, setup.double_quant,
-            setup.quant_skip_modules, setup.prepare_kbit)
+            setup.quant_skip_modules, setup.prepare_kbit) + ((setup.task,) if setup.task != "causal-lm" else ())
 
 
 _INVENTORIES: dict = {}

@@ -63,13 +63,18 @@ class Run:
     counts_items: bool = True
     shifts_labels: bool = True
     amp_scaler: bool = False
+    batch_layout: tuple = ()
+    """image-text-to-text: the batch's keys as ``(key, bytes per sample, bytes per text token)``; empty: text."""
 
 
-def _fetch_batch(sim: Sim, label_shape: str = "BS") -> list[Var]:
+def _fetch_batch(sim: Sim, label_shape: str = "BS", layout: tuple = ()) -> list[Var]:
     """``default_data_collator`` over ``B`` samples of the harness's synthetic dataset (``input_ids``, a view
     of its token table; ``attention_mask``, ``ones_like``; ``labels``, a ``clone`` of the ids, or a view of the
     label table for one label per sample): the per-sample tensors (``S`` int64 each), the stacked ``(B, S)``
-    int64 tensors (``(B,)`` labels), then the per-sample tensors go."""
+    int64 tensors (``(B,)`` labels), then the per-sample tensors go. With a ``layout`` (image-text-to-text: the
+    samples are stored tensors, :mod:`optimem.estimators.trace.images`), just each key's concatenation."""
+    if layout:
+        return [sim.const(vec(b=per, bs=per_token)) for _, per, per_token in layout]
     per = 2 * I64 if label_shape == "BS" else I64
     per_sample = sim.alloc(vec(bs=per), "act")
     batch = [sim.const(vec(bs=I64)), sim.const(vec(bs=I64)),
@@ -82,7 +87,11 @@ def _num_items(sim: Sim, run: Run) -> None:
     """``(labels[..., 1:] != -100).sum()`` over the step's batches: a bool mask and int64 sums."""
     if not run.counts_items:
         return
-    if run.label_shape == "B":
+    labels = [(per, tok) for k, per, tok in run.batch_layout if k == "labels"]
+    if labels:  # (B, image tokens + S) int64 labels: a bool mask of its elements (less one per row if shifted)
+        per, tok = labels[0][0] // I64, labels[0][1] // I64
+        sim.tmp(vec(b=per - (1 if run.shifts_labels else 0), bs=tok))
+    elif run.label_shape == "B":
         sim.tmp(vec(b=1))
     else:
         sim.tmp(vec(bs=1, b=-1) if run.shifts_labels else vec(bs=1))
@@ -161,12 +170,12 @@ def simulate(run: Run, step: StepModel | None = None, device: str = "cpu", sim: 
             sim.phase(f"{stepname}.forward")
             if micro == 0:
                 if stepname == "step0":
-                    batches = [_fetch_batch(sim, run.label_shape) for _ in range(run.grad_accum)]
+                    batches = [_fetch_batch(sim, run.label_shape, run.batch_layout) for _ in range(run.grad_accum)]
                 else:
                     for b in batches:
                         sim.drop(*b)
-                    batches = [prefetched] + [_fetch_batch(sim, run.label_shape) for _ in range(run.grad_accum - 1)]
-                prefetched = _fetch_batch(sim, run.label_shape)
+                    batches = [prefetched] + [_fetch_batch(sim, run.label_shape, run.batch_layout) for _ in range(run.grad_accum - 1)]
+                prefetched = _fetch_batch(sim, run.label_shape, run.batch_layout)
                 _num_items(sim, run)
             log = run.accum if micro > 0 and mode == "full" and run.accum is not None else run.first
             last = stepname == "step0" and micro == run.grad_accum - 1

@@ -25,6 +25,7 @@ from .model_check import check_model_config, check_sequence_length
 from .offload_config import OFFLOAD_DEVICES, read_deepspeed, read_fsdp
 from .optimizers import get_spec, parse_optim_args
 from .params import TASK_CLASSES, normalize_dtype
+from .vision import check_image_fields, check_image_seq, freeze_pattern, text_part
 
 TASKS = tuple(TASK_CLASSES)
 """Model heads a setup can train (``optimem.estimators.params.TASK_CLASSES``): ``causal-lm``, the default, builds the
@@ -84,7 +85,12 @@ CLI: dict[str, Flag] = {
     "optim_args": Flag(("--optim-args",), "the Trainer's optim_args string, e.g. 'rank=16'", metavar="STR"),
     "optim_target_modules": Flag(("--optim-target-modules",), "GaLore/APOLLO targets: names, regexes or "
                                  "all-linear (default for those: all-linear)", metavar="REGEX", listed=True),
-    "freeze": Flag(("--freeze",), "freeze the parameters whose name matches this regex", metavar="REGEX"),
+    "freeze": Flag(("--freeze",), "freeze the parameters whose name matches this regex; for a vision-language model "
+                   "also vision (the vision tower), projector, or vision,projector", metavar="REGEX"),
+    "image_size": Flag(("--image-size",), "image-text-to-text: each image's side in pixels (default: the vision "
+                       "config's image_size)", int, metavar="PIXELS"),
+    "images_per_sample": Flag(("--images-per-sample",), "image-text-to-text: images per sample (default 1); "
+                              "--seq-len counts the text tokens besides their image tokens", int, metavar="N"),
     "num_processes": Flag(("--nproc", "--num-gpus"), "training processes / GPUs in all (data parallel; the "
                           "Trainer's world size)", int, metavar="N"),
     "num_nodes": Flag(("--nnodes",), "machines the processes are spread over (evenly: --nproc / --nnodes per node); "
@@ -161,6 +167,7 @@ class TrainingSetup:
     ``double_quant`` (4-bit absmax quantized again), ``quant_compute_dtype`` (4-bit matmul dtype; None: fp32)
     and ``quant_skip_modules`` (``llm_int8_skip_modules``); ``prepare_kbit``: peft's
     ``prepare_model_for_kbit_training`` (on unless turned off when quantized; None when not quantized).
+    ``image_size`` / ``images_per_sample``: an image-text-to-text sample's images (:mod:`optimem.estimators.vision`).
     """
 
     model: str = DEFAULT_MODEL
@@ -195,6 +202,8 @@ class TrainingSetup:
     quant_compute_dtype: str | None = None
     quant_skip_modules: tuple[str, ...] | None = None
     prepare_kbit: bool | None = None
+    image_size: int | None = None
+    images_per_sample: int = 1
 
     # ------------------------------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -234,7 +243,11 @@ class TrainingSetup:
             put("optim_target_modules", _targets(self.optim_target_modules))
         if self.freeze is not None:
             with _field("freeze"):
-                put("freeze", _regex("freeze", self.freeze) or None)
+                put("freeze", _regex("freeze", freeze_pattern(self.freeze)) or None)
+        with _field("images_per_sample"):
+            check_image_fields(self.task, None, self.images_per_sample)
+        with _field("image_size"):
+            check_image_fields(self.task, self.image_size, 1)
         with _field("sharding"):
             put("sharding", _choice("sharding", self.sharding, SHARDINGS))
         self._check_parallel(put)
@@ -398,7 +411,10 @@ class TrainingSetup:
             sizes = check_model_config(self.source)
             inv = inventory if inventory is not None else build_inventory(self.source, task=self.task)
         with _field("seq_len"):
-            check_sequence_length(inv, self.seq_len, max_positions=sizes.get("max_position_embeddings"))
+            if self.task == "image-text-to-text":  # the text's positions: the vision tower's are the patches'
+                check_image_seq(self.seq_len, self.images_per_sample)
+            check_sequence_length(text_part(inv) if self.task == "image-text-to-text" else inv, self.seq_len,
+                                  max_positions=sizes.get("max_position_embeddings"))
         spec = get_spec(self.optim)
         with _field("optim_args"):
             args = spec.resolve_args(parse_optim_args(self.optim_args))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 import inspect
@@ -54,6 +55,17 @@ ALIGNED = {"intermediate_size": 40, "rotary_dim": 4}
 torch's ``grouped_mm`` (the routed experts of most MoE types) needs 16-byte row strides on the CPU -- 37 fp32 values
 are 148 bytes, and such a model fails on its own in the first forward -- and ``rotary_dim`` 4, the per-type testers'
 value for the types that name it (CodeGen, GPT-J: the class default 64 is more than a tiny head has)."""
+VLM_SIZES = dict(patch_size=4, image_size=16, mm_tokens_per_image=4, embed_dim=32, out_hidden_size=32)
+"""The image-text-to-text types' extra sizes, passed by name like :data:`TESTER_SIZES` to the config and every sub-config
+(``vision_config``...) that names them: ``tests/vlm_tester.py``'s ``VLMModelTester`` patch size 4; its image size 8
+doubled to 16 (a 4 x 4 patch grid, so a 2 x 2 merge -- Qwen2-VL's patch merger, Idefics3's pixel shuffle -- and
+Gemma 3's average pooling to ``mm_tokens_per_image`` 4 tokens divide it; the class defaults, 224 / 14 or 32, do not);
+``embed_dim`` / ``out_hidden_size`` 32, the tester's hidden size under the names Qwen2-VL's and Qwen2.5-VL's vision
+configs give their width and their output width (the language model's hidden size)."""
+SPECIAL_TOKEN = re.compile(r"^(?!(pad|bos|eos|decoder_start|sep|cls|mask|unk)_)\w+_token_(id|index)$")
+"""Config fields holding a special token of the image-text-to-text types (``image_token_id``, ``image_token_index``,
+``vision_start_token_id``, ``boi_token_index``...): :func:`vlm_token_ids` moves those beyond the tiny vocabulary inside
+it, as ``VLMModelTester`` keeps its ``image_token_index`` (0) inside its vocabulary of 99."""
 FORCED = ("pad_token_id",)
 """``CausalLMModelTester.forced_config_args``: passed even where the config's signature does not name them."""
 
@@ -67,6 +79,48 @@ RETRIES = 6
 :func:`tiny_config`)."""
 
 
+def vlm_token_ids(out: dict) -> dict:
+    """``out`` (a config dict) with every :data:`SPECIAL_TOKEN` field whose id is not inside the text vocabulary moved
+    to the top of it (``vocab_size - 1``, ``- 2``, ... in the fields' sorted order; ids already inside stay)."""
+    vocab = (out.get("text_config") or {}).get("vocab_size") or out.get("vocab_size") or TESTER_SIZES["vocab_size"]
+    taken = {v for v in out.values() if isinstance(v, int)}
+    free = (i for i in range(vocab - 1, 2, -1) if i not in taken)
+    for k in sorted(out):
+        v = out[k]
+        if SPECIAL_TOKEN.match(k) and isinstance(v, int) and not isinstance(v, bool) and v >= vocab:
+            out[k] = next(free)
+    return out
+
+
+MROPE_DEFAULT = (16, 24, 24)
+"""Qwen2-VL's multimodal RoPE sections when the config names none (``modeling_qwen2_vl``: temporal, height, width
+shares of a 128-wide head's 64 rotary frequencies)."""
+
+
+def mrope_sections(out: dict) -> dict:
+    """``out`` with the ``mrope_section`` of every (sub-)config whose class reads one (its
+    ``ignore_keys_at_rope_validation`` names it) scaled to the tiny head: the sections -- the config's, else
+    :data:`MROPE_DEFAULT` -- in the same proportions summing to half the head dimension, as the Qwen2-VL tester's
+    ``[2, 1, 1]`` sums to its 8-wide head's 4."""
+    from transformers import CONFIG_MAPPING  # lazy: pulls in torch, transformers, which importing this module does not
+
+    top = CONFIG_MAPPING[out["model_type"]] if out.get("model_type") in CONFIG_MAPPING else None  # a lazy mapping: no get
+    subs = getattr(top, "sub_configs", None) or {}
+    for cls, sub in [(top, out)] + [(c, out.get(k)) for k, c in subs.items() if isinstance(out.get(k), dict)]:
+        rope = sub.get("rope_parameters")
+        if cls is None or "mrope_section" not in (getattr(cls, "ignore_keys_at_rope_validation", None) or ()) \
+                or not isinstance(rope, dict):
+            continue
+        heads = sub.get("num_attention_heads") or 1
+        half = (sub.get("head_dim") or sub.get("hidden_size", 0) // heads) // 2
+        given = rope.get("mrope_section") or MROPE_DEFAULT
+        if half and sum(given) != half:
+            scaled = [max(1, round(x * half / sum(given))) for x in given]
+            scaled[-1] += half - sum(scaled)
+            rope["mrope_section"] = scaled
+    return out
+
+
 def tiny_config(model_type: str) -> dict:
     """The rule-made tiny config of ``model_type`` as a dict (``to_dict()`` of the built config). When the config
     class's validation refuses the tester's sizes, the size its message names (else the last one passed) is given
@@ -78,7 +132,8 @@ def tiny_config(model_type: str) -> dict:
     from transformers.models.auto import modeling_auto
 
     cls = CONFIG_MAPPING[model_type]
-    kwargs = _tiny_kwargs(cls)
+    vlm = model_type in getattr(modeling_auto, TASK_MAPPINGS["image-text-to-text"])
+    kwargs = _tiny_kwargs(cls, VLM_SIZES if vlm else {})
     for attempt in range(RETRIES + 1):
         try:
             with warnings.catch_warnings():
@@ -93,6 +148,8 @@ def tiny_config(model_type: str) -> dict:
             kwargs.pop(max(named, key=len) if named else list(kwargs)[-1])
     out = config.to_dict()
     out["model_type"] = model_type
+    if vlm:
+        mrope_sections(vlm_token_ids(out))
     if out.get("is_encoder_decoder") and out.get("decoder_start_token_id") is None:
         out["decoder_start_token_id"] = TESTER_SIZES["pad_token_id"]  # as the encoder-decoder testers pass (T5's: 0)
     for k in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
@@ -121,11 +178,11 @@ MAX_ZOO_PARAMS = 40_000_000
 under a name the rule does not know; its fp32 AdamW step would not fit the shared CPU machine)."""
 
 
-def _tiny_kwargs(cls) -> dict:
+def _tiny_kwargs(cls, extra: dict | None = None) -> dict:
     fields = _config_fields(cls)
     amap = dict(getattr(cls, "attribute_map", None) or {})
     kwargs = {}
-    for k, v in {**TESTER_SIZES, **ALIGNED}.items():
+    for k, v in {**TESTER_SIZES, **ALIGNED, **(extra or {})}.items():
         target = amap.get(k, k)
         if target in fields or k in FORCED:
             kwargs[target] = v
@@ -150,7 +207,7 @@ def _tiny_kwargs(cls) -> dict:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                kwargs[name] = sub_cls(**_tiny_kwargs(sub_cls)).to_dict()
+                kwargs[name] = sub_cls(**_tiny_kwargs(sub_cls, extra)).to_dict()
         except Exception:  # noqa: BLE001 - a sub-config the rule cannot shrink keeps its defaults
             pass
     return kwargs

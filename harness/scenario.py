@@ -25,6 +25,7 @@ from optimem.estimators.optimizers import parse_optim_args
 from optimem.estimators.peft_model import build_training_model
 from optimem.harness.compat import prepare_run
 from optimem.harness.contract import RUN_DIR_ENV
+from optimem.harness.image_data import image_text_data
 from optimem.harness.run_config import FIRST_SYNTHETIC_ID, RunConfig, data_tokens
 from optimem.estimators.packing import samples
 
@@ -148,6 +149,8 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
 
         data = SyntheticTokens.packed(samples(cfg.data, cfg.seq_len), n_samples, vocab)
         collator = DataCollatorWithFlattening()
+    elif cfg.task == "image-text-to-text":  # images and their tokens (harness/image_data.py)
+        data, collator = image_text_data(cfg, n_samples)
     elif cfg.group_by_length and cfg.data:
         data = SyntheticTokens.packed(samples(cfg.data, cfg.seq_len), n_samples, vocab)
         collator = pad_to_longest

@@ -217,6 +217,12 @@ def harness_bytes(case: Case) -> int:
     int64 label each for sequence classification), in memory from the Trainer's construction on
     (``harness/scenario.py``)."""
     samples = case.batch_size * case.grad_accum * STEPS
+    if case.task == "image-text-to-text":  # the stored samples of harness/image_data.py
+        # lazy: pulls in torch, which importing this module does not
+        from optimem.estimators.trace.images import layout, spec_for
+
+        spec = spec_for(case.config().source, case.task, None, 1)
+        return samples * sum(per + tok * case.seq_len for _, per, tok in layout(spec))
     return samples * case.seq_len * 8 + (samples * 8 if case.task == "sequence-classification" else 0)
 
 

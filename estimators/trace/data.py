@@ -20,7 +20,7 @@ from .setting import TraceSetting
 
 S_MIN = 2
 """Shortest sequence a trace covers."""
-TRACE_CACHE_VERSION = 2
+TRACE_CACHE_VERSION = 3
 """Layout of a cached trace (:func:`to_arrays`); bump it when that changes."""
 
 
@@ -62,6 +62,9 @@ class StepTrace:
     counts_items: bool
     settled_bytes: int = 0
     regions: list[Region] = field(default_factory=list)
+    batch_layout: tuple = ()
+    """image-text-to-text: the batch's keys as ``(key, bytes per sample, bytes per text token)``
+    (:func:`optimem.estimators.trace.images.layout`); empty: the text tasks' batch."""
 
     def region(self, b: int, s: int, accum: bool = False) -> Region | None:
         """The traced region holding ``(b, s)`` (sequences shorter than :data:`S_MIN` share the first one)."""
@@ -85,7 +88,7 @@ def disk_key(config_hash: str, peft, setting: TraceSetting):
 
 _LOG_FIELDS = ("kind", "a", "b", "sizes")
 _META_FIELDS = ("model", "params", "buffers_bytes", "attn_implementation", "windows", "label_shape", "shifts_labels",
-                "counts_items", "settled_bytes")
+                "counts_items", "settled_bytes", "batch_layout")
 
 
 def to_arrays(st: StepTrace) -> dict:
@@ -124,6 +127,7 @@ def from_arrays(arrays: dict, key: str) -> StepTrace:
         regions.append(Region(r["b"][0], r["b"][1], r["s"][0], r["s"][1], logs["first"], logs.get("accum")))
     kw = {k: meta[k] for k in _META_FIELDS}
     kw["params"], kw["windows"] = tuple(kw["params"]), tuple(kw["windows"])
+    kw["batch_layout"] = tuple(tuple(x) for x in kw["batch_layout"])
     return StepTrace(key=key, **kw, regions=regions)
 
 

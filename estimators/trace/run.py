@@ -31,6 +31,7 @@ from ..memsim import NB, basis
 from .meta_kernels import cpp_meta_kernels
 from .model import build_traced_model
 from .setting import TraceSetting
+from .images import image_spec, layout as image_layout
 from .step import StepHooks, make_batch, micro_step, num_items, wrap_autocast
 from .tensor import Recorder, TraceError, TraceMode, from_real
 from .diagnose import explain
@@ -138,6 +139,12 @@ class _Tracer:
                                                         peft=setting.peft)
         except (TraceError, RuntimeError, NotImplementedError) as exc:
             raise UserError(f"cannot trace {source.name}: {one_line(exc, 200)}") from None
+        self.images = None
+        if setting.images is not None:  # image-text-to-text: the tokens per image counted by the model's own code
+            try:
+                self.images = image_spec(self.model, *setting.images)
+            except UserError as exc:
+                raise UserError(f"cannot trace {source.name}: {exc}") from None
         self.liger = None
         if setting.liger is not None:
             from .liger_rules import patch  # lazy: liger-kernel rules, only for --use-liger-kernel traces
@@ -180,7 +187,7 @@ class _Tracer:
     def run(self, b: int, s: int, accum: bool) -> tuple[list, list | None]:
         """Raw events of a first micro-step (and of an accumulating one) at batch ``b`` x seq ``s``."""
         facts = self.facts
-        batch = make_batch(facts, b, s, self.setting.task, packed=self.setting.packed)
+        batch = make_batch(facts, b, s, self.setting.task, packed=self.setting.packed, images=self.images)
         with TraceMode():
             items = num_items(facts, [batch])
             tr_loss = from_real(torch.tensor(0.0))
@@ -362,6 +369,7 @@ def step_trace(source: ModelSource, setting: TraceSetting, batch: int, seq: int,
                        facts.shifts_labels, facts.accepts_loss_kwargs, tracer.settled_bytes)
         _CACHE[key] = st
     st.regions = [r for r in st.regions if not (r.b_lo == region.b_lo and r.s_lo == region.s_lo)] + [region]
+    st.batch_layout = image_layout(tracer.images) if tracer.images is not None else ()  # image-text-to-text
     return st
 
 

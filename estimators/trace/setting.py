@@ -23,6 +23,9 @@ class TraceSetting:
     """Liger kernels: the ``liger_kernel_config`` as JSON text (``{}``: liger's defaults); None: not patched."""
     packed: bool = False
     """Padding-free packing: each micro-batch one row of its samples' tokens (``DataCollatorWithFlattening``)."""
+    images: tuple[int | None, int] | None = None
+    """image-text-to-text: ``(image size in pixels or None for the config's, images per sample)``
+    (:mod:`optimem.estimators.trace.images`); None: a text task."""
 
 
 __all__ = ["TraceSetting"]

@@ -21,6 +21,8 @@ from .cuda_autocast import cuda_autocast
 from .cuda_rules import kernels_of
 from .events import BWD_END, FWD_END, PRE_ACC  # marker codes; a gradient is ("g", parameter index, storage id)
 from .meta_kernels import cpp_meta_kernels
+from .function_rules import ScalarData
+from .images import ImageSpec, real_batch as image_batch
 from .model import ModelFacts
 from .tensor import Recorder, TraceMode, TraceTensor, from_real, set_recorder
 
@@ -42,13 +44,15 @@ def wrap_autocast(model: torch.nn.Module, mixed: str | None) -> None:
 
 
 def real_batch(facts: ModelFacts, batch: int, seq: int, task: str | None, seed: int = 0,
-               packed: bool = False) -> dict[str, torch.Tensor]:
+               packed: bool = False, images: ImageSpec | None = None) -> dict[str, torch.Tensor]:
     """The collated batch the harness's synthetic dataset gives (``input_ids`` random in [3, vocab),
     ``attention_mask`` ones, ``labels`` a copy of the ids, or one class per sample for sequence
     classification), as real CPU tensors. ``packed``: what ``DataCollatorWithFlattening``
     makes of a micro-batch of ``batch x seq`` tokens -- rows of packed samples, here two per row (the split changes
     values, not sizes: the model's packed-sequence mask is ``seq x seq`` whatever the count), ``position_ids``
     restarting at each sample, each sample's first label -100, no attention mask."""
+    if images is not None:  # image-text-to-text: the harness's own batch builder (estimators/trace/images.py)
+        return image_batch(images, batch, seq, seed)
     g = torch.Generator().manual_seed(seed)
     if packed:
         ids = torch.randint(3, max(facts.vocab_size, 4), (batch, seq), generator=g)
@@ -64,9 +68,9 @@ def real_batch(facts: ModelFacts, batch: int, seq: int, task: str | None, seed: 
 
 
 def make_batch(facts: ModelFacts, batch: int, seq: int, task: str | None, seed: int = 0,
-               packed: bool = False) -> dict[str, TraceTensor]:
+               packed: bool = False, images: ImageSpec | None = None) -> dict[str, TraceTensor]:
     """:func:`real_batch` as trace tensors that keep their values."""
-    return {k: from_real(v) for k, v in real_batch(facts, batch, seq, task, seed, packed).items()}
+    return {k: from_real(v) for k, v in real_batch(facts, batch, seq, task, seed, packed, images).items()}
 
 
 def num_items(facts: ModelFacts, batches: list[dict]) -> TraceTensor | None:
@@ -109,7 +113,7 @@ def micro_step(model: torch.nn.Module, facts: ModelFacts, batch: dict, items, gr
     rec.events = []
     rec.active = True
     try:
-        with cpp_meta_kernels(), TraceMode(), kernels_of(device), cuda_autocast(device == "cuda"):
+        with cpp_meta_kernels(), TraceMode(), ScalarData(), kernels_of(device), cuda_autocast(device == "cuda"):
             _training_step(model, facts, batch, items, grad_accum, tr_loss, rec)
     finally:
         rec.active = False
