@@ -35,10 +35,13 @@ CASE_TIMEOUT_S = 600
 LOG = Path("results/zoo_cpu.jsonl")
 CLASSES = ("exact", "within 1%", "outside 1%", "refused", "model fails", "no config", "failed")
 TASKS = ("causal-lm", "masked-lm", "seq2seq-lm", "sequence-classification", "image-text-to-text")
+SETUPS = {"full": {}, "frozen-vision": {"freeze": "vision,projector"}, "lora-lm": {"lora": "r=8,target=lm"}}
+"""What a case trains (``--setup``): the whole model; a vision-language model with its vision tower and projector
+frozen (``--freeze vision,projector``); a LoRA adapter on its language model's linear layers (``--lora target=lm``)."""
 
 
-def case_key(model_type: str, task: str, optim: str, gc: bool) -> str:
-    return f"{model_type}|{task}|{optim}|{'gc' if gc else 'nogc'}"
+def case_key(model_type: str, task: str, optim: str, gc: bool, setup: str = "full") -> str:
+    return f"{model_type}|{task}|{optim}|{'gc' if gc else 'nogc'}" + (f"|{setup}" if setup != "full" else "")
 
 
 def classify(measured_status: str, measured_reason: str, pred_error: str | None, pred_kind: str | None,
@@ -58,16 +61,17 @@ def classify(measured_status: str, measured_reason: str, pred_error: str | None,
     return "within 1%" if abs(peak_error) <= WITHIN_TOL else "outside 1%"
 
 
-def run_one(model_type: str, task: str, optim: str, gc: bool) -> dict:
+def run_one(model_type: str, task: str, optim: str, gc: bool, setup: str = "full") -> dict:
     """One case, in this process: the real harness run (:func:`optimem.harness.validate.measure`) and the
-    estimate; a plain-data row."""
-    row = {"type": model_type, "task": task, "optim": optim, "gc": gc, "shape": list(ZOO_SHAPE)}
+    estimate; a plain-data row (``setup``: one of :data:`SETUPS`, recorded when not ``full``)."""
+    row = {"type": model_type, "task": task, "optim": optim, "gc": gc, "shape": list(ZOO_SHAPE),
+           **({"setup": setup} if setup != "full" else {})}
     entry = load_index()["types"].get(model_type) or {}
     path = zoo_config_path(model_type)
     build = (entry.get("build") or {}).get(task)
     if path is None or build:
         return {**row, "class": "no config", "reason": entry.get("error") or build or "no config"}
-    case = Case(str(path), optim, ZOO_SHAPE[0], ZOO_SHAPE[1], gc, task=task)
+    case = Case(str(path), optim, ZOO_SHAPE[0], ZOO_SHAPE[1], gc, task=task, **SETUPS[setup])
     t0 = time.perf_counter()
     try:
         payload = measure(case)
@@ -108,12 +112,16 @@ def run_one(model_type: str, task: str, optim: str, gc: bool) -> dict:
     return row
 
 
+def _setup_of(args: tuple) -> dict:
+    return {"setup": args[4]} if len(args) > 4 else {}
+
+
 def _child(args: tuple, wfd: int) -> None:
     try:
         quiet_libraries()
         row = run_one(*args)
     except BaseException as exc:  # noqa: BLE001
-        row = {"type": args[0], "task": args[1], "optim": args[2], "gc": args[3], "class": "failed",
+        row = {"type": args[0], "task": args[1], "optim": args[2], "gc": args[3], **_setup_of(args), "class": "failed",
                "reason": f"{type(exc).__name__}: {str(exc)[:200]}"}
     with os.fdopen(wfd, "w") as f:
         f.write(json.dumps(row, default=str))
@@ -141,7 +149,8 @@ def _finish(pid: int, rfd: int, args: tuple, started: float, killed: bool) -> di
         return json.loads(text)
     except ValueError:
         why = f"timed out after {CASE_TIMEOUT_S} s" if killed else "the case's process died (crash or out of memory)"
-        return {"type": args[0], "task": args[1], "optim": args[2], "gc": args[3], "class": "failed", "reason": why,
+        return {"type": args[0], "task": args[1], "optim": args[2], "gc": args[3], **_setup_of(args), "class": "failed",
+                "reason": why,
                 "seconds": round(time.monotonic() - started, 1)}
 
 
@@ -154,7 +163,7 @@ def read_log(log: Path = LOG) -> dict[str, dict]:
                 row = json.loads(line)
             except ValueError:
                 continue
-            out[case_key(row["type"], row["task"], row["optim"], row["gc"])] = row
+            out[case_key(row["type"], row["task"], row["optim"], row["gc"], row.get("setup", "full"))] = row
     return out
 
 
@@ -196,14 +205,15 @@ def run_zoo(cases: list[tuple], jobs: int = 1, log: Path = LOG, again: bool = Fa
             with log.open("a") as f:
                 f.write(json.dumps(row, default=str) + "\n")
             err = row.get("peak_error")
-            print(f"{row['class']:12s} {args[0]:28s} {args[1]:24s} {args[2]} {'gc' if args[3] else ''} "
+            print(f"{row['class']:12s} {args[0]:28s} {args[1]:24s} {args[2]} {'gc' if args[3] else ''}{' ' + args[4] if len(args) > 4 else ''} "
                   + (f"{err * 100:+.4f}%" if err is not None else (row.get("estimate_error") or row.get("reason")
                                                                    or row.get("measured_reason") or "")[:150]),
                   file=sys.stderr, flush=True)
 
 
-def zoo_cases(tasks, optims, gcs) -> list[tuple]:
-    return [(t, task, o, gc) for task in tasks for t in zoo_types(task) for o in optims for gc in gcs]
+def zoo_cases(tasks, optims, gcs, setups=("full",)) -> list[tuple]:
+    return [(t, task, o, gc) + ((st,) if st != "full" else ()) for task in tasks for t in zoo_types(task)
+            for o in optims for gc in gcs for st in setups]
 
 
 def render(rows: dict[str, dict], facts: dict, command: str, tasks) -> tuple[str, dict]:
@@ -254,20 +264,20 @@ def render(rows: dict[str, dict], facts: dict, command: str, tasks) -> tuple[str
         lines += [f"## {task}", "", "| type | optimizer | gc | class | measured peak | peak error | worst phase | "
                   "reason |", "| --- | --- | --- | --- | ---: | ---: | --- | --- |"]
         for t in types:
-            for r in sorted(by_type[(task, t)], key=lambda r: (r["optim"], r["gc"])):
+            for r in sorted(by_type[(task, t)], key=lambda r: (r["optim"], r["gc"], r.get("setup", ""))):
                 err = r.get("peak_error")
                 why = r.get("estimate_error") or r.get("reason") or (
                     r.get("measured_reason") if r.get("measured_status") not in (None, "ok") else "") or ""
                 why = why.replace(f"{ZOO_DIR}/", "zoo/").replace("|", "/")[:220]
                 wp = f"{r['worst_phase']} {r['worst_phase_error'] * 100:+.3f}%" if r.get("worst_phase") else ""
-                lines.append(f"| {t} | {r['optim']} | {'on' if r['gc'] else 'off'} | {r['class']} | "
+                lines.append(f"| {t} | {r['optim']}{' (' + r['setup'] + ')' if r.get('setup') else ''} | {'on' if r['gc'] else 'off'} | {r['class']} | "
                              f"{r.get('measured_peak', ''):{','}} | " if isinstance(r.get("measured_peak"), int) else
-                             f"| {t} | {r['optim']} | {'on' if r['gc'] else 'off'} | {r['class']} | | ")
+                             f"| {t} | {r['optim']}{' (' + r['setup'] + ')' if r.get('setup') else ''} | {'on' if r['gc'] else 'off'} | {r['class']} | | ")
                 lines[-1] += (f"{err * 100:+.4f}% | " if err is not None else " | ") + f"{wp} | {why} |"
         lines.append("")
     not_run = {task: [t for t in index["tasks"].get(task, []) if (task, t) not in by_type] for task in tasks}
     data = {"facts": facts, "transformers_zoo": index["transformers"], "summary": summary, "not_run": not_run,
-            "rows": sorted(rows.values(), key=lambda r: (r["task"], r["type"], r["optim"], r["gc"]))}
+            "rows": sorted(rows.values(), key=lambda r: (r["task"], r["type"], r["optim"], r["gc"], r.get("setup", "")))}
     return "\n".join(lines) + "\n", data
 
 
@@ -280,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optim", action="append", help="optimizers (repeatable; default: adamw_torch)")
     p.add_argument("--gc", choices=("off", "on", "both"), default="off", help="gradient checkpointing")
     p.add_argument("--type", action="append", help="only these model types (repeatable)")
+    p.add_argument("--setup", action="append", choices=tuple(SETUPS), help="what is trained (repeatable; default: "
+                   "full); frozen-vision and lora-lm are vision-language setups")
     p.add_argument("--limit", type=int, default=0, help="at most this many cases (0: all)")
     p.add_argument("--jobs", type=int, default=1, help="cases run at once (one process each)")
     p.add_argument("--log", default=str(LOG), help="the resumable log (JSON lines)")
@@ -297,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     log = Path(args.log)
     CASE_TIMEOUT_S = args.timeout
     if not args.render:
-        cases = zoo_cases(tasks, optims, gcs)
+        cases = zoo_cases(tasks, optims, gcs, tuple(args.setup or ("full",)))
         if args.type:
             cases = [c for c in cases if c[0] in args.type]
         if args.limit:

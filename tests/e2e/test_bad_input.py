@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from optimem.harness.cli import main
+from optimem.estimators.zoo import ZOO_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORDS = ROOT / "results" / "cpu-amd-epyc-2026-11-23.jsonl"
@@ -343,6 +344,13 @@ CASES: list[tuple[str, int, str]] = [
     ("run --optim galore_adamw_layerwise --no-save --grad-accum 2", 2, "--grad-accum"),
     (f"{R} --nproc 2", 2, "--nproc"),
     (f"{R} --freeze '*'", 2, "--freeze"),
+    # --- image-text-to-text (estimators/vision.py)
+    (f"{E} --image-size 32", 2, "--image-size"),
+    (f"{E} --images-per-sample 2", 2, "--images-per-sample"),
+    (f"{E} --task image-text-to-text --image-size 0", 2, "--image-size"),
+    (f"{E} --task image-text-to-text --image-size abc", 2, "--image-size"),
+    (f"{E} --task image-text-to-text --images-per-sample 0", 2, "--images-per-sample"),
+    (f"{E} --model {ZOO_DIR}/llava.json --task image-text-to-text --images-per-sample 3 --seq-len 3", 2, "--seq-len"),
     # --- sweep: everything a run would refuse is refused before the dry run lists it
     ("sweep --dry-run", 2, "--optim"),
     ("sweep --optim nosuch --dry-run", 2, "--optim"),
