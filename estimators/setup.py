@@ -87,10 +87,6 @@ CLI: dict[str, Flag] = {
                                  "all-linear (default for those: all-linear)", metavar="REGEX", listed=True),
     "freeze": Flag(("--freeze",), "freeze the parameters whose name matches this regex; for a vision-language model "
                    "also vision (the vision tower), projector, or vision,projector", metavar="REGEX"),
-    "image_size": Flag(("--image-size",), "image-text-to-text: each image's side in pixels (default: the vision "
-                       "config's image_size)", int, metavar="PIXELS"),
-    "images_per_sample": Flag(("--images-per-sample",), "image-text-to-text: images per sample (default 1); "
-                              "--seq-len counts the text tokens besides their image tokens", int, metavar="N"),
     "num_processes": Flag(("--nproc", "--num-gpus"), "training processes / GPUs in all (data parallel; the "
                           "Trainer's world size)", int, metavar="N"),
     "num_nodes": Flag(("--nnodes",), "machines the processes are spread over (evenly: --nproc / --nnodes per node); "
@@ -137,6 +133,10 @@ CLI: dict[str, Flag] = {
     "prepare_kbit": Flag(("--prepare-kbit",), "call peft's prepare_model_for_kbit_training (fp32 upcast of the "
                          "unquantized parameters; checkpointing follows --gradient-checkpointing); default on "
                          "with --quantize", metavar="{on,off}"),
+    "image_size": Flag(("--image-size",), "image-text-to-text: each image's side in pixels (default: the vision "
+                       "config's image_size)", int, metavar="PIXELS"),
+    "images_per_sample": Flag(("--images-per-sample",), "image-text-to-text: images per sample (default 1); "
+                              "--seq-len counts the text tokens besides their image tokens", int, metavar="N"),
 }
 """The command-line form of every field (the argparse ``dest`` is the field name)."""
 

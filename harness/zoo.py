@@ -25,6 +25,7 @@ import signal
 from pathlib import Path
 
 from optimem.harness.validate import STEPS, Case, machine_facts, measure, predict, quiet_libraries
+from optimem.estimators.catalog import resolve
 from optimem.estimators.errors import TraceFailure, UserError
 from optimem.estimators.zoo import ZOO_DIR, load_index, zoo_config_path, zoo_types
 
@@ -71,6 +72,14 @@ def run_one(model_type: str, task: str, optim: str, gc: bool, setup: str = "full
     build = (entry.get("build") or {}).get(task)
     if path is None or build:
         return {**row, "class": "no config", "reason": entry.get("error") or build or "no config"}
+    if task == "image-text-to-text":  # the run and the estimate both need the model's image inputs
+        # lazy: pulls in torch, transformers, which importing this module does not
+        from optimem.estimators.trace.images import spec_for
+
+        try:
+            spec_for(resolve(str(path)), task, None, 1)
+        except UserError as exc:
+            return {**row, "class": "refused", "reason": f"optimem builds no image inputs for it: {exc}"}
     case = Case(str(path), optim, ZOO_SHAPE[0], ZOO_SHAPE[1], gc, task=task, **SETUPS[setup])
     t0 = time.perf_counter()
     try:

@@ -62,13 +62,18 @@ def real_step_error(source: ModelSource, setting: TraceSetting) -> str | None:
     vocab = getattr(cfg, "vocab_size", None) or getattr(text, "vocab_size", 0)
     facts = ModelFacts(False, False, bool(getattr(cfg, "is_encoder_decoder", False)), int(vocab or 0), "",
                        int(getattr(cfg, "num_labels", 2) or 2), getattr(model, "main_input_name", "input_ids"))
+    images = None
+    if getattr(setting, "images", None):  # image-text-to-text: the images and their tokens, counted on real tensors
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                images = image_spec(model, *setting.images)
+        except UserError as exc:
+            raise LookupError(f"optimem builds no image inputs for it: {exc}") from None
+    batch = real_batch(facts, BATCH, SEQ, setting.task, packed=bool(getattr(setting, "packed", False)), images=images)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # image-text-to-text: the same images and image tokens, counted by the real model's get_image_features
-            images = image_spec(model, *setting.images) if getattr(setting, "images", None) else None
-            batch = real_batch(facts, BATCH, SEQ, setting.task, packed=bool(getattr(setting, "packed", False)),
-                               images=images)
             out = model(**batch)
             loss = out["loss"] if isinstance(out, dict) else out[0]
             loss.backward()

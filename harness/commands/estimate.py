@@ -285,6 +285,9 @@ def _phase_label(phase: str) -> str:
 
 def _settings_line(setup: TrainingSetup) -> str:
     parts = [f"batch {setup.batch_size} x seq {setup.seq_len}"]
+    if setup.task == "image-text-to-text":
+        parts[0] += (f" text tokens + {setup.images_per_sample} image(s) of "
+                     f"{f'{setup.image_size} px' if setup.image_size else 'the vision config size'} per sample")
     if setup.grad_accum > 1:
         parts.append(f"x accum {setup.grad_accum}")
     parts.append(f"{setup.mixed_precision} autocast" if setup.mixed_precision else "no autocast")
