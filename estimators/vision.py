@@ -3,11 +3,11 @@ and the ``--freeze`` keywords ``vision`` / ``projector``. Plain data and checks 
 :mod:`optimem.estimators.trace.images`.
 
 The keywords name parts of a vision-language model the way transformers finds them: ``vision`` is the module
-``PreTrainedModel.get_encoder(modality="image")`` returns -- the first of ``vision_tower``, ``visual``,
-``vision_model``, ``vision_encoder``, ``image_tower`` on the model or its base model (``model.``) -- and ``projector``
-every other module of the base model that is not the language model ``get_decoder()`` returns (``language_model``,
-``text_model``, ``decoder``, ``text_decoder``): LLaVA's and Gemma 3's ``multi_modal_projector``, Idefics3's
-``connector``. (Qwen2-VL's patch merger lives inside its ``visual`` module: ``vision`` freezes it too.)
+``PreTrainedModel.get_encoder(modality="image")`` looks for -- ``vision_tower``, ``visual``, ``vision_model``,
+``vision_encoder``, ``image_tower`` (here at any depth: GIT's is ``git.image_encoder.vision_model``) -- and
+``projector`` every other module of the base model (``model.``, ``git.``...) that is not one of those or the language
+model ``get_decoder()`` looks for (``language_model``, ``text_model``, ``decoder``, ``text_decoder``): LLaVA's and
+Gemma 3's ``multi_modal_projector``, Idefics3's ``connector``. (Qwen2-VL's patch merger lives inside its ``visual`` module: ``vision`` freezes it too.)
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ IMAGE_ENCODERS = ("vision_tower", "visual", "vision_model", "vision_encoder", "i
 """``transformers.PreTrainedModel.get_encoder``'s module names for ``modality="image"``."""
 DECODERS = ("language_model", "text_model", "decoder", "text_decoder")
 """``transformers.PreTrainedModel.get_decoder``'s module names."""
-_VISION = r"^(?:model\.)?(?:" + "|".join(IMAGE_ENCODERS) + r")\."
-_PROJECTOR = r"^model\.(?!(?:" + "|".join(IMAGE_ENCODERS + DECODERS) + r")\.)[^.]+\."
+_VISION = r"(?:^|\.)(?:" + "|".join(IMAGE_ENCODERS) + r")\."
+_PROJECTOR = r"^\w+\.(?!(?:" + "|".join(IMAGE_ENCODERS + DECODERS) + r")\.)[^.]+\."
 FREEZE_KEYWORDS = {"vision": _VISION, "projector": _PROJECTOR}
 """``--freeze`` keywords and the parameter-name regex each stands for (see the module docstring)."""
 LM_LINEAR = r".*(?:" + "|".join(DECODERS) + r")\..*(?:proj|fc\d?|dense|linear|wi|wo|w\d)\w*"

@@ -100,8 +100,8 @@ shares of a 128-wide head's 64 rotary frequencies)."""
 def mrope_sections(out: dict) -> dict:
     """``out`` with the ``mrope_section`` of every (sub-)config whose class reads one (its
     ``ignore_keys_at_rope_validation`` names it) scaled to the tiny head: the sections -- the config's, else
-    :data:`MROPE_DEFAULT` -- in the same proportions summing to half the head dimension, as the Qwen2-VL tester's
-    ``[2, 1, 1]`` sums to its 8-wide head's 4."""
+    :data:`MROPE_DEFAULT` -- in the same proportions summing to half the head's rotary dimensions (``head_dim`` times
+    ``partial_rotary_factor``), as the Qwen2-VL tester's ``[2, 1, 1]`` sums to its 8-wide head's 4."""
     from transformers import CONFIG_MAPPING  # lazy: pulls in torch, transformers, which importing this module does not
 
     top = CONFIG_MAPPING[out["model_type"]] if out.get("model_type") in CONFIG_MAPPING else None  # a lazy mapping: no get
@@ -112,7 +112,8 @@ def mrope_sections(out: dict) -> dict:
                 or not isinstance(rope, dict):
             continue
         heads = sub.get("num_attention_heads") or 1
-        half = (sub.get("head_dim") or sub.get("hidden_size", 0) // heads) // 2
+        factor = sub.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0  # rotary share of a head
+        half = int((sub.get("head_dim") or sub.get("hidden_size", 0) // heads) * factor) // 2
         given = rope.get("mrope_section") or MROPE_DEFAULT
         if half and sum(given) != half:
             scaled = [max(1, round(x * half / sum(given))) for x in given]

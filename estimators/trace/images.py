@@ -29,7 +29,8 @@ from .tensor import TraceMode, TraceTensor, from_real
 
 TASK = "image-text-to-text"
 FIRST_ID = 3
-"""Text ids are drawn from here up to the first special token id (``harness/run_config.FIRST_SYNTHETIC_ID``)."""
+"""Text ids are drawn from here to the vocabulary's end, special token ids left out (as
+``harness/run_config.FIRST_SYNTHETIC_ID`` starts the text tasks' ids)."""
 IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index")
 TEXT_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids", "token_type_ids")
 
@@ -38,7 +39,7 @@ TEXT_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids", "toke
 class ImageSpec:
     """What the batch builder needs of the model: ``size`` (pixels, square), ``images`` per sample, ``tokens`` per
     image, the image token id, the pixel ``form`` (``flat``, ``nested`` or ``plain``), channels, patch sizes, the
-    forward's extra keys (``extra``) and the highest text id (exclusive)."""
+    forward's extra keys (``extra``), the text vocabulary and the special token ids no text token may take."""
 
     size: int
     images: int
@@ -49,7 +50,8 @@ class ImageSpec:
     patch: int
     temporal: int
     extra: tuple[str, ...]
-    text_hi: int
+    vocab: int
+    specials: tuple[int, ...] = ()
 
 
 def vision_config(config):
@@ -126,7 +128,9 @@ def pixel_sample(spec: ImageSpec, g: torch.Generator) -> dict[str, torch.Tensor]
 def text_sample(spec: ImageSpec, seq: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     """One sample's text tensors, ``(1, seq + images * tokens)`` each (see the module docstring)."""
     length = seq + spec.images * spec.tokens
-    ids = torch.randint(FIRST_ID, max(spec.text_hi, FIRST_ID + 1), (1, length), generator=g)
+    allowed = torch.arange(FIRST_ID, max(spec.vocab, FIRST_ID + 1))
+    allowed = allowed[~torch.isin(allowed, torch.tensor(spec.specials, dtype=torch.long))]
+    ids = allowed[torch.randint(0, len(allowed), (1, length), generator=g)]
     image = torch.zeros(1, length, dtype=torch.bool)
     for i in range(spec.images):
         start = i * (spec.tokens + 1)
@@ -195,7 +199,7 @@ def image_spec(model, size: int | None, images: int) -> ImageSpec:
                      int(getattr(vc, "num_channels", None) or getattr(vc, "in_channels", None) or 3), patch,
                      int(getattr(vc, "temporal_patch_size", None) or 1),
                      tuple(k for k in ("mm_token_type_ids", "token_type_ids", "image_sizes") if k in forward),
-                     min([config.get_text_config().vocab_size] + _special_ids(config)))
+                     int(config.get_text_config().vocab_size), tuple(sorted(set(_special_ids(config)))))
     if spec.form == "flat" and size % (patch * (getattr(vc, "spatial_merge_size", None) or 1)):
         raise UserError(f"image size {size} is not a multiple of {config.model_type}'s merged patch "
                         f"({patch} x {getattr(vc, 'spatial_merge_size', 1)} pixels): give such an --image-size")
