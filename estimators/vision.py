@@ -52,9 +52,15 @@ def check_image_fields(task: str, image_size, images_per_sample) -> None:
                         f"--task {TASK}, not of {task}")
 
 
+OTHER_ENCODERS = ("video_tower", "audio_tower", "image_encoder")
+"""Encoders besides ``get_encoder("image")``'s names whose position tables are not the text's (Video-LLaVA's
+``video_tower``, GIT's ``image_encoder``)."""
+
+
 def text_part(inv):
-    """The inventory without the vision tower's parameters (:data:`FREEZE_KEYWORDS` ``vision``)."""
-    rx = re.compile(_VISION)
+    """The inventory without the vision tower's (and :data:`OTHER_ENCODERS`') parameters: the model whose learned
+    positions limit the text."""
+    rx = re.compile(r"(?:^|\.)(?:" + "|".join(IMAGE_ENCODERS + OTHER_ENCODERS) + r")\.")
     return replace(inv, rows=tuple(r for r in inv.rows if not rx.search(r.name)), _cache={})
 
 
