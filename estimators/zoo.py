@@ -55,13 +55,15 @@ ALIGNED = {"intermediate_size": 40, "rotary_dim": 4}
 torch's ``grouped_mm`` (the routed experts of most MoE types) needs 16-byte row strides on the CPU -- 37 fp32 values
 are 148 bytes, and such a model fails on its own in the first forward -- and ``rotary_dim`` 4, the per-type testers'
 value for the types that name it (CodeGen, GPT-J: the class default 64 is more than a tiny head has)."""
-VLM_SIZES = dict(patch_size=4, image_size=16, mm_tokens_per_image=4, embed_dim=32, out_hidden_size=32)
+VLM_SIZES = dict(patch_size=4, image_size=16, mm_tokens_per_image=4, embed_dim=32, out_hidden_size=32,
+                 projection_dim=32)
 """The image-text-to-text types' extra sizes, passed by name like :data:`TESTER_SIZES` to the config and every sub-config
 (``vision_config``...) that names them: ``tests/vlm_tester.py``'s ``VLMModelTester`` patch size 4; its image size 8
 doubled to 16 (a 4 x 4 patch grid, so a 2 x 2 merge -- Qwen2-VL's patch merger, Idefics3's pixel shuffle -- and
 Gemma 3's average pooling to ``mm_tokens_per_image`` 4 tokens divide it; the class defaults, 224 / 14 or 32, do not);
 ``embed_dim`` / ``out_hidden_size`` 32, the tester's hidden size under the names Qwen2-VL's and Qwen2.5-VL's vision
-configs give their width and their output width (the language model's hidden size)."""
+configs give their width and their output width (the language model's hidden size); ``projection_dim`` 32, the
+tester's (PaliGemma projects the image features to it, for a language model as wide)."""
 SPECIAL_TOKEN = re.compile(r"^(?!(pad|bos|eos|decoder_start|sep|cls|mask|unk)_)\w+_token_(id|index)$")
 """Config fields holding a special token of the image-text-to-text types (``image_token_id``, ``image_token_index``,
 ``vision_start_token_id``, ``boi_token_index``...): :func:`vlm_token_ids` moves those beyond the tiny vocabulary inside
