@@ -109,6 +109,8 @@ def mrope_sections(out: dict) -> dict:
     top = CONFIG_MAPPING[out["model_type"]] if out.get("model_type") in CONFIG_MAPPING else None  # a lazy mapping: no get
     subs = getattr(top, "sub_configs", None) or {}
     for cls, sub in [(top, out)] + [(c, out.get(k)) for k, c in subs.items() if isinstance(out.get(k), dict)]:
+        if getattr(cls, "__name__", "") == "AutoConfig":  # the sub-config's own class, by its model_type
+            cls = CONFIG_MAPPING[sub["model_type"]] if sub.get("model_type") in CONFIG_MAPPING else None
         rope = sub.get("rope_parameters")
         if cls is None or "mrope_section" not in (getattr(cls, "ignore_keys_at_rope_validation", None) or ()) \
                 or not isinstance(rope, dict):

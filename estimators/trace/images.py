@@ -54,8 +54,24 @@ class ImageSpec:
     specials: tuple[int, ...] = ()
 
 
+def _configs(config) -> list:
+    """``config`` and its sub-configs (``sub_configs``: ``vision_config``, ``vlm_config``, ``encoder``...),
+    breadth first."""
+    out, todo = [], [config]
+    while todo:
+        c = todo.pop(0)
+        if c is None or any(c is o for o in out):
+            continue
+        out.append(c)
+        todo += [getattr(c, k, None) for k in (getattr(c, "sub_configs", None) or {})]
+    return out
+
+
 def vision_config(config):
-    return getattr(config, "vision_config", None) or getattr(config, "vision_encoder_config", None)
+    """The first (sub-)config, breadth first, that names an ``image_size`` or a ``patch_size`` (PI0's is inside its
+    ``vlm_config``, T5Gemma2's inside its ``encoder``)."""
+    return next((c for c in _configs(config)[1:] + [config]
+                 if _size_of(getattr(c, "image_size", None)) or _size_of(getattr(c, "patch_size", None))), None)
 
 
 def _size_of(v) -> int | None:
@@ -71,7 +87,7 @@ def default_image_size(config) -> int | None:
     one (Qwen2-VL style: any multiple of the patch grid) gets the smallest image its patch merger takes, ``patch_size
     * spatial_merge_size * 2`` pixels (2 x 2 merged tokens). None: the config names neither."""
     vc = vision_config(config)
-    size = _size_of(getattr(vc, "image_size", None)) or _size_of(getattr(config, "image_size", None))
+    size = _size_of(getattr(vc, "image_size", None))
     if size:
         return size
     patch = _size_of(getattr(vc, "patch_size", None))
@@ -81,22 +97,34 @@ def default_image_size(config) -> int | None:
 
 
 def image_token_id(config) -> int:
-    for key in IMAGE_TOKEN_KEYS:
-        v = getattr(config, key, None)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
+    for c in _configs(config):
+        for key in IMAGE_TOKEN_KEYS:
+            v = getattr(c, key, None)
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
     raise UserError(f"{getattr(config, 'model_type', 'this model')}: its config names no image token "
                     f"({' / '.join(IMAGE_TOKEN_KEYS)}): optimem cannot place images in its text")
 
 
 def _special_ids(config) -> list[int]:
     out = []
-    for c in (config, getattr(config, "get_text_config", lambda: config)()):
+    for c in _configs(config):
         for k, v in vars(c).items():
             if (k.endswith("_token_id") or k.endswith("_token_index")) and isinstance(v, int) \
                     and not isinstance(v, bool) and v >= FIRST_ID:
                 out.append(v)
     return out
+
+
+def _vocab(config) -> int:
+    """The text vocabulary: the text config's, else the first (sub-)config's that names one."""
+    try:
+        v = config.get_text_config().vocab_size
+    except AttributeError:
+        v = None
+    if not isinstance(v, int):
+        v = next((c.vocab_size for c in _configs(config) if isinstance(getattr(c, "vocab_size", None), int)), 0)
+    return int(v)
 
 
 def _form(forward_params) -> str:
@@ -199,7 +227,7 @@ def image_spec(model, size: int | None, images: int) -> ImageSpec:
                      int(getattr(vc, "num_channels", None) or getattr(vc, "in_channels", None) or 3), patch,
                      int(getattr(vc, "temporal_patch_size", None) or 1),
                      tuple(k for k in ("mm_token_type_ids", "token_type_ids", "image_sizes") if k in forward),
-                     int(config.get_text_config().vocab_size), tuple(sorted(set(_special_ids(config)))))
+                     _vocab(config), tuple(sorted(set(_special_ids(config)))))
     if spec.form == "flat" and size % (patch * (getattr(vc, "spatial_merge_size", None) or 1)):
         raise UserError(f"image size {size} is not a multiple of {config.model_type}'s merged patch "
                         f"({patch} x {getattr(vc, 'spatial_merge_size', 1)} pixels): give such an --image-size")
