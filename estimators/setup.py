@@ -133,10 +133,10 @@ CLI: dict[str, Flag] = {
     "prepare_kbit": Flag(("--prepare-kbit",), "call peft's prepare_model_for_kbit_training (fp32 upcast of the "
                          "unquantized parameters; checkpointing follows --gradient-checkpointing); default on "
                          "with --quantize", metavar="{on,off}"),
-    "image_size": Flag(("--image-size",), "image-text-to-text: each image's side in pixels (default: the vision "
-                       "config's image_size)", int, metavar="PIXELS"),
-    "images_per_sample": Flag(("--images-per-sample",), "image-text-to-text: images per sample (default 1); "
-                              "--seq-len counts the text tokens besides their image tokens", int, metavar="N"),
+    "image_size": Flag(("--image-size",), "image-text-to-text: image side in pixels (default: the config's)", int,
+                       metavar="PX"),
+    "images_per_sample": Flag(("--images-per-sample",), "image-text-to-text: images per sample (default 1; --seq-len "
+                              "counts the text tokens)", int, metavar="N"),
 }
 """The command-line form of every field (the argparse ``dest`` is the field name)."""
 
@@ -411,10 +411,10 @@ class TrainingSetup:
             sizes = check_model_config(self.source)
             inv = inventory if inventory is not None else build_inventory(self.source, task=self.task)
         with _field("seq_len"):
-            if self.task == "image-text-to-text":  # the text's positions: the vision tower's are the patches'
+            if self.task == "image-text-to-text":
                 check_image_seq(self.seq_len, self.images_per_sample)
-            check_sequence_length(text_part(inv) if self.task == "image-text-to-text" else inv, self.seq_len,
-                                  max_positions=sizes.get("max_position_embeddings"))
+            # the text's learned positions: a vision tower's (GIT's, as a causal LM too) are its patches'
+            check_sequence_length(text_part(inv), self.seq_len, max_positions=sizes.get("max_position_embeddings"))
         spec = get_spec(self.optim)
         with _field("optim_args"):
             args = spec.resolve_args(parse_optim_args(self.optim_args))
