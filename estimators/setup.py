@@ -25,7 +25,7 @@ from .model_check import check_model_config, check_sequence_length
 from .offload_config import OFFLOAD_DEVICES, read_deepspeed, read_fsdp
 from .optimizers import get_spec, parse_optim_args
 from .params import TASK_CLASSES, normalize_dtype
-from .vision import check_image_fields, check_image_seq, freeze_pattern, text_part
+from .vision import check_image_fields, check_image_seq, check_keyword_freeze, freeze_pattern, text_part
 
 TASKS = tuple(TASK_CLASSES)
 """Model heads a setup can train (``optimem.estimators.params.TASK_CLASSES``): ``causal-lm``, the default, builds the
@@ -410,6 +410,8 @@ class TrainingSetup:
         with _field("model"):
             sizes = check_model_config(self.source)
             inv = inventory if inventory is not None else build_inventory(self.source, task=self.task)
+        with _field("freeze"):
+            check_keyword_freeze(self.freeze, (r.name for r in inv.rows), self.model)
         with _field("seq_len"):
             if self.task == "image-text-to-text":
                 check_image_seq(self.seq_len, self.images_per_sample)

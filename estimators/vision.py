@@ -41,6 +41,17 @@ def freeze_pattern(text: str | None) -> str | None:
     return text
 
 
+def check_keyword_freeze(pattern: str | None, names, model: str) -> None:
+    """UserError (one line) when ``pattern`` is a ``--freeze`` keyword's regex that matches none of the parameter
+    ``names`` (a model with no vision tower, or no projector beside it)."""
+    words = {freeze_pattern(w): w for w in ("vision", "projector", "vision,projector", "projector,vision")}
+    if pattern in words and not any(re.search(pattern, n) for n in names):
+        what = (f"vision tower (a module named {', '.join(IMAGE_ENCODERS)})" if words[pattern].startswith("vision")
+                else "projector (a module beside its vision tower and language model)")
+        raise UserError(f"--freeze {words[pattern]} matches no parameter of {model}: it has no {what}; give a regex "
+                        "of parameter names")
+
+
 def check_image_fields(task: str, image_size, images_per_sample) -> None:
     """UserError (one line) for image fields that are not positive integers, or given for a text task."""
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
@@ -73,4 +84,4 @@ def check_image_seq(seq_len: int, images_per_sample: int) -> None:
 
 
 __all__ = ["DECODERS", "FREEZE_KEYWORDS", "IMAGE_ENCODERS", "LM_LINEAR", "TASK", "check_image_fields",
-           "check_image_seq", "freeze_pattern", "text_part"]
+           "check_image_seq", "check_keyword_freeze", "freeze_pattern", "text_part"]

@@ -346,6 +346,7 @@ CASES: list[tuple[str, int, str]] = [
     (f"{R} --freeze '*'", 2, "--freeze"),
     # --- image-text-to-text (estimators/vision.py)
     (f"{E} --image-size 32", 2, "--image-size"),
+    (f"{E} --freeze vision", 2, "--freeze"),
     (f"{E} --images-per-sample 2", 2, "--images-per-sample"),
     (f"{E} --task image-text-to-text --image-size 0", 2, "--image-size"),
     (f"{E} --task image-text-to-text --image-size abc", 2, "--image-size"),
