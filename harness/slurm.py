@@ -36,6 +36,7 @@ from optimem.harness.launcher import execute, resolve_device
 from optimem.harness.fit import refusal_record
 from optimem.estimators import get_spec
 from optimem.harness.env_facts import collect_env
+from optimem.harness.multinode import SrunLauncher
 
 QUEUED = ("PENDING", "REQUEUED", "CONFIGURING", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "UNKNOWN",
           "PREEMPTED")
@@ -101,9 +102,12 @@ class SlurmRun(submitit.helpers.Checkpointable):
     :func:`optimem.harness.launcher.execute` (tests)."""
 
     def __init__(self, cfg, *, timeout_s: float, track_tensors: bool | None = None, fault: str | None = None,
-                 force: bool = False, runner: Callable[..., dict] | None = None):
+                 force: bool = False, runner: Callable[..., dict] | None = None, srun_folder: Path | None = None):
         self.cfg, self.timeout_s, self.track_tensors, self.fault = cfg, timeout_s, track_tensors, fault
         self.force, self.runner = force, runner
+        self.srun_folder = srun_folder
+        """Set: the ranks start with ``srun`` + a torchrun agent per node (:class:`SrunLauncher`), their files in
+        this folder (shared by the nodes)."""
         self.attempt = 1
 
     def __call__(self) -> dict:
@@ -119,7 +123,9 @@ class SlurmRun(submitit.helpers.Checkpointable):
             record = refusal_record(self.cfg, resolve_device(self.cfg))
         if record is None:
             run = self.runner or execute
-            record = run(self.cfg, timeout_s=self.timeout_s, track_tensors=self.track_tensors, fault=self.fault)
+            extra = {"launcher": SrunLauncher(self.srun_folder)} if self.srun_folder is not None else {}
+            record = run(self.cfg, timeout_s=self.timeout_s, track_tensors=self.track_tensors, fault=self.fault,
+                         **extra)
         if record.get("status") != "ok" and terminated.wait(timeout=1.0):
             time.sleep(KILL_WAIT_S)  # a finished measurement is returned whatever comes; a killed one is not
         record["env"]["slurm"] = facts
@@ -219,8 +225,11 @@ class SlurmExecutor:
 
     def __init__(self, settings: SlurmSettings, *, timeout_s: float, force: bool = False, engine=None,
                  on_state: Callable[[str], None] | None = None, poll_s: float = 2.0,
-                 runner: Callable[..., dict] | None = None):
+                 runner: Callable[..., dict] | None = None, srun: bool = False):
         self.settings, self.timeout_s, self.force, self.runner = settings, timeout_s, force, runner
+        self.srun = srun
+        """Multi-process runs start their ranks with srun (a torchrun agent per node) even on one node (``bench
+        run --executor slurm``); a run over several nodes always does."""
         self.on_state, self.poll_s = on_state, poll_s
         if engine is None:
             settings.folder.mkdir(parents=True, exist_ok=True)
@@ -247,12 +256,19 @@ class SlurmExecutor:
             return self._node_memory
         return None, ""
 
+    def uses_srun(self, cfg) -> bool:
+        """Whether ``cfg``'s job starts its ranks with srun (a torchrun agent per node)."""
+        return int(getattr(cfg, "num_nodes", 1) or 1) > 1 or (self.srun and int(cfg.num_processes) > 1)
+
     def per_job(self, cfg) -> dict[str, Any]:
-        """What one configuration's job asks for beyond the sweep's settings: a core per process of a
-        multi-process run (its ranks on one node), and on CUDA a GPU per process unless
-        ``--slurm-gpus-per-node`` says otherwise. A value given by ``--slurm-extra`` wins."""
-        n = max(1, int(cfg.num_processes))
-        out: dict[str, Any] = {}
+        """What one configuration's job asks for beyond the sweep's settings: ``num_nodes`` nodes with one task
+        each, a core per process on each node (its ranks), and on CUDA a GPU per process on each node unless
+        ``--slurm-gpus-per-node`` says otherwise. A job that starts its ranks with srun runs its Python once, in
+        the batch step on the first node (submitit's ``use_srun=False``), which then calls srun itself. A value
+        given by ``--slurm-extra`` wins."""
+        nodes = max(1, int(getattr(cfg, "num_nodes", 1) or 1))
+        n = max(1, int(cfg.num_processes)) // nodes
+        out: dict[str, Any] = {"nodes": nodes, "ntasks_per_node": 1, "use_srun": not self.uses_srun(cfg)}
         if "cpus_per_task" not in self.settings.extra:
             out["cpus_per_task"] = n
         if cfg.device == "cuda" and self.settings.gpus_per_node is None and "gpus_per_node" not in self.settings.extra:
@@ -281,7 +297,8 @@ class SlurmExecutor:
     def run(self, cfg, *, timeout_s=None, track_tensors=None, fault=None, on_start=None, zygote=None) -> dict:
         label = config_label(cfg.to_dict())
         task = SlurmRun(cfg, timeout_s=timeout_s or self.timeout_s, track_tensors=track_tensors, fault=fault,
-                        force=self.force, runner=self.runner)
+                        force=self.force, runner=self.runner,
+                        srun_folder=self.settings.folder if self.uses_srun(cfg) else None)
         with self._lock:
             if self._stopping.is_set():
                 raise RuntimeError("the sweep is stopping: not submitted")
