@@ -74,6 +74,15 @@ def slurm_parameters(nnodes: int, gpus_per_node: int | None) -> dict:
     return params
 
 
+def agents_per_node() -> int:
+    """Torchrun agents started on each node: 1, unless the test hook ``OPTIMEM_SIMULATE_AGENTS_PER_NODE`` packs
+    several (several nodes simulated on one host)."""
+    value = os.environ.get(AGENTS_ENV) or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{AGENTS_ENV} must be a positive whole number of agents per node, got {value!r}")
+    return int(value)
+
+
 def in_allocation() -> bool:
     """Whether this process runs inside a Slurm allocation (``salloc``, ``sbatch``, a submitted job)."""
     return bool(os.environ.get("SLURM_JOB_ID"))
@@ -113,7 +122,7 @@ class SrunLauncher:
     simulates several nodes on one host (tests on a one-node cluster; default from ``OPTIMEM_SIMULATE_AGENTS_PER_NODE``)."""
 
     folder: Path
-    agents_per_node: int = field(default_factory=lambda: int(os.environ.get(AGENTS_ENV) or 1))
+    agents_per_node: int = field(default_factory=agents_per_node)
 
     def launch(self, cfg, *, timeout_s: float, fault=None, track_tensors=None, on_start=None):
         if not in_allocation():
@@ -128,11 +137,11 @@ class SrunLauncher:
 
         def command(job: Path, result: Path) -> list[str]:
             return srun_command(nnodes, per_node, str(job), str(result), endpoint=endpoint, rdzv_id=rdzv_id,
-                                agents_per_node=self.agents_per_node, cpus_per_task=per_node)
+                                agents_per_node=min(self.agents_per_node, nnodes), cpus_per_task=per_node)
 
         return launch(cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors, on_start=on_start,
                       command=command, workdir=Path(self.folder).resolve() / "runs", launcher="srun + torchrun")
 
 
-__all__ = ["AGENTS_ENV", "RDZV_PORT", "SrunLauncher", "batch_script", "first_node", "in_allocation", "rendezvous_port",
+__all__ = ["AGENTS_ENV", "RDZV_PORT", "SrunLauncher", "agents_per_node", "batch_script", "first_node", "in_allocation", "rendezvous_port",
            "slurm_parameters", "srun_command", "torchrun_args"]

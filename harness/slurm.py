@@ -36,7 +36,7 @@ from optimem.harness.launcher import execute, resolve_device
 from optimem.harness.fit import refusal_record
 from optimem.estimators import get_spec
 from optimem.harness.env_facts import collect_env
-from optimem.harness.multinode import SrunLauncher
+from optimem.harness.multinode import SrunLauncher, agents_per_node
 
 QUEUED = ("PENDING", "REQUEUED", "CONFIGURING", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "UNKNOWN",
           "PREEMPTED")
@@ -265,14 +265,24 @@ class SlurmExecutor:
         each, a core per process on each node (its ranks), and on CUDA a GPU per process on each node unless
         ``--slurm-gpus-per-node`` says otherwise. A job that starts its ranks with srun runs its Python once, in
         the batch step on the first node (submitit's ``use_srun=False``), which then calls srun itself. A value
-        given by ``--slurm-extra`` wins."""
+        given by ``--slurm-extra`` wins.
+
+        The node count goes to sbatch through ``additional_parameters``: submitit counts a job's tasks as
+        ``nodes x ntasks_per_node`` and waits for a result from each, while such a job has one (the batch
+        step's)."""
         nodes = max(1, int(getattr(cfg, "num_nodes", 1) or 1))
         n = max(1, int(cfg.num_processes)) // nodes
-        out: dict[str, Any] = {"nodes": nodes, "ntasks_per_node": 1, "use_srun": not self.uses_srun(cfg)}
+        srun = self.uses_srun(cfg)
+        agents = min(agents_per_node(), nodes) if srun else 1  # >1: several nodes simulated on one host (tests)
+        extra = dict(self.settings.extra)
+        if srun:
+            extra.setdefault("nodes", nodes // agents)
+        out: dict[str, Any] = {"nodes": 1, "ntasks_per_node": 1, "use_srun": not srun,
+                               "additional_parameters": extra}
         if "cpus_per_task" not in self.settings.extra:
-            out["cpus_per_task"] = n
+            out["cpus_per_task"] = n * agents
         if cfg.device == "cuda" and self.settings.gpus_per_node is None and "gpus_per_node" not in self.settings.extra:
-            out["gpus_per_node"] = n
+            out["gpus_per_node"] = n * agents
         return out
 
     def counts(self) -> dict[str, int]:

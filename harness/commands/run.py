@@ -203,6 +203,10 @@ def _header(record: dict) -> list[str]:
     took = f", {run['duration_s']:.1f} s" if run.get("duration_s") else ""
     if c.get("num_processes", 1) > 1:
         shape += f", {c['num_processes']} processes, {c.get('sharding')}"
+        if c.get("num_nodes", 1) > 1:
+            shape += f" on {c['num_nodes']} nodes"
+    if (env.get("slurm") or {}).get("job_id"):
+        shape += f", Slurm job {env['slurm']['job_id']}"
     return [f"bench run: {c['optim']} on {c['model']}: {status}",
             f"  {device} ({env.get('device_name') or 'unknown device'}), {precision}, {shape}, "
             f"{c['steps']} steps ({c['warmup']} warmup){took}" + (", " + ", ".join(extra) if extra else "")]
@@ -228,6 +232,10 @@ def render(record: dict, saved: str | None = None) -> str:
         if record.get("distributed"):
             console.print()
             console.print(_rank_table(record))
+            if (record["distributed"].get("nodes") or {}).get("measured"):
+                console.print()
+                console.print(_node_table(record))
+                console.print(f"  predicted per node: {record['distributed']['nodes']['predicted']['source']}")
         if m and record.get("distributed"):
             console.print()
             console.print(_phase_table(m))
@@ -276,6 +284,21 @@ def _rank_table(record: dict):
         t.add_row(f"  rank {r['rank']}", human_bytes(r["peak"]), human_bytes(r["peak_predicted"]), err,
                   human_bytes(r["gradients"]), human_bytes(r["gradients_predicted"]),
                   human_bytes(r["optimizer_state"]), human_bytes(r["optimizer_state_predicted"]))
+    return t
+
+
+def _node_table(record: dict):
+    """Per node (torchrun agent): its ranks, the sums of their measured peaks and RSS peaks, and the planner's
+    host bytes per node."""
+    nodes = record["distributed"]["nodes"]
+    pred = nodes["predicted"]
+    t = _table("  per node", "ranks", "peaks (sum)", "RSS peaks (sum)", "predicted host", "error")
+    for n in nodes["measured"]:
+        label = n["node"] + (f" (node rank {n['node_rank']})" if n.get("node_rank") is not None else "")
+        host = pred.get("host_bytes")
+        err = _pct(n.get("peak_bytes_sum"), host) if record["distributed"]["backend"] == "gloo" else "-"
+        t.add_row(f"  {label}", ",".join(str(r) for r in n["ranks"]), human_bytes(n.get("peak_bytes_sum")),
+                  human_bytes(n.get("rss_peak_bytes_sum")), human_bytes(host) if host is not None else "-", err)
     return t
 
 

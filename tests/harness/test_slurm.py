@@ -231,6 +231,12 @@ def test_settings_become_submitit_parameters():
     assert SlurmSettings(folder=Path("x"), time_min=7).parameters(60)["time"] == 7
     ex = SlurmExecutor(s, timeout_s=60, engine=object())
     two = RunConfig(model="tiny-llama", optim="sgd", device="cuda", num_processes=2, sharding="ddp")
-    assert ex.per_job(two) == {"cpus_per_task": 2}  # --slurm-gpus-per-node 8 given: kept
+    one_node = {"nodes": 1, "ntasks_per_node": 1, "use_srun": True}
+    assert ex.per_job(two) == {**one_node, "cpus_per_task": 2,  # --slurm-gpus-per-node 8 given: kept
+                               "additional_parameters": {"mem": "64G", "constraint": "h100"}}
     mine = SlurmExecutor(SlurmSettings(folder=Path("x")), timeout_s=60, engine=object())
-    assert mine.per_job(two) == {"cpus_per_task": 2, "gpus_per_node": 2}
+    assert mine.per_job(two) == {**one_node, "cpus_per_task": 2, "gpus_per_node": 2, "additional_parameters": {}}
+    # over 2 nodes: the batch step runs srun (a torchrun agent per node); sbatch gets the nodes, submitit one task
+    four = RunConfig(model="tiny-llama", optim="sgd", device="cuda", num_processes=8, num_nodes=2, sharding="ddp")
+    assert mine.per_job(four) == {"nodes": 1, "ntasks_per_node": 1, "use_srun": False, "cpus_per_task": 4,
+                                  "gpus_per_node": 4, "additional_parameters": {"nodes": 2}}
