@@ -16,6 +16,7 @@ kernel's or Slurm's OOM killer, a time limit after its requeues) into one ``erro
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -59,6 +60,10 @@ class SlurmSettings:
     account: str | None = None
     qos: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    array: bool = False
+    """``--slurm-array``: a sweep's runs go as one job array (one per set of job parameters) instead of one job
+    each; ``array_parallelism``: how many of its tasks run at once (``--jobs``; None: all)."""
+    array_parallelism: int | None = None
 
     def parameters(self, timeout_s: float) -> dict[str, Any]:
         """submitit's ``SlurmExecutor.update_parameters`` keywords."""
@@ -205,6 +210,11 @@ def recover_records(sweep, folder: Path) -> int:
     return n
 
 
+def _run_key(cfg) -> str:
+    """Which prepared job a run takes: its whole configuration."""
+    return json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+
+
 def _bucket(state: str) -> str:
     word = (state or "UNKNOWN").split()[0].upper()
     if word in DONE:
@@ -246,6 +256,8 @@ class SlurmExecutor:
         self._states: dict[str, str] = {}
         self._stopping = threading.Event()
         self._node_memory: tuple[int | None, str] | None = None
+        self._prepared: dict[str, list] = {}
+        """run key -> jobs already submitted in an array (:meth:`prepare`), taken by :meth:`run` in order."""
 
     def available(self, device: str) -> tuple[int | None, str]:
         """What a job's node offers for the check before submission: a CPU run against the partition's
@@ -304,18 +316,48 @@ class SlurmExecutor:
                 self.on_state(f"slurm job {job.job_id} ({label}): {state}{where}; jobs: {c['queued']} queued, "
                               f"{c['running']} running, {c['done']} done, {c['failed']} failed")
 
-    def run(self, cfg, *, timeout_s=None, track_tensors=None, fault=None, on_start=None, zygote=None) -> dict:
-        label = config_label(cfg.to_dict())
-        task = SlurmRun(cfg, timeout_s=timeout_s or self.timeout_s, track_tensors=track_tensors, fault=fault,
+    def _task(self, cfg, timeout_s, track_tensors, fault) -> SlurmRun:
+        return SlurmRun(cfg, timeout_s=timeout_s or self.timeout_s, track_tensors=track_tensors, fault=fault,
                         force=self.force, runner=self.runner,
                         srun_folder=self.settings.folder if self.uses_srun(cfg) else None)
+
+    def prepare(self, runs: list[tuple[Any, str | None]], *, timeout_s=None, track_tensors=None) -> None:
+        """``--slurm-array``: submit every run still to come (``(cfg, fault)``, once per repeat) now, as one
+        job array per set of job parameters (:meth:`per_job`; usually one array for the sweep), at most
+        ``array_parallelism`` tasks running at once; :meth:`run` then waits on the job submitted here instead of
+        submitting one. Nothing without ``--slurm-array``."""
+        if not self.settings.array or not runs:
+            return
+        groups: dict[str, list] = {}
+        for cfg, fault in runs:
+            groups.setdefault(json.dumps(self.per_job(cfg), sort_keys=True), []).append((cfg, fault))
+        for params, items in groups.items():
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                if isinstance(self.engine, submitit.SlurmExecutor):
+                    self.engine.update_parameters(job_name=f"optimem sweep ({len(items)} runs)",
+                                                  array_parallelism=self.settings.array_parallelism or len(items),
+                                                  **json.loads(params))
+                tasks = [self._task(cfg, timeout_s, track_tensors, fault) for cfg, fault in items]
+                with self.engine.batch():
+                    jobs = [self.engine.submit(task) for task in tasks]
+                for (cfg, _), job in zip(items, jobs):
+                    self._jobs[job.job_id] = job
+                    self._prepared.setdefault(_run_key(cfg), []).append(job)
+
+    def run(self, cfg, *, timeout_s=None, track_tensors=None, fault=None, on_start=None, zygote=None) -> dict:
+        label = config_label(cfg.to_dict())
         with self._lock:
             if self._stopping.is_set():
                 raise RuntimeError("the sweep is stopping: not submitted")
-            if isinstance(self.engine, submitit.SlurmExecutor):
-                self.engine.update_parameters(job_name=f"optimem {label}", **self.per_job(cfg))
-            job = self.engine.submit(task)
-            self._jobs[job.job_id] = job
+            queued = self._prepared.get(_run_key(cfg))
+            job = queued.pop(0) if queued else None
+            if job is None:
+                if isinstance(self.engine, submitit.SlurmExecutor):
+                    self.engine.update_parameters(job_name=f"optimem {label}", **self.per_job(cfg))
+                job = self.engine.submit(self._task(cfg, timeout_s, track_tensors, fault))
+                self._jobs[job.job_id] = job
         self._set_state(job, "PENDING", label)
         last_force = 0.0
         while True:

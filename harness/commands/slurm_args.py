@@ -10,11 +10,13 @@ from optimem.estimators.errors import UserError
 from optimem.harness.commands.argtypes import positive_int
 
 SLURM_FLAGS = ("slurm_partition", "slurm_gpus_per_node", "slurm_time", "slurm_account", "slurm_qos", "slurm_extra",
-               "slurm_folder")
+               "slurm_folder", "slurm_array")
 
 
-def add_slurm_arguments(p: argparse.ArgumentParser, executor_help: str) -> argparse._ArgumentGroup:
-    """``--executor local|slurm`` and the ``--slurm-*`` options, in a group "where runs execute"."""
+def add_slurm_arguments(p: argparse.ArgumentParser, executor_help: str, *,
+                        array: bool = False) -> argparse._ArgumentGroup:
+    """``--executor local|slurm`` and the ``--slurm-*`` options, in a group "where runs execute" (``array``:
+    with ``--slurm-array``, for sweeps)."""
     x = p.add_argument_group("where runs execute")
     x.add_argument("--executor", choices=["local", "slurm"], default=None, help=executor_help)
     x.add_argument("--slurm-partition", metavar="NAME", help="the partition jobs go to (default: the cluster's)")
@@ -29,6 +31,10 @@ def add_slurm_arguments(p: argparse.ArgumentParser, executor_help: str) -> argpa
     x.add_argument("--slurm-folder", metavar="DIR",
                    help="submitit's job files and logs, and a multi-node run's rank files: a folder every node sees "
                         "(default: RESULTS.slurm/ beside the results file)")
+    if array:
+        x.add_argument("--slurm-array", action="store_true", default=None,
+                       help="submit the sweep's runs as one Slurm job array (--jobs caps how many run at once) "
+                            "instead of one job each")
     return x
 
 
@@ -54,7 +60,8 @@ def slurm_settings(args: argparse.Namespace, out: Path, *, executor: str | None,
         check_partition(args.slurm_partition)
     folder = Path(args.slurm_folder) if args.slurm_folder else out.with_name(out.name.removesuffix(".jsonl") + ".slurm")
     return SlurmSettings(folder=folder, partition=args.slurm_partition, gpus_per_node=args.slurm_gpus_per_node,
-                         time_min=args.slurm_time, account=args.slurm_account, qos=args.slurm_qos, extra=extra)
+                         time_min=args.slurm_time, account=args.slurm_account, qos=args.slurm_qos, extra=extra,
+                         array=bool(getattr(args, "slurm_array", None)))
 
 
 __all__ = ["SLURM_FLAGS", "add_slurm_arguments", "slurm_settings"]

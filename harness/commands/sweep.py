@@ -83,7 +83,8 @@ def register(sub) -> None:
                         "(required for --find-max-batch on CPU)")
     r.add_argument("--max-batch-cap", type=positive_int, metavar="N", help="largest batch a search tries (default 4096)")
     add_slurm_arguments(p, "local: worker processes on this machine (default); slurm: one Slurm job per "
-                           "configuration through submitit (same records, lock, --resume and results file)")
+                           "configuration through submitit (same records, lock, --resume and results file)",
+                        array=True)
     o = p.add_argument_group("output")
     o.add_argument("--dry-run", action="store_true", help="list the configurations (and what --resume skips); run "
                                                           "nothing")
@@ -232,6 +233,8 @@ def _slurm_settings(args: argparse.Namespace, opts, runs: int):
         return None
     if args.jobs is None:  # every job submitted at once: the cluster's queue decides what runs when
         opts.jobs = max(1, min(runs * opts.repeat, 512))
+    elif settings.array:
+        settings.array_parallelism = opts.jobs
     opts.fork = False
     return settings
 

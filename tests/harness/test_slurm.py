@@ -55,6 +55,12 @@ def slurm() -> None:
         pytest.skip(f"no Slurm cluster: {UP} said {last or done.stderr.strip()[-300:]!r}")
 
 
+def _state(job: str) -> str | None:
+    """squeue's state of ``job`` (an array task: ``ARRAY_TASK``), None once it has left the queue."""
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=20).stdout
+    return out.split()[0] if out.split() else None
+
+
 def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
@@ -149,6 +155,62 @@ def test_ctrl_c_cancels_the_jobs_the_sweep_submitted(slurm, tmp_path):
         time.sleep(0.5)
     assert _job_named("sgd tiny-llama b1xs4 fp32") is None  # cancelled, not left running
     assert _records(out) == []  # an interrupted job is no outcome: nothing recorded
+
+
+MATRIX_ENV = "OPTIMEM_SLURM_MATRIX"
+
+
+@pytest.mark.parametrize("cancel", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not os.environ.get(MATRIX_ENV), reason=f"cancelling a task mid-run waits out Slurm's KillWait (~75 s in all): set "
+                                          f"{MATRIX_ENV}=1; the first test cancels a job of a sweep without arrays"))])
+def test_an_array_sweep_submits_one_array_and_resume_recovers_what_its_tasks_returned(slurm, tmp_path, cancel):
+    out = tmp_path / "array.jsonl"
+    grid = ["--optim", "sgd", "--model", "tiny-llama", "--shape", "1x6", "2x6", "--steps", "2", "--warmup", "1",
+            "--device", "cpu", "--progress", "lines", "--executor", "slurm", "--slurm-array", "--out", str(out)]
+    cmd = [sys.executable, "-c", "import sys; from optimem.harness.cli import main; sys.exit(main())", "sweep",
+           *grid, *(["--fault", "sgd:2x6=hang@step0.forward"] if cancel else [])]
+    log = open(tmp_path / "sweep.log", "w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not _records(out) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        first = _records(out)[0]["run"]["slurm"]["job_id"]  # ARRAY_TASK
+        array_id, task = first.split("_")
+        other = f"{array_id}_{1 - int(task)}"
+        if cancel:
+            while _state(other) != "RUNNING" and time.monotonic() < deadline:  # the hung task, mid-run
+                time.sleep(0.5)
+            assert _state(other) == "RUNNING"
+            subprocess.run(["scancel", other], check=True, timeout=20)
+        assert proc.wait(timeout=240) == (1 if cancel else 0), (tmp_path / "sweep.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+        subprocess.run(["scancel", "--name", "optimem sweep (2 runs)"], timeout=20)  # nothing left behind
+    recs = _records(out)
+    by_task = {r["run"]["slurm"]["job_id"]: r for r in recs}
+    assert sorted(by_task) == sorted([first, other])  # one array, a task per configuration
+    assert {r["config"]["batch_size"] for r in recs} == {1, 2}
+    assert all(r["env"]["slurm"]["array_job_id"] == array_id for r in recs if r["status"] == "ok")
+    if cancel:
+        failed = by_task[other]
+        assert failed["status"] == "error" and failed["measured"] is None
+        assert f"Slurm job {other} ended CANCELLED" in failed["reason"]
+    else:
+        assert [r["status"] for r in recs] == ["ok", "ok"]
+        assert {r["env"]["slurm"]["array_task_id"] for r in recs} == {"0", "1"}
+    # a sweep that died before appending a task's record: --resume appends it from the task's result file
+    # (nothing runs again)
+    kept, lost = by_task[other], by_task[first]
+    out.write_text(json.dumps(kept) + "\n")
+    main(["sweep", *grid, "--resume"])
+    recs = _records(out)
+    assert [r["run_id"] for r in recs] == [kept["run_id"], lost["run_id"]]
+    assert recs[1]["run"]["slurm"]["recovered_from"].endswith(f"{first}_0_result.pkl")
+    for r in recs:
+        validate(r)
 
 
 def test_an_unknown_partition_is_refused_before_anything_is_submitted(slurm, tmp_path, capsys):
