@@ -196,6 +196,9 @@ def main(args: argparse.Namespace) -> int:
     configs = _runnable(grid, grid.configs(extra=extra, source=args.config or "command line"), check_config)
     devices = {resolve_device(c) for c in configs}
     slurm = _slurm_settings(args, opts, len(configs))
+    if slurm is None and any(int(c.num_nodes) > 1 for c in configs):
+        raise UserError("--nnodes above 1: a run over several nodes starts through Slurm (srun + a torchrun agent per "
+                        "node): add --executor slurm")
     if opts.jobs > 1 and "cuda" in devices and slurm is None:
         raise UserError("--jobs above 1 would share the GPU between runs (their out-of-memory points and timings "
                         "would be each other's): use --jobs 1 on a GPU")

@@ -310,6 +310,8 @@ CASES: list[tuple[str, int, str]] = [
     ("run --optim adamw_torch --model tiny-llama --nproc 2 --nnodes 2 --sharding ddp --executor local --no-save", 2,
      "--nnodes 2"),
     ("run --optim adamw_torch --model tiny-llama --slurm-partition debug --no-save", 2, "--executor slurm"),
+    ("sweep --optim adamw_torch --model tiny-llama --nproc 2 --nnodes 2 --sharding ddp --dry-run", 2,
+     "--executor slurm"),
     ("run --optim adamw_torch --out /proc/x.jsonl", 2, "--out"),
     ("run --optim adamw_torch --out {d}/adir", 2, "--out"),
     ("run --optim adamw_torch --out ''", 2, "--out"),
