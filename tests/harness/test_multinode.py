@@ -157,3 +157,16 @@ def test_bench_run_inside_an_allocation_runs_srun_itself(slurm, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     rec = _check_record(out, nodes=1)
     assert "env" in rec and "slurm" not in rec["env"]  # not submitted: srun ran from the allocation's shell
+
+
+def test_srun_needs_an_allocation_and_the_rendezvous_port_follows_the_first_node(tmp_path, monkeypatch):
+    from optimem.estimators.errors import UserError
+    from optimem.harness.multinode import RDZV_PORT, SrunLauncher, rendezvous_port
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    cfg = RunConfig(model="tiny-llama", optim="sgd", device="cpu", num_processes=2, num_nodes=2, sharding="ddp")
+    with pytest.raises(UserError, match="allocation"):
+        SrunLauncher(tmp_path).launch(cfg, timeout_s=5)
+    assert rendezvous_port("elsewhere-node", "123456") == RDZV_PORT + 3456  # another node: derived from the job
+    import socket
+    assert rendezvous_port(socket.gethostname(), "1") != RDZV_PORT + 1  # this node: a free port
