@@ -7,7 +7,8 @@ live tensors on CPU, the CUDA allocator on GPUs) and of their process RSS peaks 
 upper bound of what the node held at once. Predicted per node (:func:`predicted_per_node`): under CPU / NVMe
 offload the offload split's host and NVMe bytes per node (:mod:`optimem.estimators.offload`, rules from the
 engines' source); CPU ranks: the planner's per-rank whole-step peak times the ranks per node (the host *is*
-their device); GPU ranks without offload: no host figure (their model states are on the GPUs).
+their device); GPU ranks without offload: the optimizer state an optimizer keeps in host memory (e.g. a paged
+or CPU-stepping one), times the ranks per node, else no host figure (their model states are on the GPUs).
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ def predicted_per_node(cfg, device: str, per_rank: Mapping[str, Any], predicted:
     if device == "cpu" and per_rank.get("supported") and per_rank.get("peak_bytes") is not None:
         return {"ranks_per_node": k, "host_bytes": int(per_rank["peak_bytes"]) * k, "nvme_bytes": 0,
                 "source": f"CPU ranks: the planner's per-rank whole-step peak x {k} ranks per node"}
+    if per_rank.get("host_state_bytes"):
+        return {"ranks_per_node": k, "host_bytes": int(per_rank["host_state_bytes"]) * k, "nvme_bytes": 0,
+                "source": f"the optimizer state its optimizer keeps in host memory, per rank x {k} ranks (the "
+                          "processes' own RSS is not predicted)"}
     return {"ranks_per_node": k, "host_bytes": None, "nvme_bytes": 0,
             "source": "model states on the GPUs: no host figure predicted (the processes' own RSS is not)"}
 

@@ -37,7 +37,7 @@ def predict_per_rank(cfg, device: str) -> dict[str, Any]:
     return {"supported": True, "reason": why, "peak_bytes": int(mem.peak), "peak_phase": mem.peak_phase,
             "weights_bytes": int(t["weights"] + t["master_weights"]),
             "gradients_bytes": int(t["gradients"]), "gradients_bytes_per_rank": per_rank,
-            "optimizer_state_bytes": int(t["optimizer_state"]),
+            "optimizer_state_bytes": int(t["optimizer_state"]), "host_state_bytes": int(mem.host_state),
             "terms": {k: int(v) for k, v in t.items()}, "breakdown": {k: int(v) for k, v in mem.breakdown.items()}}
 
 

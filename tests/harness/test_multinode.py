@@ -84,6 +84,7 @@ def test_ranks_group_by_agent_and_the_planner_gives_host_bytes_per_node():
     got = predicted_per_node(cfg, "cuda", {"supported": True, "peak_bytes": 50}, off)
     assert (got["host_bytes"], got["nvme_bytes"], got["pinned_bytes"]) == (7, 3, 2)
     assert predicted_per_node(cfg, "cuda", {"supported": True, "peak_bytes": 50}, None)["host_bytes"] is None
+    assert predicted_per_node(cfg, "cuda", {"supported": True, "host_state_bytes": 5}, None)["host_bytes"] == 10
 
 
 def _sinfo_ok() -> bool:
