@@ -41,10 +41,19 @@ def freeze_pattern(text: str | None) -> str | None:
     return text
 
 
+def _keywords() -> dict[str, str]:
+    return {freeze_pattern(w): w for w in ("vision", "projector", "vision,projector", "projector,vision")}
+
+
+def freeze_label(pattern: str) -> str:
+    """How a ``--freeze`` value reads: its keywords (``vision,projector``), else ``/regex/``."""
+    return _keywords().get(pattern) or f"/{pattern}/"
+
+
 def check_keyword_freeze(pattern: str | None, names, model: str) -> None:
     """UserError (one line) when ``pattern`` is a ``--freeze`` keyword's regex that matches none of the parameter
     ``names`` (a model with no vision tower, or no projector beside it)."""
-    words = {freeze_pattern(w): w for w in ("vision", "projector", "vision,projector", "projector,vision")}
+    words = _keywords()
     if pattern in words and not any(re.search(pattern, n) for n in names):
         what = (f"vision tower (a module named {', '.join(IMAGE_ENCODERS)})" if words[pattern].startswith("vision")
                 else "projector (a module beside its vision tower and language model)")
@@ -84,4 +93,4 @@ def check_image_seq(seq_len: int, images_per_sample: int) -> None:
 
 
 __all__ = ["DECODERS", "FREEZE_KEYWORDS", "IMAGE_ENCODERS", "LM_LINEAR", "TASK", "check_image_fields",
-           "check_image_seq", "check_keyword_freeze", "freeze_pattern", "text_part"]
+           "check_image_seq", "check_keyword_freeze", "freeze_label", "freeze_pattern", "text_part"]

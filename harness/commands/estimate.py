@@ -11,6 +11,7 @@ from optimem.estimators.cuda_overhead import alloc_config, calibrated_gpus
 from optimem.estimators.inventory import build_inventory
 from optimem.estimators.packing import packed_seq_len, padded_worst, samples, worst_micro_batch
 from optimem.estimators.setup import DEFAULT_TARGETS, TrainingSetup
+from optimem.estimators.vision import freeze_label
 from optimem.harness.commands.argtypes import add_no_cache
 from optimem.harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
 from optimem.harness.units import format_table, human_bytes, human_count
@@ -118,7 +119,7 @@ def run_estimates(args: argparse.Namespace):
                        f"{base.batch_size} x {base.seq_len}")
     base.check_trainable()  # the model config and the sequence length, once, before any optimizer
     targets = setup_kwargs(args).get("optim_target_modules")
-    inv = build_inventory(base.model)
+    inv = build_inventory(base.model, task=base.task)
     results, skipped = [], []
     for name in optims:
         spec = get_spec(name)
@@ -294,7 +295,7 @@ def _settings_line(setup: TrainingSetup) -> str:
     parts.append("gradient checkpointing" if setup.gradient_checkpointing else "no checkpointing")
     parts.append(f"{setup.attn_implementation} attention")
     if setup.freeze:
-        parts.append(f"frozen /{setup.freeze}/")
+        parts.append(f"frozen {freeze_label(setup.freeze)}")
     if setup.padding_free:
         parts.append(f"padding-free: {setup.batch_size * setup.seq_len} tokens packed per micro-batch")
     if setup.use_liger_kernel:

@@ -85,3 +85,15 @@ def test_vlm_estimate_matches_a_real_cpu_step():
     measured = int(payload["measured"]["peaks"]["tensor_peak_bytes"])
     predicted, _ = predict(case)
     assert abs(predicted - measured) / measured <= 0.01
+
+
+def test_bench_estimate_of_a_vlm(capsys):
+    """The command line: the image-text-to-text head (not the config's default class) and the keywords in the
+    settings line."""
+    from optimem.harness.cli import main
+
+    code = main(["estimate", "--model", _zoo("llava"), "--task", TASK, "--optim", "adamw_torch", "--device", "cpu",
+                 "--freeze", "vision,projector", "--batch-size", "2", "--seq-len", "64", "--images-per-sample", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "22.37K trainable" in out and "frozen vision,projector" in out and "2 image(s)" in out
