@@ -27,7 +27,7 @@ from .catalog import resolve
 from .errors import UserError
 from .inventory import instantiate
 from .params import TASK_CLASSES
-from .zoo_rules import TESTER_OVERRIDES, answer_refusal, integral_sizes, token_ids_in_vocab
+from .zoo_rules import TESTER_OVERRIDES, answer_refusal, chosen_defaults, integral_sizes, second_pass_sizes, token_ids_in_vocab
 
 ZOO_DIR = Path(__file__).with_name("configs") / "zoo"
 TASK_MAPPINGS = {
@@ -74,13 +74,13 @@ def _build(cls, kwargs: dict, second: bool = False):
     names (else the last one passed) to the class default; the second (``second``) answers the refusal as
     :func:`optimem.estimators.zoo_rules.answer_refusal` says."""
     fields = _config_fields(cls)
-    for attempt in range(RETRIES + 1):
+    for attempt in range(RETRIES * (2 if second else 1) + 1):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return cls(**kwargs)
         except Exception as exc:  # noqa: BLE001 - a validator refused a size: answer it and retry
-            if attempt == RETRIES or not kwargs:
+            if attempt == RETRIES * (2 if second else 1) or not kwargs:
                 raise
             text = " ".join(str(exc).split())
             if second:
@@ -123,7 +123,7 @@ def tiny_config(model_type: str, second: bool = False) -> dict:
     own = CONFIG_MAPPING[model_type]
     cls = _config_class(model_type, own)
     config = _build(cls, _tiny_kwargs(cls, second), second)
-    out = token_ids_in_vocab(integral_sizes(config.to_dict()), TESTER_SIZES["pad_token_id"])
+    out = token_ids_in_vocab(chosen_defaults(integral_sizes(config.to_dict())), TESTER_SIZES["pad_token_id"])
     out["model_type"] = model_type if cls is own else cls.model_type
     if out.get("is_encoder_decoder") and out.get("decoder_start_token_id") is None:
         out["decoder_start_token_id"] = TESTER_SIZES["pad_token_id"]  # as the encoder-decoder testers pass (T5's: 0)
@@ -189,7 +189,8 @@ def _tiny_kwargs(cls, second: bool = False) -> dict:
         except Exception:  # noqa: BLE001 - a sub-config the rule cannot shrink keeps its defaults
             pass
     if second:
-        kwargs.update(TESTER_OVERRIDES.get(getattr(cls, "model_type", None), {}))
+        kwargs.update(second_pass_sizes(dict(inspect.signature(cls.__init__).parameters), kwargs))
+    kwargs.update(TESTER_OVERRIDES.get(getattr(cls, "model_type", None), {}))
     return kwargs
 
 

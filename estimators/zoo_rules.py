@@ -13,22 +13,40 @@ from .model_check import OPTIONAL_SIZES, SIZES
 
 TESTER_OVERRIDES: dict[str, dict] = {
     "blt": {"encoder_hash_byte_group_vocab": 64},
-    "dbrx_attn": {"rope_theta": 500000},
+    "dbrx": {"attn_config": {"clip_qkv": 8, "kv_n_heads": 2, "rope_theta": 500000},
+             "ffn_config": {"ffn_hidden_size": 40, "moe_num_experts": 8, "moe_top_k": 4, "moe_jitter_eps": 0,
+                            "moe_loss_weight": 0.05}},
     "dots1": {"n_routed_experts": 8, "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "num_experts_per_tok": 8},
     "lfm2_moe": {"layer_types": ["full_attention", "conv"], "num_dense_layers": 1},
+    "layoutlmv3": {"hidden_size": 36, "num_attention_heads": 4, "coordinate_size": 6, "shape_size": 6,
+                   "input_size": 4, "patch_size": 2},
+    "lilt": {"hidden_size": 24, "num_attention_heads": 6},
+    "longcat_flash": {"hidden_size": 144, "ffn_hidden_size": 288, "expert_ffn_hidden_size": 48, "num_layers": 1,
+                      "num_attention_heads": 8, "num_key_value_heads": 8, "kv_lora_rank": 16, "q_lora_rank": 48,
+                      "qk_rope_head_dim": 4, "v_head_dim": 8, "qk_nope_head_dim": 8, "head_dim": 4,
+                      "n_routed_experts": 4, "zero_expert_num": 2, "moe_topk": 2, "max_position_embeddings": 128},
     "luke": {"entity_vocab_size": 10, "entity_emb_size": 6},
     "mamba2": {"num_heads": 8, "n_groups": 8, "state_size": 2, "head_dim": 8, "chunk_size": 8},
+    "mimo_v2_flash": {"num_attention_heads": 4, "intermediate_size": 64, "v_head_dim": 16,
+                      "layer_types": ["full_attention", "sliding_attention"]},
     "perceiver": {"num_latents": 10, "d_latents": 20, "d_model": 64, "qk_channels": 20, "v_channels": 20,
                   "num_blocks": 1, "num_self_attends_per_block": 2, "num_self_attention_heads": 1,
                   "num_cross_attention_heads": 1, "output_num_channels": 32, "_label_trainable_num_channels": 16},
+    "qwen3_5_text": {"layer_types": ["full_attention", "linear_attention"], "linear_conv_kernel_dim": 2,
+                     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 4,
+                     "linear_num_value_heads": 8},
 }
 """Sizes from a type's own ``ModelTester`` in huggingface/transformers ``tests/models/<type>/test_modeling_<type>.py``
 (its ``__init__`` defaults and what its ``get_config`` passes), keyed by the config class's ``model_type`` (a
-sub-config's own: DBRX's attention config is ``dbrx_attn``), for the types whose generic-rule config does not
-build or is over the parameter cap. Only sizes are taken, never a shape the zoo run fixes itself (Perceiver's
+sub-config's own), for the types whose generic-rule config builds no model, or one over the parameter cap, or
+one that fails on its own (LongCat-Flash's MLA ranks, LayoutLMv3's coordinate sizes that must sum to its hidden
+size, Qwen3.5's hybrid layers: with the rule's two linear-attention layers its classifier fails); both passes
+use them. Only sizes are taken, never a shape the zoo run fixes itself (Perceiver's
 tester has ``max_position_embeddings=7`` for its 7-token inputs; the zoo's sequences are 64 tokens)."""
 
 _MUST_BE = re.compile(r"`?(\w+)`? must be (-?\d+|True|False)\b")
+_MUST_MATCH = re.compile(r"`?(\w+)`? must (?:match|equal) `?(\w+)`?")
+_BELOW = re.compile(r"`?(\w+)`? \(\d+\) must be [^.]*?below `?(\w+)`? \((\d+)\)")
 _BETWEEN = re.compile(r"`?(\w+)`? must be between (\d+) and")
 _QUOTED = re.compile(r"[:=] *'?\"?([\w.-]+)'?\"?\.?$")
 
@@ -51,12 +69,19 @@ def _set_named(kwargs: dict, name: str, value) -> bool:
 def answer_refusal(kwargs: dict, message: str, fields: set[str]) -> bool:
     """Change ``kwargs`` (the config class's arguments; ``fields``: the names its ``__init__`` takes) as the
     class's refusal ``message`` asks, and say whether anything changed. In order: a message saying what a size
-    must be ("hidden_size_per_layer_input must be 0", also inside a sub-config) sets it; "X must be between N
+    must be ("hidden_size_per_layer_input must be 0", also inside a sub-config) sets it; "X (v) must be ... below
+    Y (n)" sets X to n - 1; "X must match Y" sets X to Y's passed value; "X must be between N
     and ..." sets X to N (the smallest size; also for a field left at its default); a passed value the message
     quotes at its end ("Unsupported ... activation: gelu.") is given back to the class default; then the longest
     passed name the message mentions is given back; then the last one passed."""
     m = _MUST_BE.search(message)
     if m and _set_named(kwargs, m.group(1), _literal(m.group(2))):
+        return True
+    m = _BELOW.search(message)
+    if m and _set_named(kwargs, m.group(1), int(m.group(3)) - 1):
+        return True
+    m = _MUST_MATCH.search(message)
+    if m and m.group(2) in kwargs and _set_named(kwargs, m.group(1), kwargs[m.group(2)]):
         return True
     m = _BETWEEN.search(message)
     if m and m.group(1) in fields and kwargs.get(m.group(1)) != int(m.group(2)):
@@ -78,7 +103,46 @@ def answer_refusal(kwargs: dict, message: str, fields: set[str]) -> bool:
     return False
 
 
+def second_pass_sizes(params: dict, kwargs: dict) -> dict:
+    """The generic sizes the second pass adds to ``kwargs`` (a config class's arguments so far; ``params``: its
+    ``__init__`` parameters, for their defaults), where the class default is larger than a tiny model has: every
+    other vocabulary (a name with ``vocab`` in it: Gemma 4's per-layer-input table, 262,144 rows) gets the
+    tester's ``vocab_size``; every other layer count (``num_..._layers``: Gemma 3n's 15 KV-sharing layers) at most
+    half of ``num_hidden_layers``; a factored ``embedding_size`` (ALBERT-style: SqueezeBERT, MobileBERT) at most
+    ``hidden_size``; a dict keyed by layer index keeps the layers the model has."""
+    vocab, layers, hidden = kwargs.get("vocab_size"), kwargs.get("num_hidden_layers"), kwargs.get("hidden_size")
+    out = {}
+    for name, p in params.items():
+        default = p.default
+        if name in kwargs or isinstance(default, bool):
+            continue
+        if isinstance(vocab, int) and "vocab" in name and isinstance(default, int) and default > vocab:
+            out[name] = vocab
+        elif isinstance(hidden, int) and name == "embedding_size" and isinstance(default, int) and default > hidden:
+            out[name] = hidden
+        elif isinstance(layers, int) and re.fullmatch(r"num_\w+_layers", name) and isinstance(default, int) \
+                and default > layers // 2:
+            out[name] = layers // 2
+        elif isinstance(layers, int) and isinstance(default, dict) and default and \
+                all(str(k).isdigit() for k in default):
+            out[name] = {k: v for k, v in default.items() if int(k) < layers}
+    return out
+
+
 _INT_SIZES = frozenset(n for names in (*SIZES.values(), *OPTIONAL_SIZES.values()) for n in names)
+
+
+def chosen_defaults(config: dict) -> dict:
+    """``config`` with a ``default_X`` the class leaves unset given the first of the choices it lists in ``Xs``
+    (X-MOD's ``default_language`` from ``languages``: what ``set_default_language``, which a Trainer user calls
+    before training, stores in the config)."""
+    out = dict(config)
+    for k, v in config.items():
+        if k.startswith("default_") and v is None:
+            choices = config.get(k[len("default_"):] + "s")
+            if isinstance(choices, (list, tuple)) and choices:
+                out[k] = choices[0]
+    return out
 
 
 def integral_sizes(config: dict) -> dict:
@@ -105,4 +169,4 @@ def token_ids_in_vocab(config: dict, pad_id: int) -> dict:
     return config
 
 
-__all__ = ["TESTER_OVERRIDES", "answer_refusal", "integral_sizes", "token_ids_in_vocab"]
+__all__ = ["TESTER_OVERRIDES", "answer_refusal", "chosen_defaults", "second_pass_sizes", "integral_sizes", "token_ids_in_vocab"]
