@@ -89,7 +89,7 @@ def answer_refusal(kwargs: dict, message: str, fields: set[str]) -> bool:
         return True
     m = _QUOTED.search(message.strip())
     if m:
-        quoted = [k for k, v in kwargs.items() if isinstance(v, str) and v == m.group(1)]
+        quoted = [k for k, v in kwargs.items() if isinstance(v, str) and v == m.group(1).rstrip(".")]
         if quoted:
             kwargs.pop(quoted[0])
             return True
