@@ -13,6 +13,9 @@ from .model_check import OPTIONAL_SIZES, SIZES
 
 TESTER_OVERRIDES: dict[str, dict] = {
     "blt": {"encoder_hash_byte_group_vocab": 64},
+    "blt_global_transformer": {"hidden_size": 64},  # the tester's hidden_size * 2: the local decoder's input
+    "blt_local_decoder": {"hidden_size_global": 64},
+    "blt_local_encoder": {"hidden_size_global": 64},
     "dbrx": {"attn_config": {"clip_qkv": 8, "kv_n_heads": 2, "rope_theta": 500000},
              "ffn_config": {"ffn_hidden_size": 40, "moe_num_experts": 8, "moe_top_k": 4, "moe_jitter_eps": 0,
                             "moe_loss_weight": 0.05}},
