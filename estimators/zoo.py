@@ -27,7 +27,8 @@ from .catalog import resolve
 from .errors import UserError
 from .inventory import instantiate
 from .params import TASK_CLASSES
-from .zoo_rules import TESTER_OVERRIDES, answer_refusal, chosen_defaults, integral_sizes, second_pass_sizes, token_ids_in_vocab
+from .zoo_rules import (TESTER_OVERRIDES, answer_refusal, chosen_defaults, integral_sizes, second_pass_sizes,
+                        token_ids_in_vocab, widths_to_text)
 
 ZOO_DIR = Path(__file__).with_name("configs") / "zoo"
 TASK_MAPPINGS = {
@@ -190,6 +191,7 @@ def _tiny_kwargs(cls, second: bool = False) -> dict:
             pass
     if second:
         kwargs.update(second_pass_sizes(dict(inspect.signature(cls.__init__).parameters), kwargs))
+        kwargs = widths_to_text(kwargs)
     kwargs.update(TESTER_OVERRIDES.get(getattr(cls, "model_type", None), {}))
     return kwargs
 

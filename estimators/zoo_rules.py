@@ -135,6 +135,25 @@ def second_pass_sizes(params: dict, kwargs: dict) -> dict:
 _INT_SIZES = frozenset(n for names in (*SIZES.values(), *OPTIONAL_SIZES.values()) for n in names)
 
 
+OUTPUT_WIDTHS = ("adapter_out_dim", "out_hidden_size")
+"""A vision / audio sub-config's output width: what its projector hands the language model."""
+
+
+def widths_to_text(kwargs: dict) -> dict:
+    """A composite config's arguments with every other sub-config's output width (:data:`OUTPUT_WIDTHS`) set to
+    the text config's hidden size, as the composite's validation asks (dots.3's "vision adapter output width must
+    match the text hidden size")."""
+    text = kwargs.get("text_config")
+    hidden = text.get("hidden_size") if isinstance(text, dict) else None
+    if not isinstance(hidden, int):
+        return kwargs
+    out = dict(kwargs)
+    for k, v in kwargs.items():
+        if k != "text_config" and isinstance(v, dict) and any(w in v for w in OUTPUT_WIDTHS):
+            out[k] = {**v, **{w: hidden for w in OUTPUT_WIDTHS if w in v}}
+    return out
+
+
 def chosen_defaults(config: dict) -> dict:
     """``config`` with a ``default_X`` the class leaves unset given the first of the choices it lists in ``Xs``
     (X-MOD's ``default_language`` from ``languages``: what ``set_default_language``, which a Trainer user calls
@@ -172,4 +191,4 @@ def token_ids_in_vocab(config: dict, pad_id: int) -> dict:
     return config
 
 
-__all__ = ["TESTER_OVERRIDES", "answer_refusal", "chosen_defaults", "second_pass_sizes", "integral_sizes", "token_ids_in_vocab"]
+__all__ = ["OUTPUT_WIDTHS", "TESTER_OVERRIDES", "widths_to_text", "answer_refusal", "chosen_defaults", "second_pass_sizes", "integral_sizes", "token_ids_in_vocab"]
