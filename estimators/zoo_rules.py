@@ -1,9 +1,10 @@
-"""The zoo rule's second pass: what :func:`optimem.estimators.zoo.tiny_config` does when a config class refuses the
-tester's sizes, and the sizes taken from a type's own transformers test where the generic sizes build nothing.
-
-Every step here is tried only for a type whose first-pass config fails (the class's validation refuses it, or the
-model does not build, or it builds over :data:`optimem.estimators.zoo.MAX_ZOO_PARAMS` parameters), so a type that
-built before keeps its config. Importing this module needs no torch or transformers.
+"""The zoo rule's additions (:func:`optimem.estimators.zoo.tiny_config`): the sizes taken from a type's own
+transformers test where the generic sizes build no working model (:data:`TESTER_OVERRIDES`), a few value fixes
+every config gets (:func:`integral_sizes`, :func:`token_ids_in_vocab`, :func:`chosen_defaults`: each changes only a
+config that would fail), and the second pass -- refusals answered (:func:`answer_refusal`), generic sizes for what
+the tester's names miss (:func:`second_pass_sizes`, :func:`widths_to_text`) -- tried only for a type whose
+first-pass config builds no model (or one over :data:`optimem.estimators.zoo.MAX_ZOO_PARAMS` parameters), so a type
+that built before keeps its config. Importing this module needs no torch or transformers.
 """
 from __future__ import annotations
 

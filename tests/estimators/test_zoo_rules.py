@@ -8,7 +8,7 @@ import inspect
 import pytest
 
 from optimem.estimators.zoo_rules import (answer_refusal, chosen_defaults, integral_sizes, second_pass_sizes,
-                                          token_ids_in_vocab)
+                                          token_ids_in_vocab, widths_to_text)
 
 
 def test_a_refusal_saying_what_a_size_must_be_sets_it_also_in_a_sub_config():
@@ -57,6 +57,14 @@ def test_second_pass_sizes_shrink_what_a_tiny_model_does_not_have():
     kwargs = {"vocab_size": 99, "num_hidden_layers": 2, "hidden_size": 32}
     assert second_pass_sizes(params, kwargs) == {"vocab_size_per_layer_input": 99, "num_kv_shared_layers": 1,
                                                  "embedding_size": 32, "per_layer_config": {"0": {"a": 1}}}
+
+
+def test_a_towers_output_width_follows_the_text_hidden_size():
+    kwargs = {"text_config": {"hidden_size": 32}, "vision_config": {"adapter_out_dim": 5120, "hidden_size": 16},
+              "audio_config": {"hidden_size": 16}}
+    assert widths_to_text(kwargs) == {"text_config": {"hidden_size": 32}, "audio_config": {"hidden_size": 16},
+                                      "vision_config": {"adapter_out_dim": 32, "hidden_size": 16}}
+    assert widths_to_text({"vision_config": {"out_hidden_size": 8}}) == {"vision_config": {"out_hidden_size": 8}}
 
 
 def test_whole_floats_ids_and_defaults():
