@@ -28,7 +28,7 @@ from .errors import UserError
 from .inventory import instantiate
 from .params import TASK_CLASSES
 from .zoo_rules import (TESTER_OVERRIDES, answer_refusal, chosen_defaults, integral_sizes, second_pass_sizes,
-                        token_ids_in_vocab, widths_to_text)
+                        rope_per_layer_type, token_ids_in_vocab, widths_to_text)
 
 ZOO_DIR = Path(__file__).with_name("configs") / "zoo"
 TASK_MAPPINGS = {
@@ -125,6 +125,8 @@ def tiny_config(model_type: str, second: bool = False) -> dict:
     cls = _config_class(model_type, own)
     config = _build(cls, _tiny_kwargs(cls, second), second)
     out = token_ids_in_vocab(chosen_defaults(integral_sizes(config.to_dict())), TESTER_SIZES["pad_token_id"])
+    if second:
+        out = rope_per_layer_type(out, getattr(cls, "default_theta", None))
     out["model_type"] = model_type if cls is own else cls.model_type
     if out.get("is_encoder_decoder") and out.get("decoder_start_token_id") is None:
         out["decoder_start_token_id"] = TESTER_SIZES["pad_token_id"]  # as the encoder-decoder testers pass (T5's: 0)

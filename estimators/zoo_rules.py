@@ -2,7 +2,7 @@
 transformers test where the generic sizes build no working model (:data:`TESTER_OVERRIDES`), a few value fixes
 every config gets (:func:`integral_sizes`, :func:`token_ids_in_vocab`, :func:`chosen_defaults`: each changes only a
 config that would fail), and the second pass -- refusals answered (:func:`answer_refusal`), generic sizes for what
-the tester's names miss (:func:`second_pass_sizes`, :func:`widths_to_text`) -- tried only for a type whose
+the tester's names miss (:func:`second_pass_sizes`, :func:`widths_to_text`, :func:`rope_per_layer_type`) -- tried only for a type whose
 first-pass config builds no model (or one over :data:`optimem.estimators.zoo.MAX_ZOO_PARAMS` parameters), so a type
 that built before keeps its config. Importing this module needs no torch or transformers.
 """
@@ -155,6 +155,22 @@ def widths_to_text(kwargs: dict) -> dict:
     return out
 
 
+def rope_per_layer_type(config: dict, theta) -> dict:
+    """``config`` with empty ``rope_parameters`` beside a ``layer_types`` list given the default rotary embedding
+    under each layer type (``rope_theta``: the class's ``default_theta``, a number or one per layer type, else
+    10000), as a per-layer-type model reads them (Cohere Compass's class leaves ``{}``, and its rotary embedding
+    looks every layer type up)."""
+    types, rope = config.get("layer_types"), config.get("rope_parameters")
+    if not isinstance(types, list) or not types or rope not in ({}, None):
+        return config
+
+    def base(t):
+        value = theta.get(t) if isinstance(theta, dict) else theta
+        return float(value) if isinstance(value, (int, float)) else 10000.0
+    return {**config, "rope_parameters": {t: {"rope_type": "default", "rope_theta": base(t)}
+                                          for t in sorted(set(types))}}
+
+
 def chosen_defaults(config: dict) -> dict:
     """``config`` with a ``default_X`` the class leaves unset given the first of the choices it lists in ``Xs``
     (X-MOD's ``default_language`` from ``languages``: what ``set_default_language``, which a Trainer user calls
@@ -192,4 +208,4 @@ def token_ids_in_vocab(config: dict, pad_id: int) -> dict:
     return config
 
 
-__all__ = ["OUTPUT_WIDTHS", "TESTER_OVERRIDES", "widths_to_text", "answer_refusal", "chosen_defaults", "second_pass_sizes", "integral_sizes", "token_ids_in_vocab"]
+__all__ = ["OUTPUT_WIDTHS", "TESTER_OVERRIDES", "rope_per_layer_type", "widths_to_text", "answer_refusal", "chosen_defaults", "second_pass_sizes", "integral_sizes", "token_ids_in_vocab"]

@@ -7,8 +7,8 @@ import inspect
 
 import pytest
 
-from optimem.estimators.zoo_rules import (answer_refusal, chosen_defaults, integral_sizes, second_pass_sizes,
-                                          token_ids_in_vocab, widths_to_text)
+from optimem.estimators.zoo_rules import (answer_refusal, chosen_defaults, integral_sizes, rope_per_layer_type,
+                                          second_pass_sizes, token_ids_in_vocab, widths_to_text)
 
 
 def test_a_refusal_saying_what_a_size_must_be_sets_it_also_in_a_sub_config():
@@ -65,6 +65,17 @@ def test_a_towers_output_width_follows_the_text_hidden_size():
     assert widths_to_text(kwargs) == {"text_config": {"hidden_size": 32}, "audio_config": {"hidden_size": 16},
                                       "vision_config": {"adapter_out_dim": 32, "hidden_size": 16}}
     assert widths_to_text({"vision_config": {"out_hidden_size": 8}}) == {"vision_config": {"out_hidden_size": 8}}
+
+
+def test_empty_rope_parameters_get_the_default_under_each_layer_type():
+    cfg = {"layer_types": ["full_attention", "full_attention"], "rope_parameters": {}}
+    assert rope_per_layer_type(cfg, 50000.0)["rope_parameters"] == {
+        "full_attention": {"rope_type": "default", "rope_theta": 50000.0}}
+    per_type = rope_per_layer_type({"layer_types": ["sliding_attention"], "rope_parameters": None},
+                                   {"sliding_attention": 1e4})
+    assert per_type["rope_parameters"]["sliding_attention"]["rope_theta"] == 1e4
+    kept = {"layer_types": ["full_attention"], "rope_parameters": {"rope_type": "default", "rope_theta": 1.0}}
+    assert rope_per_layer_type(kept, 5.0) is kept
 
 
 def test_whole_floats_ids_and_defaults():
