@@ -49,6 +49,7 @@ use them. Only sizes are taken, never a shape the zoo run fixes itself (Perceive
 tester has ``max_position_embeddings=7`` for its 7-token inputs; the zoo's sequences are 64 tokens)."""
 
 _MUST_BE = re.compile(r"`?(\w+)`? must be (-?\d+|True|False)\b")
+_MUST_MATCH_VALUE = re.compile(r"`?([\w.]+)`? \(-?\d+\) must (?:match|equal) `?[\w.]+`? \((-?\d+)\)")
 _MUST_MATCH = re.compile(r"`?(\w+)`? must (?:match|equal) `?(\w+)`?")
 _BELOW = re.compile(r"`?(\w+)`? \(\d+\) must be [^.]*?below `?(\w+)`? \((\d+)\)")
 _BETWEEN = re.compile(r"`?(\w+)`? must be between (\d+) and")
@@ -57,6 +58,21 @@ _QUOTED = re.compile(r"[:=] *'?\"?([\w.-]+)'?\"?\.?$")
 
 def _literal(text: str):
     return {"True": True, "False": False}.get(text, int(text) if text.lstrip("-").isdigit() else text)
+
+
+def _set_path(kwargs: dict, path: str, value) -> bool:
+    """Set the dotted ``path`` (``head_config.audio_hidden_size``) in ``kwargs``, else its last name anywhere."""
+    *parents, name = path.split(".")
+    where = kwargs
+    for p in parents:
+        where = where.get(p) if isinstance(where, dict) else None
+    if isinstance(where, dict) and where.get(name) != value:
+        where[name] = value
+        return True
+    if len(parents) == 1 and parents[0] not in kwargs:  # a sub-config left at its defaults: pass just this size
+        kwargs[parents[0]] = {name: value}
+        return True
+    return _set_named(kwargs, name, value)
 
 
 def _set_named(kwargs: dict, name: str, value) -> bool:
@@ -74,7 +90,8 @@ def answer_refusal(kwargs: dict, message: str, fields: set[str]) -> bool:
     """Change ``kwargs`` (the config class's arguments; ``fields``: the names its ``__init__`` takes) as the
     class's refusal ``message`` asks, and say whether anything changed. In order: a message saying what a size
     must be ("hidden_size_per_layer_input must be 0", also inside a sub-config) sets it; "X (v) must be ... below
-    Y (n)" sets X to n - 1; "X must match Y" sets X to Y's passed value; "X must be between N
+    Y (n)" sets X to n - 1; "X (v) must match Y (n)" sets X (a dotted path into sub-configs) to n; "X must match
+    Y" sets X to Y's passed value; "X must be between N
     and ..." sets X to N (the smallest size; also for a field left at its default); a passed value the message
     quotes at its end ("Unsupported ... activation: gelu.") is given back to the class default; then the longest
     passed name the message mentions is given back; then the last one passed."""
@@ -83,6 +100,9 @@ def answer_refusal(kwargs: dict, message: str, fields: set[str]) -> bool:
         return True
     m = _BELOW.search(message)
     if m and _set_named(kwargs, m.group(1), int(m.group(3)) - 1):
+        return True
+    m = _MUST_MATCH_VALUE.search(message)
+    if m and _set_path(kwargs, m.group(1), int(m.group(2))):
         return True
     m = _MUST_MATCH.search(message)
     if m and m.group(2) in kwargs and _set_named(kwargs, m.group(1), kwargs[m.group(2)]):

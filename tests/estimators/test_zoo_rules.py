@@ -31,6 +31,11 @@ def test_between_below_match_quoted_and_named_refusals():
     kwargs = {"hidden_size": 32, "adapter_input_size": 1280}
     assert answer_refusal(kwargs, "adapter_input_size must match hidden_size", set())
     assert kwargs["adapter_input_size"] == 32
+    msg = "`head_config.audio_hidden_size` (512) must match `audio_config.hidden_size` (32)."
+    kwargs = {"audio_config": {"hidden_size": 32}, "head_config": {"audio_hidden_size": 512}}
+    assert answer_refusal(kwargs, msg, set()) and kwargs["head_config"] == {"audio_hidden_size": 32}
+    kwargs = {"audio_config": {"hidden_size": 32}}  # a sub-config left at its defaults gets just that size
+    assert answer_refusal(kwargs, msg, set()) and kwargs["head_config"] == {"audio_hidden_size": 32}
     kwargs = {"hidden_act": "gelu", "hidden_size": 32}
     assert answer_refusal(kwargs, "ValueError: Unsupported output gate activation: gelu.", set())
     assert kwargs == {"hidden_size": 32}  # the quoted value given back to the class default
