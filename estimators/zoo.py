@@ -9,8 +9,11 @@ Each type's config is made by one generic rule, :func:`tiny_config`: transformer
 the config class and to each of its sub-configs (``text_config``, ``vision_config``, ...), with the same sizes under
 the class's other names (:data:`ALIASES`, ``attribute_map``) and one alignment (:data:`ALIGNED`). It is a rule, not a
 per-type tester: the per-type ``ModelTester`` subclasses override some sizes (MLA ranks, expert counts) that this
-rule leaves at the class default; a type whose rule-made config transformers refuses to build keeps its build
-error in the index (``index.json``: ``types[type]["build"][task]``).
+rule leaves at the class default. A type whose rule-made config builds no model (or one over
+:data:`MAX_ZOO_PARAMS` parameters) is made again by the rule's second pass (:mod:`optimem.estimators.zoo_rules`:
+the class's refusals answered, generic sizes for the names the tester misses, its own tester's sizes where the
+generic ones cannot work); a type neither pass builds keeps its build error in the index (``index.json``:
+``types[type]["build"][task]``).
 
 The index pins the transformers version the zoo was made for; :func:`zoo_types` lists a task's types,
 :func:`zoo_config_path` gives a type's config file (any config path works as ``--model``).
@@ -228,7 +231,8 @@ def generate(out_dir: Path = ZOO_DIR, tasks=tuple(TASK_MAPPINGS)) -> dict:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     index: dict = {"transformers": transformers.__version__, "rule": "CausalLMModelTester sizes by name "
-                   "(optimem.estimators.zoo.tiny_config)", "tasks": {}, "types": {}}
+                   "(optimem.estimators.zoo.tiny_config), second pass optimem.estimators.zoo_rules", "tasks": {},
+                   "types": {}}
     by_type: dict[str, list[str]] = {}
     for task in tasks:
         index["tasks"][task] = registered_types(task)
