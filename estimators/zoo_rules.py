@@ -39,6 +39,8 @@ TESTER_OVERRIDES: dict[str, dict] = {
     "reformer": {"is_decoder": True, "attention_head_size": 16, "local_attn_chunk_length": 4,
                  "local_num_chunks_before": 1, "local_num_chunks_after": 0, "num_hashes": 1, "feed_forward_size": 32,
                  "axial_pos_shape": [4, 8], "axial_pos_embds_dim": [16, 16], "attn_layers": ["local", "local"]},
+    "vibevoice_acoustic_tokenizer_encoder": {"hidden_size": 16, "kernel_size": 3, "num_filters": 4,
+                                             "downsampling_ratios": [2], "depths": [1, 1]},  # n_filters in the tester
     "qwen3_5_text": {"layer_types": ["full_attention", "linear_attention"], "linear_conv_kernel_dim": 2,
                      "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 4,
                      "linear_num_value_heads": 8},
