@@ -183,6 +183,10 @@ def _tiny_kwargs(cls, second: bool = False) -> dict:
         sub_cls = sub if isinstance(sub, type) else None
         if getattr(sub_cls, "__name__", "") == "AutoConfig":
             sub_cls = type(getattr(base, name)) if getattr(base, name, None) is not None else None
+            spec = (getattr(cls, "sub_configs_defaults", None) or {}).get(name)
+            if sub_cls is None and second and getattr(spec, "model_type", None):  # the defaults build nothing:
+                from transformers import CONFIG_MAPPING  # lazy: pulls in torch, transformers  # the class's spec
+                sub_cls = CONFIG_MAPPING[spec.model_type] if spec.model_type in CONFIG_MAPPING else None
         if sub_cls is None or not getattr(sub_cls, "model_type", None) or name not in fields:
             continue
         try:

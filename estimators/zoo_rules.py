@@ -57,6 +57,7 @@ _MUST_BE = re.compile(r"`?(\w+)`? must be (-?\d+|True|False)\b")
 _MUST_MATCH_VALUE = re.compile(r"`?([\w.]+)`? \(-?\d+\) must (?:match|equal) `?[\w.]+`? \((-?\d+)\)")
 _MUST_MATCH = re.compile(r"`?(\w+)`? must (?:match|equal) `?(\w+)`?")
 _BELOW = re.compile(r"`?(\w+)`? \(\d+\) must be [^.]*?below `?(\w+)`? \((\d+)\)")
+_EXPECTED = re.compile(r"Expected (-?\d+)\. Got (-?\d+)")
 _BETWEEN = re.compile(r"`?(\w+)`? must be between (\d+) and")
 _QUOTED = re.compile(r"[:=] *'?\"?([\w.-]+)'?\"?\.?$")
 
@@ -91,12 +92,22 @@ def _set_named(kwargs: dict, name: str, value) -> bool:
     return False
 
 
+def _ints(kwargs: dict):
+    """Every (name, int) in ``kwargs`` and its sub-config dicts."""
+    for k, v in kwargs.items():
+        if isinstance(v, dict):
+            yield from _ints(v)
+        elif isinstance(v, int) and not isinstance(v, bool):
+            yield k, v
+
+
 def answer_refusal(kwargs: dict, message: str, fields: set[str]) -> bool:
     """Change ``kwargs`` (the config class's arguments; ``fields``: the names its ``__init__`` takes) as the
     class's refusal ``message`` asks, and say whether anything changed. In order: a message saying what a size
     must be ("hidden_size_per_layer_input must be 0", also inside a sub-config) sets it; "X (v) must be ... below
     Y (n)" sets X to n - 1; "X (v) must match Y (n)" sets X (a dotted path into sub-configs) to n; "X must match
-    Y" sets X to Y's passed value; "X must be between N
+    Y" sets X to Y's passed value; "... Expected N. Got M" sets the one size holding M whose name shares a word with
+    the message ("must be shared ... Got 1": ``num_kv_shared_layers``) to N; "X must be between N
     and ..." sets X to N (the smallest size; also for a field left at its default); a passed value the message
     quotes at its end ("Unsupported ... activation: gelu.") is given back to the class default; then the longest
     passed name the message mentions is given back; then the last one passed."""
@@ -112,6 +123,12 @@ def answer_refusal(kwargs: dict, message: str, fields: set[str]) -> bool:
     m = _MUST_MATCH.search(message)
     if m and m.group(2) in kwargs and _set_named(kwargs, m.group(1), kwargs[m.group(2)]):
         return True
+    m = _EXPECTED.search(message)
+    if m:
+        words = {w.lower() for w in re.findall(r"[A-Za-z]{4,}", message)}
+        held = [k for k, v in _ints(kwargs) if v == int(m.group(2)) and words & set(k.lower().split("_"))]
+        if len(held) == 1 and _set_named(kwargs, held[0], int(m.group(1))):
+            return True
     m = _BETWEEN.search(message)
     if m and m.group(1) in fields and kwargs.get(m.group(1)) != int(m.group(2)):
         kwargs[m.group(1)] = int(m.group(2))

@@ -36,6 +36,9 @@ def test_between_below_match_quoted_and_named_refusals():
     assert answer_refusal(kwargs, msg, set()) and kwargs["head_config"] == {"audio_hidden_size": 32}
     kwargs = {"audio_config": {"hidden_size": 32}}  # a sub-config left at its defaults gets just that size
     assert answer_refusal(kwargs, msg, set()) and kwargs["head_config"] == {"audio_hidden_size": 32}
+    kwargs = {"text_config": {"num_kv_shared_layers": 1, "num_hidden_layers": 2, "num_experts_per_tok": 1}}
+    assert answer_refusal(kwargs, "All layers in a Gemma 4 Assistant models must be shared. Expected 2. Got 1", set())
+    assert kwargs["text_config"]["num_kv_shared_layers"] == 2 and kwargs["text_config"]["num_experts_per_tok"] == 1
     kwargs = {"hidden_act": "gelu", "hidden_size": 32}
     assert answer_refusal(kwargs, "ValueError: Unsupported output gate activation: gelu.", set())
     assert kwargs == {"hidden_size": 32}  # the quoted value given back to the class default
