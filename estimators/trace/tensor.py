@@ -306,6 +306,9 @@ def _dispatch(func, args: tuple, kwargs: dict):
             if failed is not None:
                 out = _to_meta(real)
                 failed = None
+    if failed is not None and info.name in MASK_INDEXED:
+        out = _index_by_known_masks(info, args, margs, mkw)
+        failed = None if out is not None else failed
     if failed is not None:
         if info.name in DATA_DEPENDENT or any(k in failed for k in ("data-dependent", "data-independent", "item()",
                                                                      "data_ptr", "meta tensors")):
@@ -338,6 +341,32 @@ def _dispatch(func, args: tuple, kwargs: dict):
     if not shadowed and info.writes:
         _drop_written_shadows(info, args, kwargs)
     return wrapped
+
+
+MASK_INDEXED = frozenset({"aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default",
+                          "aten._index_put_impl_.default"})
+"""Ops indexed by a list of tensors, where a boolean mask stands for its ``nonzero()`` positions (aten's own
+expansion of a mask index): the output shape needs only the mask's values, not the indexed tensor's."""
+
+
+def _index_by_known_masks(info: _OpInfo, args, margs: list, mkw: dict):
+    """The meta output of a :data:`MASK_INDEXED` op whose boolean mask indices carry their values (a mask
+    computed from the batch: BART's ``input_ids.eq(eos)``), each mask replaced by its ``nonzero()`` positions;
+    None when a mask has no values or the op's meta kernel still refuses."""
+    if len(args) < 2 or not isinstance(args[1], (list, tuple)):
+        return None
+    indices = []
+    for a in args[1]:
+        if isinstance(a, TraceTensor) and a.dtype in (torch.bool, torch.uint8):
+            if a._v is None:
+                return None
+            indices.extend(_meta_of(col) for col in a._v.nonzero().unbind(1))
+        else:
+            indices.append(a._m if isinstance(a, TraceTensor) else a)
+    try:
+        return info.kernel([margs[0], indices, *margs[2:]], mkw)
+    except Exception:  # noqa: BLE001 - still refused: the caller says why
+        return None
 
 
 def _has_tensor(out) -> bool:
