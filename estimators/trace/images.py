@@ -3,7 +3,7 @@ harness's real Trainer run, so that the estimate and the measurement see the sam
 
 A sample is ``images`` images of ``size`` x ``size`` pixels and ``seq`` text tokens: each image's placeholder tokens
 (``config.image_token_id`` / ``image_token_index``, repeated as many times as the model's own
-``get_image_features`` returns feature rows per image, counted on trace tensors: :func:`tokens_per_image`) followed by
+``get_image_features`` returns feature rows per image, counted on trace tensors: :func:`image_spec`) followed by
 one text token, then the rest of the text. ``labels`` are the ids with every image token masked to -100 (what a
 user's collator does); ``attention_mask`` is ones; ``mm_token_type_ids`` / ``token_type_ids`` (1 on image tokens)
 are given where the model's forward takes them. The pixels take the form the forward's signature asks for: a
@@ -19,20 +19,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..errors import UserError, one_line
+from ..vision import TASK
+from .function_rules import ScalarData
 from .model import build_traced_model
 from .tensor import TraceMode, TraceTensor, from_real
 
-TASK = "image-text-to-text"
 FIRST_ID = 3
 """Text ids are drawn from here to the vocabulary's end, special token ids left out (as
 ``harness/run_config.FIRST_SYNTHETIC_ID`` starts the text tasks' ids)."""
 IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index")
-TEXT_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids", "token_type_ids")
 
 
 @dataclass(frozen=True)
@@ -242,13 +242,14 @@ def image_spec(model, size: int | None, images: int) -> ImageSpec:
     # model's own code needs it.
     for extra in ((spec.extra, tuple(k for k in spec.extra if k != "image_sizes")) if "image_sizes" in spec.extra
                   else (spec.extra,))[::-1]:
-        trial = ImageSpec(**{**spec.__dict__, "images": 1, "extra": extra})
+        trial = replace(spec, images=1, extra=extra)
         one = pixel_sample(trial, torch.Generator().manual_seed(0))
         kwargs = {k: (from_real(v) if traced else v) for k, v in one.items() if k in params or "kwargs" in params}
         try:
-            with torch.no_grad(), (TraceMode() if traced else contextlib.nullcontext()):
+            with torch.no_grad(), (TraceMode() if traced else contextlib.nullcontext()), \
+                    (ScalarData() if traced else contextlib.nullcontext()):
                 rows = _features_rows(get(**kwargs))
-            spec = ImageSpec(**{**spec.__dict__, "extra": extra})
+            spec = replace(spec, extra=extra)
             break
         except UserError:
             raise
@@ -257,7 +258,7 @@ def image_spec(model, size: int | None, images: int) -> ImageSpec:
     else:
         raise UserError(f"{config.model_type}: get_image_features on one {size} x {size} image fails "
                         f"({one_line(error, 200)}); try another --image-size") from None
-    return ImageSpec(**{**spec.__dict__, "tokens": int(rows)})
+    return replace(spec, tokens=int(rows))
 
 
 @functools.lru_cache(maxsize=32)
