@@ -242,7 +242,8 @@ def _trained_set(setup: TrainingSetup, source: ModelSource, inv: Inventory) -> d
 
 
 def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: Inventory | None = None,
-                   alloc_conf: str | None = None, states_only: bool = False) -> Estimate:
+                   alloc_conf: str | None = None, states_only: bool = False,
+                   _traced_frozen: tuple[str, ...] | None = None) -> Estimate:
     """:func:`estimate` for a validated setup (``inventory``: the model's, when the caller has it;
     ``alloc_conf``: the ``PYTORCH_CUDA_ALLOC_CONF`` the caching allocator is replayed with, default the
     environment's). ``states_only``: weights, gradients and optimizer state only, without tracing the step
@@ -300,7 +301,7 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
                            liger=(setup.liger_kernel_config or "{}") if setup.use_liger_kernel else None,
                            packed=setup.padding_free,
                            images=(setup.image_size, setup.images_per_sample) if setup.task == IMAGE_TASK else None,
-                           **_trained_set(setup, source, inv))
+                           **(_trained_set(setup, source, inv) if _traced_frozen is None else {"frozen": _traced_frozen}))
     resident = 0
     if setup.quantize:
         limit = peak_limit(setup, device)
@@ -322,7 +323,9 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         gone = set(idle)
         inv2 = replace(inv, rows=tuple(replace(r, trainable=r.trainable and r.name not in gone) for r in inv.rows),
                        _cache={})
-        est = estimate_setup(replace(setup, freeze=None), gpu=gpu, inventory=inv2)
+        # The step is the one traced (those parameters still require a gradient, so autograd keeps the activations
+        # their ops save); only their gradients and optimizer state are left out.
+        est = estimate_setup(replace(setup, freeze=None), gpu=gpu, inventory=inv2, _traced_frozen=setting.frozen)
         est.setup = replace(est.setup, freeze=setup.freeze)
         est.notes.insert(0, f"{len(idle)} trainable parameter(s) get no gradient in a training step (e.g. {idle[0]}): "
                             "no gradient and no optimizer state are counted for them")
