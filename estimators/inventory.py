@@ -166,6 +166,7 @@ def inventory_from_model(model, *, name: str, config_hash: str = "", task: str |
             quant=quant,
             storage_bytes=storage,
             storage_shape=tuple(int(x) for x in p.shape) if quant is not None else None,
+            layer_norm=isinstance(module, nn.LayerNorm),
         ))
     cfg = getattr(model, "config", None)
     archs = getattr(cfg, "architectures", None) or [type(model).__name__]
@@ -175,7 +176,7 @@ def inventory_from_model(model, *, name: str, config_hash: str = "", task: str |
                      linear_modules=linear_modules, task=task)
 
 
-INVENTORY_CACHE_VERSION = 2
+INVENTORY_CACHE_VERSION = 3
 """Layout of the inventory's on-disk cache payload (:func:`inventory_payload`); bump it when that changes."""
 
 
@@ -185,7 +186,7 @@ def inventory_payload(inv: Inventory) -> dict:
             "linear_modules": list(inv.linear_modules),
             "rows": [[r.name, list(r.shape), r.dtype, r.trainable, r.module_kind, r.module_name, r.module_class,
                       list(r.tied), r.in_embedding, r.quant, r.storage_bytes,
-                      list(r.storage_shape) if r.storage_shape is not None else None] for r in inv.rows]}
+                      list(r.storage_shape) if r.storage_shape is not None else None, r.layer_norm] for r in inv.rows]}
 
 
 def inventory_from_payload(data: dict, *, name: str, config_hash: str, task: str | None = None) -> Inventory:
@@ -206,7 +207,7 @@ def inventory_from_payload(data: dict, *, name: str, config_hash: str, task: str
         return tuple(v)
 
     rows = []
-    for name_, shape, dtype, trainable, kind, mname, mclass, tied, in_emb, quant, stored, stored_shape in data["rows"]:
+    for name_, shape, dtype, trainable, kind, mname, mclass, tied, in_emb, quant, stored, stored_shape, ln in data["rows"]:
         if dtype not in STORAGE_DTYPES or kind not in MODULE_KINDS or quant not in (None, "nf4", "fp4", "int8") or \
                 (stored is not None and (type(stored) is not int or stored < 0)):
             raise ValueError("malformed inventory row")
@@ -214,7 +215,8 @@ def inventory_from_payload(data: dict, *, name: str, config_hash: str, task: str
                              module_kind=kind, module_name=text(mname), module_class=text(mclass),
                              tied=tuple(text(t) for t in tied), in_embedding=flag(in_emb), quant=quant,
                              storage_bytes=stored,
-                             storage_shape=sizes(stored_shape) if stored_shape is not None else None))
+                             storage_shape=sizes(stored_shape) if stored_shape is not None else None,
+                             layer_norm=flag(ln)))
     if not rows or data["dtype"] not in DTYPES:
         raise ValueError("malformed inventory")
     return Inventory(model=name, model_type=text(data["model_type"]), architecture=text(data["architecture"]),

@@ -65,6 +65,9 @@ class ParamRow:
     state tensor shared by several weights counted at its first owner)."""
     storage_shape: tuple[int, ...] | None = None
     """A quantized weight's tensor shape as stored (4-bit: ``(ceil(n / 2), 1)``); None: ``shape``."""
+    layer_norm: bool = False
+    """Its module is an ``nn.LayerNorm`` (or a subclass: GOT-OCR2's ``GotOcr2LayerNorm``), which the Trainer's
+    ``get_decay_parameter_names`` exempts from weight decay whatever the name."""
 
     @property
     def stored_shape(self) -> tuple[int, ...]:

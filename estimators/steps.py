@@ -67,8 +67,9 @@ class PRow:
 
 
 def decays(row) -> bool:
-    """``Trainer.get_decay_parameter_names``: not in an ``nn.LayerNorm``, no bias/norm in the name."""
-    if row.module_class == "LayerNorm":
+    """``Trainer.get_decay_parameter_names``: not in an ``nn.LayerNorm`` (or a subclass), no bias/norm in the
+    name."""
+    if row.module_class == "LayerNorm" or getattr(row, "layer_norm", False):
         return False
     return not any(p.search(row.name.lower()) for p in _DECAY_FORBIDDEN)
 
