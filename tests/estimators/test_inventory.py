@@ -107,3 +107,15 @@ def test_unknown_model_lists_the_catalog():
     with pytest.raises(UserError) as err:
         resolve("llama-3-8b-instruct")
     assert "meta-llama/Meta-Llama-3-8B" in str(err.value) and "tiny-llama" in str(err.value)
+
+
+def test_a_layernorm_subclass_is_exempt_from_weight_decay():
+    """The Trainer's ``get_decay_parameter_names`` tests ``isinstance(module, nn.LayerNorm)``: GOT-OCR2's
+    ``GotOcr2LayerNorm`` (whose ``layer_norm2`` names no pattern catches) is in the no-decay group, as the
+    estimator's step model groups it."""
+    from optimem.estimators.steps import decays
+    from optimem.estimators.zoo import zoo_config_path
+
+    inv = build_inventory(str(zoo_config_path("got_ocr2")), task="image-text-to-text")
+    rows = [r for r in inv.rows if r.name.endswith("neck.layer_norm2.weight")]
+    assert rows and rows[0].layer_norm and rows[0].module_class != "LayerNorm" and not decays(rows[0])
