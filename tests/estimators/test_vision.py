@@ -74,17 +74,24 @@ def test_lora_on_the_language_model_only():
     assert len(trained) == 2 * 7 * 2  # A and B of q, k, v, o, gate, up, down in each of the 2 layers
 
 
-def test_vlm_estimate_matches_a_real_cpu_step():
+@pytest.mark.parametrize("freeze", [None, "vision,projector"], ids=["full", "frozen-tower"])
+def test_vlm_estimate_matches_a_real_cpu_step(freeze):
     """The harness's real Trainer step (batch 2 x 64 text tokens, one 16 x 16 image each) measured by the exact
-    tensor accountant against ``estimate()``: LLaVA with its vision tower and projector frozen."""
+    tensor accountant against ``estimate()``, LLaVA fully fine-tuned (its unused last CLIP layer gets no gradient
+    but keeps its activations) and with its vision tower and projector frozen: the peak and every phase."""
     from optimem.harness.validate import Case, measure, predict
 
-    case = Case(_zoo("llava"), "adamw_torch", 2, 64, False, task=TASK, freeze="vision,projector")
+    case = Case(_zoo("llava"), "adamw_torch", 2, 64, False, task=TASK, freeze=freeze)
     payload = measure(case)
     assert payload["status"] == "ok", payload.get("reason")
     measured = int(payload["measured"]["peaks"]["tensor_peak_bytes"])
-    predicted, _ = predict(case)
+    predicted, phases = predict(case)
     assert abs(predicted - measured) / measured <= 0.01
+    compared = [n for n in payload["measured"]["phases"] if n in phases]
+    assert len(compared) == 6  # step 0 and steady: forward, backward, optimizer step
+    for name in compared:
+        ph = payload["measured"]["phases"][name]
+        assert abs(phases[name] - ph["peak_bytes"]) / ph["peak_bytes"] <= 0.001, name
 
 
 def test_bench_estimate_of_a_vlm(capsys):
