@@ -20,7 +20,7 @@ from .peak import PhaseModel, evaluate
 from .peft_model import adapter_inventory, peak_limit, resident_bytes, trace_fields
 from .setup import TrainingSetup
 from .trace.setting import TraceSetting
-from .vision import TASK as IMAGE_TASK
+from .vision import TASK as IMAGE_TASK, configured_image_size
 from .user_objects import setup_for
 
 
@@ -330,6 +330,9 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         est.notes.insert(0, f"{len(idle)} trainable parameter(s) get no gradient in a training step (e.g. {idle[0]}): "
                             "no gradient and no optimizer state are counted for them")
         return est
+    if setup.task == IMAGE_TASK and setup.image_size is None and not configured_image_size(source.load()):
+        notes.append("the vision config names no image_size: each image is the smallest its patch merger takes (2 x 2 "
+                     "merged patches); give --image-size for your images")
     if setup.padding_free:
         notes.append(f"padding-free packing: one row of {b * s} tokens per micro-batch (DataCollatorWithFlattening), "
                      "the model's own packed-sequence handling traced")

@@ -61,6 +61,12 @@ def check_keyword_freeze(pattern: str | None, names, model: str) -> None:
                         "of parameter names")
 
 
+def configured_image_size(config: dict) -> bool:
+    """Whether a config (as JSON data) or one of its sub-configs names an ``image_size``."""
+    return bool(config.get("image_size")) or any(configured_image_size(v) for v in config.values()
+                                                 if isinstance(v, dict))
+
+
 def check_image_fields(task: str, image_size, images_per_sample) -> None:
     """UserError (one line) for image fields that are not positive integers, or given for a text task."""
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
@@ -93,4 +99,4 @@ def check_image_seq(seq_len: int, images_per_sample: int) -> None:
 
 
 __all__ = ["DECODERS", "FREEZE_KEYWORDS", "IMAGE_ENCODERS", "LM_LINEAR", "TASK", "check_image_fields",
-           "check_image_seq", "check_keyword_freeze", "freeze_label", "freeze_pattern", "text_part"]
+           "check_image_seq", "check_keyword_freeze", "configured_image_size", "freeze_label", "freeze_pattern", "text_part"]
