@@ -21,11 +21,11 @@ from .adapters import FOUR_BIT, LoraSpec, quantization
 from .catalog import DEFAULT_MODEL, ModelSource, resolve
 from .errors import UserError
 from .inventory import build_inventory
-from .model_check import check_model_config, check_sequence_length
+from .model_check import check_model_config
 from .offload_config import OFFLOAD_DEVICES, read_deepspeed, read_fsdp
 from .optimizers import get_spec, parse_optim_args
 from .params import TASK_CLASSES, normalize_dtype
-from .vision import check_image_fields, check_image_seq, check_keyword_freeze, freeze_pattern, text_part
+from .vision import check_image_fields, check_keyword_freeze, check_text_length, freeze_pattern
 
 TASKS = tuple(TASK_CLASSES)
 """Model heads a setup can train (``optimem.estimators.params.TASK_CLASSES``): ``causal-lm``, the default, builds the
@@ -413,10 +413,7 @@ class TrainingSetup:
         with _field("freeze"):
             check_keyword_freeze(self.freeze, (r.name for r in inv.rows), self.model)
         with _field("seq_len"):
-            if self.task == "image-text-to-text":
-                check_image_seq(self.seq_len, self.images_per_sample)
-            # the text's learned positions: a vision tower's (GIT's, as a causal LM too) are its patches'
-            check_sequence_length(text_part(inv), self.seq_len, max_positions=sizes.get("max_position_embeddings"))
+            check_text_length(inv, self.task, self.seq_len, self.images_per_sample, sizes.get("max_position_embeddings"))
         spec = get_spec(self.optim)
         with _field("optim_args"):
             args = spec.resolve_args(parse_optim_args(self.optim_args))

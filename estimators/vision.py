@@ -15,6 +15,7 @@ import re
 from dataclasses import replace
 
 from .errors import UserError
+from .model_check import check_sequence_length
 
 TASK = "image-text-to-text"
 IMAGE_ENCODERS = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_tower")
@@ -90,6 +91,15 @@ def text_part(inv):
     return replace(inv, rows=tuple(r for r in inv.rows if not rx.search(r.name)), _cache={})
 
 
+def check_text_length(inv, task: str, seq_len: int, images_per_sample: int, max_positions: int | None) -> None:
+    """``--seq-len`` against the model's learned text positions (:func:`text_part`: a vision tower's table is its
+    patches', as GIT's and Gemma 3's are when trained as causal LMs too) and, for ``image-text-to-text``, against the
+    images' text (:func:`check_image_seq`)."""
+    if task == TASK:
+        check_image_seq(seq_len, images_per_sample)
+    check_sequence_length(text_part(inv), seq_len, max_positions=max_positions)
+
+
 def check_image_seq(seq_len: int, images_per_sample: int) -> None:
     """Each image's tokens are followed by one text token: the text needs at least one more token than images."""
     if seq_len < images_per_sample + 1:
@@ -99,4 +109,4 @@ def check_image_seq(seq_len: int, images_per_sample: int) -> None:
 
 
 __all__ = ["DECODERS", "FREEZE_KEYWORDS", "IMAGE_ENCODERS", "LM_LINEAR", "TASK", "check_image_fields",
-           "check_image_seq", "check_keyword_freeze", "configured_image_size", "freeze_label", "freeze_pattern", "text_part"]
+           "check_image_seq", "check_keyword_freeze", "check_text_length", "configured_image_size", "freeze_label", "freeze_pattern", "text_part"]
