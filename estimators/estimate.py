@@ -328,7 +328,7 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
     if setup.padding_free:
         notes.append(f"padding-free packing: one row of {b * s} tokens per micro-batch (DataCollatorWithFlattening), "
                      "the model's own packed-sequence handling traced")
-    notes.extend(n for n in (phase_model.step.note, *phase_model.notes()) if n)
+    notes.extend(n for n in (phase_model.step.note, *phase_model.notes(b, s)) if n)
     if setup.use_liger_kernel:
         notes.append("Liger kernels: the model patched as the Trainer patches it (_apply_liger_kernel_to_instance), "
                      "its Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) traced as rules from "

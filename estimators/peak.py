@@ -101,9 +101,19 @@ class PhaseModel:
         """fp16 on CUDA with the optimizer stepping after the backward: the step runs ``GradScaler``."""
         return self.setting.device == "cuda" and self.setting.mixed == "fp16" and self.step.grad_mode == "full"
 
-    def notes(self) -> list[str]:
+    def notes(self, b: int | None = None, s: int | None = None) -> list[str]:
+        """What the user should know about the estimate (at the batch shape ``(b, s)`` when given)."""
         tr = self.trace
         out = [grad_scaler.NOTE] if self.amp_scaler else []
+        region = tr.region(max(b, 1), max(s, 1)) if tr is not None and b is not None and s is not None else None
+        if region is not None and tr.depends:
+            seq = tr.depends == "seq"
+            what, at = ("sequence length", f"sequence length {region.s_lo}") if seq else \
+                ("batch size and sequence length", f"batch {region.b_lo} x sequence {region.s_lo}")
+            took = f", in {region.seconds:.1f} s" if region.seconds else ""
+            out.append(f"{self.inv.model}'s training step changes with the {what} (other operations, or sizes no "
+                       f"polynomial fits: a loop over tokens or chunks), so it was traced at {at} itself{took}; "
+                       f"another {what} is traced anew")
         if tr is not None and tr.attn_implementation != self.setting.attn:
             out.insert(0, f"{self.inv.model} runs {tr.attn_implementation} attention (it has no "
                           f"{self.setting.attn} implementation)")

@@ -20,7 +20,7 @@ from .setting import TraceSetting
 
 S_MIN = 2
 """Shortest sequence a trace covers."""
-TRACE_CACHE_VERSION = 2
+TRACE_CACHE_VERSION = 3
 """Layout of a cached trace (:func:`to_arrays`); bump it when that changes."""
 
 
@@ -35,6 +35,8 @@ class Region:
     s_hi: int | None
     first: EventLog
     accum: EventLog | None = None
+    seconds: float = 0.0
+    """How long tracing a narrowed region took (0: a region fitted from small traces; see ``StepTrace.depends``)."""
 
     def contains(self, b: int, s: int) -> bool:
         return self.b_lo <= b and (self.b_hi is None or b <= self.b_hi) and self.s_lo <= s and \
@@ -62,6 +64,11 @@ class StepTrace:
     counts_items: bool
     settled_bytes: int = 0
     regions: list[Region] = field(default_factory=list)
+    depends: str = ""
+    """``""``: each region's step is one program for all its shapes (sizes polynomial in B and S); ``"seq"``: the
+    step changes with the sequence length (other operations, or sizes no polynomial fits: a loop over tokens or
+    chunks) -- each region is one length, traced at it; ``"batch"``: with the batch size too -- each region is one
+    ``(B, S)`` point."""
 
     def region(self, b: int, s: int, accum: bool = False) -> Region | None:
         """The traced region holding ``(b, s)`` (sequences shorter than :data:`S_MIN` share the first one)."""
@@ -85,7 +92,7 @@ def disk_key(config_hash: str, peft, setting: TraceSetting):
 
 _LOG_FIELDS = ("kind", "a", "b", "sizes")
 _META_FIELDS = ("model", "params", "buffers_bytes", "attn_implementation", "windows", "label_shape", "shifts_labels",
-                "counts_items", "settled_bytes")
+                "counts_items", "settled_bytes", "depends")
 
 
 def to_arrays(st: StepTrace) -> dict:
@@ -103,7 +110,7 @@ def to_arrays(st: StepTrace) -> dict:
             logs[which] = list(log.survivors)
             for f in _LOG_FIELDS:
                 arrays[f"{i}.{which}.{f}"] = getattr(log, f)
-        meta["regions"].append({"b": [r.b_lo, r.b_hi], "s": [r.s_lo, r.s_hi], "logs": logs})
+        meta["regions"].append({"b": [r.b_lo, r.b_hi], "s": [r.s_lo, r.s_hi], "logs": logs, "seconds": r.seconds})
     arrays["meta"] = np.array(json.dumps(meta))
     return arrays
 
@@ -121,7 +128,8 @@ def from_arrays(arrays: dict, key: str) -> StepTrace:
             logs[which] = EventLog(kind.astype(np.int8, copy=False), a.astype(np.int64, copy=False),
                                    b.astype(np.int64, copy=False), sizes.astype(np.int64, copy=False),
                                    tuple(int(x) for x in survivors))
-        regions.append(Region(r["b"][0], r["b"][1], r["s"][0], r["s"][1], logs["first"], logs.get("accum")))
+        regions.append(Region(r["b"][0], r["b"][1], r["s"][0], r["s"][1], logs["first"], logs.get("accum"),
+                              float(r.get("seconds", 0.0))))
     kw = {k: meta[k] for k in _META_FIELDS}
     kw["params"], kw["windows"] = tuple(kw["params"]), tuple(kw["windows"])
     return StepTrace(key=key, **kw, regions=regions)
