@@ -102,6 +102,11 @@ def run_one(model_type: str, task: str, optim: str, gc: bool) -> dict:
             if errs:
                 worst = max(errs, key=lambda k: abs(errs[k]))
                 row["worst_phase"], row["worst_phase_error"] = worst, errs[worst]
+            at = max(phases, key=lambda k: int(phases[k].get("peak_bytes") or 0), default=None)
+            if at is not None and at not in pred_phases and abs(peak_error) > EXACT_TOL:
+                row["reason"] = (f"the run's peak is in its {at} phase ({int(phases[at]['peak_bytes']):,} B), which "
+                                 "the estimate does not cover (it estimates the training step's phases"
+                                 + (f"; the worst of them is off by {errs[worst] * 100:+.3f}%)" if errs else ")"))
     if pred_error is not None:
         row["estimate_error"], row["estimate_failure"] = " ".join(pred_error.split())[:400], kind
     row["class"] = classify(status, row["measured_reason"], pred_error, kind, peak_error)

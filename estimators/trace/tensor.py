@@ -324,8 +324,10 @@ def _dispatch(func, args: tuple, kwargs: dict):
     try:
         out = info.kernel(margs, mkw)
         failed = None
-    except TraceError:
-        raise
+    except TraceError as exc:
+        if info.name not in MASK_INDEXED:  # (an indexing op's decomposition refuses its own mask: see below)
+            raise
+        out, failed = None, str(exc)
     except Exception as exc:  # noqa: BLE001 - a meta kernel's refusal (kept as text: a traceback holds frames)
         out, failed = None, (str(exc).splitlines() or [type(exc).__name__])[0]
     real = None
