@@ -230,22 +230,26 @@ def estimate(model: Any, optim: Any = None, *, gpu: str | None = None, alloc_con
     return estimate_setup(setup, gpu=gpu, inventory=inv, alloc_conf=alloc_conf)
 
 
-def _trained_set(setup: TrainingSetup, source: ModelSource, inv: Inventory) -> dict[str, Any]:
+def _trained_set(setup: TrainingSetup, source: ModelSource, inv: Inventory, idle: tuple = ()) -> dict[str, Any]:
     """The :class:`TraceSetting` fields that say which model is traced and what of it trains: a LoRA / QLoRA
     setup's ``peft`` fields (the traced model is then :func:`optimem.estimators.peft_model.build_training_model`'s, whose
     trainable set is the inventory's), else the ``frozen`` names of the inventory (a PEFT model object given by
     the user that is not quantized is traced with its own PEFT config, ``ModelSource.peft``)."""
     if setup.peft and not (setup.quantize is None and source.peft):
         return {"peft": trace_fields(setup)}
-    return {"frozen": tuple(r.name for r in inv.rows if not r.trainable)}
+    # ``idle``: trainable parameters no gradient reaches -- counted as frozen, traced as trainable (autograd still
+    # records their operations and keeps what the backward would need, as in the real step)
+    return {"frozen": tuple(r.name for r in inv.rows if not r.trainable and r.name not in idle)}
 
 
 def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: Inventory | None = None,
-                   alloc_conf: str | None = None, states_only: bool = False) -> Estimate:
+                   alloc_conf: str | None = None, states_only: bool = False, idle: tuple = ()) -> Estimate:
     """:func:`estimate` for a validated setup (``inventory``: the model's, when the caller has it;
     ``alloc_conf``: the ``PYTORCH_CUDA_ALLOC_CONF`` the caching allocator is replayed with, default the
     environment's). ``states_only``: weights, gradients and optimizer state only, without tracing the step
-    (``activations`` and ``peak`` None): a lower bound of the peak, in milliseconds once the inventory is cached."""
+    (``activations`` and ``peak`` None): a lower bound of the peak, in milliseconds once the inventory is cached.
+    ``idle``: names of trainable parameters the step gives no gradient (frozen in ``inventory``, trainable in the
+    traced model)."""
     spec = get_spec(setup.optim)
     _check_available(spec)
     setup.check_trainable(inventory=inventory)
@@ -298,7 +302,7 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
                            gc=setup.gradient_checkpointing, task=inv.task, device=device,
                            liger=(setup.liger_kernel_config or "{}") if setup.use_liger_kernel else None,
                            packed=setup.padding_free,
-                           **_trained_set(setup, source, inv))
+                           **_trained_set(setup, source, inv, idle))
     resident = 0
     if setup.quantize:
         limit = peak_limit(setup, device)
@@ -320,7 +324,7 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         gone = set(idle)
         inv2 = replace(inv, rows=tuple(replace(r, trainable=r.trainable and r.name not in gone) for r in inv.rows),
                        _cache={})
-        est = estimate_setup(replace(setup, freeze=None), gpu=gpu, inventory=inv2)
+        est = estimate_setup(replace(setup, freeze=None), gpu=gpu, inventory=inv2, idle=tuple(idle))
         est.setup = replace(est.setup, freeze=setup.freeze)
         est.notes.insert(0, f"{len(idle)} trainable parameter(s) get no gradient in a training step (e.g. {idle[0]}): "
                             "no gradient and no optimizer state are counted for them")

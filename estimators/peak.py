@@ -262,6 +262,13 @@ def evaluate(model: PhaseModel, b: int, s: int) -> StepMemory:
         counts[name] = n
         if total + extra > best:
             best, best_phase = total + extra, name
+    tr = model.trace
+    if tr is not None and tr.load_peak and model.setting.device == "cpu":  # the model built in the run's memory
+        load = {k: 0 for k in _CAT_KEYS}
+        load.update(weights=tr.load_end, other=tr.load_peak - tr.load_end)
+        phases = {"model_load": {"peak": tr.load_peak, **load}, **phases}
+        if tr.load_peak > best:
+            best, best_phase = tr.load_peak, "model_load"
     fe = results["forward_end"].end
     acts = veval(fe[1][_ACT], b, s)
     return StepMemory(phases, best, best_phase, acts, counts)

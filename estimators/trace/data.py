@@ -64,6 +64,10 @@ class StepTrace:
     counts_items: bool
     settled_bytes: int = 0
     regions: list[Region] = field(default_factory=list)
+    load_peak: int = 0
+    load_end: int = 0
+    """The model-load phase on the CPU (:mod:`optimem.estimators.trace.load`): its peak and what it ends with
+    (bytes; 0: not estimated)."""
     depends: str = ""
     """``""``: each region's step is one program for all its shapes (sizes polynomial in B and S); ``"seq"``: the
     step changes with the sequence length (other operations, or sizes no polynomial fits: a loop over tokens or
@@ -92,7 +96,7 @@ def disk_key(config_hash: str, peft, setting: TraceSetting):
 
 _LOG_FIELDS = ("kind", "a", "b", "sizes")
 _META_FIELDS = ("model", "params", "buffers_bytes", "attn_implementation", "windows", "label_shape", "shifts_labels",
-                "counts_items", "settled_bytes", "depends")
+                "counts_items", "settled_bytes", "depends", "load_peak", "load_end")
 
 
 def to_arrays(st: StepTrace) -> dict:

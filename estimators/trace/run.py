@@ -36,6 +36,7 @@ from .step import StepHooks, make_batch, micro_step, num_items, wrap_autocast
 from .tensor import Recorder, TraceError, TraceMode, from_real
 from .diagnose import explain
 from .liger_rules import active
+from .load import load_phase
 
 install_cpu_rules()
 
@@ -472,6 +473,7 @@ def step_trace(source: ModelSource, setting: TraceSetting, batch: int, seq: int,
         st = StepTrace(key, source.name, names, int(buffers_bytes), facts.attn_implementation,
                        windows(tracer.model.config), "B" if setting.task == "sequence-classification" else "BS",
                        facts.shifts_labels, facts.accepts_loss_kwargs, tracer.settled_bytes)
+        st.load_peak, st.load_end = load_phase(source, setting)
         _CACHE[key] = st
     if depends != st.depends:  # the regions traced before cover shapes the narrower ones would not split
         st.depends = depends
