@@ -224,7 +224,9 @@ def adafactor(sim: Sim, groups, first: bool, keep: dict) -> None:
             sim.decref(pw)
             f.set("update", upd)
             if len(r.shape) >= 2:
-                rows_, cols = r.numel // r.shape[-1] * FP32, r.shape[-1] * FP32
+                # update.mean(dim=-1) / mean(dim=-2): shape[:-1] and shape[:-2] + shape[-1:] (a 3-D expert weight's
+                # columns are per expert)
+                rows_, cols = r.numel // r.shape[-1] * FP32, r.numel // r.shape[-2] * FP32
                 f.tmp(rows_)
                 f.tmp(cols)
                 rr = f.new(rows_)
