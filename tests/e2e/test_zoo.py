@@ -16,9 +16,12 @@ from optimem.estimators.zoo import TASK_MAPPINGS, load_index, registered_types, 
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = (("llama", "causal-lm"), ("qwen3_moe", "causal-lm"), ("bert", "masked-lm"),
-          ("roberta", "sequence-classification"), ("t5", "seq2seq-lm"))
+          ("roberta", "sequence-classification"), ("t5", "seq2seq-lm"), ("mamba", "causal-lm"),
+          ("openai-gpt", "causal-lm"), ("encoder-decoder", "seq2seq-lm"))
 """One type per stratum: a dense GQA decoder, a routed MoE, an encoder as masked LM and as classifier, an
-encoder-decoder (each about 8 s on one CPU core)."""
+encoder-decoder (each about 8 s on one CPU core); and one of each tracer gap closed for the zoo: a scan over tokens
+traced at its sequence length (Mamba), a run whose peak is the model's construction (GPT-1's mask buffers), an
+encoder no gradient reaches whose activations autograd still keeps (a BERT pair without cross-attention)."""
 
 
 def _bad_deepseek(tmp_path: Path) -> Path:

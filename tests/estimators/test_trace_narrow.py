@@ -75,3 +75,13 @@ def test_per_layer_attributes_of_a_heterogeneous_config_are_read_per_layer():
     config = build_config(resolve(str(zoo_config_path("neomme"))))
     assert trace_run.per_layer_configs(config)
     assert isinstance(trace_run.windows(config), tuple)
+
+
+def test_a_cpu_run_whose_peak_is_the_model_construction():
+    """GPT-1 builds each layer's causal mask from ``torch.ones(n_positions, n_positions)`` twice (``__init__`` and
+    ``_init_weights``): the harness measured that run's peak, 4,378,240 B, in its model_load phase
+    (results/zoo_cpu.jsonl, openai-gpt); a CUDA estimate has no load phase (the model is built on the host)."""
+    e = estimate(str(zoo_config_path("openai-gpt")), "adamw_torch", batch_size=2, seq_len=64, device="cpu")
+    assert e.peak_phase == "model_load" and e.bytes["peak"] == e.phases["model_load"]["peak"] == 4_378_240
+    assert "model_load" not in estimate(str(zoo_config_path("openai-gpt")), "adamw_torch", batch_size=2,
+                                        seq_len=64, device="cuda").phases
