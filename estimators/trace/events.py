@@ -33,6 +33,11 @@ class FitError(Exception):
     sequence length) or a size is not a polynomial of the basis."""
 
 
+class CarriedState(FitError):
+    """A storage born in an earlier step is freed inside this one: state the model keeps on a module from one
+    step to the next (a recurrent state), which the replay does not model; no narrower region helps."""
+
+
 class SequenceMismatch(FitError):
     """The traces of a region do not run the same operations in the same order."""
 
@@ -104,7 +109,8 @@ def from_events(events: list[tuple], shapes: list | None = None) -> tuple[EventL
         elif kk == FREE:
             sid = ids.get(x)
             if sid is None:
-                raise FitError("a storage created before the step was freed inside it")
+                raise CarriedState("a storage created before the step was freed inside it (state the model keeps "
+                                   "from one step to the next, such as a recurrent state on a module: not modelled)")
             a[i] = sid
             live.discard(sid)
         elif kk == GRAD:
@@ -236,5 +242,5 @@ def fit_logs(logs: list[EventLog], nbytes: list[np.ndarray], points: list[tuple[
     return EventLog(first.kind, first.a, first.b, coef, first.survivors)
 
 
-__all__ = ["ALLOC", "BWD_END", "FREE", "FWD_END", "GRAD", "MARK", "NB", "PRE_ACC", "EventLog", "FitError", "basis", "fit_logs", "fit_shapes",
+__all__ = ["ALLOC", "BWD_END", "CarriedState", "FREE", "FWD_END", "GRAD", "MARK", "NB", "PRE_ACC", "EventLog", "FitError", "basis", "fit_logs", "fit_shapes",
            "fit_sizes", "from_events"]

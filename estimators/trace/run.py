@@ -27,7 +27,7 @@ from ..catalog import ModelSource
 from .cpu_rules import install as install_cpu_rules
 from .data import S_MIN, Region, StepTrace
 from ..errors import TraceFailure, UserError, one_line
-from .events import EventLog, FitError, SequenceMismatch, fit_logs, fit_shapes, from_events
+from .events import CarriedState, EventLog, FitError, SequenceMismatch, fit_logs, fit_shapes, from_events
 from ..memsim import NB, basis
 from .meta_kernels import cpp_meta_kernels
 from .model import build_traced_model
@@ -290,7 +290,7 @@ def trace_region(source: ModelSource, setting: TraceSetting, b: int, s: int, acc
                         first_pt = next(iter(traced), None)
                         kept = {pt: v for pt, v in traced.items() if pt != first_pt}
                         continue
-                    if b_hi == b_lo and s_hi == s_lo:  # one point: nothing narrower to trace
+                    if b_hi == b_lo and s_hi == s_lo or isinstance(exc, CarriedState):  # nothing narrower helps
                         raise UserError(f"cannot trace {name}: {exc}") from None
                     depends = "batch" if depends else "seq"
                     if not narrow:

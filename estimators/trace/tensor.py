@@ -35,6 +35,8 @@ DATA_DEPENDENT = frozenset({"aten.nonzero.default", "aten.masked_select.default"
                             "aten.unique_consecutive.default", "aten.unique_dim.default", "aten.bincount.default",
                             "aten.repeat_interleave.Tensor", "aten.argwhere.default"})
 """Ops whose output shape (or value) needs the input's values."""
+READS_VALUE = frozenset({"aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.equal.default"})
+"""Of those, the ops that hand a value to Python (``.item()``, ``bool(t)``, ``torch.equal``)."""
 SHADOW_LIMIT = 1 << 20
 """Largest shadow (elements) computed for a parameter-free tensor; bigger ones carry no values (a batch's
 masks and positions are far smaller)."""
@@ -348,6 +350,9 @@ def _dispatch(func, args: tuple, kwargs: dict):
     if failed is not None:
         if info.name in DATA_DEPENDENT or any(k in failed for k in ("data-dependent", "data-independent", "item()",
                                                                      "data_ptr", "meta tensors")):
+            if info.name in READS_VALUE:
+                raise TraceError(info.name, "Python reads the value of a tensor computed from the weights (.item(), "
+                                 "or an if / assert on a tensor), which a trace does not have") from None
             raise TraceError(info.name, "its output depends on the values of a tensor computed from the weights "
                              "(a data-dependent shape)") from None
         raise TraceError(info.name, f"no shape function on the meta device ({failed[:160]})") from None
