@@ -155,6 +155,14 @@ def _memory_finding(key, label, metric, b, c, tol: Tolerances) -> Finding | None
     return Finding(key, label, metric, b, c, change, verdict)
 
 
+def node_peak(record: dict) -> int | None:
+    """A multi-process record's fullest node: the largest sum of one node's rank peaks (bytes; None when the
+    record has no per-node figures)."""
+    nodes = ((record.get("distributed") or {}).get("nodes") or {}).get("measured") or []
+    sums = [n.get("peak_bytes_sum") for n in nodes]
+    return max(sums) if sums and None not in sums else None
+
+
 def _run_median(record: dict) -> float | None:
     times = step_times(record)
     return statistics.median(times) if times else None
@@ -262,6 +270,9 @@ def compare_records(baseline: list[dict], current: list[dict], tol: Tolerances |
             f = _memory_finding(key, label, metric, bm.get(metric), cm.get(metric), tol)
             if f is not None:
                 cmp.findings.append(f)
+        f = _memory_finding(key, label, "node_peak_bytes", node_peak(b), node_peak(c), tol)
+        if f is not None:
+            cmp.findings.append(f)
         f = _throughput_finding(key, label, b_all[key], c_all[key], tol)
         if f is not None:
             cmp.findings.append(f)
@@ -283,6 +294,7 @@ def _fmt(metric: str, value: float | None) -> str:
 
 
 METRIC_NAMES = {"peak_bytes": "peak memory", "optimizer_state_bytes": "optimizer state",
+                "node_peak_bytes": "peak of the fullest node (its ranks' sum)",
                 "tokens_per_s": "throughput", "status": "status"}
 
 

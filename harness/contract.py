@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,21 @@ def rank_info() -> tuple[int, int, int]:
     """``(rank, local_rank, world_size)`` from torchrun's environment (``(0, 0, 1)`` outside it)."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
             int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def node_facts() -> dict[str, Any]:
+    """Where this rank runs: the host, torchrun's node rank (``GROUP_RANK``: the agent's place in the rendezvous)
+    and local rank, and under Slurm the job, the node's index in the allocation and the srun task (each None
+    where the environment does not say)."""
+    env = os.environ
+
+    def num(name: str) -> int | None:
+        value = env.get(name, "")
+        return int(value) if value.isdigit() else None
+
+    return {"hostname": socket.gethostname(), "node_rank": num("GROUP_RANK"), "local_rank": num("LOCAL_RANK"),
+            "slurm_job_id": env.get("SLURM_JOB_ID"), "slurm_node_id": num("SLURM_NODEID"),
+            "slurm_task": num("SLURM_PROCID"), "slurm_node": env.get("SLURMD_NODENAME")}
 
 
 def rank_result_path(result: str | os.PathLike, rank: int) -> str:

@@ -151,6 +151,9 @@ class TorchrunLauncher:
 def choose_launcher(cfg: RunConfig, *, isolate: bool = True, zygote: Zygote | None = None) -> Launcher:
     """torchrun for a multi-process run (always isolated), else a worker process (forked from ``zygote`` when
     given), else this process (``isolate=False``)."""
+    if int(getattr(cfg, "num_nodes", 1) or 1) > 1:
+        raise UserError(f"--nnodes {cfg.num_nodes}: a run over several nodes starts through Slurm (srun + torchrun "
+                        "per node): bench run --executor slurm, or a sweep with --executor slurm")
     if is_distributed(cfg):
         return TorchrunLauncher()
     return SubprocessLauncher(zygote) if isolate else InProcessLauncher()
@@ -234,10 +237,12 @@ def run_in_process(cfg: RunConfig, *, fault: str | None = None, track_tensors: b
 
 def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bool = True, fault: str | None = None,
             track_tensors: bool | None = None, on_start: Callable[[subprocess.Popen], None] | None = None,
-            zygote: Zygote | None = None) -> dict:
+            zygote: Zygote | None = None, launcher: Launcher | None = None) -> dict:
     """Check, predict, run and record ``cfg``; returns the validated record (not yet appended).
 
     ``zygote``: fork the worker from this :class:`optimem.harness.zygote.Zygote` (see :func:`run_isolated`).
+    ``launcher``: how the run starts (default :func:`choose_launcher`'s; a multi-node run passes
+    :class:`optimem.harness.multinode.SrunLauncher`).
     UserError for a configuration that can never run (unknown optimizer, bad values, unknown model).
     """
     spec = get_spec(cfg.optim)
@@ -259,7 +264,7 @@ def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bo
                               predicted=predicted, env=env, run={**run_meta, "duration_s": 0.0})
         validate(record)
         return record
-    outcome = choose_launcher(cfg, isolate=isolate, zygote=zygote).launch(
+    outcome = (launcher or choose_launcher(cfg, isolate=isolate, zygote=zygote)).launch(
         cfg, timeout_s=timeout_s, fault=fault, track_tensors=track_tensors, on_start=on_start)
     payload = outcome.payload
     env.update({k: v for k, v in (payload.get("device_facts") or {}).items() if v is not None and k != "device"})
@@ -272,7 +277,7 @@ def execute(cfg: RunConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, isolate: bo
     record = build_record(config=cfg.to_dict(), status=status, reason=payload.get("reason") or "",
                           measured=measured, predicted=predicted, env=env, run=run_meta,
                           detail=payload.get("detail"),
-                          distributed=section(cfg, payload, timeout_s=timeout_s, device=device))
+                          distributed=section(cfg, payload, timeout_s=timeout_s, device=device, predicted=predicted))
     validate(record)
     return record
 

@@ -173,6 +173,7 @@ DISTRIBUTED_SCHEMA: dict[str, Any] = {
         "training_arguments": {"type": "object"}, "measured_rank": _INT_OR_NULL,
         "ranks": {"type": "array", "items": RANK_SCHEMA},
         "predicted": {"type": "object", "required": ["supported"]},
+        "nodes": {"type": "object", "required": ["requested", "predicted", "measured"]},
     },
 }
 """A multi-process run's ``distributed`` section (absent from single-process records): one entry per rank

@@ -16,6 +16,7 @@ kernel's or Slurm's OOM killer, a time limit after its requeues) into one ``erro
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -36,6 +37,7 @@ from optimem.harness.launcher import execute, resolve_device
 from optimem.harness.fit import refusal_record
 from optimem.estimators import get_spec
 from optimem.harness.env_facts import collect_env
+from optimem.harness.multinode import SrunLauncher, agents_per_node
 
 QUEUED = ("PENDING", "REQUEUED", "CONFIGURING", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "UNKNOWN",
           "PREEMPTED")
@@ -58,6 +60,10 @@ class SlurmSettings:
     account: str | None = None
     qos: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    array: bool = False
+    """``--slurm-array``: a sweep's runs go as one job array (one per set of job parameters) instead of one job
+    each; ``array_parallelism``: how many of its tasks run at once (``--jobs``; None: all)."""
+    array_parallelism: int | None = None
 
     def parameters(self, timeout_s: float) -> dict[str, Any]:
         """submitit's ``SlurmExecutor.update_parameters`` keywords."""
@@ -101,9 +107,12 @@ class SlurmRun(submitit.helpers.Checkpointable):
     :func:`optimem.harness.launcher.execute` (tests)."""
 
     def __init__(self, cfg, *, timeout_s: float, track_tensors: bool | None = None, fault: str | None = None,
-                 force: bool = False, runner: Callable[..., dict] | None = None):
+                 force: bool = False, runner: Callable[..., dict] | None = None, srun_folder: Path | None = None):
         self.cfg, self.timeout_s, self.track_tensors, self.fault = cfg, timeout_s, track_tensors, fault
         self.force, self.runner = force, runner
+        self.srun_folder = srun_folder
+        """Set: the ranks start with ``srun`` + a torchrun agent per node (:class:`SrunLauncher`), their files in
+        this folder (shared by the nodes)."""
         self.attempt = 1
 
     def __call__(self) -> dict:
@@ -119,7 +128,9 @@ class SlurmRun(submitit.helpers.Checkpointable):
             record = refusal_record(self.cfg, resolve_device(self.cfg))
         if record is None:
             run = self.runner or execute
-            record = run(self.cfg, timeout_s=self.timeout_s, track_tensors=self.track_tensors, fault=self.fault)
+            extra = {"launcher": SrunLauncher(self.srun_folder)} if self.srun_folder is not None else {}
+            record = run(self.cfg, timeout_s=self.timeout_s, track_tensors=self.track_tensors, fault=self.fault,
+                         **extra)
         if record.get("status") != "ok" and terminated.wait(timeout=1.0):
             time.sleep(KILL_WAIT_S)  # a finished measurement is returned whatever comes; a killed one is not
         record["env"]["slurm"] = facts
@@ -199,6 +210,11 @@ def recover_records(sweep, folder: Path) -> int:
     return n
 
 
+def _run_key(cfg) -> str:
+    """Which prepared job a run takes: its whole configuration."""
+    return json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+
+
 def _bucket(state: str) -> str:
     word = (state or "UNKNOWN").split()[0].upper()
     if word in DONE:
@@ -219,8 +235,11 @@ class SlurmExecutor:
 
     def __init__(self, settings: SlurmSettings, *, timeout_s: float, force: bool = False, engine=None,
                  on_state: Callable[[str], None] | None = None, poll_s: float = 2.0,
-                 runner: Callable[..., dict] | None = None):
+                 runner: Callable[..., dict] | None = None, srun: bool = False):
         self.settings, self.timeout_s, self.force, self.runner = settings, timeout_s, force, runner
+        self.srun = srun
+        """Multi-process runs start their ranks with srun (a torchrun agent per node) even on one node (``bench
+        run --executor slurm``); a run over several nodes always does."""
         self.on_state, self.poll_s = on_state, poll_s
         if engine is None:
             settings.folder.mkdir(parents=True, exist_ok=True)
@@ -237,6 +256,8 @@ class SlurmExecutor:
         self._states: dict[str, str] = {}
         self._stopping = threading.Event()
         self._node_memory: tuple[int | None, str] | None = None
+        self._prepared: dict[str, list] = {}
+        """run key -> jobs already submitted in an array (:meth:`prepare`), taken by :meth:`run` in order."""
 
     def available(self, device: str) -> tuple[int | None, str]:
         """What a job's node offers for the check before submission: a CPU run against the partition's
@@ -247,16 +268,33 @@ class SlurmExecutor:
             return self._node_memory
         return None, ""
 
+    def uses_srun(self, cfg) -> bool:
+        """Whether ``cfg``'s job starts its ranks with srun (a torchrun agent per node)."""
+        return int(getattr(cfg, "num_nodes", 1) or 1) > 1 or (self.srun and int(cfg.num_processes) > 1)
+
     def per_job(self, cfg) -> dict[str, Any]:
-        """What one configuration's job asks for beyond the sweep's settings: a core per process of a
-        multi-process run (its ranks on one node), and on CUDA a GPU per process unless
-        ``--slurm-gpus-per-node`` says otherwise. A value given by ``--slurm-extra`` wins."""
-        n = max(1, int(cfg.num_processes))
-        out: dict[str, Any] = {}
+        """What one configuration's job asks for beyond the sweep's settings: ``num_nodes`` nodes with one task
+        each, a core per process on each node (its ranks), and on CUDA a GPU per process on each node unless
+        ``--slurm-gpus-per-node`` says otherwise. A job that starts its ranks with srun runs its Python once, in
+        the batch step on the first node (submitit's ``use_srun=False``), which then calls srun itself. A value
+        given by ``--slurm-extra`` wins.
+
+        The node count goes to sbatch through ``additional_parameters``: submitit counts a job's tasks as
+        ``nodes x ntasks_per_node`` and waits for a result from each, while such a job has one (the batch
+        step's)."""
+        nodes = max(1, int(getattr(cfg, "num_nodes", 1) or 1))
+        n = max(1, int(cfg.num_processes)) // nodes
+        srun = self.uses_srun(cfg)
+        agents = min(agents_per_node(), nodes) if srun else 1  # >1: several nodes simulated on one host (tests)
+        extra = dict(self.settings.extra)
+        if srun:
+            extra.setdefault("nodes", nodes // agents)
+        out: dict[str, Any] = {"nodes": 1, "ntasks_per_node": 1, "use_srun": not srun,
+                               "additional_parameters": extra}
         if "cpus_per_task" not in self.settings.extra:
-            out["cpus_per_task"] = n
+            out["cpus_per_task"] = n * agents
         if cfg.device == "cuda" and self.settings.gpus_per_node is None and "gpus_per_node" not in self.settings.extra:
-            out["gpus_per_node"] = n
+            out["gpus_per_node"] = n * agents
         return out
 
     def counts(self) -> dict[str, int]:
@@ -278,17 +316,48 @@ class SlurmExecutor:
                 self.on_state(f"slurm job {job.job_id} ({label}): {state}{where}; jobs: {c['queued']} queued, "
                               f"{c['running']} running, {c['done']} done, {c['failed']} failed")
 
+    def _task(self, cfg, timeout_s, track_tensors, fault) -> SlurmRun:
+        return SlurmRun(cfg, timeout_s=timeout_s or self.timeout_s, track_tensors=track_tensors, fault=fault,
+                        force=self.force, runner=self.runner,
+                        srun_folder=self.settings.folder if self.uses_srun(cfg) else None)
+
+    def prepare(self, runs: list[tuple[Any, str | None]], *, timeout_s=None, track_tensors=None) -> None:
+        """``--slurm-array``: submit every run still to come (``(cfg, fault)``, once per repeat) now, as one
+        job array per set of job parameters (:meth:`per_job`; usually one array for the sweep), at most
+        ``array_parallelism`` tasks running at once; :meth:`run` then waits on the job submitted here instead of
+        submitting one. Nothing without ``--slurm-array``."""
+        if not self.settings.array or not runs:
+            return
+        groups: dict[str, list] = {}
+        for cfg, fault in runs:
+            groups.setdefault(json.dumps(self.per_job(cfg), sort_keys=True), []).append((cfg, fault))
+        for params, items in groups.items():
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                if isinstance(self.engine, submitit.SlurmExecutor):
+                    self.engine.update_parameters(job_name=f"optimem sweep ({len(items)} runs)",
+                                                  array_parallelism=self.settings.array_parallelism or len(items),
+                                                  **json.loads(params))
+                tasks = [self._task(cfg, timeout_s, track_tensors, fault) for cfg, fault in items]
+                with self.engine.batch():
+                    jobs = [self.engine.submit(task) for task in tasks]
+                for (cfg, _), job in zip(items, jobs):
+                    self._jobs[job.job_id] = job
+                    self._prepared.setdefault(_run_key(cfg), []).append(job)
+
     def run(self, cfg, *, timeout_s=None, track_tensors=None, fault=None, on_start=None, zygote=None) -> dict:
         label = config_label(cfg.to_dict())
-        task = SlurmRun(cfg, timeout_s=timeout_s or self.timeout_s, track_tensors=track_tensors, fault=fault,
-                        force=self.force, runner=self.runner)
         with self._lock:
             if self._stopping.is_set():
                 raise RuntimeError("the sweep is stopping: not submitted")
-            if isinstance(self.engine, submitit.SlurmExecutor):
-                self.engine.update_parameters(job_name=f"optimem {label}", **self.per_job(cfg))
-            job = self.engine.submit(task)
-            self._jobs[job.job_id] = job
+            queued = self._prepared.get(_run_key(cfg))
+            job = queued.pop(0) if queued else None
+            if job is None:
+                if isinstance(self.engine, submitit.SlurmExecutor):
+                    self.engine.update_parameters(job_name=f"optimem {label}", **self.per_job(cfg))
+                job = self.engine.submit(self._task(cfg, timeout_s, track_tensors, fault))
+                self._jobs[job.job_id] = job
         self._set_state(job, "PENDING", label)
         last_force = 0.0
         while True:

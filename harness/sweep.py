@@ -417,10 +417,24 @@ class Sweep:
             self.reporter.set_total(len(tasks))
         pending = [r.config for r in self.outcome.results if not r.reused]
         refused = self.prejudge(pending)
+        self.submit_ahead(configs)
         with self.forking(len(runs) - refused):
             self.prewarm([c for c in pending if config_key(c.to_dict(), resolve_device(c)) not in self._refusals])
             self._drive(tasks)
         return self.outcome
+
+    def submit_ahead(self, configs: list) -> None:
+        """Executors that submit a sweep's runs together (``--slurm-array``: :meth:`SlurmExecutor.prepare
+        <optimem.harness.slurm.SlurmExecutor.prepare>`) get every run still to come, less the refused ones."""
+        prepare = getattr(self.executor, "prepare", None)
+        if prepare is None:
+            return
+        runs = []
+        for cfg in configs:
+            left = max(self.opts.repeat - self.done.get(config_key(cfg.to_dict(), resolve_device(cfg)), 0), 0)
+            if left and (self.opts.force or self.refused(cfg) is None):
+                runs += [(cfg, self.fault_for(cfg))] * left
+        prepare(runs, timeout_s=self.opts.timeout_s, track_tensors=self.opts.track_tensors)
 
     # --------------------------------------------------------------------------------- max batch
     def search(self, base, start: int, emit) -> dict:

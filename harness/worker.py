@@ -28,7 +28,8 @@ from optimem.estimators.bnb_layout import model_storage_tensors
 from optimem.estimators.errors import one_line
 from optimem.estimators.gpus import device_peak_flops
 from optimem.estimators.throughput import flops_per_token
-from optimem.harness.contract import FAULT_ENV, RUN_DIR_PREFIX, rank_info, rank_result_path, read_job, write_result
+from optimem.harness.contract import (FAULT_ENV, RUN_DIR_PREFIX, node_facts, rank_info, rank_result_path, read_job,
+                                      write_result)
 from optimem.harness.env_facts import cpu_name
 from optimem.harness.process import quiet_libraries
 from optimem.harness.trackers.nvml import NvmlSampler
@@ -525,6 +526,7 @@ def main(argv: list[str] | None = None, *, parent_pid: int | None = None) -> int
     result = run_measured(cfg, fault=fault, track_tensors=job.get("track_tensors"))
     if world > 1:
         result["node"] = socket.gethostname()  # where this rank ran (several nodes: multi-node runs)
+        result["node_facts"] = node_facts()
     write_result(result_path, result)
     sys.stdout.flush()
     sys.stderr.flush()

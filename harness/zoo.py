@@ -11,7 +11,8 @@ checkpointing); a run skips the cases the log holds. Each case runs in a process
 Classes: ``exact`` (peak within :data:`EXACT_TOL`), ``within 1%``, ``outside 1%`` (a miss), ``refused`` (the
 tracer's one-line reason; the real step runs: a tracer gap), ``model fails`` (the real step fails too: the model's
 own error), ``no config`` (the zoo's rule gave no config transformers builds), ``failed`` (a bug: a crash, a
-timeout, or an estimate that raised something other than its one-line refusal).
+timeout, or an estimate that raised something other than its one-line refusal); ``unsupported`` (see
+:data:`UNSUPPORTED`).
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ ZOO_SHAPE = (2, 64)
 CASE_TIMEOUT_S = 600
 LOG = Path("results/zoo_cpu.jsonl")
 CLASSES = ("exact", "within 1%", "outside 1%", "refused", "model fails", "no config", "failed")
+UNSUPPORTED = "unsupported"
+"""A case whose setting the model does not take (the Trainer and the estimate refuse it alike, e.g. gradient
+checkpointing on a class without it): an agreement, not a class a type is judged by unless every case is one."""
 TASKS = ("causal-lm", "masked-lm", "seq2seq-lm", "sequence-classification", "image-text-to-text")
 
 
@@ -46,6 +50,8 @@ def classify(measured_status: str, measured_reason: str, pred_error: str | None,
     """The class of one case from the real run's status, the estimate's failure (message, TraceFailure kind or
     ``"bug"``) and the peak error."""
     if measured_status != "ok":
+        if pred_kind == "user" and " in setup: " in measured_reason:
+            return UNSUPPORTED
         if pred_kind in (None, "model", "tracer", "unchecked"):
             return "model fails"
         return "failed"
@@ -244,7 +250,9 @@ def render(rows: dict[str, dict], facts: dict, command: str, tasks) -> tuple[str
              f"error: exact (within {EXACT_TOL:.1%}), within 1%, outside 1%; refused (the tracer's one-line reason, "
              "the real step runs: a tracer gap); model fails (the real run fails too: the model's own error); no "
              "config (the zoo's rule gave no config this transformers builds); failed (a crash, a timeout or an "
-             "estimate that raised something else: a bug). Only the combinations listed were run; a type with no "
+             "estimate that raised something else: a bug). A case whose setting the model does not take (the Trainer "
+             "and the estimate both refuse it in one line, e.g. gradient checkpointing on a class without it) is "
+             "listed as unsupported and does not count against its type. Only the combinations listed were run; a type with no "
              "row for a task was not run.", ""]
     summary: dict = {}
     lines += ["| task | registered types | run | " + " | ".join(CLASSES) + " | within 1% (of registered) |",
@@ -257,8 +265,11 @@ def render(rows: dict[str, dict], facts: dict, command: str, tasks) -> tuple[str
             rs = by_type.get((task, t))
             if not rs:
                 continue
+            judged = [r for r in rs if r["class"] != UNSUPPORTED]
+            if not judged:
+                continue
             ran += 1
-            worst = max(rs, key=lambda r: CLASSES.index(r["class"]))
+            worst = max(judged, key=lambda r: CLASSES.index(r["class"]))
             cls[worst["class"]] += 1
         good = cls["exact"] + cls["within 1%"]
         summary[task] = {"registered": len(types), "run": ran, **cls}
@@ -338,5 +349,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["CLASSES", "EXACT_TOL", "ZOO_SHAPE", "case_key", "classify", "main", "read_log", "render", "run_one",
+__all__ = ["CLASSES", "EXACT_TOL", "UNSUPPORTED", "ZOO_SHAPE", "case_key", "classify", "main", "read_log", "render", "run_one",
            "run_zoo", "zoo_cases"]

@@ -10,15 +10,18 @@ import json
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from optimem.estimators import get_spec
 from optimem.estimators.errors import UserError
 from optimem.estimators.setup import DEFAULT_TARGETS
 from optimem.harness.commands.argtypes import (DEFAULT_OUT, add_no_cache, non_negative_int, positive_int,
                                                positive_seconds)
+from optimem.harness.commands.slurm_args import add_slurm_arguments, slurm_settings
 from optimem.harness.commands.setup_args import add_setup_arguments, field_defaults, setup_kwargs
 from optimem.harness.distributed.report import rank_rows
 from optimem.harness.launcher import check_config, execute, resolve_device
+from optimem.harness.multinode import SrunLauncher, in_allocation
 from optimem.harness.record import append_record
 from optimem.harness.paths import check_output_file, rescue_record
 from optimem.harness.run_config import RunConfig
@@ -58,6 +61,9 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="start the run even when the estimate says it cannot fit the device's free memory")
     p.add_argument("--json", action="store_true", help="print the record as JSON instead of the table")
+    add_slurm_arguments(p, "local: this machine (default for one node); slurm: through Slurm (default for --nnodes "
+                           "above 1): inside an allocation (salloc/sbatch) srun starts a torchrun agent per node, "
+                           "else the run is submitted as one job through submitit")
     add_no_cache(p)
     p.set_defaults(func=main)
 
@@ -91,11 +97,45 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: the worker is killed and nothing is written."""
 
 
+def executor_of(args: argparse.Namespace, cfg):
+    """``(where, settings)``: ``local`` (this machine), ``srun`` (inside a Slurm allocation: srun from here) or
+    ``submit`` (one job through submitit), and the Slurm settings (None locally). UserError for a run over
+    several nodes given ``--executor local``."""
+    nodes = int(cfg.num_nodes)
+    executor = args.executor or ("slurm" if nodes > 1 else "local")
+    if nodes > 1 and executor == "local":
+        raise UserError(f"--nnodes {nodes}: a run over several nodes starts through Slurm (srun + a torchrun agent "
+                        "per node): leave out --executor local (--executor slurm is the default above one node)")
+    settings = slurm_settings(args, Path(args.out), executor=executor, need_sbatch=not in_allocation())
+    if settings is None:
+        return "local", None
+    return ("srun" if in_allocation() else "submit"), settings
+
+
+def run_record(cfg, args: argparse.Namespace, where: str, settings, track: bool | None) -> dict:
+    """Run ``cfg`` where :func:`executor_of` said and return its record."""
+    if where == "local":
+        return execute(cfg, timeout_s=args.timeout, track_tensors=track)
+    if where == "srun":
+        launcher = SrunLauncher(settings.folder) if int(cfg.num_processes) > 1 else None
+        return execute(cfg, timeout_s=args.timeout, track_tensors=track, launcher=launcher)
+    from optimem.harness.slurm import SlurmExecutor  # lazy: pulls in submitit, which importing this module does not
+
+    executor = SlurmExecutor(settings, timeout_s=args.timeout, force=args.force, srun=True,
+                             on_state=lambda line: print(f"bench run: {line}", file=sys.stderr, flush=True))
+    try:
+        return executor.run(cfg, timeout_s=args.timeout, track_tensors=track)
+    except KeyboardInterrupt:
+        executor.cancel_all()  # the job does not outlive the command that submitted it
+        raise
+
+
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if not args.no_save:
         check_output_file(args.out, "--out", what="results file (.jsonl)")
-    if not args.force:
+    where, settings = executor_of(args, cfg)
+    if not args.force and where != "submit":  # a submitted job checks the memory of the node it lands on
         refuse_if_cannot_fit(cfg)
     track = {"auto": None, "on": True, "off": False}[args.track_tensors]
     previous = None
@@ -106,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
         previous = signal.signal(signal.SIGTERM, _term)
     failed = None
     try:
-        record = execute(cfg, timeout_s=args.timeout, track_tensors=track)
+        record = run_record(cfg, args, where, settings, track)
         saved = None
         if not args.no_save:
             try:
@@ -163,6 +203,10 @@ def _header(record: dict) -> list[str]:
     took = f", {run['duration_s']:.1f} s" if run.get("duration_s") else ""
     if c.get("num_processes", 1) > 1:
         shape += f", {c['num_processes']} processes, {c.get('sharding')}"
+        if c.get("num_nodes", 1) > 1:
+            shape += f" on {c['num_nodes']} nodes"
+    if (env.get("slurm") or {}).get("job_id"):
+        shape += f", Slurm job {env['slurm']['job_id']}"
     return [f"bench run: {c['optim']} on {c['model']}: {status}",
             f"  {device} ({env.get('device_name') or 'unknown device'}), {precision}, {shape}, "
             f"{c['steps']} steps ({c['warmup']} warmup){took}" + (", " + ", ".join(extra) if extra else "")]
@@ -188,6 +232,10 @@ def render(record: dict, saved: str | None = None) -> str:
         if record.get("distributed"):
             console.print()
             console.print(_rank_table(record))
+            if (record["distributed"].get("nodes") or {}).get("measured"):
+                console.print()
+                console.print(_node_table(record))
+                console.print(f"  predicted per node: {record['distributed']['nodes']['predicted']['source']}")
         if m and record.get("distributed"):
             console.print()
             console.print(_phase_table(m))
@@ -236,6 +284,21 @@ def _rank_table(record: dict):
         t.add_row(f"  rank {r['rank']}", human_bytes(r["peak"]), human_bytes(r["peak_predicted"]), err,
                   human_bytes(r["gradients"]), human_bytes(r["gradients_predicted"]),
                   human_bytes(r["optimizer_state"]), human_bytes(r["optimizer_state_predicted"]))
+    return t
+
+
+def _node_table(record: dict):
+    """Per node (torchrun agent): its ranks, the sums of their measured peaks and RSS peaks, and the planner's
+    host bytes per node."""
+    nodes = record["distributed"]["nodes"]
+    pred = nodes["predicted"]
+    t = _table("  per node", "ranks", "peaks (sum)", "RSS peaks (sum)", "predicted host", "error")
+    for n in nodes["measured"]:
+        label = n["node"] + (f" (node rank {n['node_rank']})" if n.get("node_rank") is not None else "")
+        host = pred.get("host_bytes")
+        err = _pct(n.get("peak_bytes_sum"), host) if record["distributed"]["backend"] == "gloo" else "-"
+        t.add_row(f"  {label}", ",".join(str(r) for r in n["ranks"]), human_bytes(n.get("peak_bytes_sum")),
+                  human_bytes(n.get("rss_peak_bytes_sum")), human_bytes(host) if host is not None else "-", err)
     return t
 
 

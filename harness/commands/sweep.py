@@ -14,13 +14,13 @@ import signal
 import sys
 import threading
 import time
-import shutil
 from pathlib import Path
 
 from optimem.estimators.errors import UserError
 from optimem.estimators.setup import CLI
 from optimem.harness.commands.argtypes import DEFAULT_OUT, add_no_cache, positive_int, positive_seconds
 from optimem.harness.commands.setup_args import add_setup_arguments, flagged
+from optimem.harness.commands.slurm_args import add_slurm_arguments, slurm_settings
 from optimem.harness.grid import AXES, config_key, config_label, grid_from_mapping, load_yaml, parse_size
 from optimem.harness.launcher import check_config, resolve_device
 from optimem.harness.max_batch import DEFAULT_MAX_BATCH_CAP, group_key, max_batch_path
@@ -82,21 +82,9 @@ def register(sub) -> None:
                    help="e.g. 64MiB, 8GB: a run whose measured peak exceeds it is recorded as oom "
                         "(required for --find-max-batch on CPU)")
     r.add_argument("--max-batch-cap", type=positive_int, metavar="N", help="largest batch a search tries (default 4096)")
-    x = p.add_argument_group("where runs execute")
-    x.add_argument("--executor", choices=["local", "slurm"], default=None,
-                   help="local: worker processes on this machine (default); slurm: one Slurm job per "
-                        "configuration through submitit (same records, lock, --resume and results file)")
-    x.add_argument("--slurm-partition", metavar="NAME", help="the partition jobs go to (default: the cluster's)")
-    x.add_argument("--slurm-gpus-per-node", type=positive_int, metavar="N", help="GPUs each job asks for")
-    x.add_argument("--slurm-time", type=positive_int, metavar="MINUTES",
-                   help="each job's time limit (default: --timeout plus 5 minutes)")
-    x.add_argument("--slurm-account", metavar="NAME", help="the account jobs are charged to")
-    x.add_argument("--slurm-qos", metavar="NAME", help="the quality of service jobs ask for")
-    x.add_argument("--slurm-extra", action="append", metavar="KEY=VALUE",
-                   help="any other sbatch option, without its dashes (mem=8G, constraint=a100, cpus_per_task=4); "
-                        "repeatable")
-    x.add_argument("--slurm-folder", metavar="DIR",
-                   help="submitit's job files and logs (default: RESULTS.slurm/ beside the results file)")
+    add_slurm_arguments(p, "local: worker processes on this machine (default); slurm: one Slurm job per "
+                           "configuration through submitit (same records, lock, --resume and results file)",
+                        array=True)
     o = p.add_argument_group("output")
     o.add_argument("--dry-run", action="store_true", help="list the configurations (and what --resume skips); run "
                                                           "nothing")
@@ -208,6 +196,9 @@ def main(args: argparse.Namespace) -> int:
     configs = _runnable(grid, grid.configs(extra=extra, source=args.config or "command line"), check_config)
     devices = {resolve_device(c) for c in configs}
     slurm = _slurm_settings(args, opts, len(configs))
+    if slurm is None and any(int(c.num_nodes) > 1 for c in configs):
+        raise UserError("--nnodes above 1: a run over several nodes starts through Slurm (srun + a torchrun agent per "
+                        "node): add --executor slurm")
     if opts.jobs > 1 and "cuda" in devices and slurm is None:
         raise UserError("--jobs above 1 would share the GPU between runs (their out-of-memory points and timings "
                         "would be each other's): use --jobs 1 on a GPU")
@@ -240,29 +231,13 @@ def main(args: argparse.Namespace) -> int:
 def _slurm_settings(args: argparse.Namespace, opts, runs: int):
     """None for the local executor; else the :class:`optimem.harness.slurm.SlurmSettings` of the Slurm one
     (checked: UserError), with every job submitted at once unless --jobs says otherwise."""
-    slurm_flags = [f for f in ("slurm_partition", "slurm_gpus_per_node", "slurm_time", "slurm_account", "slurm_qos",
-                               "slurm_extra", "slurm_folder") if getattr(args, f, None) is not None]
-    if args.executor != "slurm":
-        if slurm_flags:
-            raise UserError(f"--{slurm_flags[0].replace('_', '-')} applies to Slurm jobs: add --executor slurm")
+    settings = slurm_settings(args, opts.out, executor=args.executor, dry_run=args.dry_run)
+    if settings is None:
         return None
-
-    try:
-        # lazy: pulls in submitit, which importing this module does not
-        from optimem.harness.slurm import SlurmSettings, check_partition, parse_extra
-    except ImportError:
-        raise UserError("--executor slurm needs the package 'submitit': pip install 'optimem[slurm]'") from None
-    extra = parse_extra(args.slurm_extra)
-    if shutil.which("sbatch") is None and not args.dry_run:
-        raise UserError("--executor slurm: no 'sbatch' on PATH: run bench sweep on a Slurm login node")
-    if not args.dry_run:
-        check_partition(args.slurm_partition)
-    folder = Path(args.slurm_folder) if args.slurm_folder else \
-        opts.out.with_name(opts.out.name.removesuffix(".jsonl") + ".slurm")
-    settings = SlurmSettings(folder=folder, partition=args.slurm_partition, gpus_per_node=args.slurm_gpus_per_node,
-                             time_min=args.slurm_time, account=args.slurm_account, qos=args.slurm_qos, extra=extra)
     if args.jobs is None:  # every job submitted at once: the cluster's queue decides what runs when
         opts.jobs = max(1, min(runs * opts.repeat, 512))
+    elif settings.array:
+        settings.array_parallelism = opts.jobs
     opts.fork = False
     return settings
 

@@ -65,12 +65,21 @@ def rank_faults(fault: str | None, world_size: int) -> dict[str, str]:
 
 
 def launch(cfg, *, timeout_s: float, fault: str | None = None, track_tensors: bool | None = None,
-           on_start: Callable[[subprocess.Popen], None] | None = None, log_path: str | None = None):
-    """Run ``cfg`` on ``cfg.num_processes`` ranks under torchrun and return one
-    :class:`optimem.harness.launcher.WorkerOutcome` for the whole run (see :func:`combine`): its payload holds the
-    worst rank's ``measured`` and a ``distributed`` section with every rank's result."""
+           on_start: Callable[[subprocess.Popen], None] | None = None, log_path: str | None = None,
+           command: Callable[[Path, Path], list[str]] | None = None, workdir: str | os.PathLike | None = None,
+           launcher: str = "torchrun"):
+    """Run ``cfg`` on ``cfg.num_processes`` ranks and return one :class:`optimem.harness.launcher.WorkerOutcome`
+    for the whole run (see :func:`combine`): its payload holds the worst rank's ``measured`` and a
+    ``distributed`` section with every rank's result.
+
+    ``command(job, result)``: the argv that starts every rank (default :func:`torchrun_command`: one torchrun on
+    this machine; :mod:`optimem.harness.multinode`: ``srun`` starting a torchrun agent per node), named
+    ``launcher`` in the record; ``workdir``: where the job and the ranks' result files go (a folder every node
+    sees for a multi-node run; default the system's temporary folder)."""
     n = int(cfg.num_processes)
-    with tempfile.TemporaryDirectory(prefix="optimem-dist-") as tmp:
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="optimem-dist-", dir=workdir) as tmp:
         tmpdir = Path(tmp)
         job, result = tmpdir / "job.json", tmpdir / "result.json"
         log = Path(log_path) if log_path else tmpdir / "ranks.log"
@@ -81,7 +90,7 @@ def launch(cfg, *, timeout_s: float, fault: str | None = None, track_tensors: bo
         env[TIMEOUT_ENV] = str(int(timeout_s))
         if fault:
             env.pop(FAULT_ENV, None)
-        argv = torchrun_command(cfg, job, result)
+        argv = (command or (lambda j, r: torchrun_command(cfg, j, r)))(job, result)
         start = time.perf_counter()
         timed_out = False
         with open(log, "wb") as logfh:
@@ -93,7 +102,8 @@ def launch(cfg, *, timeout_s: float, fault: str | None = None, track_tensors: bo
         tail = log_tail(log, 6000)
         ranks = [read_result(rank_result_path(result, r)) for r in range(n)]
         payload = combine(ranks, returncode=proc.returncode, timed_out=timed_out, timeout_s=timeout_s, log_tail=tail)
-        payload["distributed"].update(launcher="torchrun", command=" ".join(argv[1:-2] + ["JOB", "RESULT"]))
+        shown = argv[:-2] if argv[0] != sys.executable else argv[1:-2]
+        payload["distributed"].update(launcher=launcher, command=" ".join(shown + ["JOB", "RESULT"]))
         return WorkerOutcome(payload, proc.returncode, duration, tail)
 
 
@@ -113,7 +123,7 @@ def combine(ranks: list[dict | None], *, returncode: int | None, timed_out: bool
         else:
             entries.append({"rank": r, "status": p.get("status", "error"), "reason": p.get("reason") or "",
                             "measured": p.get("measured"), "device_facts": p.get("device_facts") or {},
-                            "detail": p.get("detail"), **({"node": p["node"]} if p.get("node") else {})})
+                            "detail": p.get("detail"), **{k: p[k] for k in ("node", "node_facts") if p.get(k)}})
     # the root cause first: the rank that failed earliest (its peers then fail in a collective)
     ended = {r: float((p or {}).get("ended_at") or float("inf")) for r, p in enumerate(ranks)}
     failed = sorted((e for e in entries if e["status"] != "ok"), key=lambda e: ended[e["rank"]])

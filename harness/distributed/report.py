@@ -11,6 +11,7 @@ from typing import Any
 from optimem.estimators.errors import UserError
 from optimem.estimators.sharding import sharding_support
 from optimem.estimators.step_memory import model_state_terms, step_memory
+from optimem.harness.distributed.nodes import node_section
 from optimem.harness.distributed.schemes import SCHEMES, is_distributed, model_class, training_arguments
 from optimem.harness.results import load_records
 from optimem.harness.units import error_text, human_bytes, rel_error
@@ -36,7 +37,7 @@ def predict_per_rank(cfg, device: str) -> dict[str, Any]:
     return {"supported": True, "reason": why, "peak_bytes": int(mem.peak), "peak_phase": mem.peak_phase,
             "weights_bytes": int(t["weights"] + t["master_weights"]),
             "gradients_bytes": int(t["gradients"]), "gradients_bytes_per_rank": per_rank,
-            "optimizer_state_bytes": int(t["optimizer_state"]),
+            "optimizer_state_bytes": int(t["optimizer_state"]), "host_state_bytes": int(mem.host_state),
             "terms": {k: int(v) for k, v in t.items()}, "breakdown": {k: int(v) for k, v in mem.breakdown.items()}}
 
 
@@ -49,10 +50,12 @@ def rank_gradients(setup) -> list[int]:
     return [model_state_terms(setup, rank=r)["gradients"] for r in range(setup.num_processes)]
 
 
-def section(cfg, payload: Mapping[str, Any], *, timeout_s: float, device: str) -> dict[str, Any] | None:
+def section(cfg, payload: Mapping[str, Any], *, timeout_s: float, device: str,
+            predicted: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """The record's ``distributed`` section of a multi-process run (None for one process): the scheme, how
     it was launched and what the Trainer was given, every rank's status and measurement, and the planner's
-    per-rank prediction beside them."""
+    per-rank prediction beside them; ``nodes``: per node, its ranks' host figures beside the planner's per-node
+    figures (:mod:`.nodes`; ``predicted``: the record's estimate, for its offload split)."""
     if not is_distributed(cfg):
         return None
     got = dict(payload.get("distributed") or {})
@@ -60,11 +63,13 @@ def section(cfg, payload: Mapping[str, Any], *, timeout_s: float, device: str) -
         trainer_args = training_arguments(cfg, model_class(cfg), timeout_s=timeout_s)
     except Exception as exc:  # noqa: BLE001 - the record is still written
         trainer_args = {"error": f"{type(exc).__name__}: {exc}"}
+    per_rank = predict_per_rank(cfg, device)
+    ranks = got.get("ranks") or []
     return {"scheme": cfg.sharding, "world_size": int(cfg.num_processes),
             "backend": "nccl" if device == "cuda" else "gloo", "launcher": got.get("launcher", "torchrun"),
             "command": got.get("command"), "training_arguments": trainer_args,
-            "measured_rank": got.get("measured_rank"), "ranks": got.get("ranks") or [],
-            "predicted": predict_per_rank(cfg, device)}
+            "measured_rank": got.get("measured_rank"), "ranks": ranks, "predicted": per_rank,
+            "nodes": node_section(cfg, device, ranks, per_rank, predicted)}
 
 
 # --------------------------------------------------------------------------------------- the report

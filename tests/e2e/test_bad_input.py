@@ -306,6 +306,12 @@ CASES: list[tuple[str, int, str]] = [
     ("sweep --optim adamw_torch --executor slurm --slurm-extra nokey", 2, "--slurm-extra"),
     ("sweep --optim adamw_torch --executor slurm --slurm-time 0", 2, "--slurm-time"),
     ("sweep --optim adamw_torch --slurm-partition debug", 2, "--executor slurm"),
+    # a run over several nodes goes through Slurm (issue 25): not on this machine alone
+    ("run --optim adamw_torch --model tiny-llama --nproc 2 --nnodes 2 --sharding ddp --executor local --no-save", 2,
+     "--nnodes 2"),
+    ("run --optim adamw_torch --model tiny-llama --slurm-partition debug --no-save", 2, "--executor slurm"),
+    ("sweep --optim adamw_torch --model tiny-llama --nproc 2 --nnodes 2 --sharding ddp --dry-run", 2,
+     "--executor slurm"),
     ("run --optim adamw_torch --out /proc/x.jsonl", 2, "--out"),
     ("run --optim adamw_torch --out {d}/adir", 2, "--out"),
     ("run --optim adamw_torch --out ''", 2, "--out"),

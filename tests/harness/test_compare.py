@@ -180,3 +180,15 @@ def test_repeated_runs_are_the_throughput_samples():
     assert f.verdict == "ok" and "not significant" in f.note
     # memory is compared on the last record of each side
     assert {f.metric for f in cmp.findings} == {"peak_bytes", "optimizer_state_bytes", "tokens_per_s"}
+
+
+def test_the_fullest_node_of_a_multi_node_run_is_compared():
+    records = committed()
+    base = copy.deepcopy(records[first_ok(records)])
+    base["distributed"] = {"nodes": {"measured": [{"node": "a", "peak_bytes_sum": 1000},
+                                                  {"node": "b", "peak_bytes_sum": 900}]}}
+    cur = copy.deepcopy(base)
+    cur["distributed"]["nodes"]["measured"][1]["peak_bytes_sum"] = 1050  # node b is now the fullest: +5%
+    found = [f for f in compare_records([base], [cur]).findings if f.metric == "node_peak_bytes"]
+    assert [(f.baseline, f.current, f.verdict) for f in found] == [(1000, 1050, "regression")]
+    assert not [f for f in compare_records(records, records).findings if f.metric == "node_peak_bytes"]

@@ -55,6 +55,12 @@ def slurm() -> None:
         pytest.skip(f"no Slurm cluster: {UP} said {last or done.stderr.strip()[-300:]!r}")
 
 
+def _state(job: str) -> str | None:
+    """squeue's state of ``job`` (an array task: ``ARRAY_TASK``), None once it has left the queue."""
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=20).stdout
+    return out.split()[0] if out.split() else None
+
+
 def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
@@ -151,6 +157,62 @@ def test_ctrl_c_cancels_the_jobs_the_sweep_submitted(slurm, tmp_path):
     assert _records(out) == []  # an interrupted job is no outcome: nothing recorded
 
 
+MATRIX_ENV = "OPTIMEM_SLURM_MATRIX"
+
+
+@pytest.mark.parametrize("cancel", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not os.environ.get(MATRIX_ENV), reason=f"cancelling a task mid-run waits out Slurm's KillWait (~75 s in all): set "
+                                          f"{MATRIX_ENV}=1; the first test cancels a job of a sweep without arrays"))])
+def test_an_array_sweep_submits_one_array_and_resume_recovers_what_its_tasks_returned(slurm, tmp_path, cancel):
+    out = tmp_path / "array.jsonl"
+    grid = ["--optim", "sgd", "--model", "tiny-llama", "--shape", "1x6", "2x6", "--steps", "2", "--warmup", "1",
+            "--device", "cpu", "--progress", "lines", "--executor", "slurm", "--slurm-array", "--out", str(out)]
+    cmd = [sys.executable, "-c", "import sys; from optimem.harness.cli import main; sys.exit(main())", "sweep",
+           *grid, *(["--fault", "sgd:2x6=hang@step0.forward"] if cancel else [])]
+    log = open(tmp_path / "sweep.log", "w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not _records(out) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        first = _records(out)[0]["run"]["slurm"]["job_id"]  # ARRAY_TASK
+        array_id, task = first.split("_")
+        other = f"{array_id}_{1 - int(task)}"
+        if cancel:
+            while _state(other) != "RUNNING" and time.monotonic() < deadline:  # the hung task, mid-run
+                time.sleep(0.5)
+            assert _state(other) == "RUNNING"
+            subprocess.run(["scancel", other], check=True, timeout=20)
+        assert proc.wait(timeout=240) == (1 if cancel else 0), (tmp_path / "sweep.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+        subprocess.run(["scancel", "--name", "optimem sweep (2 runs)"], timeout=20)  # nothing left behind
+    recs = _records(out)
+    by_task = {r["run"]["slurm"]["job_id"]: r for r in recs}
+    assert sorted(by_task) == sorted([first, other])  # one array, a task per configuration
+    assert {r["config"]["batch_size"] for r in recs} == {1, 2}
+    assert all(r["env"]["slurm"]["array_job_id"] == array_id for r in recs if r["status"] == "ok")
+    if cancel:
+        failed = by_task[other]
+        assert failed["status"] == "error" and failed["measured"] is None
+        assert f"Slurm job {other} ended CANCELLED" in failed["reason"]
+    else:
+        assert [r["status"] for r in recs] == ["ok", "ok"]
+        assert {r["env"]["slurm"]["array_task_id"] for r in recs} == {"0", "1"}
+    # a sweep that died before appending a task's record: --resume appends it from the task's result file
+    # (nothing runs again)
+    kept, lost = by_task[other], by_task[first]
+    out.write_text(json.dumps(kept) + "\n")
+    main(["sweep", *grid, "--resume"])
+    recs = _records(out)
+    assert [r["run_id"] for r in recs] == [kept["run_id"], lost["run_id"]]
+    assert recs[1]["run"]["slurm"]["recovered_from"].endswith(f"{first}_0_result.pkl")
+    for r in recs:
+        validate(r)
+
+
 def test_an_unknown_partition_is_refused_before_anything_is_submitted(slurm, tmp_path, capsys):
     out = tmp_path / "p.jsonl"
     assert main(["sweep", "--optim", "sgd", "--executor", "slurm", "--slurm-partition", "nosuch",
@@ -231,6 +293,12 @@ def test_settings_become_submitit_parameters():
     assert SlurmSettings(folder=Path("x"), time_min=7).parameters(60)["time"] == 7
     ex = SlurmExecutor(s, timeout_s=60, engine=object())
     two = RunConfig(model="tiny-llama", optim="sgd", device="cuda", num_processes=2, sharding="ddp")
-    assert ex.per_job(two) == {"cpus_per_task": 2}  # --slurm-gpus-per-node 8 given: kept
+    one_node = {"nodes": 1, "ntasks_per_node": 1, "use_srun": True}
+    assert ex.per_job(two) == {**one_node, "cpus_per_task": 2,  # --slurm-gpus-per-node 8 given: kept
+                               "additional_parameters": {"mem": "64G", "constraint": "h100"}}
     mine = SlurmExecutor(SlurmSettings(folder=Path("x")), timeout_s=60, engine=object())
-    assert mine.per_job(two) == {"cpus_per_task": 2, "gpus_per_node": 2}
+    assert mine.per_job(two) == {**one_node, "cpus_per_task": 2, "gpus_per_node": 2, "additional_parameters": {}}
+    # over 2 nodes: the batch step runs srun (a torchrun agent per node); sbatch gets the nodes, submitit one task
+    four = RunConfig(model="tiny-llama", optim="sgd", device="cuda", num_processes=8, num_nodes=2, sharding="ddp")
+    assert mine.per_job(four) == {"nodes": 1, "ntasks_per_node": 1, "use_srun": False, "cpus_per_task": 4,
+                                  "gpus_per_node": 4, "additional_parameters": {"nodes": 2}}
