@@ -105,6 +105,9 @@ class PhaseModel:
         """What the user should know about the estimate (at the batch shape ``(b, s)`` when given)."""
         tr = self.trace
         out = [grad_scaler.NOTE] if self.amp_scaler else []
+        if tr is not None and tr.layerdrop:
+            out.append(f"LayerDrop ({tr.layerdrop}): each training step skips layers drawn at random; the estimate "
+                       "is the step in which every layer runs (the largest)")
         region = tr.region(max(b, 1), max(s, 1)) if tr is not None and b is not None and s is not None else None
         if region is not None and tr.depends:
             seq = tr.depends == "seq"

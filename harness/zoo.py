@@ -110,8 +110,8 @@ def run_one(model_type: str, task: str, optim: str, gc: bool) -> dict:
                 row["worst_phase"], row["worst_phase_error"] = worst, errs[worst]
             drop = _layerdrop(path)
             if drop and abs(peak_error) > EXACT_TOL:
-                row["reason"] = (f"LayerDrop ({drop}): each training step skips layers drawn at random (torch.rand per "
-                                 "layer), so a step's memory is a random draw -- the real run's and the trace's differ")
+                row["reason"] = (f"LayerDrop ({drop}): each real training step skips layers drawn at random "
+                                 "(torch.rand per layer); the estimate is the step in which every layer runs")
             at = max(phases, key=lambda k: int(phases[k].get("peak_bytes") or 0), default=None)
             if at is not None and at not in pred_phases and abs(peak_error) > EXACT_TOL:
                 row["reason"] = (f"the run's peak is in its {at} phase ({int(phases[at]['peak_bytes']):,} B), which "

@@ -68,6 +68,8 @@ class StepTrace:
     load_end: int = 0
     """The model-load phase on the CPU (:mod:`optimem.estimators.trace.load`): its peak and what it ends with
     (bytes; 0: not estimated)."""
+    layerdrop: str = ""
+    """The LayerDrop probabilities of the model (traced with every layer: :mod:`optimem.estimators.trace.model`)."""
     depends: str = ""
     """``""``: each region's step is one program for all its shapes (sizes polynomial in B and S); ``"seq"``: the
     step changes with the sequence length (other operations, or sizes no polynomial fits: a loop over tokens or
@@ -96,7 +98,7 @@ def disk_key(config_hash: str, peft, setting: TraceSetting):
 
 _LOG_FIELDS = ("kind", "a", "b", "sizes")
 _META_FIELDS = ("model", "params", "buffers_bytes", "attn_implementation", "windows", "label_shape", "shifts_labels",
-                "counts_items", "settled_bytes", "depends", "load_peak", "load_end")
+                "counts_items", "settled_bytes", "depends", "load_peak", "load_end", "layerdrop")
 
 
 def to_arrays(st: StepTrace) -> dict:

@@ -36,6 +36,8 @@ class ModelFacts:
     attn_implementation: str
     num_labels: int
     main_input: str
+    layerdrop: str = ""
+    """The LayerDrop probabilities the model was built with (``encoder_layerdrop=0.05``), turned off in the trace."""
 
 
 BNB_PARAMS = ("Params4bit", "Int8Params")
@@ -147,6 +149,7 @@ def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, att
         for name, p in model.named_parameters():
             if name in names:
                 p.requires_grad_(False)
+    layerdrop = _no_layerdrop(model)
     _as_trace_tensors(model)
     if gc:
         with warnings.catch_warnings():
@@ -168,8 +171,27 @@ def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, att
     shifts = LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not enc_dec
     vocab = getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "get_text_config", lambda: cfg)(), "vocab_size", 0)
     facts = ModelFacts(accepts, shifts, enc_dec, int(vocab or 0), attn_used, int(getattr(cfg, "num_labels", 2) or 2),
-                       getattr(model, "main_input_name", "input_ids"))
+                       getattr(model, "main_input_name", "input_ids"), layerdrop)
     return model, facts
+
+
+def _no_layerdrop(model) -> str:
+    """Turn LayerDrop off in the traced model -- every layer runs, the step's largest draw -- and say what it was
+    (``""``: none). In training, LayerDrop skips each layer when a ``torch.rand`` draw falls below the probability
+    (a module's ``layerdrop`` or its config's ``*layerdrop``): a real step's memory is a random draw, which a trace
+    cannot reproduce."""
+    seen: dict[str, float] = {}
+    for module in model.modules():
+        v = getattr(module, "layerdrop", None)
+        if isinstance(v, float) and v > 0:
+            seen["layerdrop"] = v
+            module.layerdrop = 0.0
+        cfg = getattr(module, "config", None)
+        for k, v in list(vars(cfg).items()) if cfg is not None and hasattr(cfg, "__dict__") else ():
+            if k.endswith("layerdrop") and isinstance(v, float) and v > 0:
+                seen[k] = v
+                setattr(cfg, k, 0.0)
+    return ", ".join(f"{k}={v}" for k, v in sorted(seen.items()))
 
 
 __all__ = ["ModelFacts", "build_traced_model"]

@@ -474,6 +474,7 @@ def step_trace(source: ModelSource, setting: TraceSetting, batch: int, seq: int,
                        windows(tracer.model.config), "B" if setting.task == "sequence-classification" else "BS",
                        facts.shifts_labels, facts.accepts_loss_kwargs, tracer.settled_bytes)
         st.load_peak, st.load_end = load_phase(source, setting)
+        st.layerdrop = facts.layerdrop
         _CACHE[key] = st
     if depends != st.depends:  # the regions traced before cover shapes the narrower ones would not split
         st.depends = depends

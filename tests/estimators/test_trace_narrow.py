@@ -85,3 +85,12 @@ def test_a_cpu_run_whose_peak_is_the_model_construction():
     assert e.peak_phase == "model_load" and e.bytes["peak"] == e.phases["model_load"]["peak"] == 4_378_240
     assert "model_load" not in estimate(str(zoo_config_path("openai-gpt")), "adamw_torch", batch_size=2,
                                         seq_len=64, device="cuda").phases
+
+
+def test_layerdrop_is_traced_with_every_layer():
+    """M2M100 skips each layer with probability 0.05 in training (a ``torch.rand`` draw per layer): the trace runs
+    every layer -- one program for every shape, no narrowing -- and the notes say the estimate is that largest step."""
+    path = str(zoo_config_path("m2m_100"))
+    e = estimate(path, "adamw_torch", batch_size=2, seq_len=32, task="seq2seq-lm")
+    assert any(n.startswith("LayerDrop (") and "every layer runs" in n for n in e.notes), e.notes
+    assert not any("traced at sequence length" in n for n in e.notes)
