@@ -109,6 +109,10 @@ class PhaseModel:
             out.append(f"LayerDrop ({tr.layerdrop}): each training step skips layers drawn at random; the estimate "
                        "is the step in which every layer runs (the largest)")
         region = tr.region(max(b, 1), max(s, 1)) if tr is not None and b is not None and s is not None else None
+        if region is not None and region.first.survivors:
+            out.append(f"{self.inv.model} keeps {len(region.first.survivors)} tensors from one training step to the "
+                       "next (state on a module, replaced by the next step): counted from their creation on; in a "
+                       "steady step the previous step's, alive until the model replaces them, are not")
         if region is not None and tr.depends:
             seq = tr.depends == "seq"
             what, at = ("sequence length", f"sequence length {region.s_lo}") if seq else \

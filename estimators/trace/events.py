@@ -33,11 +33,6 @@ class FitError(Exception):
     sequence length) or a size is not a polynomial of the basis."""
 
 
-class CarriedState(FitError):
-    """A storage born in an earlier step is freed inside this one: state the model keeps on a module from one
-    step to the next (a recurrent state), which the replay does not model; no narrower region helps."""
-
-
 class SequenceMismatch(FitError):
     """The traces of a region do not run the same operations in the same order."""
 
@@ -52,6 +47,9 @@ class EventLog:
     b: np.ndarray
     sizes: np.ndarray
     survivors: tuple[int, ...] = ()
+    carried: tuple[int, ...] = ()
+    """Sizes (bytes) of storages born before the log and freed in it (left out of the events): state an earlier
+    step left on a module, replaced by this one (only a raw log has them; see ``trace_region``)."""
 
     def __len__(self) -> int:
         return int(len(self.kind))
@@ -88,6 +86,10 @@ def from_events(events: list[tuple], shapes: list | None = None) -> tuple[EventL
     :class:`~optimem.estimators.trace.tensor.Recorder`'s raw events; ``shapes``, when given, receives each allocation's
     ``(element size, shape or None)``."""
     events = _canonical(events)
+    born = {e[1] for e in events if e[0] == "a"}
+    carried = tuple(int(e[2]) for e in events if e[0] == "f" and e[1] not in born)
+    if carried:
+        events = [e for e in events if not (e[0] == "f" and e[1] not in born)]
     ids: dict[int, int] = {}
     kind = np.empty(len(events), dtype=np.int8)
     a = np.empty(len(events), dtype=np.int64)
@@ -107,10 +109,7 @@ def from_events(events: list[tuple], shapes: list | None = None) -> tuple[EventL
             if shapes is not None:
                 shapes.append(e[3] if len(e) > 3 else (0, None))
         elif kk == FREE:
-            sid = ids.get(x)
-            if sid is None:
-                raise CarriedState("a storage created before the step was freed inside it (state the model keeps "
-                                   "from one step to the next, such as a recurrent state on a module: not modelled)")
+            sid = ids[x]
             a[i] = sid
             live.discard(sid)
         elif kk == GRAD:
@@ -123,7 +122,8 @@ def from_events(events: list[tuple], shapes: list | None = None) -> tuple[EventL
             a[i] = x
             b[i] = y
     survivors = tuple(sorted(live - grads))
-    return EventLog(kind, a, b, np.zeros((len(nbytes), NB), dtype=np.int64), survivors), np.asarray(nbytes, np.int64)
+    return EventLog(kind, a, b, np.zeros((len(nbytes), NB), dtype=np.int64), survivors, carried), \
+        np.asarray(nbytes, np.int64)
 
 
 def _inverse(points: list[tuple[int, int]], cols: list[int]) -> tuple[list[list[int]], int]:
@@ -242,5 +242,5 @@ def fit_logs(logs: list[EventLog], nbytes: list[np.ndarray], points: list[tuple[
     return EventLog(first.kind, first.a, first.b, coef, first.survivors)
 
 
-__all__ = ["ALLOC", "BWD_END", "CarriedState", "FREE", "FWD_END", "GRAD", "MARK", "NB", "PRE_ACC", "EventLog", "FitError", "basis", "fit_logs", "fit_shapes",
+__all__ = ["ALLOC", "BWD_END", "FREE", "FWD_END", "GRAD", "MARK", "NB", "PRE_ACC", "EventLog", "FitError", "basis", "fit_logs", "fit_shapes",
            "fit_sizes", "from_events"]

@@ -27,7 +27,7 @@ from ..catalog import ModelSource
 from .cpu_rules import install as install_cpu_rules
 from .data import S_MIN, Region, StepTrace
 from ..errors import TraceFailure, UserError, one_line
-from .events import CarriedState, EventLog, FitError, SequenceMismatch, fit_logs, fit_shapes, from_events
+from .events import EventLog, FitError, SequenceMismatch, fit_logs, fit_shapes, from_events
 from ..memsim import NB, basis
 from .meta_kernels import cpp_meta_kernels
 from .model import build_traced_model
@@ -209,8 +209,12 @@ class _Tracer:
         self.run(b, s, accum)
         self.warmed = True
 
+    runs = 0
+    """Micro-steps run so far."""
+
     def run(self, b: int, s: int, accum: bool) -> tuple[list, list | None]:
         """Raw events of a first micro-step (and of an accumulating one) at batch ``b`` x seq ``s``."""
+        self.runs += 1
         facts = self.facts
         batch = make_batch(facts, b, s, self.setting.task, packed=self.setting.packed)
         with TraceMode():
@@ -290,7 +294,7 @@ def trace_region(source: ModelSource, setting: TraceSetting, b: int, s: int, acc
                         first_pt = next(iter(traced), None)
                         kept = {pt: v for pt, v in traced.items() if pt != first_pt}
                         continue
-                    if b_hi == b_lo and s_hi == s_lo or isinstance(exc, CarriedState):  # nothing narrower helps
+                    if b_hi == b_lo and s_hi == s_lo:  # one point: nothing narrower to trace
                         raise UserError(f"cannot trace {name}: {exc}") from None
                     depends = "batch" if depends else "seq"
                     if not narrow:
@@ -299,8 +303,7 @@ def trace_region(source: ModelSource, setting: TraceSetting, b: int, s: int, acc
         raise UserError(f"cannot trace {name}: {exc.op} ({exc.reason})") from None
     first = logs[0]
     if first.survivors:
-        raise UserError(f"cannot trace {name}: its training step keeps {len(first.survivors)} tensors alive from one "
-                        "step to the next (a cache in the model)")
+        _check_carried(name, tracer, traced, accum, len(first.survivors))
     seconds = round(time.perf_counter() - t0, 3) if depends else 0.0
     return Region(b_lo, b_hi, s_lo, s_hi, first, logs[1] if accum else None, seconds), tracer, depends
 
@@ -313,6 +316,23 @@ def _same_steps(traced: dict, same: set, pt: tuple) -> None:
     ref = next((v for p, v in traced.items() if p in same and p != pt), None)
     if ref is not None and not all(x[0].same_sequence(y[0]) for x, y in zip(ref, traced[pt])):
         raise SequenceMismatch("the step runs different operations at different batch sizes or sequence lengths")
+
+
+def _check_carried(name: str, tracer: _Tracer, traced: dict, accum: bool, n: int) -> None:
+    """A step that leaves ``n`` storages alive for the next one is traced when the next step frees as many of the
+    earlier step's (state kept on a module and replaced every step: a recurrent state); the replay counts them from
+    their birth on. Refused (one line) otherwise -- a cache that grows from step to step -- and under gradient
+    accumulation (each micro-step would replace the previous one's)."""
+    if tracer.runs < 2:  # only a first step traced: one more shows what the next step frees
+        with cpp_meta_kernels():
+            f, a = tracer.run(*next(iter(traced)), accum)
+        later = _parsed(f)[0]
+    else:
+        later = traced[next(reversed(traced))][0][0]
+    if accum or len(later.carried) != n:
+        raise UserError(f"cannot trace {name}: its training step keeps {n} tensors alive from one step to the next "
+                        + ("(state replaced every micro-step, which gradient accumulation would keep twice)" if accum
+                           and len(later.carried) == n else "(a cache in the model)"))
 
 
 MAX_SHAPE_TRACE_S = 600

@@ -133,7 +133,7 @@ def unseen_storage(t: torch.Tensor, live) -> tuple | None:
 class Recorder:
     """The event log of one trace: ``events`` is a list of ``(kind, a, b)`` tuples, kind ``"a"`` (allocation:
     storage id ``a`` of ``b`` bytes, plus ``(element size, shape)`` of the tensor that owns it, the shape None
-    when the storage is not exactly that tensor's elements), ``"f"`` (storage ``a`` freed) or ``"m"`` (marker
+    when the storage is not exactly that tensor's elements), ``"f"`` (storage ``a`` of ``b`` bytes freed) or ``"m"`` (marker
     ``a`` with argument ``b``). Storage ids count from 0 in allocation order. ``active``: whether allocations
     are booked now."""
 
@@ -150,7 +150,7 @@ class Recorder:
         st, key, nbytes = new
         sid = self._next
         self._next += 1
-        self._live[key] = (sid, weakref.ref(st, lambda _r, k=key: self._free(k)))
+        self._live[key] = (sid, weakref.ref(st, lambda _r, k=key: self._free(k)), nbytes)
         itemsize = t.element_size()
         shape = tuple(t.shape)
         n = itemsize
@@ -161,7 +161,7 @@ class Recorder:
     def _free(self, key: int) -> None:
         rec = self._live.pop(key, None)
         if rec is not None and self.active:
-            self.events.append(("f", rec[0], 0))
+            self.events.append(("f", rec[0], rec[2]))
 
     def storage_id(self, t: torch.Tensor) -> int | None:
         """The id of the storage behind ``t`` (a :class:`TraceTensor`), None if never booked."""
