@@ -6,7 +6,9 @@ length is split at the config's window sizes (``sliding_window``, ``attention_ch
 ``original_max_position_embeddings``: modeling code branches on them), each window size its own one-value
 region. Inside a region the step runs the same ops in the same order and every size is a polynomial of
 ``(1, B, S, B*S, S*S, B*S*S)``: six traces determine it (three for batch 1: no ``B`` terms), a seventh at
-another shape checks it. Regions are traced when first asked for.
+another shape checks it. Regions are traced when first asked for. A step whose operations change with the
+sequence length (a loop over tokens or chunks) has no such region: its regions narrow to one length, or one
+point, traced at the real shape (:func:`trace_region`, ``StepTrace.depends``).
 
 The result is plain data (:mod:`optimem.estimators.trace.data`: arrays and a little JSON), keyed by
 :func:`trace_key`: the config's content, the torch and transformers versions and the setting.
