@@ -9,8 +9,11 @@ Each type's config is made by one generic rule, :func:`tiny_config`: transformer
 the config class and to each of its sub-configs (``text_config``, ``vision_config``, ...), with the same sizes under
 the class's other names (:data:`ALIASES`, ``attribute_map``) and one alignment (:data:`ALIGNED`). It is a rule, not a
 per-type tester: the per-type ``ModelTester`` subclasses override some sizes (MLA ranks, expert counts) that this
-rule leaves at the class default; a type whose rule-made config transformers refuses to build keeps its build
-error in the index (``index.json``: ``types[type]["build"][task]``).
+rule leaves at the class default. A type whose rule-made config builds no model (or one over
+:data:`MAX_ZOO_PARAMS` parameters) is made again by the rule's second pass (:mod:`optimem.estimators.zoo_rules`:
+the class's refusals answered, generic sizes for the names the tester misses, its own tester's sizes where the
+generic ones cannot work); a type neither pass builds keeps its build error in the index (``index.json``:
+``types[type]["build"][task]``).
 
 The index pins the transformers version the zoo was made for; :func:`zoo_types` lists a task's types,
 :func:`zoo_config_path` gives a type's config file (any config path works as ``--model``).
@@ -27,6 +30,8 @@ from .catalog import resolve
 from .errors import UserError
 from .inventory import instantiate
 from .params import TASK_CLASSES
+from .zoo_rules import (TESTER_OVERRIDES, answer_refusal, chosen_defaults, integral_sizes, second_pass_sizes,
+                        rope_per_layer_type, token_ids_in_vocab, widths_to_text)
 
 ZOO_DIR = Path(__file__).with_name("configs") / "zoo"
 TASK_MAPPINGS = {
@@ -67,32 +72,65 @@ RETRIES = 6
 :func:`tiny_config`)."""
 
 
-def tiny_config(model_type: str) -> dict:
+def _build(cls, kwargs: dict, second: bool = False):
+    """``cls(**kwargs)``; when the class's validation refuses, ``kwargs`` changed and built again, at most
+    :data:`RETRIES` times; then what the class raises is raised. The first pass gives back the size the message
+    names (else the last one passed) to the class default; the second (``second``) answers the refusal as
+    :func:`optimem.estimators.zoo_rules.answer_refusal` says."""
+    fields = _config_fields(cls)
+    for attempt in range(RETRIES * (2 if second else 1) + 1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return cls(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - a validator refused a size: answer it and retry
+            if attempt == RETRIES * (2 if second else 1) or not kwargs:
+                raise
+            text = " ".join(str(exc).split())
+            if second:
+                if not answer_refusal(kwargs, text, fields):
+                    raise
+                continue
+            named = [k for k in kwargs if k in text]
+            kwargs.pop(max(named, key=len) if named else list(kwargs)[-1])
+    raise AssertionError("unreachable")
+
+
+def _config_class(model_type: str, cls):
+    """The class the zoo makes ``model_type``'s config of: its own, or -- for a type whose causal-LM class takes
+    one of its own class's sub-configs and that no other zoo task registers (MusicGen's ``MusicgenForCausalLM`` is
+    its decoder, ``MusicgenDecoderConfig``; ``MusicgenConfig`` is the text-to-audio composite) -- that class."""
+    import transformers  # lazy: pulls in transformers, yaml, which importing this module does not
+    from transformers.models.auto import modeling_auto  # lazy: pulls in torch, transformers
+
+    causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    other = any(model_type in getattr(modeling_auto, m) for t, m in TASK_MAPPINGS.items() if t != "causal-lm")
+    causal_cls = getattr(transformers, causal, None) if causal else None
+    own = getattr(causal_cls, "config_class", None)
+    subs = (getattr(cls, "sub_configs", None) or {}).values()
+    if own is None or own not in subs or other or getattr(own, "model_type", None) not in transformers.CONFIG_MAPPING:
+        return cls
+    return own
+
+
+def tiny_config(model_type: str, second: bool = False) -> dict:
     """The rule-made tiny config of ``model_type`` as a dict (``to_dict()`` of the built config). When the config
-    class's validation refuses the tester's sizes, the size its message names (else the last one passed) is given
-    back to the class default and the config built again, at most :data:`RETRIES` times; then what the class
-    raises is raised. The causal-LM class (``architectures``) is set when the type has one, so that the default
-    task (``causal-lm``: the config's architecture) builds it."""
+    class's validation refuses the tester's sizes, the config is built again as :func:`_build` says. ``second``:
+    the rule's second pass (:mod:`optimem.estimators.zoo_rules`), for a type whose first-pass config builds no
+    model: the type's own tester sizes (:data:`~optimem.estimators.zoo_rules.TESTER_OVERRIDES`) and refusals
+    answered, in sub-configs too. The causal-LM class (``architectures``) is set when the type has one, so that
+    the default task (``causal-lm``: the config's architecture) builds it."""
     from transformers import CONFIG_MAPPING  # lazy: pulls in torch, transformers, which importing this module does not
     # lazy: pulls in torch, transformers, which importing this module does not
     from transformers.models.auto import modeling_auto
 
-    cls = CONFIG_MAPPING[model_type]
-    kwargs = _tiny_kwargs(cls)
-    for attempt in range(RETRIES + 1):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                config = cls(**kwargs)
-            break
-        except Exception as exc:  # noqa: BLE001 - a validator refused a size: give one back and retry
-            if attempt == RETRIES or not kwargs:
-                raise
-            text = str(exc)
-            named = [k for k in kwargs if k in text]
-            kwargs.pop(max(named, key=len) if named else list(kwargs)[-1])
-    out = config.to_dict()
-    out["model_type"] = model_type
+    own = CONFIG_MAPPING[model_type]
+    cls = _config_class(model_type, own)
+    config = _build(cls, _tiny_kwargs(cls, second), second)
+    out = token_ids_in_vocab(chosen_defaults(integral_sizes(config.to_dict())), TESTER_SIZES["pad_token_id"])
+    if second:
+        out = rope_per_layer_type(out, getattr(cls, "default_theta", None))
+    out["model_type"] = model_type if cls is own else cls.model_type
     if out.get("is_encoder_decoder") and out.get("decoder_start_token_id") is None:
         out["decoder_start_token_id"] = TESTER_SIZES["pad_token_id"]  # as the encoder-decoder testers pass (T5's: 0)
     for k in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
@@ -121,7 +159,7 @@ MAX_ZOO_PARAMS = 40_000_000
 under a name the rule does not know; its fp32 AdamW step would not fit the shared CPU machine)."""
 
 
-def _tiny_kwargs(cls) -> dict:
+def _tiny_kwargs(cls, second: bool = False) -> dict:
     fields = _config_fields(cls)
     amap = dict(getattr(cls, "attribute_map", None) or {})
     kwargs = {}
@@ -145,14 +183,25 @@ def _tiny_kwargs(cls) -> dict:
         sub_cls = sub if isinstance(sub, type) else None
         if getattr(sub_cls, "__name__", "") == "AutoConfig":
             sub_cls = type(getattr(base, name)) if getattr(base, name, None) is not None else None
+            spec = (getattr(cls, "sub_configs_defaults", None) or {}).get(name)
+            if sub_cls is None and second and getattr(spec, "model_type", None):  # the defaults build nothing:
+                from transformers import CONFIG_MAPPING  # lazy: pulls in torch, transformers  # the class's spec
+                sub_cls = CONFIG_MAPPING[spec.model_type] if spec.model_type in CONFIG_MAPPING else None
         if sub_cls is None or not getattr(sub_cls, "model_type", None) or name not in fields:
             continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                kwargs[name] = sub_cls(**_tiny_kwargs(sub_cls)).to_dict()
+            if second:
+                kwargs[name] = _build(sub_cls, _tiny_kwargs(sub_cls, True), True).to_dict()
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    kwargs[name] = sub_cls(**_tiny_kwargs(sub_cls)).to_dict()
         except Exception:  # noqa: BLE001 - a sub-config the rule cannot shrink keeps its defaults
             pass
+    if second:
+        kwargs.update(second_pass_sizes(dict(inspect.signature(cls.__init__).parameters), kwargs))
+        kwargs = widths_to_text(kwargs)
+    kwargs.update(TESTER_OVERRIDES.get(getattr(cls, "model_type", None), {}))
     return kwargs
 
 
@@ -170,7 +219,7 @@ def _build_error(path: Path, task: str) -> str | None:
     try:
         model = instantiate(resolve(str(path)), device="meta", task=None if task == "causal-lm" else task)
     except UserError as exc:
-        return str(exc)
+        return str(exc).replace(str(path), path.name)  # the same index from any checkout
     except Exception as exc:  # noqa: BLE001 - one line per type, never a traceback
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     n = sum(p.numel() for p in model.parameters())
@@ -186,24 +235,38 @@ def generate(out_dir: Path = ZOO_DIR, tasks=tuple(TASK_MAPPINGS)) -> dict:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     index: dict = {"transformers": transformers.__version__, "rule": "CausalLMModelTester sizes by name "
-                   "(optimem.estimators.zoo.tiny_config)", "tasks": {}, "types": {}}
+                   "(optimem.estimators.zoo.tiny_config), second pass optimem.estimators.zoo_rules", "tasks": {},
+                   "types": {}}
+    by_type: dict[str, list[str]] = {}
     for task in tasks:
-        types = registered_types(task)
-        index["tasks"][task] = types
-        for t in types:
-            entry = index["types"].setdefault(t, {"config": None, "error": None, "build": {}})
-            if entry["config"] is None and entry["error"] is None:
-                try:
-                    cfg = tiny_config(t)
-                except Exception as exc:  # noqa: BLE001
-                    entry["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-                else:
-                    (out_dir / f"{t}.json").write_text(json.dumps(cfg, indent=1, sort_keys=True, default=str) + "\n")
-                    entry["config"] = f"{t}.json"
-            if entry["config"] is not None and task in TASK_CLASSES:
-                entry["build"][task] = _build_error(out_dir / entry["config"], task)
-            elif entry["config"] is not None:
-                entry["build"][task] = f"task {task} is not one optimem builds (--task takes {', '.join(TASK_CLASSES)})"
+        index["tasks"][task] = registered_types(task)
+        for t in index["tasks"][task]:
+            by_type.setdefault(t, []).append(task)
+    for t, its in by_type.items():
+        entry = index["types"][t] = {"config": None, "error": None, "build": {}}
+        best = None
+        for second in (False, True):  # the second pass only for a type whose first-pass config builds no model
+            try:
+                cfg = tiny_config(t, second)
+            except Exception as exc:  # noqa: BLE001
+                error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                best = best or (None, error, {})
+                continue
+            path = out_dir / f"{t}.json"
+            path.write_text(json.dumps(cfg, indent=1, sort_keys=True, default=str) + "\n")
+            build = {task: _build_error(path, task) if task in TASK_CLASSES else
+                     f"task {task} is not one optimem builds (--task takes {', '.join(TASK_CLASSES)})" for task in its}
+            failing = sum(1 for task in its if task in TASK_CLASSES and build[task])
+            if best is None or best[0] is None or failing < best[3]:
+                best = (cfg, None, build, failing)
+            if not failing:
+                break
+        cfg, error, build = best[:3]
+        if cfg is not None:
+            (out_dir / f"{t}.json").write_text(json.dumps(cfg, indent=1, sort_keys=True, default=str) + "\n")
+            entry["config"], entry["build"] = f"{t}.json", build
+        else:
+            entry["error"] = error
     (out_dir / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
     return index
 

@@ -27,14 +27,16 @@ from optimem.harness.compat import prepare_run
 from optimem.harness.contract import RUN_DIR_ENV
 from optimem.harness.run_config import FIRST_SYNTHETIC_ID, RunConfig, data_tokens
 from optimem.estimators.packing import samples
+from optimem.estimators.sample_tokens import closing_token, vocab_size
 
 
 class SyntheticTokens(torch.utils.data.Dataset):
     """Seeded random token ids; ``labels`` equal the inputs (the model shifts them itself), or, with
-    ``num_labels`` (sequence classification), one seeded class per sample, kept in a table like the ids."""
+    ``num_labels`` (sequence classification), one seeded class per sample, kept in a table like the ids;
+    ``closing``: the id every sample ends with (:func:`optimem.estimators.sample_tokens.closing_token`)."""
 
     def __init__(self, n: int, seq_len: int, vocab_size: int, seed: int, encoder_decoder: bool,
-                 token_ids: list[int] | None = None, num_labels: int | None = None):
+                 token_ids: list[int] | None = None, num_labels: int | None = None, closing: int | None = None):
         g = torch.Generator().manual_seed(seed)
         if token_ids:
             stream = torch.tensor(token_ids, dtype=torch.long) % vocab_size
@@ -42,6 +44,8 @@ class SyntheticTokens(torch.utils.data.Dataset):
             self.ids = stream.repeat(reps)[: n * seq_len].view(n, seq_len)
         else:
             self.ids = torch.randint(FIRST_SYNTHETIC_ID, vocab_size, (n, seq_len), generator=g)
+        if closing is not None:
+            self.ids[:, -1] = closing
         self.encoder_decoder = encoder_decoder
         self.labels = torch.randint(0, num_labels, (n,), generator=g) if num_labels else None
         self.samples = None
@@ -140,7 +144,7 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
     classify = cfg.task == "sequence-classification"
     collator = default_data_collator
     config = model.config
-    vocab = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size  # a composite (VLM) config
+    vocab = vocab_size(config)
     if cfg.padding_free:
         # lazy: pulls in transformers, yaml, which importing this module does not
         from transformers import DataCollatorWithFlattening
@@ -155,7 +159,8 @@ def build_trainer(cfg: RunConfig, model=None, output_dir: str | None = None, cal
         tokens = data_tokens(cfg.data) if cfg.data else None
         data = SyntheticTokens(n_samples, cfg.seq_len, vocab, cfg.seed,
                                bool(getattr(model.config, "is_encoder_decoder", False)), tokens,
-                               num_labels=int(model.config.num_labels) if classify else None)
+                               num_labels=int(model.config.num_labels) if classify else None,
+                               closing=closing_token(config))
     lr = 1e-4
     owned = None
     if output_dir is None:

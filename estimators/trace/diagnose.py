@@ -16,6 +16,7 @@ from ..catalog import ModelSource
 from ..errors import TraceFailure, UserError
 from .setting import TraceSetting
 from ..inventory import instantiate
+from ..sample_tokens import closing_token, vocab_size
 
 BATCH, SEQ = 2, 16
 MAX_PARAMS = 200_000_000
@@ -57,10 +58,9 @@ def real_step_error(source: ModelSource, setting: TraceSetting) -> str | None:
     cfg = model.config
     cfg.use_cache = False
     model.train()
-    text = getattr(cfg, "get_text_config", lambda: cfg)()
-    vocab = getattr(cfg, "vocab_size", None) or getattr(text, "vocab_size", 0)
-    facts = ModelFacts(False, False, bool(getattr(cfg, "is_encoder_decoder", False)), int(vocab or 0), "",
-                       int(getattr(cfg, "num_labels", 2) or 2), getattr(model, "main_input_name", "input_ids"))
+    facts = ModelFacts(False, False, bool(getattr(cfg, "is_encoder_decoder", False)), vocab_size(cfg), "",
+                       int(getattr(cfg, "num_labels", 2) or 2), getattr(model, "main_input_name", "input_ids"),
+                       closing_token(cfg))
     batch = real_batch(facts, BATCH, SEQ, setting.task, packed=bool(getattr(setting, "packed", False)))
     try:
         with warnings.catch_warnings():

@@ -19,6 +19,7 @@ from ..catalog import ModelSource
 from ..errors import UserError, one_line
 from ..inventory import instantiate
 from ..peft_model import traced_training_model
+from ..sample_tokens import closing_token, vocab_size
 from .tensor import from_meta, named_trace_tensor
 
 
@@ -27,7 +28,8 @@ class ModelFacts:
     """What the Trainer reads from the model before training (``Trainer.__init__``): whether its forward
     takes ``num_items_in_batch`` (``model_accepts_loss_kwargs``), whether the loss shifts the labels (the
     count of label tokens then skips position 0), whether it is an encoder-decoder, its vocabulary, the
-    attention implementation it really runs and the number of labels of a classification head."""
+    attention implementation it really runs, the number of labels of a classification head and the token id
+    each sample ends with (:func:`optimem.estimators.sample_tokens.closing_token`)."""
 
     accepts_loss_kwargs: bool
     shifts_labels: bool
@@ -36,6 +38,7 @@ class ModelFacts:
     attn_implementation: str
     num_labels: int
     main_input: str
+    closing_token: int | None = None
     layerdrop: str = ""
     """The LayerDrop probabilities the model was built with (``encoder_layerdrop=0.05``), turned off in the trace."""
 
@@ -169,9 +172,8 @@ def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, att
         accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
     enc_dec = bool(getattr(cfg, "is_encoder_decoder", False))
     shifts = LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not enc_dec
-    vocab = getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "get_text_config", lambda: cfg)(), "vocab_size", 0)
-    facts = ModelFacts(accepts, shifts, enc_dec, int(vocab or 0), attn_used, int(getattr(cfg, "num_labels", 2) or 2),
-                       getattr(model, "main_input_name", "input_ids"), layerdrop)
+    facts = ModelFacts(accepts, shifts, enc_dec, vocab_size(cfg), attn_used, int(getattr(cfg, "num_labels", 2) or 2),
+                       getattr(model, "main_input_name", "input_ids"), closing_token(cfg), layerdrop)
     return model, facts
 
 

@@ -45,7 +45,7 @@ def real_batch(facts: ModelFacts, batch: int, seq: int, task: str | None, seed: 
                packed: bool = False) -> dict[str, torch.Tensor]:
     """The collated batch the harness's synthetic dataset gives (``input_ids`` random in [3, vocab),
     ``attention_mask`` ones, ``labels`` a copy of the ids, or one class per sample for sequence
-    classification), as real CPU tensors. ``packed``: what ``DataCollatorWithFlattening``
+    classification), each sample ending with ``facts.closing_token`` when there is one, as real CPU tensors. ``packed``: what ``DataCollatorWithFlattening``
     makes of a micro-batch of ``batch x seq`` tokens -- rows of packed samples, here two per row (the split changes
     values, not sizes: the model's packed-sequence mask is ``seq x seq`` whatever the count), ``position_ids``
     restarting at each sample, each sample's first label -100, no attention mask."""
@@ -58,6 +58,8 @@ def real_batch(facts: ModelFacts, batch: int, seq: int, task: str | None, seed: 
         labels[pos == 0] = -100
         return {"input_ids": ids, "labels": labels, "position_ids": pos}
     ids = torch.randint(3, max(facts.vocab_size, 4), (batch, seq), generator=g)
+    if facts.closing_token is not None:
+        ids[:, -1] = facts.closing_token
     labels = torch.randint(0, facts.num_labels, (batch,), generator=g) if task == "sequence-classification" \
         else ids.clone()
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}

@@ -186,39 +186,6 @@ def set_recorder(rec: Recorder | None) -> Recorder | None:
     return old
 
 
-MASK_INDEXED = frozenset({"aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default",
-                          "aten._index_put_impl_.default"})
-"""Indexing ops whose output shape needs only their *indices'* values: a boolean mask selects as many rows as it
-holds ``True``. When the mask is known (it has a shadow: it came from the batch, as ``input_ids == token`` does)
-and the indexed tensor is not (it came from the weights: ``inputs_embeds[audio_mask]``), the op runs on the meta
-device with the mask replaced by the long indices of its ``True`` entries -- what the CPU kernel does
-internally (``nonzero``), so no storage is booked for them (the harness's accountant sees none either)."""
-
-
-def _index_by_mask_values(info: _OpInfo, args: tuple, margs: list, mkw: dict):
-    """The meta output of a :data:`MASK_INDEXED` op from its masks' shadows, or None when an index has none."""
-    if len(args) < 2 or not isinstance(args[1], (list, tuple)):
-        return None
-    indices = []
-    for i, (a, m) in enumerate(zip(args[1], margs[1])):
-        if a is None or m is None:
-            indices.append(None)
-            continue
-        if m.dtype not in (torch.bool, torch.uint8):
-            indices.append(m)
-            continue
-        v = a._v if isinstance(a, TraceTensor) else a
-        if v is None or v.device.type != "cpu":
-            return None
-        indices.extend(_meta_of(x.contiguous()) for x in v.nonzero().unbind(1))
-    margs = list(margs)
-    margs[1] = indices
-    try:
-        return info.kernel(margs, mkw)
-    except Exception:  # noqa: BLE001 - still no shape: the caller refuses the op as before
-        return None
-
-
 def register_rule(op, fn: OpRule) -> None:
     """Compute ``op`` on meta tensors with ``fn(op, meta_args, meta_kwargs)`` instead of its meta kernel."""
     _RULES[op] = fn
@@ -344,9 +311,8 @@ def _dispatch(func, args: tuple, kwargs: dict):
                 out = _to_meta(real)
                 failed = None
     if failed is not None and info.name in MASK_INDEXED:
-        out = _index_by_mask_values(info, args, margs, mkw)
-        if out is not None:
-            failed = None
+        out = _index_by_known_masks(info, args, margs, mkw)
+        failed = None if out is not None else failed
     if failed is not None:
         if info.name in DATA_DEPENDENT or any(k in failed for k in ("data-dependent", "data-independent", "item()",
                                                                      "data_ptr", "meta tensors")):
@@ -382,6 +348,32 @@ def _dispatch(func, args: tuple, kwargs: dict):
     if not shadowed and info.writes:
         _drop_written_shadows(info, args, kwargs)
     return wrapped
+
+
+MASK_INDEXED = frozenset({"aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default",
+                          "aten._index_put_impl_.default"})
+"""Ops indexed by a list of tensors, where a boolean mask stands for its ``nonzero()`` positions (aten's own
+expansion of a mask index): the output shape needs only the mask's values, not the indexed tensor's."""
+
+
+def _index_by_known_masks(info: _OpInfo, args, margs: list, mkw: dict):
+    """The meta output of a :data:`MASK_INDEXED` op whose boolean mask indices carry their values (a mask
+    computed from the batch: BART's ``input_ids.eq(eos)``), each mask replaced by its ``nonzero()`` positions;
+    None when a mask has no values or the op's meta kernel still refuses."""
+    if len(args) < 2 or not isinstance(args[1], (list, tuple)):
+        return None
+    indices = []
+    for a in args[1]:
+        if isinstance(a, TraceTensor) and a.dtype in (torch.bool, torch.uint8):
+            if a._v is None:
+                return None
+            indices.extend(_meta_of(col) for col in a._v.nonzero().unbind(1))
+        else:
+            indices.append(a._m if isinstance(a, TraceTensor) else a)
+    try:
+        return info.kernel([margs[0], indices, *margs[2:]], mkw)
+    except Exception:  # noqa: BLE001 - still refused: the caller says why
+        return None
 
 
 def _has_tensor(out) -> bool:
