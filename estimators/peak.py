@@ -26,6 +26,16 @@ from .trace import data as trace_data
 from .trace.setting import TraceSetting
 from .trace.events import GRAD
 
+NARROWED = "traced at"
+"""What an estimate's note says of a step traced at its own shape (:meth:`PhaseModel.notes`; :func:`narrowed`)."""
+
+
+def narrowed(notes: list[str]) -> bool:
+    """Whether an estimate with these notes traced its step at its own sequence length (a step that changes with
+    it: each other length costs a trace of its own)."""
+    return any("training step changes with the" in n and NARROWED in n for n in notes)
+
+
 CAT_NAMES = {"weights": "weights", "state": "optimizer_state", "grad": "gradients", "act": "activations",
              "tmp": "temporaries", "other": "other"}
 
@@ -119,7 +129,7 @@ class PhaseModel:
                 ("batch size and sequence length", f"batch {region.b_lo} x sequence {region.s_lo}")
             took = f", in {region.seconds:.1f} s" if region.seconds else ""
             out.append(f"{self.inv.model}'s training step changes with the {what} (other operations, or sizes no "
-                       f"polynomial fits: a loop over tokens or chunks), so it was traced at {at} itself{took}; "
+                       f"polynomial fits: a loop over tokens or chunks), so it was {NARROWED} {at} itself{took}; "
                        f"another {what} is traced anew")
         if tr is not None and tr.attn_implementation != self.setting.attn:
             out.insert(0, f"{self.inv.model} runs {tr.attn_implementation} attention (it has no "

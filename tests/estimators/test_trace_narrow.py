@@ -13,7 +13,8 @@ from optimem.estimators import estimate  # noqa: E402
 from optimem.estimators.catalog import resolve  # noqa: E402
 from optimem.estimators.errors import TraceFailure  # noqa: E402
 from optimem.estimators.inventory import build_config  # noqa: E402
-from optimem.estimators.step_memory import max_micro_batch  # noqa: E402
+from optimem.estimators.errors import UserError  # noqa: E402
+from optimem.estimators.step_memory import max_micro_batch, max_seq_len  # noqa: E402
 from optimem.estimators.trace import run as trace_run  # noqa: E402
 from optimem.estimators.trace.data import from_arrays, to_arrays  # noqa: E402
 from optimem.estimators.trace.meta_kernels import cpp_meta_kernels  # noqa: E402
@@ -42,6 +43,8 @@ def test_a_step_that_loops_over_tokens_is_traced_at_its_sequence_length():
     back = from_arrays(to_arrays(st), st.key)
     assert back.depends == "seq" and [r.seconds for r in back.regions] == [r.seconds for r in st.regions]
     assert max_micro_batch(e2.setup, e2.bytes["peak"]) == 2
+    with pytest.raises(UserError, match="cannot search the longest sequence"):  # each length would be a trace
+        max_seq_len(e2.setup, 1, 2**40)
 
 
 def test_a_narrowed_trace_predicted_to_take_too_long_is_refused_in_one_line(monkeypatch):
