@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -21,8 +20,6 @@ from optimem.harness.multinode import AGENTS_ENV, batch_script, slurm_parameters
 from optimem.harness.record import validate
 from optimem.harness.run_config import RunConfig
 
-ROOT = Path(__file__).resolve().parents[2]
-UP = ROOT.parent / "shared" / "slurm" / "up.sh"
 RUN = ["--optim", "adamw_torch", "--model", "tiny-llama", "--nproc", "2", "--sharding", "ddp", "--device", "cpu",
        "--steps", "2", "--warmup", "1", "--batch-size", "1", "--seq-len", "8"]
 MATRIX_ENV = "OPTIMEM_DISTRIBUTED_MATRIX"
@@ -85,29 +82,6 @@ def test_ranks_group_by_agent_and_the_planner_gives_host_bytes_per_node():
     assert (got["host_bytes"], got["nvme_bytes"], got["pinned_bytes"]) == (7, 3, 2)
     assert predicted_per_node(cfg, "cuda", {"supported": True, "peak_bytes": 50}, None)["host_bytes"] is None
     assert predicted_per_node(cfg, "cuda", {"supported": True, "host_state_bytes": 5}, None)["host_bytes"] == 10
-
-
-def _sinfo_ok() -> bool:
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-@pytest.fixture(scope="module")
-def slurm() -> None:
-    """A Slurm cluster this machine can submit to: up already, or started by ../shared/slurm/up.sh (as root)."""
-    pytest.importorskip("submitit", reason="submitit is not installed (pip install 'optimem[slurm]')")
-    if shutil.which("sbatch") and _sinfo_ok():
-        return
-    if not UP.is_file():
-        pytest.skip(f"no Slurm cluster: sbatch/sinfo do not answer and {UP} is not there to start one")
-    if os.geteuid() != 0:
-        pytest.skip(f"no Slurm cluster, and {UP} must run as root to start one")
-    done = subprocess.run(["bash", str(UP)], capture_output=True, text=True, timeout=600)
-    last = (done.stdout.strip().splitlines() or [""])[-1]
-    if done.returncode != 0 or not _sinfo_ok():
-        pytest.skip(f"no Slurm cluster: {UP} said {last or done.stderr.strip()[-300:]!r}")
 
 
 def _bench(args: list[str], cwd: Path, env: dict | None = None, prefix: list[str] | None = None):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,32 +26,8 @@ from optimem.harness.slurm import SlurmExecutor, SlurmSettings, parse_extra
 # the stand-in runners below travel to submitit's job process by value (that process cannot import this file)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-ROOT = Path(__file__).resolve().parents[2]
-UP = ROOT.parent / "shared" / "slurm" / "up.sh"
 GRID = ["--optim", "adamw_torch", "sgd", "--model", "tiny-llama", "--shape", "1x8", "2x8", "--steps", "2",
         "--warmup", "1", "--device", "cpu", "--progress", "lines"]
-
-
-def _sinfo_ok() -> bool:
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-@pytest.fixture(scope="module")
-def slurm() -> None:
-    """A Slurm cluster this machine can submit to: up already, or started by ../shared/slurm/up.sh (as root)."""
-    if shutil.which("sbatch") and _sinfo_ok():
-        return
-    if not UP.is_file():
-        pytest.skip(f"no Slurm cluster: sbatch/sinfo do not answer and {UP} is not there to start one")
-    if os.geteuid() != 0:
-        pytest.skip(f"no Slurm cluster, and {UP} must run as root to start one")
-    done = subprocess.run(["bash", str(UP)], capture_output=True, text=True, timeout=600)
-    last = (done.stdout.strip().splitlines() or [""])[-1]
-    if done.returncode != 0 or not _sinfo_ok():
-        pytest.skip(f"no Slurm cluster: {UP} said {last or done.stderr.strip()[-300:]!r}")
 
 
 def _state(job: str) -> str | None:
