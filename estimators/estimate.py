@@ -231,23 +231,26 @@ def estimate(model: Any, optim: Any = None, *, gpu: str | None = None, alloc_con
     return estimate_setup(setup, gpu=gpu, inventory=inv, alloc_conf=alloc_conf)
 
 
-def _trained_set(setup: TrainingSetup, source: ModelSource, inv: Inventory) -> dict[str, Any]:
+def _trained_set(setup: TrainingSetup, source: ModelSource, inv: Inventory, idle: tuple = ()) -> dict[str, Any]:
     """The :class:`TraceSetting` fields that say which model is traced and what of it trains: a LoRA / QLoRA
     setup's ``peft`` fields (the traced model is then :func:`optimem.estimators.peft_model.build_training_model`'s, whose
     trainable set is the inventory's), else the ``frozen`` names of the inventory (a PEFT model object given by
     the user that is not quantized is traced with its own PEFT config, ``ModelSource.peft``)."""
     if setup.peft and not (setup.quantize is None and source.peft):
         return {"peft": trace_fields(setup)}
-    return {"frozen": tuple(r.name for r in inv.rows if not r.trainable)}
+    # ``idle``: trainable parameters no gradient reaches -- counted as frozen, traced as trainable (autograd still
+    # records their operations and keeps what the backward would need, as in the real step)
+    return {"frozen": tuple(r.name for r in inv.rows if not r.trainable and r.name not in idle)}
 
 
 def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: Inventory | None = None,
-                   alloc_conf: str | None = None, states_only: bool = False,
-                   _traced_frozen: tuple[str, ...] | None = None) -> Estimate:
+                   alloc_conf: str | None = None, states_only: bool = False, idle: tuple = ()) -> Estimate:
     """:func:`estimate` for a validated setup (``inventory``: the model's, when the caller has it;
     ``alloc_conf``: the ``PYTORCH_CUDA_ALLOC_CONF`` the caching allocator is replayed with, default the
     environment's). ``states_only``: weights, gradients and optimizer state only, without tracing the step
-    (``activations`` and ``peak`` None): a lower bound of the peak, in milliseconds once the inventory is cached."""
+    (``activations`` and ``peak`` None): a lower bound of the peak, in milliseconds once the inventory is cached.
+    ``idle``: names of trainable parameters the step gives no gradient (frozen in ``inventory``, trainable in the
+    traced model)."""
     spec = get_spec(setup.optim)
     _check_available(spec)
     setup.check_trainable(inventory=inventory)
@@ -301,7 +304,7 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
                            liger=(setup.liger_kernel_config or "{}") if setup.use_liger_kernel else None,
                            packed=setup.padding_free,
                            images=(setup.image_size, setup.images_per_sample) if setup.task == IMAGE_TASK else None,
-                           **(_trained_set(setup, source, inv) if _traced_frozen is None else {"frozen": _traced_frozen}))
+                           **_trained_set(setup, source, inv, idle))
     resident = 0
     if setup.quantize:
         limit = peak_limit(setup, device)
@@ -323,9 +326,7 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
         gone = set(idle)
         inv2 = replace(inv, rows=tuple(replace(r, trainable=r.trainable and r.name not in gone) for r in inv.rows),
                        _cache={})
-        # The step is the one traced (those parameters still require a gradient, so autograd keeps the activations
-        # their ops save); only their gradients and optimizer state are left out.
-        est = estimate_setup(replace(setup, freeze=None), gpu=gpu, inventory=inv2, _traced_frozen=setting.frozen)
+        est = estimate_setup(replace(setup, freeze=None), gpu=gpu, inventory=inv2, idle=tuple(idle))
         est.setup = replace(est.setup, freeze=setup.freeze)
         est.notes.insert(0, f"{len(idle)} trainable parameter(s) get no gradient in a training step (e.g. {idle[0]}): "
                             "no gradient and no optimizer state are counted for them")
@@ -336,7 +337,7 @@ def estimate_setup(setup: TrainingSetup, *, gpu: str | None = None, inventory: I
     if setup.padding_free:
         notes.append(f"padding-free packing: one row of {b * s} tokens per micro-batch (DataCollatorWithFlattening), "
                      "the model's own packed-sequence handling traced")
-    notes.extend(n for n in (phase_model.step.note, *phase_model.notes()) if n)
+    notes.extend(n for n in (phase_model.step.note, *phase_model.notes(b, s)) if n)
     if setup.use_liger_kernel:
         notes.append("Liger kernels: the model patched as the Trainer patches it (_apply_liger_kernel_to_instance), "
                      "its Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) traced as rules from "

@@ -26,6 +26,16 @@ from .trace import data as trace_data
 from .trace.setting import TraceSetting
 from .trace.events import GRAD
 
+NARROWED = "traced at"
+"""What an estimate's note says of a step traced at its own shape (:meth:`PhaseModel.notes`; :func:`narrowed`)."""
+
+
+def narrowed(notes: list[str]) -> bool:
+    """Whether an estimate with these notes traced its step at its own sequence length (a step that changes with
+    it: each other length costs a trace of its own)."""
+    return any("training step changes with the" in n and NARROWED in n for n in notes)
+
+
 CAT_NAMES = {"weights": "weights", "state": "optimizer_state", "grad": "gradients", "act": "activations",
              "tmp": "temporaries", "other": "other"}
 
@@ -101,9 +111,26 @@ class PhaseModel:
         """fp16 on CUDA with the optimizer stepping after the backward: the step runs ``GradScaler``."""
         return self.setting.device == "cuda" and self.setting.mixed == "fp16" and self.step.grad_mode == "full"
 
-    def notes(self) -> list[str]:
+    def notes(self, b: int | None = None, s: int | None = None) -> list[str]:
+        """What the user should know about the estimate (at the batch shape ``(b, s)`` when given)."""
         tr = self.trace
         out = [grad_scaler.NOTE] if self.amp_scaler else []
+        if tr is not None and tr.layerdrop:
+            out.append(f"LayerDrop ({tr.layerdrop}): each training step skips layers drawn at random; the estimate "
+                       "is the step in which every layer runs (the largest)")
+        region = tr.region(max(b, 1), max(s, 1)) if tr is not None and b is not None and s is not None else None
+        if region is not None and region.first.survivors:
+            out.append(f"{self.inv.model} keeps {len(region.first.survivors)} tensors from one training step to the "
+                       "next (state on a module, replaced by the next step): counted from their creation on; in a "
+                       "steady step the previous step's, alive until the model replaces them, are not")
+        if region is not None and tr.depends:
+            seq = tr.depends == "seq"
+            what, at = ("sequence length", f"sequence length {region.s_lo}") if seq else \
+                ("batch size and sequence length", f"batch {region.b_lo} x sequence {region.s_lo}")
+            took = f", in {region.seconds:.1f} s" if region.seconds else ""
+            out.append(f"{self.inv.model}'s training step changes with the {what} (other operations, or sizes no "
+                       f"polynomial fits: a loop over tokens or chunks), so it was {NARROWED} {at} itself{took}; "
+                       f"another {what} is traced anew")
         if tr is not None and tr.attn_implementation != self.setting.attn:
             out.insert(0, f"{self.inv.model} runs {tr.attn_implementation} attention (it has no "
                           f"{self.setting.attn} implementation)")
@@ -252,6 +279,13 @@ def evaluate(model: PhaseModel, b: int, s: int) -> StepMemory:
         counts[name] = n
         if total + extra > best:
             best, best_phase = total + extra, name
+    tr = model.trace
+    if tr is not None and tr.load_peak and model.setting.device == "cpu":  # the model built in the run's memory
+        load = {k: 0 for k in _CAT_KEYS}
+        load.update(weights=tr.load_end, other=tr.load_peak - tr.load_end)
+        phases = {"model_load": {"peak": tr.load_peak, **load}, **phases}
+        if tr.load_peak > best:
+            best, best_phase = tr.load_peak, "model_load"
     fe = results["forward_end"].end
     acts = veval(fe[1][_ACT], b, s)
     return StepMemory(phases, best, best_phase, acts, counts)

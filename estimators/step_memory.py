@@ -18,6 +18,7 @@ from .inventory import build_inventory
 from .model_sizes import ModelSizes, model_sizes
 from .optimizers import get_spec
 from .params import DTYPES, Inventory, normalize_dtype
+from .peak import narrowed
 from .peft_model import adapter_inventory
 from .search import largest
 from .setup import DEFAULT_TARGETS, TrainingSetup
@@ -226,7 +227,16 @@ def max_seq_len(setup: TrainingSetup, batch: int, budget: int, limit: int | None
     step fits in ``budget`` bytes (0 when not even 1 token does). The peak grows with the sequence length:
     exponential search then bisection, as :func:`max_micro_batch`."""
     limit = position_limit(setup) if limit is None else limit
+    probe = _estimate(replace(setup, seq_len=min(limit, PROBE_SEQ)), batch)
+    if narrowed(probe.notes):
+        raise UserError(f"cannot search the longest sequence of {setup.model}: its training step changes with the "
+                        "sequence length (a loop over tokens or chunks), so every length the search tries would be "
+                        "traced at that length; plan a given --seq-len instead")
     return largest(lambda seq: fits(replace(setup, seq_len=seq), batch, budget), limit)
+
+
+PROBE_SEQ = 64
+"""Sequence length :func:`max_seq_len` estimates first, to learn whether the step changes with the length."""
 
 
 __all__ = ["MAX_BATCH", "MAX_SEQ", "PLAN_DEFAULTS", "StepMemory", "fits", "max_micro_batch",

@@ -225,7 +225,8 @@ def adafactor(sim: Sim, groups, first: bool, keep: dict) -> None:
             sim.decref(pw)
             f.set("update", upd)
             if len(r.shape) >= 2:
-                # exp_avg_sq_row: shape[:-1]; exp_avg_sq_col: shape[:-2] + shape[-1:] (for a 2-D weight, shape[-1])
+                # update.mean(dim=-1) / mean(dim=-2): shape[:-1] and shape[:-2] + shape[-1:] (a 3-D expert weight's
+                # columns are per expert)
                 rows_, cols = r.numel // r.shape[-1] * FP32, r.numel // r.shape[-2] * FP32
                 f.tmp(rows_)
                 f.tmp(cols)

@@ -20,7 +20,7 @@ from .setting import TraceSetting
 
 S_MIN = 2
 """Shortest sequence a trace covers."""
-TRACE_CACHE_VERSION = 3
+TRACE_CACHE_VERSION = 4
 """Layout of a cached trace (:func:`to_arrays`); bump it when that changes."""
 
 
@@ -35,6 +35,8 @@ class Region:
     s_hi: int | None
     first: EventLog
     accum: EventLog | None = None
+    seconds: float = 0.0
+    """How long tracing a narrowed region took (0: a region fitted from small traces; see ``StepTrace.depends``)."""
 
     def contains(self, b: int, s: int) -> bool:
         return self.b_lo <= b and (self.b_hi is None or b <= self.b_hi) and self.s_lo <= s and \
@@ -62,6 +64,17 @@ class StepTrace:
     counts_items: bool
     settled_bytes: int = 0
     regions: list[Region] = field(default_factory=list)
+    load_peak: int = 0
+    load_end: int = 0
+    """The model-load phase on the CPU (:mod:`optimem.estimators.trace.load`): its peak and what it ends with
+    (bytes; 0: not estimated)."""
+    layerdrop: str = ""
+    """The LayerDrop probabilities of the model (traced with every layer: :mod:`optimem.estimators.trace.model`)."""
+    depends: str = ""
+    """``""``: each region's step is one program for all its shapes (sizes polynomial in B and S); ``"seq"``: the
+    step changes with the sequence length (other operations, or sizes no polynomial fits: a loop over tokens or
+    chunks) -- each region is one length, traced at it; ``"batch"``: with the batch size too -- each region is one
+    ``(B, S)`` point."""
     batch_layout: tuple = ()
     """image-text-to-text: the batch's keys as ``(key, bytes per sample, bytes per text token)``
     (:func:`optimem.estimators.trace.images.layout`); empty: the text tasks' batch."""
@@ -88,7 +101,7 @@ def disk_key(config_hash: str, peft, setting: TraceSetting):
 
 _LOG_FIELDS = ("kind", "a", "b", "sizes")
 _META_FIELDS = ("model", "params", "buffers_bytes", "attn_implementation", "windows", "label_shape", "shifts_labels",
-                "counts_items", "settled_bytes", "batch_layout")
+                "counts_items", "settled_bytes", "depends", "load_peak", "load_end", "layerdrop", "batch_layout")
 
 
 def to_arrays(st: StepTrace) -> dict:
@@ -106,7 +119,7 @@ def to_arrays(st: StepTrace) -> dict:
             logs[which] = list(log.survivors)
             for f in _LOG_FIELDS:
                 arrays[f"{i}.{which}.{f}"] = getattr(log, f)
-        meta["regions"].append({"b": [r.b_lo, r.b_hi], "s": [r.s_lo, r.s_hi], "logs": logs})
+        meta["regions"].append({"b": [r.b_lo, r.b_hi], "s": [r.s_lo, r.s_hi], "logs": logs, "seconds": r.seconds})
     arrays["meta"] = np.array(json.dumps(meta))
     return arrays
 
@@ -124,7 +137,8 @@ def from_arrays(arrays: dict, key: str) -> StepTrace:
             logs[which] = EventLog(kind.astype(np.int8, copy=False), a.astype(np.int64, copy=False),
                                    b.astype(np.int64, copy=False), sizes.astype(np.int64, copy=False),
                                    tuple(int(x) for x in survivors))
-        regions.append(Region(r["b"][0], r["b"][1], r["s"][0], r["s"][1], logs["first"], logs.get("accum")))
+        regions.append(Region(r["b"][0], r["b"][1], r["s"][0], r["s"][1], logs["first"], logs.get("accum"),
+                              float(r.get("seconds", 0.0))))
     kw = {k: meta[k] for k in _META_FIELDS}
     kw["params"], kw["windows"] = tuple(kw["params"]), tuple(kw["windows"])
     kw["batch_layout"] = tuple(tuple(x) for x in kw["batch_layout"])

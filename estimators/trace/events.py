@@ -47,6 +47,9 @@ class EventLog:
     b: np.ndarray
     sizes: np.ndarray
     survivors: tuple[int, ...] = ()
+    carried: tuple[int, ...] = ()
+    """Sizes (bytes) of storages born before the log and freed in it (left out of the events): state an earlier
+    step left on a module, replaced by this one (only a raw log has them; see ``trace_region``)."""
 
     def __len__(self) -> int:
         return int(len(self.kind))
@@ -83,6 +86,10 @@ def from_events(events: list[tuple], shapes: list | None = None) -> tuple[EventL
     :class:`~optimem.estimators.trace.tensor.Recorder`'s raw events; ``shapes``, when given, receives each allocation's
     ``(element size, shape or None)``."""
     events = _canonical(events)
+    born = {e[1] for e in events if e[0] == "a"}
+    carried = tuple(int(e[2]) for e in events if e[0] == "f" and e[1] not in born)
+    if carried:
+        events = [e for e in events if not (e[0] == "f" and e[1] not in born)]
     ids: dict[int, int] = {}
     kind = np.empty(len(events), dtype=np.int8)
     a = np.empty(len(events), dtype=np.int64)
@@ -102,9 +109,7 @@ def from_events(events: list[tuple], shapes: list | None = None) -> tuple[EventL
             if shapes is not None:
                 shapes.append(e[3] if len(e) > 3 else (0, None))
         elif kk == FREE:
-            sid = ids.get(x)
-            if sid is None:
-                raise FitError("a storage created before the step was freed inside it")
+            sid = ids[x]
             a[i] = sid
             live.discard(sid)
         elif kk == GRAD:
@@ -117,7 +122,8 @@ def from_events(events: list[tuple], shapes: list | None = None) -> tuple[EventL
             a[i] = x
             b[i] = y
     survivors = tuple(sorted(live - grads))
-    return EventLog(kind, a, b, np.zeros((len(nbytes), NB), dtype=np.int64), survivors), np.asarray(nbytes, np.int64)
+    return EventLog(kind, a, b, np.zeros((len(nbytes), NB), dtype=np.int64), survivors, carried), \
+        np.asarray(nbytes, np.int64)
 
 
 def _inverse(points: list[tuple[int, int]], cols: list[int]) -> tuple[list[list[int]], int]:

@@ -39,6 +39,8 @@ class ModelFacts:
     num_labels: int
     main_input: str
     closing_token: int | None = None
+    layerdrop: str = ""
+    """The LayerDrop probabilities the model was built with (``encoder_layerdrop=0.05``), turned off in the trace."""
 
 
 BNB_PARAMS = ("Params4bit", "Int8Params")
@@ -150,6 +152,7 @@ def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, att
         for name, p in model.named_parameters():
             if name in names:
                 p.requires_grad_(False)
+    layerdrop = _no_layerdrop(model)
     _as_trace_tensors(model)
     if gc:
         with warnings.catch_warnings():
@@ -170,8 +173,27 @@ def build_traced_model(source: ModelSource, *, dtype: str, task: str | None, att
     enc_dec = bool(getattr(cfg, "is_encoder_decoder", False))
     shifts = LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not enc_dec
     facts = ModelFacts(accepts, shifts, enc_dec, vocab_size(cfg), attn_used, int(getattr(cfg, "num_labels", 2) or 2),
-                       getattr(model, "main_input_name", "input_ids"), closing_token(cfg))
+                       getattr(model, "main_input_name", "input_ids"), closing_token(cfg), layerdrop)
     return model, facts
+
+
+def _no_layerdrop(model) -> str:
+    """Turn LayerDrop off in the traced model -- every layer runs, the step's largest draw -- and say what it was
+    (``""``: none). In training, LayerDrop skips each layer when a ``torch.rand`` draw falls below the probability
+    (a module's ``layerdrop`` or its config's ``*layerdrop``): a real step's memory is a random draw, which a trace
+    cannot reproduce."""
+    seen: dict[str, float] = {}
+    for module in model.modules():
+        v = getattr(module, "layerdrop", None)
+        if isinstance(v, float) and v > 0:
+            seen["layerdrop"] = v
+            module.layerdrop = 0.0
+        cfg = getattr(module, "config", None)
+        for k, v in list(vars(cfg).items()) if cfg is not None and hasattr(cfg, "__dict__") else ():
+            if k.endswith("layerdrop") and isinstance(v, float) and v > 0:
+                seen[k] = v
+                setattr(cfg, k, 0.0)
+    return ", ".join(f"{k}={v}" for k, v in sorted(seen.items()))
 
 
 __all__ = ["ModelFacts", "build_traced_model"]

@@ -6,7 +6,9 @@ length is split at the config's window sizes (``sliding_window``, ``attention_ch
 ``original_max_position_embeddings``: modeling code branches on them), each window size its own one-value
 region. Inside a region the step runs the same ops in the same order and every size is a polynomial of
 ``(1, B, S, B*S, S*S, B*S*S)``: six traces determine it (three for batch 1: no ``B`` terms), a seventh at
-another shape checks it. Regions are traced when first asked for.
+another shape checks it. Regions are traced when first asked for. A step whose operations change with the
+sequence length (a loop over tokens or chunks) has no such region: its regions narrow to one length, or one
+point, traced at the real shape (:func:`trace_region`, ``StepTrace.depends``).
 
 The result is plain data (:mod:`optimem.estimators.trace.data`: arrays and a little JSON), keyed by
 :func:`trace_key`: the config's content, the torch and transformers versions and the setting.
@@ -17,6 +19,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -36,6 +39,7 @@ from .step import StepHooks, make_batch, micro_step, num_items, wrap_autocast
 from .tensor import Recorder, TraceError, TraceMode, from_real
 from .diagnose import explain
 from .liger_rules import active
+from .load import load_phase
 
 install_cpu_rules()
 
@@ -56,19 +60,40 @@ def trace_key(source: ModelSource, setting: TraceSetting) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
+def per_layer_configs(config) -> list:
+    """The layer configs of a heterogeneous config (transformers' ``per_layer_config``: attributes that vary
+    across layers are read there, not on the global config); empty for a homogeneous one."""
+    try:
+        if not getattr(config, "is_heterogeneous", False):
+            return []
+        return list(config.per_layer_config)
+    except (RuntimeError, AttributeError, TypeError):
+        return []
+
+
+def config_value(config, key: str):
+    """``config.key`` or None -- also None when it is a per-layer attribute of a heterogeneous config (transformers
+    raises for those: :func:`per_layer_configs` holds their values)."""
+    try:
+        return getattr(config, key, None)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        return None
+
+
 def windows(config) -> tuple[int, ...]:
     """Sequence lengths at which modeling code of ``config`` may branch (see the module docstring)."""
     cfgs = [config]
     text = getattr(config, "get_text_config", None)
     if callable(text):
         cfgs.append(text())
+    cfgs += [layer for c in cfgs for layer in per_layer_configs(c)]
     out: set[int] = set()
     for c in cfgs:
         for k in WINDOW_KEYS:
-            v = getattr(c, k, None)
+            v = config_value(c, k)
             if isinstance(v, int) and not isinstance(v, bool) and v >= S_MIN:
                 out.add(v)
-        rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+        rope = config_value(c, "rope_parameters") or config_value(c, "rope_scaling") or {}
         if isinstance(rope, dict):
             subs = [rope] + [v for v in rope.values() if isinstance(v, dict)]
             for r in subs:
@@ -103,11 +128,12 @@ class _Plan:
     check: tuple
 
 
-def _plan(b_lo: int, s_lo: int, s_hi: int | None) -> _Plan:
-    bs = (1,) if b_lo == 1 else (2, 3)
-    b_check = 1 if b_lo == 1 else 4
+def _plan(b_lo: int, s_lo: int, s_hi: int | None, b_hi: int | None = None) -> _Plan:
+    one_b = b_lo == 1 or b_hi == b_lo
+    bs = (b_lo,) if one_b else (2, 3)
+    b_check = b_lo if one_b else 4
     if s_hi is not None and s_hi == s_lo:  # one sequence length: linear in B only
-        cols = (0,) if b_lo == 1 else (0, 1)
+        cols = (0,) if one_b else (0, 1)
         return _Plan(tuple((b, s_lo) for b in bs), cols, (), cols, (b_check, s_lo))
     start = FIRST_S if s_lo == S_MIN else s_lo
     ss = (start, start + S_STEP, start + 2 * S_STEP)
@@ -120,7 +146,15 @@ def _plan(b_lo: int, s_lo: int, s_hi: int | None) -> _Plan:
                  (b_check, check))
 
 
-def _region_bounds(wins: tuple[int, ...], b: int, s: int) -> tuple[int, int | None, int, int | None]:
+def _region_bounds(wins: tuple[int, ...], b: int, s: int, depends: str = "") -> tuple[int, int | None, int, int | None]:
+    """The region ``(b_lo, b_hi, s_lo, s_hi)`` traced for ``(b, s)``; ``depends`` (see
+    :attr:`~optimem.estimators.trace.data.StepTrace.depends`): ``"seq"`` -- one sequence length, batches from 2
+    up (or batch 1); ``"batch"`` -- the point ``(b, s)`` alone."""
+    if depends:
+        s = max(s, S_MIN)
+        if depends == "batch" or b <= 1:
+            return b, b, s, s
+        return 2, None, s, s
     s_lo, s_hi = s_bounds(wins, max(s, S_MIN))
     if s_hi is not None and s_hi != s_lo and s_hi - s_lo < 3 * S_STEP:
         s_lo = s_hi = max(s, S_MIN)  # a short stretch between windows: one region per length
@@ -184,8 +218,12 @@ class _Tracer:
         self.run(b, s, accum)
         self.warmed = True
 
+    runs = 0
+    """Micro-steps run so far."""
+
     def run(self, b: int, s: int, accum: bool) -> tuple[list, list | None]:
         """Raw events of a first micro-step (and of an accumulating one) at batch ``b`` x seq ``s``."""
+        self.runs += 1
         facts = self.facts
         batch = make_batch(facts, b, s, self.setting.task, packed=self.setting.packed, images=self.images)
         with TraceMode():
@@ -204,27 +242,48 @@ class _Tracer:
 
 
 def trace_region(source: ModelSource, setting: TraceSetting, b: int, s: int, accum: bool,
-                 tracer: _Tracer | None = None, wider: Region | None = None) -> tuple[Region, _Tracer]:
+                 tracer: _Tracer | None = None, wider: Region | None = None,
+                 depends: str = "", narrow: bool = True) -> tuple[Region | None, _Tracer, str]:
     """Trace and fit the region holding ``(b, s)`` (see :class:`_Plan`). ``wider``: for batch 1, the fitted
     region of batches from 2 at the same sequence lengths -- then one trace at batch 1 usually suffices
-    (:func:`_derive_batch_one`)."""
+    (:func:`_derive_batch_one`). ``depends``: what the model's operation sequence is known to depend on
+    (:attr:`StepTrace.depends`). When the traces of a region do not line up (a loop over tokens or chunks: other
+    ops at other lengths) the region narrows -- to the one sequence length ``s`` (``"seq"``), then to the point
+    ``(b, s)`` (``"batch"``) -- traced at the real shape; a trace predicted to take longer than
+    :data:`MAX_SHAPE_TRACE_S` is refused. Returns the region, the tracer and the dependence found (the region
+    None when it had to narrow and ``narrow`` is False: the caller wanted the wider region only)."""
     tracer = tracer or _Tracer(source, setting)
     wins = windows(tracer.model.config)
-    b_lo, b_hi, s_lo, s_hi = _region_bounds(wins, b, s)
-    plan = _plan(b_lo, s_lo, s_hi)
-    traced: dict = {}  # point -> ((log, nbytes, shapes) of the first micro-step, same of the accumulating one)
-
-    def trace(points) -> None:
-        with cpp_meta_kernels():
-            for pt in points:
-                if pt not in traced:
-                    f, a = tracer.run(pt[0], pt[1], accum)
-                    traced[pt] = tuple(_parsed(x) for x in ((f, a) if accum else (f,)))
-
     name = source.name
+    costs: dict = {}  # point -> (events, seconds) of every trace made, for the cost of a narrower one
+    kept: dict = {}  # traces of the region kept across a warm-up
+
     try:
         with _no_cyclic_gc():
             while True:
+                b_lo, b_hi, s_lo, s_hi = _region_bounds(wins, b, s, depends)
+                plan = _plan(b_lo, s_lo, s_hi, b_hi)
+                traced: dict = kept  # point -> ((log, nbytes, shapes) of the first micro-step, same of the accumulating one)
+                kept = {}
+
+                same = set(plan.shape_points + plan.more_points + (plan.check,))
+
+                def trace(points, keep: bool = True) -> None:
+                    with cpp_meta_kernels():
+                        for pt in points:
+                            if pt not in traced:
+                                t0 = time.perf_counter()
+                                f, a = tracer.run(pt[0], pt[1], accum)
+                                costs[pt] = (len(f) + len(a or ()), time.perf_counter() - t0)
+                                if keep:
+                                    traced[pt] = tuple(_parsed(x) for x in ((f, a) if accum else (f,)))
+                                    _same_steps(traced, same, pt)  # a mismatch stops before the longer traces
+
+                if depends and s_lo > FIRST_S + S_STEP:
+                    if not any(len({ss for bb, ss in costs if bb == b_}) > 1 for b_, _ in costs):
+                        trace(((2, FIRST_S), (2, FIRST_S + S_STEP)), keep=False)
+                    _check_cost(name, costs, (b_lo, b_hi, s_lo, s_hi))
+                t0 = time.perf_counter()
                 try:
                     logs = None
                     if b_lo == 1 and wider is not None:
@@ -235,22 +294,86 @@ def trace_region(source: ModelSource, setting: TraceSetting, b: int, s: int, acc
                         trace(plan.shape_points + (plan.check,))
                         logs = [_fit(traced, plan, which, trace) for which in range(2 if accum else 1)]
                     break
-                except SequenceMismatch as exc:
-                    if tracer.warmed:
+                except FitError as exc:
+                    if isinstance(exc, SequenceMismatch) and not tracer.warmed:
+                        # The first step built something the model keeps (a RoPE table computed on first use, as
+                        # longrope's long factors are): the Trainer's steps after it run without -- trace those.
+                        # Only the first trace ran as a first step (each later one ran after it): warm up, trace it again.
+                        tracer.warm_up(*plan.shape_points[0], accum)
+                        first_pt = next(iter(traced), None)
+                        kept = {pt: v for pt, v in traced.items() if pt != first_pt}
+                        continue
+                    if b_hi == b_lo and s_hi == s_lo:  # one point: nothing narrower to trace
                         raise UserError(f"cannot trace {name}: {exc}") from None
-                    # The first step built something the model keeps (a RoPE table computed on first use, as
-                    # longrope's long factors are): the Trainer's steps after it run without -- trace those.
-                    tracer.warm_up(*plan.shape_points[0], accum)
-                    traced.clear()
-    except FitError as exc:
-        raise UserError(f"cannot trace {name}: {exc}") from None
+                    depends = "batch" if depends else "seq"
+                    if not narrow:
+                        return None, tracer, depends
     except TraceError as exc:
         raise UserError(f"cannot trace {name}: {exc.op} ({exc.reason})") from None
     first = logs[0]
     if first.survivors:
-        raise UserError(f"cannot trace {name}: its training step keeps {len(first.survivors)} tensors alive from one "
-                        "step to the next (a cache in the model)")
-    return Region(b_lo, b_hi, s_lo, s_hi, first, logs[1] if accum else None), tracer
+        _check_carried(name, tracer, traced, accum, len(first.survivors))
+    seconds = round(time.perf_counter() - t0, 3) if depends else 0.0
+    return Region(b_lo, b_hi, s_lo, s_hi, first, logs[1] if accum else None, seconds), tracer, depends
+
+
+def _same_steps(traced: dict, same: set, pt: tuple) -> None:
+    """Raise :class:`SequenceMismatch` when the trace at ``pt`` runs other operations than the region's first
+    (both in ``same``: points of one plan, which must run one program)."""
+    if pt not in same:
+        return
+    ref = next((v for p, v in traced.items() if p in same and p != pt), None)
+    if ref is not None and not all(x[0].same_sequence(y[0]) for x, y in zip(ref, traced[pt])):
+        raise SequenceMismatch("the step runs different operations at different batch sizes or sequence lengths")
+
+
+def _check_carried(name: str, tracer: _Tracer, traced: dict, accum: bool, n: int) -> None:
+    """A step that leaves ``n`` storages alive for the next one is traced when the next step frees as many of the
+    earlier step's (state kept on a module and replaced every step: a recurrent state); the replay counts them from
+    their birth on. Refused (one line) otherwise -- a cache that grows from step to step -- and under gradient
+    accumulation (each micro-step would replace the previous one's)."""
+    if tracer.runs < 2:  # only a first step traced: one more shows what the next step frees
+        with cpp_meta_kernels():
+            f, a = tracer.run(*next(iter(traced)), accum)
+        later = _parsed(f)[0]
+    else:
+        later = traced[next(reversed(traced))][0][0]
+    if accum or len(later.carried) != n:
+        raise UserError(f"cannot trace {name}: its training step keeps {n} tensors alive from one step to the next "
+                        + ("(state replaced every micro-step, which gradient accumulation would keep twice)" if accum
+                           and len(later.carried) == n else "(a cache in the model)"))
+
+
+MAX_SHAPE_TRACE_S = 600
+"""Longest (predicted) time, in seconds, the traces of one narrowed region (:func:`trace_region`) may take: a
+model whose operations differ at every sequence length is traced at the real length, and a loop over tokens
+makes that trace as long as the sequence."""
+
+
+def _check_cost(name: str, costs: dict, bounds: tuple) -> None:
+    """Refuse (:class:`TraceFailure`, one line) a narrowed region whose traces would take longer than
+    :data:`MAX_SHAPE_TRACE_S`: the events of a trace grow linearly with the sequence length (read from two traces
+    at one batch size and two lengths), each event costs what it cost in the traces made."""
+    b_lo, b_hi, s_lo, _ = bounds
+    plan = _plan(b_lo, s_lo, s_lo, b_hi)
+    n_traces = len(set(plan.shape_points + (plan.check,)))
+    by_b: dict = {}
+    for (bb, ss), (n, _) in costs.items():
+        by_b.setdefault(bb, {})[ss] = n
+    slope = 0.0
+    for pts in by_b.values():
+        if len(pts) >= 2:
+            (s1, n1), (s2, n2) = sorted(pts.items())[:2]
+            slope = max(slope, (n2 - n1) / (s2 - s1))
+    events = sum(n for n, _ in costs.values())
+    per_event = sum(t for _, t in costs.values()) / max(events, 1)
+    s_ref, n_ref = max(((ss, n) for (bb, ss), (n, _) in costs.items()), default=(0, 0))
+    predicted = n_traces * max(n_ref + slope * (s_lo - s_ref), n_ref) * per_event
+    if predicted > MAX_SHAPE_TRACE_S:
+        raise TraceFailure(f"cannot trace {name} at sequence length {s_lo}: its step changes with the sequence length "
+                           "(a loop over tokens or chunks), so each length is traced on its own, and this one would "
+                           f"take about {predicted / 60:.0f} minutes (the limit is {MAX_SHAPE_TRACE_S // 60}); "
+                           "estimate a shorter sequence", "tracer")
 
 
 @contextlib.contextmanager
@@ -331,23 +454,35 @@ def _fit(traced: dict, plan: _Plan, which: int, trace) -> EventLog:
 _CACHE: dict[str, StepTrace] = {}
 
 
+_NARROWED: dict = {}
+"""Trace key -> the (warmed) tracer of a region that had to narrow when asked for without narrowing."""
+
+
 def step_trace(source: ModelSource, setting: TraceSetting, batch: int, seq: int, accum: bool = False,
-               known: StepTrace | None = None) -> StepTrace:
+               known: StepTrace | None = None, narrow: bool = True) -> StepTrace:
     """The :class:`StepTrace` of ``source`` x ``setting`` with the region of ``(batch, seq)`` traced (and its
     accumulating micro-step when ``accum``). Cached in memory per :func:`trace_key`; ``known``: the regions
-    traced before (read from the on-disk cache), which the new one joins."""
+    traced before (read from the on-disk cache), which the new one joins; ``narrow`` False: when the region has
+    to narrow (:func:`trace_region`), only record that (``StepTrace.depends``) and trace nothing more."""
     key = trace_key(source, setting)
     st = _CACHE.get(key)
     if st is None and known is not None:
         st = _CACHE[key] = known
     if st is not None and st.region(batch, seq, accum) is not None:
         return st
-    wider = None
-    if batch <= 1:  # batch 1 is derived from batches from 2 (one more trace instead of three)
-        st = step_trace(source, setting, 2, seq, accum)
+    wider = tracer = None
+    depends = st.depends if st is not None else ""
+    if batch <= 1 and not depends:
+        # batch 1 is derived from batches from 2 (one more trace instead of three) -- unless their region has to
+        # narrow to the one sequence length: then batch 1 is traced at that length on its own
+        st = step_trace(source, setting, 2, seq, accum, narrow=False)
         wider = st.region(2, seq, accum)
+        depends = st.depends
+        if wider is None:
+            tracer = _NARROWED.pop(key, None)
     try:
-        region, tracer = trace_region(source, setting, batch, seq, accum, wider=wider)
+        region, tracer, depends = trace_region(source, setting, batch, seq, accum, tracer=tracer, wider=wider,
+                                               depends=depends, narrow=narrow)
     except TraceFailure:
         raise
     except UserError as exc:
@@ -367,7 +502,15 @@ def step_trace(source: ModelSource, setting: TraceSetting, batch: int, seq: int,
         st = StepTrace(key, source.name, names, int(buffers_bytes), facts.attn_implementation,
                        windows(tracer.model.config), "B" if setting.task == "sequence-classification" else "BS",
                        facts.shifts_labels, facts.accepts_loss_kwargs, tracer.settled_bytes)
+        st.load_peak, st.load_end = load_phase(source, setting)
+        st.layerdrop = facts.layerdrop
         _CACHE[key] = st
+    if depends != st.depends:  # the regions traced before cover shapes the narrower ones would not split
+        st.depends = depends
+        st.regions = [r for r in st.regions if r.s_lo == r.s_hi and (depends != "batch" or r.b_lo == r.b_hi)]
+    if region is None:
+        _NARROWED[key] = tracer
+        return st
     st.regions = [r for r in st.regions if not (r.b_lo == region.b_lo and r.s_lo == region.s_lo)] + [region]
     st.batch_layout = image_layout(tracer.images) if tracer.images is not None else ()  # image-text-to-text
     return st

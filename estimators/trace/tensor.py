@@ -35,6 +35,8 @@ DATA_DEPENDENT = frozenset({"aten.nonzero.default", "aten.masked_select.default"
                             "aten.unique_consecutive.default", "aten.unique_dim.default", "aten.bincount.default",
                             "aten.repeat_interleave.Tensor", "aten.argwhere.default"})
 """Ops whose output shape (or value) needs the input's values."""
+READS_VALUE = frozenset({"aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.equal.default"})
+"""Of those, the ops that hand a value to Python (``.item()``, ``bool(t)``, ``torch.equal``)."""
 SHADOW_LIMIT = 1 << 20
 """Largest shadow (elements) computed for a parameter-free tensor; bigger ones carry no values (a batch's
 masks and positions are far smaller)."""
@@ -131,7 +133,7 @@ def unseen_storage(t: torch.Tensor, live) -> tuple | None:
 class Recorder:
     """The event log of one trace: ``events`` is a list of ``(kind, a, b)`` tuples, kind ``"a"`` (allocation:
     storage id ``a`` of ``b`` bytes, plus ``(element size, shape)`` of the tensor that owns it, the shape None
-    when the storage is not exactly that tensor's elements), ``"f"`` (storage ``a`` freed) or ``"m"`` (marker
+    when the storage is not exactly that tensor's elements), ``"f"`` (storage ``a`` of ``b`` bytes freed) or ``"m"`` (marker
     ``a`` with argument ``b``). Storage ids count from 0 in allocation order. ``active``: whether allocations
     are booked now."""
 
@@ -148,7 +150,7 @@ class Recorder:
         st, key, nbytes = new
         sid = self._next
         self._next += 1
-        self._live[key] = (sid, weakref.ref(st, lambda _r, k=key: self._free(k)))
+        self._live[key] = (sid, weakref.ref(st, lambda _r, k=key: self._free(k)), nbytes)
         itemsize = t.element_size()
         shape = tuple(t.shape)
         n = itemsize
@@ -159,7 +161,7 @@ class Recorder:
     def _free(self, key: int) -> None:
         rec = self._live.pop(key, None)
         if rec is not None and self.active:
-            self.events.append(("f", rec[0], 0))
+            self.events.append(("f", rec[0], rec[2]))
 
     def storage_id(self, t: torch.Tensor) -> int | None:
         """The id of the storage behind ``t`` (a :class:`TraceTensor`), None if never booked."""
@@ -291,8 +293,10 @@ def _dispatch(func, args: tuple, kwargs: dict):
     try:
         out = info.kernel(margs, mkw)
         failed = None
-    except TraceError:
-        raise
+    except TraceError as exc:
+        if info.name not in MASK_INDEXED:  # (an indexing op's decomposition refuses its own mask: see below)
+            raise
+        out, failed = None, str(exc)
     except Exception as exc:  # noqa: BLE001 - a meta kernel's refusal (kept as text: a traceback holds frames)
         out, failed = None, (str(exc).splitlines() or [type(exc).__name__])[0]
     real = None
@@ -312,6 +316,9 @@ def _dispatch(func, args: tuple, kwargs: dict):
     if failed is not None:
         if info.name in DATA_DEPENDENT or any(k in failed for k in ("data-dependent", "data-independent", "item()",
                                                                      "data_ptr", "meta tensors")):
+            if info.name in READS_VALUE:
+                raise TraceError(info.name, "Python reads the value of a tensor computed from the weights (.item(), "
+                                 "or an if / assert on a tensor), which a trace does not have") from None
             raise TraceError(info.name, "its output depends on the values of a tensor computed from the weights "
                              "(a data-dependent shape)") from None
         raise TraceError(info.name, f"no shape function on the meta device ({failed[:160]})") from None

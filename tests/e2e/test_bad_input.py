@@ -266,6 +266,11 @@ CASES: list[tuple[str, int, str]] = [
     ("estimate --optim sgd --cuda-alloc-conf max_split_size_mb:4", 2, "--cuda-alloc-conf"),
     ("estimate --optim sgd --cuda-alloc-conf expandable_segments:maybe", 2, "--cuda-alloc-conf"),
     ("estimate --optim sgd --cuda-alloc-conf 'roundup_power2_divisions:[256:3]'", 2, "--cuda-alloc-conf"),
+    # a step that loops over its tokens is traced at the asked length: one that would take too long is refused
+    (f"estimate --optim adamw_torch --model {ROOT}/estimators/configs/zoo/mamba.json --seq-len 1000000", 2,
+     "sequence length 1000000"),
+    (f"plan --optim adamw_torch --model {ROOT}/estimators/configs/zoo/mamba.json --max-seq", 2,
+     "cannot search the longest sequence"),
     # --- estimate: model configs (the file, as data, before transformers sees it)
     (f"{E} --model nosuch", 2, "--model"),
     (f"{E} --model {{d}}/missing.json", 2, "{d}/missing.json"),

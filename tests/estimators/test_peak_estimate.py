@@ -16,7 +16,7 @@ BREAKDOWN = {"peak", "weights", "gradients", "optimizer_state", "activations", "
 def test_fields_and_consistency():
     e = estimate("tiny-llama", "adamw_torch", batch_size=2, seq_len=64, device="cpu")
     assert {"activations", "peak"} <= set(e.bytes)
-    assert set(e.phases) == set(PHASES)
+    assert set(e.phases) == set(PHASES) | {"model_load"}  # a CPU run builds its model in its own memory
     for name, ph in e.phases.items():
         assert set(ph) == BREAKDOWN
         assert ph["peak"] == sum(v for k, v in ph.items() if k != "peak"), name

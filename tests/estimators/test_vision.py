@@ -88,7 +88,7 @@ def test_vlm_estimate_matches_a_real_cpu_step(freeze):
     predicted, phases = predict(case)
     assert abs(predicted - measured) / measured <= 0.01
     compared = [n for n in payload["measured"]["phases"] if n in phases]
-    assert len(compared) == 6  # step 0 and steady: forward, backward, optimizer step
+    assert len(compared) >= 6  # step 0 and steady: forward, backward, optimizer step (and the model load)
     for name in compared:
         ph = payload["measured"]["phases"][name]
         assert abs(phases[name] - ph["peak_bytes"]) / ph["peak_bytes"] <= 0.001, name
