@@ -227,7 +227,7 @@ def adafactor(sim: Sim, groups, first: bool, keep: dict) -> None:
             if len(r.shape) >= 2:
                 # update.mean(dim=-1) / mean(dim=-2): shape[:-1] and shape[:-2] + shape[-1:] (a 3-D expert weight's
                 # columns are per expert)
-                rows_, cols = r.numel // r.shape[-1] * FP32, r.numel // r.shape[-2] * FP32
+                rows_, cols = math.prod(r.shape[:-1]) * FP32, math.prod(r.shape[:-2]) * r.shape[-1] * FP32
                 f.tmp(rows_)
                 f.tmp(cols)
                 rr = f.new(rows_)

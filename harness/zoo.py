@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -28,13 +29,15 @@ from pathlib import Path
 from optimem.harness.validate import STEPS, Case, machine_facts, measure, predict, quiet_libraries
 from optimem.estimators.catalog import resolve
 from optimem.estimators.errors import TraceFailure, UserError
-from optimem.estimators.zoo import ZOO_DIR, load_index, zoo_config_path, zoo_types
+from optimem.estimators.zoo import load_index, zoo_config_path, zoo_types
 
 EXACT_TOL = 0.001
 WITHIN_TOL = 0.01
 ZOO_SHAPE = (2, 64)
 CASE_TIMEOUT_S = 600
 LOG = Path("results/zoo_cpu.jsonl")
+_ZOO_PATH = re.compile(r"\S*estimators/configs/zoo/")
+"""A zoo config's path in a reason, from whichever checkout ran the case."""
 CLASSES = ("exact", "within 1%", "outside 1%", "refused", "model fails", "no config", "failed")
 UNSUPPORTED = "unsupported"
 """A case whose setting the model does not take (the Trainer and the estimate refuse it alike, e.g. gradient
@@ -260,9 +263,10 @@ def render(rows: dict[str, dict], facts: dict, command: str, tasks) -> tuple[str
              f"Regenerate: `{command}` (resumable; the log is `{LOG}`).", "",
              f"Zoo: `estimators/configs/zoo/` made by `python -m optimem.estimators.zoo` for transformers "
              f"{index['transformers']} (rule: {index['rule']}). Machine: {facts['cpu']} ({facts.get('cpu_count')} "
-             f"cores; runs use 1 thread), torch {facts['torch']}, transformers {facts['transformers']}; commit "
-             f"{facts['git_commit'] or 'unknown'}" + (" plus uncommitted changes" if facts.get("git_dirty") else "")
-             + ".", "",
+             f"cores; runs use 1 thread), torch {facts['torch']}, transformers {facts['transformers']}; rendered at "
+             f"commit {facts['git_commit'] or 'unknown'}" + (" plus uncommitted changes" if facts.get("git_dirty") else "")
+             + " (each case's row is its latest run in the log, made by the code of that day's branches; a fix "
+             "re-runs the cases it touches).", "",
              f"Each case: the harness's real `transformers.Trainer` run on the CPU ({STEPS} steps, batch "
              f"{ZOO_SHAPE[0]} x sequence {ZOO_SHAPE[1]}, fp32, SDPA) measured by the exact tensor accountant, and "
              "`estimate()` for the same configuration plus the harness's dataset. Classes by the whole-run peak "
@@ -307,7 +311,7 @@ def render(rows: dict[str, dict], facts: dict, command: str, tasks) -> tuple[str
                 err = r.get("peak_error")
                 why = r.get("estimate_error") or r.get("reason") or (
                     r.get("measured_reason") if r.get("measured_status") not in (None, "ok") else "") or ""
-                why = why.replace(f"{ZOO_DIR}/", "zoo/").replace("|", "/")[:220]
+                why = _ZOO_PATH.sub("zoo/", why).replace("|", "/")[:220]
                 wp = f"{r['worst_phase']} {r['worst_phase_error'] * 100:+.3f}%" if r.get("worst_phase") else ""
                 lines.append(f"| {t} | {r['optim']}{' (' + r['setup'] + ')' if r.get('setup') else ''} | {'on' if r['gc'] else 'off'} | {r['class']} | "
                              f"{r.get('measured_peak', ''):{','}} | " if isinstance(r.get("measured_peak"), int) else
