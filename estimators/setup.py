@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -25,6 +24,9 @@ from .model_check import check_model_config
 from .offload_config import OFFLOAD_DEVICES, read_deepspeed, read_fsdp
 from .optimizers import get_spec, parse_optim_args
 from .params import TASK_CLASSES, normalize_dtype
+from .setup_fields import ALL_LINEAR, SetupError
+from .setup_fields import choice as _choice, mixed_precision as _mixed_precision, named_field as _field
+from .setup_fields import positive_int as _positive_int, regex as _regex, targets as _targets
 from .vision import check_image_fields, check_keyword_freeze, check_text_length, freeze_pattern
 
 TASKS = tuple(TASK_CLASSES)
@@ -36,7 +38,6 @@ DEVICES = ("auto", "cuda", "cpu")
 """``auto``: CUDA when there is one (the harness resolves it; the estimator predicts for CUDA)."""
 SHARDINGS = ("none", "ddp", "zero1", "zero2", "zero3", "fsdp")
 MIXED_PRECISIONS = (None, "bf16", "fp16")
-ALL_LINEAR = "all-linear"
 DEFAULT_TARGETS = ALL_LINEAR
 """What GaLore/APOLLO project when no ``optim_target_modules`` are given by a command that fills a default."""
 
@@ -45,7 +46,6 @@ LIGER_OPTIONS = ("rope", "rms_norm", "swiglu", "fused_linear_cross_entropy", "cr
 LIGER_MODELLED = ("llama", "mistral", "qwen2", "qwen3")
 """Model types whose Liger patch uses only the kernels :mod:`optimem.estimators.trace.liger_rules` rules."""
 
-_OFF = ("", "none", "no", "off", "false", "fp32", "float32")
 
 
 @dataclass(frozen=True)
@@ -539,78 +539,6 @@ def check_liger_model(model_type: str | None) -> None:
     if model_type not in LIGER_MODELLED:
         raise UserError(f"Liger's patch of {model_type!r} uses kernels optimem has no rules for yet: modelled are "
                         f"{', '.join(LIGER_MODELLED)}")
-
-
-class SetupError(UserError):
-    """A setup field with a bad value: ``field`` names it (the command line names its flag instead)."""
-
-    def __init__(self, message: str, field: str):
-        super().__init__(message)
-        self.field = field
-
-
-class _field:
-    """``with _field(name):`` -- a UserError raised inside becomes a :class:`SetupError` naming ``name``."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and issubclass(exc_type, UserError) and not isinstance(exc, SetupError):
-            raise SetupError(str(exc), self.name) from None
-        return False
-
-
-def _choice(name: str, value: Any, allowed: tuple) -> str:
-    key = str(value).strip().lower() if isinstance(value, str) else value
-    if key not in allowed:
-        raise UserError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
-    return key
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{name} must be a positive integer (at least 1), got {value!r}")
-
-
-def _mixed_precision(value: Any) -> str | None:
-    if value is None or (isinstance(value, str) and value.strip().lower() in _OFF):
-        return None
-    key = str(value).replace("torch.", "").strip().lower()
-    key = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16"}.get(key, key)
-    if key not in ("bf16", "fp16"):
-        raise UserError(f"unknown dtype {value!r} for mixed precision: use none, bf16 or fp16")
-    return key
-
-
-def _regex(name: str, text: Any) -> str:
-    if not isinstance(text, str):
-        raise UserError(f"{name} must be a regular expression (a string), got {text!r}")
-    try:
-        re.compile(text)
-    except re.error as exc:
-        raise UserError(f"bad {name} regex {text!r}: {exc}") from None
-    return text
-
-
-def _targets(value: Any) -> str | tuple[str, ...] | None:
-    """``optim_target_modules`` as the Trainer takes it: a string (a regex, or ``all-linear``) or a list of
-    names/regexes (a one-element list is its string)."""
-    if value in (None, "", [], ()):
-        return None
-    if isinstance(value, str):
-        items = [value]
-    elif isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
-        items = list(value)
-    else:
-        raise UserError(f"optim_target_modules must be a string or a list of strings, got {value!r}")
-    for item in items:
-        if item.replace("_", "-") != ALL_LINEAR:
-            _regex("optim_target_modules", item)
-    return items[0] if len(items) == 1 else tuple(items)
 
 
 __all__ = ["ALL_LINEAR", "ATTN_IMPLEMENTATIONS", "CLI", "LIGER_MODELLED", "LIGER_OPTIONS", "check_liger_model", "DEFAULT_TARGETS", "DEVICES", "Flag", "MIXED_PRECISIONS",
