@@ -226,11 +226,12 @@ def harness_bytes(case: Case) -> int:
     return samples * case.seq_len * 8 + (samples * 8 if case.task == "sequence-classification" else 0)
 
 
-def predict(case: Case) -> tuple[int, dict[str, int]]:
+def predict(case: Case) -> tuple[int, dict[str, int], list[str]]:
+    """The estimate of ``case`` plus the harness's own bytes: its peak, its phases' peaks and its notes."""
     est = estimate(case.config())
     extra = harness_bytes(case)  # (the dataset is made after the model: not in model_load)
     phases = {k: v["peak"] + (0 if k == "model_load" else extra) for k, v in est.phases.items()}
-    return (max(phases.values()) if phases else est.bytes["peak"] + extra), phases
+    return (max(phases.values()) if phases else est.bytes["peak"] + extra), phases, list(est.notes)
 
 
 @contextlib.contextmanager
@@ -275,7 +276,7 @@ def run_case(case: Case) -> Result:
         return Result(case, payload.get("status", "error"), reason=payload.get("reason", ""),
                       seconds=time.perf_counter() - t0)
     m = payload["measured"]
-    pred_peak, pred_phases = predict(case)
+    pred_peak, pred_phases, _ = predict(case)
     phases = {}
     for name in PHASE_NAMES:
         ph = m["phases"].get(name)

@@ -101,7 +101,7 @@ def run_one(model_type: str, task: str, optim: str, gc: bool, setup: str = "full
     t1 = time.perf_counter()
     pred_error = kind = None
     try:
-        pred_peak, pred_phases = predict(case)
+        pred_peak, pred_phases, pred_notes = predict(case)
     except TraceFailure as exc:
         pred_error, kind = str(exc), exc.kind
     except UserError as exc:
@@ -124,10 +124,9 @@ def run_one(model_type: str, task: str, optim: str, gc: bool, setup: str = "full
             if errs:
                 worst = max(errs, key=lambda k: abs(errs[k]))
                 row["worst_phase"], row["worst_phase_error"] = worst, errs[worst]
-            drop = _layerdrop(path)
+            drop = next((n for n in pred_notes if n.startswith("LayerDrop (")), "")
             if drop and abs(peak_error) > EXACT_TOL:
-                row["reason"] = (f"LayerDrop ({drop}): each real training step skips layers drawn at random "
-                                 "(torch.rand per layer); the estimate is the step in which every layer runs")
+                row["reason"] = drop  # the trace's own account of the model's LayerDrop
             at = max(phases, key=lambda k: int(phases[k].get("peak_bytes") or 0), default=None)
             if at is not None and at not in pred_phases and abs(peak_error) > EXACT_TOL:
                 row["reason"] = (f"the run's peak is in its {at} phase ({int(phases[at]['peak_bytes']):,} B), which "
@@ -141,16 +140,6 @@ def run_one(model_type: str, task: str, optim: str, gc: bool, setup: str = "full
 
 def _setup_of(args: tuple) -> dict:
     return {"setup": args[4]} if len(args) > 4 else {}
-
-
-def _layerdrop(path: Path) -> str:
-    """The config's non-zero LayerDrop probabilities (``encoder_layerdrop=0.05, ...``), or ``""``."""
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return ""
-    return ", ".join(f"{k}={v}" for k, v in sorted(cfg.items())
-                     if k.endswith("layerdrop") and isinstance(v, (int, float)) and v > 0)
 
 
 def _child(args: tuple, wfd: int) -> None:
